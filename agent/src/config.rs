@@ -1,0 +1,450 @@
+//! Agent configuration: the raw TOML shape and the validated [`Config`] the agent runs with.
+//!
+//! Two phases, after ripgrep and Vector: serde reads [`RawConfig`] (unknown keys are errors), then
+//! [`Config::from_raw`] checks every value. Every error names the file, the key and the problem.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Shortest probe interval accepted: faster than this is a load test, not monitoring.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
+
+/// A configuration that cannot be used, with where and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{file}: {message}")]
+    Parse { file: PathBuf, message: String },
+    #[error("{file}: key `{key}`: {reason}")]
+    Invalid {
+        file: PathBuf,
+        key: String,
+        reason: String,
+    },
+}
+
+/// The file as written. Field docs are the reference for each key.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// This agent's name; unique in the fleet. `[a-z0-9._-]`, at most 64 bytes.
+    pub agent_id: String,
+    /// The region this agent probes from, e.g. `eu-north`. Same character set as `agent_id`.
+    pub region: String,
+    pub mqtt: RawMqtt,
+    #[serde(default)]
+    pub uplink: RawUplink,
+    #[serde(default)]
+    pub probes: RawProbes,
+    #[serde(default)]
+    pub targets: Vec<RawTarget>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMqtt {
+    /// Broker host name or address.
+    pub host: String,
+    /// Broker port (default 1883).
+    #[serde(default = "default_mqtt_port")]
+    pub port: u16,
+    /// User name for the broker, if it requires one.
+    pub username: Option<String>,
+    /// Name of an environment variable that holds the password (never the password itself).
+    pub password_env: Option<String>,
+    /// Path of a file whose first line is the password.
+    pub password_file: Option<PathBuf>,
+    /// First segment of every topic (default `vantage`); lets test runs share a broker.
+    #[serde(default = "default_topic_prefix")]
+    pub topic_prefix: String,
+    /// MQTT keep-alive (default 30s).
+    #[serde(default = "default_keep_alive", with = "humantime_serde")]
+    pub keep_alive: Duration,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUplink {
+    /// Most results per MQTT message (1..=32, default 32).
+    #[serde(default = "default_batch_max")]
+    pub batch_max: usize,
+    /// Longest time a result waits for its batch to fill (default 1s).
+    #[serde(default = "default_flush_interval", with = "humantime_serde")]
+    pub flush_interval: Duration,
+    /// Results kept while the broker is unreachable (default 10000); the oldest go first.
+    #[serde(default = "default_buffer_capacity")]
+    pub buffer_capacity: usize,
+    /// On shutdown, how long to keep trying to deliver buffered results (default 10s).
+    #[serde(default = "default_drain_timeout", with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for RawUplink {
+    fn default() -> Self {
+        RawUplink {
+            batch_max: default_batch_max(),
+            flush_interval: default_flush_interval(),
+            buffer_capacity: default_buffer_capacity(),
+            drain_timeout: default_drain_timeout(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProbes {
+    /// Most probes running at once (default 64). A probe that finds no free slot when it is due
+    /// is counted as skipped rather than queued.
+    #[serde(default = "default_max_concurrency")]
+    pub max_concurrency: usize,
+}
+
+impl Default for RawProbes {
+    fn default() -> Self {
+        RawProbes {
+            max_concurrency: default_max_concurrency(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTarget {
+    /// Stable numeric id of the target; the same target has the same id in every region.
+    pub id: u32,
+    /// `http://` or `https://` URL to request with GET.
+    pub url: String,
+    /// Time between two probes (default 30s, at least 100ms).
+    #[serde(default = "default_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// Deadline of one probe, all phases included (default 10s); must not exceed `interval`.
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Optional regular expression (regex-lite syntax) searched in the response body.
+    pub regex: Option<String>,
+}
+
+fn default_mqtt_port() -> u16 {
+    1883
+}
+fn default_topic_prefix() -> String {
+    "vantage".to_owned()
+}
+fn default_keep_alive() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_batch_max() -> usize {
+    vantage_proto::MAX_RESULTS
+}
+fn default_flush_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_buffer_capacity() -> usize {
+    10_000
+}
+fn default_drain_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_concurrency() -> usize {
+    64
+}
+fn default_interval() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub agent_id: String,
+    pub region: String,
+    pub mqtt: MqttConfig,
+    pub uplink: UplinkConfig,
+    pub max_concurrency: usize,
+    pub targets: Vec<TargetConfig>,
+}
+
+#[derive(Clone)]
+pub struct MqttConfig {
+    pub host: String,
+    pub port: u16,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub topic_prefix: String,
+    pub keep_alive: Duration,
+}
+
+// Hand-written so the password never reaches a log line.
+impl std::fmt::Debug for MqttConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("topic_prefix", &self.topic_prefix)
+            .field("keep_alive", &self.keep_alive)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct UplinkConfig {
+    pub batch_max: usize,
+    pub flush_interval: Duration,
+    pub buffer_capacity: usize,
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct TargetConfig {
+    pub id: u32,
+    pub url: url::Url,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub regex: Option<regex_lite::Regex>,
+}
+
+impl Config {
+    /// Reads and validates a TOML file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates TOML text; `path` is only used in error messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            file: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        Config::from_raw(raw, path)
+    }
+
+    /// Checks every value of `raw`; `path` is only used in error messages.
+    pub fn from_raw(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
+        let invalid = |key: &str, reason: String| ConfigError::Invalid {
+            file: path.to_owned(),
+            key: key.to_owned(),
+            reason,
+        };
+        check_name(&raw.agent_id).map_err(|r| invalid("agent_id", r))?;
+        check_name(&raw.region).map_err(|r| invalid("region", r))?;
+        check_name(&raw.mqtt.topic_prefix).map_err(|r| invalid("mqtt.topic_prefix", r))?;
+        if raw.mqtt.host.is_empty() {
+            return Err(invalid("mqtt.host", "must not be empty".into()));
+        }
+        let password = match (&raw.mqtt.password_env, &raw.mqtt.password_file) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "mqtt.password_env",
+                    "set either password_env or password_file, not both".into(),
+                ))
+            }
+            (Some(var), None) => Some(std::env::var(var).map_err(|_| {
+                invalid(
+                    "mqtt.password_env",
+                    format!("environment variable {var} is not set"),
+                )
+            })?),
+            (None, Some(file)) => Some(read_secret_file(file).map_err(|e| {
+                invalid(
+                    "mqtt.password_file",
+                    format!("cannot read {}: {e}", file.display()),
+                )
+            })?),
+            (None, None) => None,
+        };
+        if raw.uplink.batch_max == 0 || raw.uplink.batch_max > vantage_proto::MAX_RESULTS {
+            return Err(invalid(
+                "uplink.batch_max",
+                format!("must be 1..={}", vantage_proto::MAX_RESULTS),
+            ));
+        }
+        if raw.uplink.buffer_capacity == 0 {
+            return Err(invalid("uplink.buffer_capacity", "must be at least 1".into()));
+        }
+        if raw.probes.max_concurrency == 0 {
+            return Err(invalid("probes.max_concurrency", "must be at least 1".into()));
+        }
+        let mut targets = Vec::with_capacity(raw.targets.len());
+        for (i, t) in raw.targets.into_iter().enumerate() {
+            let key = |field: &str| format!("targets[{i}].{field}");
+            if targets.iter().any(|seen: &TargetConfig| seen.id == t.id) {
+                return Err(invalid(&key("id"), format!("duplicate target id {}", t.id)));
+            }
+            let url = url::Url::parse(&t.url)
+                .map_err(|e| invalid(&key("url"), format!("invalid URL {:?}: {e}", t.url)))?;
+            if url.scheme() != "http" && url.scheme() != "https" {
+                return Err(invalid(
+                    &key("url"),
+                    format!("scheme {:?} is not http or https", url.scheme()),
+                ));
+            }
+            if url.host_str().is_none_or(str::is_empty) {
+                return Err(invalid(&key("url"), "URL has no host".into()));
+            }
+            if t.interval < MIN_INTERVAL {
+                return Err(invalid(
+                    &key("interval"),
+                    format!("must be at least {MIN_INTERVAL:?}"),
+                ));
+            }
+            if t.timeout.is_zero() || t.timeout > t.interval {
+                return Err(invalid(
+                    &key("timeout"),
+                    "must be greater than zero and not longer than the interval".into(),
+                ));
+            }
+            let regex = t
+                .regex
+                .as_deref()
+                .map(regex_lite::Regex::new)
+                .transpose()
+                .map_err(|e| invalid(&key("regex"), format!("invalid regex: {e}")))?;
+            targets.push(TargetConfig {
+                id: t.id,
+                url,
+                interval: t.interval,
+                timeout: t.timeout,
+                regex,
+            });
+        }
+        Ok(Config {
+            agent_id: raw.agent_id,
+            region: raw.region,
+            mqtt: MqttConfig {
+                host: raw.mqtt.host,
+                port: raw.mqtt.port,
+                username: raw.mqtt.username,
+                password,
+                topic_prefix: raw.mqtt.topic_prefix,
+                keep_alive: raw.mqtt.keep_alive,
+            },
+            uplink: UplinkConfig {
+                batch_max: raw.uplink.batch_max,
+                flush_interval: raw.uplink.flush_interval,
+                buffer_capacity: raw.uplink.buffer_capacity,
+                drain_timeout: raw.uplink.drain_timeout,
+            },
+            max_concurrency: raw.probes.max_concurrency,
+            targets,
+        })
+    }
+
+    /// The MQTT topic this agent publishes its result batches on.
+    pub fn results_topic(&self) -> String {
+        format!(
+            "{}/v1/results/{}/{}",
+            self.mqtt.topic_prefix, self.region, self.agent_id
+        )
+    }
+}
+
+fn read_secret_file(path: &Path) -> std::io::Result<String> {
+    let text = std::fs::read_to_string(path)?;
+    Ok(text.lines().next().unwrap_or_default().to_owned())
+}
+
+/// Agent ids, regions and topic prefixes become MQTT topic levels and SQL values: keep them tame.
+pub fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 64 {
+        return Err("must be 1 to 64 bytes long".into());
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.')))
+    {
+        return Err(format!(
+            "character {c:?} not allowed (use a-z, 0-9, '-', '_', '.')"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+agent_id = "pi-1"
+region = "eu-north"
+[mqtt]
+host = "127.0.0.1"
+[[targets]]
+id = 1
+url = "http://127.0.0.1:8080/health"
+interval = "5s"
+timeout = "2s"
+regex = "ok"
+"#;
+
+    fn err(text: &str) -> String {
+        Config::parse(text, Path::new("agent.toml"))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn good_config_loads_with_defaults() {
+        let c = Config::parse(GOOD, Path::new("agent.toml")).unwrap();
+        assert_eq!(c.targets.len(), 1);
+        assert_eq!(c.targets[0].interval, Duration::from_secs(5));
+        assert_eq!(c.mqtt.port, 1883);
+        assert_eq!(c.uplink.batch_max, 32);
+        assert_eq!(c.results_topic(), "vantage/v1/results/eu-north/pi-1");
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_key() {
+        let e = err(&GOOD.replace("region =", "colour = \"red\"\nregion ="));
+        assert!(e.starts_with("agent.toml:"), "{e}");
+        assert!(e.contains("colour"), "{e}");
+    }
+
+    #[test]
+    fn bad_url_names_the_target_key() {
+        let e = err(&GOOD.replace("http://127.0.0.1:8080/health", "not a url"));
+        assert!(e.contains("agent.toml: key `targets[0].url`"), "{e}");
+        let e = err(&GOOD.replace("http://127.0.0.1:8080/health", "ftp://x/"));
+        assert!(e.contains("is not http or https"), "{e}");
+    }
+
+    #[test]
+    fn bad_regex_and_interval_are_rejected() {
+        let e = err(&GOOD.replace("\"ok\"", "\"(unclosed\""));
+        assert!(e.contains("`targets[0].regex`"), "{e}");
+        let e = err(&GOOD.replace("\"5s\"", "\"10ms\""));
+        assert!(e.contains("`targets[0].interval`"), "{e}");
+        let e = err(&GOOD.replace("\"2s\"", "\"9s\""));
+        assert!(e.contains("`targets[0].timeout`"), "{e}");
+    }
+
+    #[test]
+    fn bad_names_are_rejected() {
+        let e = err(&GOOD.replace("pi-1", "Pi/1"));
+        assert!(e.contains("`agent_id`"), "{e}");
+        let e = err(&GOOD.replace("eu-north", "eu+north"));
+        assert!(e.contains("`region`"), "{e}");
+    }
+
+    #[test]
+    fn missing_password_env_is_reported() {
+        let e = err(&GOOD.replace(
+            "host = \"127.0.0.1\"",
+            "host = \"127.0.0.1\"\npassword_env = \"VANTAGE_TEST_SURELY_UNSET\"",
+        ));
+        assert!(e.contains("VANTAGE_TEST_SURELY_UNSET is not set"), "{e}");
+    }
+}

@@ -1,0 +1,833 @@
+#!/usr/bin/env bash
+# Test services for vantage: PostgreSQL, Mosquitto 2.x and a single-node KRaft
+# Kafka 4.x, all on 127.0.0.1, all owned by this script (never the system
+# services).
+#
+#   tests/services/up [--fresh]   install what is missing, start, wait until each answers
+#   tests/services/down [--wipe]  stop our three processes (data is kept unless --wipe)
+#   tests/services/status         one line per service; exit 0 only if all are up
+#   tests/services/lib.sh wipe    stop and delete all service data (keeps the Kafka jars)
+#
+# Environment (all optional):
+#   VANTAGE_STATE_DIR              default /var/tmp/vantage-services
+#   VANTAGE_PG_PORT                default 5432
+#   VANTAGE_MQTT_PORT              default 1883
+#   VANTAGE_KAFKA_PORT             default 9092
+#   VANTAGE_KAFKA_CONTROLLER_PORT  default 9093
+#   VANTAGE_KAFKA_TIMEOUT          seconds to wait for Kafka, default 90
+#   VANTAGE_KAFKA_HEAP             default "-Xms256m -Xmx512m"
+#   KAFKA_HOME                     use the jars of this Kafka distribution ($KAFKA_HOME/libs)
+#                                  instead of fetching them from Maven Central
+#
+# After `up`, $VANTAGE_STATE_DIR/env holds KEY=value lines (VANTAGE_PG_URL,
+# VANTAGE_MQTT_HOST, VANTAGE_MQTT_PORT, VANTAGE_KAFKA_BROKERS, ...).
+set -euo pipefail
+
+SERVICES_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+STATE_DIR=${VANTAGE_STATE_DIR:-/var/tmp/vantage-services}
+HOST=127.0.0.1
+PG_PORT=${VANTAGE_PG_PORT:-5432}
+MQTT_PORT=${VANTAGE_MQTT_PORT:-1883}
+KAFKA_PORT=${VANTAGE_KAFKA_PORT:-9092}
+KAFKA_CONTROLLER_PORT=${VANTAGE_KAFKA_CONTROLLER_PORT:-9093}
+KAFKA_TIMEOUT=${VANTAGE_KAFKA_TIMEOUT:-90}
+KAFKA_HEAP=${VANTAGE_KAFKA_HEAP:--Xms256m -Xmx512m}
+
+PG_USER=vantage
+PG_PASSWORD=vantage
+PG_DB=vantage
+PG_URL="postgresql://$PG_USER:$PG_PASSWORD@$HOST:$PG_PORT/$PG_DB"
+# user:password pairs for the MQTT broker
+MQTT_USERS=(ingester:ingester-secret agent:agent-secret demo-eu:agent-secret demo-us:agent-secret)
+
+PG_DIR=$STATE_DIR/postgres
+PG_DATA=$PG_DIR/data
+PG_RUN=$PG_DIR/run
+PG_LOG=$PG_DIR/postgres.log
+MQ_DIR=$STATE_DIR/mosquitto
+MQ_CONF=$MQ_DIR/mosquitto.conf
+MQ_PASSWD=$MQ_DIR/passwd
+MQ_PID=$MQ_DIR/mosquitto.pid
+MQ_LOG=$MQ_DIR/mosquitto.log
+K_DIR=$STATE_DIR/kafka
+K_DATA=$K_DIR/data
+K_PROPS=$K_DIR/server.properties
+K_PID=$K_DIR/kafka.pid
+K_LOG=$K_DIR/kafka.log
+K_LIBS=$STATE_DIR/kafka-libs
+K_POM=$SERVICES_DIR/kafka/pom.xml
+ENV_FILE=$STATE_DIR/env
+
+export DEBIAN_FRONTEND=noninteractive
+
+# ---------------------------------------------------------------- helpers
+
+log() { printf 'services: %s\n' "$*" >&2; }
+die() { printf 'services: ERROR: %s\n' "$*" >&2; exit 1; }
+
+# fail SERVICE LOGFILE MESSAGE: name the service, show the tail of its log, exit 1
+fail() {
+  local service=$1 logfile=$2; shift 2
+  printf 'services: ERROR: %s did not come up: %s\n' "$service" "$*" >&2
+  if [[ -n $logfile && -f $logfile ]]; then
+    printf 'services: --- last 40 lines of %s ---\n' "$logfile" >&2
+    tail -n 40 "$logfile" >&2 || true
+    printf 'services: --- end of %s ---\n' "$logfile" >&2
+  fi
+  exit 1
+}
+
+# port_open PORT: something accepts TCP connections on 127.0.0.1:PORT
+port_open() { (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
+
+# describe who listens on PORT (for error messages)
+port_owner() {
+  if command -v ss >/dev/null 2>&1; then
+    ss -H -ltnp "sport = :$1" 2>/dev/null | sed 's/^/    /' || true
+  fi
+}
+
+# pid_of PIDFILE PATTERN: print the pid if it is alive and its command line matches PATTERN
+pid_of() {
+  local pidfile=$1 pattern=$2 pid
+  [[ -f $pidfile ]] || return 1
+  pid=$(head -n1 "$pidfile" 2>/dev/null | tr -dc '0-9')
+  [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || return 1
+  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$pattern" || return 1
+  printf '%s\n' "$pid"
+}
+
+# wait_gone PID SECONDS: wait until the process is gone; 1 if it is still there
+wait_gone() {
+  local pid=$1 i
+  for ((i = 0; i < $2 * 10; i++)); do
+    kill -0 "$pid" 2>/dev/null || return 0
+    sleep 0.1
+  done
+  return 1
+}
+
+# install_if_changed SRC DEST: move SRC over DEST when they differ; 0 if DEST changed
+install_if_changed() {
+  if [[ -f $2 ]] && cmp -s "$1" "$2"; then
+    rm -f "$1"
+    return 1
+  fi
+  mv -f "$1" "$2"
+}
+
+# render TEMPLATE: substitute the @PLACEHOLDERS@ used by the templates in this folder
+render() {
+  sed -e "s|@STATE_DIR@|$STATE_DIR|g" \
+      -e "s|@MQTT_PORT@|$MQTT_PORT|g" \
+      -e "s|@KAFKA_PORT@|$KAFKA_PORT|g" \
+      -e "s|@KAFKA_CONTROLLER_PORT@|$KAFKA_CONTROLLER_PORT|g" \
+      "$1"
+}
+
+as_pg() { (cd / && runuser -u postgres -- "$@"); }
+
+check_ports() {
+  local name val
+  for name in PG_PORT MQTT_PORT KAFKA_PORT KAFKA_CONTROLLER_PORT KAFKA_TIMEOUT; do
+    val=${!name}
+    [[ $val =~ ^[0-9]+$ ]] || die "$name must be a number, got '$val'"
+  done
+}
+
+make_state_dir() {
+  mkdir -p "$STATE_DIR"
+  chmod 0755 "$STATE_DIR"
+}
+
+lock_state_dir() {
+  make_state_dir
+  exec 9>"$STATE_DIR/.lock"
+  if ! flock -w 600 9; then
+    die "another tests/services command holds $STATE_DIR/.lock"
+  fi
+}
+
+# ---------------------------------------------------------------- installation
+
+APT_UPDATED=0
+apt_install() {
+  local apt_log=$STATE_DIR/apt.log rc=0 made_policy=0
+  log "installing from Debian: $*"
+  # Keep Debian's postinst from starting the system postgres/mosquitto.
+  if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+    chmod 0755 /usr/sbin/policy-rc.d
+    made_policy=1
+  fi
+  {
+    if ((APT_UPDATED == 0)); then
+      apt-get update -q && APT_UPDATED=1
+    fi &&
+      apt-get install -y -q --no-install-recommends -o DPkg::Lock::Timeout=300 "$@"
+  } >>"$apt_log" 2>&1 || rc=$?
+  if ((made_policy)); then rm -f /usr/sbin/policy-rc.d; fi
+  if ((rc != 0)); then
+    tail -n 30 "$apt_log" >&2
+    die "apt-get install $* failed (full log: $apt_log)"
+  fi
+}
+
+pg_bin_dir() {
+  local want=${1:-} d
+  if [[ -n $want ]]; then
+    d=/usr/lib/postgresql/$want/bin
+    [[ -x $d/postgres ]] && printf '%s\n' "$d"
+    return 0
+  fi
+  # newest installed major version
+  while read -r d; do
+    if [[ -x $d/postgres && -x $d/initdb && -x $d/psql ]]; then
+      printf '%s\n' "$d"
+      return 0
+    fi
+  done < <(compgen -G '/usr/lib/postgresql/*/bin' | sort -V -r)
+}
+
+kafka_home_ok() {
+  [[ -n ${KAFKA_HOME:-} ]] && compgen -G "$KAFKA_HOME/libs/kafka_*.jar" >/dev/null
+}
+
+kafka_libs_current() {
+  [[ -f $K_LIBS/.pom.sha256 ]] &&
+    [[ $(cat "$K_LIBS/.pom.sha256") == "$(sha256sum <"$K_POM" | cut -d' ' -f1)" ]]
+}
+
+FETCH_PID=
+fetch_kafka_libs_start() {
+  local tmp=$K_LIBS.tmp
+  rm -rf "$tmp"
+  log "fetching Kafka jars from Maven Central ($K_POM -> $K_LIBS)"
+  (
+    mvn -B -q -f "$K_POM" dependency:copy-dependencies \
+      -DoutputDirectory="$tmp" -Dmdep.overWriteReleases=true >"$STATE_DIR/kafka-libs-mvn.log" 2>&1 &&
+      sha256sum <"$K_POM" | cut -d' ' -f1 >"$tmp/.pom.sha256" &&
+      rm -rf "$K_LIBS" && mv "$tmp" "$K_LIBS"
+  ) &
+  FETCH_PID=$!
+}
+
+fetch_kafka_libs_wait() {
+  [[ -n $FETCH_PID ]] || return 0
+  if ! wait "$FETCH_PID"; then
+    tail -n 30 "$STATE_DIR/kafka-libs-mvn.log" >&2 || true
+    die "kafka: fetching the Kafka jars with Maven failed (log: $STATE_DIR/kafka-libs-mvn.log)"
+  fi
+  FETCH_PID=
+}
+
+ensure_installed() {
+  local pkgs=()
+  [[ -n $(pg_bin_dir) ]] || pkgs+=(postgresql)
+  command -v runuser >/dev/null || pkgs+=(util-linux)
+  [[ -x /usr/sbin/mosquitto ]] || pkgs+=(mosquitto)
+  if ! command -v mosquitto_sub >/dev/null || ! command -v mosquitto_pub >/dev/null; then
+    pkgs+=(mosquitto-clients)
+  fi
+  command -v java >/dev/null || pkgs+=(openjdk-17-jre-headless)
+  local need_libs=0
+  if [[ -n ${KAFKA_HOME:-} ]]; then
+    kafka_home_ok || die "kafka: KAFKA_HOME=$KAFKA_HOME has no libs/kafka_*.jar (unset KAFKA_HOME to use the Maven jars)"
+  elif ! kafka_libs_current; then
+    need_libs=1
+    command -v mvn >/dev/null || pkgs+=(maven)
+  fi
+  # Download the Kafka jars while apt works, when Maven is already there.
+  if ((need_libs)) && command -v mvn >/dev/null && command -v java >/dev/null; then
+    fetch_kafka_libs_start
+    need_libs=0
+  fi
+  if ((${#pkgs[@]})); then
+    apt_install "${pkgs[@]}"
+  fi
+  if ((need_libs)); then fetch_kafka_libs_start; fi
+  [[ -n $(pg_bin_dir) ]] || die "postgres: no /usr/lib/postgresql/*/bin/postgres after installing postgresql"
+}
+
+# ---------------------------------------------------------------- PostgreSQL
+
+PG_BIN=
+pg_choose_bin() {
+  if [[ -f $PG_DATA/PG_VERSION ]]; then
+    local ver
+    ver=$(cat "$PG_DATA/PG_VERSION")
+    PG_BIN=$(pg_bin_dir "$ver")
+    [[ -n $PG_BIN ]] || die "postgres: $PG_DATA was made by PostgreSQL $ver, which is not installed; run 'tests/services/down --wipe' to start over with $(pg_bin_dir)"
+  else
+    PG_BIN=$(pg_bin_dir)
+    [[ -n $PG_BIN ]] || die "postgres: PostgreSQL is not installed"
+  fi
+}
+
+pg_running() { [[ -n $PG_BIN && -d $PG_DATA ]] && as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" status >/dev/null 2>&1; }
+
+pg_answers() {
+  "$PG_BIN/pg_isready" -q -h "$HOST" -p "$PG_PORT" -t 2 >/dev/null 2>&1 &&
+    "$PG_BIN/psql" "$PG_URL" -qAtX -c 'select 1' >/dev/null 2>&1
+}
+
+# If a Debian cluster (pg_ctlcluster) listens on our port, stop it.
+pg_free_port() {
+  port_open "$PG_PORT" || return 0
+  if command -v pg_lsclusters >/dev/null 2>&1; then
+    local ver name port status
+    while read -r ver name port status _; do
+      if [[ $port == "$PG_PORT" && $status == online* ]]; then
+        log "postgres: stopping Debian's system cluster $ver/$name, which holds port $PG_PORT"
+        pg_ctlcluster "$ver" "$name" stop || die "postgres: 'pg_ctlcluster $ver $name stop' failed"
+      fi
+    done < <(pg_lsclusters -h 2>/dev/null)
+  fi
+  local i
+  for ((i = 0; i < 50; i++)); do
+    port_open "$PG_PORT" || return 0
+    sleep 0.1
+  done
+  printf 'services: port %s is held by:\n%s\n' "$PG_PORT" "$(port_owner "$PG_PORT")" >&2
+  fail postgres "" "port $HOST:$PG_PORT is already in use by a process that is not ours (set VANTAGE_PG_PORT to use another port)"
+}
+
+pg_write_config() {
+  local changed=0 tmp
+  tmp=$(mktemp)
+  cat >"$tmp" <<EOF
+# Written by tests/services/up on every run; edit tests/services/lib.sh instead.
+listen_addresses = '$HOST'
+port = $PG_PORT
+unix_socket_directories = '$PG_RUN'
+max_connections = 200
+password_encryption = 'scram-sha-256'
+shared_buffers = 128MB
+fsync = on
+logging_collector = off
+log_min_messages = warning
+log_line_prefix = '%m [%p] %q%u@%d '
+log_timezone = 'UTC'
+timezone = 'UTC'
+EOF
+  chown postgres:postgres "$tmp"
+  chmod 0600 "$tmp"
+  install_if_changed "$tmp" "$PG_DATA/vantage.conf" && changed=1
+  if ! grep -q "^include_if_exists = 'vantage.conf'" "$PG_DATA/postgresql.conf"; then
+    printf "\n# vantage test services\ninclude_if_exists = 'vantage.conf'\n" >>"$PG_DATA/postgresql.conf"
+    changed=1
+  fi
+  tmp=$(mktemp)
+  cat >"$tmp" <<EOF
+# Written by tests/services/up on every run; edit tests/services/lib.sh instead.
+# TYPE  DATABASE  USER  ADDRESS       METHOD
+local   all       postgres            peer
+local   all       all                 scram-sha-256
+host    all       all   127.0.0.1/32  scram-sha-256
+host    all       all   ::1/128       scram-sha-256
+EOF
+  chown postgres:postgres "$tmp"
+  chmod 0600 "$tmp"
+  if install_if_changed "$tmp" "$PG_DATA/pg_hba.conf"; then
+    PG_HBA_CHANGED=1
+  fi
+  return $((1 - changed))
+}
+
+pg_bootstrap_roles() {
+  as_pg "$PG_BIN/psql" -h "$PG_RUN" -p "$PG_PORT" -d postgres -qAtX -v ON_ERROR_STOP=1 >>"$PG_LOG" 2>&1 <<EOF
+DO \$\$
+BEGIN
+  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$PG_USER') THEN
+    CREATE ROLE $PG_USER;
+  END IF;
+END
+\$\$;
+ALTER ROLE $PG_USER WITH LOGIN CREATEDB SUPERUSER PASSWORD '$PG_PASSWORD';
+SELECT 'CREATE DATABASE $PG_DB OWNER $PG_USER' WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = '$PG_DB') \gexec
+ALTER DATABASE $PG_DB OWNER TO $PG_USER;
+EOF
+}
+
+up_postgres() {
+  pg_choose_bin
+  local ver
+  ver=$(basename "$(dirname "$PG_BIN")")
+  id postgres >/dev/null 2>&1 || die "postgres: there is no 'postgres' OS user (is the postgresql package installed?)"
+  mkdir -p "$PG_DIR" "$PG_RUN"
+  touch "$PG_LOG"
+  chown postgres:postgres "$PG_DIR" "$PG_RUN" "$PG_LOG"
+  chmod 0700 "$PG_DIR"
+  as_pg test -w "$PG_DIR" ||
+    die "postgres: the postgres OS user cannot reach $PG_DIR; choose a VANTAGE_STATE_DIR whose parents are world-traversable"
+
+  if [[ ! -f $PG_DATA/PG_VERSION ]]; then
+    rm -rf "$PG_DATA"
+    log "postgres: initdb $PG_DATA (PostgreSQL $ver)"
+    as_pg "$PG_BIN/initdb" -D "$PG_DATA" -U postgres --encoding=UTF8 --no-locale \
+      --auth-local=peer --auth-host=scram-sha-256 >"$PG_DIR/initdb.log" 2>&1 ||
+      fail postgres "$PG_DIR/initdb.log" "initdb failed"
+  fi
+
+  PG_HBA_CHANGED=0
+  local conf_changed=0
+  pg_write_config && conf_changed=1
+
+  if pg_running; then
+    if ((conf_changed)); then
+      log "postgres: configuration changed, restarting"
+      as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" -m fast -w -t 60 -s stop >>"$PG_LOG" 2>&1 || true
+    elif pg_answers; then
+      if ((PG_HBA_CHANGED)); then as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" -s reload >>"$PG_LOG" 2>&1 || true; fi
+      pg_bootstrap_roles || fail postgres "$PG_LOG" "creating role/database '$PG_USER' failed"
+      log "postgres up on $HOST:$PG_PORT (already running, PostgreSQL $ver)"
+      return 0
+    fi
+  fi
+
+  if ! pg_running; then
+    pg_free_port
+    as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$PG_LOG" -w -t 60 -s start >/dev/null 2>&1 9>&- ||
+      fail postgres "$PG_LOG" "pg_ctl start failed"
+  fi
+
+  local i
+  for ((i = 0; i < 300; i++)); do
+    "$PG_BIN/pg_isready" -q -h "$HOST" -p "$PG_PORT" -t 1 >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+  "$PG_BIN/pg_isready" -q -h "$HOST" -p "$PG_PORT" -t 1 >/dev/null 2>&1 ||
+    fail postgres "$PG_LOG" "pg_isready -h $HOST -p $PG_PORT did not answer within 30s"
+  pg_bootstrap_roles || fail postgres "$PG_LOG" "creating role/database '$PG_USER' failed"
+  "$PG_BIN/psql" "$PG_URL" -qAtX -c 'select 1' >/dev/null 2>>"$PG_LOG" ||
+    fail postgres "$PG_LOG" "psql $PG_URL -c 'select 1' failed"
+  log "postgres up on $HOST:$PG_PORT (PostgreSQL $ver, data $PG_DATA)"
+}
+
+down_postgres() {
+  PG_BIN=$(pg_bin_dir "$(cat "$PG_DATA/PG_VERSION" 2>/dev/null || true)")
+  [[ -n $PG_BIN ]] || PG_BIN=$(pg_bin_dir)
+  if pg_running; then
+    as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" -m fast -w -t 60 -s stop >>"$PG_LOG" 2>&1 ||
+      die "postgres: pg_ctl stop failed (log: $PG_LOG)"
+    log "postgres stopped"
+  else
+    log "postgres was not running"
+  fi
+}
+
+status_postgres() {
+  PG_BIN=$(pg_bin_dir "$(cat "$PG_DATA/PG_VERSION" 2>/dev/null || true)")
+  [[ -n $PG_BIN ]] || PG_BIN=$(pg_bin_dir)
+  if [[ -n $PG_BIN ]] && pg_running && pg_answers; then
+    echo "postgres  up    $HOST:$PG_PORT  $PG_URL"
+    return 0
+  fi
+  echo "postgres  down  $HOST:$PG_PORT"
+  return 1
+}
+
+# ---------------------------------------------------------------- Mosquitto
+
+mq_pid() { pid_of "$MQ_PID" mosquitto; }
+
+mq_answers() {
+  # shellcheck disable=SC2016 # $SYS is a literal MQTT topic
+  timeout 10 mosquitto_sub -h "$HOST" -p "$MQTT_PORT" -u ingester -P ingester-secret \
+    -i "vantage-services-probe-$$" -t '$SYS/broker/version' -C 1 -W 5 >/dev/null 2>&1
+}
+
+mq_write_passwd() {
+  local spec tmp pair
+  spec=$(printf '%s\n' "${MQTT_USERS[@]}" | sha256sum | cut -d' ' -f1)
+  if [[ -f $MQ_PASSWD && -f $MQ_PASSWD.spec && $(cat "$MQ_PASSWD.spec") == "$spec" ]]; then
+    return 1
+  fi
+  tmp=$MQ_PASSWD.tmp
+  rm -f "$tmp"
+  (umask 077 && : >"$tmp")
+  for pair in "${MQTT_USERS[@]}"; do
+    mosquitto_passwd -b "$tmp" "${pair%%:*}" "${pair#*:}" ||
+      die "mosquitto: mosquitto_passwd failed for user ${pair%%:*}"
+  done
+  chmod 0600 "$tmp"
+  mv -f "$tmp" "$MQ_PASSWD"
+  printf '%s\n' "$spec" >"$MQ_PASSWD.spec"
+}
+
+mq_stop() {
+  local pid
+  pid=$(mq_pid) || return 0
+  kill -TERM "$pid" 2>/dev/null || true
+  wait_gone "$pid" 15 || { kill -KILL "$pid" 2>/dev/null || true; wait_gone "$pid" 5 || true; }
+  rm -f "$MQ_PID"
+}
+
+# If Debian's own mosquitto service holds our port, stop it.
+mq_free_port() {
+  port_open "$MQTT_PORT" || return 0
+  local pid
+  for pid in $(pgrep -x mosquitto 2>/dev/null || true); do
+    if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- '/etc/mosquitto/mosquitto.conf'; then
+      log "mosquitto: stopping Debian's system mosquitto (pid $pid), which holds port $MQTT_PORT"
+      kill -TERM "$pid" 2>/dev/null || true
+      wait_gone "$pid" 10 || kill -KILL "$pid" 2>/dev/null || true
+    fi
+  done
+  local i
+  for ((i = 0; i < 50; i++)); do
+    port_open "$MQTT_PORT" || return 0
+    sleep 0.1
+  done
+  printf 'services: port %s is held by:\n%s\n' "$MQTT_PORT" "$(port_owner "$MQTT_PORT")" >&2
+  fail mosquitto "" "port $HOST:$MQTT_PORT is already in use by a process that is not ours (set VANTAGE_MQTT_PORT to use another port)"
+}
+
+up_mosquitto() {
+  mkdir -p "$MQ_DIR/data"
+  chmod 0700 "$MQ_DIR" "$MQ_DIR/data"
+  local passwd_changed=0 conf_changed=0 tmp pid
+  mq_write_passwd && passwd_changed=1
+  tmp=$(mktemp)
+  render "$SERVICES_DIR/mosquitto.conf" >"$tmp"
+  chmod 0600 "$tmp"
+  install_if_changed "$tmp" "$MQ_CONF" && conf_changed=1
+
+  if pid=$(mq_pid); then
+    if ((conf_changed)); then
+      log "mosquitto: configuration changed, restarting"
+      mq_stop
+    else
+      if ((passwd_changed)); then kill -HUP "$pid" 2>/dev/null || true; sleep 0.3; fi
+      if mq_answers; then
+        log "mosquitto up on $HOST:$MQTT_PORT (already running, pid $pid)"
+        return 0
+      fi
+      log "mosquitto: pid $pid does not answer, restarting"
+      mq_stop
+    fi
+  fi
+  rm -f "$MQ_PID"
+  mq_free_port
+  # 9>&-: the daemon must not inherit the lock on $STATE_DIR/.lock
+  (cd / && /usr/sbin/mosquitto -c "$MQ_CONF" -d) >>"$MQ_LOG" 2>&1 9>&- ||
+    fail mosquitto "$MQ_LOG" "/usr/sbin/mosquitto -c $MQ_CONF -d failed"
+  local i
+  for ((i = 0; i < 100; i++)); do
+    port_open "$MQTT_PORT" && break
+    sleep 0.1
+  done
+  port_open "$MQTT_PORT" || fail mosquitto "$MQ_LOG" "nothing listens on $HOST:$MQTT_PORT after 10s"
+  mq_answers || fail mosquitto "$MQ_LOG" "mosquitto_sub -u ingester on $HOST:$MQTT_PORT got no \$SYS/broker/version"
+  pid=$(mq_pid) || fail mosquitto "$MQ_LOG" "no live process in $MQ_PID"
+  log "mosquitto up on $HOST:$MQTT_PORT (pid $pid, $(/usr/sbin/mosquitto -h 2>/dev/null | head -n1 | sed 's/ is an MQTT.*//'))"
+}
+
+down_mosquitto() {
+  if mq_pid >/dev/null; then
+    mq_stop
+    log "mosquitto stopped"
+  else
+    log "mosquitto was not running"
+  fi
+}
+
+status_mosquitto() {
+  local pid
+  if pid=$(mq_pid) && command -v mosquitto_sub >/dev/null && mq_answers; then
+    echo "mosquitto up    $HOST:$MQTT_PORT  pid $pid"
+    return 0
+  fi
+  echo "mosquitto down  $HOST:$MQTT_PORT"
+  return 1
+}
+
+# ---------------------------------------------------------------- Kafka
+
+kafka_cp() {
+  if kafka_home_ok; then
+    printf '%s\n' "$KAFKA_HOME/libs/*"
+  else
+    printf '%s\n' "$K_LIBS/*"
+  fi
+}
+
+kafka_pid() { pid_of "$K_PID" 'kafka\.Kafka'; }
+
+# kafka_api_ok: the broker answers an ApiVersions request (fast; no JVM)
+kafka_api_ok() {
+  if ! command -v python3 >/dev/null 2>&1; then
+    port_open "$KAFKA_PORT"
+    return
+  fi
+  python3 - "$HOST" "$KAFKA_PORT" <<'EOF' 2>/dev/null
+import socket, struct, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+cid = b"vantage-services-probe"
+body = struct.pack(">hhih", 18, 0, 4242, len(cid)) + cid  # ApiVersions v0
+s.sendall(struct.pack(">i", len(body)) + body)
+def read(n):
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            sys.exit(1)
+        buf += chunk
+    return buf
+(size,) = struct.unpack(">i", read(4))
+corr, err = struct.unpack(">ih", read(size)[:6])
+sys.exit(0 if corr == 4242 and err == 0 else 1)
+EOF
+}
+
+kafka_tool() {
+  java -Xmx256m -XX:TieredStopAtLevel=1 -Djava.awt.headless=true \
+    -Dlog4j2.configurationFile="$SERVICES_DIR/kafka/tools-log4j2.properties" \
+    -cp "$(kafka_cp)" "$@"
+}
+
+# kafka_create_ok: an admin client can create a topic (the broker and controller work)
+kafka_create_ok() {
+  kafka_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$HOST:$KAFKA_PORT" \
+    --command-config "$K_DIR/admin.properties" \
+    --create --if-not-exists --topic vantage-services-healthcheck \
+    --partitions 1 --replication-factor 1 >>"$K_DIR/healthcheck.log" 2>&1
+}
+
+kafka_stop_begin() {
+  local pid
+  pid=$(kafka_pid) || return 1
+  kill -TERM "$pid" 2>/dev/null || true
+  printf '%s\n' "$pid"
+}
+
+kafka_stop_finish() {
+  local pid=$1
+  if ! wait_gone "$pid" 60; then
+    log "kafka: pid $pid ignored SIGTERM for 60s, killing it"
+    kill -KILL "$pid" 2>/dev/null || true
+    wait_gone "$pid" 5 || true
+  fi
+  rm -f "$K_PID"
+}
+
+kafka_free_port() {
+  local port
+  for port in "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT"; do
+    if port_open "$port"; then
+      printf 'services: port %s is held by:\n%s\n' "$port" "$(port_owner "$port")" >&2
+      fail kafka "" "port $HOST:$port is already in use by a process that is not ours (set VANTAGE_KAFKA_PORT / VANTAGE_KAFKA_CONTROLLER_PORT)"
+    fi
+  done
+}
+
+KAFKA_STARTED=0
+# Start Kafka without waiting for it (see wait_kafka), so that it boots while
+# PostgreSQL and Mosquitto start.
+start_kafka() {
+  fetch_kafka_libs_wait
+  command -v java >/dev/null || die "kafka: java is not installed"
+  mkdir -p "$K_DATA"
+  local tmp conf_changed=0 pid
+  tmp=$(mktemp)
+  render "$SERVICES_DIR/kafka/server.properties" >"$tmp"
+  chmod 0644 "$tmp"
+  install_if_changed "$tmp" "$K_PROPS" && conf_changed=1
+  cp -f "$SERVICES_DIR/kafka/log4j2.properties" "$K_DIR/log4j2.properties"
+  printf 'request.timeout.ms=5000\ndefault.api.timeout.ms=10000\n' >"$K_DIR/admin.properties"
+
+  if pid=$(kafka_pid); then
+    if ((conf_changed)); then
+      log "kafka: configuration changed, restarting"
+      kafka_stop_finish "$(kafka_stop_begin)"
+    else
+      return 0
+    fi
+  fi
+  rm -f "$K_PID"
+  kafka_free_port
+
+  if [[ ! -f $K_DATA/meta.properties ]]; then
+    local cid
+    cid=$(cat "$K_DIR/cluster.id" 2>/dev/null || true)
+    # Kafka cluster ids are 16 random bytes in URL-safe base64; avoid a leading '-'
+    # that the argument parser would take for an option.
+    while [[ -z $cid || $cid == -* ]]; do
+      cid=$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=')
+    done
+    printf '%s\n' "$cid" >"$K_DIR/cluster.id"
+    log "kafka: formatting $K_DATA (cluster id $cid)"
+    kafka_tool kafka.tools.StorageTool format -t "$cid" -c "$K_PROPS" --ignore-formatted \
+      >"$K_DIR/format.log" 2>&1 || fail kafka "$K_DIR/format.log" "kafka.tools.StorageTool format failed"
+  fi
+
+  [[ -f $K_LOG ]] && mv -f "$K_LOG" "$K_LOG.1"
+  # setsid: survive the end of the calling shell's process group.
+  # shellcheck disable=SC2086,SC2016 # KAFKA_HEAP is a list of JVM options; $$ is the inner shell's
+  setsid bash -c 'echo $$ >"$0"; exec "$@"' "$K_PID" \
+    java $KAFKA_HEAP -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -Djava.awt.headless=true \
+    -Dlog4j2.configurationFile="$K_DIR/log4j2.properties" -Dkafka.logs.dir="$K_DIR" \
+    -cp "$(kafka_cp)" kafka.Kafka "$K_PROPS" </dev/null >"$K_LOG" 2>&1 9>&- &
+  KAFKA_STARTED=1
+}
+
+wait_kafka() {
+  local deadline=$((SECONDS + KAFKA_TIMEOUT)) pid=
+  if ((KAFKA_STARTED == 0)); then
+    # already running before this run: a cheap API-level check is enough
+    if pid=$(kafka_pid) && kafka_api_ok; then
+      log "kafka up on $HOST:$KAFKA_PORT (already running, pid $pid)"
+      return 0
+    fi
+    log "kafka: pid ${pid:-?} does not answer, waiting for it"
+  fi
+  while :; do
+    pid=$(kafka_pid) || {
+      sleep 0.5 # let the log catch up
+      pid=$(kafka_pid) || fail kafka "$K_LOG" "the kafka.Kafka process exited"
+    }
+    if port_open "$KAFKA_PORT" && kafka_api_ok && kafka_create_ok; then
+      break
+    fi
+    ((SECONDS < deadline)) || fail kafka "$K_LOG" "no answer on $HOST:$KAFKA_PORT within ${KAFKA_TIMEOUT}s (set VANTAGE_KAFKA_TIMEOUT to wait longer)"
+    sleep 0.5
+  done
+  log "kafka up on $HOST:$KAFKA_PORT (pid $pid, Kafka $(kafka_version), controller $HOST:$KAFKA_CONTROLLER_PORT)"
+}
+
+kafka_version() {
+  local dir jar
+  dir=$(kafka_cp)
+  dir=${dir%\*}
+  for jar in "$dir"kafka_2.13-*.jar; do
+    jar=${jar##*/kafka_2.13-}
+    printf '%s\n' "${jar%.jar}"
+    return 0
+  done
+}
+
+down_kafka() {
+  local pid
+  if pid=$(kafka_stop_begin); then
+    kafka_stop_finish "$pid"
+    log "kafka stopped"
+  else
+    log "kafka was not running"
+  fi
+}
+
+status_kafka() {
+  local pid
+  if pid=$(kafka_pid) && kafka_api_ok; then
+    echo "kafka     up    $HOST:$KAFKA_PORT  pid $pid (controller $HOST:$KAFKA_CONTROLLER_PORT)"
+    return 0
+  fi
+  echo "kafka     down  $HOST:$KAFKA_PORT"
+  return 1
+}
+
+# ---------------------------------------------------------------- commands
+
+write_env_file() {
+  local tmp
+  tmp=$(mktemp)
+  cat >"$tmp" <<EOF
+VANTAGE_STATE_DIR=$STATE_DIR
+VANTAGE_PG_URL=$PG_URL
+VANTAGE_PG_HOST=$HOST
+VANTAGE_PG_PORT=$PG_PORT
+VANTAGE_MQTT_HOST=$HOST
+VANTAGE_MQTT_PORT=$MQTT_PORT
+VANTAGE_MQTT_INGESTER_USER=ingester
+VANTAGE_MQTT_INGESTER_PASSWORD=ingester-secret
+VANTAGE_MQTT_AGENT_USER=agent
+VANTAGE_MQTT_AGENT_PASSWORD=agent-secret
+VANTAGE_KAFKA_BROKERS=$HOST:$KAFKA_PORT
+EOF
+  chmod 0644 "$tmp"
+  mv -f "$tmp" "$ENV_FILE"
+}
+
+wipe_data() {
+  log "wiping service data under $STATE_DIR (the Kafka jars in $K_LIBS are kept)"
+  rm -rf "$PG_DIR" "$MQ_DIR" "$K_DIR" "$ENV_FILE"
+}
+
+cmd_up() {
+  local fresh=0 arg t0=$SECONDS
+  for arg in "$@"; do
+    case $arg in
+      --fresh) fresh=1 ;;
+      *) die "usage: tests/services/up [--fresh]" ;;
+    esac
+  done
+  [[ $(id -u) == 0 ]] || die "tests/services/up must run as root (it installs packages and runs postgres via runuser)"
+  check_ports
+  lock_state_dir
+  if ((fresh)); then
+    down_all
+    wipe_data
+  fi
+  ensure_installed
+  start_kafka
+  up_postgres
+  up_mosquitto
+  wait_kafka
+  write_env_file
+  log "all up in $((SECONDS - t0))s; settings in $ENV_FILE"
+}
+
+down_all() {
+  local kpid=
+  kpid=$(kafka_stop_begin) || kpid=
+  down_mosquitto
+  down_postgres
+  if [[ -n $kpid ]]; then
+    kafka_stop_finish "$kpid"
+    log "kafka stopped"
+  else
+    log "kafka was not running"
+  fi
+}
+
+cmd_down() {
+  local wipe=0 arg
+  for arg in "$@"; do
+    case $arg in
+      --wipe) wipe=1 ;;
+      *) die "usage: tests/services/down [--wipe]" ;;
+    esac
+  done
+  check_ports
+  lock_state_dir
+  down_all
+  if ((wipe)); then wipe_data; fi
+}
+
+cmd_status() {
+  local rc=0
+  status_postgres || rc=1
+  status_mosquitto || rc=1
+  status_kafka || rc=1
+  return $rc
+}
+
+main() {
+  local cmd=${1:-}
+  [[ $# -gt 0 ]] && shift
+  case $cmd in
+    up) cmd_up "$@" ;;
+    down) cmd_down "$@" ;;
+    status) cmd_status "$@" ;;
+    wipe | reset) cmd_down --wipe ;;
+    *)
+      echo "usage: tests/services/{up [--fresh] | down [--wipe] | status}" >&2
+      echo "   or: tests/services/lib.sh {up|down|status|wipe}" >&2
+      exit 2
+      ;;
+  esac
+}
+
+if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
+  main "$@"
+fi
