@@ -359,18 +359,13 @@ fn read_secret_file(path: &Path) -> std::io::Result<String> {
 
 /// Agent ids, regions and topic prefixes become MQTT topic levels and SQL values: keep them tame.
 pub fn check_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > 64 {
-        return Err("must be 1 to 64 bytes long".into());
+    if vantage_proto::is_valid_name(name) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not a valid name: use 1 to 64 of a-z, 0-9, '-', '_', '.'"
+        ))
     }
-    if let Some(c) = name
-        .chars()
-        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.')))
-    {
-        return Err(format!(
-            "character {c:?} not allowed (use a-z, 0-9, '-', '_', '.')"
-        ));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -1,1 +1,122 @@
-fn main(){}
+//! The `vantage-ingester` binary: command line, config, tracing, then a stage's `run`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use vantage_ingester::{bridge, db, report, sink, Config};
+
+#[derive(Parser)]
+#[command(name = "vantage-ingester", version, about = "vantage central ingester: MQTT → Kafka → PostgreSQL")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Subscribe to agent results on MQTT and produce them to Kafka.
+    ///
+    /// Example: vantage-ingester bridge --config /etc/vantage/ingester.toml
+    Bridge {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Consume results from Kafka and write them to PostgreSQL (applies migrations first).
+    ///
+    /// Example: vantage-ingester sink --config /etc/vantage/ingester.toml
+    Sink {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Apply the SQL migrations and exit.
+    ///
+    /// Example: vantage-ingester migrate --config /etc/vantage/ingester.toml
+    Migrate {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Print availability and response-time percentiles per target and region.
+    ///
+    /// Example: vantage-ingester report --config ingester.toml --since 24h --format csv
+    Report {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Window to report on, e.g. 15m, 24h, 7d.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        since: Duration,
+        #[arg(long, value_enum, default_value_t = report::Format::Table)]
+        format: report::Format,
+    },
+    /// Validate a configuration file without connecting to anything.
+    CheckConfig { config: PathBuf },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,rdkafka=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    runtime.block_on(async {
+        match cli.command {
+            Command::CheckConfig { config } => {
+                Config::load(&config)?;
+                println!("{}: ok", config.display());
+            }
+            Command::Bridge { config } => {
+                let config = Config::load(&config)?;
+                bridge::run(&config, shutdown_on_signal()).await?;
+            }
+            Command::Sink { config } => {
+                let config = Config::load(&config)?;
+                sink::run(&config, shutdown_on_signal()).await?;
+            }
+            Command::Migrate { config } => {
+                let config = Config::load(&config)?;
+                let mut client = db::connect(config.postgres()?).await?;
+                let applied = db::migrate(&mut client).await?;
+                println!("{applied} migrations applied");
+            }
+            Command::Report { config, since, format } => {
+                let config = Config::load(&config)?;
+                let client = db::connect(config.postgres()?).await?;
+                let rows = report::query(&client, since).await?;
+                print!("{}", report::render(&rows, format));
+            }
+        }
+        Ok(())
+    })
+}
+
+/// A token cancelled on SIGINT or SIGTERM.
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot install SIGTERM handler");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutdown requested");
+        t.cancel();
+    });
+    token
+}

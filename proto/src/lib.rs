@@ -184,6 +184,18 @@ impl core::fmt::Display for Error {
 
 impl core::error::Error for Error {}
 
+/// Whether `name` may be an agent id or a region: 1 to 64 bytes of `a-z`, `0-9`, `-`, `_`, `.`.
+///
+/// Both become MQTT topic levels and SQL values, so the agent refuses other names at config load
+/// and the bridge refuses topics that contain them.
+pub fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.'))
+}
+
 /// Writes `batch` as a frame into `buf` and returns the used prefix.
 pub fn encode<'b>(batch: &Batch, buf: &'b mut [u8]) -> Result<&'b mut [u8], Error> {
     let (first, rest) = buf.split_first_mut().ok_or(Error::BufferTooSmall)?;

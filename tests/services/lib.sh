@@ -24,7 +24,7 @@
 set -euo pipefail
 
 SERVICES_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-STATE_DIR=${VANTAGE_STATE_DIR:-/var/tmp/vantage-services}
+STATE_DIR=$(realpath -m -- "${VANTAGE_STATE_DIR:-/var/tmp/vantage-services}")
 HOST=127.0.0.1
 PG_PORT=${VANTAGE_PG_PORT:-5432}
 MQTT_PORT=${VANTAGE_MQTT_PORT:-1883}
@@ -202,7 +202,7 @@ FETCH_PID=
 fetch_kafka_libs_start() {
   local tmp=$K_LIBS.tmp
   rm -rf "$tmp"
-  log "fetching Kafka jars from Maven Central ($K_POM -> $K_LIBS)"
+  log "kafka: collecting jars with Maven (from ~/.m2, else Maven Central): $K_POM -> $K_LIBS"
   (
     mvn -B -q -f "$K_POM" dependency:copy-dependencies \
       -DoutputDirectory="$tmp" -Dmdep.overWriteReleases=true >"$STATE_DIR/kafka-libs-mvn.log" 2>&1 &&
@@ -633,6 +633,11 @@ start_kafka() {
   render "$SERVICES_DIR/kafka/server.properties" >"$tmp"
   chmod 0644 "$tmp"
   install_if_changed "$tmp" "$K_PROPS" && conf_changed=1
+  # The JVM options and classpath count as configuration too.
+  tmp=$(mktemp)
+  printf '%s\n' "$KAFKA_HEAP" "$(kafka_cp)" >"$tmp"
+  chmod 0644 "$tmp"
+  install_if_changed "$tmp" "$K_DIR/launch" && conf_changed=1
   cp -f "$SERVICES_DIR/kafka/log4j2.properties" "$K_DIR/log4j2.properties"
   printf 'request.timeout.ms=5000\ndefault.api.timeout.ms=10000\n' >"$K_DIR/admin.properties"
 
@@ -728,6 +733,19 @@ status_kafka() {
 
 # ---------------------------------------------------------------- commands
 
+# Before anything is started: make sure no foreign process holds a port that
+# one of our stopped services needs, so a conflict does not leave the others
+# half started.
+preflight() {
+  id postgres >/dev/null 2>&1 || die "postgres: there is no 'postgres' OS user (is the postgresql package installed?)"
+  as_pg test -x "$STATE_DIR" ||
+    die "postgres: the postgres OS user cannot reach $STATE_DIR; choose a VANTAGE_STATE_DIR whose parents are world-traversable"
+  pg_choose_bin
+  pg_running || pg_free_port
+  mq_pid >/dev/null || mq_free_port
+  kafka_pid >/dev/null || kafka_free_port
+}
+
 write_env_file() {
   local tmp
   tmp=$(mktemp)
@@ -769,6 +787,7 @@ cmd_up() {
     wipe_data
   fi
   ensure_installed
+  preflight
   start_kafka
   up_postgres
   up_mosquitto

@@ -1,0 +1,485 @@
+//! Ingester configuration: the raw TOML shape and the validated [`Config`].
+//!
+//! One file serves every stage; each stage asks for the sections it needs ([`Config::mqtt`],
+//! [`Config::kafka`], [`Config::postgres`]) and a missing one is an error that names it.
+//! Errors name the file, the key and the problem.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{file}: {message}")]
+    Parse { file: PathBuf, message: String },
+    #[error("{file}: key `{key}`: {reason}")]
+    Invalid {
+        file: PathBuf,
+        key: String,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub mqtt: Option<RawMqtt>,
+    pub kafka: Option<RawKafka>,
+    pub postgres: Option<RawPostgres>,
+    #[serde(default)]
+    pub sink: RawSink,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMqtt {
+    /// Broker host name or address.
+    pub host: String,
+    /// Broker port (default 1883).
+    #[serde(default = "default_mqtt_port")]
+    pub port: u16,
+    pub username: Option<String>,
+    /// Name of an environment variable holding the broker password.
+    pub password_env: Option<String>,
+    /// Path of a file whose first line is the broker password.
+    pub password_file: Option<PathBuf>,
+    /// MQTT client id; must be unique per bridge and stable across restarts, because the broker
+    /// keeps the unacknowledged messages of a persistent session under this id.
+    #[serde(default = "default_client_id")]
+    pub client_id: String,
+    /// First topic level (default `vantage`); agents must use the same prefix.
+    #[serde(default = "default_topic_prefix")]
+    pub topic_prefix: String,
+    /// When set, subscribe through the shared subscription `$share/<group>/...` so several
+    /// bridges split the stream.
+    pub shared_group: Option<String>,
+    /// Most MQTT messages received but not yet acknowledged (waiting for Kafka), default 100.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKafka {
+    /// `host:port[,host:port...]`.
+    pub brokers: String,
+    /// Topic of accepted result frames (default `vantage.results`).
+    #[serde(default = "default_topic")]
+    pub topic: String,
+    /// Topic of rejected input with its reason (default `vantage.dead-letter`).
+    #[serde(default = "default_dead_letter_topic")]
+    pub dead_letter_topic: String,
+    /// Consumer group of the sinks (default `vantage-sink`).
+    #[serde(default = "default_group_id")]
+    pub group_id: String,
+    /// Partitions given to the topics when the ingester creates them (default 4).
+    #[serde(default = "default_partitions")]
+    pub partitions: i32,
+    /// Extra librdkafka settings passed through unchanged (security.protocol, sasl.*, ssl.*...).
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPostgres {
+    /// Connection string, key-value or URL form, e.g. `host=127.0.0.1 user=vantage dbname=vantage`.
+    /// Put no password here: use `password_env` or `password_file`.
+    pub url: String,
+    pub password_env: Option<String>,
+    pub password_file: Option<PathBuf>,
+    /// Schema that holds vantage's tables (default `vantage`); created by `migrate`.
+    #[serde(default = "default_schema")]
+    pub schema: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSink {
+    /// Most Kafka messages per PostgreSQL transaction (default 500).
+    #[serde(default = "default_batch_max")]
+    pub batch_max: usize,
+    /// Longest wait for a batch to fill once its first message arrived (default 200ms).
+    #[serde(default = "default_batch_timeout", with = "humantime_serde")]
+    pub batch_timeout: Duration,
+}
+
+impl Default for RawSink {
+    fn default() -> Self {
+        RawSink {
+            batch_max: default_batch_max(),
+            batch_timeout: default_batch_timeout(),
+        }
+    }
+}
+
+fn default_mqtt_port() -> u16 {
+    1883
+}
+fn default_client_id() -> String {
+    "vantage-bridge".into()
+}
+fn default_topic_prefix() -> String {
+    "vantage".into()
+}
+fn default_max_in_flight() -> usize {
+    100
+}
+fn default_topic() -> String {
+    "vantage.results".into()
+}
+fn default_dead_letter_topic() -> String {
+    "vantage.dead-letter".into()
+}
+fn default_group_id() -> String {
+    "vantage-sink".into()
+}
+fn default_partitions() -> i32 {
+    4
+}
+fn default_schema() -> String {
+    "vantage".into()
+}
+fn default_batch_max() -> usize {
+    500
+}
+fn default_batch_timeout() -> Duration {
+    Duration::from_millis(200)
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub file: PathBuf,
+    mqtt: Option<MqttConfig>,
+    kafka: Option<KafkaConfig>,
+    postgres: Option<PostgresConfig>,
+    pub sink: SinkConfig,
+}
+
+#[derive(Clone)]
+pub struct MqttConfig {
+    pub host: String,
+    pub port: u16,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub client_id: String,
+    pub topic_prefix: String,
+    pub shared_group: Option<String>,
+    pub max_in_flight: usize,
+}
+
+impl std::fmt::Debug for MqttConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("client_id", &self.client_id)
+            .field("topic_prefix", &self.topic_prefix)
+            .field("shared_group", &self.shared_group)
+            .finish()
+    }
+}
+
+impl MqttConfig {
+    /// The filter the bridge subscribes to: every region, every agent.
+    pub fn results_filter(&self) -> String {
+        let filter = format!("{}/v1/results/+/+", self.topic_prefix);
+        match &self.shared_group {
+            Some(group) => format!("$share/{group}/{filter}"),
+            None => filter,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub topic: String,
+    pub dead_letter_topic: String,
+    pub group_id: String,
+    pub partitions: i32,
+    pub properties: BTreeMap<String, String>,
+}
+
+#[derive(Clone)]
+pub struct PostgresConfig {
+    pub url: String,
+    pub password: Option<String>,
+    pub schema: String,
+}
+
+impl std::fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("url", &"<redacted>")
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("schema", &self.schema)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SinkConfig {
+    pub batch_max: usize,
+    pub batch_timeout: Duration,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            file: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        Config::from_raw(raw, path)
+    }
+
+    pub fn from_raw(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
+        let invalid = |key: &str, reason: String| ConfigError::Invalid {
+            file: path.to_owned(),
+            key: key.to_owned(),
+            reason,
+        };
+        let mqtt = match raw.mqtt {
+            None => None,
+            Some(m) => {
+                if m.host.is_empty() {
+                    return Err(invalid("mqtt.host", "must not be empty".into()));
+                }
+                check_topic_level(&m.topic_prefix)
+                    .map_err(|r| invalid("mqtt.topic_prefix", r))?;
+                if let Some(g) = &m.shared_group {
+                    check_topic_level(g).map_err(|r| invalid("mqtt.shared_group", r))?;
+                }
+                if m.client_id.is_empty() || m.client_id.len() > 128 {
+                    return Err(invalid("mqtt.client_id", "must be 1 to 128 bytes".into()));
+                }
+                if m.max_in_flight == 0 || m.max_in_flight > 65_535 {
+                    return Err(invalid("mqtt.max_in_flight", "must be 1..=65535".into()));
+                }
+                let password = secret(&m.password_env, &m.password_file, "mqtt", &invalid)?;
+                Some(MqttConfig {
+                    host: m.host,
+                    port: m.port,
+                    username: m.username,
+                    password,
+                    client_id: m.client_id,
+                    topic_prefix: m.topic_prefix,
+                    shared_group: m.shared_group,
+                    max_in_flight: m.max_in_flight,
+                })
+            }
+        };
+        let kafka = match raw.kafka {
+            None => None,
+            Some(k) => {
+                if k.brokers.trim().is_empty() {
+                    return Err(invalid("kafka.brokers", "must not be empty".into()));
+                }
+                for (key, value) in [
+                    ("kafka.topic", &k.topic),
+                    ("kafka.dead_letter_topic", &k.dead_letter_topic),
+                    ("kafka.group_id", &k.group_id),
+                ] {
+                    if value.is_empty()
+                        || !value
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+                    {
+                        return Err(invalid(key, format!("{value:?} is not a valid Kafka name")));
+                    }
+                }
+                if k.topic == k.dead_letter_topic {
+                    return Err(invalid(
+                        "kafka.dead_letter_topic",
+                        "must differ from kafka.topic".into(),
+                    ));
+                }
+                if k.partitions < 1 {
+                    return Err(invalid("kafka.partitions", "must be at least 1".into()));
+                }
+                Some(KafkaConfig {
+                    brokers: k.brokers,
+                    topic: k.topic,
+                    dead_letter_topic: k.dead_letter_topic,
+                    group_id: k.group_id,
+                    partitions: k.partitions,
+                    properties: k.properties,
+                })
+            }
+        };
+        let postgres = match raw.postgres {
+            None => None,
+            Some(p) => {
+                p.url
+                    .parse::<tokio_postgres::Config>()
+                    .map_err(|e| invalid("postgres.url", format!("not a connection string: {e}")))?;
+                let schema_ok = p.schema.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+                    && p.schema.len() <= 63
+                    && p.schema
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+                if !schema_ok {
+                    return Err(invalid(
+                        "postgres.schema",
+                        "use a-z, 0-9 and '_', starting with a letter or '_', at most 63 bytes"
+                            .into(),
+                    ));
+                }
+                let password = secret(&p.password_env, &p.password_file, "postgres", &invalid)?;
+                Some(PostgresConfig {
+                    url: p.url,
+                    password,
+                    schema: p.schema,
+                })
+            }
+        };
+        if raw.sink.batch_max == 0 {
+            return Err(invalid("sink.batch_max", "must be at least 1".into()));
+        }
+        Ok(Config {
+            file: path.to_owned(),
+            mqtt,
+            kafka,
+            postgres,
+            sink: SinkConfig {
+                batch_max: raw.sink.batch_max,
+                batch_timeout: raw.sink.batch_timeout,
+            },
+        })
+    }
+
+    pub fn mqtt(&self) -> Result<&MqttConfig, ConfigError> {
+        self.mqtt.as_ref().ok_or_else(|| self.missing("mqtt"))
+    }
+
+    pub fn kafka(&self) -> Result<&KafkaConfig, ConfigError> {
+        self.kafka.as_ref().ok_or_else(|| self.missing("kafka"))
+    }
+
+    pub fn postgres(&self) -> Result<&PostgresConfig, ConfigError> {
+        self.postgres.as_ref().ok_or_else(|| self.missing("postgres"))
+    }
+
+    fn missing(&self, section: &str) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.file.clone(),
+            key: section.to_owned(),
+            reason: "section is required by this command".into(),
+        }
+    }
+}
+
+fn secret(
+    env: &Option<String>,
+    file: &Option<PathBuf>,
+    section: &str,
+    invalid: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<Option<String>, ConfigError> {
+    match (env, file) {
+        (Some(_), Some(_)) => Err(invalid(
+            &format!("{section}.password_env"),
+            "set either password_env or password_file, not both".into(),
+        )),
+        (Some(var), None) => std::env::var(var).map(Some).map_err(|_| {
+            invalid(
+                &format!("{section}.password_env"),
+                format!("environment variable {var} is not set"),
+            )
+        }),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .map(|t| Some(t.lines().next().unwrap_or_default().to_owned()))
+            .map_err(|e| {
+                invalid(
+                    &format!("{section}.password_file"),
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            }),
+        (None, None) => Ok(None),
+    }
+}
+
+fn check_topic_level(s: &str) -> Result<(), String> {
+    if s.is_empty() || s.len() > 64 {
+        return Err("must be 1 to 64 bytes".into());
+    }
+    if s.contains(['/', '+', '#', '$']) || s.chars().any(char::is_whitespace) {
+        return Err(format!("{s:?} must not contain '/', '+', '#', '$' or spaces"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[mqtt]
+host = "127.0.0.1"
+username = "ingester"
+[kafka]
+brokers = "127.0.0.1:9092"
+[postgres]
+url = "host=127.0.0.1 user=vantage dbname=vantage"
+"#;
+
+    fn err(text: &str) -> String {
+        Config::parse(text, Path::new("ingester.toml"))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn good_config_has_defaults() {
+        let c = Config::parse(GOOD, Path::new("ingester.toml")).unwrap();
+        assert_eq!(c.kafka().unwrap().topic, "vantage.results");
+        assert_eq!(c.mqtt().unwrap().results_filter(), "vantage/v1/results/+/+");
+        assert_eq!(c.postgres().unwrap().schema, "vantage");
+    }
+
+    #[test]
+    fn errors_name_file_and_key() {
+        let e = err(&GOOD.replace("[kafka]", "[kafka]\ncolour = 1"));
+        assert!(e.starts_with("ingester.toml:") && e.contains("colour"), "{e}");
+        let e = err(&GOOD.replace("127.0.0.1:9092", ""));
+        assert!(e.contains("key `kafka.brokers`"), "{e}");
+        let e = err(&GOOD.replace("[postgres]", "[postgres]\nschema = \"Bad-Name\""));
+        assert!(e.contains("key `postgres.schema`"), "{e}");
+        let e = err(&GOOD.replace("host = \"127.0.0.1\"", "host = \"127.0.0.1\"\nshared_group = \"a/b\""));
+        assert!(e.contains("key `mqtt.shared_group`"), "{e}");
+    }
+
+    #[test]
+    fn missing_section_is_named() {
+        let c = Config::parse("[kafka]\nbrokers = \"x:1\"\n", Path::new("i.toml")).unwrap();
+        let e = c.postgres().unwrap_err().to_string();
+        assert_eq!(e, "i.toml: key `postgres`: section is required by this command");
+    }
+
+    #[test]
+    fn shared_subscription_filter() {
+        let c = Config::parse(
+            &GOOD.replace("host = \"127.0.0.1\"", "host = \"127.0.0.1\"\nshared_group = \"bridges\""),
+            Path::new("i.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.mqtt().unwrap().results_filter(), "$share/bridges/vantage/v1/results/+/+");
+    }
+}
