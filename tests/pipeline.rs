@@ -1,1 +1,406 @@
-#[test] fn t(){}
+//! End to end on the real services (`tests/services/up` must have started them):
+//! two agents in two regions → Mosquitto → bridge → Kafka → sink → PostgreSQL.
+//!
+//! Every run uses its own MQTT topic prefix, Kafka topics and group, and PostgreSQL schema, and
+//! removes them at the end, so runs can overlap and leave nothing behind.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+use vantage_tests::target::TargetServer;
+use vantage_tests::{unique_id, Services};
+
+/// Delay the target adds for the slow region.
+const SLOW_REGION_DELAY_MS: u64 = 150;
+const ROUNDS: u64 = 4;
+
+struct Run {
+    id: String,
+    dir: PathBuf,
+    services: Services,
+}
+
+impl Run {
+    fn new() -> Run {
+        let id = unique_id();
+        let dir = std::env::temp_dir().join(format!("vantage-e2e-{id}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        Run {
+            id,
+            dir,
+            services: Services::from_env(),
+        }
+    }
+
+    fn prefix(&self) -> String {
+        format!("t{}", self.id)
+    }
+    fn schema(&self) -> String {
+        format!("e2e_{}", self.id)
+    }
+    fn topic(&self) -> String {
+        format!("vantage.results.{}", self.id)
+    }
+    fn dead_letter_topic(&self) -> String {
+        format!("vantage.dead-letter.{}", self.id)
+    }
+    fn group(&self) -> String {
+        format!("sink-{}", self.id)
+    }
+
+    fn secret(&self, name: &str, value: &str) -> PathBuf {
+        let path = self.dir.join(name);
+        std::fs::write(&path, value).unwrap();
+        path
+    }
+
+    fn ingester_config(&self) -> vantage_ingester::Config {
+        let s = &self.services;
+        let text = format!(
+            r#"
+[mqtt]
+host = "{mqtt_host}"
+port = {mqtt_port}
+username = "ingester"
+password_file = "{mqtt_pw}"
+client_id = "bridge-{id}"
+topic_prefix = "{prefix}"
+
+[kafka]
+brokers = "{brokers}"
+topic = "{topic}"
+dead_letter_topic = "{dlq}"
+group_id = "{group}"
+partitions = 2
+
+[postgres]
+url = "{pg_url}"
+schema = "{schema}"
+
+[sink]
+batch_max = 50
+batch_timeout = "100ms"
+"#,
+            mqtt_host = s.mqtt_host,
+            mqtt_port = s.mqtt_port,
+            mqtt_pw = self.secret("ingester.pw", "ingester-secret").display(),
+            id = self.id,
+            prefix = self.prefix(),
+            brokers = s.kafka_brokers,
+            topic = self.topic(),
+            dlq = self.dead_letter_topic(),
+            group = self.group(),
+            pg_url = s.pg_url,
+            schema = self.schema(),
+        );
+        let path = self.dir.join("ingester.toml");
+        std::fs::write(&path, &text).unwrap();
+        vantage_ingester::Config::load(&path).unwrap()
+    }
+
+    fn agent_config(&self, region: &str, delay_ms: u64, target: &TargetServer) -> vantage_agent::Config {
+        let s = &self.services;
+        let text = format!(
+            r#"
+agent_id = "{region}-{id}"
+region = "{region}"
+
+[mqtt]
+host = "{mqtt_host}"
+port = {mqtt_port}
+username = "agent"
+password_file = "{pw}"
+topic_prefix = "{prefix}"
+
+[uplink]
+batch_max = 4
+flush_interval = "200ms"
+
+# 1: up, regex matches. 2: a 404. 3: up, but the regex does not match.
+[[targets]]
+id = 1
+url = "{t1}"
+interval = "1s"
+timeout = "1s"
+regex = "target: ok"
+
+[[targets]]
+id = 2
+url = "{t2}"
+interval = "1s"
+timeout = "1s"
+
+[[targets]]
+id = 3
+url = "{t3}"
+interval = "1s"
+timeout = "1s"
+regex = "no such text"
+"#,
+            id = self.id,
+            mqtt_host = s.mqtt_host,
+            mqtt_port = s.mqtt_port,
+            pw = self.secret("agent.pw", "agent-secret").display(),
+            prefix = self.prefix(),
+            t1 = target.url(&format!("/?delay_ms={delay_ms}")),
+            t2 = target.url(&format!("/missing?status=404&delay_ms={delay_ms}")),
+            t3 = target.url(&format!("/?delay_ms={delay_ms}")),
+        );
+        let path = self.dir.join(format!("agent-{region}.toml"));
+        std::fs::write(&path, &text).unwrap();
+        vantage_agent::Config::load(&path).unwrap()
+    }
+}
+
+async fn pg(run: &Run) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(&run.services.pg_url, tokio_postgres::NoTls)
+        .await
+        .expect("PostgreSQL must be running: tests/services/up");
+    tokio::spawn(conn);
+    client
+        .batch_execute(&format!("SET search_path TO {}", run.schema()))
+        .await
+        .unwrap();
+    client
+}
+
+async fn count_rows(client: &tokio_postgres::Client) -> i64 {
+    match client.query_one("SELECT count(*) FROM results", &[]).await {
+        Ok(row) => row.get(0),
+        Err(_) => 0, // table not created yet
+    }
+}
+
+/// Committed offsets of the sink's group and the high watermarks, per partition.
+fn committed_and_end(run: &Run) -> Vec<(i32, i64, i64)> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &run.services.kafka_brokers)
+        .set("group.id", run.group())
+        .create()
+        .unwrap();
+    let metadata = consumer
+        .fetch_metadata(Some(&run.topic()), Duration::from_secs(10))
+        .unwrap();
+    let partitions: Vec<i32> = metadata.topics()[0].partitions().iter().map(|p| p.id()).collect();
+    let mut tpl = TopicPartitionList::new();
+    for p in &partitions {
+        tpl.add_partition(&run.topic(), *p);
+    }
+    let committed = consumer.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+    partitions
+        .iter()
+        .map(|&p| {
+            let (_, high) = consumer
+                .fetch_watermarks(&run.topic(), p, Duration::from_secs(10))
+                .unwrap();
+            let c = match committed.find_partition(&run.topic(), p).map(|e| e.offset()) {
+                Some(Offset::Offset(o)) => o,
+                _ => 0,
+            };
+            (p, c, high)
+        })
+        .collect()
+}
+
+/// Publishes one undecodable payload on a results topic, as a broken agent would.
+async fn publish_garbage(run: &Run) {
+    let mut options = rumqttc::MqttOptions::new(
+        format!("garbage-{}", run.id),
+        run.services.mqtt_host.clone(),
+        run.services.mqtt_port,
+    );
+    options.set_credentials("agent", "agent-secret");
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+    let topic = format!("{}/v1/results/eu-north/broken", run.prefix());
+    client
+        .publish(topic, rumqttc::QoS::AtLeastOnce, false, vec![0xFF, 0, 1, 2])
+        .await
+        .unwrap();
+    // Poll until the broker acknowledged the publish.
+    let acked = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) =
+                eventloop.poll().await.expect("MQTT broker must be running")
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(acked.is_ok(), "broker did not acknowledge the garbage publish");
+}
+
+async fn cleanup(run: &Run) {
+    let client = pg(run).await;
+    let _ = client
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", run.schema()))
+        .await;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &run.services.kafka_brokers)
+        .create()
+        .unwrap();
+    let _ = admin
+        .delete_topics(&[&run.topic(), &run.dead_letter_topic()], &AdminOptions::new())
+        .await;
+    let _ = std::fs::remove_dir_all(&run.dir);
+}
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,vantage_ingester=info".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_regions_reach_postgres_exactly_once() {
+    init_tracing();
+    let run = Run::new();
+    let target = TargetServer::start("127.0.0.1:0").await.unwrap();
+    let ingester = Arc::new(run.ingester_config());
+
+    // Sink first (it applies the migrations), then the bridge; agents start once the bridge's
+    // subscription exists, because MQTT keeps nothing for a subscriber that never subscribed.
+    let stop = CancellationToken::new();
+    let sink = tokio::spawn({
+        let (c, s) = (ingester.clone(), stop.clone());
+        async move { vantage_ingester::sink::run(&c, s).await }
+    });
+    let bridge_state = Arc::new(vantage_ingester::bridge::BridgeState::default());
+    let bridge = tokio::spawn({
+        let (c, s, st) = (ingester.clone(), stop.clone(), bridge_state.clone());
+        async move { vantage_ingester::bridge::run_with_state(&c, s, st).await }
+    });
+    let subscribed = tokio::time::timeout(Duration::from_secs(60), async {
+        while !bridge_state.subscribed.load(Ordering::Acquire) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(subscribed.is_ok(), "bridge did not subscribe within 60 s");
+
+    publish_garbage(&run).await;
+
+    let options = vantage_agent::RunOptions { rounds: Some(ROUNDS) };
+    let fast = vantage_agent::run(
+        run.agent_config("eu-north", 0, &target),
+        options.clone(),
+        CancellationToken::new(),
+    );
+    let slow = vantage_agent::run(
+        run.agent_config("us-east", SLOW_REGION_DELAY_MS, &target),
+        options,
+        CancellationToken::new(),
+    );
+    let (fast, slow) = tokio::join!(fast, slow);
+    let (fast, slow) = (fast.unwrap(), slow.unwrap());
+    for s in [&fast, &slow] {
+        assert_eq!(s.probes_started, 3 * ROUNDS, "{s:?}");
+        assert_eq!(s.uplink.results, 3 * ROUNDS, "{s:?}");
+        assert_eq!(s.uplink.undelivered, 0, "{s:?}");
+        assert_eq!(s.uplink.dropped, 0, "{s:?}");
+    }
+    let expected = (2 * 3 * ROUNDS) as i64;
+
+    // Wait for the rows, then a little longer to give any duplicate a chance to show up.
+    let client = pg(&run).await;
+    let arrived = tokio::time::timeout(Duration::from_secs(90), async {
+        while count_rows(&client).await < expected {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    assert!(arrived.is_ok(), "only {} of {expected} rows arrived", count_rows(&client).await);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    stop.cancel();
+    let bridge_stats = bridge.await.unwrap().unwrap();
+    let sink_stats = sink.await.unwrap().unwrap();
+    println!("bridge: {bridge_stats:?}\nsink: {sink_stats:?}");
+
+    // Exactly once: every (agent, boot, seq) once, nothing more.
+    assert_eq!(count_rows(&client).await, expected);
+    assert_eq!(sink_stats.rows_inserted as i64, expected);
+    // The garbage frame went to the dead-letter topic and the bridge carried on.
+    assert_eq!(bridge_stats.dead_lettered, 1, "{bridge_stats:?}");
+    assert_eq!(bridge_stats.acked, bridge_stats.received, "{bridge_stats:?}");
+
+    // Region tags, status codes, regex outcomes.
+    let rows = client
+        .query(
+            "SELECT region, target_id, status, outcome, regex_match, count(*)
+               FROM results GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(String, i32, Option<i16>, String, Option<bool>, i64)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
+        .collect();
+    let n = ROUNDS as i64;
+    let mut want = Vec::new();
+    for region in ["eu-north", "us-east"] {
+        want.push((region.to_owned(), 1, Some(200), "up".to_owned(), Some(true), n));
+        want.push((region.to_owned(), 2, Some(404), "status_not_accepted".to_owned(), None, n));
+        want.push((region.to_owned(), 3, Some(200), "regex_not_matched".to_owned(), Some(false), n));
+    }
+    assert_eq!(got, want);
+
+    // Phases are measured and consistent with the total.
+    let bad_phases: i64 = client
+        .query_one(
+            "SELECT count(*) FROM results
+              WHERE connect_us IS NULL OR ttfb_us IS NULL OR total_us <= 0
+                 OR connect_us + ttfb_us > total_us OR body_bytes <= 0",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(bad_phases, 0);
+
+    // The slow region is slower by about the injected delay.
+    let medians = client
+        .query(
+            "SELECT region, percentile_cont(0.5) WITHIN GROUP (ORDER BY total_us) / 1000.0
+               FROM results GROUP BY region ORDER BY region",
+            &[],
+        )
+        .await
+        .unwrap();
+    let fast_ms: f64 = medians[0].get(1);
+    let slow_ms: f64 = medians[1].get(1);
+    let diff = slow_ms - fast_ms;
+    println!("median total: eu-north {fast_ms:.1} ms, us-east {slow_ms:.1} ms, difference {diff:.1} ms");
+    let injected = SLOW_REGION_DELAY_MS as f64;
+    assert!(
+        diff >= injected * 0.9 && diff <= injected + 100.0,
+        "difference {diff:.1} ms, injected {injected} ms"
+    );
+
+    // The sink's group committed every offset it consumed: acknowledgement, not just arrival.
+    for (partition, committed, end) in committed_and_end(&run) {
+        assert_eq!(committed, end, "partition {partition}: committed {committed}, end {end}");
+    }
+
+    // The report command's query answers from the same rows.
+    let report = vantage_ingester::report::query(&client, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert_eq!(report.len(), 6);
+    assert!(report.iter().all(|r| r.probes == n));
+
+    cleanup(&run).await;
+}
+

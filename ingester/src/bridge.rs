@@ -11,6 +11,8 @@
 //! Durability: a message not yet confirmed by Kafka is not acknowledged; the broker keeps it in
 //! the bridge's persistent session (`clean_session = false`) and redelivers it after a restart.
 
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::stream::{FuturesOrdered, StreamExt};
@@ -45,6 +47,14 @@ pub struct BridgeStats {
     pub produced: u64,
     pub dead_lettered: u64,
     pub acked: u64,
+}
+
+/// Live state other tasks (tests, a future health endpoint) can watch while the bridge runs.
+#[derive(Debug, Default)]
+pub struct BridgeState {
+    /// Set once the broker acknowledged the subscription: from then on nothing published on the
+    /// results topics is missed, even across bridge restarts (persistent session).
+    pub subscribed: std::sync::atomic::AtomicBool,
 }
 
 /// What happened to one MQTT message.
@@ -95,6 +105,15 @@ pub fn validate(prefix: &str, topic: &str, payload: &[u8]) -> Result<String, Rej
 /// Runs the bridge until `shutdown` fires, then finishes in-flight deliveries, acknowledges them
 /// and disconnects.
 pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<BridgeStats, BridgeError> {
+    run_with_state(config, shutdown, Arc::default()).await
+}
+
+/// [`run`], updating `state` as it goes.
+pub async fn run_with_state(
+    config: &Config,
+    shutdown: CancellationToken,
+    state: Arc<BridgeState>,
+) -> Result<BridgeStats, BridgeError> {
     let mqtt = config.mqtt()?.clone();
     let kafka_config = config.kafka()?.clone();
     kafka::ensure_topics(&kafka_config).await?;
@@ -121,6 +140,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<BridgeS
         client.clone(),
         filter.clone(),
         tx,
+        state,
         events_stop.clone(),
     ));
     tracing::info!(filter, topic = kafka_config.topic, "bridge running");
@@ -219,6 +239,7 @@ async fn poll_events(
     client: AsyncClient,
     filter: String,
     tx: mpsc::Sender<Publish>,
+    state: Arc<BridgeState>,
     stop: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(100);
@@ -245,7 +266,16 @@ async fn poll_events(
                 }
             }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                tracing::info!(?ack.return_codes, "subscribed");
+                if ack
+                    .return_codes
+                    .iter()
+                    .all(|c| matches!(c, rumqttc::SubscribeReasonCode::Success(_)))
+                {
+                    tracing::info!(?ack.return_codes, "subscribed");
+                    state.subscribed.store(true, Ordering::Release);
+                } else {
+                    tracing::error!(?ack.return_codes, filter, "broker refused the subscription");
+                }
             }
             Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
             Ok(_) => {}

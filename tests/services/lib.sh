@@ -203,13 +203,22 @@ fetch_kafka_libs_start() {
   local tmp=$K_LIBS.tmp
   rm -rf "$tmp"
   log "kafka: collecting jars with Maven (from ~/.m2, else Maven Central): $K_POM -> $K_LIBS"
-  (
-    mvn -B -q -f "$K_POM" dependency:copy-dependencies \
-      -DoutputDirectory="$tmp" -Dmdep.overWriteReleases=true >"$STATE_DIR/kafka-libs-mvn.log" 2>&1 &&
-      sha256sum <"$K_POM" | cut -d' ' -f1 >"$tmp/.pom.sha256" &&
-      rm -rf "$K_LIBS" && mv "$tmp" "$K_LIBS"
-  ) &
+  # In its own process group, so that fetch_kafka_libs_abort can stop Maven too.
+  # shellcheck disable=SC2016 # the positional parameters are the inner shell's
+  setsid bash -c 'set -e
+    mvn -B -q -f "$3" dependency:copy-dependencies \
+      -DoutputDirectory="$1" -Dmdep.overWriteReleases=true >"$2" 2>&1
+    sha256sum <"$3" | cut -d" " -f1 >"$1/.pom.sha256"
+    rm -rf "$4"
+    mv "$1" "$4"' _ "$tmp" "$STATE_DIR/kafka-libs-mvn.log" "$K_POM" "$K_LIBS" </dev/null 9>&- &
   FETCH_PID=$!
+}
+
+fetch_kafka_libs_abort() {
+  if [[ -n ${FETCH_PID:-} ]]; then
+    kill -TERM -- "-$FETCH_PID" 2>/dev/null || kill -TERM "$FETCH_PID" 2>/dev/null || true
+    FETCH_PID=
+  fi
 }
 
 fetch_kafka_libs_wait() {
@@ -782,6 +791,7 @@ cmd_up() {
   [[ $(id -u) == 0 ]] || die "tests/services/up must run as root (it installs packages and runs postgres via runuser)"
   check_ports
   lock_state_dir
+  trap fetch_kafka_libs_abort EXIT
   if ((fresh)); then
     down_all
     wipe_data

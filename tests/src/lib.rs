@@ -1,1 +1,41 @@
-pub fn x(){}
+//! Helpers for vantage's end-to-end tests and demo: a local HTTP target with knobs, and the
+//! addresses of the real services started by `tests/services/up`.
+
+pub mod target;
+
+/// Where the services started by `tests/services/up` listen; each can be overridden by the same
+/// environment variable the script reads (`VANTAGE_PG_PORT`, ...).
+#[derive(Debug, Clone)]
+pub struct Services {
+    pub pg_url: String,
+    pub mqtt_host: String,
+    pub mqtt_port: u16,
+    pub kafka_brokers: String,
+}
+
+impl Services {
+    pub fn from_env() -> Services {
+        let var = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_owned());
+        let pg_port = var("VANTAGE_PG_PORT", "5432");
+        Services {
+            pg_url: var(
+                "VANTAGE_PG_URL",
+                &format!("postgresql://vantage:vantage@127.0.0.1:{pg_port}/vantage"),
+            ),
+            mqtt_host: var("VANTAGE_MQTT_HOST", "127.0.0.1"),
+            mqtt_port: var("VANTAGE_MQTT_PORT", "1883").parse().unwrap_or(1883),
+            kafka_brokers: var(
+                "VANTAGE_KAFKA_BROKERS",
+                &format!("127.0.0.1:{}", var("VANTAGE_KAFKA_PORT", "9092")),
+            ),
+        }
+    }
+}
+
+/// A name unique to this process and moment, for topics, schemas and groups of one test run.
+pub fn unique_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!("{}{:x}", std::process::id(), nanos)
+}
