@@ -17,6 +17,9 @@ use tokio_util::sync::CancellationToken;
 use vantage_tests::target::TargetServer;
 use vantage_tests::{unique_id, Services};
 
+/// (region, target, status, outcome, regex match, count): one group of result rows.
+type OutcomeCount = (String, i32, Option<i16>, String, Option<bool>, i64);
+
 /// Delay the target adds for the slow region.
 const SLOW_REGION_DELAY_MS: u64 = 150;
 const ROUNDS: u64 = 4;
@@ -105,7 +108,12 @@ batch_timeout = "100ms"
         vantage_ingester::Config::load(&path).unwrap()
     }
 
-    fn agent_config(&self, region: &str, delay_ms: u64, target: &TargetServer) -> vantage_agent::Config {
+    fn agent_config(
+        &self,
+        region: &str,
+        delay_ms: u64,
+        target: &TargetServer,
+    ) -> vantage_agent::Config {
         let s = &self.services;
         let text = format!(
             r#"
@@ -188,19 +196,28 @@ fn committed_and_end(run: &Run) -> Vec<(i32, i64, i64)> {
     let metadata = consumer
         .fetch_metadata(Some(&run.topic()), Duration::from_secs(10))
         .unwrap();
-    let partitions: Vec<i32> = metadata.topics()[0].partitions().iter().map(|p| p.id()).collect();
+    let partitions: Vec<i32> = metadata.topics()[0]
+        .partitions()
+        .iter()
+        .map(|p| p.id())
+        .collect();
     let mut tpl = TopicPartitionList::new();
     for p in &partitions {
         tpl.add_partition(&run.topic(), *p);
     }
-    let committed = consumer.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+    let committed = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap();
     partitions
         .iter()
         .map(|&p| {
             let (_, high) = consumer
                 .fetch_watermarks(&run.topic(), p, Duration::from_secs(10))
                 .unwrap();
-            let c = match committed.find_partition(&run.topic(), p).map(|e| e.offset()) {
+            let c = match committed
+                .find_partition(&run.topic(), p)
+                .map(|e| e.offset())
+            {
                 Some(Offset::Offset(o)) => o,
                 _ => 0,
             };
@@ -234,7 +251,10 @@ async fn publish_garbage(run: &Run) {
         }
     })
     .await;
-    assert!(acked.is_ok(), "broker did not acknowledge the garbage publish");
+    assert!(
+        acked.is_ok(),
+        "broker did not acknowledge the garbage publish"
+    );
 }
 
 async fn cleanup(run: &Run) {
@@ -247,7 +267,10 @@ async fn cleanup(run: &Run) {
         .create()
         .unwrap();
     let _ = admin
-        .delete_topics(&[&run.topic(), &run.dead_letter_topic()], &AdminOptions::new())
+        .delete_topics(
+            &[&run.topic(), &run.dead_letter_topic()],
+            &AdminOptions::new(),
+        )
         .await;
     let _ = std::fs::remove_dir_all(&run.dir);
 }
@@ -291,7 +314,9 @@ async fn two_regions_reach_postgres_exactly_once() {
 
     publish_garbage(&run).await;
 
-    let options = vantage_agent::RunOptions { rounds: Some(ROUNDS) };
+    let options = vantage_agent::RunOptions {
+        rounds: Some(ROUNDS),
+    };
     let fast = vantage_agent::run(
         run.agent_config("eu-north", 0, &target),
         options.clone(),
@@ -320,7 +345,11 @@ async fn two_regions_reach_postgres_exactly_once() {
         }
     })
     .await;
-    assert!(arrived.is_ok(), "only {} of {expected} rows arrived", count_rows(&client).await);
+    assert!(
+        arrived.is_ok(),
+        "only {} of {expected} rows arrived",
+        count_rows(&client).await
+    );
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     stop.cancel();
@@ -333,7 +362,10 @@ async fn two_regions_reach_postgres_exactly_once() {
     assert_eq!(sink_stats.rows_inserted as i64, expected);
     // The garbage frame went to the dead-letter topic and the bridge carried on.
     assert_eq!(bridge_stats.dead_lettered, 1, "{bridge_stats:?}");
-    assert_eq!(bridge_stats.acked, bridge_stats.received, "{bridge_stats:?}");
+    assert_eq!(
+        bridge_stats.acked, bridge_stats.received,
+        "{bridge_stats:?}"
+    );
 
     // Region tags, status codes, regex outcomes.
     let rows = client
@@ -344,16 +376,37 @@ async fn two_regions_reach_postgres_exactly_once() {
         )
         .await
         .unwrap();
-    let got: Vec<(String, i32, Option<i16>, String, Option<bool>, i64)> = rows
+    let got: Vec<OutcomeCount> = rows
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
         .collect();
     let n = ROUNDS as i64;
     let mut want = Vec::new();
     for region in ["eu-north", "us-east"] {
-        want.push((region.to_owned(), 1, Some(200), "up".to_owned(), Some(true), n));
-        want.push((region.to_owned(), 2, Some(404), "status_not_accepted".to_owned(), None, n));
-        want.push((region.to_owned(), 3, Some(200), "regex_not_matched".to_owned(), Some(false), n));
+        want.push((
+            region.to_owned(),
+            1,
+            Some(200),
+            "up".to_owned(),
+            Some(true),
+            n,
+        ));
+        want.push((
+            region.to_owned(),
+            2,
+            Some(404),
+            "status_not_accepted".to_owned(),
+            None,
+            n,
+        ));
+        want.push((
+            region.to_owned(),
+            3,
+            Some(200),
+            "regex_not_matched".to_owned(),
+            Some(false),
+            n,
+        ));
     }
     assert_eq!(got, want);
 
@@ -382,7 +435,9 @@ async fn two_regions_reach_postgres_exactly_once() {
     let fast_ms: f64 = medians[0].get(1);
     let slow_ms: f64 = medians[1].get(1);
     let diff = slow_ms - fast_ms;
-    println!("median total: eu-north {fast_ms:.1} ms, us-east {slow_ms:.1} ms, difference {diff:.1} ms");
+    println!(
+        "median total: eu-north {fast_ms:.1} ms, us-east {slow_ms:.1} ms, difference {diff:.1} ms"
+    );
     let injected = SLOW_REGION_DELAY_MS as f64;
     assert!(
         diff >= injected * 0.9 && diff <= injected + 100.0,
@@ -391,7 +446,10 @@ async fn two_regions_reach_postgres_exactly_once() {
 
     // The sink's group committed every offset it consumed: acknowledgement, not just arrival.
     for (partition, committed, end) in committed_and_end(&run) {
-        assert_eq!(committed, end, "partition {partition}: committed {committed}, end {end}");
+        assert_eq!(
+            committed, end,
+            "partition {partition}: committed {committed}, end {end}"
+        );
     }
 
     // The report command's query answers from the same rows.
@@ -403,4 +461,3 @@ async fn two_regions_reach_postgres_exactly_once() {
 
     cleanup(&run).await;
 }
-

@@ -273,10 +273,16 @@ impl Config {
             ));
         }
         if raw.uplink.buffer_capacity == 0 {
-            return Err(invalid("uplink.buffer_capacity", "must be at least 1".into()));
+            return Err(invalid(
+                "uplink.buffer_capacity",
+                "must be at least 1".into(),
+            ));
         }
         if raw.probes.max_concurrency == 0 {
-            return Err(invalid("probes.max_concurrency", "must be at least 1".into()));
+            return Err(invalid(
+                "probes.max_concurrency",
+                "must be at least 1".into(),
+            ));
         }
         let mut targets = Vec::with_capacity(raw.targets.len());
         for (i, t) in raw.targets.into_iter().enumerate() {

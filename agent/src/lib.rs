@@ -67,7 +67,8 @@ pub async fn run(
 
     let intervals: Vec<(u32, std::time::Duration)> =
         config.targets.iter().map(|t| (t.id, t.interval)).collect();
-    let mut schedule = scheduler::Scheduler::new(&intervals, std::time::Instant::now(), options.rounds);
+    let mut schedule =
+        scheduler::Scheduler::new(&intervals, std::time::Instant::now(), options.rounds);
     let slots = Arc::new(Semaphore::new(config.max_concurrency));
     let mut probes = JoinSet::new();
     let mut summary = RunSummary::default();
@@ -84,7 +85,10 @@ pub async fn run(
             // No free slot means earlier probes are still running: skip instead of piling up.
             let Ok(permit) = slots.clone().try_acquire_owned() else {
                 summary.probes_skipped += 1;
-                tracing::warn!(target_id = config.targets[due.target].id, "no free probe slot, probe skipped");
+                tracing::warn!(
+                    target_id = config.targets[due.target].id,
+                    "no free probe slot, probe skipped"
+                );
                 continue;
             };
             summary.probes_started += 1;

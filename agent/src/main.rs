@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "vantage-agent", version, about = "Probe HTTP(S) targets and upload results over MQTT")]
+#[command(
+    name = "vantage-agent",
+    version,
+    about = "Probe HTTP(S) targets and upload results over MQTT"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -38,8 +42,7 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -159,11 +159,13 @@ async fn exchange<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut sender, conn) =
-        timeout_at(deadline, hyper::client::conn::http1::handshake(TokioIo::new(stream)))
-            .await
-            .map_err(|_| Outcome::Timeout)?
-            .map_err(|e| classify_hyper(&e))?;
+    let (mut sender, conn) = timeout_at(
+        deadline,
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)),
+    )
+    .await
+    .map_err(|_| Outcome::Timeout)?
+    .map_err(|e| classify_hyper(&e))?;
     // The connection future drives the socket; it ends when `sender` is dropped. Aborting on
     // drop makes sure a timed-out probe leaves no task behind.
     let conn = AbortOnDrop(tokio::spawn(conn));

@@ -149,7 +149,10 @@ mod tests {
     fn rounds_limit_the_run() {
         let t0 = Instant::now();
         let mut s = Scheduler::new(
-            &[(1, Duration::from_millis(10)), (2, Duration::from_millis(25))],
+            &[
+                (1, Duration::from_millis(10)),
+                (2, Duration::from_millis(25)),
+            ],
             t0,
             Some(3),
         );

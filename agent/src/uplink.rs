@@ -111,7 +111,15 @@ pub async fn run(
     // Drain: keep offering the buffer to rumqttc, then wait for the broker's acks.
     let drain_deadline = tokio::time::Instant::now() + config.uplink.drain_timeout;
     loop {
-        publish_ready(&client, &topic, boot_id, batch_max, &mut buffer, &mut stats, true);
+        publish_ready(
+            &client,
+            &topic,
+            boot_id,
+            batch_max,
+            &mut buffer,
+            &mut stats,
+            true,
+        );
         let acked = acks.count.load(Ordering::Acquire);
         if buffer.is_empty() && acked >= stats.frames_published {
             break;

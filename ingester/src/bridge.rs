@@ -185,7 +185,10 @@ pub async fn run_with_state(
     }
     // DISCONNECT queues behind the acknowledgements, so they reach the broker first.
     let _ = client.disconnect().await;
-    if tokio::time::timeout(Duration::from_secs(5), event_task).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(5), event_task)
+        .await
+        .is_err()
+    {
         events_stop.cancel();
     }
     tracing::info!(?stats, "bridge stopped");
@@ -257,7 +260,10 @@ async fn poll_events(
                 }
             }
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                tracing::info!(session_present = ack.session_present, "connected to MQTT broker");
+                tracing::info!(
+                    session_present = ack.session_present,
+                    "connected to MQTT broker"
+                );
                 backoff = Duration::from_millis(100);
                 // (Re)subscribe on every connect; try_subscribe never waits, so this loop cannot
                 // deadlock on rumqttc's request queue.
@@ -311,14 +317,28 @@ mod tests {
     #[test]
     fn bad_payloads_have_reasons() {
         let t = "vantage/v1/results/eu/pi";
-        assert_eq!(validate("vantage", t, &[]), Err(Reject::Frame(vantage_proto::Error::Empty)));
-        assert_eq!(validate("vantage", t, &[7]).unwrap_err().reason(), "unknown_version");
-        assert_eq!(validate("vantage", t, &[1, 1]).unwrap_err().reason(), "malformed");
         assert_eq!(
-            validate("vantage", t, &vec![1; MAX_PAYLOAD + 1]).unwrap_err().reason(),
+            validate("vantage", t, &[]),
+            Err(Reject::Frame(vantage_proto::Error::Empty))
+        );
+        assert_eq!(
+            validate("vantage", t, &[7]).unwrap_err().reason(),
+            "unknown_version"
+        );
+        assert_eq!(
+            validate("vantage", t, &[1, 1]).unwrap_err().reason(),
+            "malformed"
+        );
+        assert_eq!(
+            validate("vantage", t, &vec![1; MAX_PAYLOAD + 1])
+                .unwrap_err()
+                .reason(),
             "oversized"
         );
-        assert_eq!(validate("vantage", "x/y", &[1]).unwrap_err().reason(), "bad_topic");
+        assert_eq!(
+            validate("vantage", "x/y", &[1]).unwrap_err().reason(),
+            "bad_topic"
+        );
         // A valid empty batch is accepted.
         assert_eq!(validate("vantage", t, &[1, 5, 0]), Ok("eu/pi".to_owned()));
     }

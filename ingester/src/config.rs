@@ -263,8 +263,7 @@ impl Config {
                 if m.host.is_empty() {
                     return Err(invalid("mqtt.host", "must not be empty".into()));
                 }
-                check_topic_level(&m.topic_prefix)
-                    .map_err(|r| invalid("mqtt.topic_prefix", r))?;
+                check_topic_level(&m.topic_prefix).map_err(|r| invalid("mqtt.topic_prefix", r))?;
                 if let Some(g) = &m.shared_group {
                     check_topic_level(g).map_err(|r| invalid("mqtt.shared_group", r))?;
                 }
@@ -328,10 +327,14 @@ impl Config {
         let postgres = match raw.postgres {
             None => None,
             Some(p) => {
-                p.url
-                    .parse::<tokio_postgres::Config>()
-                    .map_err(|e| invalid("postgres.url", format!("not a connection string: {e}")))?;
-                let schema_ok = p.schema.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+                p.url.parse::<tokio_postgres::Config>().map_err(|e| {
+                    invalid("postgres.url", format!("not a connection string: {e}"))
+                })?;
+                let schema_ok = p
+                    .schema
+                    .chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
                     && p.schema.len() <= 63
                     && p.schema
                         .chars()
@@ -375,7 +378,9 @@ impl Config {
     }
 
     pub fn postgres(&self) -> Result<&PostgresConfig, ConfigError> {
-        self.postgres.as_ref().ok_or_else(|| self.missing("postgres"))
+        self.postgres
+            .as_ref()
+            .ok_or_else(|| self.missing("postgres"))
     }
 
     fn missing(&self, section: &str) -> ConfigError {
@@ -421,7 +426,9 @@ fn check_topic_level(s: &str) -> Result<(), String> {
         return Err("must be 1 to 64 bytes".into());
     }
     if s.contains(['/', '+', '#', '$']) || s.chars().any(char::is_whitespace) {
-        return Err(format!("{s:?} must not contain '/', '+', '#', '$' or spaces"));
+        return Err(format!(
+            "{s:?} must not contain '/', '+', '#', '$' or spaces"
+        ));
     }
     Ok(())
 }
@@ -457,12 +464,18 @@ url = "host=127.0.0.1 user=vantage dbname=vantage"
     #[test]
     fn errors_name_file_and_key() {
         let e = err(&GOOD.replace("[kafka]", "[kafka]\ncolour = 1"));
-        assert!(e.starts_with("ingester.toml:") && e.contains("colour"), "{e}");
+        assert!(
+            e.starts_with("ingester.toml:") && e.contains("colour"),
+            "{e}"
+        );
         let e = err(&GOOD.replace("127.0.0.1:9092", ""));
         assert!(e.contains("key `kafka.brokers`"), "{e}");
         let e = err(&GOOD.replace("[postgres]", "[postgres]\nschema = \"Bad-Name\""));
         assert!(e.contains("key `postgres.schema`"), "{e}");
-        let e = err(&GOOD.replace("host = \"127.0.0.1\"", "host = \"127.0.0.1\"\nshared_group = \"a/b\""));
+        let e = err(&GOOD.replace(
+            "host = \"127.0.0.1\"",
+            "host = \"127.0.0.1\"\nshared_group = \"a/b\"",
+        ));
         assert!(e.contains("key `mqtt.shared_group`"), "{e}");
     }
 
@@ -470,16 +483,25 @@ url = "host=127.0.0.1 user=vantage dbname=vantage"
     fn missing_section_is_named() {
         let c = Config::parse("[kafka]\nbrokers = \"x:1\"\n", Path::new("i.toml")).unwrap();
         let e = c.postgres().unwrap_err().to_string();
-        assert_eq!(e, "i.toml: key `postgres`: section is required by this command");
+        assert_eq!(
+            e,
+            "i.toml: key `postgres`: section is required by this command"
+        );
     }
 
     #[test]
     fn shared_subscription_filter() {
         let c = Config::parse(
-            &GOOD.replace("host = \"127.0.0.1\"", "host = \"127.0.0.1\"\nshared_group = \"bridges\""),
+            &GOOD.replace(
+                "host = \"127.0.0.1\"",
+                "host = \"127.0.0.1\"\nshared_group = \"bridges\"",
+            ),
             Path::new("i.toml"),
         )
         .unwrap();
-        assert_eq!(c.mqtt().unwrap().results_filter(), "$share/bridges/vantage/v1/results/+/+");
+        assert_eq!(
+            c.mqtt().unwrap().results_filter(),
+            "$share/bridges/vantage/v1/results/+/+"
+        );
     }
 }

@@ -46,7 +46,10 @@ impl DbError {
                 // 08: connection exception, 53: insufficient resources, 57P: operator
                 // intervention (shutdown, restart), 40: transaction rollback (serialization,
                 // deadlock).
-                c.starts_with("08") || c.starts_with("53") || c.starts_with("57P") || c.starts_with("40")
+                c.starts_with("08")
+                    || c.starts_with("53")
+                    || c.starts_with("57P")
+                    || c.starts_with("40")
             }
         }
     }
@@ -63,10 +66,7 @@ pub struct Row {
 
 /// Opens a connection whose `search_path` is the configured schema.
 pub async fn connect(config: &PostgresConfig) -> Result<Client, DbError> {
-    let mut pg: tokio_postgres::Config = config
-        .url
-        .parse()
-        .map_err(DbError::Postgres)?;
+    let mut pg: tokio_postgres::Config = config.url.parse().map_err(DbError::Postgres)?;
     if let Some(password) = &config.password {
         pg.password(password);
     }
@@ -78,18 +78,20 @@ pub async fn connect(config: &PostgresConfig) -> Result<Client, DbError> {
             tracing::warn!(error = %e, "PostgreSQL connection ended");
         }
     });
+    // The schema name is validated at config load (a-z, 0-9, '_'), so it is safe to splice.
     client
-        .batch_execute(&format!(
-            "CREATE SCHEMA IF NOT EXISTS {schema}; SET search_path TO {schema}",
-            schema = config.schema
-        ))
+        .batch_execute(&format!("SET search_path TO {}", config.schema))
         .await?;
     Ok(client)
 }
 
-/// Applies the migrations not yet applied, each in its own transaction, under an advisory lock
+/// Creates `schema` (the one [`connect`] put on the search path) if needed and applies the
+/// migrations not yet applied, each in its own transaction, under an advisory lock
 /// so that two sinks starting together do not race. Returns how many it applied.
-pub async fn migrate(client: &mut Client) -> Result<usize, DbError> {
+pub async fn migrate(client: &mut Client, schema: &str) -> Result<usize, DbError> {
+    client
+        .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
+        .await?;
     client
         .batch_execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -109,7 +111,10 @@ pub async fn migrate(client: &mut Client) -> Result<usize, DbError> {
         )
         .await?;
         let done = tx
-            .query_opt("SELECT 1 FROM schema_migrations WHERE version = $1", &[&version])
+            .query_opt(
+                "SELECT 1 FROM schema_migrations WHERE version = $1",
+                &[&version],
+            )
             .await?
             .is_some();
         if done {

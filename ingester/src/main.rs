@@ -9,7 +9,11 @@ use tokio_util::sync::CancellationToken;
 use vantage_ingester::{bridge, db, report, sink, Config};
 
 #[derive(Parser)]
-#[command(name = "vantage-ingester", version, about = "vantage central ingester: MQTT → Kafka → PostgreSQL")]
+#[command(
+    name = "vantage-ingester",
+    version,
+    about = "vantage central ingester: MQTT → Kafka → PostgreSQL"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -58,7 +62,7 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,rdkafka=warn".into()),
+                .unwrap_or_else(|_| "info,rdkafka=warn,tokio_postgres=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -83,11 +87,16 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Migrate { config } => {
                 let config = Config::load(&config)?;
-                let mut client = db::connect(config.postgres()?).await?;
-                let applied = db::migrate(&mut client).await?;
+                let pg = config.postgres()?;
+                let mut client = db::connect(pg).await?;
+                let applied = db::migrate(&mut client, &pg.schema).await?;
                 println!("{applied} migrations applied");
             }
-            Command::Report { config, since, format } => {
+            Command::Report {
+                config,
+                since,
+                format,
+            } => {
                 let config = Config::load(&config)?;
                 let client = db::connect(config.postgres()?).await?;
                 let rows = report::query(&client, since).await?;

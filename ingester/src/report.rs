@@ -67,7 +67,9 @@ pub fn render(rows: &[ReportRow], format: Format) -> String {
     let mut out = String::new();
     match format {
         Format::Csv => {
-            out.push_str("target_id,region,probes,availability_pct,p50_ms,p95_ms,p99_ms,top_error\n");
+            out.push_str(
+                "target_id,region,probes,availability_pct,p50_ms,p95_ms,p99_ms,top_error\n",
+            );
             for r in rows {
                 let _ = writeln!(
                     out,
@@ -86,8 +88,8 @@ pub fn render(rows: &[ReportRow], format: Format) -> String {
         Format::Table => {
             let _ = writeln!(
                 out,
-                "{:>6}  {:<16} {:>7} {:>8} {:>9} {:>9} {:>9}  {}",
-                "target", "region", "probes", "up %", "p50 ms", "p95 ms", "p99 ms", "top error"
+                "{:>6}  {:<16} {:>7} {:>8} {:>9} {:>9} {:>9}  top error",
+                "target", "region", "probes", "up %", "p50 ms", "p95 ms", "p99 ms"
             );
             for r in rows {
                 let _ = writeln!(
@@ -128,6 +130,9 @@ mod tests {
         assert!(t.lines().nth(1).unwrap().contains("eu-north"), "{t}");
         assert!(t.contains("12.3") && t.contains("timeout"), "{t}");
         let c = render(&rows, Format::Csv);
-        assert_eq!(c.lines().nth(1).unwrap(), "1,eu-north,10,90.00,12.3,20.0,-,timeout");
+        assert_eq!(
+            c.lines().nth(1).unwrap(),
+            "1,eu-north,10,90.00,12.3,20.0,-,timeout"
+        );
     }
 }

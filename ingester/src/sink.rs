@@ -82,7 +82,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
     let sink = config.sink.clone();
 
     let mut client = connect_with_retry(&pg_config, &shutdown).await?;
-    db::migrate(&mut client).await?;
+    db::migrate(&mut client, &pg_config.schema).await?;
     kafka::ensure_topics(&kafka_config).await?;
     let producer = kafka::producer(&kafka_config)?;
 
@@ -93,7 +93,11 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
         .set("enable.partition.eof", "false")
         .create()?;
     consumer.subscribe(&[&kafka_config.topic])?;
-    tracing::info!(topic = kafka_config.topic, group = kafka_config.group_id, "sink running");
+    tracing::info!(
+        topic = kafka_config.topic,
+        group = kafka_config.group_id,
+        "sink running"
+    );
 
     let mut stats = SinkStats::default();
     while !shutdown.is_cancelled() {
@@ -130,8 +134,20 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
             match decode_message(message.key(), message.payload()) {
                 Decoded::Rows(r) => rows.extend(r),
                 Decoded::Poison(reason) => {
-                    tracing::warn!(partition = message.partition(), offset = message.offset(), reason, "poison message");
-                    dead_letter(&producer, &kafka_config.dead_letter_topic, message.key(), message.payload().unwrap_or_default(), reason).await;
+                    tracing::warn!(
+                        partition = message.partition(),
+                        offset = message.offset(),
+                        reason,
+                        "poison message"
+                    );
+                    dead_letter(
+                        &producer,
+                        &kafka_config.dead_letter_topic,
+                        message.key(),
+                        message.payload().unwrap_or_default(),
+                        reason,
+                    )
+                    .await;
                     stats.dead_lettered += 1;
                 }
             }
@@ -158,7 +174,8 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(10));
                         if client.is_closed() {
-                            client = connect_with_retry(&pg_config, &CancellationToken::new()).await?;
+                            client =
+                                connect_with_retry(&pg_config, &CancellationToken::new()).await?;
                         }
                     }
                     Err(e) => return Err(e.into()),
@@ -229,9 +246,18 @@ mod tests {
 
     #[test]
     fn poison_messages_are_recognised() {
-        assert!(matches!(decode_message(None, Some(&[1, 0, 0])), Decoded::Poison("bad_key")));
-        assert!(matches!(decode_message(Some(b"nokey"), Some(&[1, 0, 0])), Decoded::Poison("bad_key")));
-        assert!(matches!(decode_message(Some(b"eu/pi"), Some(&[2])), Decoded::Poison("unknown_version")));
+        assert!(matches!(
+            decode_message(None, Some(&[1, 0, 0])),
+            Decoded::Poison("bad_key")
+        ));
+        assert!(matches!(
+            decode_message(Some(b"nokey"), Some(&[1, 0, 0])),
+            Decoded::Poison("bad_key")
+        ));
+        assert!(matches!(
+            decode_message(Some(b"eu/pi"), Some(&[2])),
+            Decoded::Poison("unknown_version")
+        ));
         match decode_message(Some(b"eu/pi"), Some(&[1, 7, 0])) {
             Decoded::Rows(r) => assert!(r.is_empty()),
             Decoded::Poison(p) => panic!("{p}"),

@@ -126,7 +126,10 @@ fn largest_batch_fits_max_frame_len() {
 fn bad_frames_are_errors() {
     assert_eq!(decode(&[]), Err(Error::Empty));
     assert_eq!(decode(&[9, 0]), Err(Error::UnknownVersion(9)));
-    assert_eq!(decode(&GOLDEN_V1[..GOLDEN_V1.len() - 1]), Err(Error::Malformed));
+    assert_eq!(
+        decode(&GOLDEN_V1[..GOLDEN_V1.len() - 1]),
+        Err(Error::Malformed)
+    );
     let mut long = GOLDEN_V1.to_vec();
     long.push(0);
     assert_eq!(decode(&long), Err(Error::TrailingBytes));
