@@ -448,4 +448,12 @@ regex = "ok"
         ));
         assert!(e.contains("VANTAGE_TEST_SURELY_UNSET is not set"), "{e}");
     }
+
+    #[test]
+    fn example_config_is_valid() {
+        let text = include_str!("../agent.example.toml")
+            .replace("password_env = \"VANTAGE_MQTT_PASSWORD\"", "");
+        let c = Config::parse(&text, Path::new("agent.example.toml")).unwrap();
+        assert_eq!(c.targets.len(), 1);
+    }
 }

@@ -504,4 +504,15 @@ url = "host=127.0.0.1 user=vantage dbname=vantage"
             "$share/bridges/vantage/v1/results/+/+"
         );
     }
+
+    #[test]
+    fn example_config_is_valid() {
+        let text = include_str!("../ingester.example.toml")
+            .replace("password_env = \"VANTAGE_MQTT_PASSWORD\"", "")
+            .replace("password_env = \"VANTAGE_PG_PASSWORD\"", "");
+        let c = Config::parse(&text, Path::new("ingester.example.toml")).unwrap();
+        c.mqtt().unwrap();
+        c.kafka().unwrap();
+        c.postgres().unwrap();
+    }
 }

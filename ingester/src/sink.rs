@@ -121,7 +121,10 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
                 None => break,
                 Some(Ok(m)) => m,
                 Some(Err(e)) => {
+                    // Broker trouble surfaces here; librdkafka reconnects on its own, so wait a
+                    // moment instead of spinning on the error.
                     tracing::warn!(error = %e, "Kafka consume error");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
                     continue;
                 }
             };
