@@ -16,7 +16,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::timeout_at;
-use vantage_proto::{Outcome, RegexOutcome};
+use vantage_proto::{Outcome, Phase, RegexOutcome};
 
 use crate::config::TargetConfig;
 
@@ -40,7 +40,14 @@ pub struct Measurement {
     pub connect: Option<Duration>,
     pub tls: Option<Duration>,
     pub ttfb: Option<Duration>,
+    pub transfer: Option<Duration>,
     pub body_bytes: u32,
+    pub body_truncated: bool,
+    pub failed_phase: Option<Phase>,
+    pub redirects: u8,
+    /// Leaf certificate notAfter, unix seconds.
+    pub cert_not_after_s: Option<u64>,
+    pub remote_ip: Option<std::net::IpAddr>,
 }
 
 /// Shared, read-only state of the probe engine.
@@ -84,7 +91,13 @@ impl Prober {
             connect: None,
             tls: None,
             ttfb: None,
+            transfer: None,
             body_bytes: 0,
+            body_truncated: false,
+            failed_phase: None,
+            redirects: 0,
+            cert_not_after_s: None,
+            remote_ip: None,
         };
         m.outcome = match self.run(target, deadline, &mut m).await {
             Ok(()) => classify_response(target, &m),

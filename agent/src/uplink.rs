@@ -170,6 +170,7 @@ fn publish_ready(
         let mut batch = Batch {
             boot_id,
             results: heapless::Vec::new(),
+            gaps: heapless::Vec::new(),
         };
         for r in buffer.iter().take(n) {
             // Cannot fail: batch_max <= MAX_RESULTS is checked at config load.
@@ -211,7 +212,13 @@ fn to_wire(seq: u64, m: &Measurement) -> ProbeResult {
         connect_us: m.connect.map(us),
         tls_us: m.tls.map(us),
         ttfb_us: m.ttfb.map(us),
+        transfer_us: m.transfer.map(us),
         body_bytes: m.body_bytes,
+        body_truncated: m.body_truncated,
+        failed_phase: m.failed_phase,
+        redirects: m.redirects,
+        cert_not_after_s: m.cert_not_after_s,
+        remote_ip: m.remote_ip.map(Into::into),
     }
 }
 

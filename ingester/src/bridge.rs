@@ -341,5 +341,9 @@ mod tests {
         );
         // A valid empty batch is accepted.
         assert_eq!(validate("vantage", t, &[1, 5, 0]), Ok("eu/pi".to_owned()));
+        assert_eq!(
+            validate("vantage", t, &[2, 5, 0, 0]),
+            Ok("eu/pi".to_owned())
+        );
     }
 }

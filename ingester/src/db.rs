@@ -5,17 +5,24 @@
 use std::time::{Duration, SystemTime};
 
 use tokio_postgres::{Client, NoTls};
-use vantage_proto::ProbeResult;
+use vantage_proto::{Gap, ProbeResult};
 
 use crate::config::PostgresConfig;
 
 /// Every migration, in order. `migrations_match_directory` (below) fails if a file in
 /// `migrations/` is missing here.
-pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "0001_results.sql",
-    include_str!("../../migrations/0001_results.sql"),
-)];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "0001_results.sql",
+        include_str!("../../migrations/0001_results.sql"),
+    ),
+    (
+        2,
+        "0002_phases_gaps.sql",
+        include_str!("../../migrations/0002_phases_gaps.sql"),
+    ),
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -62,6 +69,22 @@ pub struct Row {
     pub agent: String,
     pub boot_id: u64,
     pub result: ProbeResult,
+}
+
+/// One gap record (results an agent dropped) with the identity the bridge attached to it.
+#[derive(Debug, Clone)]
+pub struct GapRow {
+    pub region: String,
+    pub agent: String,
+    pub boot_id: u64,
+    pub gap: Gap,
+}
+
+/// What one transaction inserted; the rest were already stored (replays).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Inserted {
+    pub results: u64,
+    pub gaps: u64,
 }
 
 /// Opens a connection whose `search_path` is the configured schema.
@@ -135,11 +158,15 @@ pub async fn migrate(client: &mut Client, schema: &str) -> Result<usize, DbError
     Ok(applied)
 }
 
-/// Writes `rows` in one transaction; rows already present (same agent, boot id, sequence) are
-/// skipped, including duplicates inside `rows`. Returns the number of rows actually inserted.
+/// Writes `rows` and `gaps` in one transaction; rows already present (same agent, boot id,
+/// sequence) are skipped, including duplicates inside `rows`, and so are gaps.
 ///
-/// One `INSERT … SELECT FROM unnest(arrays)` statement: one round trip per batch.
-pub async fn insert_results(client: &mut Client, rows: &[Row]) -> Result<u64, DbError> {
+/// One `INSERT … SELECT FROM unnest(arrays)` statement per table: one round trip per batch.
+pub async fn insert_batch(
+    client: &mut Client,
+    rows: &[Row],
+    gaps: &[GapRow],
+) -> Result<Inserted, DbError> {
     let n = rows.len();
     let mut region = Vec::with_capacity(n);
     let mut agent = Vec::with_capacity(n);
@@ -156,6 +183,12 @@ pub async fn insert_results(client: &mut Client, rows: &[Row]) -> Result<u64, Db
     let mut tls_us = Vec::with_capacity(n);
     let mut ttfb_us = Vec::with_capacity(n);
     let mut body_bytes = Vec::with_capacity(n);
+    let mut failed_phase = Vec::with_capacity(n);
+    let mut transfer_us = Vec::with_capacity(n);
+    let mut body_truncated = Vec::with_capacity(n);
+    let mut redirects = Vec::with_capacity(n);
+    let mut cert_not_after = Vec::with_capacity(n);
+    let mut remote_ip = Vec::with_capacity(n);
     for row in rows {
         let r = &row.result;
         region.push(row.region.as_str());
@@ -163,7 +196,7 @@ pub async fn insert_results(client: &mut Client, rows: &[Row]) -> Result<u64, Db
         boot_id.push(row.boot_id as i64);
         seq.push(r.seq as i64);
         target_id.push(r.target_id as i32);
-        started_at.push(SystemTime::UNIX_EPOCH + Duration::from_millis(r.started_at_ms));
+        started_at.push(unix_ms(r.started_at_ms));
         status.push((r.status != 0).then_some(r.status as i16));
         outcome.push(r.outcome.as_str());
         regex_match.push(match r.regex {
@@ -177,39 +210,82 @@ pub async fn insert_results(client: &mut Client, rows: &[Row]) -> Result<u64, Db
         tls_us.push(r.tls_us.map(clamp_i32));
         ttfb_us.push(r.ttfb_us.map(clamp_i32));
         body_bytes.push(clamp_i32(r.body_bytes));
+        failed_phase.push(r.failed_phase.map(|p| p.as_str()));
+        transfer_us.push(r.transfer_us.map(clamp_i32));
+        body_truncated.push(r.body_truncated);
+        redirects.push(i16::from(r.redirects));
+        cert_not_after.push(
+            r.cert_not_after_s
+                .and_then(|s| SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(s))),
+        );
+        remote_ip.push(r.remote_ip.map(std::net::IpAddr::from));
     }
     let tx = client.transaction().await?;
-    let inserted = tx
-        .execute(
-            "INSERT INTO results (region, agent, boot_id, seq, target_id, started_at, status,
-                                  outcome, regex_match, total_us, dns_us, connect_us, tls_us,
-                                  ttfb_us, body_bytes)
-             SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int4[],
-                                  $6::timestamptz[], $7::int2[], $8::text[], $9::bool[],
-                                  $10::int4[], $11::int4[], $12::int4[], $13::int4[],
-                                  $14::int4[], $15::int4[])
-             ON CONFLICT DO NOTHING",
-            &[
-                &region,
-                &agent,
-                &boot_id,
-                &seq,
-                &target_id,
-                &started_at,
-                &status,
-                &outcome,
-                &regex_match,
-                &total_us,
-                &dns_us,
-                &connect_us,
-                &tls_us,
-                &ttfb_us,
-                &body_bytes,
-            ],
-        )
-        .await?;
+    let mut inserted = Inserted::default();
+    if !rows.is_empty() {
+        inserted.results = tx
+            .execute(
+                "INSERT INTO results (region, agent, boot_id, seq, target_id, started_at, status,
+                                      outcome, regex_match, total_us, dns_us, connect_us, tls_us,
+                                      ttfb_us, body_bytes, failed_phase, transfer_us,
+                                      body_truncated, redirects, cert_not_after, remote_ip)
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int4[],
+                                      $6::timestamptz[], $7::int2[], $8::text[], $9::bool[],
+                                      $10::int4[], $11::int4[], $12::int4[], $13::int4[],
+                                      $14::int4[], $15::int4[], $16::text[], $17::int4[],
+                                      $18::bool[], $19::int2[], $20::timestamptz[], $21::inet[])
+                 ON CONFLICT DO NOTHING",
+                &[
+                    &region,
+                    &agent,
+                    &boot_id,
+                    &seq,
+                    &target_id,
+                    &started_at,
+                    &status,
+                    &outcome,
+                    &regex_match,
+                    &total_us,
+                    &dns_us,
+                    &connect_us,
+                    &tls_us,
+                    &ttfb_us,
+                    &body_bytes,
+                    &failed_phase,
+                    &transfer_us,
+                    &body_truncated,
+                    &redirects,
+                    &cert_not_after,
+                    &remote_ip,
+                ],
+            )
+            .await?;
+    }
+    for g in gaps {
+        inserted.gaps += tx
+            .execute(
+                "INSERT INTO gaps (region, agent, boot_id, first_seq, dropped, first_started_at,
+                                   last_started_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT DO NOTHING",
+                &[
+                    &g.region,
+                    &g.agent,
+                    &(g.boot_id as i64),
+                    &(g.gap.first_seq as i64),
+                    &clamp_i32(g.gap.count),
+                    &unix_ms(g.gap.first_started_at_ms),
+                    &unix_ms(g.gap.last_started_at_ms),
+                ],
+            )
+            .await?;
+    }
     tx.commit().await?;
     Ok(inserted)
+}
+
+fn unix_ms(ms: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
 }
 
 /// Microsecond values above i32::MAX (35 minutes) are clamped; no probe runs that long.

@@ -17,7 +17,7 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError, PostgresConfig};
-use crate::db::{self, DbError, Row};
+use crate::db::{self, DbError, GapRow, Row};
 use crate::kafka;
 
 #[derive(Debug, thiserror::Error)]
@@ -37,13 +37,15 @@ pub struct SinkStats {
     pub rows_inserted: u64,
     /// Rows skipped because they were already stored (replays).
     pub rows_duplicate: u64,
+    /// Gap records (results agents had to drop) stored.
+    pub gaps_inserted: u64,
     pub dead_lettered: u64,
     pub batches: u64,
 }
 
 /// One consumed message, decoded or rejected.
 enum Decoded {
-    Rows(Vec<Row>),
+    Rows(Vec<Row>, Vec<GapRow>),
     Poison(&'static str),
 }
 
@@ -60,18 +62,27 @@ fn decode_message(key: Option<&[u8]>, payload: Option<&[u8]>) -> Decoded {
         Ok(b) => b,
         Err(e) => return Decoded::Poison(e.reason()),
     };
-    Decoded::Rows(
-        batch
-            .results
-            .iter()
-            .map(|r| Row {
-                region: region.to_owned(),
-                agent: agent.to_owned(),
-                boot_id: batch.boot_id,
-                result: *r,
-            })
-            .collect(),
-    )
+    let rows = batch
+        .results
+        .iter()
+        .map(|r| Row {
+            region: region.to_owned(),
+            agent: agent.to_owned(),
+            boot_id: batch.boot_id,
+            result: *r,
+        })
+        .collect();
+    let gaps = batch
+        .gaps
+        .iter()
+        .map(|g| GapRow {
+            region: region.to_owned(),
+            agent: agent.to_owned(),
+            boot_id: batch.boot_id,
+            gap: *g,
+        })
+        .collect();
+    Decoded::Rows(rows, gaps)
 }
 
 /// Runs the sink until `shutdown` fires; the batch being collected is written and committed
@@ -103,6 +114,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
     while !shutdown.is_cancelled() {
         // Collect: wait for a first message, then fill until full or the batch timeout.
         let mut rows: Vec<Row> = Vec::new();
+        let mut gaps: Vec<GapRow> = Vec::new();
         let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
         let mut count = 0usize;
         let mut batch_deadline = None;
@@ -135,7 +147,10 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
                 message.offset() + 1,
             );
             match decode_message(message.key(), message.payload()) {
-                Decoded::Rows(r) => rows.extend(r),
+                Decoded::Rows(r, g) => {
+                    rows.extend(r);
+                    gaps.extend(g);
+                }
                 Decoded::Poison(reason) => {
                     tracing::warn!(
                         partition = message.partition(),
@@ -162,14 +177,15 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
 
         // Write, retrying transient failures for as long as it takes: offsets must not move
         // past rows that are not durable.
-        if !rows.is_empty() {
+        if !rows.is_empty() || !gaps.is_empty() {
             let mut backoff = Duration::from_millis(100);
             loop {
-                match db::insert_results(&mut client, &rows).await {
+                match db::insert_batch(&mut client, &rows, &gaps).await {
                     Ok(inserted) => {
-                        stats.rows_inserted += inserted;
-                        stats.rows_duplicate += rows.len() as u64 - inserted;
-                        tracing::debug!(rows = rows.len(), inserted, "batch written");
+                        stats.rows_inserted += inserted.results;
+                        stats.rows_duplicate += rows.len() as u64 - inserted.results;
+                        stats.gaps_inserted += inserted.gaps;
+                        tracing::debug!(rows = rows.len(), ?inserted, "batch written");
                         break;
                     }
                     Err(e) if e.is_transient() => {
@@ -258,11 +274,11 @@ mod tests {
             Decoded::Poison("bad_key")
         ));
         assert!(matches!(
-            decode_message(Some(b"eu/pi"), Some(&[2])),
+            decode_message(Some(b"eu/pi"), Some(&[3])),
             Decoded::Poison("unknown_version")
         ));
         match decode_message(Some(b"eu/pi"), Some(&[1, 7, 0])) {
-            Decoded::Rows(r) => assert!(r.is_empty()),
+            Decoded::Rows(r, g) => assert!(r.is_empty() && g.is_empty()),
             Decoded::Poison(p) => panic!("{p}"),
         }
     }

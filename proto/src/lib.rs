@@ -5,140 +5,61 @@
 //! microcontroller and in the ingester.
 //!
 //! # Compatibility contract
-//! Field order and enum variant order are the contract: append, never reorder. A change that old
-//! decoders cannot read gets a new [`FORMAT_VERSION`]; the golden-byte tests in `tests/golden.rs`
-//! freeze every version ever shipped.
+//! Field order and enum variant order are the contract: append, never reorder. postcard has no
+//! field tags, so a new field means a new [`FORMAT_VERSION`]; the decoder keeps reading every
+//! version ever shipped ([`v1`] frames come out as the current [`Batch`] with the fields v1 did
+//! not have left empty). The golden-byte tests in `tests/golden.rs` freeze every version.
 //!
 //! # Sizes
-//! A batch holds at most [`MAX_RESULTS`] results and a frame is at most [`MAX_FRAME_LEN`] bytes
-//! (both enforced by the types: decoding a longer list is an error, never an allocation).
+//! A batch holds at most [`MAX_RESULTS`] results and [`MAX_GAPS`] gap records; a frame is at
+//! most [`MAX_FRAME_LEN`] bytes (enforced by the types: decoding a longer list is an error, never
+//! an allocation).
 #![no_std]
 #![forbid(unsafe_code)]
 
-use serde::{Deserialize, Serialize};
+mod types;
+pub mod v1;
 
-/// The version byte that starts every frame this crate writes.
-pub const FORMAT_VERSION: u8 = 1;
+pub use types::*;
+
+/// The version byte of frames this crate writes. Version 1 is still read.
+pub const FORMAT_VERSION: u8 = 2;
 
 /// Most results in one batch (the capacity of [`Batch::results`]).
 pub const MAX_RESULTS: usize = 32;
 
-/// Largest encoded size of one [`ProbeResult`]: every varint at its widest
-/// (u64: 10 bytes, u32: 5, u16: 3, enum tags: 1, `Option` tag: 1).
-pub const MAX_RESULT_LEN: usize = 10 + 5 + 10 + 3 + 1 + 1 + 5 + 4 * (1 + 5) + 5;
+/// Most gap records in one batch (the capacity of [`Batch::gaps`]).
+pub const MAX_GAPS: usize = 4;
 
-/// Largest frame: version byte, boot id, list length, then full results.
-pub const MAX_FRAME_LEN: usize = 1 + 10 + 1 + MAX_RESULTS * MAX_RESULT_LEN;
+// Widest postcard encodings: varint u64 10 bytes, u32 5, u16 3, u8 1 (raw), enum tag and
+// Option tag 1, bool 1.
+const U64: usize = 10;
+const U32: usize = 5;
+const U16: usize = 3;
+const TAG: usize = 1;
 
-/// Why a probe ended the way it did. `Up` is the only success.
-///
-/// Append new kinds at the end; the numeric order is on the wire.
-#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[cfg_attr(feature = "defmt", derive(defmt::Format))]
-pub enum Outcome {
-    /// Response received, status accepted, regex (if any) matched.
-    Up,
-    /// A response arrived but its status code is not in the accepted set.
-    StatusNotAccepted,
-    /// The body was read but the configured regex did not match it.
-    RegexNotMatched,
-    /// The host name did not resolve.
-    DnsFailed,
-    /// The TCP connection was actively refused.
-    ConnectRefused,
-    /// The TCP connection failed for another reason (unreachable, ...).
-    ConnectFailed,
-    /// The TLS handshake failed (untrusted or expired certificate, wrong name, ...).
-    TlsFailed,
-    /// The probe's deadline passed before it finished.
-    Timeout,
-    /// The peer reset or closed the connection mid-exchange.
-    ConnectionReset,
-    /// The server spoke something that is not valid HTTP/1.1.
-    ProtocolError,
-    /// Any other failure on the agent side.
-    Other,
-}
+/// Largest encoded size of one [`ProbeResult`].
+pub const MAX_RESULT_LEN: usize = U64 // seq
+    + U32 // target_id
+    + U64 // started_at_ms
+    + U16 // status
+    + TAG // outcome
+    + TAG + TAG // failed_phase
+    + TAG // regex
+    + U32 // total_us
+    + 5 * (TAG + U32) // dns, connect, tls, ttfb, transfer
+    + U32 // body_bytes
+    + 1 // body_truncated
+    + 1 // redirects
+    + TAG + U64 // cert_not_after_s
+    + TAG + TAG + 16; // remote_ip (v6)
 
-impl Outcome {
-    /// Every variant, in wire order.
-    pub const ALL: [Outcome; 11] = [
-        Outcome::Up,
-        Outcome::StatusNotAccepted,
-        Outcome::RegexNotMatched,
-        Outcome::DnsFailed,
-        Outcome::ConnectRefused,
-        Outcome::ConnectFailed,
-        Outcome::TlsFailed,
-        Outcome::Timeout,
-        Outcome::ConnectionReset,
-        Outcome::ProtocolError,
-        Outcome::Other,
-    ];
+/// Largest encoded size of one [`Gap`].
+pub const MAX_GAP_LEN: usize = U64 + U32 + U64 + U64;
 
-    /// The stable snake_case name used in logs and in PostgreSQL.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Up => "up",
-            Outcome::StatusNotAccepted => "status_not_accepted",
-            Outcome::RegexNotMatched => "regex_not_matched",
-            Outcome::DnsFailed => "dns_failed",
-            Outcome::ConnectRefused => "connect_refused",
-            Outcome::ConnectFailed => "connect_failed",
-            Outcome::TlsFailed => "tls_failed",
-            Outcome::Timeout => "timeout",
-            Outcome::ConnectionReset => "connection_reset",
-            Outcome::ProtocolError => "protocol_error",
-            Outcome::Other => "other",
-        }
-    }
-}
-
-/// The three states of a body check: a regex that is not configured is not a match.
-#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[cfg_attr(feature = "defmt", derive(defmt::Format))]
-pub enum RegexOutcome {
-    NotConfigured,
-    Matched,
-    NotMatched,
-}
-
-/// One probe of one target.
-///
-/// Times are microseconds measured with a monotonic clock on the agent. A phase that did not
-/// happen (no TLS on `http://`, no connect after a DNS failure) is `None`.
-#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(feature = "defmt", derive(defmt::Format))]
-pub struct ProbeResult {
-    /// Per boot, strictly increasing from 0: (agent, boot id, seq) identifies a result.
-    pub seq: u64,
-    /// The target's id as configured.
-    pub target_id: u32,
-    /// Wall-clock time at which the probe started, unix milliseconds.
-    pub started_at_ms: u64,
-    /// HTTP status of the response, 0 when no response arrived.
-    pub status: u16,
-    pub outcome: Outcome,
-    pub regex: RegexOutcome,
-    /// Start of the probe to its end (success or failure).
-    pub total_us: u32,
-    pub dns_us: Option<u32>,
-    pub connect_us: Option<u32>,
-    pub tls_us: Option<u32>,
-    /// Request sent to the first response byte.
-    pub ttfb_us: Option<u32>,
-    /// Body bytes read.
-    pub body_bytes: u32,
-}
-
-/// The unit of upload: results of one agent boot, in sequence order.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
-#[cfg_attr(feature = "defmt", derive(defmt::Format))]
-pub struct Batch {
-    /// Random at each agent start, so sequence numbers of two boots never collide.
-    pub boot_id: u64,
-    pub results: heapless::Vec<ProbeResult, MAX_RESULTS>,
-}
+/// Largest frame: version byte, boot id, then both lists with their length prefixes.
+pub const MAX_FRAME_LEN: usize =
+    1 + U64 + 1 + MAX_RESULTS * MAX_RESULT_LEN + 1 + MAX_GAPS * MAX_GAP_LEN;
 
 /// Why a frame could not be encoded or decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -196,25 +117,41 @@ pub fn is_valid_name(name: &str) -> bool {
         })
 }
 
-/// Writes `batch` as a frame into `buf` and returns the used prefix.
+/// Writes `batch` as a current-version frame into `buf` and returns the used prefix.
 pub fn encode<'b>(batch: &Batch, buf: &'b mut [u8]) -> Result<&'b mut [u8], Error> {
+    encode_versioned(FORMAT_VERSION, batch, buf)
+}
+
+/// Writes a version byte and a postcard body.
+fn encode_versioned<'b, T: serde::Serialize>(
+    version: u8,
+    body: &T,
+    buf: &'b mut [u8],
+) -> Result<&'b mut [u8], Error> {
     let (first, rest) = buf.split_first_mut().ok_or(Error::BufferTooSmall)?;
-    *first = FORMAT_VERSION;
-    let body_len = postcard::to_slice(batch, rest)
+    *first = version;
+    let body_len = postcard::to_slice(body, rest)
         .map_err(|_| Error::BufferTooSmall)?
         .len();
     Ok(&mut buf[..1 + body_len])
 }
 
-/// Reads a frame. Total: every byte string gives a batch or an error, never a panic.
-pub fn decode(frame: &[u8]) -> Result<Batch, Error> {
-    let (&version, body) = frame.split_first().ok_or(Error::Empty)?;
-    if version != FORMAT_VERSION {
-        return Err(Error::UnknownVersion(version));
-    }
-    let (batch, rest) = postcard::take_from_bytes::<Batch>(body).map_err(|_| Error::Malformed)?;
+/// Reads exactly one `T` from `body`; extra bytes are an error.
+fn decode_body<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> Result<T, Error> {
+    let (value, rest) = postcard::take_from_bytes::<T>(body).map_err(|_| Error::Malformed)?;
     if !rest.is_empty() {
         return Err(Error::TrailingBytes);
     }
-    Ok(batch)
+    Ok(value)
+}
+
+/// Reads a frame of any known version. Total: every byte string gives a batch or an error,
+/// never a panic.
+pub fn decode(frame: &[u8]) -> Result<Batch, Error> {
+    let (&version, body) = frame.split_first().ok_or(Error::Empty)?;
+    match version {
+        1 => decode_body::<v1::Batch>(body).map(Batch::from),
+        2 => decode_body::<Batch>(body),
+        v => Err(Error::UnknownVersion(v)),
+    }
 }

@@ -3,13 +3,14 @@
 //! instead (and a new golden pair), never edit an existing pair.
 
 use vantage_proto::{
-    decode, encode, Batch, Error, Outcome, ProbeResult, RegexOutcome, MAX_FRAME_LEN, MAX_RESULTS,
+    decode, encode, v1, Batch, Error, Gap, IpAddress, Outcome, Phase, ProbeResult, RegexOutcome,
+    MAX_FRAME_LEN, MAX_GAPS, MAX_RESULTS,
 };
 
-fn sample_v1() -> Batch {
+fn sample_v1() -> v1::Batch {
     let mut results = heapless::Vec::new();
     results
-        .push(ProbeResult {
+        .push(v1::ProbeResult {
             seq: 0,
             target_id: 1,
             started_at_ms: 1_764_000_000_000,
@@ -25,7 +26,7 @@ fn sample_v1() -> Batch {
         })
         .unwrap();
     results
-        .push(ProbeResult {
+        .push(v1::ProbeResult {
             seq: 1,
             target_id: 300,
             started_at_ms: 1_764_000_000_500,
@@ -40,11 +41,89 @@ fn sample_v1() -> Batch {
             body_bytes: 0,
         })
         .unwrap();
-    Batch {
+    v1::Batch {
         boot_id: 0x0123_4567_89AB_CDEF,
         results,
     }
 }
+
+fn sample_v2() -> Batch {
+    let mut results = heapless::Vec::new();
+    results
+        .push(ProbeResult {
+            seq: 7,
+            target_id: 1,
+            started_at_ms: 1_764_000_000_000,
+            status: 200,
+            outcome: Outcome::Up,
+            failed_phase: None,
+            regex: RegexOutcome::Matched,
+            total_us: 52_000,
+            dns_us: Some(900),
+            connect_us: Some(150),
+            tls_us: Some(4_000),
+            ttfb_us: Some(9_000),
+            transfer_us: Some(300),
+            body_bytes: 512,
+            body_truncated: false,
+            redirects: 1,
+            cert_not_after_s: Some(1_800_000_000),
+            remote_ip: Some(IpAddress::V4([127, 0, 0, 1])),
+        })
+        .unwrap();
+    results
+        .push(ProbeResult {
+            seq: 8,
+            target_id: 2,
+            started_at_ms: 1_764_000_000_100,
+            status: 0,
+            outcome: Outcome::Timeout,
+            failed_phase: Some(Phase::FirstByte),
+            regex: RegexOutcome::NotConfigured,
+            total_us: 1_000_000,
+            dns_us: None,
+            connect_us: Some(100),
+            tls_us: None,
+            ttfb_us: None,
+            transfer_us: None,
+            body_bytes: 0,
+            body_truncated: false,
+            redirects: 0,
+            cert_not_after_s: None,
+            remote_ip: Some(IpAddress::V6([
+                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1,
+            ])),
+        })
+        .unwrap();
+    let mut gaps = heapless::Vec::new();
+    gaps.push(Gap {
+        first_seq: 2,
+        count: 5,
+        first_started_at_ms: 1_763_999_990_000,
+        last_started_at_ms: 1_763_999_999_000,
+    })
+    .unwrap();
+    Batch {
+        boot_id: 0x0123_4567_89AB_CDEF,
+        results,
+        gaps,
+    }
+}
+
+const GOLDEN_V2: &[u8] = &[
+    2, // format version
+    239, 155, 175, 205, 248, 172, 209, 145, 1, // boot id (varint)
+    2, // two results
+    // seq 7, target 1, started_at, status 200, Up, no phase, Matched, total, dns..transfer
+    7, 1, 128, 208, 223, 180, 171, 51, 200, 1, 0, 0, 1, 160, 150, 3, 1, 132, 7, 1, 150, 1, 1, 160,
+    31, 1, 168, 70, 1, 172, 2, // ... body 512, not truncated, 1 redirect, cert, 127.0.0.1
+    128, 4, 0, 1, 1, 128, 164, 167, 218, 6, 1, 0, 127, 0, 0, 1,
+    // seq 8: Timeout in FirstByte, connected to ::1
+    8, 2, 228, 208, 223, 180, 171, 51, 0, 7, 1, 3, 0, 192, 132, 61, 0, 1, 100, 0, 0, 0, 0, 0, 0, 0,
+    1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1,
+    1, // one gap: first seq 2, 5 results, time range
+    2, 5, 240, 129, 223, 180, 171, 51, 152, 200, 223, 180, 171, 51,
+];
 
 const GOLDEN_V1: &[u8] = &[
     1, // format version
@@ -57,13 +136,45 @@ const GOLDEN_V1: &[u8] = &[
 #[test]
 fn v1_encodes_to_golden_bytes() {
     let mut buf = [0u8; MAX_FRAME_LEN];
-    let bytes = encode(&sample_v1(), &mut buf).unwrap();
+    let bytes = v1::encode(&sample_v1(), &mut buf).unwrap();
     assert_eq!(&bytes[..], GOLDEN_V1, "{bytes:?}");
 }
 
 #[test]
-fn v1_golden_bytes_decode() {
-    assert_eq!(decode(GOLDEN_V1).unwrap(), sample_v1());
+fn v1_golden_bytes_decode_into_the_current_batch() {
+    let batch = decode(GOLDEN_V1).unwrap();
+    assert_eq!(batch, Batch::from(sample_v1()));
+    assert!(batch.gaps.is_empty());
+    assert_eq!(batch.results[0].failed_phase, None);
+    assert_eq!(batch.results[1].outcome, Outcome::ConnectRefused);
+}
+
+#[test]
+fn v2_encodes_to_golden_bytes() {
+    let mut buf = [0u8; MAX_FRAME_LEN];
+    let bytes = encode(&sample_v2(), &mut buf).unwrap();
+    assert_eq!(&bytes[..], GOLDEN_V2, "{bytes:?}");
+}
+
+#[test]
+fn v2_golden_bytes_decode() {
+    assert_eq!(decode(GOLDEN_V2).unwrap(), sample_v2());
+}
+
+#[test]
+fn phase_wire_order_is_frozen() {
+    let mut buf = [0u8; 8];
+    for (i, p) in Phase::ALL.iter().enumerate() {
+        assert_eq!(
+            postcard::to_slice(p, &mut buf).unwrap(),
+            &[i as u8],
+            "{p:?}"
+        );
+    }
+    assert_eq!(
+        Phase::ALL.map(|p| p.as_str()),
+        ["dns", "connect", "tls", "first_byte", "body"]
+    );
 }
 
 #[test]
@@ -87,7 +198,14 @@ fn outcome_wire_order_is_frozen() {
             "timeout",
             "connection_reset",
             "protocol_error",
-            "other"
+            "other",
+            "dns_no_such_name",
+            "connect_timeout",
+            "unreachable",
+            "tls_untrusted",
+            "tls_expired",
+            "tls_hostname_mismatch",
+            "body_truncated",
         ]
     );
 }
@@ -99,26 +217,47 @@ fn largest_batch_fits_max_frame_len() {
         target_id: u32::MAX,
         started_at_ms: u64::MAX,
         status: u16::MAX,
-        outcome: Outcome::Other,
+        outcome: Outcome::BodyTruncated,
+        failed_phase: Some(Phase::Body),
         regex: RegexOutcome::NotMatched,
         total_us: u32::MAX,
         dns_us: Some(u32::MAX),
         connect_us: Some(u32::MAX),
         tls_us: Some(u32::MAX),
         ttfb_us: Some(u32::MAX),
+        transfer_us: Some(u32::MAX),
         body_bytes: u32::MAX,
+        body_truncated: true,
+        redirects: u8::MAX,
+        cert_not_after_s: Some(u64::MAX),
+        remote_ip: Some(IpAddress::V6([0xFF; 16])),
     };
     let mut results = heapless::Vec::new();
     for _ in 0..MAX_RESULTS {
         results.push(widest).unwrap();
     }
+    let mut gaps = heapless::Vec::new();
+    for _ in 0..MAX_GAPS {
+        gaps.push(Gap {
+            first_seq: u64::MAX,
+            count: u32::MAX,
+            first_started_at_ms: u64::MAX,
+            last_started_at_ms: u64::MAX,
+        })
+        .unwrap();
+    }
     let batch = Batch {
         boot_id: u64::MAX,
         results,
+        gaps,
     };
     let mut buf = [0u8; MAX_FRAME_LEN];
     let bytes = encode(&batch, &mut buf).unwrap();
     assert!(bytes.len() <= MAX_FRAME_LEN);
+    println!(
+        "largest frame: {} bytes (MAX_FRAME_LEN {MAX_FRAME_LEN})",
+        bytes.len()
+    );
     assert_eq!(decode(bytes).unwrap(), batch);
 }
 
@@ -126,17 +265,19 @@ fn largest_batch_fits_max_frame_len() {
 fn bad_frames_are_errors() {
     assert_eq!(decode(&[]), Err(Error::Empty));
     assert_eq!(decode(&[9, 0]), Err(Error::UnknownVersion(9)));
-    assert_eq!(
-        decode(&GOLDEN_V1[..GOLDEN_V1.len() - 1]),
-        Err(Error::Malformed)
-    );
-    let mut long = GOLDEN_V1.to_vec();
-    long.push(0);
-    assert_eq!(decode(&long), Err(Error::TrailingBytes));
-    // A list longer than MAX_RESULTS is refused, not allocated.
+    assert_eq!(decode(&[0]), Err(Error::UnknownVersion(0)));
+    for golden in [GOLDEN_V1, GOLDEN_V2] {
+        assert_eq!(decode(&golden[..golden.len() - 1]), Err(Error::Malformed));
+        let mut long = golden.to_vec();
+        long.push(0);
+        assert_eq!(decode(&long), Err(Error::TrailingBytes));
+    }
+    // Lists longer than their capacity are refused, not allocated.
     assert_eq!(decode(&[1, 0, 33]), Err(Error::Malformed));
+    assert_eq!(decode(&[2, 0, 33]), Err(Error::Malformed));
+    assert_eq!(decode(&[2, 0, 0, 5]), Err(Error::Malformed));
     let mut tiny = [0u8; 4];
-    assert_eq!(encode(&sample_v1(), &mut tiny), Err(Error::BufferTooSmall));
+    assert_eq!(encode(&sample_v2(), &mut tiny), Err(Error::BufferTooSmall));
 }
 
 #[test]
@@ -153,12 +294,14 @@ fn decode_is_total_on_random_and_mutated_input() {
         let len = (next() % 200) as usize;
         let mut bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
         if let Some(b) = bytes.first_mut() {
-            *b = 1; // mostly exercise the v1 body decoder
+            *b = 1 + (next() % 2) as u8; // exercise the v1 and v2 body decoders
         }
         let _ = decode(&bytes);
-        let mut mutated = GOLDEN_V1.to_vec();
-        let i = (next() as usize) % mutated.len();
-        mutated[i] = next() as u8;
-        let _ = decode(&mutated);
+        for golden in [GOLDEN_V1, GOLDEN_V2] {
+            let mut mutated = golden.to_vec();
+            let i = (next() as usize) % mutated.len();
+            mutated[i] = next() as u8;
+            let _ = decode(&mutated);
+        }
     }
 }
