@@ -5,26 +5,22 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
-use vantage_agent::config::TargetConfig;
 use vantage_agent::probe::Prober;
+use vantage_agent::target::Target;
 use vantage_proto::{Outcome, RegexOutcome};
 use vantage_tests::target::TargetServer;
 
-fn target(url: &str, timeout_ms: u64, regex: Option<&str>) -> TargetConfig {
-    TargetConfig {
-        id: 1,
-        url: url.parse().unwrap(),
-        interval: Duration::from_secs(10),
-        timeout: Duration::from_millis(timeout_ms),
-        regex: regex.map(|r| regex_lite::Regex::new(r).unwrap()),
-    }
+fn target(url: &str, timeout_ms: u64, regex: Option<&str>) -> Target {
+    let mut t = Target::for_url(1, url).unwrap();
+    t.timeout = Duration::from_millis(timeout_ms);
+    t.regex = regex.map(|r| regex_lite::Regex::new(r).unwrap());
+    t
 }
 
 #[tokio::test]
 async fn ok_response_is_up_with_phases() {
     let server = TargetServer::start("127.0.0.1:0").await.unwrap();
     let m = Prober::new()
-        .unwrap()
         .probe(&target(
             &server.url("/?delay_ms=20"),
             2000,
@@ -48,7 +44,7 @@ async fn ok_response_is_up_with_phases() {
 #[tokio::test]
 async fn error_status_is_a_result_not_an_error() {
     let server = TargetServer::start("127.0.0.1:0").await.unwrap();
-    let prober = Prober::new().unwrap();
+    let prober = Prober::new();
     for status in [404u16, 500] {
         let m = prober
             .probe(&target(
@@ -67,7 +63,6 @@ async fn error_status_is_a_result_not_an_error() {
 async fn regex_not_matched_is_its_own_outcome() {
     let server = TargetServer::start("127.0.0.1:0").await.unwrap();
     let m = Prober::new()
-        .unwrap()
         .probe(&target(&server.url("/"), 2000, Some("absent")))
         .await;
     assert_eq!(
@@ -86,7 +81,6 @@ async fn connection_refused() {
         .unwrap()
         .port();
     let m = Prober::new()
-        .unwrap()
         .probe(&target(&format!("http://127.0.0.1:{port}/"), 2000, None))
         .await;
     assert_eq!(m.outcome, Outcome::ConnectRefused);
@@ -97,10 +91,10 @@ async fn connection_refused() {
 async fn unresolvable_name_is_dns_failure() {
     // `.invalid` is reserved (RFC 2606) and never resolves.
     let m = Prober::new()
-        .unwrap()
         .probe(&target("http://no-such-host.invalid/", 5000, None))
         .await;
-    assert_eq!(m.outcome, Outcome::DnsFailed, "{m:?}");
+    assert_eq!(m.outcome, Outcome::DnsNoSuchName, "{m:?}");
+    assert_eq!(m.failed_phase, Some(vantage_proto::Phase::Dns));
 }
 
 #[tokio::test]
@@ -115,7 +109,6 @@ async fn silent_server_times_out_near_the_deadline() {
         }
     });
     let m = Prober::new()
-        .unwrap()
         .probe(&target(&format!("http://{addr}/"), 300, None))
         .await;
     assert_eq!(m.outcome, Outcome::Timeout);
@@ -142,7 +135,6 @@ async fn reset_mid_response_is_connection_reset() {
         }
     });
     let m = Prober::new()
-        .unwrap()
         .probe(&target(&format!("http://{addr}/"), 2000, None))
         .await;
     assert_eq!(m.outcome, Outcome::ConnectionReset, "{m:?}");
@@ -161,7 +153,6 @@ async fn garbage_response_is_protocol_error() {
         }
     });
     let m = Prober::new()
-        .unwrap()
         .probe(&target(&format!("http://{addr}/"), 2000, None))
         .await;
     assert_eq!(m.outcome, Outcome::ProtocolError, "{m:?}");

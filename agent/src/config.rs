@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-/// Shortest probe interval accepted: faster than this is a load test, not monitoring.
-pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
+use crate::target::{RawTarget, Target};
 
 /// A configuration that cannot be used, with where and why.
 #[derive(Debug, thiserror::Error)]
@@ -113,23 +112,6 @@ impl Default for RawProbes {
     }
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawTarget {
-    /// Stable numeric id of the target; the same target has the same id in every region.
-    pub id: u32,
-    /// `http://` or `https://` URL to request with GET.
-    pub url: String,
-    /// Time between two probes (default 30s, at least 100ms).
-    #[serde(default = "default_interval", with = "humantime_serde")]
-    pub interval: Duration,
-    /// Deadline of one probe, all phases included (default 10s); must not exceed `interval`.
-    #[serde(default = "default_timeout", with = "humantime_serde")]
-    pub timeout: Duration,
-    /// Optional regular expression (regex-lite syntax) searched in the response body.
-    pub regex: Option<String>,
-}
-
 fn default_mqtt_port() -> u16 {
     1883
 }
@@ -154,12 +136,6 @@ fn default_drain_timeout() -> Duration {
 fn default_max_concurrency() -> usize {
     64
 }
-fn default_interval() -> Duration {
-    Duration::from_secs(30)
-}
-fn default_timeout() -> Duration {
-    Duration::from_secs(10)
-}
 
 /// The validated configuration.
 #[derive(Debug, Clone)]
@@ -169,7 +145,7 @@ pub struct Config {
     pub mqtt: MqttConfig,
     pub uplink: UplinkConfig,
     pub max_concurrency: usize,
-    pub targets: Vec<TargetConfig>,
+    pub targets: Vec<Target>,
 }
 
 #[derive(Clone)]
@@ -202,15 +178,6 @@ pub struct UplinkConfig {
     pub flush_interval: Duration,
     pub buffer_capacity: usize,
     pub drain_timeout: Duration,
-}
-
-#[derive(Debug, Clone)]
-pub struct TargetConfig {
-    pub id: u32,
-    pub url: url::Url,
-    pub interval: Duration,
-    pub timeout: Duration,
-    pub regex: Option<regex_lite::Regex>,
 }
 
 impl Config {
@@ -286,46 +253,15 @@ impl Config {
         }
         let mut targets = Vec::with_capacity(raw.targets.len());
         for (i, t) in raw.targets.into_iter().enumerate() {
-            let key = |field: &str| format!("targets[{i}].{field}");
-            if targets.iter().any(|seen: &TargetConfig| seen.id == t.id) {
-                return Err(invalid(&key("id"), format!("duplicate target id {}", t.id)));
-            }
-            let url = url::Url::parse(&t.url)
-                .map_err(|e| invalid(&key("url"), format!("invalid URL {:?}: {e}", t.url)))?;
-            if url.scheme() != "http" && url.scheme() != "https" {
+            if targets.iter().any(|seen: &Target| seen.id == t.id) {
                 return Err(invalid(
-                    &key("url"),
-                    format!("scheme {:?} is not http or https", url.scheme()),
+                    &format!("targets[{i}].id"),
+                    format!("duplicate target id {}", t.id),
                 ));
             }
-            if url.host_str().is_none_or(str::is_empty) {
-                return Err(invalid(&key("url"), "URL has no host".into()));
-            }
-            if t.interval < MIN_INTERVAL {
-                return Err(invalid(
-                    &key("interval"),
-                    format!("must be at least {MIN_INTERVAL:?}"),
-                ));
-            }
-            if t.timeout.is_zero() || t.timeout > t.interval {
-                return Err(invalid(
-                    &key("timeout"),
-                    "must be greater than zero and not longer than the interval".into(),
-                ));
-            }
-            let regex = t
-                .regex
-                .as_deref()
-                .map(regex_lite::Regex::new)
-                .transpose()
-                .map_err(|e| invalid(&key("regex"), format!("invalid regex: {e}")))?;
-            targets.push(TargetConfig {
-                id: t.id,
-                url,
-                interval: t.interval,
-                timeout: t.timeout,
-                regex,
-            });
+            let target = Target::from_raw(t)
+                .map_err(|e| invalid(&format!("targets[{i}].{}", e.key), e.reason))?;
+            targets.push(target);
         }
         Ok(Config {
             agent_id: raw.agent_id,

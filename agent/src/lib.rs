@@ -7,6 +7,8 @@
 pub mod config;
 pub mod probe;
 pub mod scheduler;
+pub mod target;
+pub mod tls;
 pub mod uplink;
 
 use std::sync::Arc;
@@ -36,8 +38,6 @@ pub struct RunSummary {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("cannot set up TLS: {0}")]
-    Tls(#[from] rustls::Error),
     #[error("uplink task failed: {0}")]
     Uplink(#[from] tokio::task::JoinError),
 }
@@ -49,7 +49,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<RunSummary, RunError> {
     let config = Arc::new(config);
-    let prober = probe::Prober::new()?;
+    let prober = probe::Prober::new();
     // A new boot id at every start keeps (agent, boot, seq) unique across restarts.
     let boot_id = getrandom::u64().unwrap_or_else(|_| fallback_boot_id());
     tracing::info!(

@@ -1,39 +1,48 @@
-//! The probe engine: one HTTP(S) request to one target, measured phase by phase.
+//! The probe engine: one HTTP(S) check of one target, measured phase by phase.
 //!
-//! The connection is built by hand (DNS, TCP, TLS, then hyper's HTTP/1.1 connection API) rather
-//! than through a pooled client, so every probe pays for and measures each phase, the way a new
-//! visitor would. One deadline covers the whole probe; each phase runs under `timeout_at` of that
-//! deadline so a timeout is attributed to the phase it interrupted.
+//! Each hop's connection is built by hand (DNS, TCP, TLS, then hyper's HTTP/1.1 connection API)
+//! rather than through a pooled client, so every probe pays for and measures each phase, the
+//! way a new visitor would. One deadline covers the whole probe, redirects included; each phase
+//! runs under `timeout_at` of that deadline, so a timeout names the phase it interrupted.
+//!
+//! Time to first byte is the first byte *read* from the socket after the request was written
+//! (measured by [`FirstByteIo`] under hyper), not "headers complete".
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
-use hyper::header::{HOST, USER_AGENT};
+use hyper::body::Body as _;
+use hyper::header::{ACCEPT_ENCODING, CONTENT_ENCODING, HOST, LOCATION, USER_AGENT};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::timeout_at;
 use vantage_proto::{Outcome, Phase, RegexOutcome};
 
-use crate::config::TargetConfig;
+use crate::target::{IpFamily, Target};
+use crate::tls;
 
 /// Sent with every request so target owners can recognise (and allow-list) the monitor.
 pub const USER_AGENT_VALUE: &str = concat!("vantage-agent/", env!("CARGO_PKG_VERSION"));
 
-/// Most body bytes read per probe; the rest of the body is not downloaded.
-pub const BODY_CAP: usize = 1024 * 1024;
-
-/// What one probe measured. Converted to a wire [`vantage_proto::ProbeResult`] by the uplink,
-/// which assigns the sequence number.
+/// What one probe measured. The uplink turns it into a wire [`vantage_proto::ProbeResult`] and
+/// assigns its sequence number.
+///
+/// Phase times (`dns` … `transfer`), `status`, `remote_ip` and `cert_not_after_s` describe the
+/// final hop; `total` covers every hop.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Measurement {
     pub target_id: u32,
     pub started_at_ms: u64,
     pub status: u16,
     pub outcome: Outcome,
+    /// Where a failed probe stopped; None when a response was received.
+    pub failed_phase: Option<Phase>,
     pub regex: RegexOutcome,
     pub total: Duration,
     pub dns: Option<Duration>,
@@ -43,48 +52,20 @@ pub struct Measurement {
     pub transfer: Option<Duration>,
     pub body_bytes: u32,
     pub body_truncated: bool,
-    pub failed_phase: Option<Phase>,
     pub redirects: u8,
     /// Leaf certificate notAfter, unix seconds.
     pub cert_not_after_s: Option<u64>,
     pub remote_ip: Option<std::net::IpAddr>,
 }
 
-/// Shared, read-only state of the probe engine.
-#[derive(Clone)]
-pub struct Prober {
-    tls: tokio_rustls::TlsConnector,
-}
-
-impl Prober {
-    /// A prober that trusts the Mozilla root set bundled by `webpki-roots`.
-    pub fn new() -> Result<Prober, rustls::Error> {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        // The ring provider, not aws-lc-rs: ring cross-compiles to ARM without extra toolchains.
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        Ok(Prober {
-            tls: tokio_rustls::TlsConnector::from(Arc::new(config)),
-        })
-    }
-
-    /// Probes `target` once. Never fails: every failure is a [`Measurement`] with its outcome.
-    pub async fn probe(&self, target: &TargetConfig) -> Measurement {
-        let started_at_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let start = Instant::now();
-        let deadline = tokio::time::Instant::from_std(start + target.timeout);
-        let mut m = Measurement {
-            target_id: target.id,
+impl Measurement {
+    fn new(target_id: u32, started_at_ms: u64) -> Measurement {
+        Measurement {
+            target_id,
             started_at_ms,
             status: 0,
             outcome: Outcome::Other,
+            failed_phase: None,
             regex: RegexOutcome::NotConfigured,
             total: Duration::ZERO,
             dns: None,
@@ -94,163 +75,383 @@ impl Prober {
             transfer: None,
             body_bytes: 0,
             body_truncated: false,
-            failed_phase: None,
             redirects: 0,
             cert_not_after_s: None,
             remote_ip: None,
-        };
-        m.outcome = match self.run(target, deadline, &mut m).await {
-            Ok(()) => classify_response(target, &m),
-            Err(outcome) => outcome,
-        };
+        }
+    }
+
+    /// Forgets the per-hop fields before the next hop of a redirect chain.
+    fn start_hop(&mut self) {
+        let (id, at, redirects) = (self.target_id, self.started_at_ms, self.redirects);
+        *self = Measurement::new(id, at);
+        self.redirects = redirects;
+    }
+}
+
+/// A failure: its kind and the phase it happened in.
+type Failure = (Outcome, Phase);
+
+/// How a hop ended when a response arrived.
+enum HopEnd {
+    /// A redirect to follow.
+    Redirect(url::Url),
+    /// The final response (body read, regex evaluated).
+    Final,
+}
+
+/// The probe engine. Cheap to clone; shares the default TLS configuration.
+#[derive(Clone)]
+pub struct Prober {
+    default_tls: Arc<rustls::ClientConfig>,
+}
+
+impl Default for Prober {
+    fn default() -> Self {
+        Prober::new()
+    }
+}
+
+impl Prober {
+    pub fn new() -> Prober {
+        Prober {
+            default_tls: tls::default_config(),
+        }
+    }
+
+    /// Probes `target` once. Never fails: every failure is a [`Measurement`] with its outcome.
+    pub async fn probe(&self, target: &Target) -> Measurement {
+        let started_at_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let start = Instant::now();
+        let deadline = tokio::time::Instant::from_std(start + target.timeout);
+        let mut m = Measurement::new(target.id, started_at_ms);
+        let mut url = target.url.clone();
+        let mut method = target.method.clone();
+        loop {
+            m.start_hop();
+            match self.hop(target, &url, &method, deadline, &mut m).await {
+                Err((outcome, phase)) => {
+                    m.outcome = outcome;
+                    m.failed_phase = Some(phase);
+                    break;
+                }
+                Ok(HopEnd::Redirect(next)) => {
+                    m.redirects += 1;
+                    // 303 See Other turns any method into GET (RFC 9110 15.4.4).
+                    if m.status == 303 && method != hyper::Method::HEAD {
+                        method = hyper::Method::GET;
+                    }
+                    url = next;
+                }
+                Ok(HopEnd::Final) => {
+                    m.outcome = if !target.accepts(m.status) {
+                        Outcome::StatusNotAccepted
+                    } else if m.regex == RegexOutcome::NotMatched {
+                        if m.body_truncated {
+                            Outcome::BodyTruncated
+                        } else {
+                            Outcome::RegexNotMatched
+                        }
+                    } else {
+                        Outcome::Up
+                    };
+                    break;
+                }
+            }
+        }
         m.total = start.elapsed();
         m
     }
 
-    /// The phases in order; fills `m` as it goes and returns the failure outcome, if any.
-    async fn run(
+    /// One request/response on a new connection to `url`.
+    async fn hop(
         &self,
-        target: &TargetConfig,
+        target: &Target,
+        url: &url::Url,
+        method: &hyper::Method,
         deadline: tokio::time::Instant,
         m: &mut Measurement,
-    ) -> Result<(), Outcome> {
-        let url = &target.url;
-        let host = url.host_str().ok_or(Outcome::Other)?;
-        let port = url.port_or_known_default().ok_or(Outcome::Other)?;
+    ) -> Result<HopEnd, Failure> {
+        let host = url.host_str().ok_or((Outcome::Other, Phase::Dns))?;
+        let port = url
+            .port_or_known_default()
+            .ok_or((Outcome::Other, Phase::Dns))?;
+        let addr = resolve(url, port, target.ip_family, deadline, m).await?;
+        m.remote_ip = Some(addr.ip());
 
-        // DNS. An IP literal needs no lookup and records no DNS phase.
-        let addr: SocketAddr = match url.host() {
-            Some(url::Host::Ipv4(ip)) => (ip, port).into(),
-            Some(url::Host::Ipv6(ip)) => (ip, port).into(),
-            _ => {
-                let t = Instant::now();
-                let mut addrs = timeout_at(deadline, tokio::net::lookup_host((host, port)))
-                    .await
-                    .map_err(|_| Outcome::Timeout)?
-                    .map_err(|_| Outcome::DnsFailed)?;
-                m.dns = Some(t.elapsed());
-                addrs.next().ok_or(Outcome::DnsFailed)?
-            }
-        };
-
-        // TCP connect.
         let t = Instant::now();
-        let tcp = timeout_at(deadline, TcpStream::connect(addr))
-            .await
-            .map_err(|_| Outcome::Timeout)?
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::ConnectionRefused => Outcome::ConnectRefused,
-                _ => Outcome::ConnectFailed,
-            })?;
+        let tcp = match timeout_at(deadline, TcpStream::connect(addr)).await {
+            Err(_) => return Err((Outcome::ConnectTimeout, Phase::Connect)),
+            Ok(Err(e)) => return Err((classify_connect(&e), Phase::Connect)),
+            Ok(Ok(tcp)) => tcp,
+        };
         m.connect = Some(t.elapsed());
         // Requests are small; don't let Nagle hold them back and inflate the first-byte time.
         let _ = tcp.set_nodelay(true);
 
         if url.scheme() == "https" {
-            let t = Instant::now();
+            let config = target
+                .tls
+                .clone()
+                .unwrap_or_else(|| self.default_tls.clone());
             let name = rustls::pki_types::ServerName::try_from(host.to_owned())
-                .map_err(|_| Outcome::TlsFailed)?;
-            let tls = timeout_at(deadline, self.tls.connect(name, tcp))
-                .await
-                .map_err(|_| Outcome::Timeout)?
-                .map_err(|_| Outcome::TlsFailed)?;
+                .map_err(|_| (Outcome::TlsFailed, Phase::Tls))?;
+            let t = Instant::now();
+            let stream = match timeout_at(
+                deadline,
+                tokio_rustls::TlsConnector::from(config).connect(name, tcp),
+            )
+            .await
+            {
+                Err(_) => return Err((Outcome::Timeout, Phase::Tls)),
+                Ok(Err(e)) => return Err((tls::classify_handshake_error(&e), Phase::Tls)),
+                Ok(Ok(stream)) => stream,
+            };
             m.tls = Some(t.elapsed());
-            exchange(tls, target, deadline, m).await
+            m.cert_not_after_s = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(|leaf| tls::not_after_unix(leaf));
+            exchange(stream, target, url, method, deadline, m).await
         } else {
-            exchange(tcp, target, deadline, m).await
+            exchange(tcp, target, url, method, deadline, m).await
         }
     }
 }
 
-/// HTTP/1.1 request and response body over an established stream.
-async fn exchange<S>(
-    stream: S,
-    target: &TargetConfig,
+/// Resolves the URL's host to one address of the wanted family; records the DNS phase unless
+/// the host is an IP literal.
+async fn resolve(
+    url: &url::Url,
+    port: u16,
+    family: IpFamily,
     deadline: tokio::time::Instant,
     m: &mut Measurement,
-) -> Result<(), Outcome>
+) -> Result<SocketAddr, Failure> {
+    let wanted = |a: &SocketAddr| match family {
+        IpFamily::Auto => true,
+        IpFamily::Ipv4 => a.is_ipv4(),
+        IpFamily::Ipv6 => a.is_ipv6(),
+    };
+    let literal: Option<SocketAddr> = match url.host() {
+        Some(url::Host::Ipv4(ip)) => Some((ip, port).into()),
+        Some(url::Host::Ipv6(ip)) => Some((ip, port).into()),
+        _ => None,
+    };
+    if let Some(addr) = literal {
+        return if wanted(&addr) {
+            Ok(addr)
+        } else {
+            Err((Outcome::DnsNoSuchName, Phase::Dns))
+        };
+    }
+    let host = url.host_str().unwrap_or_default();
+    let t = Instant::now();
+    let addrs = match timeout_at(deadline, tokio::net::lookup_host((host, port))).await {
+        Err(_) => return Err((Outcome::Timeout, Phase::Dns)),
+        Ok(Err(e)) => return Err((classify_dns(&e), Phase::Dns)),
+        Ok(Ok(addrs)) => addrs,
+    };
+    m.dns = Some(t.elapsed());
+    let mut addrs = addrs.filter(wanted);
+    addrs.next().ok_or((Outcome::DnsNoSuchName, Phase::Dns))
+}
+
+/// HTTP/1.1 request and response (and, for the final hop, the body) over an open stream.
+async fn exchange<S>(
+    stream: S,
+    target: &Target,
+    url: &url::Url,
+    method: &hyper::Method,
+    deadline: tokio::time::Instant,
+    m: &mut Measurement,
+) -> Result<HopEnd, Failure>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut sender, conn) = timeout_at(
+    let first_byte = Arc::new(OnceLock::new());
+    let io = FirstByteIo {
+        inner: stream,
+        first_read: first_byte.clone(),
+    };
+    let (mut sender, conn) = match timeout_at(
         deadline,
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)),
+        hyper::client::conn::http1::handshake(TokioIo::new(io)),
     )
     .await
-    .map_err(|_| Outcome::Timeout)?
-    .map_err(|e| classify_hyper(&e))?;
-    // The connection future drives the socket; it ends when `sender` is dropped. Aborting on
-    // drop makes sure a timed-out probe leaves no task behind.
-    let conn = AbortOnDrop(tokio::spawn(conn));
-
-    let url = &target.url;
-    let host_header = match url.port() {
-        Some(p) => format!("{}:{p}", url.host_str().unwrap_or_default()),
-        None => url.host_str().unwrap_or_default().to_owned(),
+    {
+        Err(_) => return Err((Outcome::Timeout, Phase::FirstByte)),
+        Ok(Err(e)) => return Err((classify_hyper(&e), Phase::FirstByte)),
+        Ok(Ok(pair)) => pair,
     };
-    let path = match url.query() {
-        Some(q) => format!("{}?{q}", url.path()),
-        None => url.path().to_owned(),
-    };
-    let request = hyper::Request::get(path)
-        .header(HOST, host_header)
-        .header(USER_AGENT, USER_AGENT_VALUE)
-        .body(Empty::<Bytes>::new())
-        .map_err(|_| Outcome::Other)?;
+    // The connection future drives the socket. Aborting on drop makes sure a timed-out probe
+    // leaves no task behind.
+    let _conn = AbortOnDrop(tokio::spawn(conn));
 
-    let t = Instant::now();
-    let response = timeout_at(deadline, sender.send_request(request))
-        .await
-        .map_err(|_| Outcome::Timeout)?
-        .map_err(|e| classify_hyper(&e))?;
-    m.ttfb = Some(t.elapsed());
+    let request =
+        build_request(target, url, method).map_err(|_| (Outcome::Other, Phase::FirstByte))?;
+    let sent = Instant::now();
+    // Before the first byte arrives the probe is waiting for it; after, it is reading headers.
+    let phase_now = |first: &OnceLock<Instant>| {
+        if first.get().is_some() {
+            Phase::Body
+        } else {
+            Phase::FirstByte
+        }
+    };
+    let response = match timeout_at(deadline, sender.send_request(request)).await {
+        Err(_) => return Err((Outcome::Timeout, phase_now(&first_byte))),
+        Ok(Err(e)) => return Err((classify_hyper(&e), phase_now(&first_byte))),
+        Ok(Ok(r)) => r,
+    };
+    let first = first_byte.get().copied().unwrap_or_else(Instant::now);
+    m.ttfb = Some(first.saturating_duration_since(sent));
     m.status = response.status().as_u16();
 
+    if response.status().is_redirection() && m.redirects < target.max_redirects {
+        if let Some(next) = response
+            .headers()
+            .get(LOCATION)
+            .and_then(|l| l.to_str().ok())
+            .and_then(|l| url.join(l).ok())
+            .filter(|u| matches!(u.scheme(), "http" | "https"))
+        {
+            return Ok(HopEnd::Redirect(next));
+        }
+    }
+
+    let gzip = response
+        .headers()
+        .get(CONTENT_ENCODING)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
     let mut body = response.into_body();
+    let keep = target.regex.is_some();
     let mut kept: Vec<u8> = Vec::new();
     let mut read: usize = 0;
-    while read < BODY_CAP {
+    loop {
+        if read >= target.body_cap {
+            // Stop at the cap: the rest is never downloaded, memory stays bounded.
+            m.body_truncated = !body.is_end_stream();
+            break;
+        }
         let frame = match timeout_at(deadline, body.frame()).await {
-            Err(_) => return Err(Outcome::Timeout),
+            Err(_) => return Err((Outcome::Timeout, Phase::Body)),
             Ok(None) => break,
-            Ok(Some(Err(e))) => return Err(classify_hyper(&e)),
+            Ok(Some(Err(e))) => return Err((classify_hyper(&e), Phase::Body)),
             Ok(Some(Ok(frame))) => frame,
         };
         if let Some(data) = frame.data_ref() {
-            let take = data.len().min(BODY_CAP - read);
+            let take = data.len().min(target.body_cap - read);
+            if take < data.len() {
+                m.body_truncated = true;
+            }
             read += take;
-            if target.regex.is_some() {
+            if keep {
                 kept.extend_from_slice(&data[..take]);
+            }
+            if m.body_truncated {
+                break;
             }
         }
     }
+    m.transfer = Some(first.elapsed());
     m.body_bytes = u32::try_from(read).unwrap_or(u32::MAX);
     if let Some(regex) = &target.regex {
+        let text = if gzip {
+            gunzip_capped(&kept, target.body_cap)
+        } else {
+            kept
+        };
         // Lossy: invalid UTF-8 becomes U+FFFD and cannot crash or hide the rest of the text.
-        let text = String::from_utf8_lossy(&kept);
-        m.regex = if regex.is_match(&text) {
+        // The whole (capped) body is searched at once, so a match across chunks is found.
+        m.regex = if regex.is_match(&String::from_utf8_lossy(&text)) {
             RegexOutcome::Matched
         } else {
             RegexOutcome::NotMatched
         };
     }
-    drop(conn);
-    Ok(())
+    Ok(HopEnd::Final)
 }
 
-/// The outcome of a probe that got a complete response: accepted status (2xx) and regex.
-fn classify_response(_target: &TargetConfig, m: &Measurement) -> Outcome {
-    if !(200..300).contains(&m.status) {
-        Outcome::StatusNotAccepted
-    } else if m.regex == RegexOutcome::NotMatched {
-        Outcome::RegexNotMatched
+fn build_request(
+    target: &Target,
+    url: &url::Url,
+    method: &hyper::Method,
+) -> Result<hyper::Request<Empty<Bytes>>, hyper::http::Error> {
+    let host = url.host_str().unwrap_or_default();
+    let host_header = match (url.port(), url.host()) {
+        (Some(p), Some(url::Host::Ipv6(_))) => format!("[{host}]:{p}"),
+        (Some(p), _) => format!("{host}:{p}"),
+        (None, _) => host.to_owned(),
+    };
+    let path = match url.query() {
+        Some(q) => format!("{}?{q}", url.path()),
+        None => url.path().to_owned(),
+    };
+    let mut builder = hyper::Request::builder()
+        .method(method.clone())
+        .uri(path)
+        .header(HOST, host_header)
+        .header(USER_AGENT, USER_AGENT_VALUE);
+    // Ask for gzip only when the body will be searched (it is then decoded before matching).
+    if target.regex.is_some() {
+        builder = builder.header(ACCEPT_ENCODING, "gzip");
+    }
+    let mut request = builder.body(Empty::<Bytes>::new())?;
+    for (name, value) in &target.headers {
+        request.headers_mut().insert(name.clone(), value.clone());
+    }
+    Ok(request)
+}
+
+/// Decodes a gzip body, keeping at most `cap` decoded bytes (a small bomb cannot blow up
+/// memory). A body that is not valid gzip is searched as it is.
+fn gunzip_capped(compressed: &[u8], cap: usize) -> Vec<u8> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    let decoder = flate2::read::GzDecoder::new(compressed);
+    match decoder.take(cap as u64).read_to_end(&mut out) {
+        Ok(_) => out,
+        // A truncated stream (body cut at the cap) still yields what was decoded so far.
+        Err(_) if !out.is_empty() => out,
+        Err(_) => compressed.to_vec(),
+    }
+}
+
+fn classify_connect(e: &std::io::Error) -> Outcome {
+    use std::io::ErrorKind as K;
+    match e.kind() {
+        K::ConnectionRefused => Outcome::ConnectRefused,
+        K::HostUnreachable | K::NetworkUnreachable => Outcome::Unreachable,
+        K::TimedOut => Outcome::ConnectTimeout,
+        _ => Outcome::ConnectFailed,
+    }
+}
+
+/// getaddrinfo reports "no such name" only as text (std wraps EAI_* codes in a message);
+/// the glibc and musl wordings are matched, anything else is a generic DNS failure.
+fn classify_dns(e: &std::io::Error) -> Outcome {
+    let text = e.to_string();
+    let no_such_name = [
+        "Name or service not known",
+        "No address associated with hostname",
+        "Name does not resolve",
+        "nodename nor servname provided",
+        "No such host",
+    ];
+    if no_such_name.iter().any(|s| text.contains(s)) {
+        Outcome::DnsNoSuchName
     } else {
-        Outcome::Up
+        Outcome::DnsFailed
     }
 }
 
 fn classify_hyper(e: &hyper::Error) -> Outcome {
-    if e.is_parse() || e.is_parse_status() {
+    if e.is_parse() || e.is_parse_status() || e.is_parse_too_large() {
         return Outcome::ProtocolError;
     }
     if e.is_incomplete_message() {
@@ -272,10 +473,78 @@ fn classify_hyper(e: &hyper::Error) -> Outcome {
     Outcome::Other
 }
 
+/// A stream that notes when its first byte was read (for time to first byte).
+struct FirstByteIo<S> {
+    inner: S,
+    first_read: Arc<OnceLock<Instant>>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for FirstByteIo<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            let _ = self.first_read.set(Instant::now());
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for FirstByteIo<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gzip_is_decoded_and_capped() {
+        use std::io::Write;
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(&b"hello "[..].repeat(1000)).unwrap();
+        let gz = enc.finish().unwrap();
+        assert_eq!(gunzip_capped(&gz, 1 << 20).len(), 6000);
+        assert_eq!(gunzip_capped(&gz, 100).len(), 100);
+        // Not gzip at all: searched as is.
+        assert_eq!(gunzip_capped(b"plain", 100), b"plain");
+    }
+
+    #[test]
+    fn dns_errors_are_split() {
+        let e = std::io::Error::other(
+            "failed to lookup address information: Name or service not known",
+        );
+        assert_eq!(classify_dns(&e), Outcome::DnsNoSuchName);
+        let e = std::io::Error::other(
+            "failed to lookup address information: Temporary failure in name resolution",
+        );
+        assert_eq!(classify_dns(&e), Outcome::DnsFailed);
     }
 }

@@ -1,0 +1,361 @@
+//! One target's probe settings: the raw TOML/serde shape ([`RawTarget`]) and the validated
+//! [`Target`] the probe engine runs with.
+//!
+//! Kept apart from the agent's own configuration because targets also arrive from elsewhere
+//! (a central target set), and must be validated the same way wherever they come from.
+
+use std::ops::RangeInclusive;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Shortest probe interval accepted: faster than this is a load test, not monitoring.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
+/// Default time between two probes of a target.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
+/// Default deadline of one probe, all phases and redirects included.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default number of redirects followed; 0 records the 3xx itself.
+pub const DEFAULT_MAX_REDIRECTS: u8 = 5;
+/// Default most body bytes read (and searched by the regex); the rest is not downloaded.
+pub const DEFAULT_BODY_CAP: usize = 1024 * 1024;
+/// Largest body cap accepted (memory per probe is bounded by it).
+pub const MAX_BODY_CAP: usize = 64 * 1024 * 1024;
+
+/// A target as written in a config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTarget {
+    /// Stable numeric id; the same target has the same id in every region.
+    pub id: u32,
+    /// Optional human name (shown in logs).
+    pub name: Option<String>,
+    /// `http://` or `https://` URL.
+    pub url: String,
+    /// Time between two probes (default 30s, at least 100ms).
+    #[serde(default = "default_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// Deadline of one probe, all phases and redirects included (default 10s); at most `interval`.
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Regular expression (regex-lite syntax) searched in the body's text.
+    pub regex: Option<String>,
+    /// HTTP method (default `GET`).
+    #[serde(default = "default_method")]
+    pub method: String,
+    /// Extra request headers, `name = "value"`.
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// Status codes that count as up: codes and ranges, e.g. `["200-299", 301]` (default 2xx).
+    #[serde(default)]
+    pub accepted_status: Vec<StatusSpec>,
+    /// Redirects to follow (default 5); 0 records the redirect response itself.
+    #[serde(default = "default_max_redirects")]
+    pub max_redirects: u8,
+    /// Most body bytes read (default 1 MiB, at most 64 MiB).
+    #[serde(default = "default_body_cap")]
+    pub body_cap: usize,
+    /// PEM file of CA certificates to trust for this target instead of the bundled roots.
+    pub ca_file: Option<PathBuf>,
+    /// Accept any certificate. Only for targets you knowingly run with broken TLS.
+    #[serde(default)]
+    pub tls_skip_verify: bool,
+    /// `auto` (default), `ipv4` or `ipv6`.
+    #[serde(default)]
+    pub ip_family: IpFamily,
+}
+
+/// One entry of `accepted_status`: a code or a `"low-high"` range.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum StatusSpec {
+    Code(u16),
+    Text(String),
+}
+
+/// Which address family to connect with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IpFamily {
+    /// The first address the resolver returns.
+    #[default]
+    Auto,
+    Ipv4,
+    Ipv6,
+}
+
+fn default_interval() -> Duration {
+    DEFAULT_INTERVAL
+}
+fn default_timeout() -> Duration {
+    DEFAULT_TIMEOUT
+}
+fn default_method() -> String {
+    "GET".into()
+}
+fn default_max_redirects() -> u8 {
+    DEFAULT_MAX_REDIRECTS
+}
+fn default_body_cap() -> usize {
+    DEFAULT_BODY_CAP
+}
+
+/// A validated target.
+#[derive(Clone)]
+pub struct Target {
+    pub id: u32,
+    pub name: Option<String>,
+    pub url: url::Url,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub regex: Option<regex_lite::Regex>,
+    pub method: hyper::Method,
+    pub headers: Vec<(hyper::header::HeaderName, hyper::header::HeaderValue)>,
+    /// Status ranges that count as up.
+    pub accepted_status: Vec<RangeInclusive<u16>>,
+    pub max_redirects: u8,
+    pub body_cap: usize,
+    /// TLS settings specific to this target (a CA file or skip-verify); None: the shared default.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    pub ip_family: IpFamily,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("url", &self.url.as_str())
+            .field("interval", &self.interval)
+            .field("timeout", &self.timeout)
+            .field("regex", &self.regex.as_ref().map(|r| r.as_str()))
+            .field("method", &self.method)
+            .field("accepted_status", &self.accepted_status)
+            .field("max_redirects", &self.max_redirects)
+            .field("body_cap", &self.body_cap)
+            .field("custom_tls", &self.tls.is_some())
+            .field("ip_family", &self.ip_family)
+            .finish()
+    }
+}
+
+/// A target setting that cannot be used: which key (relative to the target) and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetError {
+    pub key: &'static str,
+    pub reason: String,
+}
+
+impl Target {
+    /// A target with default settings for `url` (used by the one-shot `probe` command and tests).
+    pub fn for_url(id: u32, url: &str) -> Result<Target, TargetError> {
+        Target::from_raw(RawTarget {
+            id,
+            name: None,
+            url: url.to_owned(),
+            interval: DEFAULT_INTERVAL,
+            timeout: DEFAULT_TIMEOUT,
+            regex: None,
+            method: default_method(),
+            headers: Default::default(),
+            accepted_status: Vec::new(),
+            max_redirects: DEFAULT_MAX_REDIRECTS,
+            body_cap: DEFAULT_BODY_CAP,
+            ca_file: None,
+            tls_skip_verify: false,
+            ip_family: IpFamily::Auto,
+        })
+    }
+
+    /// Checks every setting of `raw`.
+    pub fn from_raw(raw: RawTarget) -> Result<Target, TargetError> {
+        let err = |key: &'static str, reason: String| TargetError { key, reason };
+        let url = url::Url::parse(&raw.url)
+            .map_err(|e| err("url", format!("invalid URL {:?}: {e}", raw.url)))?;
+        if url.scheme() != "http" && url.scheme() != "https" {
+            return Err(err(
+                "url",
+                format!("scheme {:?} is not http or https", url.scheme()),
+            ));
+        }
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err(err("url", "URL has no host".into()));
+        }
+        if raw.interval < MIN_INTERVAL {
+            return Err(err(
+                "interval",
+                format!("must be at least {MIN_INTERVAL:?}"),
+            ));
+        }
+        if raw.timeout.is_zero() || raw.timeout > raw.interval {
+            return Err(err(
+                "timeout",
+                "must be greater than zero and not longer than the interval".into(),
+            ));
+        }
+        let regex = raw
+            .regex
+            .as_deref()
+            .map(regex_lite::Regex::new)
+            .transpose()
+            .map_err(|e| err("regex", format!("invalid regex: {e}")))?;
+        let method = hyper::Method::from_bytes(raw.method.to_ascii_uppercase().as_bytes())
+            .map_err(|_| err("method", format!("{:?} is not an HTTP method", raw.method)))?;
+        let mut headers = Vec::with_capacity(raw.headers.len());
+        for (name, value) in &raw.headers {
+            let n = hyper::header::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| err("headers", format!("{name:?} is not a header name")))?;
+            let v = hyper::header::HeaderValue::from_str(value).map_err(|_| {
+                err(
+                    "headers",
+                    format!("value of {name:?} is not a header value"),
+                )
+            })?;
+            headers.push((n, v));
+        }
+        let accepted_status = if raw.accepted_status.is_empty() {
+            vec![200..=299]
+        } else {
+            raw.accepted_status
+                .iter()
+                .map(parse_status)
+                .collect::<Result<Vec<_>, String>>()
+                .map_err(|r| err("accepted_status", r))?
+        };
+        if raw.body_cap == 0 || raw.body_cap > MAX_BODY_CAP {
+            return Err(err("body_cap", format!("must be 1..={MAX_BODY_CAP} bytes")));
+        }
+        if raw.tls_skip_verify && raw.ca_file.is_some() {
+            return Err(err(
+                "tls_skip_verify",
+                "set either ca_file or tls_skip_verify, not both".into(),
+            ));
+        }
+        let tls = if raw.tls_skip_verify {
+            Some(crate::tls::skip_verify_config())
+        } else if let Some(path) = &raw.ca_file {
+            Some(crate::tls::config_with_ca_file(path).map_err(|r| err("ca_file", r))?)
+        } else {
+            None
+        };
+        Ok(Target {
+            id: raw.id,
+            name: raw.name,
+            url,
+            interval: raw.interval,
+            timeout: raw.timeout,
+            regex,
+            method,
+            headers,
+            accepted_status,
+            max_redirects: raw.max_redirects,
+            body_cap: raw.body_cap,
+            tls,
+            ip_family: raw.ip_family,
+        })
+    }
+
+    /// Whether `status` counts as up for this target.
+    pub fn accepts(&self, status: u16) -> bool {
+        self.accepted_status.iter().any(|r| r.contains(&status))
+    }
+}
+
+fn parse_status(spec: &StatusSpec) -> Result<RangeInclusive<u16>, String> {
+    let valid = |c: u16| (100..=599).contains(&c);
+    let range = match spec {
+        StatusSpec::Code(c) => *c..=*c,
+        StatusSpec::Text(t) => {
+            let parse = |s: &str| {
+                s.trim()
+                    .parse::<u16>()
+                    .map_err(|_| format!("{t:?} is not a status code or range like \"200-299\""))
+            };
+            match t.split_once('-') {
+                Some((lo, hi)) => parse(lo)?..=parse(hi)?,
+                None => {
+                    let c = parse(t)?;
+                    c..=c
+                }
+            }
+        }
+    };
+    if !valid(*range.start()) || !valid(*range.end()) || range.start() > range.end() {
+        return Err(format!(
+            "{range:?} is not a range of status codes within 100-599"
+        ));
+    }
+    Ok(range)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(url: &str) -> RawTarget {
+        toml::from_str(&format!("id = 1\nurl = {url:?}\n")).unwrap()
+    }
+
+    #[test]
+    fn defaults() {
+        let t = Target::from_raw(raw("https://example.org/x?y=1")).unwrap();
+        assert_eq!(t.method, hyper::Method::GET);
+        assert_eq!(t.accepted_status, vec![200..=299]);
+        assert_eq!(t.max_redirects, DEFAULT_MAX_REDIRECTS);
+        assert_eq!(t.body_cap, DEFAULT_BODY_CAP);
+        assert!(t.tls.is_none());
+        assert!(t.accepts(204) && !t.accepts(301) && !t.accepts(404));
+    }
+
+    #[test]
+    fn accepted_status_codes_and_ranges() {
+        let mut r = raw("http://h/");
+        r.accepted_status = vec![
+            StatusSpec::Text("200-299".into()),
+            StatusSpec::Code(301),
+            StatusSpec::Text("404".into()),
+        ];
+        let t = Target::from_raw(r).unwrap();
+        assert!(t.accepts(250) && t.accepts(301) && t.accepts(404) && !t.accepts(302));
+        let toml_form: RawTarget =
+            toml::from_str("id = 1\nurl = \"http://h/\"\naccepted_status = [\"200-399\", 418]\n")
+                .unwrap();
+        assert!(Target::from_raw(toml_form).unwrap().accepts(418));
+    }
+
+    #[test]
+    fn bad_settings_name_their_key() {
+        let key = |r: RawTarget| Target::from_raw(r).unwrap_err().key;
+        assert_eq!(key(raw("ftp://h/")), "url");
+        assert_eq!(key(raw("not a url")), "url");
+        let mut r = raw("http://h/");
+        r.accepted_status = vec![StatusSpec::Text("299-200".into())];
+        assert_eq!(key(r), "accepted_status");
+        let mut r = raw("http://h/");
+        r.accepted_status = vec![StatusSpec::Code(999)];
+        assert_eq!(key(r), "accepted_status");
+        let mut r = raw("http://h/");
+        r.method = "G ET".into();
+        assert_eq!(key(r), "method");
+        let mut r = raw("http://h/");
+        r.headers.insert("bad header".into(), "x".into());
+        assert_eq!(key(r), "headers");
+        let mut r = raw("http://h/");
+        r.regex = Some("(".into());
+        assert_eq!(key(r), "regex");
+        let mut r = raw("http://h/");
+        r.body_cap = 0;
+        assert_eq!(key(r), "body_cap");
+        let mut r = raw("https://h/");
+        r.ca_file = Some("/nonexistent/ca.pem".into());
+        assert_eq!(key(r), "ca_file");
+        let mut r = raw("http://h/");
+        r.interval = Duration::from_millis(10);
+        assert_eq!(key(r), "interval");
+        let mut r = raw("http://h/");
+        r.timeout = Duration::from_secs(60);
+        assert_eq!(key(r), "timeout");
+    }
+}
