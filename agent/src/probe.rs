@@ -196,8 +196,18 @@ impl Prober {
                 .tls
                 .clone()
                 .unwrap_or_else(|| self.default_tls.clone());
-            let name = rustls::pki_types::ServerName::try_from(host.to_owned())
-                .map_err(|_| (Outcome::TlsFailed, Phase::Tls))?;
+            // An IP literal is checked against the certificate's IP addresses; `host_str`
+            // would keep the brackets of an IPv6 literal.
+            let name = match url.host() {
+                Some(url::Host::Ipv4(ip)) => {
+                    rustls::pki_types::ServerName::from(std::net::IpAddr::V4(ip))
+                }
+                Some(url::Host::Ipv6(ip)) => {
+                    rustls::pki_types::ServerName::from(std::net::IpAddr::V6(ip))
+                }
+                _ => rustls::pki_types::ServerName::try_from(host.to_owned())
+                    .map_err(|_| (Outcome::TlsFailed, Phase::Tls))?,
+            };
             let t = Instant::now();
             let stream = match timeout_at(
                 deadline,
@@ -361,14 +371,23 @@ where
     m.transfer = Some(first.elapsed());
     m.body_bytes = u32::try_from(read).unwrap_or(u32::MAX);
     if let Some(regex) = &target.regex {
-        let text = if gzip {
-            gunzip_capped(&kept, target.body_cap)
-        } else {
-            kept
-        };
-        // Lossy: invalid UTF-8 becomes U+FFFD and cannot crash or hide the rest of the text.
-        // The whole (capped) body is searched at once, so a match across chunks is found.
-        m.regex = if regex.is_match(&String::from_utf8_lossy(&text)) {
+        // Decoding and searching up to `body_cap` bytes is CPU work: off the runtime thread, so
+        // it cannot delay (or inflate the timings of) other probes on a one-thread agent.
+        let (regex, cap) = (regex.clone(), target.body_cap);
+        let matched = tokio::task::spawn_blocking(move || {
+            let text = if gzip {
+                gunzip_capped(&kept, cap)
+            } else {
+                kept
+            };
+            // Lossy: invalid UTF-8 becomes U+FFFD and cannot crash or hide the rest of the
+            // text. The whole (capped) body is searched at once, so a match across chunks is
+            // found.
+            regex.is_match(&String::from_utf8_lossy(&text))
+        })
+        .await
+        .map_err(|_| (Outcome::Other, Phase::Body))?;
+        m.regex = if matched {
             RegexOutcome::Matched
         } else {
             RegexOutcome::NotMatched

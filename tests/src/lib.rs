@@ -2,6 +2,7 @@
 //! addresses of the real services started by `tests/services/up`.
 
 pub mod target;
+pub mod tls;
 
 /// Where the services started by `tests/services/up` listen; each can be overridden by the same
 /// environment variable the script reads (`VANTAGE_PG_PORT`, ...).

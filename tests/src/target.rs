@@ -1,15 +1,34 @@
-//! A local HTTP target whose behaviour is chosen per request by query parameters:
-//! `delay_ms=N` waits before answering, `status=N` sets the status code. The body always
-//! contains "vantage test target: ok".
+//! A local HTTP(S) target whose behaviour is chosen per request by query parameters, in the
+//! spirit of httpbin and blackbox_exporter's test servers:
+//!
+//! | parameter | effect |
+//! |---|---|
+//! | `delay_ms=N` | wait N ms before answering |
+//! | `status=N` | answer with status N |
+//! | `redirect=N` | answer 302 to the same URL with `redirect=N-1`, until 0 |
+//! | `loop=1` | answer 302 to the very same URL, forever |
+//! | `size=N` | a body of N bytes (`BODY` repeated) instead of `BODY` |
+//! | `split=1` | send `BODY` in two chunks, cut in the middle of "target: ok" |
+//! | `drip_ms=N` | send the body one byte every N ms |
+//! | `stall=1` | send headers and the first body chunk, then nothing, forever |
+//! | `gzip=1` | gzip the body (`Content-Encoding: gzip`) |
+//! | `bad_utf8=1` | put invalid UTF-8 bytes before `BODY` |
+//!
+//! The default body is [`BODY`], which contains "target: ok".
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use futures::StreamExt as _;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -18,22 +37,50 @@ pub const BODY: &str = "<html><body>vantage test target: ok</body></html>\n";
 /// A running target; stops when dropped.
 pub struct TargetServer {
     pub addr: SocketAddr,
+    scheme: &'static str,
     stop: CancellationToken,
 }
 
 impl TargetServer {
-    /// Binds `addr` (use `127.0.0.1:0` for any free port) and serves until dropped.
+    /// Binds `addr` (use `127.0.0.1:0` for any free port) and serves plain HTTP until dropped.
     pub async fn start(addr: &str) -> std::io::Result<TargetServer> {
+        Self::start_with(addr, None).await
+    }
+
+    /// The same over TLS with `config` (see [`crate::tls`] for test certificates).
+    pub async fn start_tls(
+        addr: &str,
+        config: Arc<rustls::ServerConfig>,
+    ) -> std::io::Result<TargetServer> {
+        Self::start_with(addr, Some(tokio_rustls::TlsAcceptor::from(config))).await
+    }
+
+    async fn start_with(
+        addr: &str,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> std::io::Result<TargetServer> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let stop = CancellationToken::new();
-        tokio::spawn(serve(listener, stop.clone()));
-        Ok(TargetServer { addr, stop })
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        tokio::spawn(serve_with(listener, tls, stop.clone()));
+        Ok(TargetServer { addr, scheme, stop })
     }
 
-    /// `http://<addr><path_and_query>`.
+    /// `<scheme>://127.0.0.1:<port><path_and_query>`.
     pub fn url(&self, path_and_query: &str) -> String {
-        format!("http://{}{}", self.addr, path_and_query)
+        format!("{}://{}{}", self.scheme, self.addr, path_and_query)
+    }
+
+    /// The same URL with a host name instead of the IP (for TLS name checks).
+    pub fn url_with_host(&self, host: &str, path_and_query: &str) -> String {
+        format!(
+            "{}://{}:{}{}",
+            self.scheme,
+            host,
+            self.addr.port(),
+            path_and_query
+        )
     }
 }
 
@@ -43,8 +90,16 @@ impl Drop for TargetServer {
     }
 }
 
-/// Serves connections from `listener` until `stop` fires.
+/// Serves plain HTTP connections from `listener` until `stop` fires.
 pub async fn serve(listener: TcpListener, stop: CancellationToken) {
+    serve_with(listener, None, stop).await
+}
+
+async fn serve_with(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    stop: CancellationToken,
+) {
     loop {
         let stream = tokio::select! {
             _ = stop.cancelled() => return,
@@ -54,35 +109,121 @@ pub async fn serve(listener: TcpListener, stop: CancellationToken) {
             },
         };
         let stop = stop.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), hyper::service::service_fn(answer));
-            tokio::select! {
-                _ = conn => {}
-                _ = stop.cancelled() => {}
+            match tls {
+                None => serve_connection(stream, stop).await,
+                Some(acceptor) => {
+                    // A failed handshake (the client rejected our certificate) just ends here.
+                    if let Ok(s) = acceptor.accept(stream).await {
+                        serve_connection(s, stop).await
+                    }
+                }
             }
         });
     }
 }
 
-async fn answer(req: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
-    let mut delay = Duration::ZERO;
-    let mut status = StatusCode::OK;
-    for pair in req.uri().query().unwrap_or_default().split('&') {
-        match pair.split_once('=') {
-            Some(("delay_ms", v)) => delay = Duration::from_millis(v.parse().unwrap_or(0)),
-            Some(("status", v)) => {
-                status = v
-                    .parse::<u16>()
-                    .ok()
-                    .and_then(|s| StatusCode::from_u16(s).ok())
-                    .unwrap_or(StatusCode::OK)
-            }
-            _ => {}
-        }
+async fn serve_connection<S>(stream: S, stop: CancellationToken)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), hyper::service::service_fn(answer));
+    tokio::select! {
+        _ = conn => {}
+        _ = stop.cancelled() => {}
     }
-    tokio::time::sleep(delay).await;
-    let mut response = Response::new(Full::new(Bytes::from_static(BODY.as_bytes())));
-    *response.status_mut() = status;
-    Ok(response)
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).boxed()
+}
+
+async fn answer(req: Request<hyper::body::Incoming>) -> Result<Response<Body>, Infallible> {
+    let query = req.uri().query().unwrap_or_default().to_owned();
+    let param = |name: &str| -> Option<u64> {
+        query
+            .split('&')
+            .filter_map(|p| p.split_once('='))
+            .find(|(k, _)| *k == name)
+            .and_then(|(_, v)| v.parse().ok())
+    };
+    if let Some(ms) = param("delay_ms") {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let path = req.uri().path().to_owned();
+    if param("loop") == Some(1) {
+        return Ok(redirect(&format!("{path}?{query}")));
+    }
+    if let Some(n) = param("redirect").filter(|n| *n > 0) {
+        let next = query.replace(&format!("redirect={n}"), &format!("redirect={}", n - 1));
+        return Ok(redirect(&format!("{path}?{next}")));
+    }
+    let status = param("status")
+        .and_then(|s| StatusCode::from_u16(s as u16).ok())
+        .unwrap_or(StatusCode::OK);
+
+    let mut content: Vec<u8> = match param("size") {
+        Some(n) => BODY.bytes().cycle().take(n as usize).collect(),
+        None => BODY.as_bytes().to_vec(),
+    };
+    if param("bad_utf8") == Some(1) {
+        content.splice(0..0, [0xFF, 0xFE, 0xC3, 0x28, 0x80]);
+    }
+    let mut response = Response::builder().status(status);
+    if param("gzip") == Some(1) {
+        use std::io::Write;
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        let _ = enc.write_all(&content);
+        content = enc.finish().unwrap_or_default();
+        response = response.header("content-encoding", "gzip");
+    }
+
+    let body = if param("split") == Some(1) {
+        let cut = BODY.find("target: ok").map_or(0, |i| i + 4);
+        let (a, b) = content.split_at(cut.min(content.len()));
+        let chunks = vec![Bytes::copy_from_slice(a), Bytes::copy_from_slice(b)];
+        // The pause makes the two halves arrive in two reads on the client.
+        paced(chunks, Duration::from_millis(30), content.len())
+    } else if let Some(ms) = param("drip_ms") {
+        let chunks = content
+            .iter()
+            .map(|b| Bytes::copy_from_slice(&[*b]))
+            .collect();
+        paced(chunks, Duration::from_millis(ms), content.len())
+    } else if param("stall") == Some(1) {
+        let first = Bytes::copy_from_slice(&content[..content.len() / 2]);
+        let stream = futures::stream::once(async move { Ok(Frame::data(first)) })
+            .chain(futures::stream::pending());
+        response = response.header("content-length", content.len());
+        BodyExt::boxed(StreamBody::new(stream))
+    } else {
+        full(content)
+    };
+    Ok(response
+        .body(body)
+        .unwrap_or_else(|_| Response::new(full(""))))
+}
+
+/// A body sent as `chunks`, waiting `pause` before each one after the first.
+fn paced(chunks: Vec<Bytes>, pause: Duration, _len: usize) -> Body {
+    let stream =
+        futures::stream::iter(chunks.into_iter().enumerate()).then(move |(i, c)| async move {
+            if i > 0 {
+                tokio::time::sleep(pause).await;
+            }
+            Ok::<_, Infallible>(Frame::data(c))
+        });
+    BodyExt::boxed(StreamBody::new(stream))
+}
+
+fn redirect(location: &str) -> Response<Body> {
+    Response::builder()
+        .status(StatusCode::FOUND)
+        .header("location", location)
+        .body(full(""))
+        .unwrap_or_else(|_| Response::new(full("")))
 }
