@@ -169,8 +169,9 @@ mod bare {
         // The batch and the frame buffer live in .bss, not on the stack.
         static mut BATCH: Batch = super::EMPTY;
         static mut BUF: [u8; MAX_FRAME_LEN] = [0; MAX_FRAME_LEN];
+        let (batch, buf) = (&raw mut BATCH, &raw mut BUF);
         // SAFETY: the only references to BATCH and BUF, taken once, single-threaded.
-        let (batch, buf) = unsafe { (&mut *&raw mut BATCH, &mut *&raw mut BUF) };
+        let (batch, buf) = unsafe { (&mut *batch, &mut *buf) };
         let code = match super::encode_sample(batch, buf) {
             Ok((len, hash)) => {
                 let _ = write!(line, "encode_batch: ok, {len}-byte frame, fnv1a {hash:08x}");
@@ -219,7 +220,10 @@ mod bare {
                 RUNTIME_ERROR
             },
         );
-        loop {}
+        // Reached only without a debugger or emulator to take the exit request.
+        loop {
+            core::hint::spin_loop();
+        }
     }
 
     /// One line of output in a fixed buffer, printed with SYS_WRITE0 (NUL-terminated).
