@@ -37,6 +37,99 @@ enum Command {
         /// Path of the TOML configuration file.
         config: PathBuf,
     },
+    /// Probe one URL now, with the engine and options of a configured target, and print every
+    /// measured field. Exit status: 0 when the outcome is `up`, 2 when it is not, 1 on bad usage.
+    ///
+    /// Example: vantage-agent probe https://example.org/ --regex 'Example Domain' --json
+    Probe(ProbeArgs),
+}
+
+#[derive(clap::Args)]
+struct ProbeArgs {
+    /// The http:// or https:// URL to probe.
+    url: String,
+    /// Deadline of the whole probe, redirects included.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    timeout: std::time::Duration,
+    /// Regular expression (regex-lite syntax) to search in the body.
+    #[arg(long)]
+    regex: Option<String>,
+    /// HTTP method.
+    #[arg(long, default_value = "GET")]
+    method: String,
+    /// Extra request header, "Name: value"; repeatable.
+    #[arg(long = "header", short = 'H')]
+    headers: Vec<String>,
+    /// Accepted status code or range ("200-299", "301"); repeatable. Default: 200-299.
+    #[arg(long = "accept")]
+    accept: Vec<String>,
+    /// Redirects to follow; 0 records the redirect itself.
+    #[arg(long, default_value_t = vantage_agent::target::DEFAULT_MAX_REDIRECTS)]
+    max_redirects: u8,
+    /// Most body bytes to read.
+    #[arg(long, default_value_t = vantage_agent::target::DEFAULT_BODY_CAP)]
+    body_cap: usize,
+    /// PEM file of CA certificates to trust instead of the bundled roots.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// Accept any certificate.
+    #[arg(long)]
+    insecure: bool,
+    /// Connect over IPv4 only.
+    #[arg(long, conflicts_with = "ipv6")]
+    ipv4: bool,
+    /// Connect over IPv6 only.
+    #[arg(long)]
+    ipv6: bool,
+    /// Print one JSON object instead of aligned lines.
+    #[arg(long)]
+    json: bool,
+}
+
+impl ProbeArgs {
+    /// The same validation as a target in a config file.
+    fn target(&self) -> anyhow::Result<vantage_agent::target::Target> {
+        use vantage_agent::target::{IpFamily, RawTarget, StatusSpec, Target};
+        let mut headers = std::collections::BTreeMap::new();
+        for h in &self.headers {
+            let (name, value) = h
+                .split_once(':')
+                .with_context(|| format!("--header {h:?}: expected \"Name: value\""))?;
+            headers.insert(name.trim().to_owned(), value.trim().to_owned());
+        }
+        let raw = RawTarget {
+            id: 0,
+            name: None,
+            url: self.url.clone(),
+            interval: self.timeout,
+            timeout: self.timeout,
+            regex: self.regex.clone(),
+            method: self.method.clone(),
+            headers,
+            accepted_status: self.accept.iter().cloned().map(StatusSpec::Text).collect(),
+            max_redirects: self.max_redirects,
+            body_cap: self.body_cap,
+            ca_file: self.ca_file.clone(),
+            tls_skip_verify: self.insecure,
+            ip_family: if self.ipv4 {
+                IpFamily::Ipv4
+            } else if self.ipv6 {
+                IpFamily::Ipv6
+            } else {
+                IpFamily::Auto
+            },
+        };
+        Target::from_raw(raw).map_err(|e| {
+            let flag = match e.key {
+                "url" => "URL".to_owned(),
+                "interval" | "timeout" => "--timeout".to_owned(),
+                "accepted_status" => "--accept".to_owned(),
+                "tls_skip_verify" => "--insecure".to_owned(),
+                key => format!("--{}", key.replace('_', "-")),
+            };
+            anyhow::anyhow!("{flag}: {}", e.reason)
+        })
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -57,6 +150,23 @@ fn main() -> anyhow::Result<()> {
                 c.region,
                 c.targets.len()
             );
+            Ok(())
+        }
+        Command::Probe(args) => {
+            let target = args.target()?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the tokio runtime")?;
+            let m = runtime.block_on(vantage_agent::probe::Prober::new().probe(&target));
+            if args.json {
+                println!("{}", vantage_agent::oneshot::to_json(&m));
+            } else {
+                print!("{}", vantage_agent::oneshot::to_text(&m));
+            }
+            if m.outcome != vantage_proto::Outcome::Up {
+                std::process::exit(2);
+            }
             Ok(())
         }
         Command::Run { config, rounds } => {

@@ -77,3 +77,58 @@ fn missing_file_is_named() {
         "{stderr}"
     );
 }
+
+/// A one-shot HTTP server on a std thread: answers one request with `response`.
+fn one_response_server(response: &'static str) -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        if let Ok((mut s, _)) = listener.accept() {
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(response.as_bytes());
+        }
+    });
+    addr
+}
+
+#[test]
+fn probe_prints_json_with_column_names() {
+    let addr = one_response_server(
+        "HTTP/1.1 200 OK\r\ncontent-length: 11\r\nconnection: close\r\n\r\nhello world",
+    );
+    let url = format!("http://{addr}/");
+    let (ok, stdout, stderr) = run(&["probe", "--json", "--regex", "wor+ld", &url]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("\"outcome\":\"up\""), "{stdout}");
+    assert!(stdout.contains("\"status\":200"), "{stdout}");
+    assert!(stdout.contains("\"regex_match\":true"), "{stdout}");
+    assert!(stdout.contains("\"body_bytes\":11"), "{stdout}");
+}
+
+#[test]
+fn probe_exits_2_when_the_target_is_down() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = Command::new(env!("CARGO_BIN_EXE_vantage-agent"))
+        .args(["probe", &format!("http://127.0.0.1:{port}/")])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("outcome         connect_refused"), "{text}");
+}
+
+#[test]
+fn probe_rejects_bad_options_by_flag_name() {
+    let (ok, _, stderr) = run(&["probe", "--accept", "700", "http://127.0.0.1:9/"]);
+    assert!(!ok);
+    assert!(stderr.contains("--accept:"), "{stderr}");
+    let (ok, _, stderr) = run(&["probe", "ftp://x/"]);
+    assert!(!ok);
+    assert!(stderr.contains("URL: scheme \"ftp\""), "{stderr}");
+}

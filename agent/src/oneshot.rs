@@ -1,0 +1,185 @@
+//! `vantage-agent probe URL`: one probe with the same engine and options as a configured
+//! target, printed for a person (aligned lines) or for a program (`--json`). Field names match
+//! the columns of the `results` table.
+
+use std::fmt::Write as _;
+use std::time::{Duration, UNIX_EPOCH};
+
+use crate::probe::Measurement;
+
+/// One printed value.
+#[derive(Debug, Clone, PartialEq)]
+enum Value {
+    Null,
+    Int(u64),
+    Bool(bool),
+    Text(String),
+}
+
+fn us(d: Option<Duration>) -> Value {
+    d.map_or(Value::Null, |d| Value::Int(d.as_micros() as u64))
+}
+
+/// The measurement as (column name, value) pairs, in table order.
+fn fields(m: &Measurement) -> Vec<(&'static str, Value)> {
+    let time = |unix: Duration| {
+        Value::Text(humantime::format_rfc3339_millis(UNIX_EPOCH + unix).to_string())
+    };
+    vec![
+        ("target_id", Value::Int(m.target_id.into())),
+        ("started_at", time(Duration::from_millis(m.started_at_ms))),
+        ("outcome", Value::Text(m.outcome.as_str().into())),
+        (
+            "failed_phase",
+            m.failed_phase
+                .map_or(Value::Null, |p| Value::Text(p.as_str().into())),
+        ),
+        (
+            "status",
+            if m.status == 0 {
+                Value::Null
+            } else {
+                Value::Int(m.status.into())
+            },
+        ),
+        (
+            "regex_match",
+            match m.regex {
+                vantage_proto::RegexOutcome::NotConfigured => Value::Null,
+                vantage_proto::RegexOutcome::Matched => Value::Bool(true),
+                vantage_proto::RegexOutcome::NotMatched => Value::Bool(false),
+            },
+        ),
+        ("total_us", us(Some(m.total))),
+        ("dns_us", us(m.dns)),
+        ("connect_us", us(m.connect)),
+        ("tls_us", us(m.tls)),
+        ("ttfb_us", us(m.ttfb)),
+        ("transfer_us", us(m.transfer)),
+        ("body_bytes", Value::Int(m.body_bytes.into())),
+        ("body_truncated", Value::Bool(m.body_truncated)),
+        ("redirects", Value::Int(m.redirects.into())),
+        (
+            "cert_not_after",
+            m.cert_not_after_s
+                .map_or(Value::Null, |s| time(Duration::from_secs(s))),
+        ),
+        (
+            "remote_ip",
+            m.remote_ip
+                .map_or(Value::Null, |ip| Value::Text(ip.to_string())),
+        ),
+    ]
+}
+
+/// A JSON object on one line.
+pub fn to_json(m: &Measurement) -> String {
+    let mut out = String::from("{");
+    for (i, (name, value)) in fields(m).into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let _ = write!(out, "\"{name}\":");
+        match value {
+            Value::Null => out.push_str("null"),
+            Value::Int(n) => {
+                let _ = write!(out, "{n}");
+            }
+            Value::Bool(b) => {
+                let _ = write!(out, "{b}");
+            }
+            Value::Text(t) => json_string(&mut out, &t),
+        }
+    }
+    out.push('}');
+    out
+}
+
+fn json_string(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// Aligned `name  value` lines; times in milliseconds with three decimals.
+pub fn to_text(m: &Measurement) -> String {
+    let mut out = String::new();
+    for (name, value) in fields(m) {
+        let shown = match (name.ends_with("_us"), value) {
+            (_, Value::Null) => "-".to_owned(),
+            (true, Value::Int(n)) => format!("{:.3} ms", n as f64 / 1000.0),
+            (false, Value::Int(n)) => n.to_string(),
+            (_, Value::Bool(b)) => b.to_string(),
+            (_, Value::Text(t)) => t,
+        };
+        let label = name.strip_suffix("_us").unwrap_or(name);
+        let _ = writeln!(out, "{label:<15} {shown}");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vantage_proto::{Outcome, Phase, RegexOutcome};
+
+    fn sample() -> Measurement {
+        Measurement {
+            target_id: 0,
+            started_at_ms: 1_764_000_000_123,
+            status: 0,
+            outcome: Outcome::Timeout,
+            failed_phase: Some(Phase::FirstByte),
+            regex: RegexOutcome::NotConfigured,
+            total: Duration::from_micros(1_000_500),
+            dns: None,
+            connect: Some(Duration::from_micros(150)),
+            tls: None,
+            ttfb: None,
+            transfer: None,
+            body_bytes: 0,
+            body_truncated: false,
+            redirects: 0,
+            cert_not_after_s: None,
+            remote_ip: Some("127.0.0.1".parse().unwrap()),
+        }
+    }
+
+    #[test]
+    fn json_has_column_names_and_nulls() {
+        let j = to_json(&sample());
+        assert!(
+            j.starts_with("{\"target_id\":0,\"started_at\":\"2025-11-24T16:00:00.123Z\""),
+            "{j}"
+        );
+        assert!(
+            j.contains("\"outcome\":\"timeout\",\"failed_phase\":\"first_byte\",\"status\":null"),
+            "{j}"
+        );
+        assert!(j.contains("\"connect_us\":150,\"tls_us\":null"), "{j}");
+        assert!(j.ends_with("\"remote_ip\":\"127.0.0.1\"}"), "{j}");
+    }
+
+    #[test]
+    fn text_is_aligned_with_units() {
+        let t = to_text(&sample());
+        assert!(t.contains("total           1000.500 ms"), "{t}");
+        assert!(t.contains("tls             -"), "{t}");
+    }
+
+    #[test]
+    fn json_strings_are_escaped() {
+        let mut s = String::new();
+        json_string(&mut s, "a\"b\\c\n");
+        assert_eq!(s, "\"a\\\"b\\\\c\\u000a\"");
+    }
+}
