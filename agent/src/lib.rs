@@ -5,6 +5,7 @@
 //! [`uplink`] (number, buffer, batch, publish).
 
 pub mod config;
+pub mod oneshot;
 pub mod probe;
 pub mod scheduler;
 pub mod target;
