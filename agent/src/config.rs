@@ -76,7 +76,9 @@ pub struct RawUplink {
     /// Longest time a result waits for its batch to fill (default 1s).
     #[serde(default = "default_flush_interval", with = "humantime_serde")]
     pub flush_interval: Duration,
-    /// Results kept while the broker is unreachable (default 10000); the oldest go first.
+    /// Results kept while the broker is unreachable (default 10000, at most 1000000); when full
+    /// the oldest go first, and the loss is reported upstream as a gap record. The memory is
+    /// reserved at start (about 100 bytes per result).
     #[serde(default = "default_buffer_capacity")]
     pub buffer_capacity: usize,
     /// On shutdown, how long to keep trying to deliver buffered results (default 10s).
@@ -111,6 +113,9 @@ impl Default for RawProbes {
         }
     }
 }
+
+/// Largest `uplink.buffer_capacity`: about 100 MB of results.
+pub const MAX_BUFFER_CAPACITY: usize = 1_000_000;
 
 fn default_mqtt_port() -> u16 {
     1883
@@ -239,10 +244,22 @@ impl Config {
                 format!("must be 1..={}", vantage_proto::MAX_RESULTS),
             ));
         }
-        if raw.uplink.buffer_capacity == 0 {
+        if raw.uplink.buffer_capacity == 0 || raw.uplink.buffer_capacity > MAX_BUFFER_CAPACITY {
             return Err(invalid(
                 "uplink.buffer_capacity",
-                "must be at least 1".into(),
+                format!("must be 1..={MAX_BUFFER_CAPACITY} (memory is reserved at start)"),
+            ));
+        }
+        if raw.uplink.flush_interval.is_zero() {
+            return Err(invalid(
+                "uplink.flush_interval",
+                "must be longer than 0".into(),
+            ));
+        }
+        if !raw.mqtt.keep_alive.is_zero() && raw.mqtt.keep_alive < Duration::from_secs(1) {
+            return Err(invalid(
+                "mqtt.keep_alive",
+                "must be 0 (off) or at least 1s".into(),
             ));
         }
         if raw.probes.max_concurrency == 0 {
@@ -374,6 +391,22 @@ regex = "ok"
         assert!(e.contains("`agent_id`"), "{e}");
         let e = err(&GOOD.replace("eu-north", "eu+north"));
         assert!(e.contains("`region`"), "{e}");
+    }
+
+    #[test]
+    fn bad_uplink_values_are_rejected() {
+        let with = |uplink: &str| {
+            err(&GOOD.replace("[[targets]]", &format!("[uplink]\n{uplink}\n[[targets]]")))
+        };
+        assert!(with("buffer_capacity = 0").contains("`uplink.buffer_capacity`"));
+        assert!(with("buffer_capacity = 1000001").contains("`uplink.buffer_capacity`"));
+        assert!(with("batch_max = 33").contains("`uplink.batch_max`"));
+        assert!(with("flush_interval = \"0s\"").contains("`uplink.flush_interval`"));
+        let e = err(&GOOD.replace(
+            "host = \"127.0.0.1\"",
+            "host = \"127.0.0.1\"\nkeep_alive = \"500ms\"",
+        ));
+        assert!(e.contains("`mqtt.keep_alive`"), "{e}");
     }
 
     #[test]

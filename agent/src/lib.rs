@@ -61,8 +61,9 @@ pub async fn run(
         "agent starting"
     );
 
-    // Probes hand results to the uplink through this channel; the uplink drains it without ever
-    // waiting on the network, so its bound only matters if the uplink task itself stalls.
+    // Probes hand results to the uplink through this channel (the uplink numbers them); the
+    // uplink drains it without ever waiting on the network, so its bound only matters if the
+    // uplink task itself stalls.
     let (tx, rx) = mpsc::channel(1024);
     let uplink = tokio::spawn(uplink::run(config.clone(), boot_id, rx, shutdown.clone()));
 
@@ -99,7 +100,7 @@ pub async fn run(
                 let m = prober.probe(target).await;
                 tracing::debug!(target_id = m.target_id, outcome = m.outcome.as_str(), status = m.status, total = ?m.total, "probe done");
                 // Fails only when the uplink is gone (shutdown); the result cannot go anywhere.
-                let _ = tx.send(m).await;
+                let _ = tx.send(uplink::to_wire(&m)).await;
                 drop(permit);
             });
         }

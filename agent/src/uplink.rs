@@ -1,207 +1,285 @@
-//! The uplink: numbers results, batches them, and publishes postcard frames over MQTT QoS 1.
+//! The uplink: numbers results, buffers them, batches them into frames, and publishes the frames
+//! over MQTT QoS 1, keeping each frame until the broker acknowledged it.
 //!
-//! Flow: probe tasks → bounded channel → [`run`] (sequence numbers, bounded buffer, batches) →
-//! rumqttc `AsyncClient` → the event-loop task, which alone owns the socket (rumqttc deadlocks if
-//! the task that polls the event loop also awaits `publish`).
+//! Flow: probe tasks → bounded channel → [`run`] → [`Outbox`] (numbering, bounded buffer, gap
+//! records, frames awaiting PUBACK) → rumqttc `AsyncClient` → the event-loop task, which alone
+//! owns the socket (rumqttc deadlocks if the task that polls the event loop also awaits
+//! `publish`).
 //!
-//! Probes never wait on the network: this loop only hands frames to rumqttc with `try_publish`,
-//! and keeps results in its own bounded buffer while rumqttc's queue is full (broker down). When
-//! that buffer is full the oldest results are dropped and counted.
+//! Probes never wait on the network: this loop only hands frames to rumqttc with `try_publish`
+//! and never awaits the broker. While the broker is unreachable, results wait in the bounded
+//! buffer; when it is full the oldest result is dropped, and the dropped sequence numbers travel
+//! upstream as [`Gap`] records, so the loss itself lands in SQL.
+//!
+//! # Why the uplink keeps frames until PUBACK
+//! rumqttc replays unacknowledged publishes after a reconnect only if the broker still has the
+//! session (`session_present`); otherwise it silently clears them (rumqttc 0.25
+//! `EventLoop::poll`; see bytebeamio/rumqtt#923). So the [`Outbox`] keeps every frame until its
+//! PUBACK, and when a reconnect reports a lost session it hands all unacknowledged frames to
+//! rumqttc again. PUBACKs are matched to frames by order: the broker acknowledges QoS 1 in the
+//! order it receives them, and frames are handed only while connected, so an acknowledgement can
+//! never belong to a frame rumqttc dropped.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
-use vantage_proto::{Batch, ProbeResult, MAX_FRAME_LEN};
+use vantage_proto::{Batch, Gap, ProbeResult, MAX_FRAME_LEN, MAX_GAPS};
 
 use crate::config::Config;
 use crate::probe::Measurement;
 
-/// Requests rumqttc may queue between this loop and its event loop.
+/// Frames encoded and not yet acknowledged, at most. Bounds the memory outside the result buffer
+/// (16 × [`MAX_FRAME_LEN`] ≈ 33 KB) and the number of QoS 1 publishes in flight.
+pub const MAX_FRAMES: usize = 16;
+
+/// Gap records waiting for a frame. Between two frames only one gap can form (drops between
+/// two frames are contiguous), and each frame carries up to [`MAX_GAPS`], so this never fills.
+const MAX_PENDING_GAPS: usize = 8;
+
+/// Requests rumqttc may queue between this loop and its event loop (more than [`MAX_FRAMES`],
+/// so `try_publish` of a frame fails only if rumqttc itself is stuck).
 const CLIENT_QUEUE: usize = 64;
+
+/// Longest wait between reconnect attempts (before jitter).
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// What the uplink did during one run.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct UplinkStats {
     pub boot_id: u64,
-    /// Results numbered (and so produced) in this boot.
+    /// Results numbered (and so produced) in this boot: sequence numbers `0..results`.
     pub results: u64,
-    /// Results dropped because the buffer overflowed.
+    /// Results dropped because the buffer overflowed (each is covered by a gap record).
     pub dropped: u64,
-    /// Frames handed to the MQTT client.
+    /// Gap records created (several drops in a row make one record).
+    pub gaps: u64,
+    /// Frames encoded.
+    pub frames: u64,
+    /// Frames handed to the MQTT client (more than `frames` after a lost session).
     pub frames_published: u64,
     /// Frames the broker acknowledged.
     pub frames_acked: u64,
-    /// Results still buffered when the drain deadline passed.
+    /// Successful connections after the first one.
+    pub reconnects: u64,
+    /// Reconnects after which the broker no longer had the session (frames were re-sent).
+    pub sessions_lost: u64,
+    /// Results not acknowledged by the broker when the drain deadline passed (lost with the
+    /// process; not covered by a gap record).
     pub undelivered: u64,
 }
 
-/// Acknowledgements counted by the event-loop task.
-#[derive(Default)]
-struct Acks {
-    count: AtomicU64,
-    changed: Notify,
+/// One encoded frame and what it carries.
+struct Frame {
+    bytes: heapless::Vec<u8, MAX_FRAME_LEN>,
+    results: usize,
 }
 
-/// Runs until `results` is closed (all probes done) and the buffer is delivered or the drain
-/// deadline passes, or until `shutdown` fires and the same drain happens.
-pub async fn run(
-    config: Arc<Config>,
-    boot_id: u64,
-    mut results: mpsc::Receiver<Measurement>,
-    shutdown: CancellationToken,
-) -> UplinkStats {
-    let mut options = MqttOptions::new(
-        format!("vantage-agent-{}", config.agent_id),
-        config.mqtt.host.clone(),
-        config.mqtt.port,
-    );
-    options.set_keep_alive(config.mqtt.keep_alive);
-    options.set_max_packet_size(MAX_FRAME_LEN + 1024, MAX_FRAME_LEN + 1024);
-    if let (Some(user), Some(pass)) = (&config.mqtt.username, &config.mqtt.password) {
-        options.set_credentials(user.clone(), pass.clone());
-    } else if let Some(user) = &config.mqtt.username {
-        options.set_credentials(user.clone(), String::new());
-    }
-    let (client, eventloop) = AsyncClient::new(options, CLIENT_QUEUE);
-    let acks = Arc::new(Acks::default());
-    let loop_stop = CancellationToken::new();
-    let event_task = tokio::spawn(poll_events(eventloop, acks.clone(), loop_stop.clone()));
-
-    let topic = config.results_topic();
-    let capacity = config.uplink.buffer_capacity;
-    let batch_max = config.uplink.batch_max;
-    let mut stats = UplinkStats {
-        boot_id,
-        ..UplinkStats::default()
-    };
-    let mut buffer: VecDeque<ProbeResult> = VecDeque::with_capacity(capacity);
-    let mut flush = tokio::time::interval(config.uplink.flush_interval);
-    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut open = true;
-
-    while open {
-        tokio::select! {
-            received = results.recv() => match received {
-                Some(m) => {
-                    if buffer.len() == capacity {
-                        buffer.pop_front();
-                        stats.dropped += 1;
-                        tracing::warn!(dropped = stats.dropped, "uplink buffer full, dropped oldest result");
-                    }
-                    buffer.push_back(to_wire(stats.results, &m));
-                    stats.results += 1;
-                    if buffer.len() >= batch_max {
-                        publish_ready(&client, &topic, boot_id, batch_max, &mut buffer, &mut stats, false);
-                    }
-                }
-                None => open = false,
-            },
-            _ = flush.tick() => {
-                publish_ready(&client, &topic, boot_id, batch_max, &mut buffer, &mut stats, true);
-            }
-            _ = shutdown.cancelled() => open = false,
-        }
-    }
-
-    // Drain: keep offering the buffer to rumqttc, then wait for the broker's acks.
-    let drain_deadline = tokio::time::Instant::now() + config.uplink.drain_timeout;
-    loop {
-        publish_ready(
-            &client,
-            &topic,
-            boot_id,
-            batch_max,
-            &mut buffer,
-            &mut stats,
-            true,
-        );
-        let acked = acks.count.load(Ordering::Acquire);
-        if buffer.is_empty() && acked >= stats.frames_published {
-            break;
-        }
-        let wait = tokio::time::timeout_at(drain_deadline, async {
-            tokio::select! {
-                _ = acks.changed.notified() => {}
-                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-            }
-        });
-        if wait.await.is_err() {
-            tracing::warn!(
-                buffered = buffer.len(),
-                unacked = stats.frames_published.saturating_sub(acked),
-                "drain deadline passed with results undelivered"
-            );
-            break;
-        }
-    }
-    stats.frames_acked = acks.count.load(Ordering::Acquire);
-    stats.undelivered = buffer.len() as u64;
-    let _ = client.try_disconnect();
-    // Give the event loop a moment to send DISCONNECT, then stop it.
-    let _ = tokio::time::timeout(Duration::from_millis(500), async {
-        while !event_task.is_finished() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
-    loop_stop.cancel();
-    let _ = event_task.await;
-    stats
-}
-
-/// Hands full batches (and, when `partial`, a last partial one) to rumqttc until its queue is full.
-fn publish_ready(
-    client: &AsyncClient,
-    topic: &str,
+/// The uplink's state, without I/O: a bounded buffer of numbered results, the pending gap
+/// records, and the encoded frames in order (the first `handed` of them are with the MQTT client,
+/// waiting for the broker's PUBACK).
+///
+/// Memory is fixed at start: the result buffer is allocated once with the configured capacity and
+/// never grows (its capacity is a runtime setting, so it cannot be a `heapless::Deque`, whose
+/// capacity is a type parameter); gaps and frames live in `heapless` containers.
+pub struct Outbox {
     boot_id: u64,
     batch_max: usize,
-    buffer: &mut VecDeque<ProbeResult>,
-    stats: &mut UplinkStats,
-    partial: bool,
-) {
-    let mut frame = [0u8; MAX_FRAME_LEN];
-    while buffer.len() >= batch_max || (partial && !buffer.is_empty()) {
-        let n = buffer.len().min(batch_max);
-        let mut batch = Batch {
+    capacity: usize,
+    next_seq: u64,
+    /// Results not yet in a frame, in sequence order.
+    results: VecDeque<ProbeResult>,
+    gaps: heapless::Deque<Gap, MAX_PENDING_GAPS>,
+    frames: heapless::Deque<Frame, MAX_FRAMES>,
+    handed: usize,
+    stats: UplinkStats,
+}
+
+impl Outbox {
+    /// # Panics
+    /// If `batch_max` is not `1..=MAX_RESULTS` or `capacity` is 0 (config validation rejects both).
+    pub fn new(boot_id: u64, batch_max: usize, capacity: usize) -> Outbox {
+        assert!((1..=vantage_proto::MAX_RESULTS).contains(&batch_max) && capacity > 0);
+        Outbox {
             boot_id,
-            results: heapless::Vec::new(),
-            gaps: heapless::Vec::new(),
-        };
-        for r in buffer.iter().take(n) {
-            // Cannot fail: batch_max <= MAX_RESULTS is checked at config load.
-            let _ = batch.results.push(*r);
+            batch_max,
+            capacity,
+            next_seq: 0,
+            results: VecDeque::with_capacity(capacity),
+            gaps: heapless::Deque::new(),
+            frames: heapless::Deque::new(),
+            handed: 0,
+            stats: UplinkStats {
+                boot_id,
+                ..UplinkStats::default()
+            },
         }
-        let bytes = match vantage_proto::encode(&batch, &mut frame) {
-            Ok(bytes) => bytes.to_vec(),
-            Err(e) => {
-                // Unreachable by construction (MAX_FRAME_LEN bounds every batch); drop rather
-                // than loop forever on it.
-                tracing::error!(error = %e, "cannot encode batch, dropping it");
-                buffer.drain(..n);
-                stats.dropped += n as u64;
-                continue;
+    }
+
+    /// Numbers `result` (its `seq` is overwritten) and buffers it. When the buffer is full, the
+    /// oldest result not yet in a frame is dropped and recorded in a gap. Returns the sequence
+    /// number given.
+    pub fn push(&mut self, mut result: ProbeResult) -> u64 {
+        if self.results.len() == self.capacity {
+            if let Some(old) = self.results.pop_front() {
+                self.record_drop(&old);
             }
-        };
-        match client.try_publish(topic, QoS::AtLeastOnce, false, bytes) {
-            Ok(()) => {
-                buffer.drain(..n);
-                stats.frames_published += 1;
-            }
-            // Queue full (broker slow or down): keep the results, try on the next tick.
-            Err(_) => return,
         }
+        result.seq = self.next_seq;
+        self.next_seq += 1;
+        self.stats.results += 1;
+        self.results.push_back(result);
+        result.seq
+    }
+
+    fn record_drop(&mut self, r: &ProbeResult) {
+        self.stats.dropped += 1;
+        if let Some(last) = self.gaps.back_mut() {
+            if last.first_seq + u64::from(last.count) == r.seq && last.count < u32::MAX {
+                last.count += 1;
+                last.last_started_at_ms = r.started_at_ms;
+                return;
+            }
+        }
+        let gap = Gap {
+            first_seq: r.seq,
+            count: 1,
+            first_started_at_ms: r.started_at_ms,
+            last_started_at_ms: r.started_at_ms,
+        };
+        self.stats.gaps += 1;
+        if let Err(gap) = self.gaps.push_back(gap) {
+            // Unreachable (see MAX_PENDING_GAPS). Keep the count exact rather than lose it: fold
+            // into the last record, whose range then also spans results that were sent.
+            tracing::error!(
+                first_seq = gap.first_seq,
+                "gap list full, merging gap records"
+            );
+            if let Some(last) = self.gaps.back_mut() {
+                last.count = last.count.saturating_add(1);
+                last.last_started_at_ms = r.started_at_ms;
+            }
+        }
+    }
+
+    /// Encodes buffered results into frames while there is room: every full batch, and when
+    /// `partial` also a last partial one (or a frame with only gap records).
+    pub fn seal(&mut self, partial: bool) {
+        while !self.frames.is_full() {
+            let full = self.results.len() >= self.batch_max;
+            let any = !self.results.is_empty() || !self.gaps.is_empty();
+            if !(full || (partial && any)) {
+                return;
+            }
+            let n = self.results.len().min(self.batch_max);
+            let mut batch = Batch {
+                boot_id: self.boot_id,
+                results: heapless::Vec::new(),
+                gaps: heapless::Vec::new(),
+            };
+            for r in self.results.drain(..n) {
+                // Cannot fail: n <= batch_max <= MAX_RESULTS.
+                let _ = batch.results.push(r);
+            }
+            while batch.gaps.len() < MAX_GAPS {
+                match self.gaps.pop_front() {
+                    Some(g) => {
+                        let _ = batch.gaps.push(g);
+                    }
+                    None => break,
+                }
+            }
+            let mut bytes = heapless::Vec::new();
+            // Cannot fail: a full buffer of MAX_FRAME_LEN holds any batch (proto's bound).
+            let _ = bytes.resize_default(MAX_FRAME_LEN);
+            let len = match vantage_proto::encode(&batch, &mut bytes) {
+                Ok(frame) => frame.len(),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot encode batch, dropping it");
+                    self.stats.undelivered += n as u64;
+                    continue;
+                }
+            };
+            bytes.truncate(len);
+            self.stats.frames += 1;
+            // Cannot fail: checked `is_full` above.
+            let _ = self.frames.push_back(Frame { bytes, results: n });
+        }
+    }
+
+    /// The next frame to hand to the MQTT client, if any is waiting.
+    pub fn next_unhanded(&self) -> Option<&[u8]> {
+        self.frames.iter().nth(self.handed).map(|f| &f.bytes[..])
+    }
+
+    /// The frame returned by [`Outbox::next_unhanded`] is now with the MQTT client.
+    pub fn mark_handed(&mut self) {
+        if self.handed < self.frames.len() {
+            self.handed += 1;
+            self.stats.frames_published += 1;
+        }
+    }
+
+    /// The broker acknowledged the oldest `n` handed frames: they are durable, forget them.
+    pub fn acked(&mut self, n: u64) {
+        for _ in 0..n {
+            if self.handed == 0 {
+                tracing::warn!("PUBACK without a frame in flight, ignored");
+                return;
+            }
+            self.frames.pop_front();
+            self.handed -= 1;
+            self.stats.frames_acked += 1;
+        }
+    }
+
+    /// The broker lost the session, and rumqttc dropped what it had not delivered: every frame
+    /// not yet acknowledged must be handed again, in order.
+    pub fn session_lost(&mut self) {
+        self.handed = 0;
+        self.stats.sessions_lost += 1;
+    }
+
+    /// Results not yet acknowledged by the broker (buffered or in frames).
+    pub fn pending_results(&self) -> usize {
+        self.results.len() + self.frames.iter().map(|f| f.results).sum::<usize>()
+    }
+
+    /// Nothing left to deliver: no result, gap or frame waits.
+    pub fn is_empty(&self) -> bool {
+        self.results.is_empty() && self.gaps.is_empty() && self.frames.is_empty()
+    }
+
+    pub fn stats(&self) -> &UplinkStats {
+        &self.stats
     }
 }
 
-fn to_wire(seq: u64, m: &Measurement) -> ProbeResult {
+/// What the event-loop task tells the uplink loop.
+#[derive(Default)]
+struct Link {
+    /// Set after a successful CONNACK, cleared on any connection error. Frames are handed to
+    /// rumqttc only while set, so none can slip into a session that is about to be discarded.
+    connected: AtomicBool,
+    /// PUBACKs received, in total.
+    acks: AtomicU64,
+    /// CONNACKs with `session_present = false`, in total.
+    fresh_sessions: AtomicU64,
+    /// CONNACKs in total.
+    connects: AtomicU64,
+    wake: Notify,
+}
+
+/// Converts a probe measurement into a wire result. `seq` is left 0: the uplink numbers results
+/// in the order it receives them.
+pub fn to_wire(m: &Measurement) -> ProbeResult {
     let us = |d: std::time::Duration| u32::try_from(d.as_micros()).unwrap_or(u32::MAX);
     ProbeResult {
-        seq,
+        seq: 0,
         target_id: m.target_id,
         started_at_ms: m.started_at_ms,
         status: m.status,
@@ -222,9 +300,171 @@ fn to_wire(seq: u64, m: &Measurement) -> ProbeResult {
     }
 }
 
-/// The only task that touches the MQTT socket. Reconnects with capped exponential backoff.
-async fn poll_events(mut eventloop: EventLoop, acks: Arc<Acks>, stop: CancellationToken) {
+/// Runs until `results` is closed (all probes done) or `shutdown` fires, then keeps delivering
+/// what is buffered until everything is acknowledged or `uplink.drain_timeout` passes.
+///
+/// Each received result's `seq` is replaced by the next sequence number of this boot.
+pub async fn run(
+    config: Arc<Config>,
+    boot_id: u64,
+    mut results: mpsc::Receiver<ProbeResult>,
+    shutdown: CancellationToken,
+) -> UplinkStats {
+    let mut options = MqttOptions::new(
+        format!("vantage-agent-{}", config.agent_id),
+        config.mqtt.host.clone(),
+        config.mqtt.port,
+    );
+    options.set_keep_alive(config.mqtt.keep_alive);
+    // A persistent session: after a reconnect the broker resumes it and rumqttc replays what was
+    // not acknowledged; the client id is stable per agent.
+    options.set_clean_session(false);
+    options.set_max_packet_size(MAX_FRAME_LEN + 1024, MAX_FRAME_LEN + 1024);
+    if let Some(user) = &config.mqtt.username {
+        options.set_credentials(
+            user.clone(),
+            config.mqtt.password.clone().unwrap_or_default(),
+        );
+    }
+    let (client, eventloop) = AsyncClient::new(options, CLIENT_QUEUE);
+    let link = Arc::new(Link::default());
+    let loop_stop = CancellationToken::new();
+    let event_task = tokio::spawn(poll_events(
+        eventloop,
+        link.clone(),
+        loop_stop.clone(),
+        boot_id,
+    ));
+
+    let topic = config.results_topic();
+    let mut outbox = Outbox::new(
+        boot_id,
+        config.uplink.batch_max,
+        config.uplink.buffer_capacity,
+    );
+    let mut seen = Seen::default();
+    let mut flush = tokio::time::interval(config.uplink.flush_interval);
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut open = true;
+    let mut last_drop_warning: Option<tokio::time::Instant> = None;
+    // Set when input ends; far in the future until then.
+    let drain_deadline = tokio::time::sleep(Duration::from_secs(365 * 86_400));
+    tokio::pin!(drain_deadline);
+
+    loop {
+        tokio::select! {
+            received = results.recv(), if open => match received {
+                Some(r) => {
+                    let dropped_before = outbox.stats().dropped;
+                    outbox.push(r);
+                    // Rate-limited: at most one line per 10 s of overflow.
+                    if outbox.stats().dropped > dropped_before
+                        && last_drop_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+                    {
+                        last_drop_warning = Some(tokio::time::Instant::now());
+                        tracing::warn!(
+                            capacity = config.uplink.buffer_capacity,
+                            dropped = outbox.stats().dropped,
+                            "uplink buffer full, dropping oldest results (sent as gap records)"
+                        );
+                    }
+                    outbox.seal(false);
+                }
+                None => {
+                    open = false;
+                    drain_deadline.as_mut().reset(tokio::time::Instant::now() + config.uplink.drain_timeout);
+                }
+            },
+            _ = flush.tick() => outbox.seal(true),
+            _ = link.wake.notified() => {}
+            _ = shutdown.cancelled(), if open => {
+                open = false;
+                drain_deadline.as_mut().reset(tokio::time::Instant::now() + config.uplink.drain_timeout);
+            }
+            _ = &mut drain_deadline, if !open => {
+                tracing::warn!(
+                    undelivered = outbox.pending_results(),
+                    "drain deadline passed with results undelivered"
+                );
+                break;
+            }
+        }
+        if !open {
+            outbox.seal(true);
+        }
+        pump(&client, &topic, &link, &mut seen, &mut outbox);
+        if !open && outbox.is_empty() {
+            break;
+        }
+    }
+
+    let mut stats = outbox.stats().clone();
+    stats.undelivered += outbox.pending_results() as u64;
+    stats.reconnects = link.connects.load(Ordering::Acquire).saturating_sub(1);
+    let _ = client.try_disconnect();
+    // Give the event loop a moment to send DISCONNECT, then stop it.
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        while !event_task.is_finished() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    loop_stop.cancel();
+    let _ = event_task.await;
+    stats
+}
+
+/// Counters of [`Link`] the uplink loop has already applied.
+#[derive(Default)]
+struct Seen {
+    acks: u64,
+    fresh_sessions: u64,
+}
+
+/// Applies what the event loop reported, then hands waiting frames to rumqttc while connected.
+fn pump(client: &AsyncClient, topic: &str, link: &Link, seen: &mut Seen, outbox: &mut Outbox) {
+    // Order matters: `connected` is stored (Release) after `fresh_sessions`, so reading it first
+    // (Acquire) guarantees a fresh session of the current connection is seen below. Acks counted
+    // before a fresh session belong to frames handed before it; none can be counted after it
+    // until this function hands frames again.
+    let connected = link.connected.load(Ordering::Acquire);
+    let fresh = link.fresh_sessions.load(Ordering::Acquire);
+    let acks = link.acks.load(Ordering::Acquire);
+    outbox.acked(acks - seen.acks);
+    seen.acks = acks;
+    if fresh != seen.fresh_sessions {
+        // The first connection is fresh too; there is nothing handed then, so this is a no-op.
+        if outbox.handed > 0 {
+            tracing::warn!(
+                frames = outbox.handed,
+                "broker lost the MQTT session, re-sending unacknowledged frames"
+            );
+            outbox.session_lost();
+        }
+        seen.fresh_sessions = fresh;
+    }
+    if !connected {
+        return;
+    }
+    while let Some(frame) = outbox.next_unhanded() {
+        match client.try_publish(topic, QoS::AtLeastOnce, false, frame.to_vec()) {
+            Ok(()) => outbox.mark_handed(),
+            // rumqttc's queue is full: try again on the next wake-up.
+            Err(_) => return,
+        }
+    }
+}
+
+/// The only task that touches the MQTT socket. Reconnects with capped exponential backoff and
+/// jitter (so a fleet does not reconnect in lockstep after a broker restart).
+async fn poll_events(
+    mut eventloop: EventLoop,
+    link: Arc<Link>,
+    stop: CancellationToken,
+    seed: u64,
+) {
     let mut backoff = Duration::from_millis(100);
+    let mut rng = seed | 1;
     loop {
         let event = tokio::select! {
             _ = stop.cancelled() => return,
@@ -232,11 +472,20 @@ async fn poll_events(mut eventloop: EventLoop, acks: Arc<Acks>, stop: Cancellati
         };
         match event {
             Ok(Event::Incoming(Packet::PubAck(_))) => {
-                acks.count.fetch_add(1, Ordering::AcqRel);
-                acks.changed.notify_waiters();
+                link.acks.fetch_add(1, Ordering::AcqRel);
+                link.wake.notify_one();
             }
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                tracing::info!("connected to MQTT broker");
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                tracing::info!(
+                    session_present = ack.session_present,
+                    "connected to MQTT broker"
+                );
+                if !ack.session_present {
+                    link.fresh_sessions.fetch_add(1, Ordering::AcqRel);
+                }
+                link.connects.fetch_add(1, Ordering::AcqRel);
+                link.connected.store(true, Ordering::Release);
+                link.wake.notify_one();
                 backoff = Duration::from_millis(100);
             }
             Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
@@ -245,13 +494,210 @@ async fn poll_events(mut eventloop: EventLoop, acks: Arc<Acks>, stop: Cancellati
             }
             Ok(_) => {}
             Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "MQTT connection error");
+                link.connected.store(false, Ordering::Release);
+                let wait = jittered(backoff, &mut rng);
+                tracing::warn!(error = %e, retry_in = ?wait, "MQTT connection error");
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(wait) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
+        }
+    }
+}
+
+/// "Equal jitter": half the backoff plus a random part of the other half (xorshift64).
+fn jittered(backoff: Duration, rng: &mut u64) -> Duration {
+    *rng ^= *rng << 13;
+    *rng ^= *rng >> 7;
+    *rng ^= *rng << 17;
+    let half = backoff / 2;
+    let nanos = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX).max(1);
+    half + Duration::from_nanos(*rng % nanos)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vantage_proto::{Outcome, RegexOutcome};
+
+    fn result(started_at_ms: u64) -> ProbeResult {
+        ProbeResult {
+            seq: 999,
+            target_id: 1,
+            started_at_ms,
+            status: 200,
+            outcome: Outcome::Up,
+            failed_phase: None,
+            regex: RegexOutcome::NotConfigured,
+            total_us: 1000,
+            dns_us: None,
+            connect_us: Some(100),
+            tls_us: None,
+            ttfb_us: Some(500),
+            transfer_us: Some(10),
+            body_bytes: 10,
+            body_truncated: false,
+            redirects: 0,
+            cert_not_after_s: None,
+            remote_ip: None,
+        }
+    }
+
+    /// Hands every waiting frame to a fake client, returning the decoded batches.
+    fn hand_all(o: &mut Outbox) -> Vec<Batch> {
+        let mut out = Vec::new();
+        while let Some(f) = o.next_unhanded() {
+            out.push(vantage_proto::decode(f).unwrap());
+            o.mark_handed();
+        }
+        out
+    }
+
+    fn seqs(batches: &[Batch]) -> Vec<u64> {
+        batches
+            .iter()
+            .flat_map(|b| b.results.iter().map(|r| r.seq))
+            .collect()
+    }
+
+    #[test]
+    fn numbers_and_batches_in_order() {
+        let mut o = Outbox::new(7, 4, 100);
+        for i in 0..10 {
+            assert_eq!(o.push(result(i)), i);
+        }
+        o.seal(false);
+        let b = hand_all(&mut o);
+        assert_eq!(b.len(), 2, "only full batches without `partial`");
+        assert!(b.iter().all(|b| b.boot_id == 7 && b.results.len() == 4));
+        o.seal(true);
+        let b2 = hand_all(&mut o);
+        assert_eq!(seqs(&b2), vec![8, 9]);
+        assert_eq!(o.pending_results(), 10, "nothing acknowledged yet");
+        o.acked(3);
+        assert!(o.is_empty());
+        assert_eq!(o.stats().frames_acked, 3);
+    }
+
+    #[test]
+    fn overflow_drops_oldest_unsent_and_records_one_gap() {
+        let mut o = Outbox::new(1, 2, 5);
+        for i in 0..12 {
+            o.push(result(1000 + i));
+        }
+        // 7 oldest dropped (0..=6), 5 kept (7..=11), one contiguous gap.
+        assert_eq!(o.stats().dropped, 7);
+        assert_eq!(o.stats().gaps, 1);
+        o.seal(true);
+        let b = hand_all(&mut o);
+        assert_eq!(seqs(&b), vec![7, 8, 9, 10, 11]);
+        let gaps: Vec<Gap> = b.iter().flat_map(|b| b.gaps.iter().copied()).collect();
+        assert_eq!(
+            gaps,
+            vec![Gap {
+                first_seq: 0,
+                count: 7,
+                first_started_at_ms: 1000,
+                last_started_at_ms: 1006
+            }]
+        );
+        // The gap rides on the first frame.
+        assert_eq!(b[0].gaps.len(), 1);
+    }
+
+    #[test]
+    fn results_in_frames_are_never_dropped() {
+        // Frames full (broker down), buffer overflows: only buffered results go.
+        let mut o = Outbox::new(1, 1, 3);
+        for i in 0..(MAX_FRAMES as u64 + 10) {
+            o.push(result(i));
+            o.seal(false);
+        }
+        assert_eq!(o.frames.len(), MAX_FRAMES);
+        // Frames hold 0..16; the buffer keeps the newest 3 (23..=25); 16..=22 dropped.
+        assert_eq!(o.stats().dropped, 7);
+        let b = hand_all(&mut o);
+        assert_eq!(seqs(&b), (0..MAX_FRAMES as u64).collect::<Vec<_>>());
+        o.acked(MAX_FRAMES as u64);
+        o.seal(true);
+        let b = hand_all(&mut o);
+        assert_eq!(seqs(&b), vec![23, 24, 25]);
+        assert_eq!(b[0].gaps[0].first_seq, 16);
+        assert_eq!(b[0].gaps[0].count, 7);
+    }
+
+    #[test]
+    fn separate_overflows_make_separate_gaps() {
+        let mut o = Outbox::new(1, 2, 2);
+        for i in 0..4 {
+            o.push(result(i)); // drops 0, 1
+        }
+        o.seal(false); // frame [2, 3]
+        for i in 4..8 {
+            o.push(result(i)); // drops 4, 5
+        }
+        assert_eq!(o.stats().gaps, 2);
+        o.seal(true);
+        let b = hand_all(&mut o);
+        let gaps: Vec<(u64, u32)> = b
+            .iter()
+            .flat_map(|b| b.gaps.iter().map(|g| (g.first_seq, g.count)))
+            .collect();
+        assert_eq!(gaps, vec![(0, 2), (4, 2)]);
+        assert_eq!(seqs(&b), vec![2, 3, 6, 7]);
+    }
+
+    #[test]
+    fn lost_session_resends_unacknowledged_frames_in_order() {
+        let mut o = Outbox::new(1, 2, 100);
+        for i in 0..8 {
+            o.push(result(i));
+        }
+        o.seal(false);
+        let first = hand_all(&mut o);
+        assert_eq!(first.len(), 4);
+        o.acked(1);
+        o.session_lost();
+        let again = hand_all(&mut o);
+        assert_eq!(seqs(&again), vec![2, 3, 4, 5, 6, 7]);
+        assert_eq!(o.stats().frames_published, 7);
+        o.acked(3);
+        assert!(o.is_empty());
+    }
+
+    #[test]
+    fn extra_acks_are_ignored() {
+        let mut o = Outbox::new(1, 1, 10);
+        o.push(result(0));
+        o.seal(false);
+        hand_all(&mut o);
+        o.acked(5);
+        assert!(o.is_empty());
+        assert_eq!(o.stats().frames_acked, 1);
+    }
+
+    #[test]
+    fn gap_rides_on_the_next_frame() {
+        let mut o = Outbox::new(1, 1, 1);
+        o.push(result(0));
+        o.push(result(1)); // drops 0
+        o.seal(false); // frame [1] with the gap
+        let b = hand_all(&mut o);
+        assert_eq!(b[0].gaps.len(), 1);
+        assert_eq!(seqs(&b), vec![1]);
+    }
+
+    #[test]
+    fn jitter_stays_within_half_and_full_backoff() {
+        let mut rng = 12345;
+        for _ in 0..1000 {
+            let d = jittered(Duration::from_secs(2), &mut rng);
+            assert!(
+                d >= Duration::from_secs(1) && d < Duration::from_secs(2),
+                "{d:?}"
+            );
         }
     }
 }
