@@ -1,7 +1,7 @@
 # The automation entry point. The two commands the README promises:
 #   make demo   services + ingester + two agents in two regions + a region table from SQL
 #   make test   services + every test (unit, golden, end-to-end) + lint + the no_std build
-.PHONY: test demo services services-down lint embedded fmt
+.PHONY: test demo services services-down lint embedded fmt bench-probe
 
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
@@ -34,3 +34,8 @@ demo:
 
 fmt:
 	cargo fmt --all
+
+# Probe engine benchmark (not a test): timing accuracy, throughput at 1/64/1024 concurrent probes,
+# and blackbox_exporter in the same run. Writes target/bench/probe.txt.
+bench-probe:
+	bench/probe

@@ -151,8 +151,11 @@ async fn answer(req: Request<hyper::body::Incoming>) -> Result<Response<Body>, I
             .find(|(k, _)| *k == name)
             .and_then(|(_, v)| v.parse().ok())
     };
-    if let Some(ms) = param("delay_ms") {
-        tokio::time::sleep(Duration::from_millis(ms)).await;
+    if let Some(ms) = param("delay_ms").filter(|ms| *ms > 0) {
+        // A thread sleep on the blocking pool overshoots by tens of microseconds; tokio's timer
+        // would round up to the next millisecond and blur the timing-accuracy benchmark.
+        let _ = tokio::task::spawn_blocking(move || std::thread::sleep(Duration::from_millis(ms)))
+            .await;
     }
     let path = req.uri().path().to_owned();
     if param("loop") == Some(1) {
