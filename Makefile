@@ -25,6 +25,7 @@ embedded:
 # The last line is the total over every cargo test binary, e.g. "tests: 42 passed, 0 failed".
 test: services
 	mkdir -p target
+	$(MAKE) cross-test-build
 	cargo test --workspace --locked 2>&1 | tee target/test-output.log
 	$(MAKE) lint embedded
 	@awk '/^test result:/ { p += $$4; f += $$6 } END { if (p == 0) { print "no tests ran"; exit 1 } printf "tests: %d passed, %d failed\n", p, f }' target/test-output.log
@@ -39,3 +40,37 @@ fmt:
 # and blackbox_exporter in the same run. Writes target/bench/probe.txt.
 bench-probe:
 	bench/probe
+
+# --- Raspberry Pi and microcontrollers (cross/README.md) --------------------------------------
+.PHONY: cross-install cross-build deb cross-test-build embedded-run bench-size bench-footprint
+
+# Rust targets, cross gcc, qemu-user and qemu-system-arm, dpkg tools; idempotent.
+cross-install:
+	cross/install --system
+
+# vantage-agent for aarch64-unknown-linux-musl and armv7-unknown-linux-gnueabihf, profile `dist`.
+cross-build:
+	cross/build
+
+# vantage-agent .deb packages for arm64, armhf and amd64 (profile `dist`) into target/deb.
+deb:
+	cross/package
+
+# What tests/arm.rs runs (part of `make test`): quick-profile arm64/armhf packages, and proto's
+# no_std example built and run for a Cortex-M0 and, with defmt, a Cortex-M4F.
+cross-test-build:
+	cross/package --profile armtest --out target/cross/deb-test \
+		--target aarch64-unknown-linux-musl --target armv7-unknown-linux-gnueabihf
+	cross/embedded
+
+embedded-run:
+	cross/embedded
+
+# Stripped agent sizes per target and opt-level; writes target/bench/size.txt. Not in `make test`.
+bench-size:
+	cross/bench-size
+
+# RSS and CPU of the agent vs blackbox_exporter at 10/100/1000 targets; writes
+# target/bench/footprint.txt. Not in `make test` (about 6 minutes).
+bench-footprint: services
+	cross/bench-footprint
