@@ -10,13 +10,23 @@
 //!
 //! Durability: a message not yet confirmed by Kafka is not acknowledged; the broker keeps it in
 //! the bridge's persistent session (`clean_session = false`) and redelivers it after a restart.
+//! While Kafka is unavailable, deliveries retry, nothing is acknowledged, and once `max_in_flight`
+//! messages wait the bridge stops taking more: the broker holds the rest.
+//!
+//! An acknowledgement is only sent on the connection the message arrived on (its *epoch*): after
+//! a reconnect the broker redelivers what was not acknowledged, and a late PUBACK with an old
+//! packet id could otherwise acknowledge a different message if the broker lost the session.
+//!
+//! Several bridges split the stream through a shared subscription (`mqtt.shared_group`,
+//! `$share/<group>/...`); Mosquitto honours it for MQTT 3.1.1 clients too. Each bridge keeps its
+//! own persistent session, so what a crashed bridge had not acknowledged waits for it to come
+//! back (eclipse-mosquitto/mosquitto#2662: with non-persistent members such messages are lost).
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::stream::{FuturesOrdered, StreamExt};
-use rdkafka::producer::FutureProducer;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -47,6 +57,9 @@ pub struct BridgeStats {
     pub produced: u64,
     pub dead_lettered: u64,
     pub acked: u64,
+    /// Delivered to Kafka, but received on an earlier connection, so not acknowledged: the
+    /// broker redelivers these (duplicates the sink absorbs).
+    pub stale: u64,
 }
 
 /// Live state other tasks (tests, a future health endpoint) can watch while the bridge runs.
@@ -54,7 +67,17 @@ pub struct BridgeStats {
 pub struct BridgeState {
     /// Set once the broker acknowledged the subscription: from then on nothing published on the
     /// results topics is missed, even across bridge restarts (persistent session).
-    pub subscribed: std::sync::atomic::AtomicBool,
+    pub subscribed: AtomicBool,
+    /// Connected to the broker right now.
+    pub connected: AtomicBool,
+    /// Connections made so far; a message is acknowledged only on the one it arrived on.
+    pub epoch: AtomicU64,
+    /// Messages received, in total.
+    pub received: AtomicU64,
+    /// Messages acknowledged to the broker, in total.
+    pub acked: AtomicU64,
+    /// Messages sent to the dead-letter topic, in total.
+    pub dead_lettered: AtomicU64,
 }
 
 /// What happened to one MQTT message.
@@ -116,8 +139,14 @@ pub async fn run_with_state(
 ) -> Result<BridgeStats, BridgeError> {
     let mqtt = config.mqtt()?.clone();
     let kafka_config = config.kafka()?.clone();
-    kafka::ensure_topics(&kafka_config).await?;
-    let producer = kafka::producer(&kafka_config)?;
+    // Kafka may be down at start; the bridge still starts and simply acknowledges nothing until
+    // deliveries succeed (producing does not need the admin API).
+    match tokio::time::timeout(Duration::from_secs(15), kafka::ensure_topics(&kafka_config)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "cannot create Kafka topics; continuing"),
+        Err(_) => tracing::warn!("Kafka did not answer topic creation in 15 s; continuing"),
+    }
+    let producer = Arc::new(kafka::Producer::new(&kafka_config)?);
 
     let mut options = MqttOptions::new(&mqtt.client_id, &mqtt.host, mqtt.port);
     options.set_clean_session(false);
@@ -132,7 +161,7 @@ pub async fn run_with_state(
     let (client, eventloop) = AsyncClient::new(options, 1024);
     // The broker sends at most its inflight window of unacknowledged QoS 1 messages (Mosquitto:
     // max_inflight_messages); this bound is larger, so the event-loop task never waits long.
-    let (tx, mut rx) = mpsc::channel::<Publish>(mqtt.max_in_flight.max(1024));
+    let (tx, mut rx) = mpsc::channel::<(u64, Publish)>(mqtt.max_in_flight.max(1024));
     let events_stop = CancellationToken::new();
     let filter = mqtt.results_filter();
     let event_task = tokio::spawn(poll_events(
@@ -140,7 +169,7 @@ pub async fn run_with_state(
         client.clone(),
         filter.clone(),
         tx,
-        state,
+        state.clone(),
         events_stop.clone(),
     ));
     tracing::info!(filter, topic = kafka_config.topic, "bridge running");
@@ -159,9 +188,11 @@ pub async fn run_with_state(
                 if pending.is_empty() { break; }
             }
             _ = &mut grace, if !taking => hard_stop.cancel(),
-            Some(publish) = rx.recv(), if taking && pending.len() < mqtt.max_in_flight => {
+            Some((epoch, publish)) = rx.recv(), if taking && pending.len() < mqtt.max_in_flight => {
                 stats.received += 1;
+                state.received.fetch_add(1, Ordering::Relaxed);
                 pending.push_back(handle(
+                    epoch,
                     publish,
                     mqtt.topic_prefix.clone(),
                     kafka_config.topic.clone(),
@@ -170,21 +201,34 @@ pub async fn run_with_state(
                     hard_stop.clone(),
                 ));
             }
-            Some((publish, disposition)) = pending.next(), if !pending.is_empty() => {
+            Some((epoch, publish, disposition)) = pending.next(), if !pending.is_empty() => {
                 match disposition {
                     Disposition::Produced => stats.produced += 1,
-                    Disposition::DeadLettered => stats.dead_lettered += 1,
+                    Disposition::DeadLettered => {
+                        stats.dead_lettered += 1;
+                        state.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    }
                     // Acknowledging anything after this one would acknowledge out of order.
                     Disposition::Abandoned => break,
                 }
-                client.ack(&publish).await?;
-                stats.acked += 1;
+                // Only on the connection it came from (see the module docs). A small window
+                // remains: a reconnect between this check and the event loop sending the PUBACK.
+                if state.connected.load(Ordering::Acquire)
+                    && state.epoch.load(Ordering::Acquire) == epoch
+                {
+                    client.ack(&publish).await?;
+                    stats.acked += 1;
+                    state.acked.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    stats.stale += 1;
+                }
                 if !taking && pending.is_empty() { break; }
             }
         }
     }
     // DISCONNECT queues behind the acknowledgements, so they reach the broker first.
     let _ = client.disconnect().await;
+    producer.flush(Duration::from_secs(1));
     if tokio::time::timeout(Duration::from_secs(5), event_task)
         .await
         .is_err()
@@ -197,13 +241,14 @@ pub async fn run_with_state(
 
 /// Validates and delivers one message; resolves when its fate is durable in Kafka.
 async fn handle(
+    epoch: u64,
     publish: Publish,
     prefix: String,
     topic: String,
     dead_letter_topic: String,
-    producer: FutureProducer,
+    producer: Arc<kafka::Producer>,
     stop: CancellationToken,
-) -> (Publish, Disposition) {
+) -> (u64, Publish, Disposition) {
     let delivered = match validate(&prefix, &publish.topic, &publish.payload) {
         Ok(key) => {
             let ok = kafka::produce_until_delivered(
@@ -233,7 +278,7 @@ async fn handle(
             ok.then_some(Disposition::DeadLettered)
         }
     };
-    (publish, delivered.unwrap_or(Disposition::Abandoned))
+    (epoch, publish, delivered.unwrap_or(Disposition::Abandoned))
 }
 
 /// The only task that polls the MQTT event loop.
@@ -241,11 +286,12 @@ async fn poll_events(
     mut eventloop: EventLoop,
     client: AsyncClient,
     filter: String,
-    tx: mpsc::Sender<Publish>,
+    tx: mpsc::Sender<(u64, Publish)>,
     state: Arc<BridgeState>,
     stop: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(100);
+    let mut rng = u64::from(std::process::id()) | 1;
     loop {
         let event = tokio::select! {
             _ = stop.cancelled() => return,
@@ -255,7 +301,8 @@ async fn poll_events(
             Ok(Event::Incoming(Packet::Publish(publish))) => {
                 // Bounded by the broker's inflight window (see `run`); a closed channel means the
                 // worker stopped, and the message stays unacknowledged with the broker.
-                if tx.send(publish).await.is_err() {
+                let epoch = state.epoch.load(Ordering::Acquire);
+                if tx.send((epoch, publish)).await.is_err() {
                     tracing::debug!("worker gone, not forwarding");
                 }
             }
@@ -265,6 +312,8 @@ async fn poll_events(
                     "connected to MQTT broker"
                 );
                 backoff = Duration::from_millis(100);
+                state.epoch.fetch_add(1, Ordering::AcqRel);
+                state.connected.store(true, Ordering::Release);
                 // (Re)subscribe on every connect; try_subscribe never waits, so this loop cannot
                 // deadlock on rumqttc's request queue.
                 if let Err(e) = client.try_subscribe(filter.clone(), QoS::AtLeastOnce) {
@@ -286,10 +335,17 @@ async fn poll_events(
             Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
             Ok(_) => {}
             Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "MQTT connection error");
+                state.connected.store(false, Ordering::Release);
+                // Equal jitter (xorshift64), so restarted bridges do not reconnect in lockstep.
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let half = backoff / 2;
+                let wait = half + Duration::from_millis(rng % (half.as_millis() as u64).max(1));
+                tracing::warn!(error = %e, retry_in = ?wait, "MQTT connection error");
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(wait) => {}
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }

@@ -1,4 +1,4 @@
-//! PostgreSQL: connecting, applying `migrations/`, and the one statement that writes results.
+//! PostgreSQL: connecting, applying `migrations/`, and the statements that write results.
 //!
 //! Raw SQL through tokio-postgres, no ORM. Only this module contains SQL that writes results.
 
@@ -158,6 +158,226 @@ pub async fn migrate(client: &mut Client, schema: &str) -> Result<usize, DbError
     Ok(applied)
 }
 
+/// How the sink writes a batch. Both are one transaction, idempotent on (agent, boot_id, seq),
+/// and tolerate duplicates inside a batch; `bench-ingest` measures them against each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteMethod {
+    /// Binary `COPY` into a temporary staging table, then `INSERT … SELECT … ON CONFLICT DO
+    /// NOTHING` ([`copy_batch`]). COPY itself has no ON CONFLICT.
+    Copy,
+    /// One `INSERT … SELECT FROM unnest($1, $2, …) ON CONFLICT DO NOTHING` ([`insert_batch`]).
+    Unnest,
+}
+
+/// The method the sink uses (the faster one in `bench-ingest`; figures in README.md).
+pub const WRITE_METHOD: WriteMethod = WriteMethod::Copy;
+
+/// The staging table [`copy_batch`] copies into: the columns the sink writes, no constraints,
+/// private to the session and emptied at every COMMIT.
+const CREATE_STAGING: &str = "CREATE TEMP TABLE IF NOT EXISTS results_staging (
+    region text, agent text, boot_id int8, seq int8, target_id int4, started_at timestamptz,
+    status int2, outcome text, regex_match bool, total_us int4, dns_us int4, connect_us int4,
+    tls_us int4, ttfb_us int4, body_bytes int4, failed_phase text, transfer_us int4,
+    body_truncated bool, redirects int2, cert_not_after timestamptz, remote_ip inet
+) ON COMMIT DELETE ROWS";
+
+/// The written columns, in staging order.
+const COLUMNS: &str = "region, agent, boot_id, seq, target_id, started_at, status, outcome,
+    regex_match, total_us, dns_us, connect_us, tls_us, ttfb_us, body_bytes, failed_phase,
+    transfer_us, body_truncated, redirects, cert_not_after, remote_ip";
+
+/// [`connect`], plus the session's staging table for [`copy_batch`].
+pub async fn connect_writer(config: &PostgresConfig) -> Result<Client, DbError> {
+    let client = connect(config).await?;
+    client.batch_execute(CREATE_STAGING).await?;
+    Ok(client)
+}
+
+/// Writes a batch with [`WRITE_METHOD`].
+pub async fn write_batch(
+    client: &mut Client,
+    rows: &[Row],
+    gaps: &[GapRow],
+) -> Result<Inserted, DbError> {
+    match WRITE_METHOD {
+        WriteMethod::Copy => copy_batch(client, rows, gaps).await,
+        WriteMethod::Unnest => insert_batch(client, rows, gaps).await,
+    }
+}
+
+/// Writes `rows` and `gaps` in one transaction: binary COPY of the rows into the session's
+/// staging table (made by [`connect_writer`]), then one `INSERT … SELECT … ON CONFLICT DO
+/// NOTHING` into `results`. Rows already present, and duplicates inside `rows`, are skipped.
+///
+/// `ingested_at` is the time the final INSERT ran, just before COMMIT.
+pub async fn copy_batch(
+    client: &mut Client,
+    rows: &[Row],
+    gaps: &[GapRow],
+) -> Result<Inserted, DbError> {
+    use tokio_postgres::binary_copy::BinaryCopyInWriter;
+    use tokio_postgres::types::{ToSql, Type};
+    const TYPES: [Type; 21] = [
+        Type::TEXT,
+        Type::TEXT,
+        Type::INT8,
+        Type::INT8,
+        Type::INT4,
+        Type::TIMESTAMPTZ,
+        Type::INT2,
+        Type::TEXT,
+        Type::BOOL,
+        Type::INT4,
+        Type::INT4,
+        Type::INT4,
+        Type::INT4,
+        Type::INT4,
+        Type::INT4,
+        Type::TEXT,
+        Type::INT4,
+        Type::BOOL,
+        Type::INT2,
+        Type::TIMESTAMPTZ,
+        Type::INET,
+    ];
+    let tx = client.transaction().await?;
+    let mut inserted = Inserted::default();
+    if !rows.is_empty() {
+        let sink = tx
+            .copy_in(&format!(
+                "COPY results_staging ({COLUMNS}) FROM STDIN (FORMAT binary)"
+            ))
+            .await?;
+        let mut writer = std::pin::pin!(BinaryCopyInWriter::new(sink, &TYPES));
+        for row in rows {
+            let v = Values::of(row);
+            let values: [&(dyn ToSql + Sync); 21] = [
+                &row.region,
+                &row.agent,
+                &v.boot_id,
+                &v.seq,
+                &v.target_id,
+                &v.started_at,
+                &v.status,
+                &v.outcome,
+                &v.regex_match,
+                &v.total_us,
+                &v.dns_us,
+                &v.connect_us,
+                &v.tls_us,
+                &v.ttfb_us,
+                &v.body_bytes,
+                &v.failed_phase,
+                &v.transfer_us,
+                &v.body_truncated,
+                &v.redirects,
+                &v.cert_not_after,
+                &v.remote_ip,
+            ];
+            writer.as_mut().write(&values).await?;
+        }
+        writer.as_mut().finish().await?;
+        inserted.results = tx
+            .execute(
+                &format!(
+                    "INSERT INTO results ({COLUMNS}, ingested_at)
+                     SELECT {COLUMNS}, t.now FROM results_staging
+                      CROSS JOIN (SELECT clock_timestamp() AS now) t
+                     ON CONFLICT DO NOTHING"
+                ),
+                &[],
+            )
+            .await?;
+    }
+    inserted.gaps = insert_gaps(&tx, gaps).await?;
+    tx.commit().await?;
+    Ok(inserted)
+}
+
+/// One result's column values, converted for PostgreSQL.
+struct Values {
+    boot_id: i64,
+    seq: i64,
+    target_id: i32,
+    started_at: SystemTime,
+    status: Option<i16>,
+    outcome: &'static str,
+    regex_match: Option<bool>,
+    total_us: i32,
+    dns_us: Option<i32>,
+    connect_us: Option<i32>,
+    tls_us: Option<i32>,
+    ttfb_us: Option<i32>,
+    body_bytes: i32,
+    failed_phase: Option<&'static str>,
+    transfer_us: Option<i32>,
+    body_truncated: bool,
+    redirects: i16,
+    cert_not_after: Option<SystemTime>,
+    remote_ip: Option<std::net::IpAddr>,
+}
+
+impl Values {
+    fn of(row: &Row) -> Values {
+        let r = &row.result;
+        Values {
+            // u64 on the wire, stored as its two's-complement i64 (see 0001).
+            boot_id: row.boot_id as i64,
+            seq: r.seq as i64,
+            target_id: r.target_id as i32,
+            started_at: unix_ms(r.started_at_ms),
+            status: (r.status != 0).then_some(r.status as i16),
+            outcome: r.outcome.as_str(),
+            regex_match: match r.regex {
+                vantage_proto::RegexOutcome::NotConfigured => None,
+                vantage_proto::RegexOutcome::Matched => Some(true),
+                vantage_proto::RegexOutcome::NotMatched => Some(false),
+            },
+            total_us: clamp_i32(r.total_us),
+            dns_us: r.dns_us.map(clamp_i32),
+            connect_us: r.connect_us.map(clamp_i32),
+            tls_us: r.tls_us.map(clamp_i32),
+            ttfb_us: r.ttfb_us.map(clamp_i32),
+            body_bytes: clamp_i32(r.body_bytes),
+            failed_phase: r.failed_phase.map(|p| p.as_str()),
+            transfer_us: r.transfer_us.map(clamp_i32),
+            body_truncated: r.body_truncated,
+            redirects: i16::from(r.redirects),
+            cert_not_after: r
+                .cert_not_after_s
+                .and_then(|s| SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(s))),
+            remote_ip: r.remote_ip.map(std::net::IpAddr::from),
+        }
+    }
+}
+
+async fn insert_gaps(
+    tx: &tokio_postgres::Transaction<'_>,
+    gaps: &[GapRow],
+) -> Result<u64, DbError> {
+    let mut n = 0;
+    for g in gaps {
+        n += tx
+            .execute(
+                "INSERT INTO gaps (region, agent, boot_id, first_seq, dropped, first_started_at,
+                                   last_started_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT DO NOTHING",
+                &[
+                    &g.region,
+                    &g.agent,
+                    &(g.boot_id as i64),
+                    &(g.gap.first_seq as i64),
+                    &clamp_i32(g.gap.count),
+                    &unix_ms(g.gap.first_started_at_ms),
+                    &unix_ms(g.gap.last_started_at_ms),
+                ],
+            )
+            .await?;
+    }
+    Ok(n)
+}
+
 /// Writes `rows` and `gaps` in one transaction; rows already present (same agent, boot id,
 /// sequence) are skipped, including duplicates inside `rows`, and so are gaps.
 ///
@@ -190,51 +410,45 @@ pub async fn insert_batch(
     let mut cert_not_after = Vec::with_capacity(n);
     let mut remote_ip = Vec::with_capacity(n);
     for row in rows {
-        let r = &row.result;
+        let v = Values::of(row);
         region.push(row.region.as_str());
         agent.push(row.agent.as_str());
-        boot_id.push(row.boot_id as i64);
-        seq.push(r.seq as i64);
-        target_id.push(r.target_id as i32);
-        started_at.push(unix_ms(r.started_at_ms));
-        status.push((r.status != 0).then_some(r.status as i16));
-        outcome.push(r.outcome.as_str());
-        regex_match.push(match r.regex {
-            vantage_proto::RegexOutcome::NotConfigured => None,
-            vantage_proto::RegexOutcome::Matched => Some(true),
-            vantage_proto::RegexOutcome::NotMatched => Some(false),
-        });
-        total_us.push(clamp_i32(r.total_us));
-        dns_us.push(r.dns_us.map(clamp_i32));
-        connect_us.push(r.connect_us.map(clamp_i32));
-        tls_us.push(r.tls_us.map(clamp_i32));
-        ttfb_us.push(r.ttfb_us.map(clamp_i32));
-        body_bytes.push(clamp_i32(r.body_bytes));
-        failed_phase.push(r.failed_phase.map(|p| p.as_str()));
-        transfer_us.push(r.transfer_us.map(clamp_i32));
-        body_truncated.push(r.body_truncated);
-        redirects.push(i16::from(r.redirects));
-        cert_not_after.push(
-            r.cert_not_after_s
-                .and_then(|s| SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(s))),
-        );
-        remote_ip.push(r.remote_ip.map(std::net::IpAddr::from));
+        boot_id.push(v.boot_id);
+        seq.push(v.seq);
+        target_id.push(v.target_id);
+        started_at.push(v.started_at);
+        status.push(v.status);
+        outcome.push(v.outcome);
+        regex_match.push(v.regex_match);
+        total_us.push(v.total_us);
+        dns_us.push(v.dns_us);
+        connect_us.push(v.connect_us);
+        tls_us.push(v.tls_us);
+        ttfb_us.push(v.ttfb_us);
+        body_bytes.push(v.body_bytes);
+        failed_phase.push(v.failed_phase);
+        transfer_us.push(v.transfer_us);
+        body_truncated.push(v.body_truncated);
+        redirects.push(v.redirects);
+        cert_not_after.push(v.cert_not_after);
+        remote_ip.push(v.remote_ip);
     }
     let tx = client.transaction().await?;
     let mut inserted = Inserted::default();
     if !rows.is_empty() {
         inserted.results = tx
             .execute(
-                "INSERT INTO results (region, agent, boot_id, seq, target_id, started_at, status,
-                                      outcome, regex_match, total_us, dns_us, connect_us, tls_us,
-                                      ttfb_us, body_bytes, failed_phase, transfer_us,
-                                      body_truncated, redirects, cert_not_after, remote_ip)
-                 SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int4[],
-                                      $6::timestamptz[], $7::int2[], $8::text[], $9::bool[],
-                                      $10::int4[], $11::int4[], $12::int4[], $13::int4[],
-                                      $14::int4[], $15::int4[], $16::text[], $17::int4[],
-                                      $18::bool[], $19::int2[], $20::timestamptz[], $21::inet[])
-                 ON CONFLICT DO NOTHING",
+                &format!(
+                    "INSERT INTO results ({COLUMNS}, ingested_at)
+                     SELECT u.*, t.now
+                       FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int4[],
+                                   $6::timestamptz[], $7::int2[], $8::text[], $9::bool[],
+                                   $10::int4[], $11::int4[], $12::int4[], $13::int4[],
+                                   $14::int4[], $15::int4[], $16::text[], $17::int4[],
+                                   $18::bool[], $19::int2[], $20::timestamptz[], $21::inet[]) u
+                      CROSS JOIN (SELECT clock_timestamp() AS now) t
+                     ON CONFLICT DO NOTHING"
+                ),
                 &[
                     &region,
                     &agent,
@@ -261,25 +475,7 @@ pub async fn insert_batch(
             )
             .await?;
     }
-    for g in gaps {
-        inserted.gaps += tx
-            .execute(
-                "INSERT INTO gaps (region, agent, boot_id, first_seq, dropped, first_started_at,
-                                   last_started_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)
-                 ON CONFLICT DO NOTHING",
-                &[
-                    &g.region,
-                    &g.agent,
-                    &(g.boot_id as i64),
-                    &(g.gap.first_seq as i64),
-                    &clamp_i32(g.gap.count),
-                    &unix_ms(g.gap.first_started_at_ms),
-                    &unix_ms(g.gap.last_started_at_ms),
-                ],
-            )
-            .await?;
-    }
+    inserted.gaps = insert_gaps(&tx, gaps).await?;
     tx.commit().await?;
     Ok(inserted)
 }

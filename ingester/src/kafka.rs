@@ -6,7 +6,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use rdkafka::ClientConfig;
 use tokio_util::sync::CancellationToken;
 
@@ -66,11 +66,67 @@ pub async fn ensure_topics(config: &KafkaConfig) -> Result<(), KafkaError> {
     Ok(())
 }
 
+/// A producer shared by many concurrent deliveries that replaces itself after a fatal error.
+///
+/// An idempotent producer can hit errors that librdkafka declares fatal (e.g. an out-of-order
+/// sequence after broker data loss); every later send on that instance fails. Deliveries that
+/// see such an error ask for a fresh instance and retry on it: the message is then produced
+/// again (at-least-once), which the sink's natural key absorbs.
+pub struct Producer {
+    config: KafkaConfig,
+    current: std::sync::Mutex<(u64, FutureProducer)>,
+}
+
+impl Producer {
+    pub fn new(config: &KafkaConfig) -> Result<Producer, KafkaError> {
+        Ok(Producer {
+            config: config.clone(),
+            current: std::sync::Mutex::new((0, producer(config)?)),
+        })
+    }
+
+    /// The current instance and its generation.
+    fn get(&self) -> (u64, FutureProducer) {
+        let guard = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        (guard.0, guard.1.clone())
+    }
+
+    /// Replaces instance `generation` if it is still current and has a fatal error.
+    fn recover(&self, generation: u64, broken: &FutureProducer) {
+        let Some((code, reason)) = broken.client().fatal_error() else {
+            return;
+        };
+        let mut guard = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.0 != generation {
+            return;
+        }
+        match producer(&self.config) {
+            Ok(fresh) => {
+                tracing::error!(
+                    ?code,
+                    reason,
+                    "Kafka producer hit a fatal error; replaced it"
+                );
+                *guard = (generation + 1, fresh);
+            }
+            Err(e) => tracing::error!(error = %e, "cannot create a new Kafka producer"),
+        }
+    }
+
+    /// Waits until every message handed to librdkafka is delivered or `timeout` passes.
+    pub fn flush(&self, timeout: Duration) {
+        let (_, p) = self.get();
+        if let Err(e) = rdkafka::producer::Producer::flush(&p, timeout) {
+            tracing::warn!(error = %e, "Kafka producer flush incomplete");
+        }
+    }
+}
+
 /// Produces one message and waits for its delivery report, retrying with capped exponential
 /// backoff until Kafka confirms it. Returns false only if `stop` fired first (the caller must
 /// then not acknowledge its input).
 pub async fn produce_until_delivered(
-    producer: &FutureProducer,
+    producer: &Producer,
     topic: &str,
     key: Option<&[u8]>,
     payload: &[u8],
@@ -79,6 +135,7 @@ pub async fn produce_until_delivered(
 ) -> bool {
     let mut backoff = Duration::from_millis(100);
     loop {
+        let (generation, instance) = producer.get();
         let mut record = FutureRecord::<[u8], [u8]>::to(topic).payload(payload);
         if let Some(key) = key {
             record = record.key(key);
@@ -89,12 +146,13 @@ pub async fn produce_until_delivered(
         // Queue-full waits inside librdkafka count against this timeout; delivery itself is
         // bounded by message.timeout.ms.
         let sent = tokio::select! {
-            r = producer.send(record, Duration::from_secs(5)) => r,
+            r = instance.send(record, Duration::from_secs(5)) => r,
             _ = stop.cancelled() => return false,
         };
         match sent {
             Ok(_) => return true,
             Err((e, _)) => {
+                producer.recover(generation, &instance);
                 tracing::warn!(topic, error = %e, retry_in = ?backoff, "Kafka delivery failed");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}

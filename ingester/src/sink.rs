@@ -2,17 +2,27 @@
 //!
 //! Loop: collect a batch (up to `sink.batch_max` messages, or `sink.batch_timeout` after the first
 //! one) → decode each message into rows (a poison message goes to the dead-letter topic) → write
-//! all rows in one transaction, retrying with backoff while PostgreSQL is unavailable → commit
-//! the batch's offsets. A crash anywhere before the offset commit replays the batch, and the
-//! natural key (agent, boot id, seq) makes the replay a no-op.
+//! all rows in one transaction ([`db::write_batch`]: binary COPY into a staging table, then
+//! `INSERT … SELECT … ON CONFLICT DO NOTHING`), retrying with backoff while PostgreSQL is
+//! unavailable → record the batch's offsets as durable and commit them (asynchronously).
+//!
+//! Offsets: only offsets whose rows are committed in PostgreSQL are ever committed to Kafka.
+//! When partitions are revoked (another sink joins or leaves), the durable offsets of those
+//! partitions are committed synchronously before the revocation completes, so the next owner
+//! starts after them. A batch collected across a revocation is still written (rows are
+//! idempotent) but its offsets are not committed: the next owner replays those messages.
+//! A crash anywhere before an offset commit replays messages, and the natural key
+//! (agent, boot id, seq) makes the replay a no-op.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::message::Message;
-use rdkafka::producer::FutureProducer;
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
@@ -41,6 +51,67 @@ pub struct SinkStats {
     pub gaps_inserted: u64,
     pub dead_lettered: u64,
     pub batches: u64,
+    /// Write attempts that failed and were retried.
+    pub write_retries: u64,
+    /// Batches written whose offsets were not committed because a rebalance intervened.
+    pub batches_uncommitted: u64,
+}
+
+/// Offsets whose rows are committed in PostgreSQL, shared with the rebalance callback.
+#[derive(Debug, Default)]
+struct Durable {
+    /// (topic, partition) → next offset to read.
+    next: BTreeMap<(String, i32), i64>,
+    /// Bumped at every revocation; a batch collected across one does not record its offsets.
+    generation: u64,
+}
+
+impl Durable {
+    fn list(&self) -> Result<TopicPartitionList, rdkafka::error::KafkaError> {
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), offset) in &self.next {
+            tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset))?;
+        }
+        Ok(tpl)
+    }
+}
+
+/// The consumer's context: commits durable offsets when partitions are revoked.
+struct SinkContext {
+    durable: Arc<Mutex<Durable>>,
+}
+
+impl ClientContext for SinkContext {}
+
+impl ConsumerContext for SinkContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(revoked) = rebalance else {
+            return;
+        };
+        let mut durable = self.durable.lock().unwrap_or_else(|e| e.into_inner());
+        durable.generation += 1;
+        let mut commit = TopicPartitionList::new();
+        for p in revoked.elements() {
+            if let Some(offset) = durable.next.remove(&(p.topic().to_owned(), p.partition())) {
+                let _ =
+                    commit.add_partition_offset(p.topic(), p.partition(), Offset::Offset(offset));
+            }
+        }
+        if commit.count() == 0 {
+            return;
+        }
+        // Runs inside the consumer's poll; a blocking commit here is what makes the next owner
+        // start after our rows instead of replaying them.
+        match consumer.commit(&commit, CommitMode::Sync) {
+            Ok(()) => tracing::info!(
+                partitions = commit.count(),
+                "offsets committed on revocation"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "offset commit on revocation failed; the next owner replays")
+            }
+        }
+    }
 }
 
 /// One consumed message, decoded or rejected.
@@ -85,24 +156,32 @@ fn decode_message(key: Option<&[u8]>, payload: Option<&[u8]>) -> Decoded {
     Decoded::Rows(rows, gaps)
 }
 
-/// Runs the sink until `shutdown` fires; the batch being collected is written and committed
-/// before it returns.
+/// Runs the sink until `shutdown` fires; the batch being collected is written and its offsets
+/// committed before it returns.
 pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkStats, SinkError> {
     let kafka_config = config.kafka()?.clone();
     let pg_config = config.postgres()?.clone();
     let sink = config.sink.clone();
 
+    {
+        let mut client = connect_with_retry(&pg_config, &shutdown).await?;
+        db::migrate(&mut client, &pg_config.schema).await?;
+    }
     let mut client = connect_with_retry(&pg_config, &shutdown).await?;
-    db::migrate(&mut client, &pg_config.schema).await?;
-    kafka::ensure_topics(&kafka_config).await?;
-    let producer = kafka::producer(&kafka_config)?;
+    if let Err(e) = kafka::ensure_topics(&kafka_config).await {
+        tracing::warn!(error = %e, "cannot create Kafka topics; continuing");
+    }
+    let producer = kafka::Producer::new(&kafka_config)?;
 
-    let consumer: StreamConsumer = kafka::client_config(&kafka_config)
+    let durable = Arc::new(Mutex::new(Durable::default()));
+    let consumer: StreamConsumer<SinkContext> = kafka::client_config(&kafka_config)
         .set("group.id", &kafka_config.group_id)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false")
-        .create()?;
+        .create_with_context(SinkContext {
+            durable: durable.clone(),
+        })?;
     consumer.subscribe(&[&kafka_config.topic])?;
     tracing::info!(
         topic = kafka_config.topic,
@@ -111,13 +190,14 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
     );
 
     let mut stats = SinkStats::default();
-    while !shutdown.is_cancelled() {
+    'batches: while !shutdown.is_cancelled() {
         // Collect: wait for a first message, then fill until full or the batch timeout.
         let mut rows: Vec<Row> = Vec::new();
         let mut gaps: Vec<GapRow> = Vec::new();
         let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
         let mut count = 0usize;
         let mut batch_deadline = None;
+        let mut generation = None;
         while count < sink.batch_max {
             let next = async {
                 match batch_deadline {
@@ -141,6 +221,8 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
                 }
             };
             batch_deadline.get_or_insert_with(|| tokio::time::Instant::now() + sink.batch_timeout);
+            // Read after the message: a revocation before it was served in this recv().
+            generation.get_or_insert_with(|| lock(&durable).generation);
             count += 1;
             offsets.insert(
                 (message.topic().to_owned(), message.partition()),
@@ -176,11 +258,12 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
         stats.messages += count as u64;
 
         // Write, retrying transient failures for as long as it takes: offsets must not move
-        // past rows that are not durable.
+        // past rows that are not durable. At shutdown, give up instead (nothing is committed,
+        // so the batch is replayed by whoever consumes next).
         if !rows.is_empty() || !gaps.is_empty() {
             let mut backoff = Duration::from_millis(100);
             loop {
-                match db::insert_batch(&mut client, &rows, &gaps).await {
+                match db::write_batch(&mut client, &rows, &gaps).await {
                     Ok(inserted) => {
                         stats.rows_inserted += inserted.results;
                         stats.rows_duplicate += rows.len() as u64 - inserted.results;
@@ -189,12 +272,18 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
                         break;
                     }
                     Err(e) if e.is_transient() => {
+                        stats.write_retries += 1;
                         tracing::warn!(error = %e, retry_in = ?backoff, "PostgreSQL write failed, retrying");
-                        tokio::time::sleep(backoff).await;
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            _ = shutdown.cancelled() => {
+                                tracing::warn!(rows = rows.len(), "shutdown while PostgreSQL is unavailable; batch left for replay");
+                                break 'batches;
+                            }
+                        }
                         backoff = (backoff * 2).min(Duration::from_secs(10));
                         if client.is_closed() {
-                            client =
-                                connect_with_retry(&pg_config, &CancellationToken::new()).await?;
+                            client = connect_with_retry(&pg_config, &shutdown).await?;
                         }
                     }
                     Err(e) => return Err(e.into()),
@@ -203,24 +292,43 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
         }
 
         // The rows are committed: now, and only now, the offsets may advance.
-        let mut tpl = TopicPartitionList::new();
-        for ((topic, partition), offset) in &offsets {
-            tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset))?;
-        }
-        // A failed commit (e.g. the partition moved to another sink) only means a replay, which
-        // the natural key absorbs.
-        if let Err(e) = tokio::task::block_in_place(|| consumer.commit(&tpl, CommitMode::Sync)) {
-            tracing::warn!(error = %e, "offset commit failed; batch will be replayed");
-        }
         stats.batches += 1;
+        let commit = {
+            let mut d = lock(&durable);
+            if generation != Some(d.generation) {
+                stats.batches_uncommitted += 1;
+                None
+            } else {
+                d.next.extend(offsets);
+                Some(d.list()?)
+            }
+        };
+        if let Some(tpl) = commit {
+            // Asynchronous: a lost commit only means a replay, and every later commit carries
+            // all durable offsets again.
+            if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+                tracing::warn!(error = %e, "offset commit failed; messages will be replayed");
+            }
+        }
+    }
+    // Final synchronous commit of everything durable, then leave the group.
+    let tpl = lock(&durable).list()?;
+    if tpl.count() > 0 {
+        if let Err(e) = tokio::task::block_in_place(|| consumer.commit(&tpl, CommitMode::Sync)) {
+            tracing::warn!(error = %e, "final offset commit failed; messages will be replayed");
+        }
     }
     consumer.unsubscribe();
     tracing::info!(?stats, "sink stopped");
     Ok(stats)
 }
 
+fn lock(durable: &Mutex<Durable>) -> std::sync::MutexGuard<'_, Durable> {
+    durable.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 async fn dead_letter(
-    producer: &FutureProducer,
+    producer: &kafka::Producer,
     topic: &str,
     key: Option<&[u8]>,
     payload: &[u8],
@@ -247,7 +355,7 @@ async fn connect_with_retry(
 ) -> Result<Client, DbError> {
     let mut backoff = Duration::from_millis(200);
     loop {
-        match db::connect(config).await {
+        match db::connect_writer(config).await {
             Ok(c) => return Ok(c),
             Err(e) if e.is_transient() && !shutdown.is_cancelled() => {
                 tracing::warn!(error = %e, retry_in = ?backoff, "cannot connect to PostgreSQL, retrying");
