@@ -1,0 +1,3 @@
+module vantage.invalid/cross/bench/footprint-helper
+
+go 1.21
