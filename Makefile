@@ -26,7 +26,9 @@ embedded:
 test: services
 	mkdir -p target
 	$(MAKE) cross-test-build
+	cargo build --bins --locked
 	cargo test --workspace --locked 2>&1 | tee target/test-output.log
+	$(MAKE) test-crash 2>&1 | tee -a target/test-output.log
 	$(MAKE) lint embedded
 	@awk '/^test result:/ { p += $$4; f += $$6 } END { if (p == 0) { print "no tests ran"; exit 1 } printf "tests: %d passed, %d failed\n", p, f }' target/test-output.log
 
@@ -74,3 +76,14 @@ bench-size:
 # target/bench/footprint.txt. Not in `make test` (about 6 minutes).
 bench-footprint: services
 	cross/bench-footprint
+
+# --- Delivery (tests/delivery.rs, README "Delivery") -----------------------------------------
+.PHONY: test-crash
+
+# The crash test: >= 50,000 results from 4 simulated agents while bridges and sinks are kill -9ed
+# and Mosquitto, PostgreSQL and Kafka restart; prints the counts it compared. It restarts the
+# shared services, so it runs alone, after the other tests (part of `make test`, about 1 minute).
+test-crash: services
+	cargo build --bins --locked
+	cargo test -p vantage-tests --test delivery --locked -- --ignored --test-threads=1 --nocapture
+

@@ -17,10 +17,16 @@
 //! a reconnect the broker redelivers what was not acknowledged, and a late PUBACK with an old
 //! packet id could otherwise acknowledge a different message if the broker lost the session.
 //!
-//! Several bridges split the stream through a shared subscription (`mqtt.shared_group`,
-//! `$share/<group>/...`); Mosquitto honours it for MQTT 3.1.1 clients too. Each bridge keeps its
-//! own persistent session, so what a crashed bridge had not acknowledged waits for it to come
-//! back (eclipse-mosquitto/mosquitto#2662: with non-persistent members such messages are lost).
+//! Several bridges split the stream in one of two ways. `mqtt.partition = "i/n"`: each bridge
+//! subscribes to everything with its own persistent session, produces the topics that hash to
+//! its slot and acknowledges the rest at once; survives broker restarts, costs `n` copies between
+//! broker and bridges. `mqtt.shared_group`: a shared subscription (`$share/<group>/...`, honoured
+//! by Mosquitto for MQTT 3.1.1 clients too) delivers each message to one bridge; but Mosquitto
+//! 2.0 does not persist shared subscriptions, so after a broker restart messages published
+//! before the bridges re-subscribe are dropped (seen with 2.0.11; the crash test therefore uses
+//! `partition`). Either way each bridge keeps its own persistent session, so what a crashed
+//! bridge had not acknowledged waits for it to come back (eclipse-mosquitto/mosquitto#2662: with
+//! non-persistent members of a shared group such messages are lost).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -60,6 +66,8 @@ pub struct BridgeStats {
     /// Delivered to Kafka, but received on an earlier connection, so not acknowledged: the
     /// broker redelivers these (duplicates the sink absorbs).
     pub stale: u64,
+    /// Acknowledged without producing: another bridge's slot (`mqtt.partition`).
+    pub skipped: u64,
 }
 
 /// Live state other tasks (tests, a future health endpoint) can watch while the bridge runs.
@@ -84,6 +92,8 @@ pub struct BridgeState {
 enum Disposition {
     Produced,
     DeadLettered,
+    /// Another bridge's slot; acknowledged without producing.
+    Skipped,
     /// Shutdown came before Kafka confirmed: must not be acknowledged.
     Abandoned,
 }
@@ -174,6 +184,13 @@ pub async fn run_with_state(
     ));
     tracing::info!(filter, topic = kafka_config.topic, "bridge running");
 
+    let outputs = Arc::new(Outputs {
+        prefix: mqtt.topic_prefix.clone(),
+        topic: kafka_config.topic.clone(),
+        dead_letter_topic: kafka_config.dead_letter_topic.clone(),
+        producer: producer.clone(),
+        rejections: RateLimit::default(),
+    });
     let hard_stop = CancellationToken::new();
     let mut stats = BridgeStats::default();
     let mut pending = FuturesOrdered::new();
@@ -191,19 +208,13 @@ pub async fn run_with_state(
             Some((epoch, publish)) = rx.recv(), if taking && pending.len() < mqtt.max_in_flight => {
                 stats.received += 1;
                 state.received.fetch_add(1, Ordering::Relaxed);
-                pending.push_back(handle(
-                    epoch,
-                    publish,
-                    mqtt.topic_prefix.clone(),
-                    kafka_config.topic.clone(),
-                    kafka_config.dead_letter_topic.clone(),
-                    producer.clone(),
-                    hard_stop.clone(),
-                ));
+                let mine = mqtt.handles(&publish.topic);
+                pending.push_back(handle(mine, epoch, publish, outputs.clone(), hard_stop.clone()));
             }
             Some((epoch, publish, disposition)) = pending.next(), if !pending.is_empty() => {
                 match disposition {
                     Disposition::Produced => stats.produced += 1,
+                    Disposition::Skipped => stats.skipped += 1,
                     Disposition::DeadLettered => {
                         stats.dead_lettered += 1;
                         state.dead_lettered.fetch_add(1, Ordering::Relaxed);
@@ -241,19 +252,20 @@ pub async fn run_with_state(
 
 /// Validates and delivers one message; resolves when its fate is durable in Kafka.
 async fn handle(
+    mine: bool,
     epoch: u64,
     publish: Publish,
-    prefix: String,
-    topic: String,
-    dead_letter_topic: String,
-    producer: Arc<kafka::Producer>,
+    out: Arc<Outputs>,
     stop: CancellationToken,
 ) -> (u64, Publish, Disposition) {
-    let delivered = match validate(&prefix, &publish.topic, &publish.payload) {
+    if !mine {
+        return (epoch, publish, Disposition::Skipped);
+    }
+    let delivered = match validate(&out.prefix, &publish.topic, &publish.payload) {
         Ok(key) => {
             let ok = kafka::produce_until_delivered(
-                &producer,
-                &topic,
+                &out.producer,
+                &out.topic,
                 Some(key.as_bytes()),
                 &publish.payload,
                 None,
@@ -263,12 +275,14 @@ async fn handle(
             ok.then_some(Disposition::Produced)
         }
         Err(reject) => {
-            tracing::warn!(topic = %publish.topic, bytes = publish.payload.len(), reason = reject.reason(), "frame rejected");
+            if let Some(suppressed) = out.rejections.allow() {
+                tracing::warn!(topic = %publish.topic, bytes = publish.payload.len(), reason = reject.reason(), suppressed, "frame rejected");
+            }
             let headers =
                 kafka::dead_letter_headers("bridge", reject.reason(), Some(&publish.topic));
             let ok = kafka::produce_until_delivered(
-                &producer,
-                &dead_letter_topic,
+                &out.producer,
+                &out.dead_letter_topic,
                 None,
                 &publish.payload,
                 Some(&headers),
@@ -279,6 +293,39 @@ async fn handle(
         }
     };
     (epoch, publish, delivered.unwrap_or(Disposition::Abandoned))
+}
+
+/// Where [`handle`] sends messages.
+struct Outputs {
+    prefix: String,
+    topic: String,
+    dead_letter_topic: String,
+    producer: Arc<kafka::Producer>,
+    rejections: RateLimit,
+}
+
+/// At most one log line per second; the lines in between are counted.
+#[derive(Default)]
+struct RateLimit {
+    state: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl RateLimit {
+    /// Some(lines suppressed since the last one) if a line may be logged now.
+    fn allow(&self) -> Option<u64> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        match s.0 {
+            Some(t) if t.elapsed() < Duration::from_secs(1) => {
+                s.1 += 1;
+                None
+            }
+            _ => {
+                let suppressed = s.1;
+                *s = (Some(std::time::Instant::now()), 0);
+                Some(suppressed)
+            }
+        }
+    }
 }
 
 /// The only task that polls the MQTT event loop.

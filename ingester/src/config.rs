@@ -58,8 +58,15 @@ pub struct RawMqtt {
     #[serde(default = "default_topic_prefix")]
     pub topic_prefix: String,
     /// When set, subscribe through the shared subscription `$share/<group>/...` so several
-    /// bridges split the stream.
+    /// bridges split the stream. Caution: Mosquitto 2.0 does not persist shared subscriptions,
+    /// so what agents publish after a broker restart and before the bridges re-subscribe is
+    /// lost; prefer `partition` with Mosquitto.
     pub shared_group: Option<String>,
+    /// `"i/n"`: this bridge is member `i` (0-based) of `n` bridges. Every bridge subscribes to
+    /// all results with its own persistent session (which Mosquitto keeps across restarts) and
+    /// produces only the topics that hash to its slot; it acknowledges the others at once.
+    /// Costs `n` copies of each message between broker and bridges. Not with `shared_group`.
+    pub partition: Option<String>,
     /// Most MQTT messages received but not yet acknowledged (waiting for Kafka), default 100.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
@@ -173,6 +180,8 @@ pub struct MqttConfig {
     pub client_id: String,
     pub topic_prefix: String,
     pub shared_group: Option<String>,
+    /// (this member, members), see [`RawMqtt::partition`].
+    pub partition: Option<(u32, u32)>,
     pub max_in_flight: usize,
 }
 
@@ -186,6 +195,7 @@ impl std::fmt::Debug for MqttConfig {
             .field("client_id", &self.client_id)
             .field("topic_prefix", &self.topic_prefix)
             .field("shared_group", &self.shared_group)
+            .field("partition", &self.partition)
             .finish()
     }
 }
@@ -198,6 +208,20 @@ impl MqttConfig {
             Some(group) => format!("$share/{group}/{filter}"),
             None => filter,
         }
+    }
+
+    /// Whether this bridge produces messages received on `topic` (always, without
+    /// `partition`). FNV-1a of the topic, so every bridge agrees without talking to the others.
+    pub fn handles(&self, topic: &str) -> bool {
+        let Some((member, members)) = self.partition else {
+            return true;
+        };
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in topic.bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h % u64::from(members) == u64::from(member)
     }
 }
 
@@ -270,6 +294,21 @@ impl Config {
                 if m.client_id.is_empty() || m.client_id.len() > 128 {
                     return Err(invalid("mqtt.client_id", "must be 1 to 128 bytes".into()));
                 }
+                let partition = match &m.partition {
+                    None => None,
+                    Some(_) if m.shared_group.is_some() => {
+                        return Err(invalid(
+                            "mqtt.partition",
+                            "set either shared_group or partition, not both".into(),
+                        ))
+                    }
+                    Some(p) => Some(parse_partition(p).ok_or_else(|| {
+                        invalid(
+                            "mqtt.partition",
+                            format!("{p:?} is not \"i/n\" with 0 <= i < n <= 64"),
+                        )
+                    })?),
+                };
                 if m.max_in_flight == 0 || m.max_in_flight > 65_535 {
                     return Err(invalid("mqtt.max_in_flight", "must be 1..=65535".into()));
                 }
@@ -282,6 +321,7 @@ impl Config {
                     client_id: m.client_id,
                     topic_prefix: m.topic_prefix,
                     shared_group: m.shared_group,
+                    partition,
                     max_in_flight: m.max_in_flight,
                 })
             }
@@ -421,6 +461,13 @@ fn secret(
     }
 }
 
+/// `"i/n"` → (i, n) with 0 <= i < n <= 64.
+fn parse_partition(s: &str) -> Option<(u32, u32)> {
+    let (i, n) = s.split_once('/')?;
+    let (i, n): (u32, u32) = (i.trim().parse().ok()?, n.trim().parse().ok()?);
+    (i < n && n <= 64).then_some((i, n))
+}
+
 fn check_topic_level(s: &str) -> Result<(), String> {
     if s.is_empty() || s.len() > 64 {
         return Err("must be 1 to 64 bytes".into());
@@ -503,6 +550,37 @@ url = "host=127.0.0.1 user=vantage dbname=vantage"
             c.mqtt().unwrap().results_filter(),
             "$share/bridges/vantage/v1/results/+/+"
         );
+    }
+
+    #[test]
+    fn partitions_split_topics_between_bridges() {
+        let with = |p: &str| {
+            Config::parse(
+                &GOOD.replace(
+                    "host = \"127.0.0.1\"",
+                    &format!("host = \"127.0.0.1\"\npartition = \"{p}\""),
+                ),
+                Path::new("i.toml"),
+            )
+        };
+        for bad in ["2/2", "x/2", "1", "0/65"] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(e.contains("key `mqtt.partition`"), "{e}");
+        }
+        let members: Vec<MqttConfig> = (0..3)
+            .map(|i| with(&format!("{i}/3")).unwrap().mqtt().unwrap().clone())
+            .collect();
+        assert_eq!(members[0].results_filter(), "vantage/v1/results/+/+");
+        for a in 0..100 {
+            let topic = format!("vantage/v1/results/eu/agent-{a}");
+            let owners = members.iter().filter(|m| m.handles(&topic)).count();
+            assert_eq!(owners, 1, "{topic}");
+        }
+        let both = GOOD.replace(
+            "host = \"127.0.0.1\"",
+            "host = \"127.0.0.1\"\npartition = \"0/2\"\nshared_group = \"g\"",
+        );
+        assert!(err(&both).contains("not both"));
     }
 
     #[test]

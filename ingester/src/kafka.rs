@@ -30,6 +30,20 @@ pub fn client_config(config: &KafkaConfig) -> ClientConfig {
     c
 }
 
+/// Settings of the sink's consumer before its fixed ones: a crashed sink's partitions move to
+/// the others after 10 s without heartbeats (librdkafka's default is 45 s, and every rebalance
+/// waits for it). The pass-through properties may override these.
+pub fn consumer_config(config: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &config.brokers)
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000");
+    for (k, v) in &config.properties {
+        c.set(k, v);
+    }
+    c
+}
+
 /// A producer that only reports success once every in-sync replica has the message, and that
 /// never writes a message twice or out of order on its own retries.
 pub fn producer(config: &KafkaConfig) -> Result<FutureProducer, KafkaError> {

@@ -174,7 +174,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
     let producer = kafka::Producer::new(&kafka_config)?;
 
     let durable = Arc::new(Mutex::new(Durable::default()));
-    let consumer: StreamConsumer<SinkContext> = kafka::client_config(&kafka_config)
+    let consumer: StreamConsumer<SinkContext> = kafka::consumer_config(&kafka_config)
         .set("group.id", &kafka_config.group_id)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")

@@ -1,6 +1,10 @@
 //! Helpers for vantage's end-to-end tests and demo: a local HTTP target with knobs, and the
 //! addresses of the real services started by `tests/services/up`.
 
+pub mod harness;
+pub mod loadgen;
+pub mod proxy;
+pub mod stage;
 pub mod target;
 pub mod tls;
 

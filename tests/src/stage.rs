@@ -1,0 +1,236 @@
+//! Ingester stages as real processes (`vantage-ingester bridge|sink`), so tests can `kill -9`
+//! them; and the service restarts of `tests/services/lib.sh`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A binary of this workspace built beside the running executable: `VANTAGE_<NAME>_BIN` if set,
+/// else `<dir of current exe>/<name>` or its parent (test executables live in `deps/`).
+///
+/// # Panics
+/// If the binary is not there; build it first (`cargo build --bins`).
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let var = format!("VANTAGE_{}_BIN", name.to_uppercase().replace('-', "_"));
+    if let Ok(path) = std::env::var(&var) {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().expect("exe dir");
+    for candidate in [dir.join(name), dir.join("..").join(name)] {
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!(
+        "{name} not found beside {} (build it first: cargo build --bins, or set {var})",
+        exe.display()
+    );
+}
+
+/// One `vantage-ingester <stage>` process, its stderr in a log file.
+pub struct StageProcess {
+    pub name: String,
+    pub stage: String,
+    config: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+    /// Times this stage was started.
+    pub starts: u32,
+}
+
+impl StageProcess {
+    /// Starts `vantage-ingester <stage> --config <config>`; logs go to `<dir>/<name>.log`.
+    pub fn start(name: &str, stage: &str, config: &Path, dir: &Path) -> StageProcess {
+        let mut s = StageProcess {
+            name: name.to_owned(),
+            stage: stage.to_owned(),
+            config: config.to_owned(),
+            log: dir.join(format!("{name}.log")),
+            child: None,
+            starts: 0,
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open stage log");
+        let child = Command::new(workspace_bin("vantage-ingester"))
+            .arg(&self.stage)
+            .arg("--config")
+            .arg(&self.config)
+            .env(
+                "RUST_LOG",
+                std::env::var("VANTAGE_STAGE_LOG")
+                    .unwrap_or_else(|_| "info,rdkafka=warn,tokio_postgres=warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start vantage-ingester");
+        self.child = Some(child);
+        self.starts += 1;
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// `kill -9`: no shutdown code runs.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again (after [`StageProcess::kill9`]).
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    /// SIGTERM, then waits up to `timeout` for the exit; returns the exit code (None: killed
+    /// after the timeout, or by a signal).
+    pub fn terminate(&mut self, timeout: Duration) -> Option<i32> {
+        let mut c = self.child.take()?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status.code();
+            }
+            if Instant::now() >= deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// How many log lines contain `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.log_text()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// Waits until the log has at least `n` lines containing `needle`.
+    pub async fn wait_log(&self, needle: &str, n: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.log_count(needle) >= n {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    }
+}
+
+impl Drop for StageProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// The services script folder (`tests/services`).
+pub fn services_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("services")
+}
+
+/// Runs `tests/services/up` (idempotent: starts whatever is down, waits until all answer).
+pub fn services_up() -> Result<(), String> {
+    let out = Command::new("bash")
+        .arg(services_dir().join("up"))
+        .output()
+        .map_err(|e| format!("cannot run tests/services/up: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "tests/services/up failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// A service of `tests/services/lib.sh`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    Postgres,
+    Mosquitto,
+    Kafka,
+}
+
+impl Service {
+    fn lib_fn(self) -> &'static str {
+        match self {
+            Service::Postgres => "down_postgres",
+            Service::Mosquitto => "down_mosquitto",
+            Service::Kafka => "down_kafka",
+        }
+    }
+}
+
+/// Stops one service gracefully with the script's own function (PostgreSQL: `pg_ctl stop -m
+/// fast`; Mosquitto and Kafka: SIGTERM, so both write their state), under the script's lock.
+pub fn service_down(service: Service) -> Result<(), String> {
+    let script = format!(
+        "set -euo pipefail; source '{}'; check_ports; lock_state_dir; {}",
+        services_dir().join("lib.sh").display(),
+        service.lib_fn()
+    );
+    let out = Command::new("bash")
+        .args(["-c", &script])
+        .output()
+        .map_err(|e| format!("cannot run bash: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "stopping {service:?} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// Stops `service`, keeps it down for `down_for`, then brings everything up again.
+pub async fn restart_service(service: Service, down_for: Duration) -> Result<Duration, String> {
+    let t0 = Instant::now();
+    tokio::task::spawn_blocking(move || service_down(service))
+        .await
+        .map_err(|e| e.to_string())??;
+    tokio::time::sleep(down_for).await;
+    tokio::task::spawn_blocking(services_up)
+        .await
+        .map_err(|e| e.to_string())??;
+    Ok(t0.elapsed())
+}
+
+/// Makes sure every service is up when dropped (also when a test panics half-way through a
+/// restart): other tests share them.
+pub struct ServicesGuard;
+
+impl Drop for ServicesGuard {
+    fn drop(&mut self) {
+        if let Err(e) = services_up() {
+            eprintln!("WARNING: could not bring the services back up: {e}");
+        }
+    }
+}
