@@ -4,6 +4,9 @@
 //
 //	footprint-helper serve ADDR
 //	    Every path answers 200 with a small HTML body that contains "target: ok".
+//	footprint-helper serve-tls ADDR CA_PEM
+//	    The same over TLS: a fresh CA and an ECDSA P-256 leaf for 127.0.0.1 signed by it; the
+//	    CA's PEM is written to CA_PEM (the agent's ca_file).
 //	footprint-helper scrape -blackbox URL -base URL -targets N -interval 10s -duration 100s
 //	    Asks blackbox_exporter (module http_2xx) to probe BASE/t/0 .. BASE/t/N-1, each once per
 //	    interval, spread evenly over the interval, the way Prometheus scrapes it; then prints
@@ -12,9 +15,18 @@ package main
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
 	"flag"
 	"fmt"
 	"io"
+	"math/big"
+	"net"
 	"net/http"
 	"net/url"
 	"os"
@@ -34,6 +46,8 @@ func main() {
 	switch os.Args[1] {
 	case "serve":
 		serve(os.Args[2])
+	case "serve-tls":
+		serveTLS(os.Args[2], os.Args[3])
 	case "scrape":
 		scrape(os.Args[2:])
 	default:
@@ -42,12 +56,59 @@ func main() {
 	}
 }
 
-func serve(addr string) {
-	h := http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+func handler() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/html")
 		io.WriteString(w, body)
 	})
-	if err := http.ListenAndServe(addr, h); err != nil {
+}
+
+func serve(addr string) {
+	fail(http.ListenAndServe(addr, handler()))
+}
+
+func serveTLS(addr, caPath string) {
+	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	fail(err)
+	caTmpl := &x509.Certificate{
+		SerialNumber:          big.NewInt(1),
+		Subject:               pkix.Name{CommonName: "footprint-helper CA"},
+		NotBefore:             time.Now().Add(-time.Hour),
+		NotAfter:              time.Now().Add(24 * time.Hour),
+		KeyUsage:              x509.KeyUsageCertSign,
+		BasicConstraintsValid: true,
+		IsCA:                  true,
+	}
+	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+	fail(err)
+	ca, err := x509.ParseCertificate(caDER)
+	fail(err)
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	fail(err)
+	leafTmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(2),
+		Subject:      pkix.Name{CommonName: "127.0.0.1"},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(24 * time.Hour),
+		IPAddresses:  []net.IP{net.ParseIP("127.0.0.1")},
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	leafDER, err := x509.CreateCertificate(rand.Reader, leafTmpl, ca, &key.PublicKey, caKey)
+	fail(err)
+	fail(os.WriteFile(caPath, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER}), 0o644))
+	srv := &http.Server{
+		Addr:    addr,
+		Handler: handler(),
+		TLSConfig: &tls.Config{Certificates: []tls.Certificate{
+			{Certificate: [][]byte{leafDER, caDER}, PrivateKey: key},
+		}},
+	}
+	fail(srv.ListenAndServeTLS("", ""))
+}
+
+func fail(err error) {
+	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
