@@ -48,7 +48,7 @@ bench-probe:
 
 # Rust targets, cross gcc, qemu-user and qemu-system-arm, dpkg tools; idempotent.
 cross-install:
-	cross/install --system
+	cross/install
 
 # vantage-agent for aarch64-unknown-linux-musl and armv7-unknown-linux-gnueabihf, profile `dist`.
 cross-build:
