@@ -44,7 +44,8 @@ bench-probe:
 	bench/probe
 
 # --- Raspberry Pi and microcontrollers (cross/README.md) --------------------------------------
-.PHONY: cross-install cross-build deb cross-test-build embedded-run bench-size bench-footprint
+.PHONY: cross-install cross-build deb cross-test-build embedded-run cross-build-zig bench-size \
+	bench-footprint
 
 # Rust targets, cross gcc, qemu-user and qemu-system-arm, dpkg tools; idempotent.
 cross-install:
@@ -67,6 +68,11 @@ cross-test-build:
 
 embedded-run:
 	cross/embedded
+
+# Opt-in, not in `make test`: the ARMv6 (Pi 1 / Zero) static musl agent, built with zig and
+# nightly -Z build-std (about 4 minutes); other targets: cross/build-zig TARGET... (cross/README.md).
+cross-build-zig:
+	cross/build-zig arm-unknown-linux-musleabihf
 
 # Stripped agent sizes per target and opt-level; writes target/bench/size.txt. Not in `make test`.
 bench-size:
