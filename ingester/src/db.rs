@@ -294,6 +294,56 @@ pub async fn copy_batch(
     Ok(inserted)
 }
 
+/// The plainest writer: one autocommit `INSERT … VALUES` per row, as the seed exercise's
+/// reference consumer did. Never used by the sink; `bench-ingest` measures it as a baseline.
+/// Prepare `statement` with [`prepare_row_insert`].
+pub async fn insert_row(
+    client: &Client,
+    statement: &tokio_postgres::Statement,
+    row: &Row,
+) -> Result<u64, DbError> {
+    let v = Values::of(row);
+    Ok(client
+        .execute(
+            statement,
+            &[
+                &row.region,
+                &row.agent,
+                &v.boot_id,
+                &v.seq,
+                &v.target_id,
+                &v.started_at,
+                &v.status,
+                &v.outcome,
+                &v.regex_match,
+                &v.total_us,
+                &v.dns_us,
+                &v.connect_us,
+                &v.tls_us,
+                &v.ttfb_us,
+                &v.body_bytes,
+                &v.failed_phase,
+                &v.transfer_us,
+                &v.body_truncated,
+                &v.redirects,
+                &v.cert_not_after,
+                &v.remote_ip,
+            ],
+        )
+        .await?)
+}
+
+/// The statement [`insert_row`] runs.
+pub async fn prepare_row_insert(client: &Client) -> Result<tokio_postgres::Statement, DbError> {
+    Ok(client
+        .prepare(&format!(
+            "INSERT INTO results ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
+                    $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)
+             ON CONFLICT DO NOTHING"
+        ))
+        .await?)
+}
+
 /// One result's column values, converted for PostgreSQL.
 struct Values {
     boot_id: i64,

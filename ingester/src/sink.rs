@@ -115,13 +115,13 @@ impl ConsumerContext for SinkContext {
 }
 
 /// One consumed message, decoded or rejected.
-enum Decoded {
+pub enum Decoded {
     Rows(Vec<Row>, Vec<GapRow>),
     Poison(&'static str),
 }
 
 /// Turns a Kafka message from the bridge (key `region/agent`, value a frame) into rows.
-fn decode_message(key: Option<&[u8]>, payload: Option<&[u8]>) -> Decoded {
+pub fn decode_message(key: Option<&[u8]>, payload: Option<&[u8]>) -> Decoded {
     let Some((region, agent)) = key
         .and_then(|k| std::str::from_utf8(k).ok())
         .and_then(|k| k.split_once('/'))
