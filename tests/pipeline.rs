@@ -440,7 +440,9 @@ async fn two_regions_reach_postgres_exactly_once() {
     );
     let injected = SLOW_REGION_DELAY_MS as f64;
     assert!(
-        diff >= injected * 0.9 && diff <= injected + 100.0,
+        // Generous on purpose: this checks that the delay shows up in the right region, not the
+        // machine's scheduling (CI shares 2 cores with Kafka and PostgreSQL).
+        diff >= injected * 0.6 && diff <= injected + 250.0,
         "difference {diff:.1} ms, injected {injected} ms"
     );
 
