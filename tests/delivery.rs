@@ -405,6 +405,45 @@ async fn sink_absorbs_replays_and_duplicates_and_dead_letters_poison() {
     run.cleanup(&[]).await;
 }
 
+/// TESTING.md 19, for both write methods of the sink: a duplicate key inside one batch and a
+/// replayed batch add nothing and fail nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_write_methods_skip_duplicates_inside_and_across_batches() {
+    let run = Run::new("write");
+    let config = run.ingester_config(&IngesterOptions::default());
+    let pg = config.postgres().unwrap().clone();
+    let mut client = vantage_ingester::db::connect_writer(&pg).await.unwrap();
+    vantage_ingester::db::migrate(&mut client, &pg.schema)
+        .await
+        .unwrap();
+    let rows = |boot: u64, seqs: &[u64]| -> Vec<vantage_ingester::db::Row> {
+        batch(boot, seqs, &[])
+            .results
+            .iter()
+            .map(|r| vantage_ingester::db::Row {
+                region: "eu-north".into(),
+                agent: format!("w-{boot}"),
+                boot_id: boot,
+                result: *r,
+            })
+            .collect()
+    };
+    for (boot, copy) in [(1u64, true), (2, false)] {
+        let batch = rows(boot, &[0, 1, 1, 2, 0]);
+        for expected in [3, 0] {
+            let inserted = if copy {
+                vantage_ingester::db::copy_batch(&mut client, &batch, &[]).await
+            } else {
+                vantage_ingester::db::insert_batch(&mut client, &batch, &[]).await
+            };
+            assert_eq!(inserted.unwrap().results, expected, "copy={copy}");
+        }
+    }
+    assert_eq!(run.count_rows().await, 6);
+    drop(client);
+    run.cleanup(&[]).await;
+}
+
 /// TESTING.md 15: with Kafka unreachable the bridge acknowledges nothing, so the broker keeps
 /// the message; a bridge with the same session and a working Kafka delivers it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

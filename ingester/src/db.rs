@@ -169,8 +169,20 @@ pub enum WriteMethod {
     Unnest,
 }
 
-/// The method the sink uses (the faster one in `bench-ingest`; figures in README.md).
-pub const WRITE_METHOD: WriteMethod = WriteMethod::Copy;
+/// From this many rows on, the sink writes with COPY; below it, with unnest. Measured with
+/// `bench-ingest` (README.md, "Delivery"): unnest is faster for small batches (one statement
+/// instead of three: COPY, its data, INSERT … SELECT), COPY from about 1,000 rows on, by 13–33%
+/// at 4,000–16,000 rows.
+pub const COPY_MIN_ROWS: usize = 2_000;
+
+/// The faster method for a batch of `rows` rows.
+pub fn write_method(rows: usize) -> WriteMethod {
+    if rows >= COPY_MIN_ROWS {
+        WriteMethod::Copy
+    } else {
+        WriteMethod::Unnest
+    }
+}
 
 /// The staging table [`copy_batch`] copies into: the columns the sink writes, no constraints,
 /// private to the session and emptied at every COMMIT.
@@ -193,13 +205,13 @@ pub async fn connect_writer(config: &PostgresConfig) -> Result<Client, DbError> 
     Ok(client)
 }
 
-/// Writes a batch with [`WRITE_METHOD`].
+/// Writes a batch with the faster method for its size ([`write_method`]).
 pub async fn write_batch(
     client: &mut Client,
     rows: &[Row],
     gaps: &[GapRow],
 ) -> Result<Inserted, DbError> {
-    match WRITE_METHOD {
+    match write_method(rows.len()) {
         WriteMethod::Copy => copy_batch(client, rows, gaps).await,
         WriteMethod::Unnest => insert_batch(client, rows, gaps).await,
     }
