@@ -547,9 +547,10 @@ async fn two_bridges_on_a_shared_subscription_split_the_stream() {
 }
 
 /// TESTING.md 11, 15–18, 21–23, 27, on real processes: ≥ 50,000 results from 4 simulated agents
-/// while the bridge and the sink are `kill -9`ed (twice each), Mosquitto, PostgreSQL and Kafka are
-/// restarted, and two bridges (shared subscription) and two sinks (one group) run at once. At the
-/// end the set of (agent, boot, seq) in PostgreSQL equals the set produced.
+/// while both bridges and both sinks are `kill -9`ed (the sinks right after committing rows
+/// whose offsets a frozen Kafka could not take), Mosquitto, PostgreSQL and Kafka are restarted,
+/// and two bridges (`partition`) and two sinks (one group) run at once. At the end the set of
+/// (agent, boot, seq) in PostgreSQL equals the set produced.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "restarts the shared services: run alone with `make test-crash`"]
 async fn crash_and_restart_everything_exactly_once() {
@@ -626,14 +627,36 @@ async fn crash_and_restart_everything_exactly_once() {
     bridge_a.restart();
     note("bridge-a restarted", run.count_rows().await);
 
+    // Kafka frozen (SIGSTOP): the sinks can still COMMIT rows they had fetched, but no offset
+    // commit can reach the coordinator. Kill both sinks right after such rows landed: their
+    // messages must be replayed, and the key must absorb the replay (TESTING.md 18).
     at(6).await;
-    sink_a.kill9();
-    note("kill -9 sink-a", run.count_rows().await);
+    let kafka = stage::kafka_pid().expect("no Kafka pid file");
+    let mut frozen_rows = 0;
+    for _attempt in 0..3 {
+        let frozen = stage::Frozen::freeze(kafka);
+        let before = run.count_rows().await;
+        let after = run.wait_rows(before + 1, Duration::from_secs(1)).await;
+        if after > before {
+            sink_a.kill9();
+            sink_b.kill9();
+            frozen_rows = after - before;
+            drop(frozen);
+            break;
+        }
+        drop(frozen);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    note(
+        &format!("Kafka frozen (SIGSTOP); sinks committed {frozen_rows} rows whose offsets Kafka could not take; kill -9 sink-a and sink-b; Kafka resumed"),
+        run.count_rows().await,
+    );
     tokio::time::sleep(Duration::from_secs(1)).await;
     sink_a.restart();
-    note("sink-a restarted", run.count_rows().await);
+    sink_b.restart();
+    note("sink-a and sink-b restarted", run.count_rows().await);
 
-    at(9).await;
+    at(10).await;
     note("stopping Mosquitto", run.count_rows().await);
     let took = stage::restart_service(Service::Mosquitto, Duration::from_secs(1))
         .await
@@ -643,7 +666,7 @@ async fn crash_and_restart_everything_exactly_once() {
         run.count_rows().await,
     );
 
-    at(15).await;
+    at(16).await;
     note("stopping PostgreSQL", run.count_rows().await);
     let took = stage::restart_service(Service::Postgres, Duration::from_secs(2))
         .await
@@ -653,7 +676,7 @@ async fn crash_and_restart_everything_exactly_once() {
         run.count_rows().await,
     );
 
-    at(21).await;
+    at(22).await;
     note("stopping Kafka", run.count_rows().await);
     let took = stage::restart_service(Service::Kafka, Duration::from_secs(2))
         .await
@@ -663,15 +686,13 @@ async fn crash_and_restart_everything_exactly_once() {
         run.count_rows().await,
     );
 
-    // The backlog from the Kafka outage is draining: kill the other pair now.
+    // The backlog from the Kafka outage is draining: kill the other bridge now.
     tokio::time::sleep(Duration::from_secs(2)).await;
     bridge_b.kill9();
-    sink_b.kill9();
-    note("kill -9 bridge-b and sink-b", run.count_rows().await);
+    note("kill -9 bridge-b", run.count_rows().await);
     tokio::time::sleep(Duration::from_secs(1)).await;
     bridge_b.restart();
-    sink_b.restart();
-    note("bridge-b and sink-b restarted", run.count_rows().await);
+    note("bridge-b restarted", run.count_rows().await);
 
     let reports = load.finish().await;
     note("agents done and drained", run.count_rows().await);
@@ -703,6 +724,18 @@ async fn crash_and_restart_everything_exactly_once() {
         .iter()
         .map(|s| s.log_count("offsets committed on revocation"))
         .sum();
+    // Replays the restarted sinks absorbed (only graceful stops print their stats).
+    let sink_duplicates: u64 = [&sink_a, &sink_b]
+        .iter()
+        .flat_map(|s| {
+            s.log_text()
+                .lines()
+                .filter(|l| l.contains("sink stopped"))
+                .filter_map(|l| l.split("rows_duplicate: ").nth(1))
+                .filter_map(|v| v.split(',').next()?.trim().parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum();
     let write_retries: usize = [&sink_a, &sink_b]
         .iter()
         .map(|s| s.log_count("PostgreSQL write failed, retrying"))
@@ -716,6 +749,7 @@ async fn crash_and_restart_everything_exactly_once() {
         "results in Kafka (with redelivered copies): {copies}, duplicates absorbed by the key: {}",
         copies.saturating_sub(cmp.rows)
     );
+    println!("rows skipped as already stored by the last sink processes: {sink_duplicates}");
     println!("dead letters: {dead}; sink write retries: {write_retries}; offset commits on revocation: {revocation_commits}");
     println!("committed/end offsets per partition: {offsets:?}");
     println!("exit codes after SIGTERM: {exits:?}");
@@ -729,6 +763,10 @@ async fn crash_and_restart_everything_exactly_once() {
             .join("\n")
     };
     assert!(produced_total >= 50_000, "only {produced_total} results");
+    assert!(
+        frozen_rows > 0,
+        "no rows were committed while Kafka was frozen (3 attempts)"
+    );
     assert!(cmp.exact(), "{cmp}\n{}", logs_on_failure());
     assert_eq!(cmp.rows as i64, expected);
     assert_eq!(dead, 0, "no frame of a healthy agent is dead-lettered");

@@ -234,3 +234,32 @@ impl Drop for ServicesGuard {
         }
     }
 }
+
+/// The pid of the running Kafka of `tests/services` (`$VANTAGE_STATE_DIR/kafka/kafka.pid`).
+pub fn kafka_pid() -> Option<u32> {
+    let dir =
+        std::env::var("VANTAGE_STATE_DIR").unwrap_or_else(|_| "/var/tmp/vantage-services".into());
+    let text = std::fs::read_to_string(Path::new(&dir).join("kafka/kafka.pid")).ok()?;
+    text.trim().parse().ok()
+}
+
+/// A process stopped with SIGSTOP (frozen: connections stay open, nothing is answered) until
+/// this is dropped, which sends SIGCONT; also when a test panics.
+pub struct Frozen(u32);
+
+impl Frozen {
+    pub fn freeze(pid: u32) -> Frozen {
+        let _ = Command::new("kill")
+            .args(["-STOP", &pid.to_string()])
+            .status();
+        Frozen(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.0.to_string()])
+            .status();
+    }
+}
