@@ -1,7 +1,7 @@
 # The automation entry point. The two commands the README promises:
 #   make demo   services + ingester + two agents in two regions + a region table from SQL
 #   make test   services + every test (unit, golden, end-to-end) + lint + the no_std build
-.PHONY: test demo services services-down lint embedded fmt bench-probe
+.PHONY: test demo services services-down lint embedded fmt bench-probe bench-storage
 
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
@@ -98,3 +98,9 @@ test-crash: services
 # Release build; writes target/bench/ingest.txt (about 3 minutes).
 bench-ingest: services
 	bench/ingest
+
+# Storage benchmark (not a test): 10 million synthetic results, rollups vs raw vs a naive table,
+# bytes per result, retention. Writes target/bench/storage.txt. Takes several minutes.
+bench-storage: services
+	cargo build --release --locked -p vantage-tests --bin bench-storage
+	target/release/bench-storage

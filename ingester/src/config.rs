@@ -35,6 +35,50 @@ pub struct RawConfig {
     pub postgres: Option<RawPostgres>,
     #[serde(default)]
     pub sink: RawSink,
+    #[serde(default)]
+    pub storage: RawStorage,
+}
+
+/// Partition upkeep and retention, run by the sink (see `storage.rs`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStorage {
+    /// Raw results, gap records and 1-minute rollups are kept this long (default 30d).
+    #[serde(default = "default_raw_retention", with = "humantime_serde")]
+    pub raw_retention: Duration,
+    /// 1-hour rollups are kept this long (default 400d).
+    #[serde(default = "default_rollup_retention", with = "humantime_serde")]
+    pub rollup_retention: Duration,
+    /// Days of partitions created ahead (default 7).
+    #[serde(default = "default_partitions_ahead")]
+    pub partitions_ahead: u32,
+    /// How often the sink runs upkeep (default 10m).
+    #[serde(default = "default_upkeep_interval", with = "humantime_serde")]
+    pub upkeep_interval: Duration,
+}
+
+impl Default for RawStorage {
+    fn default() -> Self {
+        RawStorage {
+            raw_retention: default_raw_retention(),
+            rollup_retention: default_rollup_retention(),
+            partitions_ahead: default_partitions_ahead(),
+            upkeep_interval: default_upkeep_interval(),
+        }
+    }
+}
+
+fn default_raw_retention() -> Duration {
+    crate::storage::StorageConfig::default().raw_retention
+}
+fn default_rollup_retention() -> Duration {
+    crate::storage::StorageConfig::default().rollup_retention
+}
+fn default_partitions_ahead() -> u32 {
+    crate::storage::StorageConfig::default().partitions_ahead
+}
+fn default_upkeep_interval() -> Duration {
+    crate::storage::StorageConfig::default().interval
 }
 
 #[derive(Debug, Deserialize)]
@@ -169,6 +213,7 @@ pub struct Config {
     kafka: Option<KafkaConfig>,
     postgres: Option<PostgresConfig>,
     pub sink: SinkConfig,
+    pub storage: crate::storage::StorageConfig,
 }
 
 #[derive(Clone)]
@@ -405,6 +450,39 @@ impl Config {
             sink: SinkConfig {
                 batch_max: raw.sink.batch_max,
                 batch_timeout: raw.sink.batch_timeout,
+            },
+            storage: {
+                let st = &raw.storage;
+                if st.raw_retention < Duration::from_secs(86_400) {
+                    return Err(invalid(
+                        "storage.raw_retention",
+                        "must be at least 1 day (partitions are whole days)".into(),
+                    ));
+                }
+                if st.rollup_retention < st.raw_retention {
+                    return Err(invalid(
+                        "storage.rollup_retention",
+                        "must not be shorter than storage.raw_retention".into(),
+                    ));
+                }
+                if st.partitions_ahead == 0 || st.partitions_ahead > 366 {
+                    return Err(invalid(
+                        "storage.partitions_ahead",
+                        "must be 1..=366".into(),
+                    ));
+                }
+                if st.upkeep_interval < Duration::from_secs(1) {
+                    return Err(invalid(
+                        "storage.upkeep_interval",
+                        "must be at least 1s".into(),
+                    ));
+                }
+                crate::storage::StorageConfig {
+                    raw_retention: st.raw_retention,
+                    rollup_retention: st.rollup_retention,
+                    partitions_ahead: st.partitions_ahead,
+                    interval: st.upkeep_interval,
+                }
             },
         })
     }

@@ -22,6 +22,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0002_phases_gaps.sql",
         include_str!("../../migrations/0002_phases_gaps.sql"),
     ),
+    (
+        3,
+        "0003_storage.sql",
+        include_str!("../../migrations/0003_storage.sql"),
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]

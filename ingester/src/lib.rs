@@ -10,5 +10,6 @@ pub mod db;
 pub mod kafka;
 pub mod report;
 pub mod sink;
+pub mod storage;
 
 pub use config::Config;

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use vantage_ingester::{bridge, db, report, sink, Config};
+use vantage_ingester::{bridge, db, report, sink, storage, Config};
 
 #[derive(Parser)]
 #[command(
@@ -51,8 +51,28 @@ enum Command {
         /// Window to report on, e.g. 15m, 24h, 7d.
         #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
         since: Duration,
+        /// Only this target id.
+        #[arg(long)]
+        target: Option<i32>,
         #[arg(long, value_enum, default_value_t = report::Format::Table)]
         format: report::Format,
+    },
+    /// Create missing partitions and drop expired ones now (the sink also does this every few
+    /// minutes).
+    ///
+    /// Example: vantage-ingester maintain --config ingester.toml --raw-retention 30d
+    Maintain {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Raw results and 1-minute rollups older than this are dropped.
+        #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+        raw_retention: Duration,
+        /// 1-hour rollups older than this are dropped.
+        #[arg(long, default_value = "400d", value_parser = humantime::parse_duration)]
+        rollup_retention: Duration,
+        /// Days of partitions to create ahead.
+        #[arg(long, default_value_t = 7)]
+        ahead: u32,
     },
     /// Validate a configuration file without connecting to anything.
     CheckConfig { config: PathBuf },
@@ -95,12 +115,29 @@ fn main() -> anyhow::Result<()> {
             Command::Report {
                 config,
                 since,
+                target,
                 format,
             } => {
                 let config = Config::load(&config)?;
                 let client = db::connect(config.postgres()?).await?;
-                let rows = report::query(&client, since).await?;
+                let rows = report::query(&client, since, target).await?;
                 print!("{}", report::render(&rows, format));
+            }
+            Command::Maintain {
+                config,
+                raw_retention,
+                rollup_retention,
+                ahead,
+            } => {
+                let config = Config::load(&config)?;
+                let client = db::connect(config.postgres()?).await?;
+                let created = storage::ensure_partitions(&client, ahead).await?;
+                let dropped =
+                    storage::apply_retention(&client, raw_retention, rollup_retention).await?;
+                println!("{created} partitions created, {} dropped", dropped.len());
+                for name in dropped {
+                    println!("dropped {name}");
+                }
             }
         }
         Ok(())

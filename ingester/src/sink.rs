@@ -167,6 +167,13 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
     {
         let mut client = connect_with_retry(&pg_config, &shutdown).await?;
         db::migrate(&mut client, &pg_config.schema).await?;
+        // Partitions ahead of time and retention, on their own connection: DDL never waits
+        // behind (or holds up) a batch.
+        tokio::spawn(crate::storage::run(
+            client,
+            config.storage.clone(),
+            shutdown.clone(),
+        ));
     }
     let mut client = connect_with_retry(&pg_config, &shutdown).await?;
     if let Err(e) = kafka::ensure_topics(&kafka_config).await {

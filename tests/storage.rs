@@ -1,0 +1,504 @@
+//! Storage on the real PostgreSQL: partitions at day, month and leap-day boundaries, partitions
+//! ahead of time, retention, rollups under replay and late data, the percentile error bound,
+//! and the indexes the SQL interface relies on (EXPLAIN).
+//!
+//! Each test migrates its own schema and drops it at the end.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio_postgres::Client;
+use vantage_ingester::config::PostgresConfig;
+use vantage_ingester::db::{self, Row};
+use vantage_proto::{Outcome, ProbeResult, RegexOutcome};
+use vantage_tests::{unique_id, Services};
+
+/// A migrated schema of its own; dropped by [`Schema::drop`].
+struct Schema {
+    config: PostgresConfig,
+    client: Client,
+}
+
+impl Schema {
+    async fn new(tag: &str) -> Schema {
+        let config = PostgresConfig {
+            url: Services::from_env().pg_url,
+            password: None,
+            schema: format!("st_{tag}_{}", unique_id()),
+        };
+        let mut client = db::connect(&config)
+            .await
+            .expect("PostgreSQL must be running");
+        db::migrate(&mut client, &config.schema).await.unwrap();
+        Schema { config, client }
+    }
+
+    async fn drop(self) {
+        let _ = self
+            .client
+            .batch_execute(&format!("DROP SCHEMA {} CASCADE", self.config.schema))
+            .await;
+    }
+
+    /// Inserts a minimal result the way the sink's final statement does (ON CONFLICT DO
+    /// NOTHING), at `started_at` (an SQL timestamptz expression).
+    async fn insert_at(
+        &self,
+        seq: i64,
+        target: i32,
+        region: &str,
+        started_at: &str,
+        total_us: i32,
+    ) {
+        self.client
+            .execute(
+                &format!(
+                    "INSERT INTO results (region, agent, boot_id, seq, target_id, started_at,
+                                          outcome, total_us, body_bytes)
+                     VALUES ($1, $1 || '-agent', 1, $2, $3, {started_at}, 'up', $4, 0)
+                     ON CONFLICT DO NOTHING"
+                ),
+                &[&region, &seq, &target, &total_us],
+            )
+            .await
+            .unwrap();
+    }
+
+    async fn partition_of(&self, seq: i64) -> String {
+        self.client
+            .query_one(
+                "SELECT tableoid::regclass::text FROM results WHERE seq = $1",
+                &[&seq],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    async fn scalar_i64(&self, sql: &str) -> i64 {
+        self.client.query_one(sql, &[]).await.unwrap().get(0)
+    }
+}
+
+fn row(
+    seq: u64,
+    target_id: u32,
+    region: &str,
+    started_at_ms: u64,
+    total_us: u32,
+    outcome: Outcome,
+) -> Row {
+    Row {
+        region: region.into(),
+        agent: format!("{region}-pi"),
+        boot_id: 42,
+        result: ProbeResult {
+            seq,
+            target_id,
+            started_at_ms,
+            status: 200,
+            outcome,
+            failed_phase: None,
+            regex: RegexOutcome::NotConfigured,
+            total_us,
+            dns_us: Some(total_us / 10),
+            connect_us: Some(total_us / 5),
+            tls_us: None,
+            ttfb_us: Some(total_us / 2),
+            transfer_us: Some(total_us / 10),
+            body_bytes: 100,
+            body_truncated: false,
+            redirects: 0,
+            cert_not_after_s: None,
+            remote_ip: None,
+        },
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+#[tokio::test]
+async fn rows_at_day_month_and_leap_day_boundaries_land_in_their_partitions() {
+    let s = Schema::new("bounds").await;
+    let cases = [
+        (1, "'2028-02-28 23:59:59.999+00'", "results_p20280228"),
+        (2, "'2028-02-29 00:00:00+00'", "results_p20280229"),
+        (3, "'2028-02-29 23:59:59.999+00'", "results_p20280229"),
+        (4, "'2028-03-01 00:00:00+00'", "results_p20280301"),
+        (5, "'2028-12-31 23:59:59.999+00'", "results_p20281231"),
+        (6, "'2029-01-01 00:00:00+00'", "results_p20290101"),
+        // Time zone of the writer does not matter: partitions are UTC days.
+        (7, "'2028-03-01 00:30:00+02'", "results_p20280229"),
+    ];
+    // Far in the future: no partition exists yet, so the rows wait in the default partition
+    // (the insert never fails) ...
+    for (seq, at, _) in cases {
+        s.insert_at(seq, 1, "eu", at, 1000).await;
+        assert_eq!(s.partition_of(seq).await, "results_default");
+    }
+    // ... until upkeep gives each day its partition and moves them there.
+    vantage_ingester::storage::ensure_partitions(&s.client, 7)
+        .await
+        .unwrap();
+    for (seq, at, partition) in cases {
+        assert_eq!(s.partition_of(seq).await, partition, "row at {at}");
+    }
+    assert_eq!(
+        s.scalar_i64("SELECT count(*) FROM results_default").await,
+        0
+    );
+    // Rollups followed: 1-minute buckets in daily partitions, 1-hour buckets in monthly ones.
+    let rollup_parts: Vec<String> = s
+        .client
+        .query(
+            "SELECT DISTINCT tableoid::regclass::text FROM rollup_1h ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        rollup_parts,
+        [
+            "rollup_1h_p202802",
+            "rollup_1h_p202803",
+            "rollup_1h_p202812",
+            "rollup_1h_p202901"
+        ]
+    );
+    assert_eq!(
+        s.scalar_i64("SELECT sum(probes)::int8 FROM rollup_1m")
+            .await,
+        7
+    );
+    assert_eq!(
+        s.scalar_i64("SELECT count(*) FROM rollup_1m_default").await,
+        0
+    );
+    s.drop().await;
+}
+
+#[tokio::test]
+async fn partitions_exist_ahead_of_time() {
+    let s = Schema::new("ahead").await;
+    // The migration already ran upkeep: today and the next 7 days have partitions.
+    let missing = s
+        .scalar_i64(
+            "SELECT count(*) FROM generate_series(0, 7) AS d
+              WHERE to_regclass('results_p' || to_char((now() AT TIME ZONE 'UTC')::date + d, 'YYYYMMDD')) IS NULL
+                 OR to_regclass('rollup_1m_p' || to_char((now() AT TIME ZONE 'UTC')::date + d, 'YYYYMMDD')) IS NULL",
+        )
+        .await;
+    assert_eq!(missing, 0);
+    // A row written now goes straight to today's partition, never to the default one.
+    s.insert_at(1, 1, "eu", "now()", 1000).await;
+    assert!(s.partition_of(1).await.starts_with("results_p"));
+    s.drop().await;
+}
+
+#[tokio::test]
+async fn retention_drops_exactly_the_expired_days() {
+    let s = Schema::new("retention").await;
+    // One row a day for 40 days back.
+    for days in 0..40i64 {
+        s.insert_at(
+            days,
+            1,
+            "eu",
+            &format!("now() - interval '{days} days'"),
+            1000,
+        )
+        .await;
+    }
+    vantage_ingester::storage::ensure_partitions(&s.client, 7)
+        .await
+        .unwrap();
+    let dropped = vantage_ingester::storage::apply_retention(
+        &s.client,
+        Duration::from_secs(30 * 86_400),
+        Duration::from_secs(400 * 86_400),
+    )
+    .await
+    .unwrap();
+    // A daily partition goes when its whole day ended at or before now() - 30 days.
+    let expected: Vec<String> = s
+        .client
+        .query(
+            "SELECT 'results_p' || to_char(d, 'YYYYMMDD')
+               FROM generate_series((now() AT TIME ZONE 'UTC')::date - 39,
+                                    (now() AT TIME ZONE 'UTC')::date, '1 day') AS d
+              WHERE (d + interval '1 day') AT TIME ZONE 'UTC' <= now() - interval '30 days'
+              ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut dropped_results: Vec<String> = dropped
+        .iter()
+        .filter(|n| n.starts_with("results_p"))
+        .cloned()
+        .collect();
+    dropped_results.sort();
+    assert_eq!(dropped_results, expected);
+    // What is left is exactly the rows whose day is not expired; hourly rollups are all kept.
+    let kept = s.scalar_i64("SELECT count(*) FROM results").await;
+    assert_eq!(kept, 40 - expected.len() as i64);
+    assert_eq!(
+        s.scalar_i64("SELECT sum(probes)::int8 FROM rollup_1h")
+            .await,
+        40
+    );
+    println!(
+        "retention dropped {} partitions: {dropped:?}",
+        dropped.len()
+    );
+    s.drop().await;
+}
+
+#[tokio::test]
+async fn rollups_survive_replays_and_late_data() {
+    let s = Schema::new("rollup").await;
+    let mut writer = db::connect_writer(&s.config).await.unwrap();
+    let now = now_ms();
+    let batch: Vec<Row> = (0..200)
+        .map(|i| {
+            let outcome = if i % 10 == 0 {
+                Outcome::Timeout
+            } else {
+                Outcome::Up
+            };
+            row(
+                i,
+                1 + (i % 2) as u32,
+                if i % 3 == 0 { "us-east" } else { "eu-north" },
+                now - i * 1000,
+                1000 + i as u32 * 37,
+                outcome,
+            )
+        })
+        .collect();
+    db::write_batch(&mut writer, &batch, &[]).await.unwrap();
+    // The same batch again (a Kafka replay), and a duplicate inside one batch.
+    db::write_batch(&mut writer, &batch, &[]).await.unwrap();
+    db::write_batch(&mut writer, &[batch[0].clone(), batch[0].clone()], &[])
+        .await
+        .unwrap();
+    // Late data: an agent back after 5 hours offline.
+    let late: Vec<Row> = (1000..1010)
+        .map(|i| row(i, 1, "eu-north", now - 5 * 3_600_000 - i, 5000, Outcome::Up))
+        .collect();
+    db::write_batch(&mut writer, &late, &[]).await.unwrap();
+
+    assert_eq!(s.scalar_i64("SELECT count(*) FROM results").await, 210);
+    // Every rollup bucket equals a recount from the raw rows: nothing counted twice, late rows
+    // in their own (5-hour-old) bucket.
+    for (table, unit) in [
+        ("rollup_1m", "minute"),
+        ("rollup_1h", "hour"),
+        ("rollup_1d", "day"),
+    ] {
+        let mismatches = s
+            .scalar_i64(&format!(
+                "WITH raw AS (
+                    SELECT target_id, region, date_trunc('{unit}', started_at, 'UTC') AS bucket,
+                           count(*) AS probes, count(*) FILTER (WHERE outcome = 'up') AS up,
+                           vantage_hist_agg(total_us) AS total_hist,
+                           vantage_count_agg(outcome) AS outcomes
+                      FROM results GROUP BY 1, 2, 3)
+                 SELECT count(*) FROM raw FULL JOIN {table} r USING (target_id, region, bucket)
+                  WHERE raw.probes IS DISTINCT FROM r.probes OR raw.up IS DISTINCT FROM r.up
+                     OR raw.total_hist IS DISTINCT FROM r.total_hist
+                     OR raw.outcomes IS DISTINCT FROM r.outcomes"
+            ))
+            .await;
+        assert_eq!(mismatches, 0, "{table} differs from the raw rows");
+    }
+    let late_bucket = s
+        .scalar_i64(
+            "SELECT sum(probes)::int8 FROM rollup_1h
+              WHERE bucket < now() - interval '4 hours'",
+        )
+        .await;
+    assert_eq!(late_bucket, 10);
+    s.drop().await;
+}
+
+#[tokio::test]
+async fn histogram_percentiles_are_within_one_percent_of_exact() {
+    let s = Schema::new("hist").await;
+    let mut writer = db::connect_writer(&s.config).await.unwrap();
+    // 20,000 latencies, log-uniform between 100 us and 20 s, in one hour of one target.
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let hour_start = (now_ms() / 3_600_000 - 2) * 3_600_000;
+    let rows: Vec<Row> = (0..20_000)
+        .map(|i| {
+            let us = (100.0 * (200_000f64).powf(next())) as u32;
+            row(
+                i,
+                7,
+                "eu-north",
+                hour_start + i % 3_600_000,
+                us,
+                Outcome::Up,
+            )
+        })
+        .collect();
+    for chunk in rows.chunks(2_000) {
+        db::write_batch(&mut writer, chunk, &[]).await.unwrap();
+    }
+    let mut worst: f64 = 0.0;
+    for q in [0.5, 0.9, 0.95, 0.99, 0.999] {
+        let r = s
+            .client
+            .query_one(
+                "SELECT (SELECT percentile_disc($1) WITHIN GROUP (ORDER BY total_us)::float8
+                           FROM results WHERE target_id = 7),
+                        (SELECT vantage_hist_quantile(vantage_hist_merge_agg(total_hist), $1)
+                           FROM rollup_1m WHERE target_id = 7),
+                        (SELECT vantage_hist_quantile(total_hist, $1)
+                           FROM rollup_1h WHERE target_id = 7)",
+                &[&q],
+            )
+            .await
+            .unwrap();
+        let exact: f64 = r.get(0);
+        for approx in [r.get::<_, f64>(1), r.get::<_, f64>(2)] {
+            let err = (approx - exact).abs() / exact;
+            worst = worst.max(err);
+            assert!(
+                err <= 0.01,
+                "q{q}: exact {exact} us, from histogram {approx} us"
+            );
+        }
+    }
+    println!("worst relative percentile error: {:.4}%", worst * 100.0);
+    s.drop().await;
+}
+
+#[tokio::test]
+async fn explain_shows_indexes_and_partition_pruning() {
+    let s = Schema::new("explain").await;
+    let mut writer = db::connect_writer(&s.config).await.unwrap();
+    let now = now_ms();
+    // Two days of 50 targets × 4 regions every ~5 minutes.
+    let mut rows = Vec::new();
+    let mut seq = 0;
+    for step in 0..576u64 {
+        for target in 0..50u32 {
+            for region in ["a", "b", "c", "d"] {
+                rows.push(row(
+                    seq,
+                    target,
+                    region,
+                    now - step * 300_000 - u64::from(target),
+                    1000,
+                    Outcome::Up,
+                ));
+                seq += 1;
+            }
+        }
+    }
+    for chunk in rows.chunks(5_000) {
+        db::write_batch(&mut writer, chunk, &[]).await.unwrap();
+    }
+    s.client.batch_execute("ANALYZE").await.unwrap();
+    let client = &s.client;
+    let plan = |sql: &'static str| async move {
+        client
+            .query(&format!("EXPLAIN {sql}"), &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    // Time range of one target: pruned to the partitions of the last day, by index.
+    let p = plan(
+        "SELECT * FROM results WHERE target_id = 3 AND region = 'a'
+            AND started_at >= now() - interval '24 hours'",
+    )
+    .await;
+    println!("{p}");
+    assert!(
+        p.contains("results_target_region_time") || p.contains("_target_id_region_started_at_idx"),
+        "{p}"
+    );
+    // Pruned: no partition of a day before yesterday is read. The empty partitions made ahead
+    // for future days match `>= now() - 24 h`; having no statistics, they are planned as
+    // (free) sequential scans. Every partition that holds rows is read by index.
+    let days: Vec<String> = s
+        .client
+        .query_one(
+            "SELECT ARRAY[to_char((now() AT TIME ZONE 'UTC')::date - 1, 'YYYYMMDD'),
+                          to_char((now() AT TIME ZONE 'UTC')::date, 'YYYYMMDD')]",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let (yesterday, today) = (days[0].as_str(), days[1].as_str());
+    for day in p.split("on results_p").skip(1).map(|rest| &rest[..8]) {
+        assert!(day >= yesterday, "partition of {day} scanned:\n{p}");
+    }
+    for day in p
+        .split("Seq Scan on results_p")
+        .skip(1)
+        .map(|rest| &rest[..8])
+    {
+        assert!(
+            day > today,
+            "partition of {day} read without an index:\n{p}"
+        );
+    }
+    // Latest status per target and region reads `latest_results`, one row per pair kept by the
+    // insert trigger, never the history (115,200 rows here).
+    let p = plan("SELECT * FROM latest_status").await;
+    println!("{p}");
+    assert!(
+        p.contains("on latest_results") && !p.contains("results_p"),
+        "{p}"
+    );
+    assert_eq!(
+        s.scalar_i64("SELECT count(*) FROM latest_results").await,
+        200
+    );
+    // Region comparison over 24 h reads hourly rollups of the window only.
+    let p = plan(
+        "SELECT * FROM rollup_1h WHERE target_id = 3 AND bucket >= now() - interval '24 hours'",
+    )
+    .await;
+    println!("{p}");
+    let month: String = s
+        .client
+        .query_one("SELECT to_char(now() AT TIME ZONE 'UTC', 'YYYYMM')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    for m in p
+        .split("Seq Scan on rollup_1h_p")
+        .skip(1)
+        .map(|rest| &rest[..6])
+    {
+        assert!(
+            m > month.as_str(),
+            "rollup_1h of {m} read without an index:\n{p}"
+        );
+    }
+    s.drop().await;
+}
