@@ -144,9 +144,15 @@ fn batch(boot_id: u64, seqs: &[u64], gaps: &[Gap]) -> Batch {
         results: heapless::Vec::new(),
         gaps: heapless::Vec::new(),
     };
+    // A repeated sequence number is a replay of the same result (same probe time and values),
+    // which is what the natural key (agent, boot_id, seq, started_at) absorbs.
+    let mut seen = std::collections::HashMap::new();
     for &seq in seqs {
-        let mut r = synth.result();
-        r.seq = seq;
+        let r = *seen.entry(seq).or_insert_with(|| {
+            let mut r = synth.result();
+            r.seq = seq;
+            r
+        });
         b.results.push(r).unwrap();
     }
     for g in gaps {
