@@ -433,9 +433,10 @@ DROP TABLE results_0001;
 
 -- The SQL interface (see docs/sql.md) ---------------------------------------------------------
 
--- Per rollup row, the percentiles most people want, in milliseconds.
-CREATE VIEW rollup_1m_percentiles AS
-SELECT target_id, region, bucket, probes, up, outcomes,
+-- Per rollup row of any resolution ('1m', '1h', '1d'), the percentiles most people want, in
+-- milliseconds. Filter on `resolution`: the other tables are then not read.
+CREATE VIEW rollup_percentiles AS
+SELECT resolution, target_id, region, bucket, probes, up, outcomes,
        vantage_hist_quantile(total_hist, 0.5) / 1000 AS total_p50_ms,
        vantage_hist_quantile(total_hist, 0.9) / 1000 AS total_p90_ms,
        vantage_hist_quantile(total_hist, 0.99) / 1000 AS total_p99_ms,
@@ -446,21 +447,9 @@ SELECT target_id, region, bucket, probes, up, outcomes,
        vantage_hist_quantile(ttfb_hist, 0.9) / 1000 AS ttfb_p90_ms,
        vantage_hist_quantile(ttfb_hist, 0.99) / 1000 AS ttfb_p99_ms,
        vantage_hist_quantile(transfer_hist, 0.5) / 1000 AS transfer_p50_ms
-  FROM rollup_1m;
-
-CREATE VIEW rollup_1h_percentiles AS
-SELECT target_id, region, bucket, probes, up, outcomes,
-       vantage_hist_quantile(total_hist, 0.5) / 1000 AS total_p50_ms,
-       vantage_hist_quantile(total_hist, 0.9) / 1000 AS total_p90_ms,
-       vantage_hist_quantile(total_hist, 0.99) / 1000 AS total_p99_ms,
-       vantage_hist_quantile(dns_hist, 0.5) / 1000 AS dns_p50_ms,
-       vantage_hist_quantile(connect_hist, 0.5) / 1000 AS connect_p50_ms,
-       vantage_hist_quantile(tls_hist, 0.5) / 1000 AS tls_p50_ms,
-       vantage_hist_quantile(ttfb_hist, 0.5) / 1000 AS ttfb_p50_ms,
-       vantage_hist_quantile(ttfb_hist, 0.9) / 1000 AS ttfb_p90_ms,
-       vantage_hist_quantile(ttfb_hist, 0.99) / 1000 AS ttfb_p99_ms,
-       vantage_hist_quantile(transfer_hist, 0.5) / 1000 AS transfer_p50_ms
-  FROM rollup_1h;
+  FROM (SELECT '1m' AS resolution, * FROM rollup_1m
+        UNION ALL SELECT '1h', * FROM rollup_1h
+        UNION ALL SELECT '1d', * FROM rollup_1d) AS r;
 
 -- (a) Region comparison of targets over a window, from rollups: minute buckets below 6 hours,
 -- hourly buckets below 3 days, daily buckets from there. Whole buckets: the window starts at the

@@ -198,10 +198,38 @@ const CREATE_STAGING: &str = "CREATE TEMP TABLE IF NOT EXISTS results_staging (
     body_truncated bool, redirects int2, cert_not_after timestamptz, remote_ip inet
 ) ON COMMIT DELETE ROWS";
 
-/// The written columns, in staging order.
-const COLUMNS: &str = "region, agent, boot_id, seq, target_id, started_at, status, outcome,
+/// The written columns of `results`, in staging order (binary COPY writers use [`COLUMN_TYPES`]).
+pub const COLUMNS: &str = "region, agent, boot_id, seq, target_id, started_at, status, outcome,
     regex_match, total_us, dns_us, connect_us, tls_us, ttfb_us, body_bytes, failed_phase,
     transfer_us, body_truncated, redirects, cert_not_after, remote_ip";
+
+/// The types of [`COLUMNS`], in order, for `BinaryCopyInWriter`.
+pub const COLUMN_TYPES: [tokio_postgres::types::Type; 21] = {
+    use tokio_postgres::types::Type;
+    [
+        Type::TEXT,
+        Type::TEXT,
+        Type::INT8,
+        Type::INT8,
+        Type::INT4,
+        Type::TIMESTAMPTZ,
+        Type::INT2,
+        Type::TEXT,
+        Type::BOOL,
+        Type::INT4,
+        Type::INT4,
+        Type::INT4,
+        Type::INT4,
+        Type::INT4,
+        Type::INT4,
+        Type::TEXT,
+        Type::INT4,
+        Type::BOOL,
+        Type::INT2,
+        Type::TIMESTAMPTZ,
+        Type::INET,
+    ]
+};
 
 /// [`connect`], plus the session's staging table for [`copy_batch`].
 pub async fn connect_writer(config: &PostgresConfig) -> Result<Client, DbError> {
@@ -233,30 +261,8 @@ pub async fn copy_batch(
     gaps: &[GapRow],
 ) -> Result<Inserted, DbError> {
     use tokio_postgres::binary_copy::BinaryCopyInWriter;
-    use tokio_postgres::types::{ToSql, Type};
-    const TYPES: [Type; 21] = [
-        Type::TEXT,
-        Type::TEXT,
-        Type::INT8,
-        Type::INT8,
-        Type::INT4,
-        Type::TIMESTAMPTZ,
-        Type::INT2,
-        Type::TEXT,
-        Type::BOOL,
-        Type::INT4,
-        Type::INT4,
-        Type::INT4,
-        Type::INT4,
-        Type::INT4,
-        Type::INT4,
-        Type::TEXT,
-        Type::INT4,
-        Type::BOOL,
-        Type::INT2,
-        Type::TIMESTAMPTZ,
-        Type::INET,
-    ];
+    use tokio_postgres::types::ToSql;
+
     let tx = client.transaction().await?;
     let mut inserted = Inserted::default();
     if !rows.is_empty() {
@@ -265,7 +271,7 @@ pub async fn copy_batch(
                 "COPY results_staging ({COLUMNS}) FROM STDIN (FORMAT binary)"
             ))
             .await?;
-        let mut writer = std::pin::pin!(BinaryCopyInWriter::new(sink, &TYPES));
+        let mut writer = std::pin::pin!(BinaryCopyInWriter::new(sink, &COLUMN_TYPES));
         for row in rows {
             let v = Values::of(row);
             let values: [&(dyn ToSql + Sync); 21] = [

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 use clap::Parser;
 use futures::pin_mut;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::types::ToSql;
 use tokio_postgres::Client;
 use vantage_ingester::config::PostgresConfig;
 use vantage_ingester::db;
@@ -46,34 +46,6 @@ struct Args {
     #[arg(long, default_value = "target/bench/storage.txt")]
     out: PathBuf,
 }
-
-const COLUMNS: &str = "region, agent, boot_id, seq, target_id, started_at, status, outcome,
-    regex_match, total_us, dns_us, connect_us, tls_us, ttfb_us, body_bytes, failed_phase,
-    transfer_us, body_truncated, redirects, cert_not_after, remote_ip";
-
-const TYPES: [Type; 21] = [
-    Type::TEXT,
-    Type::TEXT,
-    Type::INT8,
-    Type::INT8,
-    Type::INT4,
-    Type::TIMESTAMPTZ,
-    Type::INT2,
-    Type::TEXT,
-    Type::BOOL,
-    Type::INT4,
-    Type::INT4,
-    Type::INT4,
-    Type::INT4,
-    Type::INT4,
-    Type::INT4,
-    Type::TEXT,
-    Type::INT4,
-    Type::BOOL,
-    Type::INT2,
-    Type::TIMESTAMPTZ,
-    Type::INET,
-];
 
 /// xorshift64*: deterministic synthetic data.
 struct Rng(u64);
@@ -109,10 +81,11 @@ async fn load(client: &mut Client, args: &Args) -> Result<(), tokio_postgres::Er
         let tx = client.transaction().await?;
         let sink = tx
             .copy_in(&format!(
-                "COPY results ({COLUMNS}) FROM STDIN (FORMAT binary)"
+                "COPY results ({}) FROM STDIN (FORMAT binary)",
+                db::COLUMNS
             ))
             .await?;
-        let writer = BinaryCopyInWriter::new(sink, &TYPES);
+        let writer = BinaryCopyInWriter::new(sink, &db::COLUMN_TYPES);
         pin_mut!(writer);
         for i in written..written + n {
             // Time-major order, as agents deliver: step k of every series, then step k + 1.
