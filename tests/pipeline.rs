@@ -4,18 +4,13 @@
 //! Every run uses its own MQTT topic prefix, Kafka topics and group, and PostgreSQL schema, and
 //! removes them at the end, so runs can overlap and leave nothing behind.
 
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
+use vantage_tests::harness::{write_file, IngesterOptions, Run};
 use vantage_tests::target::TargetServer;
-use vantage_tests::{unique_id, Services};
 
 /// (region, target, status, outcome, regex match, count): one group of result rows.
 type OutcomeCount = (String, i32, Option<i16>, String, Option<bool>, i64);
@@ -24,99 +19,16 @@ type OutcomeCount = (String, i32, Option<i16>, String, Option<bool>, i64);
 const SLOW_REGION_DELAY_MS: u64 = 150;
 const ROUNDS: u64 = 4;
 
-struct Run {
-    id: String,
-    dir: PathBuf,
-    services: Services,
-}
-
-impl Run {
-    fn new() -> Run {
-        let id = unique_id();
-        let dir = std::env::temp_dir().join(format!("vantage-e2e-{id}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        Run {
-            id,
-            dir,
-            services: Services::from_env(),
-        }
-    }
-
-    fn prefix(&self) -> String {
-        format!("t{}", self.id)
-    }
-    fn schema(&self) -> String {
-        format!("e2e_{}", self.id)
-    }
-    fn topic(&self) -> String {
-        format!("vantage.results.{}", self.id)
-    }
-    fn dead_letter_topic(&self) -> String {
-        format!("vantage.dead-letter.{}", self.id)
-    }
-    fn group(&self) -> String {
-        format!("sink-{}", self.id)
-    }
-
-    fn secret(&self, name: &str, value: &str) -> PathBuf {
-        let path = self.dir.join(name);
-        std::fs::write(&path, value).unwrap();
-        path
-    }
-
-    fn ingester_config(&self) -> vantage_ingester::Config {
-        let s = &self.services;
-        let text = format!(
-            r#"
-[mqtt]
-host = "{mqtt_host}"
-port = {mqtt_port}
-username = "ingester"
-password_file = "{mqtt_pw}"
-client_id = "bridge-{id}"
-topic_prefix = "{prefix}"
-
-[kafka]
-brokers = "{brokers}"
-topic = "{topic}"
-dead_letter_topic = "{dlq}"
-group_id = "{group}"
-partitions = 2
-
-[postgres]
-url = "{pg_url}"
-schema = "{schema}"
-
-[sink]
-batch_max = 50
-batch_timeout = "100ms"
-"#,
-            mqtt_host = s.mqtt_host,
-            mqtt_port = s.mqtt_port,
-            mqtt_pw = self.secret("ingester.pw", "ingester-secret").display(),
-            id = self.id,
-            prefix = self.prefix(),
-            brokers = s.kafka_brokers,
-            topic = self.topic(),
-            dlq = self.dead_letter_topic(),
-            group = self.group(),
-            pg_url = s.pg_url,
-            schema = self.schema(),
-        );
-        let path = self.dir.join("ingester.toml");
-        std::fs::write(&path, &text).unwrap();
-        vantage_ingester::Config::load(&path).unwrap()
-    }
-
-    fn agent_config(
-        &self,
-        region: &str,
-        delay_ms: u64,
-        target: &TargetServer,
-    ) -> vantage_agent::Config {
-        let s = &self.services;
-        let text = format!(
-            r#"
+/// An agent in `region` probing three targets of `target`, each delayed by `delay_ms`.
+fn agent_config(
+    run: &Run,
+    region: &str,
+    delay_ms: u64,
+    target: &TargetServer,
+) -> vantage_agent::Config {
+    let s = &run.services;
+    let text = format!(
+        r#"
 agent_id = "{region}-{id}"
 region = "{region}"
 
@@ -152,78 +64,22 @@ interval = "1s"
 timeout = "1s"
 regex = "no such text"
 "#,
-            id = self.id,
-            mqtt_host = s.mqtt_host,
-            mqtt_port = s.mqtt_port,
-            pw = self.secret("agent.pw", "agent-secret").display(),
-            prefix = self.prefix(),
-            t1 = target.url(&format!("/?delay_ms={delay_ms}")),
-            t2 = target.url(&format!("/missing?status=404&delay_ms={delay_ms}")),
-            t3 = target.url(&format!("/?delay_ms={delay_ms}")),
-        );
-        let path = self.dir.join(format!("agent-{region}.toml"));
-        std::fs::write(&path, &text).unwrap();
-        vantage_agent::Config::load(&path).unwrap()
-    }
-}
-
-async fn pg(run: &Run) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(&run.services.pg_url, tokio_postgres::NoTls)
-        .await
-        .expect("PostgreSQL must be running: tests/services/up");
-    tokio::spawn(conn);
-    client
-        .batch_execute(&format!("SET search_path TO {}", run.schema()))
-        .await
-        .unwrap();
-    client
-}
-
-async fn count_rows(client: &tokio_postgres::Client) -> i64 {
-    match client.query_one("SELECT count(*) FROM results", &[]).await {
-        Ok(row) => row.get(0),
-        Err(_) => 0, // table not created yet
-    }
-}
-
-/// Committed offsets of the sink's group and the high watermarks, per partition.
-fn committed_and_end(run: &Run) -> Vec<(i32, i64, i64)> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &run.services.kafka_brokers)
-        .set("group.id", run.group())
-        .create()
-        .unwrap();
-    let metadata = consumer
-        .fetch_metadata(Some(&run.topic()), Duration::from_secs(10))
-        .unwrap();
-    let partitions: Vec<i32> = metadata.topics()[0]
-        .partitions()
-        .iter()
-        .map(|p| p.id())
-        .collect();
-    let mut tpl = TopicPartitionList::new();
-    for p in &partitions {
-        tpl.add_partition(&run.topic(), *p);
-    }
-    let committed = consumer
-        .committed_offsets(tpl, Duration::from_secs(10))
-        .unwrap();
-    partitions
-        .iter()
-        .map(|&p| {
-            let (_, high) = consumer
-                .fetch_watermarks(&run.topic(), p, Duration::from_secs(10))
-                .unwrap();
-            let c = match committed
-                .find_partition(&run.topic(), p)
-                .map(|e| e.offset())
-            {
-                Some(Offset::Offset(o)) => o,
-                _ => 0,
-            };
-            (p, c, high)
-        })
-        .collect()
+        id = run.id,
+        mqtt_host = s.mqtt_host,
+        mqtt_port = s.mqtt_port,
+        pw = {
+            let pw = run.dir.join("agent.pw");
+            write_file(&pw, "agent-secret");
+            pw.display().to_string()
+        },
+        prefix = run.prefix(),
+        t1 = target.url(&format!("/?delay_ms={delay_ms}")),
+        t2 = target.url(&format!("/missing?status=404&delay_ms={delay_ms}")),
+        t3 = target.url(&format!("/?delay_ms={delay_ms}")),
+    );
+    let path = run.dir.join(format!("agent-{region}.toml"));
+    write_file(&path, &text);
+    vantage_agent::Config::load(&path).unwrap()
 }
 
 /// Publishes one undecodable payload on a results topic, as a broken agent would.
@@ -257,24 +113,6 @@ async fn publish_garbage(run: &Run) {
     );
 }
 
-async fn cleanup(run: &Run) {
-    let client = pg(run).await;
-    let _ = client
-        .batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", run.schema()))
-        .await;
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &run.services.kafka_brokers)
-        .create()
-        .unwrap();
-    let _ = admin
-        .delete_topics(
-            &[&run.topic(), &run.dead_letter_topic()],
-            &AdminOptions::new(),
-        )
-        .await;
-    let _ = std::fs::remove_dir_all(&run.dir);
-}
-
 fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
@@ -288,9 +126,15 @@ fn init_tracing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_regions_reach_postgres_exactly_once() {
     init_tracing();
-    let run = Run::new();
+    let run = Run::new("pipeline");
     let target = TargetServer::start("127.0.0.1:0").await.unwrap();
-    let ingester = Arc::new(run.ingester_config());
+    let options = IngesterOptions {
+        partitions: 2,
+        sink_batch_max: 50,
+        sink_batch_timeout_ms: 100,
+        ..IngesterOptions::default()
+    };
+    let ingester = Arc::new(run.ingester_config(&options));
 
     // Sink first (it applies the migrations), then the bridge; agents start once the bridge's
     // subscription exists, because MQTT keeps nothing for a subscriber that never subscribed.
@@ -314,17 +158,17 @@ async fn two_regions_reach_postgres_exactly_once() {
 
     publish_garbage(&run).await;
 
-    let options = vantage_agent::RunOptions {
+    let agent_options = vantage_agent::RunOptions {
         rounds: Some(ROUNDS),
     };
     let fast = vantage_agent::run(
-        run.agent_config("eu-north", 0, &target),
-        options.clone(),
+        agent_config(&run, "eu-north", 0, &target),
+        agent_options.clone(),
         CancellationToken::new(),
     );
     let slow = vantage_agent::run(
-        run.agent_config("us-east", SLOW_REGION_DELAY_MS, &target),
-        options,
+        agent_config(&run, "us-east", SLOW_REGION_DELAY_MS, &target),
+        agent_options,
         CancellationToken::new(),
     );
     let (fast, slow) = tokio::join!(fast, slow);
@@ -338,9 +182,9 @@ async fn two_regions_reach_postgres_exactly_once() {
     let expected = (2 * 3 * ROUNDS) as i64;
 
     // Wait for the rows, then a little longer to give any duplicate a chance to show up.
-    let client = pg(&run).await;
+    let client = run.pg().await;
     let arrived = tokio::time::timeout(Duration::from_secs(90), async {
-        while count_rows(&client).await < expected {
+        while run.count_rows().await < expected {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     })
@@ -348,7 +192,7 @@ async fn two_regions_reach_postgres_exactly_once() {
     assert!(
         arrived.is_ok(),
         "only {} of {expected} rows arrived",
-        count_rows(&client).await
+        run.count_rows().await
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
 
@@ -358,7 +202,7 @@ async fn two_regions_reach_postgres_exactly_once() {
     println!("bridge: {bridge_stats:?}\nsink: {sink_stats:?}");
 
     // Exactly once: every (agent, boot, seq) once, nothing more.
-    assert_eq!(count_rows(&client).await, expected);
+    assert_eq!(run.count_rows().await, expected);
     assert_eq!(sink_stats.rows_inserted as i64, expected);
     // The garbage frame went to the dead-letter topic and the bridge carried on.
     assert_eq!(bridge_stats.dead_lettered, 1, "{bridge_stats:?}");
@@ -447,7 +291,7 @@ async fn two_regions_reach_postgres_exactly_once() {
     );
 
     // The sink's group committed every offset it consumed: acknowledgement, not just arrival.
-    for (partition, committed, end) in committed_and_end(&run) {
+    for (partition, committed, end) in run.committed_and_end() {
         assert_eq!(
             committed, end,
             "partition {partition}: committed {committed}, end {end}"
@@ -461,5 +305,11 @@ async fn two_regions_reach_postgres_exactly_once() {
     assert_eq!(report.len(), 6);
     assert!(report.iter().all(|r| r.probes == n));
 
-    cleanup(&run).await;
+    let mqtt_sessions = [
+        run.bridge_client_id(&options.client),
+        format!("vantage-agent-eu-north-{}", run.id),
+        format!("vantage-agent-us-east-{}", run.id),
+        format!("garbage-{}", run.id),
+    ];
+    run.cleanup(&mqtt_sessions).await;
 }
