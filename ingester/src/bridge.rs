@@ -2,7 +2,8 @@
 //!
 //! Tasks (one owner per socket, after rumqttc's own examples):
 //! - the event-loop task alone polls rumqttc and forwards incoming PUBLISH packets into a bounded
-//!   channel; it never awaits `publish`/`ack` (that deadlocks rumqttc);
+//!   channel, waiting when it is full (back-pressure down to the TCP socket); it never awaits
+//!   `publish`/`ack`, and the worker never awaits rumqttc, so neither can wait on the other;
 //! - the worker takes each message, validates it (topic → region and agent, frame decodes), and
 //!   produces it to the results topic, or to the dead-letter topic with a reason. Deliveries run
 //!   concurrently (up to `mqtt.max_in_flight`) in a `FuturesOrdered`, so acknowledgements leave in
@@ -169,7 +170,7 @@ pub async fn run_with_state(
     if let Some(user) = &mqtt.username {
         options.set_credentials(user.clone(), mqtt.password.clone().unwrap_or_default());
     }
-    let (client, eventloop) = AsyncClient::new(options, ACK_BACKLOG + 64);
+    let (client, eventloop) = AsyncClient::new(options, REQUEST_QUEUE);
     let (tx, mut rx) = mpsc::channel::<(u64, Publish)>(forward_capacity(mqtt.max_in_flight));
     let events_stop = CancellationToken::new();
     let filter = mqtt.results_filter();
@@ -194,7 +195,8 @@ pub async fn run_with_state(
     let mut stats = BridgeStats::default();
     let mut pending = FuturesOrdered::new();
     // Acknowledgements due, in receive order, waiting for room in rumqttc's request queue. The
-    // worker never awaits that queue: the event loop may be busy, and it must never wait on us.
+    // worker never awaits that queue (the event loop may be waiting for this worker: see
+    // `poll_events`). It stays short: the event loop serves requests between every few reads.
     let mut acks: VecDeque<(u64, Publish)> = VecDeque::new();
     let mut taking = true;
     let mut grace = Box::pin(tokio::time::sleep(Duration::from_secs(365 * 86_400)));
@@ -212,16 +214,9 @@ pub async fn run_with_state(
                 grace.as_mut().reset(tokio::time::Instant::now() + SHUTDOWN_GRACE);
             }
             _ = &mut grace, if !taking => hard_stop.cancel(),
-            Some((epoch, publish)) = rx.recv(),
-                if taking && pending.len() < mqtt.max_in_flight && acks.len() < ACK_BACKLOG =>
-            {
+            Some((epoch, publish)) = rx.recv(), if taking && pending.len() < mqtt.max_in_flight => {
                 stats.received += 1;
                 state.received.fetch_add(1, Ordering::Relaxed);
-                if epoch != state.epoch.load(Ordering::Acquire) {
-                    // From a connection given up after an overflow: the broker redelivers it.
-                    stats.stale += 1;
-                    continue;
-                }
                 let mine = mqtt.handles(&publish.topic);
                 pending.push_back(handle(mine, epoch, publish, outputs.clone(), hard_stop.clone()));
             }
@@ -264,15 +259,16 @@ pub async fn run_with_state(
     Ok(stats)
 }
 
-/// Most acknowledgements the worker holds before it stops taking messages.
-const ACK_BACKLOG: usize = 4096;
+/// rumqttc's request queue: room for many acknowledgements, so `try_ack` rarely has to leave one
+/// in the worker's queue for the retry tick.
+const REQUEST_QUEUE: usize = 8192;
 
-/// The channel from the event loop to the worker. Mosquitto 2.0.11 does not hold its inflight
+/// The channel from the event loop to the worker. Mosquitto 2.0.11 does not keep to its inflight
 /// window (`max_inflight_messages`) once acknowledgements flow (eclipse-mosquitto/mosquitto#2301;
-/// measured: 4,851 of 5,000 messages outstanding with a window of 100), so this bound can be
-/// reached; see `poll_events` for what happens then.
+/// measured: 4,851 of 5,000 messages outstanding with a window of 100), so this bound is reached
+/// under load; the event loop then waits (see `poll_events`).
 fn forward_capacity(max_in_flight: usize) -> usize {
-    (64 * max_in_flight).clamp(4096, 65_536)
+    (4 * max_in_flight).max(1024)
 }
 
 /// Hands due acknowledgements to rumqttc without waiting. One whose message arrived on an earlier
@@ -396,31 +392,18 @@ async fn poll_events(
         };
         match event {
             Ok(Event::Incoming(Packet::Publish(publish))) => {
+                // Back-pressure: while the worker's input is full this task stops polling, so
+                // rumqttc stops reading the socket and the broker has to hold what it would send
+                // (Mosquitto 2.0.11 does not keep to its inflight window, see `forward_capacity`).
+                // Waiting here cannot deadlock: the worker never waits on rumqttc (`send_acks`),
+                // so it always frees room as long as Kafka delivers. A closed channel means the
+                // worker stopped; the message stays unacknowledged with the broker.
                 let epoch = state.epoch.load(Ordering::Acquire);
-                match tx.try_send((epoch, publish)) {
-                    Ok(()) => {}
-                    // Never wait here (that deadlocks rumqttc: the worker's acknowledgements
-                    // need this loop). The broker sent more than the worker can hold: give up
-                    // this connection. Bumping the epoch makes the worker skip what is queued
-                    // and drop pending acknowledgements; once the queue is empty, reconnect, and
-                    // the broker resends everything unacknowledged, in order.
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        tracing::warn!(
-                            capacity = tx.max_capacity(),
-                            "bridge input full (broker ignores its inflight window); reconnecting to resume from the first unacknowledged message"
-                        );
-                        state.connected.store(false, Ordering::Release);
-                        state.epoch.fetch_add(1, Ordering::AcqRel);
-                        eventloop.clean();
-                        while tx.capacity() < tx.max_capacity() {
-                            tokio::select! {
-                                _ = stop.cancelled() => return,
-                                _ = tokio::time::sleep(Duration::from_millis(10)) => {}
-                            }
-                        }
-                    }
-                    // The worker stopped; the message stays unacknowledged with the broker.
-                    Err(mpsc::error::TrySendError::Closed(_)) => {}
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    sent = tx.send((epoch, publish)) => if sent.is_err() {
+                        tracing::debug!("worker gone, not forwarding");
+                    },
                 }
             }
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
