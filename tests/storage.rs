@@ -286,8 +286,10 @@ async fn rollups_survive_replays_and_late_data() {
             )
         })
         .collect();
-    db::write_batch(&mut writer, &batch, &[]).await.unwrap();
-    // The same batch again (a Kafka replay), and a duplicate inside one batch.
+    // In two statements, so minute buckets get partial rows from both (compaction merges them).
+    db::write_batch(&mut writer, &batch[..100], &[]).await.unwrap();
+    db::write_batch(&mut writer, &batch[100..], &[]).await.unwrap();
+    // The whole batch again (a Kafka replay), and a duplicate inside one batch.
     db::write_batch(&mut writer, &batch, &[]).await.unwrap();
     db::write_batch(&mut writer, &[batch[0].clone(), batch[0].clone()], &[])
         .await
@@ -301,26 +303,49 @@ async fn rollups_survive_replays_and_late_data() {
     assert_eq!(s.scalar_i64("SELECT count(*) FROM results").await, 210);
     // Every rollup bucket equals a recount from the raw rows: nothing counted twice, late rows
     // in their own (5-hour-old) bucket.
-    for (table, unit) in [
-        ("rollup_1m", "minute"),
-        ("rollup_1h", "hour"),
-        ("rollup_1d", "day"),
-    ] {
-        let mismatches = s
-            .scalar_i64(&format!(
-                "WITH raw AS (
-                    SELECT target_id, region, date_trunc('{unit}', started_at, 'UTC') AS bucket,
-                           count(*) AS probes, count(*) FILTER (WHERE outcome = 'up') AS up,
-                           vantage_hist_agg(total_us) AS total_hist,
-                           vantage_count_agg(outcome) AS outcomes
-                      FROM results GROUP BY 1, 2, 3)
-                 SELECT count(*) FROM raw FULL JOIN {table} r USING (target_id, region, bucket)
-                  WHERE raw.probes IS DISTINCT FROM r.probes OR raw.up IS DISTINCT FROM r.up
-                     OR raw.total_hist IS DISTINCT FROM r.total_hist
-                     OR raw.outcomes IS DISTINCT FROM r.outcomes"
-            ))
-            .await;
-        assert_eq!(mismatches, 0, "{table} differs from the raw rows");
+    // Before and after compaction (which merges the partial rows inserts append).
+    for round in ["appended", "compacted"] {
+        if round == "compacted" {
+            let removed = vantage_ingester::storage::compact_rollups(&s.client)
+                .await
+                .unwrap();
+            assert!(removed > 0, "nothing to compact");
+            // Every finished bucket is one row now.
+            let split = s
+                .scalar_i64(
+                    "SELECT count(*) FROM (SELECT 1 FROM rollup_1h
+                      WHERE bucket < date_trunc('hour', now())
+                      GROUP BY target_id, region, bucket HAVING count(*) > 1) AS x",
+                )
+                .await;
+            assert_eq!(split, 0);
+        }
+        for (table, unit) in [
+            ("rollup_1m", "minute"),
+            ("rollup_1h", "hour"),
+            ("rollup_1d", "day"),
+        ] {
+            let mismatches = s
+                .scalar_i64(&format!(
+                    "WITH raw AS (
+                        SELECT target_id, region, date_trunc('{unit}', started_at, 'UTC') AS bucket,
+                               count(*) AS probes, count(*) FILTER (WHERE outcome = 'up') AS up,
+                               vantage_hist_agg(total_us) AS total_hist,
+                               vantage_count_agg(outcome) AS outcomes
+                          FROM results GROUP BY 1, 2, 3),
+                     r AS (
+                        SELECT target_id, region, bucket, sum(probes) AS probes, sum(up) AS up,
+                               vantage_hist_merge_agg(total_hist) AS total_hist,
+                               vantage_jsonb_sum_agg(outcomes) AS outcomes
+                          FROM {table} GROUP BY 1, 2, 3)
+                     SELECT count(*) FROM raw FULL JOIN r USING (target_id, region, bucket)
+                      WHERE raw.probes IS DISTINCT FROM r.probes OR raw.up IS DISTINCT FROM r.up
+                         OR raw.total_hist IS DISTINCT FROM r.total_hist
+                         OR raw.outcomes IS DISTINCT FROM r.outcomes"
+                ))
+                .await;
+            assert_eq!(mismatches, 0, "{table} ({round}) differs from the raw rows");
+        }
     }
     let late_bucket = s
         .scalar_i64(
@@ -370,7 +395,7 @@ async fn histogram_percentiles_are_within_one_percent_of_exact() {
                            FROM results WHERE target_id = 7),
                         (SELECT vantage_hist_quantile(vantage_hist_merge_agg(total_hist), $1)
                            FROM rollup_1m WHERE target_id = 7),
-                        (SELECT vantage_hist_quantile(total_hist, $1)
+                        (SELECT vantage_hist_quantile(vantage_hist_merge_agg(total_hist), $1)
                            FROM rollup_1h WHERE target_id = 7)",
                 &[&q],
             )

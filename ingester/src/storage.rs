@@ -1,7 +1,8 @@
-//! Storage upkeep: partitions ahead of time, retention by dropping whole partitions.
+//! Storage upkeep: partitions ahead of time, retention by dropping whole partitions, and
+//! compaction of the partial rollup rows the insert trigger appends.
 //!
 //! The work itself is in SQL (`migrations/0003_storage.sql`: `vantage_ensure_partitions`,
-//! `vantage_apply_retention`), so it can also be run by hand or from cron with psql; this module
+//! `vantage_apply_retention`, `vantage_compact_rollups`), so it can also be run by hand or from cron with psql; this module
 //! calls it and runs it periodically next to the sink.
 
 use std::time::Duration;
@@ -60,12 +61,21 @@ pub async fn apply_retention(
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-/// One round of upkeep: partitions first, then retention.
+/// Merges the partial rollup rows of finished buckets; returns how many rows it removed.
+pub async fn compact_rollups(client: &Client) -> Result<i64, DbError> {
+    Ok(client
+        .query_one("SELECT vantage_compact_rollups()", &[])
+        .await?
+        .get(0))
+}
+
+/// One round of upkeep: partitions first, then retention, then rollup compaction.
 pub async fn maintain(client: &Client, config: &StorageConfig) -> Result<(), DbError> {
     let created = ensure_partitions(client, config.partitions_ahead).await?;
     let dropped = apply_retention(client, config.raw_retention, config.rollup_retention).await?;
-    if created > 0 || !dropped.is_empty() {
-        tracing::info!(created, ?dropped, "storage upkeep");
+    let compacted = compact_rollups(client).await?;
+    if created > 0 || !dropped.is_empty() || compacted > 0 {
+        tracing::info!(created, ?dropped, compacted, "storage upkeep");
     }
     Ok(())
 }
