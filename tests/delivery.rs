@@ -278,6 +278,83 @@ async fn uplink_rides_out_network_cuts_and_reports_overflow_as_gaps() {
     run.cleanup(&clients).await;
 }
 
+/// Issue: "SIGTERM: flush what can be sent within a deadline". The real agent (`run`) is shut
+/// down while probes are in flight (the target answers after 400 ms): every result produced,
+/// including those of the probes in flight, reaches PostgreSQL, and none is left undelivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_shutdown_delivers_results_of_probes_in_flight() {
+    init_tracing();
+    let run = Run::new("agentstop");
+    let stages = InProcess::start(&run, &IngesterOptions::default(), true, true).await;
+    let target = vantage_tests::target::TargetServer::start("127.0.0.1:0")
+        .await
+        .unwrap();
+    let pw = run.dir.join("agent.pw");
+    std::fs::write(&pw, "agent-secret").unwrap();
+    let mut text = format!(
+        r#"
+agent_id = "stop-{id}"
+region = "eu-north"
+[mqtt]
+host = "{host}"
+port = {port}
+username = "agent"
+password_file = "{pw}"
+topic_prefix = "{prefix}"
+[uplink]
+batch_max = 32
+flush_interval = "5s"
+drain_timeout = "10s"
+"#,
+        id = run.id,
+        host = run.services.mqtt_host,
+        port = run.services.mqtt_port,
+        pw = pw.display(),
+        prefix = run.prefix(),
+    );
+    for t in 1..=20 {
+        text.push_str(&format!(
+            "[[targets]]\nid = {t}\nurl = \"{}\"\ninterval = \"500ms\"\ntimeout = \"500ms\"\n",
+            target.url("/?delay_ms=400")
+        ));
+    }
+    let config = vantage_agent::Config::parse(&text, std::path::Path::new("agent.toml")).unwrap();
+    let shutdown = CancellationToken::new();
+    let agent = tokio::spawn(vantage_agent::run(
+        config,
+        vantage_agent::RunOptions::default(),
+        shutdown.clone(),
+    ));
+    // Mid-period: some probes have started and wait for the target; the flush interval (5 s)
+    // has not passed, so everything still sits in the uplink.
+    tokio::time::sleep(Duration::from_millis(2_300)).await;
+    shutdown.cancel();
+    let summary = tokio::time::timeout(Duration::from_secs(20), agent)
+        .await
+        .expect("agent did not stop within its drain deadline")
+        .unwrap()
+        .unwrap();
+    println!("agent: {summary:?}");
+    let u = &summary.uplink;
+    assert!(u.results >= 40, "{u:?}");
+    assert_eq!(
+        u.results, summary.probes_started,
+        "every probe's result was numbered"
+    );
+    assert_eq!(u.undelivered, 0, "{u:?}");
+    assert_eq!(
+        run.wait_rows(u.results as i64, Duration::from_secs(60))
+            .await,
+        u.results as i64
+    );
+    stages.stop().await;
+    run.cleanup(&[
+        run.bridge_client_id("a"),
+        format!("vantage-agent-stop-{}", run.id),
+    ])
+    .await;
+}
+
 /// TESTING.md 14: garbage, truncated, unknown version, trailing bytes, oversized, empty and a
 /// bad topic go to the dead-letter topic with reason and raw bytes; the bridge carries on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -300,8 +300,9 @@ pub fn to_wire(m: &Measurement) -> ProbeResult {
     }
 }
 
-/// Runs until `results` is closed (all probes done) or `shutdown` fires, then keeps delivering
-/// what is buffered until everything is acknowledged or `uplink.drain_timeout` passes.
+/// Runs until `results` is closed (all probes done) and everything is acknowledged. From
+/// `shutdown` (or the end of input) on, at most `uplink.drain_timeout` more; what is then not
+/// acknowledged is counted in [`UplinkStats::undelivered`].
 ///
 /// Each received result's `seq` is replaced by the next sequence number of this boot.
 pub async fn run(
@@ -345,9 +346,13 @@ pub async fn run(
     let mut seen = Seen::default();
     let mut flush = tokio::time::interval(config.uplink.flush_interval);
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // `open`: the input channel may still deliver. `draining`: shutdown came or input ended; the
+    // drain deadline runs. After shutdown the loop keeps receiving: probes still in flight send
+    // their results, and the channel closes once the last one is done (lib.rs drops its sender).
     let mut open = true;
+    let mut draining = false;
     let mut last_drop_warning: Option<tokio::time::Instant> = None;
-    // Set when input ends; far in the future until then.
+    // Armed when draining starts; far in the future until then.
     let drain_deadline = tokio::time::sleep(Duration::from_secs(365 * 86_400));
     tokio::pin!(drain_deadline);
 
@@ -370,18 +375,12 @@ pub async fn run(
                     }
                     outbox.seal(false);
                 }
-                None => {
-                    open = false;
-                    drain_deadline.as_mut().reset(tokio::time::Instant::now() + config.uplink.drain_timeout);
-                }
+                None => open = false,
             },
             _ = flush.tick() => outbox.seal(true),
             _ = link.wake.notified() => {}
-            _ = shutdown.cancelled(), if open => {
-                open = false;
-                drain_deadline.as_mut().reset(tokio::time::Instant::now() + config.uplink.drain_timeout);
-            }
-            _ = &mut drain_deadline, if !open => {
+            _ = shutdown.cancelled(), if !draining => {}
+            _ = &mut drain_deadline, if draining => {
                 tracing::warn!(
                     undelivered = outbox.pending_results(),
                     "drain deadline passed with results undelivered"
@@ -389,13 +388,25 @@ pub async fn run(
                 break;
             }
         }
-        if !open {
+        if !draining && (!open || shutdown.is_cancelled()) {
+            draining = true;
+            drain_deadline
+                .as_mut()
+                .reset(tokio::time::Instant::now() + config.uplink.drain_timeout);
+        }
+        if draining {
             outbox.seal(true);
         }
         pump(&client, &topic, &link, &mut seen, &mut outbox);
         if !open && outbox.is_empty() {
             break;
         }
+    }
+    // Whatever is still in the channel after the deadline is numbered and counted as
+    // undelivered, so that no result disappears without a trace.
+    results.close();
+    while let Ok(r) = results.try_recv() {
+        outbox.push(r);
     }
 
     let mut stats = outbox.stats().clone();
