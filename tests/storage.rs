@@ -287,8 +287,12 @@ async fn rollups_survive_replays_and_late_data() {
         })
         .collect();
     // In two statements, so minute buckets get partial rows from both (compaction merges them).
-    db::write_batch(&mut writer, &batch[..100], &[]).await.unwrap();
-    db::write_batch(&mut writer, &batch[100..], &[]).await.unwrap();
+    db::write_batch(&mut writer, &batch[..100], &[])
+        .await
+        .unwrap();
+    db::write_batch(&mut writer, &batch[100..], &[])
+        .await
+        .unwrap();
     // The whole batch again (a Kafka replay), and a duplicate inside one batch.
     db::write_batch(&mut writer, &batch, &[]).await.unwrap();
     db::write_batch(&mut writer, &[batch[0].clone(), batch[0].clone()], &[])
