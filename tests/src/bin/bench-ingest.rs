@@ -392,7 +392,9 @@ async fn row_per_insert(run: &Run, seconds: u64) -> anyhow::Result<(u64, Duratio
         let m = m?;
         if let Decoded::Rows(batch, _) = decode_message(m.key(), m.payload()) {
             for row in &batch {
-                db::insert_row(&client, &statement, row).await?;
+                db::insert_row(&client, &statement, row)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("row INSERT: {e:?}"))?;
                 rows += 1;
                 if Instant::now() >= deadline {
                     break 'outer;
