@@ -518,7 +518,9 @@ async fn poll_events(
     }
 }
 
-/// "Equal jitter": half the backoff plus a random part of the other half (xorshift64).
+/// "Equal jitter": half the backoff plus a random part of the other half, as named in Marc
+/// Brooker's "Exponential Backoff And Jitter" (AWS Architecture Blog, 2015); random numbers from
+/// Marsaglia's xorshift64 (2003), enough to spread a fleet's reconnects.
 fn jittered(backoff: Duration, rng: &mut u64) -> Duration {
     *rng ^= *rng << 13;
     *rng ^= *rng >> 7;

@@ -436,7 +436,8 @@ async fn poll_events(
             Ok(_) => {}
             Err(e) => {
                 state.connected.store(false, Ordering::Release);
-                // Equal jitter (xorshift64), so restarted bridges do not reconnect in lockstep.
+                // Equal jitter (see agent/src/uplink.rs `jittered`, after Marc Brooker's
+                // "Exponential Backoff And Jitter"), so bridges do not reconnect in lockstep.
                 rng ^= rng << 13;
                 rng ^= rng >> 7;
                 rng ^= rng << 17;

@@ -256,7 +256,8 @@ impl MqttConfig {
     }
 
     /// Whether this bridge produces messages received on `topic` (always, without
-    /// `partition`). FNV-1a of the topic, so every bridge agrees without talking to the others.
+    /// `partition`). FNV-1a (Fowler, Noll, Vo; 64-bit offset basis and prime) of the topic, so
+    /// every bridge agrees without talking to the others.
     pub fn handles(&self, topic: &str) -> bool {
         let Some((member, members)) = self.partition else {
             return true;
