@@ -110,6 +110,9 @@ pub struct RawMqtt {
     /// all results with its own persistent session (which Mosquitto keeps across restarts) and
     /// produces only the topics that hash to its slot; it acknowledges the others at once.
     /// Costs `n` copies of each message between broker and bridges. Not with `shared_group`.
+    /// Every bridge must have the same `n`: change it only with all bridges stopped (with
+    /// different `n`s a topic can be every bridge's "someone else's", and be acknowledged
+    /// without being produced).
     pub partition: Option<String>,
     /// Most MQTT messages received but not yet acknowledged (waiting for Kafka), default 100.
     #[serde(default = "default_max_in_flight")]
