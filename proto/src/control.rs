@@ -1,0 +1,293 @@
+//! Control-plane messages: target sets pushed to agents, and the status agents report back.
+//!
+//! Both travel over MQTT next to the result frames and follow the same rules: a version byte
+//! first, postcard after it, field and variant order frozen (append only), sizes bounded by
+//! heapless capacities, decoding total.
+//!
+//! # Target set frame
+//! `[TARGET_SET_VERSION] postcard(TargetSetHeader) postcard(TargetSpec) × header.count`.
+//! The specs follow the header one after another instead of sitting in one list so that neither
+//! side ever holds a whole set in a fixed-size array: a [`TargetSetReader`] hands them out one at
+//! a time, and the encoder writes them from any iterator. A set is published *retained* on
+//! `<prefix>/v1/targets/<region>` (the region's targets) and, when targets are pinned to agents,
+//! on `<prefix>/v1/targets/<region>/<agent>`; an empty payload clears it.
+//!
+//! # Status frame
+//! `[STATUS_VERSION] postcard(AgentStatus)`, published by an agent on
+//! `<prefix>/v1/status/<region>/<agent>`: when it connects, at every heartbeat, when it stops,
+//! and (as its MQTT last will, sent by the broker) when it vanishes.
+
+use heapless::{String, Vec};
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+
+/// Version byte of target set frames.
+pub const TARGET_SET_VERSION: u8 = 1;
+/// Version byte of status frames.
+pub const STATUS_VERSION: u8 = 1;
+
+/// Most targets in one set.
+pub const MAX_TARGETS: usize = 1024;
+/// Largest target set frame. Below the broker's `max_packet_size` (256 KiB in the repository's
+/// Mosquitto config) with room for the MQTT header and topic; `targets apply` refuses a set that
+/// would not fit, naming the region.
+pub const MAX_TARGET_SET_LEN: usize = 240 * 1024;
+
+/// Capacity of a target name.
+pub const MAX_NAME_LEN: usize = 64;
+/// Capacity of a target URL.
+pub const MAX_URL_LEN: usize = 512;
+/// Capacity of a body regex.
+pub const MAX_REGEX_LEN: usize = 256;
+/// Capacity of an HTTP method.
+pub const MAX_METHOD_LEN: usize = 16;
+/// Most extra request headers per target.
+pub const MAX_HEADERS: usize = 8;
+/// Capacity of a header name.
+pub const MAX_HEADER_NAME_LEN: usize = 64;
+/// Capacity of a header value.
+pub const MAX_HEADER_VALUE_LEN: usize = 256;
+/// Most accepted status ranges per target.
+pub const MAX_STATUS_RANGES: usize = 8;
+/// Capacity of a CA file path (a path on the agent).
+pub const MAX_PATH_LEN: usize = 256;
+/// Capacity of a version string in a status.
+pub const MAX_VERSION_LEN: usize = 32;
+/// Capacity of a rejection reason in a status.
+pub const MAX_REASON_LEN: usize = 256;
+
+/// First part of a target set frame.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct TargetSetHeader {
+    /// Increases with every `targets apply` that changed something; all sets published by one
+    /// apply carry the same generation.
+    pub generation: u64,
+    /// Number of [`TargetSpec`]s that follow.
+    pub count: u16,
+}
+
+/// Which address family a target is probed over.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum IpFamilySpec {
+    Auto,
+    Ipv4,
+    Ipv6,
+}
+
+/// An extra request header.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct HeaderSpec {
+    pub name: String<MAX_HEADER_NAME_LEN>,
+    pub value: String<MAX_HEADER_VALUE_LEN>,
+}
+
+/// One target with every probe setting, as the agent's `[[targets]]` table has them (see the
+/// agent's `target.rs` for meanings and defaults; the agent validates a spec exactly like a
+/// target from its own file).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct TargetSpec {
+    pub id: u32,
+    pub name: String<MAX_NAME_LEN>,
+    pub url: String<MAX_URL_LEN>,
+    pub interval_ms: u32,
+    pub timeout_ms: u32,
+    pub regex: Option<String<MAX_REGEX_LEN>>,
+    pub method: String<MAX_METHOD_LEN>,
+    pub headers: Vec<HeaderSpec, MAX_HEADERS>,
+    /// Inclusive ranges; empty means the default (200–299).
+    pub accepted_status: Vec<(u16, u16), MAX_STATUS_RANGES>,
+    pub max_redirects: u8,
+    pub body_cap: u32,
+    pub ca_file: Option<String<MAX_PATH_LEN>>,
+    pub tls_skip_verify: bool,
+    pub ip_family: IpFamilySpec,
+}
+
+/// Writes a target set frame into `buf` and returns the used prefix. `specs` must yield exactly
+/// `header.count` items.
+pub fn encode_target_set<'b, 's>(
+    header: &TargetSetHeader,
+    specs: impl IntoIterator<Item = &'s TargetSpec>,
+    buf: &'b mut [u8],
+) -> Result<&'b mut [u8], Error> {
+    let (first, mut rest) = buf.split_first_mut().ok_or(Error::BufferTooSmall)?;
+    *first = TARGET_SET_VERSION;
+    let mut used = 1;
+    let n = postcard::to_slice(header, rest)
+        .map_err(|_| Error::BufferTooSmall)?
+        .len();
+    used += n;
+    rest = &mut rest[n..];
+    let mut count = 0usize;
+    for spec in specs {
+        let n = postcard::to_slice(spec, rest)
+            .map_err(|_| Error::BufferTooSmall)?
+            .len();
+        used += n;
+        rest = &mut rest[n..];
+        count += 1;
+    }
+    if count != usize::from(header.count) {
+        return Err(Error::Malformed);
+    }
+    Ok(&mut buf[..used])
+}
+
+/// Reads a target set frame one spec at a time. [`TargetSetReader::new`] checks the version and
+/// the header; iterating yields each spec or the first error, and checks that nothing follows
+/// the last one. Total: any bytes give specs or an error, never a panic.
+pub struct TargetSetReader<'a> {
+    header: TargetSetHeader,
+    rest: &'a [u8],
+    left: u16,
+    failed: bool,
+}
+
+impl<'a> TargetSetReader<'a> {
+    pub fn new(frame: &'a [u8]) -> Result<TargetSetReader<'a>, Error> {
+        let (&version, body) = frame.split_first().ok_or(Error::Empty)?;
+        if version != TARGET_SET_VERSION {
+            return Err(Error::UnknownVersion(version));
+        }
+        if frame.len() > MAX_TARGET_SET_LEN {
+            return Err(Error::Malformed);
+        }
+        let (header, rest) =
+            postcard::take_from_bytes::<TargetSetHeader>(body).map_err(|_| Error::Malformed)?;
+        if usize::from(header.count) > MAX_TARGETS {
+            return Err(Error::Malformed);
+        }
+        Ok(TargetSetReader {
+            left: header.count,
+            header,
+            rest,
+            failed: false,
+        })
+    }
+
+    pub fn header(&self) -> &TargetSetHeader {
+        &self.header
+    }
+}
+
+impl Iterator for TargetSetReader<'_> {
+    type Item = Result<TargetSpec, Error>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
+        if self.left == 0 {
+            if self.rest.is_empty() {
+                return None;
+            }
+            self.failed = true;
+            return Some(Err(Error::TrailingBytes));
+        }
+        match postcard::take_from_bytes::<TargetSpec>(self.rest) {
+            Ok((spec, rest)) => {
+                self.rest = rest;
+                self.left -= 1;
+                Some(Ok(spec))
+            }
+            Err(_) => {
+                self.failed = true;
+                Some(Err(Error::Malformed))
+            }
+        }
+    }
+}
+
+/// What an agent says about itself.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum AgentState {
+    /// Just connected (or reconnected) to the broker.
+    Online,
+    /// Still running; sent every heartbeat interval.
+    Heartbeat,
+    /// Stopping cleanly.
+    Offline,
+    /// The agent's MQTT last will: the broker lost the connection without a goodbye.
+    Lost,
+}
+
+/// Which target set a rejection is about.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum SetScope {
+    Region,
+    Agent,
+}
+
+/// A pushed target set the agent refused (it keeps probing with the previous one).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Rejection {
+    pub scope: SetScope,
+    pub generation: u64,
+    pub reason: String<MAX_REASON_LEN>,
+}
+
+/// An agent's announcement, heartbeat or goodbye.
+///
+/// `agent_id` and `region` are *claims*: the bridge compares them with the topic the message
+/// arrived on (which the broker's ACL ties to the agent's credentials) and dead-letters a status
+/// whose claims disagree.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct AgentStatus {
+    pub state: AgentState,
+    pub agent_id: String<64>,
+    pub region: String<64>,
+    pub boot_id: u64,
+    /// The agent's version, e.g. `0.1.0`.
+    pub version: String<MAX_VERSION_LEN>,
+    /// Agent wall clock in ms since the Unix epoch; 0 in the last will (its time is unknown when
+    /// the will is registered, so the receiver uses its own clock).
+    pub sent_at_ms: u64,
+    /// Probes the agent runs at once at most.
+    pub max_concurrency: u32,
+    /// Results the agent can buffer while the broker is unreachable.
+    pub buffer_capacity: u32,
+    /// Targets it is probing now.
+    pub targets: u32,
+    /// Results waiting for delivery.
+    pub pending_results: u32,
+    /// Generation of the region target set in use (0: none).
+    pub region_set_generation: u64,
+    /// Generation of the agent's own target set in use (0: none).
+    pub agent_set_generation: u64,
+    /// The most recent pushed set it refused, until a later set is accepted.
+    pub rejection: Option<Rejection>,
+}
+
+/// Largest status frame.
+pub const MAX_STATUS_LEN: usize = 1 // version byte
+    + 1 // state
+    + 2 * (1 + 64) // agent_id, region (length prefix + bytes)
+    + 10 // boot_id
+    + 1 + MAX_VERSION_LEN
+    + 10 // sent_at_ms
+    + 4 * 5 // four u32 counters
+    + 2 * 10 // two generations
+    + 1 + 1 + 10 + 2 + MAX_REASON_LEN; // rejection
+
+/// Writes a status frame into `buf`.
+pub fn encode_status<'b>(status: &AgentStatus, buf: &'b mut [u8]) -> Result<&'b mut [u8], Error> {
+    crate::encode_versioned(STATUS_VERSION, status, buf)
+}
+
+/// Reads a status frame. Total.
+pub fn decode_status(frame: &[u8]) -> Result<AgentStatus, Error> {
+    let (&version, body) = frame.split_first().ok_or(Error::Empty)?;
+    match version {
+        STATUS_VERSION => crate::decode_body::<AgentStatus>(body),
+        v => Err(Error::UnknownVersion(v)),
+    }
+}

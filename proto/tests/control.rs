@@ -1,0 +1,195 @@
+//! Control frames: golden bytes (the v1 encodings are frozen), round trips, and totality.
+
+use vantage_proto::control::{
+    decode_status, encode_status, encode_target_set, AgentState, AgentStatus, HeaderSpec,
+    IpFamilySpec, Rejection, SetScope, TargetSetHeader, TargetSetReader, TargetSpec,
+    MAX_STATUS_LEN, MAX_TARGET_SET_LEN,
+};
+use vantage_proto::Error;
+
+fn spec(id: u32) -> TargetSpec {
+    let mut headers = heapless::Vec::new();
+    headers
+        .push(HeaderSpec {
+            name: "accept".try_into().unwrap(),
+            value: "text/html".try_into().unwrap(),
+        })
+        .unwrap();
+    let mut accepted = heapless::Vec::new();
+    accepted.push((200, 299)).unwrap();
+    accepted.push((301, 301)).unwrap();
+    TargetSpec {
+        id,
+        name: "shop".try_into().unwrap(),
+        url: "https://shop.example/".try_into().unwrap(),
+        interval_ms: 30_000,
+        timeout_ms: 10_000,
+        regex: Some("Buy".try_into().unwrap()),
+        method: "GET".try_into().unwrap(),
+        headers,
+        accepted_status: accepted,
+        max_redirects: 5,
+        body_cap: 1_048_576,
+        ca_file: None,
+        tls_skip_verify: false,
+        ip_family: IpFamilySpec::Ipv4,
+    }
+}
+
+fn status() -> AgentStatus {
+    AgentStatus {
+        state: AgentState::Heartbeat,
+        agent_id: "pi-1".try_into().unwrap(),
+        region: "eu-north".try_into().unwrap(),
+        boot_id: 0x0102_0304_0506_0708,
+        version: "0.1.0".try_into().unwrap(),
+        sent_at_ms: 1_764_000_000_000,
+        max_concurrency: 64,
+        buffer_capacity: 10_000,
+        targets: 3,
+        pending_results: 7,
+        region_set_generation: 4,
+        agent_set_generation: 0,
+        rejection: Some(Rejection {
+            scope: SetScope::Agent,
+            generation: 5,
+            reason: "bad".try_into().unwrap(),
+        }),
+    }
+}
+
+const GOLDEN_TARGET_SET: &[u8] = &[
+    1, 9, 1, 7, 4, 115, 104, 111, 112, 21, 104, 116, 116, 112, 115, 58, 47, 47, 115, 104, 111, 112,
+    46, 101, 120, 97, 109, 112, 108, 101, 47, 176, 234, 1, 144, 78, 1, 3, 66, 117, 121, 3, 71, 69,
+    84, 1, 6, 97, 99, 99, 101, 112, 116, 9, 116, 101, 120, 116, 47, 104, 116, 109, 108, 2, 200, 1,
+    171, 2, 173, 2, 173, 2, 5, 128, 128, 64, 0, 0, 1,
+];
+
+const GOLDEN_STATUS: &[u8] = &[
+    1, 1, 4, 112, 105, 45, 49, 8, 101, 117, 45, 110, 111, 114, 116, 104, 136, 142, 152, 168, 192,
+    224, 128, 129, 1, 5, 48, 46, 49, 46, 48, 128, 208, 223, 180, 171, 51, 64, 144, 78, 3, 7, 4, 0,
+    1, 1, 5, 3, 98, 97, 100,
+];
+
+#[test]
+fn target_set_golden_bytes() {
+    let header = TargetSetHeader {
+        generation: 9,
+        count: 1,
+    };
+    let mut buf = [0u8; 4096];
+    let frame = encode_target_set(&header, [&spec(7)], &mut buf).unwrap();
+    assert_eq!(frame, GOLDEN_TARGET_SET, "{frame:?}");
+    let mut reader = TargetSetReader::new(GOLDEN_TARGET_SET).unwrap();
+    assert_eq!(reader.header(), &header);
+    assert_eq!(reader.next(), Some(Ok(spec(7))));
+    assert_eq!(reader.next(), None);
+}
+
+#[test]
+fn status_golden_bytes() {
+    let mut buf = [0u8; MAX_STATUS_LEN];
+    let frame = encode_status(&status(), &mut buf).unwrap();
+    assert_eq!(frame, GOLDEN_STATUS, "{frame:?}");
+    assert_eq!(decode_status(GOLDEN_STATUS), Ok(status()));
+}
+
+#[test]
+fn largest_status_fits_its_bound() {
+    let mut s = status();
+    s.agent_id = "a".repeat(64).as_str().try_into().unwrap();
+    s.region = "r".repeat(64).as_str().try_into().unwrap();
+    s.version = "v".repeat(32).as_str().try_into().unwrap();
+    s.boot_id = u64::MAX;
+    s.sent_at_ms = u64::MAX;
+    s.max_concurrency = u32::MAX;
+    s.buffer_capacity = u32::MAX;
+    s.targets = u32::MAX;
+    s.pending_results = u32::MAX;
+    s.region_set_generation = u64::MAX;
+    s.agent_set_generation = u64::MAX;
+    s.rejection.as_mut().unwrap().generation = u64::MAX;
+    s.rejection.as_mut().unwrap().reason = "x".repeat(256).as_str().try_into().unwrap();
+    let mut buf = [0u8; MAX_STATUS_LEN];
+    let frame = encode_status(&s, &mut buf).unwrap();
+    assert!(frame.len() <= MAX_STATUS_LEN);
+}
+
+#[test]
+fn many_specs_round_trip_and_count_is_checked() {
+    let specs: Vec<TargetSpec> = (1..=500).map(spec).collect();
+    let header = TargetSetHeader {
+        generation: 3,
+        count: 500,
+    };
+    let mut buf = vec![0u8; MAX_TARGET_SET_LEN];
+    let frame = encode_target_set(&header, &specs, &mut buf)
+        .unwrap()
+        .to_vec();
+    let back: Result<Vec<_>, _> = TargetSetReader::new(&frame).unwrap().collect();
+    assert_eq!(back.unwrap(), specs);
+
+    // The header promises more specs than follow.
+    let short = TargetSetHeader {
+        generation: 3,
+        count: 2,
+    };
+    let mut buf = [0u8; 4096];
+    assert_eq!(
+        encode_target_set(&short, [&spec(1)], &mut buf).err(),
+        Some(Error::Malformed)
+    );
+    // Trailing bytes after the last spec.
+    let mut frame = GOLDEN_TARGET_SET.to_vec();
+    frame.push(0);
+    let items: Vec<_> = TargetSetReader::new(&frame).unwrap().collect();
+    assert_eq!(items.last(), Some(&Err(Error::TrailingBytes)));
+}
+
+#[test]
+fn decoding_is_total() {
+    // Every prefix and every single-byte corruption of both golden frames gives a value or an
+    // error, never a panic; the reader always stops.
+    for golden in [GOLDEN_TARGET_SET, GOLDEN_STATUS] {
+        for cut in 0..golden.len() {
+            let _ = decode_status(&golden[..cut]);
+            if let Ok(r) = TargetSetReader::new(&golden[..cut]) {
+                assert!(r.count() <= 1024);
+            }
+        }
+        for i in 0..golden.len() {
+            for b in [0u8, 1, 0x7f, 0x80, 0xff] {
+                let mut f = golden.to_vec();
+                f[i] = b;
+                let _ = decode_status(&f);
+                if let Ok(r) = TargetSetReader::new(&f) {
+                    assert!(r.count() <= 1024);
+                }
+            }
+        }
+    }
+    // A deterministic pseudo-random sweep.
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    for _ in 0..20_000 {
+        let mut f = vec![0u8; (x % 200) as usize];
+        for b in &mut f {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        if let Some(first) = f.first_mut() {
+            *first = 1;
+        }
+        let _ = decode_status(&f);
+        if let Ok(r) = TargetSetReader::new(&f) {
+            assert!(r.count() <= 1024);
+        }
+    }
+    assert_eq!(decode_status(&[]), Err(Error::Empty));
+    assert_eq!(decode_status(&[9]), Err(Error::UnknownVersion(9)));
+    assert!(matches!(
+        TargetSetReader::new(&[2, 0, 0]),
+        Err(Error::UnknownVersion(2))
+    ));
+}
