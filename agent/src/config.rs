@@ -42,7 +42,32 @@ pub struct RawConfig {
     #[serde(default)]
     pub probes: RawProbes,
     #[serde(default)]
+    pub fleet: RawFleet,
+    /// Where the agent keeps the last good target sets pushed by the ingester, so it can probe
+    /// after a restart while the broker is unreachable (default `/var/lib/vantage-agent`).
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Local targets. When present the agent runs standalone and ignores pushed target sets;
+    /// when absent it probes what the ingester's `targets apply` pushes to its region and to it.
+    #[serde(default)]
     pub targets: Vec<RawTarget>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFleet {
+    /// How often the agent reports its status (default 30s, at least 1s). The ingester flags an
+    /// agent stale after three missed heartbeats.
+    #[serde(default = "default_heartbeat_interval", with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+}
+
+impl Default for RawFleet {
+    fn default() -> Self {
+        RawFleet {
+            heartbeat_interval: default_heartbeat_interval(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -141,6 +166,21 @@ fn default_drain_timeout() -> Duration {
 fn default_max_concurrency() -> usize {
     64
 }
+fn default_heartbeat_interval() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/vantage-agent")
+}
+
+/// Where an agent's targets come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetsSource {
+    /// `[[targets]]` in the config file; pushed sets are ignored.
+    Local,
+    /// Target sets pushed by the ingester over MQTT (retained), persisted in `state_dir`.
+    Central,
+}
 
 /// The validated configuration.
 #[derive(Debug, Clone)]
@@ -150,6 +190,10 @@ pub struct Config {
     pub mqtt: MqttConfig,
     pub uplink: UplinkConfig,
     pub max_concurrency: usize,
+    pub heartbeat_interval: Duration,
+    pub state_dir: PathBuf,
+    pub targets_source: TargetsSource,
+    /// The local targets (empty when the source is central).
     pub targets: Vec<Target>,
 }
 
@@ -262,6 +306,15 @@ impl Config {
                 "must be 0 (off) or at least 1s".into(),
             ));
         }
+        if raw.fleet.heartbeat_interval < Duration::from_secs(1) {
+            return Err(invalid(
+                "fleet.heartbeat_interval",
+                "must be at least 1s".into(),
+            ));
+        }
+        if raw.state_dir.as_os_str().is_empty() {
+            return Err(invalid("state_dir", "must not be empty".into()));
+        }
         if raw.probes.max_concurrency == 0 {
             return Err(invalid(
                 "probes.max_concurrency",
@@ -298,6 +351,13 @@ impl Config {
                 drain_timeout: raw.uplink.drain_timeout,
             },
             max_concurrency: raw.probes.max_concurrency,
+            heartbeat_interval: raw.fleet.heartbeat_interval,
+            state_dir: raw.state_dir,
+            targets_source: if targets.is_empty() {
+                TargetsSource::Central
+            } else {
+                TargetsSource::Local
+            },
             targets,
         })
     }
@@ -306,6 +366,27 @@ impl Config {
     pub fn results_topic(&self) -> String {
         format!(
             "{}/v1/results/{}/{}",
+            self.mqtt.topic_prefix, self.region, self.agent_id
+        )
+    }
+
+    /// Where this agent reports its status (and its last will).
+    pub fn status_topic(&self) -> String {
+        format!(
+            "{}/v1/status/{}/{}",
+            self.mqtt.topic_prefix, self.region, self.agent_id
+        )
+    }
+
+    /// The retained target set of this agent's region.
+    pub fn region_targets_topic(&self) -> String {
+        format!("{}/v1/targets/{}", self.mqtt.topic_prefix, self.region)
+    }
+
+    /// The retained target set of targets pinned to this agent.
+    pub fn agent_targets_topic(&self) -> String {
+        format!(
+            "{}/v1/targets/{}/{}",
             self.mqtt.topic_prefix, self.region, self.agent_id
         )
     }

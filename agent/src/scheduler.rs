@@ -5,13 +5,17 @@
 //! the last probe finished", so a target keeps its period over hours without drift. Each target's
 //! first due time is offset by a deterministic jitter in `[0, interval)` derived from its id, which
 //! spreads many targets with the same interval across the period.
+//!
+//! [`Scheduler::update`] swaps the target list in place: a target whose id and interval did not
+//! change keeps its next due time (its phase), so pushing a new target set does not make every
+//! target fire at once or lose its grid.
 
 use std::time::{Duration, Instant};
 
 /// What the scheduler knows about one target.
 #[derive(Debug, Clone)]
 struct Slot {
-    target: usize,
+    target: u32,
     interval: Duration,
     next_due: Instant,
     /// Probes still to run, when the run is limited to a number of rounds.
@@ -21,8 +25,8 @@ struct Slot {
 /// One probe to start now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Due {
-    /// Index of the target in the list given to [`Scheduler::new`].
-    pub target: usize,
+    /// Id of the target (as given to [`Scheduler::new`] or [`Scheduler::update`]).
+    pub target: u32,
     /// The time it was due (for honest lateness accounting).
     pub due_at: Instant,
     /// Periods passed over because the caller polled too late; each one is a skipped probe.
@@ -40,9 +44,8 @@ impl Scheduler {
     pub fn new(targets: &[(u32, Duration)], start: Instant, rounds: Option<u64>) -> Scheduler {
         let slots = targets
             .iter()
-            .enumerate()
-            .map(|(i, &(id, interval))| Slot {
-                target: i,
+            .map(|&(id, interval)| Slot {
+                target: id,
                 interval,
                 next_due: start + jitter(id, interval),
                 rounds_left: rounds,
@@ -50,6 +53,37 @@ impl Scheduler {
             .filter(|s| s.rounds_left != Some(0))
             .collect();
         Scheduler { slots }
+    }
+
+    /// Replaces the target list at `now`. Targets with the same id and interval as before keep
+    /// their due time; new ones (and ones whose interval changed) start at `now` plus their
+    /// jitter; missing ones are dropped. Rounds limits do not apply to targets added here.
+    pub fn update(&mut self, targets: &[(u32, Duration)], now: Instant) {
+        let old = std::mem::take(&mut self.slots);
+        self.slots = targets
+            .iter()
+            .map(|&(id, interval)| {
+                old.iter()
+                    .find(|s| s.target == id && s.interval == interval)
+                    .cloned()
+                    .unwrap_or(Slot {
+                        target: id,
+                        interval,
+                        next_due: now + jitter(id, interval),
+                        rounds_left: None,
+                    })
+            })
+            .collect();
+    }
+
+    /// Number of targets scheduled.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether no target is scheduled.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
     }
 
     /// The earliest time any target is due, or None when every target has finished its rounds.
@@ -159,10 +193,44 @@ mod tests {
         let mut count = [0; 2];
         while let Some(at) = s.next_due() {
             for d in s.pop_due(at) {
-                count[d.target] += 1;
+                count[d.target as usize - 1] += 1;
             }
         }
         assert_eq!(count, [3, 3]);
+    }
+
+    #[test]
+    fn update_keeps_the_phase_of_unchanged_targets() {
+        let t0 = Instant::now();
+        let sec = Duration::from_secs(1);
+        let mut s = Scheduler::new(&[(1, sec * 10), (2, sec * 10), (3, sec * 10)], t0, None);
+        let due_of =
+            |s: &Scheduler, id: u32| s.slots.iter().find(|x| x.target == id).map(|x| x.next_due);
+        // Run a while so the due times are past their first period.
+        let mut now = t0;
+        while now < t0 + sec * 25 {
+            now = s.next_due().unwrap();
+            s.pop_due(now);
+        }
+        let before_1 = due_of(&s, 1).unwrap();
+        // 2 removed, 3 gets a new interval, 4 is new.
+        s.update(&[(1, sec * 10), (3, sec * 5), (4, sec * 10)], now);
+        assert_eq!(s.len(), 3);
+        assert_eq!(due_of(&s, 1), Some(before_1));
+        assert_eq!(due_of(&s, 2), None);
+        assert_eq!(due_of(&s, 3), Some(now + jitter(3, sec * 5)));
+        assert_eq!(due_of(&s, 4), Some(now + jitter(4, sec * 10)));
+        // Target 1 stays on its grid afterwards.
+        let mut seen = 0;
+        while seen < 3 {
+            let at = s.next_due().unwrap();
+            for d in s.pop_due(at) {
+                if d.target == 1 {
+                    assert_eq!(d.due_at, before_1 + sec * 10 * seen);
+                    seen += 1;
+                }
+            }
+        }
     }
 
     #[test]
@@ -175,7 +243,7 @@ mod tests {
         let mut now = t0;
         while now < t0 + Duration::from_secs(10) {
             now = s.next_due().unwrap();
-            fast += s.pop_due(now).iter().filter(|d| d.target == 1000).count();
+            fast += s.pop_due(now).iter().filter(|d| d.target == 5000).count();
         }
         assert!((99..=101).contains(&fast), "{fast}");
     }

@@ -148,10 +148,10 @@ pub struct TargetError {
     pub reason: String,
 }
 
-impl Target {
-    /// A target with default settings for `url` (used by the one-shot `probe` command and tests).
-    pub fn for_url(id: u32, url: &str) -> Result<Target, TargetError> {
-        Target::from_raw(RawTarget {
+impl RawTarget {
+    /// A target for `url` with every other setting at its default.
+    pub fn with_url(id: u32, url: &str) -> RawTarget {
+        RawTarget {
             id,
             name: None,
             url: url.to_owned(),
@@ -166,7 +166,14 @@ impl Target {
             ca_file: None,
             tls_skip_verify: false,
             ip_family: IpFamily::Auto,
-        })
+        }
+    }
+}
+
+impl Target {
+    /// A target with default settings for `url` (used by the one-shot `probe` command and tests).
+    pub fn for_url(id: u32, url: &str) -> Result<Target, TargetError> {
+        Target::from_raw(RawTarget::with_url(id, url))
     }
 
     /// Checks every setting of `raw`.
@@ -263,7 +270,7 @@ impl Target {
     }
 }
 
-fn parse_status(spec: &StatusSpec) -> Result<RangeInclusive<u16>, String> {
+pub(crate) fn parse_status(spec: &StatusSpec) -> Result<RangeInclusive<u16>, String> {
     let valid = |c: u16| (100..=599).contains(&c);
     let range = match spec {
         StatusSpec::Code(c) => *c..=*c,

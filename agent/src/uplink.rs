@@ -18,20 +18,42 @@
 //! PUBACK, and when a reconnect reports a lost session it hands all unacknowledged frames to
 //! rumqttc again. PUBACKs are matched to frames by order: the broker acknowledges QoS 1 in the
 //! order it receives them, and frames are handed only while connected, so an acknowledgement can
-//! never belong to a frame rumqttc dropped.
+//! never belong to a frame rumqttc dropped. For the same reason status messages go out at QoS 0
+//! (no PUBACK to tell apart); they repeat every heartbeat, so one lost status costs nothing.
+//!
+//! # Control topics
+//! An agent that follows the ingester's target sets subscribes, on every (re)connect, to its own
+//! set topic and then its region's (in that order: `targets apply` publishes agent sets first, and
+//! the broker sends retained messages in subscription order, so an agent never sees the new
+//! region set before its own). Received payloads go to the probe loop through watch channels.
+//! The agent's last will is a `Lost` status on its status topic.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
-use tokio::sync::{mpsc, Notify};
+use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
+use vantage_proto::control::{AgentState, MAX_TARGET_SET_LEN};
 use vantage_proto::{Batch, Gap, ProbeResult, MAX_FRAME_LEN, MAX_GAPS};
 
 use crate::config::Config;
+use crate::fleet::{self, StatusBoard};
 use crate::probe::Measurement;
+
+/// Where the uplink delivers received target sets (only for an agent that follows them).
+pub struct SetSenders {
+    pub region: watch::Sender<Option<Vec<u8>>>,
+    pub agent: watch::Sender<Option<Vec<u8>>>,
+}
+
+/// The uplink's control side: what to put in status messages, and where received target sets go.
+pub struct Control {
+    pub board: Arc<StatusBoard>,
+    pub sets: Option<SetSenders>,
+}
 
 /// Frames encoded and not yet acknowledged, at most. Bounds the memory outside the result buffer
 /// (16 × [`MAX_FRAME_LEN`] ≈ 33 KB) and the number of QoS 1 publishes in flight.
@@ -309,8 +331,10 @@ pub async fn run(
     config: Arc<Config>,
     boot_id: u64,
     mut results: mpsc::Receiver<ProbeResult>,
+    control: Control,
     shutdown: CancellationToken,
 ) -> UplinkStats {
+    let status_topic = config.status_topic();
     let mut options = MqttOptions::new(
         format!("vantage-agent-{}", config.agent_id),
         config.mqtt.host.clone(),
@@ -320,7 +344,23 @@ pub async fn run(
     // A persistent session: after a reconnect the broker resumes it and rumqttc replays what was
     // not acknowledged; the client id is stable per agent.
     options.set_clean_session(false);
-    options.set_max_packet_size(MAX_FRAME_LEN + 1024, MAX_FRAME_LEN + 1024);
+    // Incoming: target sets (the largest messages an agent receives).
+    options.set_max_packet_size(MAX_TARGET_SET_LEN + 1024, MAX_FRAME_LEN + 1024);
+    // The broker sends this when the connection dies without a DISCONNECT. QoS 1, so the
+    // bridge's persistent session keeps it if the bridge is away.
+    options.set_last_will(LastWill::new(
+        &status_topic,
+        fleet::status_frame(
+            &config,
+            boot_id,
+            AgentState::Lost,
+            &control.board.get(),
+            0,
+            0,
+        ),
+        QoS::AtLeastOnce,
+        false,
+    ));
     if let Some(user) = &config.mqtt.username {
         options.set_credentials(
             user.clone(),
@@ -330,12 +370,39 @@ pub async fn run(
     let (client, eventloop) = AsyncClient::new(options, CLIENT_QUEUE);
     let link = Arc::new(Link::default());
     let loop_stop = CancellationToken::new();
+    let subscriptions = control.sets.map(|senders| Subscriptions {
+        agent_topic: config.agent_targets_topic(),
+        region_topic: config.region_targets_topic(),
+        senders,
+    });
+    let filters: Vec<String> = subscriptions
+        .as_ref()
+        .map(|s| vec![s.agent_topic.clone(), s.region_topic.clone()])
+        .unwrap_or_default();
+    let board = control.board;
     let event_task = tokio::spawn(poll_events(
         eventloop,
         link.clone(),
         loop_stop.clone(),
         boot_id,
+        subscriptions,
     ));
+    let mut seen_connects = 0u64;
+    let mut heartbeat = tokio::time::interval(config.heartbeat_interval);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let send_status = |state: AgentState, pending: usize| {
+        let frame = fleet::status_frame(
+            &config,
+            boot_id,
+            state,
+            &board.get(),
+            pending,
+            fleet::now_ms(),
+        );
+        if let Err(e) = client.try_publish(&status_topic, QoS::AtMostOnce, false, frame) {
+            tracing::debug!(error = %e, "status not sent");
+        }
+    };
 
     let topic = config.results_topic();
     let mut outbox = Outbox::new(
@@ -379,6 +446,16 @@ pub async fn run(
             },
             _ = flush.tick() => outbox.seal(true),
             _ = link.wake.notified() => {}
+            _ = heartbeat.tick() => {
+                if link.connected.load(Ordering::Acquire) {
+                    send_status(AgentState::Heartbeat, outbox.pending_results());
+                }
+            }
+            _ = board.changed.notified() => {
+                if link.connected.load(Ordering::Acquire) {
+                    send_status(AgentState::Heartbeat, outbox.pending_results());
+                }
+            }
             _ = shutdown.cancelled(), if !draining => {}
             _ = &mut drain_deadline, if draining => {
                 tracing::warn!(
@@ -397,6 +474,18 @@ pub async fn run(
         if draining {
             outbox.seal(true);
         }
+        // A new connection: announce, and (re)subscribe to the target sets, which makes the
+        // broker send the retained ones again.
+        let connects = link.connects.load(Ordering::Acquire);
+        if connects != seen_connects && link.connected.load(Ordering::Acquire) {
+            seen_connects = connects;
+            send_status(AgentState::Online, outbox.pending_results());
+            for filter in &filters {
+                if let Err(e) = client.try_subscribe(filter, QoS::AtLeastOnce) {
+                    tracing::warn!(error = %e, filter, "cannot subscribe to target sets");
+                }
+            }
+        }
         pump(&client, &topic, &link, &mut seen, &mut outbox);
         if !open && outbox.is_empty() {
             break;
@@ -412,6 +501,10 @@ pub async fn run(
     let mut stats = outbox.stats().clone();
     stats.undelivered += outbox.pending_results() as u64;
     stats.reconnects = link.connects.load(Ordering::Acquire).saturating_sub(1);
+    // A clean goodbye (the broker drops the last will on DISCONNECT); requests go out in order.
+    if link.connected.load(Ordering::Acquire) {
+        send_status(AgentState::Offline, outbox.pending_results());
+    }
     let _ = client.try_disconnect();
     // Give the event loop a moment to send DISCONNECT, then stop it.
     let _ = tokio::time::timeout(Duration::from_millis(500), async {
@@ -468,11 +561,19 @@ fn pump(client: &AsyncClient, topic: &str, link: &Link, seen: &mut Seen, outbox:
 
 /// The only task that touches the MQTT socket. Reconnects with capped exponential backoff and
 /// jitter (so a fleet does not reconnect in lockstep after a broker restart).
+/// The target set topics and where their payloads go.
+struct Subscriptions {
+    agent_topic: String,
+    region_topic: String,
+    senders: SetSenders,
+}
+
 async fn poll_events(
     mut eventloop: EventLoop,
     link: Arc<Link>,
     stop: CancellationToken,
     seed: u64,
+    subscriptions: Option<Subscriptions>,
 ) {
     let mut backoff = Duration::from_millis(100);
     let mut rng = seed | 1;
@@ -498,6 +599,25 @@ async fn poll_events(
                 link.connected.store(true, Ordering::Release);
                 link.wake.notify_one();
                 backoff = Duration::from_millis(100);
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                // Only the two target set topics are subscribed to.
+                if let Some(s) = &subscriptions {
+                    let sender = if p.topic == s.agent_topic {
+                        Some(&s.senders.agent)
+                    } else if p.topic == s.region_topic {
+                        Some(&s.senders.region)
+                    } else {
+                        None
+                    };
+                    match sender {
+                        Some(tx) => {
+                            tracing::debug!(topic = %p.topic, bytes = p.payload.len(), "target set received");
+                            tx.send_replace(Some(p.payload.to_vec()));
+                        }
+                        None => tracing::debug!(topic = %p.topic, "unexpected message ignored"),
+                    }
+                }
             }
             Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
                 tracing::debug!("MQTT disconnect sent");

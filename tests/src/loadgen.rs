@@ -91,6 +91,10 @@ impl LoadSpec {
                 drain_timeout: self.drain_timeout,
             },
             max_concurrency: 1,
+            heartbeat_interval: Duration::from_secs(30),
+            state_dir: std::env::temp_dir(),
+            // Synthetic results: no target sets to follow.
+            targets_source: vantage_agent::TargetsSource::Local,
             targets: Vec::new(),
         }
     }
@@ -180,6 +184,10 @@ async fn agent(
         config.clone(),
         boot_id,
         rx,
+        vantage_agent::uplink::Control {
+            board: Default::default(),
+            sets: None,
+        },
         CancellationToken::new(),
     ));
     let per_agent = spec.rate / spec.agents as f64;

@@ -1,0 +1,478 @@
+//! Target sets pushed by the ingester: conversion between a config-file target ([`RawTarget`])
+//! and its wire form ([`TargetSpec`]), validation of a received set, the on-disk copy of the last
+//! good set, and [`TargetBook`], which combines the region's set and the agent's own set into the
+//! targets to probe.
+//!
+//! A pushed set goes through exactly the checks a `[[targets]]` table in the agent's file goes
+//! through ([`Target::from_raw`]); the ingester runs the same checks before it publishes, so a
+//! rejection on the agent means the two disagree (a CA file missing on this agent, a newer
+//! ingester), and it is reported upstream in the agent's status.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use vantage_proto::control::{
+    HeaderSpec, IpFamilySpec, Rejection, SetScope, TargetSetReader, TargetSpec, MAX_REASON_LEN,
+};
+
+use crate::target::{IpFamily, RawTarget, StatusSpec, Target, TargetError};
+
+/// A [`RawTarget`] in wire form. Fails (naming the key) when a value does not fit the wire
+/// format's capacities.
+pub fn spec_from_raw(raw: &RawTarget) -> Result<TargetSpec, TargetError> {
+    fn fit<const N: usize>(key: &'static str, s: &str) -> Result<heapless::String<N>, TargetError> {
+        s.try_into().map_err(|_| TargetError {
+            key,
+            reason: format!("longer than {N} bytes"),
+        })
+    }
+    let millis = |key: &'static str, d: Duration| {
+        u32::try_from(d.as_millis()).map_err(|_| TargetError {
+            key,
+            reason: "too long".into(),
+        })
+    };
+    let mut headers = heapless::Vec::new();
+    for (name, value) in &raw.headers {
+        headers
+            .push(HeaderSpec {
+                name: fit("headers", name)?,
+                value: fit("headers", value)?,
+            })
+            .map_err(|_| TargetError {
+                key: "headers",
+                reason: format!("at most {} headers", vantage_proto::control::MAX_HEADERS),
+            })?;
+    }
+    let mut accepted_status = heapless::Vec::new();
+    for s in &raw.accepted_status {
+        let range = crate::target::parse_status(s).map_err(|reason| TargetError {
+            key: "accepted_status",
+            reason,
+        })?;
+        accepted_status
+            .push((*range.start(), *range.end()))
+            .map_err(|_| TargetError {
+                key: "accepted_status",
+                reason: format!(
+                    "at most {} entries",
+                    vantage_proto::control::MAX_STATUS_RANGES
+                ),
+            })?;
+    }
+    Ok(TargetSpec {
+        id: raw.id,
+        name: fit("name", raw.name.as_deref().unwrap_or_default())?,
+        url: fit("url", &raw.url)?,
+        interval_ms: millis("interval", raw.interval)?,
+        timeout_ms: millis("timeout", raw.timeout)?,
+        regex: raw.regex.as_deref().map(|r| fit("regex", r)).transpose()?,
+        method: fit("method", &raw.method)?,
+        headers,
+        accepted_status,
+        max_redirects: raw.max_redirects,
+        body_cap: u32::try_from(raw.body_cap).map_err(|_| TargetError {
+            key: "body_cap",
+            reason: "too large".into(),
+        })?,
+        ca_file: raw
+            .ca_file
+            .as_deref()
+            .map(|p| fit("ca_file", &p.to_string_lossy()))
+            .transpose()?,
+        tls_skip_verify: raw.tls_skip_verify,
+        ip_family: match raw.ip_family {
+            IpFamily::Auto => IpFamilySpec::Auto,
+            IpFamily::Ipv4 => IpFamilySpec::Ipv4,
+            IpFamily::Ipv6 => IpFamilySpec::Ipv6,
+        },
+    })
+}
+
+/// The config-file form of a received spec (then validated by [`Target::from_raw`]).
+pub fn raw_from_spec(spec: &TargetSpec) -> RawTarget {
+    RawTarget {
+        id: spec.id,
+        name: (!spec.name.is_empty()).then(|| spec.name.to_string()),
+        url: spec.url.to_string(),
+        interval: Duration::from_millis(spec.interval_ms.into()),
+        timeout: Duration::from_millis(spec.timeout_ms.into()),
+        regex: spec.regex.as_ref().map(|r| r.to_string()),
+        method: spec.method.to_string(),
+        headers: spec
+            .headers
+            .iter()
+            .map(|h| (h.name.to_string(), h.value.to_string()))
+            .collect::<BTreeMap<_, _>>(),
+        accepted_status: spec
+            .accepted_status
+            .iter()
+            .map(|&(lo, hi)| StatusSpec::Text(format!("{lo}-{hi}")))
+            .collect(),
+        max_redirects: spec.max_redirects,
+        body_cap: spec.body_cap as usize,
+        ca_file: spec.ca_file.as_ref().map(|p| PathBuf::from(p.as_str())),
+        tls_skip_verify: spec.tls_skip_verify,
+        ip_family: match spec.ip_family {
+            IpFamilySpec::Auto => IpFamily::Auto,
+            IpFamilySpec::Ipv4 => IpFamily::Ipv4,
+            IpFamilySpec::Ipv6 => IpFamily::Ipv6,
+        },
+    }
+}
+
+/// The checks an agent will run on `raw`, minus reading `ca_file` (a path on the agents, which
+/// the central machine may not have): what `targets apply` runs before publishing.
+pub fn check_portable(raw: &RawTarget) -> Result<TargetSpec, TargetError> {
+    let mut without_file = raw.clone();
+    without_file.ca_file = None;
+    Target::from_raw(without_file)?;
+    spec_from_raw(raw)
+}
+
+/// A decoded, validated set.
+#[derive(Debug, Clone)]
+pub struct ReceivedSet {
+    pub generation: u64,
+    pub targets: Vec<Arc<Target>>,
+}
+
+/// Decodes and validates a set frame. The error says what is wrong, for the log and the status.
+pub fn validate_frame(frame: &[u8]) -> Result<ReceivedSet, String> {
+    let reader = TargetSetReader::new(frame).map_err(|e| format!("cannot decode: {e}"))?;
+    let generation = reader.header().generation;
+    let mut targets: Vec<Arc<Target>> = Vec::new();
+    for (i, spec) in reader.enumerate() {
+        let spec = spec.map_err(|e| format!("cannot decode target {i}: {e}"))?;
+        if targets.iter().any(|t| t.id == spec.id) {
+            return Err(format!("duplicate target id {}", spec.id));
+        }
+        let target = Target::from_raw(raw_from_spec(&spec)).map_err(|e| {
+            format!(
+                "target {} ({}): {}: {}",
+                spec.id, spec.name, e.key, e.reason
+            )
+        })?;
+        targets.push(Arc::new(target));
+    }
+    Ok(ReceivedSet {
+        generation,
+        targets,
+    })
+}
+
+/// One scope's accepted set, with the frame it came from (what is persisted).
+#[derive(Debug, Clone)]
+struct Held {
+    set: ReceivedSet,
+    frame: Vec<u8>,
+}
+
+/// The region's set and the agent's own set, as last accepted.
+///
+/// Which sets count: the region set always; the agent set only when its generation is not older
+/// than the region set's. Every `targets apply` republishes all sets with one new generation
+/// (agent sets first) and clears the agent sets it no longer has, so an agent set older than
+/// the region set is one that was cleared while this agent was away.
+#[derive(Debug)]
+pub struct TargetBook {
+    dir: PathBuf,
+    region: Option<Held>,
+    agent: Option<Held>,
+    rejection: Option<Rejection>,
+}
+
+/// What [`TargetBook::offer`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Offered {
+    /// The set was accepted and the effective targets may have changed.
+    Accepted,
+    /// The same bytes as the set already held.
+    Unchanged,
+    /// Refused; the previous set stays.
+    Rejected(String),
+}
+
+impl TargetBook {
+    /// A book that persists into `dir`, starting from whatever valid sets are there.
+    pub fn load(dir: &Path) -> TargetBook {
+        let mut book = TargetBook {
+            dir: dir.to_owned(),
+            region: None,
+            agent: None,
+            rejection: None,
+        };
+        for scope in [SetScope::Region, SetScope::Agent] {
+            let path = book.path(scope);
+            let frame = match std::fs::read(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot read persisted target set");
+                    continue;
+                }
+            };
+            match validate_frame(&frame) {
+                Ok(set) => {
+                    tracing::info!(path = %path.display(), generation = set.generation, targets = set.targets.len(), "loaded persisted target set");
+                    *book.slot(scope) = Some(Held { set, frame });
+                }
+                Err(reason) => {
+                    tracing::warn!(path = %path.display(), reason, "ignoring invalid persisted target set")
+                }
+            }
+        }
+        book
+    }
+
+    fn path(&self, scope: SetScope) -> PathBuf {
+        self.dir.join(match scope {
+            SetScope::Region => "targets-region.bin",
+            SetScope::Agent => "targets-agent.bin",
+        })
+    }
+
+    fn slot(&mut self, scope: SetScope) -> &mut Option<Held> {
+        match scope {
+            SetScope::Region => &mut self.region,
+            SetScope::Agent => &mut self.agent,
+        }
+    }
+
+    /// Takes a payload received on one of the two target topics. An empty payload clears the
+    /// scope (the ingester deleted the retained set).
+    pub fn offer(&mut self, scope: SetScope, payload: &[u8]) -> Offered {
+        if payload.is_empty() {
+            if self.slot(scope).take().is_none() {
+                return Offered::Unchanged;
+            }
+            if let Err(e) = std::fs::remove_file(self.path(scope)) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(error = %e, "cannot remove persisted target set");
+                }
+            }
+            return Offered::Accepted;
+        }
+        if self
+            .slot(scope)
+            .as_ref()
+            .is_some_and(|h| h.frame == payload)
+        {
+            return Offered::Unchanged;
+        }
+        match validate_frame(payload) {
+            Ok(set) => {
+                if let Err(e) = persist(&self.path(scope), payload) {
+                    // Probing goes on; only a restart without broker would miss this set.
+                    tracing::warn!(dir = %self.dir.display(), error = %e, "cannot persist target set");
+                }
+                if self.rejection.as_ref().is_some_and(|r| r.scope == scope) {
+                    self.rejection = None;
+                }
+                *self.slot(scope) = Some(Held {
+                    set,
+                    frame: payload.to_vec(),
+                });
+                Offered::Accepted
+            }
+            Err(reason) => {
+                let generation = TargetSetReader::new(payload)
+                    .map(|r| r.header().generation)
+                    .unwrap_or(0);
+                let mut short = heapless::String::<MAX_REASON_LEN>::new();
+                for c in reason.chars() {
+                    if short.push(c).is_err() {
+                        break;
+                    }
+                }
+                self.rejection = Some(Rejection {
+                    scope,
+                    generation,
+                    reason: short,
+                });
+                Offered::Rejected(reason)
+            }
+        }
+    }
+
+    fn agent_set_counts(&self) -> bool {
+        match (&self.region, &self.agent) {
+            (_, None) => false,
+            (None, Some(_)) => true,
+            (Some(r), Some(a)) => a.set.generation >= r.set.generation,
+        }
+    }
+
+    /// The targets to probe now: the region's, then the agent's own (ids are unique across both
+    /// because the ingester allocates them; on a clash the region's wins).
+    pub fn effective(&self) -> Vec<Arc<Target>> {
+        let mut out: Vec<Arc<Target>> = Vec::new();
+        let agent = self.agent.as_ref().filter(|_| self.agent_set_counts());
+        for held in self.region.iter().chain(agent) {
+            for t in &held.set.targets {
+                if !out.iter().any(|o| o.id == t.id) {
+                    out.push(t.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// Generation of the region set held (0: none).
+    pub fn region_generation(&self) -> u64 {
+        self.region.as_ref().map_or(0, |h| h.set.generation)
+    }
+
+    /// Generation of the agent set in use (0: none or outdated).
+    pub fn agent_generation(&self) -> u64 {
+        match &self.agent {
+            Some(h) if self.agent_set_counts() => h.set.generation,
+            _ => 0,
+        }
+    }
+
+    /// The last refused set, until a later one of the same scope is accepted.
+    pub fn rejection(&self) -> Option<&Rejection> {
+        self.rejection.as_ref()
+    }
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file, fsync, rename, fsync of the directory.
+fn persist(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vantage_proto::control::{encode_target_set, TargetSetHeader, MAX_TARGET_SET_LEN};
+
+    fn raw(id: u32, url: &str) -> RawTarget {
+        let mut r = RawTarget::with_url(id, url);
+        r.name = Some(format!("t{id}"));
+        r
+    }
+
+    fn frame(generation: u64, targets: &[RawTarget]) -> Vec<u8> {
+        let specs: Vec<TargetSpec> = targets.iter().map(|t| spec_from_raw(t).unwrap()).collect();
+        let header = TargetSetHeader {
+            generation,
+            count: specs.len() as u16,
+        };
+        let mut buf = vec![0; MAX_TARGET_SET_LEN];
+        encode_target_set(&header, &specs, &mut buf)
+            .unwrap()
+            .to_vec()
+    }
+
+    /// A fresh directory for one test.
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("vantage-target-set-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn ids(book: &TargetBook) -> Vec<u32> {
+        book.effective().iter().map(|t| t.id).collect()
+    }
+
+    #[test]
+    fn spec_round_trip_keeps_every_setting() {
+        let mut r = raw(3, "https://example.org/x");
+        r.regex = Some("Ex.mple".into());
+        r.method = "HEAD".into();
+        r.headers.insert("accept".into(), "text/html".into());
+        r.accepted_status = vec![StatusSpec::Code(301), StatusSpec::Text("200-204".into())];
+        r.max_redirects = 0;
+        r.body_cap = 4096;
+        r.ip_family = IpFamily::Ipv6;
+        r.interval = Duration::from_millis(2500);
+        r.timeout = Duration::from_millis(2000);
+        let back = raw_from_spec(&spec_from_raw(&r).unwrap());
+        let (a, b) = (
+            Target::from_raw(r).unwrap(),
+            Target::from_raw(back).unwrap(),
+        );
+        assert_eq!(format!("{a:?}"), format!("{b:?}"));
+        assert_eq!(a.accepted_status, b.accepted_status);
+    }
+
+    #[test]
+    fn too_long_values_name_their_key() {
+        let r = raw(1, &format!("https://example.org/{}", "a".repeat(600)));
+        assert_eq!(spec_from_raw(&r).unwrap_err().key, "url");
+    }
+
+    #[test]
+    fn accepts_persists_and_reloads() {
+        let dir = temp_dir("reload");
+        let mut book = TargetBook::load(&dir);
+        assert!(book.effective().is_empty());
+        let f = frame(1, &[raw(1, "http://a/"), raw(2, "http://b/")]);
+        assert_eq!(book.offer(SetScope::Region, &f), Offered::Accepted);
+        assert_eq!(book.offer(SetScope::Region, &f), Offered::Unchanged);
+        assert_eq!(ids(&book), [1, 2]);
+        let again = TargetBook::load(&dir);
+        assert_eq!(ids(&again), [1, 2]);
+        assert_eq!(again.region_generation(), 1);
+    }
+
+    #[test]
+    fn invalid_set_is_rejected_and_the_old_one_kept() {
+        let dir = temp_dir("reject");
+        let mut book = TargetBook::load(&dir);
+        book.offer(SetScope::Region, &frame(1, &[raw(1, "http://a/")]));
+        // A spec the agent refuses: timeout longer than the interval.
+        let mut bad = raw(2, "http://b/");
+        bad.timeout = Duration::from_secs(60);
+        let f = frame(2, &[bad]);
+        let Offered::Rejected(reason) = book.offer(SetScope::Region, &f) else {
+            panic!("accepted an invalid set")
+        };
+        assert!(reason.contains("timeout"), "{reason}");
+        assert_eq!(ids(&book), [1]);
+        let r = book.rejection().unwrap();
+        assert_eq!((r.scope, r.generation), (SetScope::Region, 2));
+        // Garbage is refused too, and never persisted.
+        assert!(matches!(
+            book.offer(SetScope::Region, b"\x01\xff\xff"),
+            Offered::Rejected(_)
+        ));
+        assert_eq!(ids(&TargetBook::load(&dir)), [1]);
+        // A later good set clears the rejection.
+        book.offer(SetScope::Region, &frame(3, &[raw(5, "http://c/")]));
+        assert!(book.rejection().is_none());
+        assert_eq!(ids(&book), [5]);
+    }
+
+    #[test]
+    fn agent_set_counts_only_when_not_older_than_the_region_set() {
+        let dir = temp_dir("agent");
+        let mut book = TargetBook::load(&dir);
+        book.offer(SetScope::Agent, &frame(4, &[raw(9, "http://pinned/")]));
+        book.offer(SetScope::Region, &frame(4, &[raw(1, "http://a/")]));
+        assert_eq!(ids(&book), [1, 9]);
+        assert_eq!(book.agent_generation(), 4);
+        // A newer apply without a set for this agent: the old agent set no longer counts.
+        book.offer(SetScope::Region, &frame(5, &[raw(1, "http://a/")]));
+        assert_eq!(ids(&book), [1]);
+        assert_eq!(book.agent_generation(), 0);
+        // Clearing the agent set (empty retained payload) removes the file too.
+        assert_eq!(book.offer(SetScope::Agent, b""), Offered::Accepted);
+        assert!(!&dir.join("targets-agent.bin").exists());
+    }
+}
