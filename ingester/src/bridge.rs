@@ -103,10 +103,13 @@ enum Disposition {
 /// Why a payload was rejected; the string goes into the dead-letter reason header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reject {
-    /// The topic is not `<prefix>/v1/results/<region>/<agent>` with valid names.
+    /// The topic is not `<prefix>/v1/results/<region>/<agent>` (or `.../status/...`) with valid
+    /// names.
     BadTopic,
     Oversized,
     Frame(vantage_proto::Error),
+    /// A status frame whose agent or region differs from the topic it arrived on.
+    ClaimsMismatch,
 }
 
 impl Reject {
@@ -115,26 +118,65 @@ impl Reject {
             Reject::BadTopic => "bad_topic",
             Reject::Oversized => "oversized",
             Reject::Frame(e) => e.reason(),
+            Reject::ClaimsMismatch => "claims_mismatch",
         }
     }
 }
 
-/// Region and agent from a results topic, or None if the topic is not one.
-pub fn parse_topic<'t>(prefix: &str, topic: &'t str) -> Option<(&'t str, &'t str)> {
-    let rest = topic.strip_prefix(prefix)?.strip_prefix("/v1/results/")?;
-    let (region, agent) = rest.split_once('/')?;
-    (vantage_proto::is_valid_name(region) && vantage_proto::is_valid_name(agent))
-        .then_some((region, agent))
+/// What a topic carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `<prefix>/v1/results/<region>/<agent>`: result batches.
+    Results,
+    /// `<prefix>/v1/status/<region>/<agent>`: agent status (announce, heartbeat, goodbye, will).
+    Status,
 }
 
-/// Checks one payload; on success returns the Kafka key `region/agent`.
-pub fn validate(prefix: &str, topic: &str, payload: &[u8]) -> Result<String, Reject> {
-    let (region, agent) = parse_topic(prefix, topic).ok_or(Reject::BadTopic)?;
+/// Kafka header that marks a status record (result records have none).
+pub const KIND_HEADER: &str = "vantage-kind";
+
+/// Region and agent from a results topic, or None if the topic is not one.
+pub fn parse_topic<'t>(prefix: &str, topic: &'t str) -> Option<(&'t str, &'t str)> {
+    match parse_any_topic(prefix, topic)? {
+        (Kind::Results, region, agent) => Some((region, agent)),
+        _ => None,
+    }
+}
+
+/// Kind, region and agent of a topic the bridge subscribes to.
+pub fn parse_any_topic<'t>(prefix: &str, topic: &'t str) -> Option<(Kind, &'t str, &'t str)> {
+    let rest = topic.strip_prefix(prefix)?.strip_prefix("/v1/")?;
+    let (kind, rest) = if let Some(r) = rest.strip_prefix("results/") {
+        (Kind::Results, r)
+    } else {
+        (Kind::Status, rest.strip_prefix("status/")?)
+    };
+    let (region, agent) = rest.split_once('/')?;
+    (vantage_proto::is_valid_name(region) && vantage_proto::is_valid_name(agent))
+        .then_some((kind, region, agent))
+}
+
+/// Checks one payload; on success returns the kind and the Kafka key `region/agent`.
+///
+/// Agent and region come from the topic, which the broker's ACL ties to the agent's identity; a
+/// status frame's own claims must agree with it.
+pub fn validate(prefix: &str, topic: &str, payload: &[u8]) -> Result<(Kind, String), Reject> {
+    let (kind, region, agent) = parse_any_topic(prefix, topic).ok_or(Reject::BadTopic)?;
     if payload.len() > MAX_PAYLOAD {
         return Err(Reject::Oversized);
     }
-    vantage_proto::decode(payload).map_err(Reject::Frame)?;
-    Ok(format!("{region}/{agent}"))
+    match kind {
+        Kind::Results => {
+            vantage_proto::decode(payload).map_err(Reject::Frame)?;
+        }
+        Kind::Status => {
+            let status = vantage_proto::control::decode_status(payload).map_err(Reject::Frame)?;
+            if status.agent_id.as_str() != agent || status.region.as_str() != region {
+                return Err(Reject::ClaimsMismatch);
+            }
+        }
+    }
+    Ok((kind, format!("{region}/{agent}")))
 }
 
 /// Runs the bridge until `shutdown` fires, then finishes in-flight deliveries, acknowledges them
@@ -174,10 +216,11 @@ pub async fn run_with_state(
     let (tx, mut rx) = mpsc::channel::<(u64, Publish)>(forward_capacity(mqtt.max_in_flight));
     let events_stop = CancellationToken::new();
     let filter = mqtt.results_filter();
+    let filters = vec![filter.clone(), mqtt.status_filter()];
     let event_task = tokio::spawn(poll_events(
         eventloop,
         client.clone(),
-        filter.clone(),
+        filters,
         tx,
         state.clone(),
         events_stop.clone(),
@@ -308,13 +351,19 @@ async fn handle(
         return (epoch, publish, Disposition::Skipped);
     }
     let delivered = match validate(&out.prefix, &publish.topic, &publish.payload) {
-        Ok(key) => {
+        Ok((kind, key)) => {
+            let headers = (kind == Kind::Status).then(|| {
+                rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+                    key: KIND_HEADER,
+                    value: Some("status"),
+                })
+            });
             let ok = kafka::produce_until_delivered(
                 &out.producer,
                 &out.topic,
                 Some(key.as_bytes()),
                 &publish.payload,
-                None,
+                headers.as_ref(),
                 &stop,
             )
             .await;
@@ -378,7 +427,7 @@ impl RateLimit {
 async fn poll_events(
     mut eventloop: EventLoop,
     client: AsyncClient,
-    filter: String,
+    filters: Vec<String>,
     tx: mpsc::Sender<(u64, Publish)>,
     state: Arc<BridgeState>,
     stop: CancellationToken,
@@ -416,7 +465,10 @@ async fn poll_events(
                 state.connected.store(true, Ordering::Release);
                 // (Re)subscribe on every connect; try_subscribe never waits, so this loop cannot
                 // deadlock on rumqttc's request queue.
-                if let Err(e) = client.try_subscribe(filter.clone(), QoS::AtLeastOnce) {
+                let subscriptions = filters
+                    .iter()
+                    .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+                if let Err(e) = client.try_subscribe_many(subscriptions) {
                     tracing::error!(error = %e, "cannot queue MQTT subscribe");
                 }
             }
@@ -429,7 +481,7 @@ async fn poll_events(
                     tracing::info!(?ack.return_codes, "subscribed");
                     state.subscribed.store(true, Ordering::Release);
                 } else {
-                    tracing::error!(?ack.return_codes, filter, "broker refused the subscription");
+                    tracing::error!(?ack.return_codes, ?filters, "broker refused the subscription");
                 }
             }
             Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
@@ -497,10 +549,54 @@ mod tests {
             "bad_topic"
         );
         // A valid empty batch is accepted.
-        assert_eq!(validate("vantage", t, &[1, 5, 0]), Ok("eu/pi".to_owned()));
+        let ok = Ok((Kind::Results, "eu/pi".to_owned()));
+        assert_eq!(validate("vantage", t, &[1, 5, 0]), ok);
+        assert_eq!(validate("vantage", t, &[2, 5, 0, 0]), ok);
+    }
+
+    #[test]
+    fn status_claims_must_match_the_topic() {
+        use vantage_proto::control::{encode_status, AgentState, AgentStatus, MAX_STATUS_LEN};
+        let status = |agent: &str, region: &str| {
+            let s = AgentStatus {
+                state: AgentState::Heartbeat,
+                agent_id: agent.try_into().unwrap(),
+                region: region.try_into().unwrap(),
+                boot_id: 1,
+                version: "0.1.0".try_into().unwrap(),
+                sent_at_ms: 1,
+                max_concurrency: 1,
+                buffer_capacity: 1,
+                targets: 0,
+                pending_results: 0,
+                region_set_generation: 0,
+                agent_set_generation: 0,
+                rejection: None,
+            };
+            let mut buf = [0u8; MAX_STATUS_LEN];
+            encode_status(&s, &mut buf).unwrap().to_vec()
+        };
+        let t = "vantage/v1/status/eu/pi";
         assert_eq!(
-            validate("vantage", t, &[2, 5, 0, 0]),
-            Ok("eu/pi".to_owned())
+            validate("vantage", t, &status("pi", "eu")),
+            Ok((Kind::Status, "eu/pi".to_owned()))
         );
+        // Another agent's identity, or another region, on this agent's topic.
+        for forged in [status("pi-2", "eu"), status("pi", "us")] {
+            assert_eq!(
+                validate("vantage", t, &forged).unwrap_err().reason(),
+                "claims_mismatch"
+            );
+        }
+        // A results frame on a status topic does not decode as a status.
+        assert_eq!(
+            validate("vantage", t, &[2, 5, 0, 0]).unwrap_err().reason(),
+            "unknown_version"
+        );
+        assert_eq!(
+            parse_any_topic("vantage", "vantage/v1/status/eu/pi"),
+            Some((Kind::Status, "eu", "pi"))
+        );
+        assert_eq!(parse_any_topic("vantage", "vantage/v1/targets/eu/pi"), None);
     }
 }

@@ -258,6 +258,15 @@ impl MqttConfig {
         }
     }
 
+    /// The filter for agent status messages (same sharing as the results).
+    pub fn status_filter(&self) -> String {
+        let filter = format!("{}/v1/status/+/+", self.topic_prefix);
+        match &self.shared_group {
+            Some(group) => format!("$share/{group}/{filter}"),
+            None => filter,
+        }
+    }
+
     /// Whether this bridge produces messages received on `topic` (always, without
     /// `partition`). FNV-1a (Fowler, Noll, Vo; 64-bit offset basis and prime) of the topic, so
     /// every bridge agrees without talking to the others.

@@ -27,6 +27,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0003_storage.sql",
         include_str!("../../migrations/0003_storage.sql"),
     ),
+    (
+        4,
+        "0004_fleet_targets.sql",
+        include_str!("../../migrations/0004_fleet_targets.sql"),
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -1,15 +1,18 @@
 //! vantage-ingester: the central side of vantage.
 //!
 //! Stages (see ARCHITECTURE.md): [`bridge`] (MQTT → Kafka) and [`sink`] (Kafka → PostgreSQL),
-//! plus admin commands ([`db::migrate`], [`report`]). Each stage's `run(config, shutdown)` returns
+//! plus admin commands ([`db::migrate`], [`report`], [`targets`] apply/list/diff, [`fleet`]
+//! agents). Each stage's `run(config, shutdown)` returns
 //! when `shutdown` fires and its in-flight work is durable.
 
 pub mod bridge;
 pub mod config;
 pub mod db;
+pub mod fleet;
 pub mod kafka;
 pub mod report;
 pub mod sink;
 pub mod storage;
+pub mod targets;
 
 pub use config::Config;

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use vantage_ingester::{bridge, db, report, sink, storage, Config};
+use vantage_ingester::{bridge, db, fleet, report, sink, storage, targets, Config};
 
 #[derive(Parser)]
 #[command(
@@ -76,6 +76,59 @@ enum Command {
     },
     /// Validate a configuration file without connecting to anything.
     CheckConfig { config: PathBuf },
+    /// Define targets centrally and push them to the agents (see docs/targets.md).
+    ///
+    /// Example: vantage-ingester targets apply --config ingester.toml targets.toml
+    #[command(subcommand)]
+    Targets(TargetsCommand),
+    /// List the agents that reported status: region, version, online/offline/STALE, last seen,
+    /// target set generations and any refused set. Exit status 3 if any agent is stale.
+    ///
+    /// Example: vantage-ingester agents --config ingester.toml --stale-after 2m
+    Agents {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// An online agent not heard of for this long is flagged STALE (default: three missed
+        /// default heartbeats).
+        #[arg(long, default_value = "90s", value_parser = humantime::parse_duration)]
+        stale_after: Duration,
+    },
+}
+
+#[derive(Subcommand)]
+enum TargetsCommand {
+    /// Validate FILE, store its targets in PostgreSQL (stable ids, removed ones retired) and
+    /// publish the resulting sets to the agents as retained MQTT messages. Changes nothing if the
+    /// file has an error.
+    ///
+    /// Example: vantage-ingester targets apply --config ingester.toml targets.toml
+    Apply {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The targets file (TOML).
+        file: PathBuf,
+    },
+    /// Show what `apply FILE` would change, without changing anything.
+    ///
+    /// Example: vantage-ingester targets diff --config ingester.toml targets.toml
+    Diff {
+        #[arg(long, short)]
+        config: PathBuf,
+        file: PathBuf,
+    },
+    /// Show the targets that are live (with --all, retired ones too) and the published sets.
+    ///
+    /// Example: vantage-ingester targets list --config ingester.toml --all
+    List {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        all: bool,
+    },
+    /// Validate FILE without connecting to anything.
+    ///
+    /// Example: vantage-ingester targets check targets.toml
+    Check { file: PathBuf },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -122,6 +175,48 @@ fn main() -> anyhow::Result<()> {
                 let client = db::connect(config.postgres()?).await?;
                 let rows = report::query(&client, since, target).await?;
                 print!("{}", report::render(&rows, format));
+            }
+            Command::Targets(TargetsCommand::Check { file }) => {
+                let f = targets::TargetsFile::load(&file)?;
+                println!(
+                    "{}: ok ({} targets, {} regions)",
+                    file.display(),
+                    f.targets.len(),
+                    f.regions.len()
+                );
+            }
+            Command::Targets(TargetsCommand::Diff { config, file }) => {
+                let f = targets::TargetsFile::load(&file)?;
+                let config = Config::load(&config)?;
+                let mut client = db::connect(config.postgres()?).await?;
+                db::migrate(&mut client, &config.postgres()?.schema).await?;
+                print!("{}", targets::plan(&client, &f).await?.render());
+            }
+            Command::Targets(TargetsCommand::Apply { config, file }) => {
+                let f = targets::TargetsFile::load(&file)?;
+                let config = Config::load(&config)?;
+                let mut client = db::connect(config.postgres()?).await?;
+                db::migrate(&mut client, &config.postgres()?.schema).await?;
+                let applied = targets::apply(&mut client, config.mqtt()?, &f).await?;
+                print!("{}", applied.plan.render());
+                println!("{} retained messages published", applied.published);
+            }
+            Command::Targets(TargetsCommand::List { config, all }) => {
+                let config = Config::load(&config)?;
+                let client = db::connect(config.postgres()?).await?;
+                print!("{}", targets::render_list(&client, all).await?);
+            }
+            Command::Agents {
+                config,
+                stale_after,
+            } => {
+                let config = Config::load(&config)?;
+                let client = db::connect(config.postgres()?).await?;
+                let lines = fleet::list(&client, stale_after).await?;
+                print!("{}", fleet::render(&lines));
+                if lines.iter().any(|l| l.stale) {
+                    std::process::exit(3);
+                }
             }
             Command::Maintain {
                 config,

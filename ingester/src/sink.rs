@@ -22,7 +22,7 @@ use std::time::Duration;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
-use rdkafka::message::Message;
+use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
@@ -118,16 +118,49 @@ impl ConsumerContext for SinkContext {
 /// One consumed message, decoded or rejected.
 pub enum Decoded {
     Rows(Vec<Row>, Vec<GapRow>),
+    /// An agent status (the record has the `vantage-kind: status` header).
+    Status(Box<crate::fleet::StatusRow>),
     Poison(&'static str),
+}
+
+/// Whether a record's headers mark it as an agent status.
+pub fn is_status(message: &impl Message) -> bool {
+    message.headers().is_some_and(|h| {
+        h.iter()
+            .any(|h| h.key == crate::bridge::KIND_HEADER && h.value == Some(b"status".as_slice()))
+    })
+}
+
+/// Turns a status record into a row for the `agents` table.
+pub fn decode_status_message(
+    key: Option<&[u8]>,
+    payload: Option<&[u8]>,
+    timestamp_ms: Option<i64>,
+) -> Decoded {
+    let Some((region, agent)) = split_key(key) else {
+        return Decoded::Poison("bad_key");
+    };
+    match vantage_proto::control::decode_status(payload.unwrap_or_default()) {
+        Ok(status) => Decoded::Status(Box::new(crate::fleet::StatusRow::new(
+            region,
+            agent,
+            status,
+            timestamp_ms,
+        ))),
+        Err(e) => Decoded::Poison(e.reason()),
+    }
+}
+
+/// `region/agent` from a record key, both valid names.
+fn split_key(key: Option<&[u8]>) -> Option<(&str, &str)> {
+    key.and_then(|k| std::str::from_utf8(k).ok())
+        .and_then(|k| k.split_once('/'))
+        .filter(|(r, a)| vantage_proto::is_valid_name(r) && vantage_proto::is_valid_name(a))
 }
 
 /// Turns a Kafka message from the bridge (key `region/agent`, value a frame) into rows.
 pub fn decode_message(key: Option<&[u8]>, payload: Option<&[u8]>) -> Decoded {
-    let Some((region, agent)) = key
-        .and_then(|k| std::str::from_utf8(k).ok())
-        .and_then(|k| k.split_once('/'))
-        .filter(|(r, a)| vantage_proto::is_valid_name(r) && vantage_proto::is_valid_name(a))
-    else {
+    let Some((region, agent)) = split_key(key) else {
         return Decoded::Poison("bad_key");
     };
     let batch = match vantage_proto::decode(payload.unwrap_or_default()) {
@@ -202,6 +235,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
         // Collect: wait for a first message, then fill until full or the batch timeout.
         let mut rows: Vec<Row> = Vec::new();
         let mut gaps: Vec<GapRow> = Vec::new();
+        let mut statuses: Vec<crate::fleet::StatusRow> = Vec::new();
         let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
         let mut count = 0usize;
         let mut batch_deadline = None;
@@ -236,11 +270,21 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
                 (message.topic().to_owned(), message.partition()),
                 message.offset() + 1,
             );
-            match decode_message(message.key(), message.payload()) {
+            let decoded = if is_status(&message) {
+                decode_status_message(
+                    message.key(),
+                    message.payload(),
+                    message.timestamp().to_millis(),
+                )
+            } else {
+                decode_message(message.key(), message.payload())
+            };
+            match decoded {
                 Decoded::Rows(r, g) => {
                     rows.extend(r);
                     gaps.extend(g);
                 }
+                Decoded::Status(s) => statuses.push(*s),
                 Decoded::Poison(reason) => {
                     tracing::warn!(
                         partition = message.partition(),
@@ -268,10 +312,10 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
         // Write, retrying transient failures for as long as it takes: offsets must not move
         // past rows that are not durable. At shutdown, give up instead (nothing is committed,
         // so the batch is replayed by whoever consumes next).
-        if !rows.is_empty() || !gaps.is_empty() {
+        if !rows.is_empty() || !gaps.is_empty() || !statuses.is_empty() {
             let mut backoff = Duration::from_millis(100);
             loop {
-                match db::write_batch(&mut client, &rows, &gaps).await {
+                match write_all(&mut client, &rows, &gaps, &statuses).await {
                     Ok(inserted) => {
                         stats.rows_inserted += inserted.results;
                         stats.rows_duplicate += rows.len() as u64 - inserted.results;
@@ -329,6 +373,23 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
     consumer.unsubscribe();
     tracing::info!(?stats, "sink stopped");
     Ok(stats)
+}
+
+/// Result rows and gap records (one transaction), then agent statuses (another). A retry after a
+/// failed status write rewrites the rows, which the natural key turns into no-ops.
+async fn write_all(
+    client: &mut tokio_postgres::Client,
+    rows: &[Row],
+    gaps: &[GapRow],
+    statuses: &[crate::fleet::StatusRow],
+) -> Result<db::Inserted, db::DbError> {
+    let inserted = if rows.is_empty() && gaps.is_empty() {
+        db::Inserted::default()
+    } else {
+        db::write_batch(client, rows, gaps).await?
+    };
+    crate::fleet::write_statuses(client, statuses).await?;
+    Ok(inserted)
 }
 
 fn lock(durable: &Mutex<Durable>) -> std::sync::MutexGuard<'_, Durable> {
@@ -395,7 +456,13 @@ mod tests {
         ));
         match decode_message(Some(b"eu/pi"), Some(&[1, 7, 0])) {
             Decoded::Rows(r, g) => assert!(r.is_empty() && g.is_empty()),
+            Decoded::Status(_) => panic!("a result frame decoded as a status"),
             Decoded::Poison(p) => panic!("{p}"),
         }
+        // A status record that does not decode is poison too.
+        assert!(matches!(
+            decode_status_message(Some(b"eu/pi"), Some(&[1, 9]), None),
+            Decoded::Poison("malformed")
+        ));
     }
 }

@@ -1,0 +1,275 @@
+//! The agent fleet on the central side: status records (which the bridge put on the results
+//! topic with the `vantage-kind: status` header) become the `agents` table, and
+//! `vantage-ingester agents` lists it.
+//!
+//! Statuses of one agent share its Kafka key, so they arrive in order; a replay after a sink crash
+//! replays them in order too, so applying each one as it comes ends in the latest state. The one
+//! exception is the last will: the broker sends it when a connection dies, possibly after the
+//! same agent already reconnected with a new boot id, so a will only counts for the boot that
+//! registered it.
+
+use std::time::Duration;
+
+use tokio_postgres::Client;
+use vantage_proto::control::{AgentState, AgentStatus, SetScope};
+
+use crate::db::DbError;
+
+/// One status, with the identity taken from the Kafka key (which the bridge took from the
+/// authenticated topic).
+#[derive(Debug, Clone)]
+pub struct StatusRow {
+    pub region: String,
+    pub agent: String,
+    pub status: AgentStatus,
+    /// When the status was said: the agent's clock, or for a last will (which has no time) the
+    /// Kafka record's timestamp (when the bridge produced it).
+    pub at_ms: i64,
+}
+
+impl StatusRow {
+    pub fn new(
+        region: &str,
+        agent: &str,
+        status: AgentStatus,
+        kafka_timestamp_ms: Option<i64>,
+    ) -> StatusRow {
+        let at_ms = if status.sent_at_ms == 0 {
+            kafka_timestamp_ms.unwrap_or_else(now_ms)
+        } else {
+            i64::try_from(status.sent_at_ms).unwrap_or(i64::MAX)
+        };
+        StatusRow {
+            region: region.to_owned(),
+            agent: agent.to_owned(),
+            status,
+            at_ms,
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn state_name(s: AgentState) -> &'static str {
+    match s {
+        AgentState::Online => "online",
+        AgentState::Heartbeat => "heartbeat",
+        AgentState::Offline => "offline",
+        AgentState::Lost => "lost",
+    }
+}
+
+/// Applies statuses in order, in one transaction.
+pub async fn write_statuses(client: &mut Client, statuses: &[StatusRow]) -> Result<(), DbError> {
+    if statuses.is_empty() {
+        return Ok(());
+    }
+    let tx = client.transaction().await?;
+    let region_insert = tx
+        .prepare("INSERT INTO regions (region) VALUES ($1) ON CONFLICT DO NOTHING")
+        .await?;
+    // Online, heartbeat, offline: the agent speaks for itself; newer facts of the same boot
+    // replace older ones, and a new boot replaces everything.
+    let alive = tx
+        .prepare(
+            "INSERT INTO agents AS a (agent, region, version, boot_id, online, state, state_at,
+                 last_seen, max_concurrency, buffer_capacity, targets, pending_results,
+                 region_set_generation, agent_set_generation, rejected_scope,
+                 rejected_generation, rejection)
+             VALUES ($1, $2, $3, $4, $5, $6, to_timestamp($7::float8 / 1000),
+                 to_timestamp($7::float8 / 1000), $8, $9, $10, $11, $12, $13, $14, $15, $16)
+             ON CONFLICT (agent) DO UPDATE SET
+                 region = excluded.region, version = excluded.version,
+                 boot_id = excluded.boot_id, online = excluded.online, state = excluded.state,
+                 state_at = excluded.state_at,
+                 last_seen = greatest(a.last_seen, excluded.last_seen),
+                 max_concurrency = excluded.max_concurrency,
+                 buffer_capacity = excluded.buffer_capacity, targets = excluded.targets,
+                 pending_results = excluded.pending_results,
+                 region_set_generation = excluded.region_set_generation,
+                 agent_set_generation = excluded.agent_set_generation,
+                 rejected_scope = excluded.rejected_scope,
+                 rejected_generation = excluded.rejected_generation,
+                 rejection = excluded.rejection
+             WHERE a.boot_id IS DISTINCT FROM excluded.boot_id
+                OR a.state_at IS NULL OR a.state_at <= excluded.state_at",
+        )
+        .await?;
+    // The last will: only for the boot that registered it.
+    let lost = tx
+        .prepare(
+            "UPDATE agents SET online = false, state = 'lost', state_at = to_timestamp($3::float8 / 1000)
+              WHERE agent = $1 AND boot_id = $2",
+        )
+        .await?;
+    for s in statuses {
+        let st = &s.status;
+        tx.execute(&region_insert, &[&s.region]).await?;
+        // Stored as signed: boot ids are random 64-bit numbers, PostgreSQL has no unsigned type
+        // (the same mapping as `results.boot_id`).
+        let boot_id = st.boot_id as i64;
+        match st.state {
+            AgentState::Lost => {
+                tx.execute(&lost, &[&s.agent, &boot_id, &(s.at_ms as f64)])
+                    .await?;
+            }
+            state => {
+                let online = state != AgentState::Offline;
+                let (scope, generation, reason) = match &st.rejection {
+                    Some(r) => (
+                        Some(match r.scope {
+                            SetScope::Region => "region",
+                            SetScope::Agent => "agent",
+                        }),
+                        Some(r.generation as i64),
+                        Some(r.reason.as_str()),
+                    ),
+                    None => (None, None, None),
+                };
+                let clamp = |v: u32| i32::try_from(v).unwrap_or(i32::MAX);
+                tx.execute(
+                    &alive,
+                    &[
+                        &s.agent,
+                        &s.region,
+                        &st.version.as_str(),
+                        &boot_id,
+                        &online,
+                        &state_name(state),
+                        &(s.at_ms as f64),
+                        &clamp(st.max_concurrency),
+                        &clamp(st.buffer_capacity),
+                        &clamp(st.targets),
+                        &clamp(st.pending_results),
+                        &(st.region_set_generation as i64),
+                        &(st.agent_set_generation as i64),
+                        &scope,
+                        &generation,
+                        &reason,
+                    ],
+                )
+                .await?;
+            }
+        }
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// One line of `vantage-ingester agents`.
+#[derive(Debug, Clone)]
+pub struct AgentLine {
+    pub agent: String,
+    pub region: String,
+    pub version: Option<String>,
+    pub online: bool,
+    pub stale: bool,
+    pub state: Option<String>,
+    pub last_seen_ago_s: Option<f64>,
+    pub first_seen: String,
+    pub targets: Option<i32>,
+    pub pending_results: Option<i32>,
+    pub region_set_generation: Option<i64>,
+    pub agent_set_generation: Option<i64>,
+    pub rejection: Option<String>,
+}
+
+/// Every agent known, with `stale` set for an agent that says it is online but has not been
+/// heard of for `stale_after`.
+pub async fn list(client: &Client, stale_after: Duration) -> Result<Vec<AgentLine>, DbError> {
+    let rows = client
+        .query(
+            "SELECT agent, region, version, online,
+                    online AND (last_seen IS NULL OR last_seen < now() - make_interval(secs => $1)),
+                    state, extract(epoch FROM now() - last_seen)::float8,
+                    to_char(first_seen AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS'),
+                    targets, pending_results, region_set_generation, agent_set_generation,
+                    CASE WHEN rejection IS NULL THEN NULL
+                         ELSE rejected_scope || ' set ' || rejected_generation || ': ' || rejection END
+               FROM agents ORDER BY region, agent",
+            &[&stale_after.as_secs_f64()],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| AgentLine {
+            agent: r.get(0),
+            region: r.get(1),
+            version: r.get(2),
+            online: r.get(3),
+            stale: r.get::<_, Option<bool>>(4).unwrap_or(false),
+            state: r.get(5),
+            last_seen_ago_s: r.get(6),
+            first_seen: r.get(7),
+            targets: r.get(8),
+            pending_results: r.get(9),
+            region_set_generation: r.get(10),
+            agent_set_generation: r.get(11),
+            rejection: r.get(12),
+        })
+        .collect())
+}
+
+/// The agents table as aligned text; stale agents are flagged in the STATUS column.
+pub fn render(lines: &[AgentLine]) -> String {
+    let mut rows = vec![[
+        "AGENT",
+        "REGION",
+        "STATUS",
+        "LAST SEEN",
+        "VERSION",
+        "TARGETS",
+        "PENDING",
+        "SETS",
+        "FIRST SEEN",
+        "REJECTED SET",
+    ]
+    .map(String::from)];
+    for l in lines {
+        let status = if l.stale {
+            "STALE".to_owned()
+        } else if l.online {
+            "online".to_owned()
+        } else if l.state.is_some() {
+            format!("offline ({})", l.state.as_deref().unwrap_or(""))
+        } else {
+            "unknown".to_owned()
+        };
+        let opt = |v: Option<i32>| v.map_or("-".into(), |v| v.to_string());
+        rows.push([
+            l.agent.clone(),
+            l.region.clone(),
+            status,
+            l.last_seen_ago_s
+                .map_or("never".into(), |s| format!("{}s ago", s.round() as i64)),
+            l.version.clone().unwrap_or_else(|| "-".into()),
+            opt(l.targets),
+            opt(l.pending_results),
+            format!(
+                "{}/{}",
+                l.region_set_generation.unwrap_or(0),
+                l.agent_set_generation.unwrap_or(0)
+            ),
+            l.first_seen.clone(),
+            l.rejection.clone().unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in &rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}

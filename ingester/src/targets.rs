@@ -1,0 +1,1092 @@
+//! Targets defined centrally: the targets file, its validation, and `targets apply | diff | list`.
+//!
+//! Flow of `apply`: [`TargetsFile::load`] (every check an agent would run, errors with file, line
+//! and key; nothing is touched on error) → [`plan`] against PostgreSQL (stable ids: an explicit
+//! `id`, else the live target of the same name, else the most recently retired one of that name,
+//! else a new id) → one transaction that upserts `targets`, retires what left the file, records
+//! the sets in `target_sets` and, if anything changed, a new generation in `target_applies` →
+//! [`publish`]: every set as a retained postcard message (agent sets first, then region sets),
+//! and an empty retained message for every scope that no longer exists.
+//!
+//! Publishing runs after the commit: PostgreSQL is the record of what should be live, and
+//! `apply` republishes every set each time, so running it again repairs a failed publish.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde::Deserialize;
+use tokio_postgres::{Client, GenericClient};
+use toml::Spanned;
+use vantage_agent::target::RawTarget;
+use vantage_proto::control::{
+    encode_target_set, TargetSetHeader, TargetSpec, MAX_TARGETS, MAX_TARGET_SET_LEN,
+};
+
+use crate::config::MqttConfig;
+use crate::db::DbError;
+
+/// Why `targets apply | diff` could not go on.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetsError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    /// A problem in the file, located.
+    #[error("{file}:{line}: {key}: {reason}")]
+    Invalid {
+        file: PathBuf,
+        line: usize,
+        key: String,
+        reason: String,
+    },
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("publishing target sets to MQTT failed: {0}")]
+    Publish(String),
+}
+
+impl From<tokio_postgres::Error> for TargetsError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        TargetsError::Db(DbError::from(e))
+    }
+}
+
+/// The file as serde reads it, with spans to report lines.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Shape {
+    regions: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    targets: Vec<Spanned<BTreeMap<Spanned<String>, Spanned<toml::Value>>>>,
+}
+
+/// Where a target runs.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Placement {
+    /// Every agent of these regions.
+    Regions(Vec<String>),
+    /// Exactly these agents, as (region, agent).
+    Agents(Vec<(String, String)>),
+}
+
+/// One validated target of the file.
+#[derive(Debug, Clone)]
+pub struct FileTarget {
+    /// 1-based line of its table (for messages).
+    pub line: usize,
+    pub id: Option<u32>,
+    pub name: String,
+    pub placement: Placement,
+    /// Every probe setting, in wire form (id filled in by [`plan`]).
+    pub spec: TargetSpec,
+}
+
+/// A validated targets file.
+#[derive(Debug, Clone)]
+pub struct TargetsFile {
+    pub path: PathBuf,
+    pub regions: Vec<String>,
+    pub targets: Vec<FileTarget>,
+}
+
+/// 1-based line of byte offset `at`.
+fn line_of(text: &str, at: usize) -> usize {
+    text.as_bytes()[..at.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+impl TargetsFile {
+    /// Reads and validates a targets file.
+    pub fn load(path: &Path) -> Result<TargetsFile, TargetsError> {
+        let text = std::fs::read_to_string(path).map_err(|source| TargetsError::Read {
+            file: path.to_owned(),
+            source,
+        })?;
+        TargetsFile::parse(&text, path)
+    }
+
+    /// Validates TOML text; `path` is only used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<TargetsFile, TargetsError> {
+        let invalid = |at: usize, key: &str, reason: String| TargetsError::Invalid {
+            file: path.to_owned(),
+            line: line_of(text, at),
+            key: key.to_owned(),
+            reason,
+        };
+        let shape: Shape = toml::from_str(text).map_err(|e| {
+            let at = e.span().map_or(0, |s| s.start);
+            // toml's message repeats the location and the source line; keep its first line.
+            let message = e.message().lines().next().unwrap_or("").to_owned();
+            invalid(at, "syntax", message)
+        })?;
+
+        let mut regions: Vec<String> = Vec::new();
+        if shape.regions.get_ref().is_empty() {
+            return Err(invalid(
+                shape.regions.span().start,
+                "regions",
+                "list at least one region".into(),
+            ));
+        }
+        for r in shape.regions.get_ref() {
+            vantage_agent::config::check_name(r.get_ref())
+                .map_err(|reason| invalid(r.span().start, "regions", reason))?;
+            if regions.contains(r.get_ref()) {
+                return Err(invalid(
+                    r.span().start,
+                    "regions",
+                    format!("region {:?} listed twice", r.get_ref()),
+                ));
+            }
+            regions.push(r.get_ref().clone());
+        }
+
+        let mut targets: Vec<FileTarget> = Vec::new();
+        for (i, table) in shape.targets.iter().enumerate() {
+            let at = table.span().start;
+            let fields = table.get_ref();
+            let key_at = |k: &str| {
+                fields
+                    .keys()
+                    .find(|key| key.get_ref() == k)
+                    .map_or(at, |key| key.span().start)
+            };
+            let get = |k: &str| {
+                fields
+                    .iter()
+                    .find(|(key, _)| key.get_ref() == k)
+                    .map(|(_, v)| v)
+            };
+            let name = match get("name").map(|v| v.get_ref()) {
+                Some(toml::Value::String(s)) => s.clone(),
+                Some(_) => {
+                    return Err(invalid(
+                        key_at("name"),
+                        &format!("targets[{i}].name"),
+                        "must be a string".into(),
+                    ))
+                }
+                None => {
+                    return Err(invalid(
+                        at,
+                        &format!("targets[{i}]"),
+                        "missing key `name` (every target needs a unique name)".into(),
+                    ))
+                }
+            };
+            let label = format!("targets[{i}] ({name:?})");
+            let bad = |k: &str, reason: String| invalid(key_at(k), &format!("{label}.{k}"), reason);
+            if name.trim().is_empty()
+                || name.len() > vantage_proto::control::MAX_NAME_LEN
+                || name.chars().any(char::is_control)
+            {
+                return Err(bad(
+                    "name",
+                    format!(
+                        "must be 1 to {} bytes without control characters",
+                        vantage_proto::control::MAX_NAME_LEN
+                    ),
+                ));
+            }
+            if let Some(other) = targets.iter().find(|t| t.name == name) {
+                return Err(bad(
+                    "name",
+                    format!(
+                        "duplicate name (also used by the target at line {})",
+                        other.line
+                    ),
+                ));
+            }
+            let id = match get("id").map(|v| v.get_ref()) {
+                None => None,
+                Some(toml::Value::Integer(n)) if (1..=i64::from(i32::MAX)).contains(n) => {
+                    Some(*n as u32)
+                }
+                Some(_) => return Err(bad("id", format!("must be an integer 1..={}", i32::MAX))),
+            };
+            if let Some(id) = id {
+                if let Some(other) = targets.iter().find(|t| t.id == Some(id)) {
+                    return Err(bad(
+                        "id",
+                        format!(
+                            "duplicate id {id} (also used by {:?} at line {})",
+                            other.name, other.line
+                        ),
+                    ));
+                }
+            }
+            let string_list = |k: &str| -> Result<Option<Vec<(usize, String)>>, TargetsError> {
+                let Some(v) = get(k) else { return Ok(None) };
+                let toml::Value::Array(items) = v.get_ref() else {
+                    return Err(bad(k, "must be a list of strings".into()));
+                };
+                items
+                    .iter()
+                    .map(|item| match item {
+                        toml::Value::String(s) => Ok((v.span().start, s.clone())),
+                        _ => Err(bad(k, "must be a list of strings".into())),
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+                    .map(Some)
+            };
+            let placement = match (string_list("regions")?, string_list("agents")?) {
+                (Some(_), Some(_)) => {
+                    return Err(bad("agents", "set either `regions` or `agents` (pinned targets run on exactly those agents), not both".into()))
+                }
+                (None, None) => Placement::Regions(regions.clone()),
+                (Some(list), None) => {
+                    if list.is_empty() {
+                        return Err(bad("regions", "empty list: remove the target instead, or leave `regions` out for all regions".into()));
+                    }
+                    let mut out = Vec::new();
+                    for (_, r) in list {
+                        if !regions.contains(&r) {
+                            return Err(bad("regions", format!("unknown region {r:?} (the file's `regions` are {regions:?})")));
+                        }
+                        if !out.contains(&r) {
+                            out.push(r);
+                        }
+                    }
+                    Placement::Regions(out)
+                }
+                (None, Some(list)) => {
+                    if list.is_empty() {
+                        return Err(bad("agents", "empty list".into()));
+                    }
+                    let mut out = Vec::new();
+                    for (_, entry) in list {
+                        let Some((r, a)) = entry.split_once('/') else {
+                            return Err(bad("agents", format!("{entry:?}: write agents as \"region/agent-id\"")));
+                        };
+                        if !regions.iter().any(|x| x == r) {
+                            return Err(bad("agents", format!("{entry:?}: unknown region {r:?} (the file's `regions` are {regions:?})")));
+                        }
+                        vantage_agent::config::check_name(a).map_err(|reason| bad("agents", format!("{entry:?}: {reason}")))?;
+                        let pair = (r.to_owned(), a.to_owned());
+                        if !out.contains(&pair) {
+                            out.push(pair);
+                        }
+                    }
+                    Placement::Agents(out)
+                }
+            };
+            // The probe settings: exactly an agent's `[[targets]]` table, minus what only the
+            // central file has.
+            let mut probe = toml::Table::new();
+            for (k, v) in fields {
+                if !matches!(k.get_ref().as_str(), "id" | "regions" | "agents") {
+                    probe.insert(k.get_ref().clone(), v.get_ref().clone());
+                }
+            }
+            probe.insert("id".into(), toml::Value::Integer(0));
+            let raw = RawTarget::deserialize(toml::Value::Table(probe)).map_err(|e| {
+                let message = e.message().to_owned();
+                // serde names the offending key in backticks: point at its line.
+                let key = message.split('`').nth(1).unwrap_or("").to_owned();
+                let k = if key.is_empty() { "" } else { key.as_str() };
+                invalid(
+                    key_at(k),
+                    &format!("{label}{}{k}", if k.is_empty() { "" } else { "." }),
+                    message.clone(),
+                )
+            })?;
+            let spec = vantage_agent::target_set::check_portable(&raw)
+                .map_err(|e| bad(e.key, e.reason))?;
+            targets.push(FileTarget {
+                line: line_of(text, at),
+                id,
+                name,
+                placement,
+                spec,
+            });
+        }
+        Ok(TargetsFile {
+            path: path.to_owned(),
+            regions,
+            targets,
+        })
+    }
+}
+
+/// Where a set is published: a region (agent empty) or one agent of a region.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Scope {
+    pub region: String,
+    /// Empty for the region's set.
+    pub agent: String,
+}
+
+impl Scope {
+    pub fn topic(&self, prefix: &str) -> String {
+        if self.agent.is_empty() {
+            format!("{prefix}/v1/targets/{}", self.region)
+        } else {
+            format!("{prefix}/v1/targets/{}/{}", self.region, self.agent)
+        }
+    }
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.agent.is_empty() {
+            write!(f, "region {}", self.region)
+        } else {
+            write!(f, "agent {}/{}", self.region, self.agent)
+        }
+    }
+}
+
+/// A target as it will be after `apply`.
+#[derive(Debug, Clone)]
+pub struct Planned {
+    pub id: u32,
+    pub name: String,
+    pub placement: Placement,
+    pub spec: TargetSpec,
+}
+
+/// A target live today that the file no longer has.
+#[derive(Debug, Clone)]
+pub struct Retiring {
+    pub id: u32,
+    pub name: String,
+}
+
+/// What `apply` will do.
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    pub added: Vec<Planned>,
+    /// With a short description of each difference.
+    pub changed: Vec<(Planned, Vec<String>)>,
+    pub unchanged: Vec<Planned>,
+    pub retired: Vec<Retiring>,
+    /// Every set to publish, target ids sorted.
+    pub sets: BTreeMap<Scope, Vec<u32>>,
+    /// Scopes published before that no longer exist (cleared on the broker).
+    pub cleared: Vec<Scope>,
+    /// Scopes whose target list differs from the last published one.
+    pub sets_changed: Vec<Scope>,
+    /// The generation the sets will carry.
+    pub generation: u64,
+    pub new_generation: bool,
+}
+
+impl Plan {
+    pub fn is_noop(&self) -> bool {
+        !self.new_generation
+    }
+
+    fn all(&self) -> impl Iterator<Item = &Planned> {
+        self.added
+            .iter()
+            .chain(self.changed.iter().map(|(p, _)| p))
+            .chain(&self.unchanged)
+    }
+
+    /// Human-readable lines, one per change.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for p in &self.added {
+            out.push_str(&format!(
+                "+ add     {:>5}  {}  {}  ({})\n",
+                p.id,
+                p.name,
+                p.spec.url,
+                placement_text(&p.placement)
+            ));
+        }
+        for (p, what) in &self.changed {
+            out.push_str(&format!(
+                "~ change  {:>5}  {}: {}\n",
+                p.id,
+                p.name,
+                what.join("; ")
+            ));
+        }
+        for r in &self.retired {
+            out.push_str(&format!("- retire  {:>5}  {}\n", r.id, r.name));
+        }
+        for s in &self.sets_changed {
+            let n = self.sets.get(s).map_or(0, Vec::len);
+            out.push_str(&format!("> publish {s}: {n} targets\n"));
+        }
+        for s in &self.cleared {
+            out.push_str(&format!("> clear   {s}\n"));
+        }
+        if self.is_noop() {
+            out.push_str(&format!("no changes (generation {})\n", self.generation));
+        } else {
+            out.push_str(&format!(
+                "{} to add, {} to change, {} to retire; sets will carry generation {}\n",
+                self.added.len(),
+                self.changed.len(),
+                self.retired.len(),
+                self.generation
+            ));
+        }
+        out
+    }
+}
+
+fn placement_text(p: &Placement) -> String {
+    match p {
+        Placement::Regions(r) => format!("regions {}", r.join(", ")),
+        Placement::Agents(a) => format!(
+            "agents {}",
+            a.iter()
+                .map(|(r, a)| format!("{r}/{a}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// A row of `targets` as stored.
+struct Stored {
+    id: u32,
+    name: Option<String>,
+    spec: Option<serde_json::Value>,
+    placement: Option<Placement>,
+    retired_at: Option<f64>,
+}
+
+fn placement_from_row(
+    regions: Option<Vec<String>>,
+    agents: Option<Vec<String>>,
+) -> Option<Placement> {
+    match (regions, agents) {
+        (_, Some(a)) => Some(Placement::Agents(
+            a.iter()
+                .filter_map(|x| x.split_once('/'))
+                .map(|(r, a)| (r.to_owned(), a.to_owned()))
+                .collect(),
+        )),
+        (Some(r), None) => Some(Placement::Regions(r)),
+        (None, None) => None,
+    }
+}
+
+fn placement_columns(p: &Placement) -> (Option<Vec<String>>, Option<Vec<String>>) {
+    match p {
+        Placement::Regions(r) => (Some(r.clone()), None),
+        Placement::Agents(a) => (
+            None,
+            Some(a.iter().map(|(r, a)| format!("{r}/{a}")).collect()),
+        ),
+    }
+}
+
+/// Compares `file` with what PostgreSQL holds. Read-only.
+pub async fn plan(client: &impl GenericClient, file: &TargetsFile) -> Result<Plan, TargetsError> {
+    let rows = client
+        .query(
+            "SELECT target_id, name, spec::text, regions, agents,
+                    extract(epoch FROM retired_at)::float8
+               FROM targets",
+            &[],
+        )
+        .await?;
+    let stored: Vec<Stored> = rows
+        .iter()
+        .map(|r| Stored {
+            id: r.get::<_, i32>(0) as u32,
+            name: r.get(1),
+            spec: r
+                .get::<_, Option<String>>(2)
+                .and_then(|s| serde_json::from_str(&s).ok()),
+            placement: placement_from_row(r.get(3), r.get(4)),
+            retired_at: r.get(5),
+        })
+        .collect();
+
+    // Ids: explicit ones first, then the live target of the same name, then the latest retired.
+    let explicit: BTreeSet<u32> = file.targets.iter().filter_map(|t| t.id).collect();
+    let mut taken = explicit.clone();
+    let mut next_id = stored
+        .iter()
+        .map(|s| s.id)
+        .chain(explicit.iter().copied())
+        .max()
+        .unwrap_or(0)
+        + 1;
+    let mut plan = Plan::default();
+    let mut kept: BTreeSet<u32> = BTreeSet::new();
+    for t in &file.targets {
+        let by_name = |live: bool| {
+            stored
+                .iter()
+                .filter(|s| s.name.as_deref() == Some(t.name.as_str()))
+                .filter(|s| s.retired_at.is_none() == live && !taken.contains(&s.id))
+                .max_by(|a, b| {
+                    a.retired_at
+                        .unwrap_or(0.0)
+                        .total_cmp(&b.retired_at.unwrap_or(0.0))
+                })
+                .map(|s| s.id)
+        };
+        let id = match t.id {
+            Some(id) => id,
+            None => {
+                let id = by_name(true).or_else(|| by_name(false)).unwrap_or_else(|| {
+                    let id = next_id;
+                    next_id += 1;
+                    id
+                });
+                taken.insert(id);
+                id
+            }
+        };
+        kept.insert(id);
+        let mut spec = t.spec.clone();
+        spec.id = id;
+        spec.name = t.name.as_str().try_into().unwrap_or_default();
+        let planned = Planned {
+            id,
+            name: t.name.clone(),
+            placement: t.placement.clone(),
+            spec,
+        };
+        match stored.iter().find(|s| s.id == id) {
+            Some(s) if s.name.is_some() => {
+                let mut what = Vec::new();
+                if s.retired_at.is_some() {
+                    what.push("revived".to_owned());
+                }
+                if s.name.as_deref() != Some(t.name.as_str()) {
+                    what.push(format!(
+                        "renamed from {:?}",
+                        s.name.as_deref().unwrap_or("")
+                    ));
+                }
+                let new_spec = serde_json::to_value(&planned.spec).unwrap_or_default();
+                if let (Some(old), Some(new)) = (
+                    s.spec.as_ref().and_then(|v| v.as_object()),
+                    new_spec.as_object(),
+                ) {
+                    for (k, v) in new {
+                        if k != "name" && old.get(k) != Some(v) {
+                            what.push(format!(
+                                "{k}: {} → {}",
+                                old.get(k).map_or("-".into(), |o| o.to_string()),
+                                v
+                            ));
+                        }
+                    }
+                } else if s.spec.as_ref() != Some(&new_spec) {
+                    what.push("settings".into());
+                }
+                if s.placement.as_ref() != Some(&t.placement) {
+                    what.push(format!(
+                        "{} → {}",
+                        s.placement.as_ref().map_or("-".into(), placement_text),
+                        placement_text(&t.placement)
+                    ));
+                }
+                if what.is_empty() {
+                    plan.unchanged.push(planned);
+                } else {
+                    plan.changed.push((planned, what));
+                }
+            }
+            // New, or an id only seen in results so far (a standalone agent's local target).
+            _ => plan.added.push(planned),
+        }
+    }
+    plan.retired = stored
+        .iter()
+        .filter(|s| s.name.is_some() && s.retired_at.is_none() && !kept.contains(&s.id))
+        .map(|s| Retiring {
+            id: s.id,
+            name: s.name.clone().unwrap_or_default(),
+        })
+        .collect();
+
+    // Sets.
+    for region in &file.regions {
+        plan.sets
+            .entry(Scope {
+                region: region.clone(),
+                agent: String::new(),
+            })
+            .or_default();
+    }
+    let members: Vec<(u32, Placement)> = plan.all().map(|p| (p.id, p.placement.clone())).collect();
+    for (id, placement) in members {
+        match placement {
+            Placement::Regions(regions) => {
+                for r in regions {
+                    plan.sets
+                        .entry(Scope {
+                            region: r,
+                            agent: String::new(),
+                        })
+                        .or_default()
+                        .push(id);
+                }
+            }
+            Placement::Agents(agents) => {
+                for (r, a) in agents {
+                    plan.sets
+                        .entry(Scope {
+                            region: r,
+                            agent: a,
+                        })
+                        .or_default()
+                        .push(id);
+                }
+            }
+        }
+    }
+    for ids in plan.sets.values_mut() {
+        ids.sort_unstable();
+    }
+    let published: BTreeMap<Scope, Vec<u32>> = client
+        .query("SELECT region, agent, target_ids FROM target_sets", &[])
+        .await?
+        .iter()
+        .map(|r| {
+            let ids: Vec<i32> = r.get(2);
+            (
+                Scope {
+                    region: r.get(0),
+                    agent: r.get(1),
+                },
+                ids.into_iter().map(|i| i as u32).collect(),
+            )
+        })
+        .collect();
+    plan.cleared = published
+        .keys()
+        .filter(|s| !plan.sets.contains_key(*s))
+        .cloned()
+        .collect();
+    plan.sets_changed = plan
+        .sets
+        .iter()
+        .filter(|(s, ids)| published.get(*s) != Some(*ids))
+        .map(|(s, _)| s.clone())
+        .collect();
+
+    // Sizes: checked now so that a set too big for the broker changes nothing.
+    for (scope, ids) in &plan.sets {
+        if ids.len() > MAX_TARGETS {
+            return Err(TargetsError::Invalid {
+                file: file.path.clone(),
+                line: 1,
+                key: "targets".into(),
+                reason: format!(
+                    "{scope} would get {} targets; at most {MAX_TARGETS} per set",
+                    ids.len()
+                ),
+            });
+        }
+        encode_set(&plan, scope, 0).map_err(|reason| TargetsError::Invalid {
+            file: file.path.clone(),
+            line: 1,
+            key: "targets".into(),
+            reason: format!("{scope}: {reason}"),
+        })?;
+    }
+
+    let current: i64 = client
+        .query_one(
+            "SELECT coalesce(max(generation), 0) FROM target_applies",
+            &[],
+        )
+        .await?
+        .get(0);
+    plan.new_generation = !plan.added.is_empty()
+        || !plan.changed.is_empty()
+        || !plan.retired.is_empty()
+        || !plan.cleared.is_empty()
+        || !plan.sets_changed.is_empty();
+    plan.generation = current as u64 + u64::from(plan.new_generation);
+    Ok(plan)
+}
+
+/// The frame of one set.
+fn encode_set(plan: &Plan, scope: &Scope, generation: u64) -> Result<Vec<u8>, String> {
+    let ids = plan.sets.get(scope).cloned().unwrap_or_default();
+    let specs: Vec<&TargetSpec> = ids
+        .iter()
+        .filter_map(|id| plan.all().find(|p| p.id == *id).map(|p| &p.spec))
+        .collect();
+    let header = TargetSetHeader {
+        generation,
+        count: specs.len() as u16,
+    };
+    let mut buf = vec![0u8; MAX_TARGET_SET_LEN];
+    encode_target_set(&header, specs, &mut buf)
+        .map(|f| f.to_vec())
+        .map_err(|_| format!("the set is larger than {MAX_TARGET_SET_LEN} bytes (the broker's packet limit); split it over agents or shorten settings"))
+}
+
+/// What `apply` did.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    pub plan: Plan,
+    /// Messages published (sets and clears).
+    pub published: usize,
+}
+
+/// Applies `file`: PostgreSQL first (one transaction), then every set to the broker.
+pub async fn apply(
+    client: &mut Client,
+    mqtt: &MqttConfig,
+    file: &TargetsFile,
+) -> Result<Applied, TargetsError> {
+    let tx = client.transaction().await?;
+    // One apply at a time; the plan is made under the lock.
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('vantage-targets-apply'))",
+        &[],
+    )
+    .await?;
+    let plan = plan(&tx, file).await?;
+    if plan.new_generation {
+        tx.execute(
+            "INSERT INTO target_applies (generation, file, added, changed, retired)
+             VALUES ($1, $2, $3, $4, $5)",
+            &[
+                &(plan.generation as i64),
+                &file.path.display().to_string(),
+                &(plan.added.len() as i32),
+                &(plan.changed.len() as i32),
+                &(plan.retired.len() as i32),
+            ],
+        )
+        .await?;
+    }
+    let upsert = tx
+        .prepare(
+            "INSERT INTO targets (target_id, name, url, spec, regions, agents, created_at, updated_at)
+             VALUES ($1, $2, $3, $4::text::jsonb, $5, $6, now(), now())
+             ON CONFLICT (target_id) DO UPDATE SET
+                 name = excluded.name, url = excluded.url, spec = excluded.spec,
+                 regions = excluded.regions, agents = excluded.agents,
+                 created_at = coalesce(targets.created_at, excluded.created_at),
+                 updated_at = now(), retired_at = NULL",
+        )
+        .await?;
+    // Retire first: a new target may take the name of one that leaves.
+    for r in &plan.retired {
+        tx.execute(
+            "UPDATE targets SET retired_at = now() WHERE target_id = $1",
+            &[&(r.id as i32)],
+        )
+        .await?;
+    }
+    for p in plan.added.iter().chain(plan.changed.iter().map(|(p, _)| p)) {
+        let (regions, agents) = placement_columns(&p.placement);
+        let spec = serde_json::to_string(&p.spec).unwrap_or_default();
+        tx.execute(
+            &upsert,
+            &[
+                &(p.id as i32),
+                &p.name,
+                &p.spec.url.as_str(),
+                &spec,
+                &regions,
+                &agents,
+            ],
+        )
+        .await?;
+    }
+    for scope in &plan.cleared {
+        tx.execute(
+            "DELETE FROM target_sets WHERE region = $1 AND agent = $2",
+            &[&scope.region, &scope.agent],
+        )
+        .await?;
+    }
+    let mut frames: Vec<(Scope, Vec<u8>)> = Vec::new();
+    for (scope, ids) in &plan.sets {
+        let frame = encode_set(&plan, scope, plan.generation).map_err(TargetsError::Publish)?;
+        let ids: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
+        tx.execute(
+            "INSERT INTO target_sets (region, agent, generation, target_ids, bytes, published_at)
+             VALUES ($1, $2, $3, $4, $5, now())
+             ON CONFLICT (region, agent) DO UPDATE SET generation = excluded.generation,
+                 target_ids = excluded.target_ids, bytes = excluded.bytes,
+                 published_at = excluded.published_at",
+            &[
+                &scope.region,
+                &scope.agent,
+                &(plan.generation as i64),
+                &ids,
+                &(frame.len() as i32),
+            ],
+        )
+        .await?;
+        frames.push((scope.clone(), frame));
+    }
+    tx.commit().await?;
+
+    // Agent sets before region sets (see the agent's uplink: an agent must not see a region set
+    // newer than its own set), clears last.
+    frames.sort_by_key(|(scope, _)| scope.agent.is_empty());
+    let mut messages: Vec<(String, Vec<u8>)> = frames
+        .into_iter()
+        .map(|(scope, frame)| (scope.topic(&mqtt.topic_prefix), frame))
+        .collect();
+    messages.extend(
+        plan.cleared
+            .iter()
+            .map(|s| (s.topic(&mqtt.topic_prefix), Vec::new())),
+    );
+    let published = messages.len();
+    publish(mqtt, messages).await.map_err(|e| {
+        TargetsError::Publish(format!(
+            "{e}; PostgreSQL already holds generation {} — run `targets apply` again to republish",
+            plan.generation
+        ))
+    })?;
+    Ok(Applied { plan, published })
+}
+
+/// Publishes `messages` retained at QoS 1 and waits for every PUBACK (30 s at most).
+pub async fn publish(mqtt: &MqttConfig, messages: Vec<(String, Vec<u8>)>) -> Result<(), String> {
+    let mut options = MqttOptions::new(
+        format!("{}-targets-{}", mqtt.client_id, std::process::id()),
+        &mqtt.host,
+        mqtt.port,
+    );
+    options.set_clean_session(true);
+    options.set_keep_alive(Duration::from_secs(30));
+    options.set_max_packet_size(MAX_TARGET_SET_LEN + 4096, MAX_TARGET_SET_LEN + 4096);
+    if let Some(user) = &mqtt.username {
+        options.set_credentials(user.clone(), mqtt.password.clone().unwrap_or_default());
+    }
+    // Room for every request, so queuing them never waits for the event loop polled below.
+    let (client, mut eventloop) = AsyncClient::new(options, messages.len() + 4);
+    let expected = messages.len();
+    for (topic, payload) in messages {
+        client
+            .try_publish(topic, QoS::AtLeastOnce, true, payload)
+            .map_err(|e| e.to_string())?;
+    }
+    let _ = client.try_disconnect();
+    let work = async {
+        let mut acked = 0;
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => acked += 1,
+                Ok(Event::Incoming(Packet::ConnAck(ack)))
+                    if ack.code != rumqttc::ConnectReturnCode::Success =>
+                {
+                    return Err(format!("broker refused the connection: {:?}", ack.code));
+                }
+                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) if acked >= expected => {
+                    return Ok(())
+                }
+                Ok(_) => {}
+                Err(e) => return Err(format!("{}:{}: {e}", mqtt.host, mqtt.port)),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), work)
+        .await
+        .map_err(|_| "no acknowledgement from the broker within 30 s".to_owned())?
+}
+
+/// One line of `targets list`.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    pub id: i32,
+    pub name: String,
+    pub url: String,
+    pub interval_ms: Option<i64>,
+    pub placement: String,
+    pub retired: bool,
+    pub updated: String,
+}
+
+/// Targets defined centrally (`all`: retired ones too), by id.
+pub async fn list(client: &Client, all: bool) -> Result<Vec<Listed>, TargetsError> {
+    let rows = client
+        .query(
+            "SELECT target_id, name, url, (spec->>'interval_ms')::int8, regions, agents,
+                    retired_at IS NOT NULL,
+                    to_char(coalesce(retired_at, updated_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI')
+               FROM targets
+              WHERE name IS NOT NULL AND ($1 OR retired_at IS NULL)
+              ORDER BY target_id",
+            &[&all],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| Listed {
+            id: r.get(0),
+            name: r.get(1),
+            url: r.get(2),
+            interval_ms: r.get(3),
+            placement: placement_from_row(r.get(4), r.get(5))
+                .map_or("-".into(), |p| placement_text(&p)),
+            retired: r.get(6),
+            updated: r.get::<_, Option<String>>(7).unwrap_or_default(),
+        })
+        .collect())
+}
+
+/// `targets list` output, with the published sets under the table.
+pub async fn render_list(client: &Client, all: bool) -> Result<String, TargetsError> {
+    let lines = list(client, all).await?;
+    let mut rows =
+        vec![["ID", "NAME", "URL", "INTERVAL", "RUNS ON", "STATE", "SINCE"].map(String::from)];
+    for l in &lines {
+        rows.push([
+            l.id.to_string(),
+            l.name.clone(),
+            l.url.clone(),
+            l.interval_ms.map_or("-".into(), |ms| {
+                humantime::format_duration(Duration::from_millis(ms as u64)).to_string()
+            }),
+            l.placement.clone(),
+            if l.retired { "retired" } else { "live" }.into(),
+            l.updated.clone(),
+        ]);
+    }
+    let mut out = align(&rows);
+    let sets = client
+        .query(
+            "SELECT region, agent, generation, cardinality(target_ids), bytes FROM target_sets ORDER BY agent <> '', region, agent",
+            &[],
+        )
+        .await?;
+    if !sets.is_empty() {
+        out.push('\n');
+        let mut rows = vec![["SET", "GENERATION", "TARGETS", "BYTES"].map(String::from)];
+        for r in &sets {
+            let scope = Scope {
+                region: r.get(0),
+                agent: r.get(1),
+            };
+            rows.push([
+                scope.to_string(),
+                r.get::<_, i64>(2).to_string(),
+                r.get::<_, i32>(3).to_string(),
+                r.get::<_, i32>(4).to_string(),
+            ]);
+        }
+        out.push_str(&align(&rows));
+    }
+    Ok(out)
+}
+
+fn align<const N: usize>(rows: &[[String; N]]) -> String {
+    let widths: Vec<usize> = (0..N)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let cells: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<TargetsFile, String> {
+        TargetsFile::parse(text, Path::new("targets.toml")).map_err(|e| e.to_string())
+    }
+
+    const GOOD: &str = r#"
+regions = ["eu-north", "us-east"]
+
+[[targets]]
+name = "shop"
+url = "https://shop.example/"
+interval = "30s"
+regex = "Buy"
+
+[[targets]]
+name = "api"
+id = 40
+url = "http://api.example/health"
+regions = ["us-east"]
+
+[[targets]]
+name = "lab"
+url = "http://10.0.0.1/"
+agents = ["eu-north/pi-lab"]
+"#;
+
+    #[test]
+    fn good_file() {
+        let f = parse(GOOD).unwrap();
+        assert_eq!(f.regions, ["eu-north", "us-east"]);
+        assert_eq!(f.targets.len(), 3);
+        assert_eq!(
+            f.targets[0].placement,
+            Placement::Regions(vec!["eu-north".into(), "us-east".into()])
+        );
+        assert_eq!(f.targets[1].id, Some(40));
+        assert_eq!(f.targets[1].line, 10);
+        assert_eq!(
+            f.targets[2].placement,
+            Placement::Agents(vec![("eu-north".into(), "pi-lab".into())])
+        );
+        assert_eq!(f.targets[0].spec.interval_ms, 30_000);
+    }
+
+    /// Every error names the file, the line and the key.
+    #[test]
+    fn errors_are_located() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("url = \"https://shop.example/\"", "url = \"ftp://shop.example/\"", "targets.toml:6: targets[0] (\"shop\").url: scheme \"ftp\" is not http or https"),
+            ("url = \"https://shop.example/\"", "url = \"not a url\"", "targets.toml:6: targets[0] (\"shop\").url: invalid URL"),
+            ("regions = [\"us-east\"]", "regions = [\"ap-south\"]", "targets.toml:14: targets[1] (\"api\").regions: unknown region \"ap-south\""),
+            ("regex = \"Buy\"", "regex = \"Buy(\"", "targets.toml:8: targets[0] (\"shop\").regex: invalid regex"),
+            ("interval = \"30s\"", "interval = \"10ms\"", "targets.toml:7: targets[0] (\"shop\").interval: must be at least"),
+            ("name = \"api\"", "name = \"shop\"", "targets.toml:11: targets[1] (\"shop\").name: duplicate name (also used by the target at line 4)"),
+            ("regex = \"Buy\"", "regexp = \"Buy\"", "targets.toml:8: targets[0] (\"shop\").regexp: unknown field `regexp`"),
+            ("agents = [\"eu-north/pi-lab\"]", "agents = [\"mars/pi-lab\"]", "targets.toml:19: targets[2] (\"lab\").agents: \"mars/pi-lab\": unknown region \"mars\""),
+            ("regions = [\"eu-north\", \"us-east\"]", "regions = [\"eu-north\", \"us-east\"]\nzones = 1", "targets.toml:3: syntax: unknown field `zones`"),
+        ];
+        for (from, to, expected) in cases {
+            let text = GOOD.replacen(from, to, 1);
+            let err = parse(&text).unwrap_err();
+            assert!(
+                err.starts_with(expected),
+                "{to}:\n  got      {err}\n  expected {expected}"
+            );
+        }
+    }
+
+    #[test]
+    fn missing_name_and_bad_id() {
+        let err = parse("regions = [\"eu\"]\n[[targets]]\nurl = \"http://a/\"\n").unwrap_err();
+        assert!(
+            err.starts_with("targets.toml:2: targets[0]: missing key `name`"),
+            "{err}"
+        );
+        let err =
+            parse("regions = [\"eu\"]\n[[targets]]\nname = \"a\"\nid = -1\nurl = \"http://a/\"\n")
+                .unwrap_err();
+        assert!(
+            err.starts_with("targets.toml:4: targets[0] (\"a\").id: must be an integer"),
+            "{err}"
+        );
+        let err = parse("regions = []\n").unwrap_err();
+        assert!(
+            err.starts_with("targets.toml:1: regions: list at least one region"),
+            "{err}"
+        );
+    }
+}
