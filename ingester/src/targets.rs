@@ -3,7 +3,7 @@
 //! Flow of `apply`: [`TargetsFile::load`] (every check an agent would run, errors with file, line
 //! and key; nothing is touched on error) → [`plan`] against PostgreSQL (stable ids: an explicit
 //! `id`, else the live target of the same name, else the most recently retired one of that name,
-//! else a new id) → one transaction that upserts `targets`, retires what left the file, records
+//! else a live target with the same URL whose name left the file (a rename), else a new id) → one transaction that upserts `targets`, retires what left the file, records
 //! the sets in `target_sets` and, if anything changed, a new generation in `target_applies` →
 //! [`publish`]: every set as a retained postcard message (agent sets first, then region sets),
 //! and an empty retained message for every scope that no longer exists.
@@ -508,6 +508,7 @@ pub async fn plan(client: &impl GenericClient, file: &TargetsFile) -> Result<Pla
 
     // Ids: explicit ones first, then the live target of the same name, then the latest retired.
     let explicit: BTreeSet<u32> = file.targets.iter().filter_map(|t| t.id).collect();
+    let file_names: BTreeSet<&str> = file.targets.iter().map(|t| t.name.as_str()).collect();
     let mut taken = explicit.clone();
     let mut next_id = stored
         .iter()
@@ -534,11 +535,33 @@ pub async fn plan(client: &impl GenericClient, file: &TargetsFile) -> Result<Pla
         let id = match t.id {
             Some(id) => id,
             None => {
-                let id = by_name(true).or_else(|| by_name(false)).unwrap_or_else(|| {
-                    let id = next_id;
-                    next_id += 1;
-                    id
-                });
+                // A rename: a live target whose name left the file, with the same URL.
+                let renamed = || {
+                    stored
+                        .iter()
+                        .filter(|s| s.retired_at.is_none() && !taken.contains(&s.id))
+                        .filter(|s| {
+                            s.name
+                                .as_ref()
+                                .is_some_and(|n| !file_names.contains(n.as_str()))
+                        })
+                        .find(|s| {
+                            s.spec
+                                .as_ref()
+                                .and_then(|v| v.get("url"))
+                                .and_then(|u| u.as_str())
+                                == Some(t.spec.url.as_str())
+                        })
+                        .map(|s| s.id)
+                };
+                let id = by_name(true)
+                    .or_else(|| by_name(false))
+                    .or_else(renamed)
+                    .unwrap_or_else(|| {
+                        let id = next_id;
+                        next_id += 1;
+                        id
+                    });
                 taken.insert(id);
                 id
             }
@@ -872,21 +895,31 @@ pub async fn publish(mqtt: &MqttConfig, messages: Vec<(String, Vec<u8>)>) -> Res
             .try_publish(topic, QoS::AtLeastOnce, true, payload)
             .map_err(|e| e.to_string())?;
     }
-    let _ = client.try_disconnect();
     let work = async {
         let mut acked = 0;
+        let mut disconnecting = false;
         loop {
             match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::PubAck(_))) => acked += 1,
-                Ok(Event::Incoming(Packet::ConnAck(ack)))
-                    if ack.code != rumqttc::ConnectReturnCode::Success =>
-                {
-                    return Err(format!("broker refused the connection: {:?}", ack.code));
+                Ok(Event::Incoming(Packet::PubAck(_))) => {
+                    acked += 1;
+                    // Everything is with the broker: say goodbye (DISCONNECT goes out next).
+                    if acked >= expected && !disconnecting {
+                        disconnecting = true;
+                        let _ = client.try_disconnect();
+                    }
                 }
-                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) if acked >= expected => {
-                    return Ok(())
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    if ack.code != rumqttc::ConnectReturnCode::Success {
+                        return Err(format!("broker refused the connection: {:?}", ack.code));
+                    }
+                    if expected == 0 {
+                        disconnecting = true;
+                        let _ = client.try_disconnect();
+                    }
                 }
+                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return Ok(()),
                 Ok(_) => {}
+                Err(_) if disconnecting => return Ok(()),
                 Err(e) => return Err(format!("{}:{}: {e}", mqtt.host, mqtt.port)),
             }
         }

@@ -1,0 +1,604 @@
+//! Central targets and the agent fleet, end to end on the real services: `vantage-ingester targets
+//! apply` gives two agents (two regions, no local targets) their work; a second apply adds,
+//! removes, renames and moves targets and the rows follow; a pushed set that fails validation is
+//! refused and reported while the agent keeps its old set; an agent restarted while the broker is
+//! unreachable probes from the set it persisted; agents announce themselves, send heartbeats and
+//! are marked offline by a clean stop or by their last will.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use vantage_tests::harness::{write_file, IngesterOptions, Run};
+use vantage_tests::proxy::CuttableProxy;
+use vantage_tests::stage::workspace_bin;
+use vantage_tests::target::TargetServer;
+
+const REGIONS: [&str; 2] = ["eu-north", "us-east"];
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,vantage_agent=info,vantage_ingester=info".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// An agent with no local targets: it follows what `targets apply` pushes.
+fn agent_config(run: &Run, region: &str, mqtt_port: u16) -> vantage_agent::Config {
+    let pw = run.dir.join("agent.pw");
+    write_file(&pw, "agent-secret");
+    let text = format!(
+        r#"
+agent_id = "{region}-{id}"
+region = "{region}"
+state_dir = "{state}"
+
+[mqtt]
+host = "{host}"
+port = {mqtt_port}
+username = "agent"
+password_file = "{pw}"
+topic_prefix = "{prefix}"
+keep_alive = "5s"
+
+[uplink]
+batch_max = 8
+flush_interval = "200ms"
+drain_timeout = "2s"
+
+[fleet]
+heartbeat_interval = "1s"
+"#,
+        id = run.id,
+        state = state_dir(run, region).display(),
+        host = run.services.mqtt_host,
+        pw = pw.display(),
+        prefix = run.prefix(),
+    );
+    let path = run.dir.join(format!("agent-{region}.toml"));
+    write_file(&path, &text);
+    let config = vantage_agent::Config::load(&path).unwrap();
+    assert_eq!(config.targets_source, vantage_agent::TargetsSource::Central);
+    config
+}
+
+fn state_dir(run: &Run, region: &str) -> PathBuf {
+    run.dir.join(format!("state-{region}"))
+}
+
+fn agent_id(run: &Run, region: &str) -> String {
+    format!("{region}-{}", run.id)
+}
+
+/// `vantage-ingester <command> --config <config> <rest>`.
+fn ingester(config: &Path, command: &[&str], rest: &[&str]) -> Output {
+    std::process::Command::new(workspace_bin("vantage-ingester"))
+        .args(command)
+        .arg("--config")
+        .arg(config)
+        .args(rest)
+        .output()
+        .expect("run vantage-ingester")
+}
+
+fn text(out: &[u8]) -> String {
+    String::from_utf8_lossy(out).into_owned()
+}
+
+/// Rows per (target name, region), live and retired targets alike.
+async fn counts(client: &tokio_postgres::Client) -> BTreeMap<(String, String), i64> {
+    client
+        .query(
+            "SELECT t.name, r.region, count(*) FROM results r JOIN targets t USING (target_id)
+              GROUP BY 1, 2",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+        .collect()
+}
+
+fn count(c: &BTreeMap<(String, String), i64>, name: &str, region: &str) -> i64 {
+    c.get(&(name.to_owned(), region.to_owned()))
+        .copied()
+        .unwrap_or(0)
+}
+
+/// Polls `check` every 250 ms until it returns Some, for at most `limit`; panics with `what`.
+async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn target_id(client: &tokio_postgres::Client, name: &str) -> i32 {
+    client
+        .query_one(
+            "SELECT target_id FROM targets WHERE name = $1 AND retired_at IS NULL",
+            &[&name],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("target {name}: {e}"))
+        .get(0)
+}
+
+fn targets_file(
+    run: &Run,
+    name: &str,
+    target: &TargetServer,
+    entries: &[(&str, &str, &str)],
+) -> PathBuf {
+    let mut text = format!("regions = {REGIONS:?}\n");
+    for (name, path, extra) in entries {
+        text.push_str(&format!(
+            "\n[[targets]]\nname = \"{name}\"\nurl = \"{}\"\ninterval = \"500ms\"\ntimeout = \"400ms\"\nregex = \"target: ok\"\n{extra}\n",
+            target.url(path)
+        ));
+    }
+    let path = run.dir.join(name);
+    write_file(&path, &text);
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn agents_follow_central_targets() {
+    init_tracing();
+    let run = Run::new("fleet");
+    let target = TargetServer::start("127.0.0.1:0").await.unwrap();
+    let options = IngesterOptions {
+        partitions: 2,
+        sink_batch_max: 100,
+        sink_batch_timeout_ms: 100,
+        ..IngesterOptions::default()
+    };
+    let ingester_file = run.ingester_file(&options);
+    let ingester_config = Arc::new(vantage_ingester::Config::load(&ingester_file).unwrap());
+
+    let stop = CancellationToken::new();
+    let sink = tokio::spawn({
+        let (c, s) = (ingester_config.clone(), stop.clone());
+        async move { vantage_ingester::sink::run(&c, s).await }
+    });
+    let bridge_state = Arc::new(vantage_ingester::bridge::BridgeState::default());
+    let bridge = tokio::spawn({
+        let (c, s, st) = (ingester_config.clone(), stop.clone(), bridge_state.clone());
+        async move { vantage_ingester::bridge::run_with_state(&c, s, st).await }
+    });
+    wait_for(
+        "the bridge's subscription",
+        Duration::from_secs(60),
+        || async {
+            bridge_state
+                .subscribed
+                .load(Ordering::Acquire)
+                .then_some(())
+        },
+    )
+    .await;
+    let client = run.pg().await;
+
+    // Two agents, no local targets, nothing published yet: they idle.
+    let mut agents = BTreeMap::new();
+    for region in REGIONS {
+        let token = CancellationToken::new();
+        let config = agent_config(&run, region, run.services.mqtt_port);
+        let handle = tokio::spawn(vantage_agent::run(
+            config,
+            Default::default(),
+            token.clone(),
+        ));
+        agents.insert(region, (token, handle));
+    }
+
+    // --- First apply: three targets in both regions. --------------------------------------
+    let v1 = targets_file(
+        &run,
+        "targets-v1.toml",
+        &target,
+        &[
+            ("alpha", "/alpha", ""),
+            ("beta", "/beta", ""),
+            ("gamma", "/gamma", ""),
+        ],
+    );
+    let out = ingester(
+        &ingester_file,
+        &["targets", "apply"],
+        &[v1.to_str().unwrap()],
+    );
+    assert!(
+        out.status.success(),
+        "apply v1 failed:\n{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stdout).contains("3 to add, 0 to change, 0 to retire"),
+        "{}",
+        text(&out.stdout)
+    );
+    let alpha_id = target_id(&client, "alpha").await;
+    let gamma_id = target_id(&client, "gamma").await;
+
+    let c = wait_for(
+        "rows of every target from both regions",
+        Duration::from_secs(60),
+        || async {
+            let c = counts(&client).await;
+            let all = ["alpha", "beta", "gamma"]
+                .iter()
+                .all(|n| REGIONS.iter().all(|r| count(&c, n, r) >= 2));
+            all.then_some(c)
+        },
+    )
+    .await;
+    println!("after apply v1: {c:?}");
+
+    // Both agents announced themselves and report the set they run.
+    wait_for(
+        "both agents online with generation 1 and 3 targets",
+        Duration::from_secs(30),
+        || async {
+            let rows = client
+            .query(
+                "SELECT agent FROM agents WHERE online AND region_set_generation = 1 AND targets = 3
+                    AND version IS NOT NULL AND last_seen > now() - interval '30 seconds'",
+                &[],
+            )
+            .await
+            .unwrap();
+            (rows.len() == 2).then_some(())
+        },
+    )
+    .await;
+
+    // --- A bad file changes nothing, and says where the problem is. -----------------------
+    let bad = targets_file(
+        &run,
+        "targets-bad.toml",
+        &target,
+        &[
+            ("alpha", "/alpha", ""),
+            ("delta", "/delta", "regions = [\"ap-south\"]"),
+        ],
+    );
+    let out = ingester(
+        &ingester_file,
+        &["targets", "apply"],
+        &[bad.to_str().unwrap()],
+    );
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!(
+            "{}:17: targets[1] (\"delta\").regions: unknown region \"ap-south\"",
+            bad.display()
+        )),
+        "{err}"
+    );
+    let generation: i64 = client
+        .query_one("SELECT max(generation) FROM target_applies", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(generation, 1);
+
+    // --- Second apply: rename alpha, remove beta, move gamma to eu-north, add delta. -------
+    let v2 = targets_file(
+        &run,
+        "targets-v2.toml",
+        &target,
+        &[
+            ("alpha-home", "/alpha", ""),
+            ("gamma", "/gamma", "regions = [\"eu-north\"]"),
+            ("delta", "/delta", ""),
+        ],
+    );
+    let out = ingester(
+        &ingester_file,
+        &["targets", "diff"],
+        &[v2.to_str().unwrap()],
+    );
+    let diff = text(&out.stdout);
+    assert!(out.status.success(), "{diff}{}", text(&out.stderr));
+    for expected in [
+        "+ add",
+        "delta",
+        "- retire",
+        "beta",
+        "renamed from \"alpha\"",
+        "regions eu-north, us-east → regions eu-north",
+    ] {
+        assert!(diff.contains(expected), "diff lacks {expected:?}:\n{diff}");
+    }
+    let out = ingester(
+        &ingester_file,
+        &["targets", "apply"],
+        &[v2.to_str().unwrap()],
+    );
+    assert!(
+        out.status.success(),
+        "apply v2 failed:\n{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stdout).contains("1 to add, 2 to change, 1 to retire"),
+        "{}",
+        text(&out.stdout)
+    );
+    // Stable ids: the rename and the move kept theirs; beta is retired, not deleted.
+    assert_eq!(target_id(&client, "alpha-home").await, alpha_id);
+    assert_eq!(target_id(&client, "gamma").await, gamma_id);
+    let beta_retired: bool = client
+        .query_one(
+            "SELECT retired_at IS NOT NULL FROM targets WHERE name = 'beta'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(beta_retired);
+    let out = ingester(&ingester_file, &["targets", "list"], &[]);
+    let list = text(&out.stdout);
+    assert!(
+        list.contains("alpha-home") && list.contains("delta") && !list.contains("beta"),
+        "{list}"
+    );
+
+    // The rows follow: delta appears in both regions...
+    wait_for(
+        "delta rows from both regions",
+        Duration::from_secs(60),
+        || async {
+            let c = counts(&client).await;
+            REGIONS
+                .iter()
+                .all(|r| count(&c, "delta", r) >= 3)
+                .then_some(())
+        },
+    )
+    .await;
+    // ...and, while alpha keeps going everywhere, beta and gamma-in-us-east stop.
+    let before = counts(&client).await;
+    let after = wait_for(
+        "six more alpha rows per region",
+        Duration::from_secs(60),
+        || async {
+            let c = counts(&client).await;
+            REGIONS
+                .iter()
+                .all(|r| count(&c, "alpha-home", r) >= count(&before, "alpha-home", r) + 6)
+                .then_some(c)
+        },
+    )
+    .await;
+    println!("after apply v2: before {before:?}\n after {after:?}");
+    for r in REGIONS {
+        assert_eq!(
+            count(&after, "beta", r),
+            count(&before, "beta", r),
+            "beta rows still arrive from {r}"
+        );
+        assert!(count(&after, "delta", r) > count(&before, "delta", r));
+    }
+    assert_eq!(
+        count(&after, "gamma", "us-east"),
+        count(&before, "gamma", "us-east"),
+        "gamma still probed from us-east"
+    );
+    assert!(count(&after, "gamma", "eu-north") > count(&before, "gamma", "eu-north"));
+
+    // --- A pushed set the agent refuses: it keeps its old set and says why. ---------------
+    let mqtt = ingester_config.mqtt().unwrap();
+    let invalid = {
+        use vantage_proto::control::{encode_target_set, TargetSetHeader, MAX_TARGET_SET_LEN};
+        let mut raw = vantage_agent::target::RawTarget::with_url(999, &target.url("/evil"));
+        raw.name = Some("evil".into());
+        raw.timeout = Duration::from_secs(60); // longer than the interval: invalid
+        let spec = vantage_agent::target_set::spec_from_raw(&raw).unwrap();
+        let mut buf = vec![0u8; MAX_TARGET_SET_LEN];
+        encode_target_set(
+            &TargetSetHeader {
+                generation: 99,
+                count: 1,
+            },
+            [&spec],
+            &mut buf,
+        )
+        .unwrap()
+        .to_vec()
+    };
+    let us_topic = format!("{}/v1/targets/us-east", run.prefix());
+    vantage_ingester::targets::publish(mqtt, vec![(us_topic.clone(), invalid)])
+        .await
+        .unwrap();
+    let us_agent = agent_id(&run, "us-east");
+    let rejection: String = wait_for(
+        "the us-east agent to report the rejection",
+        Duration::from_secs(30),
+        || async {
+            client
+                .query_opt(
+                    "SELECT rejection FROM agents WHERE agent = $1 AND rejected_generation = 99
+                    AND rejected_scope = 'region' AND region_set_generation = 2",
+                    &[&us_agent],
+                )
+                .await
+                .unwrap()
+                .map(|r| r.get(0))
+        },
+    )
+    .await;
+    assert!(rejection.contains("timeout"), "{rejection}");
+    let before = counts(&client).await;
+    let after = wait_for(
+        "more us-east rows under the old set",
+        Duration::from_secs(60),
+        || async {
+            let c = counts(&client).await;
+            (count(&c, "alpha-home", "us-east") >= count(&before, "alpha-home", "us-east") + 4
+                && count(&c, "delta", "us-east") >= count(&before, "delta", "us-east") + 4)
+                .then_some(c)
+        },
+    )
+    .await;
+    let evil: i64 = client
+        .query_one("SELECT count(*) FROM results WHERE target_id = 999", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(evil, 0);
+    drop(after);
+
+    // --- Restart with the broker unreachable: the agent probes from its persisted set. ----
+    let (token, handle) = agents.remove("us-east").unwrap();
+    token.cancel();
+    let first_boot = handle.await.unwrap().unwrap().uplink.boot_id as i64;
+    wait_for(
+        "the clean stop to mark us-east offline",
+        Duration::from_secs(30),
+        || async {
+            client
+                .query_opt(
+                    "SELECT 1 FROM agents WHERE agent = $1 AND NOT online AND state = 'offline'",
+                    &[&us_agent],
+                )
+                .await
+                .unwrap()
+                .map(|_| ())
+        },
+    )
+    .await;
+    assert!(state_dir(&run, "us-east")
+        .join("targets-region.bin")
+        .is_file());
+    let broker: std::net::SocketAddr =
+        format!("{}:{}", run.services.mqtt_host, run.services.mqtt_port)
+            .parse()
+            .unwrap();
+    let proxy = CuttableProxy::start(broker, false).await.unwrap();
+    let token = CancellationToken::new();
+    let config = agent_config(&run, "us-east", proxy.addr.port());
+    let handle = tokio::spawn(vantage_agent::run(
+        config,
+        Default::default(),
+        token.clone(),
+    ));
+    // Probing while the broker cannot be reached; results wait in the agent's buffer.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let restored_at: f64 = client
+        .query_one("SELECT extract(epoch FROM now())::float8", &[])
+        .await
+        .unwrap()
+        .get(0);
+    proxy.restore();
+    let second: Vec<(i32, f64)> = wait_for(
+        "rows of the restarted agent",
+        Duration::from_secs(60),
+        || async {
+            let rows = client
+                .query(
+                    "SELECT target_id, extract(epoch FROM min(started_at))::float8 FROM results
+                  WHERE agent = $1 AND boot_id <> $2 GROUP BY 1 ORDER BY 1",
+                    &[&us_agent, &first_boot],
+                )
+                .await
+                .unwrap();
+            let got: Vec<(i32, f64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+            (got.len() >= 2).then_some(got)
+        },
+    )
+    .await;
+    let delta_id = target_id(&client, "delta").await;
+    let ids: Vec<i32> = second.iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids, {
+        let mut want = vec![alpha_id, delta_id];
+        want.sort();
+        want
+    });
+    for (id, first_started) in &second {
+        assert!(
+            *first_started < restored_at,
+            "target {id}: first probe at {first_started}, broker reachable from {restored_at}"
+        );
+    }
+
+    // --- The last will: the connection dies without a goodbye. ----------------------------
+    proxy.cut();
+    wait_for(
+        "the last will to mark us-east lost",
+        Duration::from_secs(60),
+        || async {
+            client
+                .query_opt(
+                    "SELECT 1 FROM agents WHERE agent = $1 AND NOT online AND state = 'lost'",
+                    &[&us_agent],
+                )
+                .await
+                .unwrap()
+                .map(|_| ())
+        },
+    )
+    .await;
+    token.cancel();
+    let _ = handle.await;
+
+    let out = ingester(&ingester_file, &["agents"], &["--stale-after", "60s"]);
+    let listing = text(&out.stdout);
+    assert!(out.status.success(), "{listing}{}", text(&out.stderr));
+    let eu_agent = agent_id(&run, "eu-north");
+    let line = |agent: &str| {
+        listing
+            .lines()
+            .find(|l| l.starts_with(agent))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert!(line(&eu_agent).contains("online"), "{listing}");
+    assert!(line(&us_agent).contains("offline (lost)"), "{listing}");
+    assert!(line(&us_agent).contains("region set 99"), "{listing}");
+
+    // --- Clean up: agents, stages, retained sets, sessions. --------------------------------
+    for (_, (token, handle)) in agents {
+        token.cancel();
+        let _ = handle.await;
+    }
+    stop.cancel();
+    let _ = bridge.await;
+    let _ = sink.await;
+    let clear: Vec<(String, Vec<u8>)> = REGIONS
+        .iter()
+        .map(|r| (format!("{}/v1/targets/{r}", run.prefix()), Vec::new()))
+        .collect();
+    vantage_ingester::targets::publish(mqtt, clear)
+        .await
+        .unwrap();
+    let sessions = [
+        run.bridge_client_id(&options.client),
+        format!("vantage-agent-{eu_agent}"),
+        format!("vantage-agent-{us_agent}"),
+    ];
+    run.cleanup(&sessions).await;
+}
