@@ -44,7 +44,7 @@ pub struct RawConfig {
     #[serde(default)]
     pub fleet: RawFleet,
     /// Where the agent keeps the last good target sets pushed by the ingester, so it can probe
-    /// after a restart while the broker is unreachable (default `/var/lib/vantage-agent`).
+    /// after a restart while the broker is unreachable (default `/var/lib/vantage`, the systemd unit's `StateDirectory`).
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
     /// Local targets. When present the agent runs standalone and ignores pushed target sets;
@@ -170,7 +170,7 @@ fn default_heartbeat_interval() -> Duration {
     Duration::from_secs(30)
 }
 fn default_state_dir() -> PathBuf {
-    PathBuf::from("/var/lib/vantage-agent")
+    PathBuf::from("/var/lib/vantage")
 }
 
 /// Where an agent's targets come from.

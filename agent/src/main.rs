@@ -143,12 +143,18 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::CheckConfig { config } => {
             let c = vantage_agent::Config::load(&config)?;
+            let targets = match c.targets_source {
+                vantage_agent::TargetsSource::Local => format!("{} local targets", c.targets.len()),
+                vantage_agent::TargetsSource::Central => format!(
+                    "targets pushed by the ingester, last good set kept in {}",
+                    c.state_dir.display()
+                ),
+            };
             println!(
-                "{}: ok (agent {}, region {}, {} targets)",
+                "{}: ok (agent {}, region {}, {targets})",
                 config.display(),
                 c.agent_id,
                 c.region,
-                c.targets.len()
             );
             Ok(())
         }

@@ -38,7 +38,7 @@ fn check_config_accepts_a_good_file() {
     let (ok, stdout, _) = run(&["check-config", path.to_str().unwrap()]);
     assert!(ok);
     assert!(
-        stdout.contains("ok (agent pi-1, region eu-north, 1 targets)"),
+        stdout.contains("ok (agent pi-1, region eu-north, 1 local targets)"),
         "{stdout}"
     );
 }

@@ -326,6 +326,11 @@ pub struct KafkaRecord {
 }
 
 impl KafkaRecord {
+    /// An agent status record (the results topic carries those too), not a result frame.
+    pub fn is_status(&self) -> bool {
+        self.header(vantage_ingester::bridge::KIND_HEADER) == Some("status")
+    }
+
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
@@ -491,6 +496,7 @@ pub async fn compare(client: &tokio_postgres::Client, reports: &[AgentReport]) -
 pub fn results_in(records: &[KafkaRecord]) -> u64 {
     records
         .iter()
+        .filter(|r| !r.is_status())
         .filter_map(|r| vantage_proto::decode(&r.payload).ok())
         .map(|b| b.results.len() as u64)
         .sum()
