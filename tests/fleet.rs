@@ -161,61 +161,129 @@ fn targets_file(
     path
 }
 
+/// The ingester's stages in-process on this run's names, a local target, a PostgreSQL client.
+struct Fixture {
+    run: Run,
+    target: TargetServer,
+    options: IngesterOptions,
+    ingester_file: PathBuf,
+    ingester_config: Arc<vantage_ingester::Config>,
+    client: tokio_postgres::Client,
+    stop: CancellationToken,
+    stages: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Fixture {
+    async fn start(kind: &str) -> Fixture {
+        init_tracing();
+        let run = Run::new(kind);
+        let target = TargetServer::start("127.0.0.1:0").await.unwrap();
+        let options = IngesterOptions {
+            partitions: 2,
+            sink_batch_max: 100,
+            sink_batch_timeout_ms: 100,
+            ..IngesterOptions::default()
+        };
+        let ingester_file = run.ingester_file(&options);
+        let ingester_config = Arc::new(vantage_ingester::Config::load(&ingester_file).unwrap());
+        let stop = CancellationToken::new();
+        let sink = tokio::spawn({
+            let (c, s) = (ingester_config.clone(), stop.clone());
+            async move {
+                vantage_ingester::sink::run(&c, s).await.unwrap();
+            }
+        });
+        let bridge_state = Arc::new(vantage_ingester::bridge::BridgeState::default());
+        let bridge = tokio::spawn({
+            let (c, s, st) = (ingester_config.clone(), stop.clone(), bridge_state.clone());
+            async move {
+                vantage_ingester::bridge::run_with_state(&c, s, st)
+                    .await
+                    .unwrap();
+            }
+        });
+        wait_for(
+            "the bridge's subscription",
+            Duration::from_secs(60),
+            || async {
+                bridge_state
+                    .subscribed
+                    .load(Ordering::Acquire)
+                    .then_some(())
+            },
+        )
+        .await;
+        let client = run.pg().await;
+        Fixture {
+            run,
+            target,
+            options,
+            ingester_file,
+            ingester_config,
+            client,
+            stop,
+            stages: vec![sink, bridge],
+        }
+    }
+
+    fn mqtt(&self) -> &vantage_ingester::config::MqttConfig {
+        self.ingester_config.mqtt().unwrap()
+    }
+
+    /// Stops the stages, clears the retained sets, ends the MQTT sessions, drops the names.
+    async fn finish(mut self, agents: &[String]) {
+        self.stop.cancel();
+        for stage in std::mem::take(&mut self.stages) {
+            let _ = stage.await;
+        }
+        let clear: Vec<(String, Vec<u8>)> = REGIONS
+            .iter()
+            .map(|r| (format!("{}/v1/targets/{r}", self.run.prefix()), Vec::new()))
+            .collect();
+        vantage_ingester::targets::publish(self.mqtt(), clear)
+            .await
+            .unwrap();
+        let mut sessions = vec![self.run.bridge_client_id(&self.options.client)];
+        sessions.extend(agents.iter().map(|a| format!("vantage-agent-{a}")));
+        self.run.cleanup(&sessions).await;
+    }
+}
+
+/// Starts an agent of `region` in-process; cancel the token to stop it.
+fn spawn_agent(
+    run: &Run,
+    region: &str,
+    mqtt_port: u16,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<Result<vantage_agent::RunSummary, vantage_agent::RunError>>,
+) {
+    let token = CancellationToken::new();
+    let config = agent_config(run, region, mqtt_port);
+    let handle = tokio::spawn(vantage_agent::run(
+        config,
+        Default::default(),
+        token.clone(),
+    ));
+    (token, handle)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn agents_follow_central_targets() {
-    init_tracing();
-    let run = Run::new("fleet");
-    let target = TargetServer::start("127.0.0.1:0").await.unwrap();
-    let options = IngesterOptions {
-        partitions: 2,
-        sink_batch_max: 100,
-        sink_batch_timeout_ms: 100,
-        ..IngesterOptions::default()
-    };
-    let ingester_file = run.ingester_file(&options);
-    let ingester_config = Arc::new(vantage_ingester::Config::load(&ingester_file).unwrap());
-
-    let stop = CancellationToken::new();
-    let sink = tokio::spawn({
-        let (c, s) = (ingester_config.clone(), stop.clone());
-        async move { vantage_ingester::sink::run(&c, s).await }
-    });
-    let bridge_state = Arc::new(vantage_ingester::bridge::BridgeState::default());
-    let bridge = tokio::spawn({
-        let (c, s, st) = (ingester_config.clone(), stop.clone(), bridge_state.clone());
-        async move { vantage_ingester::bridge::run_with_state(&c, s, st).await }
-    });
-    wait_for(
-        "the bridge's subscription",
-        Duration::from_secs(60),
-        || async {
-            bridge_state
-                .subscribed
-                .load(Ordering::Acquire)
-                .then_some(())
-        },
-    )
-    .await;
-    let client = run.pg().await;
+    let f = Fixture::start("fleet").await;
+    let (run, target, client, ingester_file) = (&f.run, &f.target, &f.client, &f.ingester_file);
 
     // Two agents, no local targets, nothing published yet: they idle.
     let mut agents = BTreeMap::new();
     for region in REGIONS {
-        let token = CancellationToken::new();
-        let config = agent_config(&run, region, run.services.mqtt_port);
-        let handle = tokio::spawn(vantage_agent::run(
-            config,
-            Default::default(),
-            token.clone(),
-        ));
-        agents.insert(region, (token, handle));
+        agents.insert(region, spawn_agent(run, region, run.services.mqtt_port));
     }
 
     // --- First apply: three targets in both regions. --------------------------------------
     let v1 = targets_file(
-        &run,
+        run,
         "targets-v1.toml",
-        &target,
+        target,
         &[
             ("alpha", "/alpha", ""),
             ("beta", "/beta", ""),
@@ -223,7 +291,7 @@ async fn agents_follow_central_targets() {
         ],
     );
     let out = ingester(
-        &ingester_file,
+        ingester_file,
         &["targets", "apply"],
         &[v1.to_str().unwrap()],
     );
@@ -238,14 +306,14 @@ async fn agents_follow_central_targets() {
         "{}",
         text(&out.stdout)
     );
-    let alpha_id = target_id(&client, "alpha").await;
-    let gamma_id = target_id(&client, "gamma").await;
+    let alpha_id = target_id(client, "alpha").await;
+    let gamma_id = target_id(client, "gamma").await;
 
     let c = wait_for(
         "rows of every target from both regions",
         Duration::from_secs(60),
         || async {
-            let c = counts(&client).await;
+            let c = counts(client).await;
             let all = ["alpha", "beta", "gamma"]
                 .iter()
                 .all(|n| REGIONS.iter().all(|r| count(&c, n, r) >= 2));
@@ -275,16 +343,16 @@ async fn agents_follow_central_targets() {
 
     // --- A bad file changes nothing, and says where the problem is. -----------------------
     let bad = targets_file(
-        &run,
+        run,
         "targets-bad.toml",
-        &target,
+        target,
         &[
             ("alpha", "/alpha", ""),
             ("delta", "/delta", "regions = [\"ap-south\"]"),
         ],
     );
     let out = ingester(
-        &ingester_file,
+        ingester_file,
         &["targets", "apply"],
         &[bad.to_str().unwrap()],
     );
@@ -306,20 +374,16 @@ async fn agents_follow_central_targets() {
 
     // --- Second apply: rename alpha, remove beta, move gamma to eu-north, add delta. -------
     let v2 = targets_file(
-        &run,
+        run,
         "targets-v2.toml",
-        &target,
+        target,
         &[
             ("alpha-home", "/alpha", ""),
             ("gamma", "/gamma", "regions = [\"eu-north\"]"),
             ("delta", "/delta", ""),
         ],
     );
-    let out = ingester(
-        &ingester_file,
-        &["targets", "diff"],
-        &[v2.to_str().unwrap()],
-    );
+    let out = ingester(ingester_file, &["targets", "diff"], &[v2.to_str().unwrap()]);
     let diff = text(&out.stdout);
     assert!(out.status.success(), "{diff}{}", text(&out.stderr));
     for expected in [
@@ -333,7 +397,7 @@ async fn agents_follow_central_targets() {
         assert!(diff.contains(expected), "diff lacks {expected:?}:\n{diff}");
     }
     let out = ingester(
-        &ingester_file,
+        ingester_file,
         &["targets", "apply"],
         &[v2.to_str().unwrap()],
     );
@@ -349,8 +413,8 @@ async fn agents_follow_central_targets() {
         text(&out.stdout)
     );
     // Stable ids: the rename and the move kept theirs; beta is retired, not deleted.
-    assert_eq!(target_id(&client, "alpha-home").await, alpha_id);
-    assert_eq!(target_id(&client, "gamma").await, gamma_id);
+    assert_eq!(target_id(client, "alpha-home").await, alpha_id);
+    assert_eq!(target_id(client, "gamma").await, gamma_id);
     let beta_retired: bool = client
         .query_one(
             "SELECT retired_at IS NOT NULL FROM targets WHERE name = 'beta'",
@@ -360,7 +424,7 @@ async fn agents_follow_central_targets() {
         .unwrap()
         .get(0);
     assert!(beta_retired);
-    let out = ingester(&ingester_file, &["targets", "list"], &[]);
+    let out = ingester(ingester_file, &["targets", "list"], &[]);
     let list = text(&out.stdout);
     assert!(
         list.contains("alpha-home") && list.contains("delta") && !list.contains("beta"),
@@ -372,7 +436,7 @@ async fn agents_follow_central_targets() {
         "delta rows from both regions",
         Duration::from_secs(60),
         || async {
-            let c = counts(&client).await;
+            let c = counts(client).await;
             REGIONS
                 .iter()
                 .all(|r| count(&c, "delta", r) >= 3)
@@ -381,12 +445,12 @@ async fn agents_follow_central_targets() {
     )
     .await;
     // ...and, while alpha keeps going everywhere, beta and gamma-in-us-east stop.
-    let before = counts(&client).await;
+    let before = counts(client).await;
     let after = wait_for(
         "six more alpha rows per region",
         Duration::from_secs(60),
         || async {
-            let c = counts(&client).await;
+            let c = counts(client).await;
             REGIONS
                 .iter()
                 .all(|r| count(&c, "alpha-home", r) >= count(&before, "alpha-home", r) + 6)
@@ -410,68 +474,7 @@ async fn agents_follow_central_targets() {
     );
     assert!(count(&after, "gamma", "eu-north") > count(&before, "gamma", "eu-north"));
 
-    // --- A pushed set the agent refuses: it keeps its old set and says why. ---------------
-    let mqtt = ingester_config.mqtt().unwrap();
-    let invalid = {
-        use vantage_proto::control::{encode_target_set, TargetSetHeader, MAX_TARGET_SET_LEN};
-        let mut raw = vantage_agent::target::RawTarget::with_url(999, &target.url("/evil"));
-        raw.name = Some("evil".into());
-        raw.timeout = Duration::from_secs(60); // longer than the interval: invalid
-        let spec = vantage_agent::target_set::spec_from_raw(&raw).unwrap();
-        let mut buf = vec![0u8; MAX_TARGET_SET_LEN];
-        encode_target_set(
-            &TargetSetHeader {
-                generation: 99,
-                count: 1,
-            },
-            [&spec],
-            &mut buf,
-        )
-        .unwrap()
-        .to_vec()
-    };
-    let us_topic = format!("{}/v1/targets/us-east", run.prefix());
-    vantage_ingester::targets::publish(mqtt, vec![(us_topic.clone(), invalid)])
-        .await
-        .unwrap();
-    let us_agent = agent_id(&run, "us-east");
-    let rejection: String = wait_for(
-        "the us-east agent to report the rejection",
-        Duration::from_secs(30),
-        || async {
-            client
-                .query_opt(
-                    "SELECT rejection FROM agents WHERE agent = $1 AND rejected_generation = 99
-                    AND rejected_scope = 'region' AND region_set_generation = 2",
-                    &[&us_agent],
-                )
-                .await
-                .unwrap()
-                .map(|r| r.get(0))
-        },
-    )
-    .await;
-    assert!(rejection.contains("timeout"), "{rejection}");
-    let before = counts(&client).await;
-    let after = wait_for(
-        "more us-east rows under the old set",
-        Duration::from_secs(60),
-        || async {
-            let c = counts(&client).await;
-            (count(&c, "alpha-home", "us-east") >= count(&before, "alpha-home", "us-east") + 4
-                && count(&c, "delta", "us-east") >= count(&before, "delta", "us-east") + 4)
-                .then_some(c)
-        },
-    )
-    .await;
-    let evil: i64 = client
-        .query_one("SELECT count(*) FROM results WHERE target_id = 999", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(evil, 0);
-    drop(after);
-
+    let us_agent = agent_id(run, "us-east");
     // --- Restart with the broker unreachable: the agent probes from its persisted set. ----
     let (token, handle) = agents.remove("us-east").unwrap();
     token.cancel();
@@ -491,7 +494,7 @@ async fn agents_follow_central_targets() {
         },
     )
     .await;
-    assert!(state_dir(&run, "us-east")
+    assert!(state_dir(run, "us-east")
         .join("targets-region.bin")
         .is_file());
     let broker: std::net::SocketAddr =
@@ -500,7 +503,7 @@ async fn agents_follow_central_targets() {
             .unwrap();
     let proxy = CuttableProxy::start(broker, false).await.unwrap();
     let token = CancellationToken::new();
-    let config = agent_config(&run, "us-east", proxy.addr.port());
+    let config = agent_config(run, "us-east", proxy.addr.port());
     let handle = tokio::spawn(vantage_agent::run(
         config,
         Default::default(),
@@ -531,7 +534,7 @@ async fn agents_follow_central_targets() {
         },
     )
     .await;
-    let delta_id = target_id(&client, "delta").await;
+    let delta_id = target_id(client, "delta").await;
     let ids: Vec<i32> = second.iter().map(|(id, _)| *id).collect();
     assert_eq!(ids, {
         let mut want = vec![alpha_id, delta_id];
@@ -565,10 +568,10 @@ async fn agents_follow_central_targets() {
     token.cancel();
     let _ = handle.await;
 
-    let out = ingester(&ingester_file, &["agents"], &["--stale-after", "60s"]);
+    let out = ingester(ingester_file, &["agents"], &["--stale-after", "60s"]);
     let listing = text(&out.stdout);
     assert!(out.status.success(), "{listing}{}", text(&out.stderr));
-    let eu_agent = agent_id(&run, "eu-north");
+    let eu_agent = agent_id(run, "eu-north");
     let line = |agent: &str| {
         listing
             .lines()
@@ -578,27 +581,150 @@ async fn agents_follow_central_targets() {
     };
     assert!(line(&eu_agent).contains("online"), "{listing}");
     assert!(line(&us_agent).contains("offline (lost)"), "{listing}");
-    assert!(line(&us_agent).contains("region set 99"), "{listing}");
+    // An online agent not heard of for longer than the bound is flagged, with exit status 3.
+    let out = ingester(ingester_file, &["agents"], &["--stale-after", "1ms"]);
+    let stale = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{stale}");
+    let eu_line = stale.lines().find(|l| l.starts_with(eu_agent.as_str()));
+    assert!(eu_line.is_some_and(|l| l.contains("STALE")), "{stale}");
 
-    // --- Clean up: agents, stages, retained sets, sessions. --------------------------------
+    // --- Clean up. ------------------------------------------------------------------------
     for (_, (token, handle)) in agents {
         token.cancel();
         let _ = handle.await;
     }
-    stop.cancel();
-    let _ = bridge.await;
-    let _ = sink.await;
-    let clear: Vec<(String, Vec<u8>)> = REGIONS
-        .iter()
-        .map(|r| (format!("{}/v1/targets/{r}", run.prefix()), Vec::new()))
-        .collect();
-    vantage_ingester::targets::publish(mqtt, clear)
+    f.finish(&[eu_agent, us_agent]).await;
+}
+
+/// A pushed set that fails the agent's validation (here published behind `targets apply`'s back,
+/// as a buggy or newer ingester could) is refused: the agent keeps probing its previous set,
+/// keeps the previous set on disk, and reports the refusal until a good set arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refused_target_set_keeps_the_old_one() {
+    let f = Fixture::start("fleet-refused").await;
+    let (run, target, client, ingester_file) = (&f.run, &f.target, &f.client, &f.ingester_file);
+    let (token, handle) = spawn_agent(run, "us-east", run.services.mqtt_port);
+    let us_agent = agent_id(run, "us-east");
+    let v1 = targets_file(
+        run,
+        "targets-v1.toml",
+        target,
+        &[("alpha", "/alpha", ""), ("delta", "/delta", "")],
+    );
+    let out = ingester(
+        ingester_file,
+        &["targets", "apply"],
+        &[v1.to_str().unwrap()],
+    );
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    wait_for("rows of both targets", Duration::from_secs(60), || async {
+        let c = counts(client).await;
+        (count(&c, "alpha", "us-east") >= 2 && count(&c, "delta", "us-east") >= 2).then_some(())
+    })
+    .await;
+
+    // --- A pushed set the agent refuses: it keeps its old set and says why. ---------------
+    let mqtt = f.mqtt();
+    let invalid = {
+        use vantage_proto::control::{encode_target_set, TargetSetHeader, MAX_TARGET_SET_LEN};
+        let mut raw = vantage_agent::target::RawTarget::with_url(999, &target.url("/evil"));
+        raw.name = Some("evil".into());
+        raw.timeout = Duration::from_secs(60); // longer than the interval: invalid
+        let spec = vantage_agent::target_set::spec_from_raw(&raw).unwrap();
+        let mut buf = vec![0u8; MAX_TARGET_SET_LEN];
+        encode_target_set(
+            &TargetSetHeader {
+                generation: 99,
+                count: 1,
+            },
+            [&spec],
+            &mut buf,
+        )
+        .unwrap()
+        .to_vec()
+    };
+    let us_topic = format!("{}/v1/targets/us-east", run.prefix());
+    vantage_ingester::targets::publish(mqtt, vec![(us_topic.clone(), invalid)])
         .await
         .unwrap();
-    let sessions = [
-        run.bridge_client_id(&options.client),
-        format!("vantage-agent-{eu_agent}"),
-        format!("vantage-agent-{us_agent}"),
-    ];
-    run.cleanup(&sessions).await;
+    let rejection: String = wait_for(
+        "the us-east agent to report the rejection",
+        Duration::from_secs(30),
+        || async {
+            client
+                .query_opt(
+                    "SELECT rejection FROM agents WHERE agent = $1 AND rejected_generation = 99
+                    AND rejected_scope = 'region' AND region_set_generation = 1",
+                    &[&us_agent],
+                )
+                .await
+                .unwrap()
+                .map(|r| r.get(0))
+        },
+    )
+    .await;
+    assert!(rejection.contains("timeout"), "{rejection}");
+    let before = counts(client).await;
+    let after = wait_for(
+        "more us-east rows under the old set",
+        Duration::from_secs(60),
+        || async {
+            let c = counts(client).await;
+            (count(&c, "alpha", "us-east") >= count(&before, "alpha", "us-east") + 4
+                && count(&c, "delta", "us-east") >= count(&before, "delta", "us-east") + 4)
+                .then_some(c)
+        },
+    )
+    .await;
+    let evil: i64 = client
+        .query_one("SELECT count(*) FROM results WHERE target_id = 999", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(evil, 0);
+    drop(after);
+
+    // The refused set was not persisted: a restart would still start from generation 1.
+    let book = vantage_agent::target_set::TargetBook::load(&state_dir(run, "us-east"));
+    assert_eq!(book.region_generation(), 1);
+    let out = ingester(ingester_file, &["agents"], &[]);
+    assert!(
+        text(&out.stdout).contains("region set 99"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    // A good set replaces the refused one, and the refusal is cleared.
+    let v2 = targets_file(run, "targets-v2.toml", target, &[("alpha", "/alpha", "")]);
+    let out = ingester(
+        ingester_file,
+        &["targets", "apply"],
+        &[v2.to_str().unwrap()],
+    );
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    wait_for("the refusal to clear", Duration::from_secs(30), || async {
+        client
+            .query_opt(
+                "SELECT 1 FROM agents WHERE agent = $1 AND rejection IS NULL AND region_set_generation = 2 AND targets = 1",
+                &[&us_agent],
+            )
+            .await
+            .unwrap()
+            .map(|_| ())
+    })
+    .await;
+
+    token.cancel();
+    let _ = handle.await;
+    f.finish(&[us_agent]).await;
 }
