@@ -396,6 +396,7 @@ async fn agents_follow_central_targets() {
     ] {
         assert!(diff.contains(expected), "diff lacks {expected:?}:\n{diff}");
     }
+    let v2_started = std::time::Instant::now();
     let out = ingester(
         ingester_file,
         &["targets", "apply"],
@@ -432,6 +433,22 @@ async fn agents_follow_central_targets() {
     );
 
     // The rows follow: delta appears in both regions...
+    wait_for(
+        "a first delta row from both regions",
+        Duration::from_secs(60),
+        || async {
+            let c = counts(client).await;
+            REGIONS
+                .iter()
+                .all(|r| count(&c, "delta", r) >= 1)
+                .then_some(())
+        },
+    )
+    .await;
+    println!(
+        "apply v2 -> first delta row from both regions: {:.2} s (apply command included)",
+        v2_started.elapsed().as_secs_f64()
+    );
     wait_for(
         "delta rows from both regions",
         Duration::from_secs(60),
