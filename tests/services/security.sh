@@ -189,8 +189,9 @@ read_password() {
 cmd_mqtt_agent() {
   (($# == 3)) || die "usage: lib.sh mqtt-agent PREFIX REGION AGENT < password"
   local prefix=$1 region=$2 agent=$3 pw
-  vantage_name_ok "$prefix" && vantage_name_ok "$region" && vantage_name_ok "$agent" ||
+  if ! vantage_name_ok "$prefix" || ! vantage_name_ok "$region" || ! vantage_name_ok "$agent"; then
     die "mqtt-agent: prefix, region and agent must be a-z 0-9 - _ . (1..64)"
+  fi
   [[ $agent != ingester ]] || die "mqtt-agent: 'ingester' is reserved"
   pw=$(read_password)
   lock_state_dir
@@ -202,7 +203,9 @@ cmd_mqtt_agent() {
 cmd_mqtt_ingester() {
   (($# == 2)) || die "usage: lib.sh mqtt-ingester PREFIX USER < password"
   local prefix=$1 user=$2 pw
-  vantage_name_ok "$prefix" && vantage_name_ok "$user" || die "mqtt-ingester: bad prefix or user"
+  if ! vantage_name_ok "$prefix" || ! vantage_name_ok "$user"; then
+    die "mqtt-ingester: bad prefix or user"
+  fi
   pw=$(read_password)
   lock_state_dir
   mq_identity "$user" "$(ingester_acl "$prefix")" "$pw"
