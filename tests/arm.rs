@@ -487,7 +487,7 @@ group_id = "arm-sink-{id}"
 partitions = 1
 
 [postgres]
-url = "{pg_url}"
+{pg}
 schema = "{schema}"
 
 [sink]
@@ -502,7 +502,7 @@ batch_timeout = "100ms"
             brokers = s.kafka_brokers,
             topic = self.topic(),
             dlq = self.dead_letter_topic(),
-            pg_url = s.pg_url,
+            pg = s.pg_toml_plain(&self.dir.0),
             schema = self.schema(),
         );
         let path = self.dir.0.join("ingester.toml");

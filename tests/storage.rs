@@ -23,6 +23,7 @@ impl Schema {
         let config = PostgresConfig {
             url: Services::from_env().pg_url,
             password: None,
+            tls: vantage_ingester::config::PgTls::Disable,
             schema: format!("st_{tag}_{}", unique_id()),
         };
         let mut client = db::connect(&config)

@@ -84,12 +84,17 @@ pub struct RawMqtt {
     pub password_env: Option<String>,
     /// Path of a file whose first line is the password.
     pub password_file: Option<PathBuf>,
+    /// Name of a systemd credential holding the password: read from
+    /// `$CREDENTIALS_DIRECTORY/<name>` (`LoadCredential=` in the service unit).
+    pub password_credential: Option<String>,
     /// First segment of every topic (default `vantage`); lets test runs share a broker.
     #[serde(default = "default_topic_prefix")]
     pub topic_prefix: String,
     /// MQTT keep-alive (default 30s).
     #[serde(default = "default_keep_alive", with = "humantime_serde")]
     pub keep_alive: Duration,
+    /// `[mqtt.tls]`: connect over TLS (see `mqtt_tls.rs`). Absent: plain TCP.
+    pub tls: Option<crate::mqtt_tls::RawMqttTls>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -129,12 +134,17 @@ pub struct RawProbes {
     /// is counted as skipped rather than queued.
     #[serde(default = "default_max_concurrency")]
     pub max_concurrency: usize,
+    /// `"allow"` (default) or `"refuse"`: whether probes may connect to loopback, private,
+    /// link-local and other non-public addresses (checked after DNS and on every redirect).
+    #[serde(default)]
+    pub private_addresses: crate::netpolicy::AddressPolicy,
 }
 
 impl Default for RawProbes {
     fn default() -> Self {
         RawProbes {
             max_concurrency: default_max_concurrency(),
+            private_addresses: Default::default(),
         }
     }
 }
@@ -193,6 +203,8 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     pub state_dir: PathBuf,
     pub targets_source: TargetsSource,
+    /// `probes.private_addresses`.
+    pub address_policy: crate::netpolicy::AddressPolicy,
     /// The local targets (empty when the source is central).
     pub targets: Vec<Target>,
 }
@@ -205,6 +217,8 @@ pub struct MqttConfig {
     pub password: Option<String>,
     pub topic_prefix: String,
     pub keep_alive: Duration,
+    /// TLS to the broker (`[mqtt.tls]`); None: plain TCP.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 // Hand-written so the password never reaches a log line.
@@ -217,6 +231,7 @@ impl std::fmt::Debug for MqttConfig {
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("topic_prefix", &self.topic_prefix)
             .field("keep_alive", &self.keep_alive)
+            .field("tls", &self.tls.is_some())
             .finish()
     }
 }
@@ -261,26 +276,46 @@ impl Config {
         if raw.mqtt.host.is_empty() {
             return Err(invalid("mqtt.host", "must not be empty".into()));
         }
-        let password = match (&raw.mqtt.password_env, &raw.mqtt.password_file) {
-            (Some(_), Some(_)) => {
+        let password = match (
+            &raw.mqtt.password_env,
+            &raw.mqtt.password_file,
+            &raw.mqtt.password_credential,
+        ) {
+            (None, None, Some(name)) => {
+                Some(read_credential(name).map_err(|r| invalid("mqtt.password_credential", r))?)
+            }
+            (_, _, Some(_)) => {
+                return Err(invalid(
+                    "mqtt.password_credential",
+                    "set one of password_env, password_file, password_credential".into(),
+                ))
+            }
+            (Some(_), Some(_), None) => {
                 return Err(invalid(
                     "mqtt.password_env",
                     "set either password_env or password_file, not both".into(),
                 ))
             }
-            (Some(var), None) => Some(std::env::var(var).map_err(|_| {
+            (Some(var), None, None) => Some(std::env::var(var).map_err(|_| {
                 invalid(
                     "mqtt.password_env",
                     format!("environment variable {var} is not set"),
                 )
             })?),
-            (None, Some(file)) => Some(read_secret_file(file).map_err(|e| {
+            (None, Some(file), None) => Some(read_secret_file(file).map_err(|e| {
                 invalid(
                     "mqtt.password_file",
                     format!("cannot read {}: {e}", file.display()),
                 )
             })?),
-            (None, None) => None,
+            (None, None, None) => None,
+        };
+        let tls = match &raw.mqtt.tls {
+            None => None,
+            Some(t) => Some(
+                crate::mqtt_tls::client_config(t)
+                    .map_err(|(key, r)| invalid(&format!("mqtt.tls.{key}"), r))?,
+            ),
         };
         if raw.uplink.batch_max == 0 || raw.uplink.batch_max > vantage_proto::MAX_RESULTS {
             return Err(invalid(
@@ -343,6 +378,7 @@ impl Config {
                 password,
                 topic_prefix: raw.mqtt.topic_prefix,
                 keep_alive: raw.mqtt.keep_alive,
+                tls,
             },
             uplink: UplinkConfig {
                 batch_max: raw.uplink.batch_max,
@@ -358,6 +394,7 @@ impl Config {
             } else {
                 TargetsSource::Local
             },
+            address_policy: raw.probes.private_addresses,
             targets,
         })
     }
@@ -390,6 +427,18 @@ impl Config {
             self.mqtt.topic_prefix, self.region, self.agent_id
         )
     }
+}
+
+/// A systemd credential (`LoadCredential=name:/etc/vantage/...`): the file `name` in
+/// `$CREDENTIALS_DIRECTORY`, which systemd makes readable to the service's user only.
+fn read_credential(name: &str) -> Result<String, String> {
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+        return Err(format!("{name:?} is not a credential name"));
+    }
+    let dir = std::env::var_os("CREDENTIALS_DIRECTORY")
+        .ok_or("CREDENTIALS_DIRECTORY is not set (not started by systemd with credentials?)")?;
+    let path = Path::new(&dir).join(name);
+    read_secret_file(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))
 }
 
 fn read_secret_file(path: &Path) -> std::io::Result<String> {

@@ -7,6 +7,8 @@
 
 pub mod config;
 pub mod fleet;
+pub mod mqtt_tls;
+pub mod netpolicy;
 pub mod oneshot;
 pub mod probe;
 pub mod scheduler;
@@ -59,7 +61,7 @@ pub async fn run(
     if options.rounds.is_some() && config.targets_source == TargetsSource::Central {
         return Err(RunError::RoundsNeedLocalTargets);
     }
-    let prober = probe::Prober::new();
+    let prober = probe::Prober::new().with_address_policy(config.address_policy);
     // A new boot id at every start keeps (agent, boot, seq) unique across restarts.
     let boot_id = getrandom::u64().unwrap_or_else(|_| fallback_boot_id());
 

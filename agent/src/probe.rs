@@ -104,6 +104,7 @@ enum HopEnd {
 #[derive(Clone)]
 pub struct Prober {
     default_tls: Arc<rustls::ClientConfig>,
+    address_policy: crate::netpolicy::AddressPolicy,
 }
 
 impl Default for Prober {
@@ -116,7 +117,14 @@ impl Prober {
     pub fn new() -> Prober {
         Prober {
             default_tls: tls::default_config(),
+            address_policy: Default::default(),
         }
+    }
+
+    /// Which addresses probes may connect to (default: any, see `netpolicy.rs`).
+    pub fn with_address_policy(mut self, policy: crate::netpolicy::AddressPolicy) -> Prober {
+        self.address_policy = policy;
+        self
     }
 
     /// Probes `target` once. Never fails: every failure is a [`Measurement`] with its outcome.
@@ -180,6 +188,10 @@ impl Prober {
             .ok_or((Outcome::Other, Phase::Dns))?;
         let addr = resolve(url, port, target.ip_family, deadline, m).await?;
         m.remote_ip = Some(addr.ip());
+        // After DNS and before connecting, on every hop: redirects and rebinding are covered.
+        if !self.address_policy.permits(addr.ip()) {
+            return Err((Outcome::AddressRefused, Phase::Connect));
+        }
 
         let t = Instant::now();
         let tcp = match timeout_at(deadline, TcpStream::connect(addr)).await {

@@ -367,6 +367,7 @@ pub async fn run(
             config.mqtt.password.clone().unwrap_or_default(),
         );
     }
+    crate::mqtt_tls::apply(&mut options, &config.mqtt);
     let (client, eventloop) = AsyncClient::new(options, CLIENT_QUEUE);
     let link = Arc::new(Link::default());
     let loop_stop = CancellationToken::new();

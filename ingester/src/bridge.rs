@@ -212,6 +212,7 @@ pub async fn run_with_state(
     if let Some(user) = &mqtt.username {
         options.set_credentials(user.clone(), mqtt.password.clone().unwrap_or_default());
     }
+    crate::tls::mqtt_transport(&mut options, mqtt.tls.as_ref(), &mqtt.host);
     let (client, eventloop) = AsyncClient::new(options, REQUEST_QUEUE);
     let (tx, mut rx) = mpsc::channel::<(u64, Publish)>(forward_capacity(mqtt.max_in_flight));
     let events_stop = CancellationToken::new();

@@ -117,6 +117,8 @@ pub struct RawMqtt {
     /// Most MQTT messages received but not yet acknowledged (waiting for Kafka), default 100.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
+    /// `[mqtt.tls]`: connect over TLS (certificate and host name verified). Absent: plain TCP.
+    pub tls: Option<crate::tls::RawTls>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -137,8 +139,16 @@ pub struct RawKafka {
     #[serde(default = "default_partitions")]
     pub partitions: i32,
     /// Extra librdkafka settings passed through unchanged (security.protocol, sasl.*, ssl.*...).
+    /// No secrets here (`sasl.password`, `ssl.key.password`, ...): see `secret_env`.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
+    /// Secret librdkafka settings, each read from the named environment variable, e.g.
+    /// `"sasl.password" = "VANTAGE_KAFKA_PASSWORD"`.
+    #[serde(default)]
+    pub secret_env: BTreeMap<String, String>,
+    /// Secret librdkafka settings, each read from the first line of the named file.
+    #[serde(default)]
+    pub secret_files: BTreeMap<String, PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -152,6 +162,17 @@ pub struct RawPostgres {
     /// Schema that holds vantage's tables (default `vantage`); created by `migrate`.
     #[serde(default = "default_schema")]
     pub schema: String,
+    /// `verify-full` (default): TLS, certificate and host name verified; `disable`: plain TCP,
+    /// only when written here explicitly. The URL's `sslmode` is ignored.
+    #[serde(default = "default_pg_tls")]
+    pub tls: String,
+    /// PEM file of the CA certificates that sign the server's (default: the bundled Mozilla
+    /// roots).
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate, for servers that authenticate clients by certificate.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file` (a file named here, never the key itself).
+    pub key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -198,6 +219,9 @@ fn default_group_id() -> String {
 fn default_partitions() -> i32 {
     4
 }
+fn default_pg_tls() -> String {
+    "verify-full".into()
+}
 fn default_schema() -> String {
     "vantage".into()
 }
@@ -231,6 +255,8 @@ pub struct MqttConfig {
     /// (this member, members), see [`RawMqtt::partition`].
     pub partition: Option<(u32, u32)>,
     pub max_in_flight: usize,
+    /// TLS to the broker; None: plain TCP.
+    pub tls: Option<crate::tls::TlsClient>,
 }
 
 impl std::fmt::Debug for MqttConfig {
@@ -244,6 +270,7 @@ impl std::fmt::Debug for MqttConfig {
             .field("topic_prefix", &self.topic_prefix)
             .field("shared_group", &self.shared_group)
             .field("partition", &self.partition)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -283,6 +310,8 @@ impl MqttConfig {
     }
 }
 
+/// `Debug` is derived: `secrets` holds [`Secret`](crate::secrets::Secret)s, which print as
+/// `<redacted>`, and `properties` holds no secret (refused at load).
 #[derive(Debug, Clone)]
 pub struct KafkaConfig {
     pub brokers: String,
@@ -291,6 +320,8 @@ pub struct KafkaConfig {
     pub group_id: String,
     pub partitions: i32,
     pub properties: BTreeMap<String, String>,
+    /// librdkafka settings that are secrets (from `secret_env` / `secret_files`).
+    pub secrets: BTreeMap<String, crate::secrets::Secret>,
 }
 
 #[derive(Clone)]
@@ -298,6 +329,16 @@ pub struct PostgresConfig {
     pub url: String,
     pub password: Option<String>,
     pub schema: String,
+    pub tls: PgTls,
+}
+
+/// How the ingester talks to PostgreSQL.
+#[derive(Debug, Clone)]
+pub enum PgTls {
+    /// Plain TCP; only when the configuration says `tls = "disable"` (or a program says so).
+    Disable,
+    /// TLS required (never downgraded), certificate chain and host name verified.
+    VerifyFull(crate::tls::TlsClient),
 }
 
 impl std::fmt::Debug for PostgresConfig {
@@ -306,6 +347,7 @@ impl std::fmt::Debug for PostgresConfig {
             .field("url", &"<redacted>")
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("schema", &self.schema)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -371,6 +413,13 @@ impl Config {
                     return Err(invalid("mqtt.max_in_flight", "must be 1..=65535".into()));
                 }
                 let password = secret(&m.password_env, &m.password_file, "mqtt", &invalid)?;
+                let tls = match &m.tls {
+                    None => None,
+                    Some(raw) => Some(
+                        crate::tls::client(raw)
+                            .map_err(|(key, r)| invalid(&format!("mqtt.tls.{key}"), r))?,
+                    ),
+                };
                 Some(MqttConfig {
                     host: m.host,
                     port: m.port,
@@ -381,6 +430,7 @@ impl Config {
                     shared_group: m.shared_group,
                     partition,
                     max_in_flight: m.max_in_flight,
+                    tls,
                 })
             }
         };
@@ -412,6 +462,20 @@ impl Config {
                 if k.partitions < 1 {
                     return Err(invalid("kafka.partitions", "must be at least 1".into()));
                 }
+                if let Some(key) = k
+                    .properties
+                    .keys()
+                    .find(|key| crate::secrets::is_secret_kafka_property(key))
+                {
+                    return Err(invalid(
+                        &format!("kafka.properties.{key}"),
+                        "is a secret: name an environment variable in kafka.secret_env or a \
+                         file in kafka.secret_files instead"
+                            .into(),
+                    ));
+                }
+                let secrets = crate::secrets::kafka_secrets(&k.secret_env, &k.secret_files)
+                    .map_err(|(key, r)| invalid(&key, r))?;
                 Some(KafkaConfig {
                     brokers: k.brokers,
                     topic: k.topic,
@@ -419,15 +483,49 @@ impl Config {
                     group_id: k.group_id,
                     partitions: k.partitions,
                     properties: k.properties,
+                    secrets,
                 })
             }
         };
         let postgres = match raw.postgres {
             None => None,
             Some(p) => {
-                p.url.parse::<tokio_postgres::Config>().map_err(|e| {
+                let parsed = p.url.parse::<tokio_postgres::Config>().map_err(|e| {
                     invalid("postgres.url", format!("not a connection string: {e}"))
                 })?;
+                if parsed.get_password().is_some() {
+                    return Err(invalid(
+                        "postgres.url",
+                        "contains a password: use postgres.password_env or postgres.password_file"
+                            .into(),
+                    ));
+                }
+                let tls_files = crate::tls::RawTls {
+                    ca_file: p.ca_file.clone(),
+                    cert_file: p.cert_file.clone(),
+                    key_file: p.key_file.clone(),
+                };
+                let tls = match p.tls.as_str() {
+                    "disable" => {
+                        if tls_files.ca_file.is_some() || tls_files.cert_file.is_some() {
+                            return Err(invalid(
+                                "postgres.tls",
+                                "is \"disable\" but TLS files are set".into(),
+                            ));
+                        }
+                        PgTls::Disable
+                    }
+                    "verify-full" => PgTls::VerifyFull(
+                        crate::tls::client(&tls_files)
+                            .map_err(|(key, r)| invalid(&format!("postgres.{key}"), r))?,
+                    ),
+                    other => {
+                        return Err(invalid(
+                            "postgres.tls",
+                            format!("{other:?} is not \"verify-full\" or \"disable\""),
+                        ))
+                    }
+                };
                 let schema_ok = p
                     .schema
                     .chars()
@@ -449,6 +547,7 @@ impl Config {
                     url: p.url,
                     password,
                     schema: p.schema,
+                    tls,
                 })
             }
         };

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 use tokio_postgres::{Client, NoTls};
 use vantage_proto::{Gap, ProbeResult};
 
-use crate::config::PostgresConfig;
+use crate::config::{PgTls, PostgresConfig};
 
 /// Every migration, in order. `migrations_match_directory` (below) fails if a file in
 /// `migrations/` is missing here.
@@ -105,17 +105,40 @@ pub async fn connect(config: &PostgresConfig) -> Result<Client, DbError> {
     }
     pg.connect_timeout(Duration::from_secs(10));
     pg.application_name("vantage-ingester");
-    let (client, connection) = pg.connect(NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::warn!(error = %e, "PostgreSQL connection ended");
+    let client = match &config.tls {
+        PgTls::Disable => {
+            pg.ssl_mode(tokio_postgres::config::SslMode::Disable);
+            let (client, connection) = pg.connect(NoTls).await?;
+            spawn_connection(connection);
+            client
         }
-    });
+        PgTls::VerifyFull(tls) => {
+            // Require, not prefer: a server (or a man in the middle) that declines TLS gets
+            // an error, never a plaintext session. The connector verifies the chain against
+            // the configured CA and the certificate against the host name.
+            pg.ssl_mode(tokio_postgres::config::SslMode::Require);
+            let connector = tokio_postgres_rustls::MakeRustlsConnect::new((*tls.config).clone());
+            let (client, connection) = pg.connect(connector).await?;
+            spawn_connection(connection);
+            client
+        }
+    };
     // The schema name is validated at config load (a-z, 0-9, '_'), so it is safe to splice.
     client
         .batch_execute(&format!("SET search_path TO {}", config.schema))
         .await?;
     Ok(client)
+}
+
+fn spawn_connection<F>(connection: F)
+where
+    F: std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(error = %e, "PostgreSQL connection ended");
+        }
+    });
 }
 
 /// Creates `schema` (the one [`connect`] put on the search path) if needed and applies the

@@ -24,10 +24,18 @@ pub const MQTT_TOPIC_HEADER: &str = "vantage-mqtt-topic";
 pub fn client_config(config: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &config.brokers);
+    pass_through(&mut c, config);
+    c
+}
+
+/// The pass-through properties, then the secret ones (read from the environment or files).
+fn pass_through(c: &mut ClientConfig, config: &KafkaConfig) {
     for (k, v) in &config.properties {
         c.set(k, v);
     }
-    c
+    for (k, v) in &config.secrets {
+        c.set(k, v.expose());
+    }
 }
 
 /// Settings of the sink's consumer before its fixed ones: a crashed sink's partitions move to
@@ -38,9 +46,7 @@ pub fn consumer_config(config: &KafkaConfig) -> ClientConfig {
     c.set("bootstrap.servers", &config.brokers)
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000");
-    for (k, v) in &config.properties {
-        c.set(k, v);
-    }
+    pass_through(&mut c, config);
     c
 }
 
@@ -53,9 +59,7 @@ pub fn producer(config: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
         .set("acks", "all")
         .set("linger.ms", "5")
         .set("compression.type", "lz4");
-    for (k, v) in &config.properties {
-        c.set(k, v);
-    }
+    pass_through(&mut c, config);
     c.create()
 }
 

@@ -11,8 +11,10 @@ pub mod db;
 pub mod fleet;
 pub mod kafka;
 pub mod report;
+pub mod secrets;
 pub mod sink;
 pub mod storage;
 pub mod targets;
+pub mod tls;
 
 pub use config::Config;

@@ -887,6 +887,7 @@ pub async fn publish(mqtt: &MqttConfig, messages: Vec<(String, Vec<u8>)>) -> Res
     if let Some(user) = &mqtt.username {
         options.set_credentials(user.clone(), mqtt.password.clone().unwrap_or_default());
     }
+    crate::tls::mqtt_transport(&mut options, mqtt.tls.as_ref(), &mqtt.host);
     // Room for every request, so queuing them never waits for the event loop polled below.
     let (client, mut eventloop) = AsyncClient::new(options, messages.len() + 4);
     let expected = messages.len();

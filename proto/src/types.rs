@@ -7,7 +7,9 @@ use crate::{MAX_GAPS, MAX_RESULTS};
 /// Why a probe ended the way it did. `Up` is the only success.
 ///
 /// Append new kinds at the end; the numeric order is on the wire. Kinds 0–10 exist since
-/// version 1; 11–17 since version 2.
+/// version 1; 11–17 since version 2; 18 (`AddressRefused`) was appended within version 2: a
+/// version 2 decoder older than it rejects a frame carrying it as malformed (dead-lettered by
+/// an old bridge), so upgrade the ingester before the agents.
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum Outcome {
@@ -47,11 +49,14 @@ pub enum Outcome {
     TlsHostnameMismatch,
     /// The regex did not match the part of the body read before the size cap.
     BodyTruncated,
+    /// The target resolved to an address the agent refuses to probe (loopback, private,
+    /// link-local...; `probes.private_addresses = "refuse"`). Nothing was sent to it.
+    AddressRefused,
 }
 
 impl Outcome {
     /// Every variant, in wire order.
-    pub const ALL: [Outcome; 18] = [
+    pub const ALL: [Outcome; 19] = [
         Outcome::Up,
         Outcome::StatusNotAccepted,
         Outcome::RegexNotMatched,
@@ -70,6 +75,7 @@ impl Outcome {
         Outcome::TlsExpired,
         Outcome::TlsHostnameMismatch,
         Outcome::BodyTruncated,
+        Outcome::AddressRefused,
     ];
 
     /// The stable snake_case name used in logs and in PostgreSQL.
@@ -93,6 +99,7 @@ impl Outcome {
             Outcome::TlsExpired => "tls_expired",
             Outcome::TlsHostnameMismatch => "tls_hostname_mismatch",
             Outcome::BodyTruncated => "body_truncated",
+            Outcome::AddressRefused => "address_refused",
         }
     }
 }

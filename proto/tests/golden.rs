@@ -206,6 +206,7 @@ fn outcome_wire_order_is_frozen() {
             "tls_expired",
             "tls_hostname_mismatch",
             "body_truncated",
+            "address_refused",
         ]
     );
 }

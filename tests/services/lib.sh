@@ -14,13 +14,20 @@
 #   VANTAGE_MQTT_PORT              default 1883
 #   VANTAGE_KAFKA_PORT             default 9092
 #   VANTAGE_KAFKA_CONTROLLER_PORT  default 9093
+#   VANTAGE_MQTT_TLS_PORT          MQTT over TLS, password + ACL; default VANTAGE_MQTT_PORT + 16600
+#   VANTAGE_MQTT_MTLS_PORT         MQTT over mutual TLS (certificate CN = user) + ACL;
+#                                  default VANTAGE_MQTT_PORT + 16700
+#   VANTAGE_KAFKA_SASL_PORT        Kafka SASL_SSL (SCRAM-SHA-512); default VANTAGE_KAFKA_PORT + 400
+#                                  (the secure ports derive from the base ports so that instances
+#                                  with different base ports never collide)
 #   VANTAGE_KAFKA_TIMEOUT          seconds to wait for Kafka, default 90
 #   VANTAGE_KAFKA_HEAP             default "-Xms256m -Xmx512m"
 #   KAFKA_HOME                     use the jars of this Kafka distribution ($KAFKA_HOME/libs)
 #                                  instead of fetching them from Maven Central
 #
 # After `up`, $VANTAGE_STATE_DIR/env holds KEY=value lines (VANTAGE_PG_URL,
-# VANTAGE_MQTT_HOST, VANTAGE_MQTT_PORT, VANTAGE_KAFKA_BROKERS, ...).
+# VANTAGE_MQTT_HOST, VANTAGE_MQTT_PORT, VANTAGE_KAFKA_BROKERS, VANTAGE_TLS_CA, ...).
+# TLS, the secure listeners and their identities: tests/services/security.sh.
 set -euo pipefail
 
 SERVICES_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -30,6 +37,9 @@ PG_PORT=${VANTAGE_PG_PORT:-5432}
 MQTT_PORT=${VANTAGE_MQTT_PORT:-1883}
 KAFKA_PORT=${VANTAGE_KAFKA_PORT:-9092}
 KAFKA_CONTROLLER_PORT=${VANTAGE_KAFKA_CONTROLLER_PORT:-9093}
+MQTT_TLS_PORT=${VANTAGE_MQTT_TLS_PORT:-$((${MQTT_PORT//[^0-9]/0} + 16600))}
+MQTT_MTLS_PORT=${VANTAGE_MQTT_MTLS_PORT:-$((${MQTT_PORT//[^0-9]/0} + 16700))}
+KAFKA_SASL_PORT=${VANTAGE_KAFKA_SASL_PORT:-$((${KAFKA_PORT//[^0-9]/0} + 400))}
 KAFKA_TIMEOUT=${VANTAGE_KAFKA_TIMEOUT:-90}
 KAFKA_HEAP=${VANTAGE_KAFKA_HEAP:--Xms256m -Xmx512m}
 
@@ -57,6 +67,9 @@ K_LOG=$K_DIR/kafka.log
 K_LIBS=$STATE_DIR/kafka-libs
 K_POM=$SERVICES_DIR/kafka/pom.xml
 ENV_FILE=$STATE_DIR/env
+
+# shellcheck source=tests/services/security.sh
+source "$SERVICES_DIR/security.sh"
 
 export DEBIAN_FRONTEND=noninteractive
 
@@ -122,6 +135,10 @@ render() {
       -e "s|@MQTT_PORT@|$MQTT_PORT|g" \
       -e "s|@KAFKA_PORT@|$KAFKA_PORT|g" \
       -e "s|@KAFKA_CONTROLLER_PORT@|$KAFKA_CONTROLLER_PORT|g" \
+      -e "s|@MQTT_TLS_PORT@|$MQTT_TLS_PORT|g" \
+      -e "s|@MQTT_MTLS_PORT@|$MQTT_MTLS_PORT|g" \
+      -e "s|@KAFKA_SASL_PORT@|$KAFKA_SASL_PORT|g" \
+      -e "s|@KAFKA_KEYSTORE_PASSWORD@|$K_KEYSTORE_PASSWORD|g" \
       "$1"
 }
 
@@ -129,7 +146,8 @@ as_pg() { (cd / && runuser -u postgres -- "$@"); }
 
 check_ports() {
   local name val
-  for name in PG_PORT MQTT_PORT KAFKA_PORT KAFKA_CONTROLLER_PORT KAFKA_TIMEOUT; do
+  for name in PG_PORT MQTT_PORT KAFKA_PORT KAFKA_CONTROLLER_PORT KAFKA_TIMEOUT MQTT_TLS_PORT \
+    MQTT_MTLS_PORT KAFKA_SASL_PORT; do
     val=${!name}
     [[ $val =~ ^[0-9]+$ ]] || die "$name must be a number, got '$val'"
   done
@@ -239,6 +257,10 @@ ensure_installed() {
     pkgs+=(mosquitto-clients)
   fi
   command -v java >/dev/null || pkgs+=(openjdk-17-jre-headless)
+  # Building the ingester: librdkafka's SSL/SASL support links the system OpenSSL (rdkafka `ssl`).
+  dpkg -s libssl-dev >/dev/null 2>&1 || pkgs+=(libssl-dev)
+  command -v pkg-config >/dev/null || pkgs+=(pkg-config)
+  command -v openssl >/dev/null || pkgs+=(openssl)
   local need_libs=0
   if [[ -n ${KAFKA_HOME:-} ]]; then
     kafka_home_ok || die "kafka: KAFKA_HOME=$KAFKA_HOME has no libs/kafka_*.jar (unset KAFKA_HOME to use the Maven jars)"
@@ -318,6 +340,12 @@ log_min_messages = warning
 log_line_prefix = '%m [%p] %q%u@%d '
 log_timezone = 'UTC'
 timezone = 'UTC'
+# TLS with the test CA's server certificate (tests/services/security.sh); plaintext stays
+# allowed for the tests that do not ask for TLS.
+ssl = on
+ssl_cert_file = '$PG_DIR/tls/server.pem'
+ssl_key_file = '$PG_DIR/tls/server.key'
+ssl_min_protocol_version = 'TLSv1.2'
 EOF
   chown postgres:postgres "$tmp"
   chmod 0600 "$tmp"
@@ -381,6 +409,7 @@ up_postgres() {
   PG_HBA_CHANGED=0
   local conf_changed=0
   pg_write_config && conf_changed=1
+  ((TLS_CHANGED)) && conf_changed=1
 
   if pg_running; then
     if ((conf_changed)); then
@@ -497,6 +526,8 @@ up_mosquitto() {
   chmod 0700 "$MQ_DIR" "$MQ_DIR/data"
   local passwd_changed=0 conf_changed=0 tmp pid
   mq_write_passwd && passwd_changed=1
+  mq_secure_files && passwd_changed=1
+  ((TLS_CHANGED)) && conf_changed=1
   tmp=$(mktemp)
   render "$SERVICES_DIR/mosquitto.conf" >"$tmp"
   chmod 0600 "$tmp"
@@ -622,7 +653,7 @@ kafka_stop_finish() {
 
 kafka_free_port() {
   local port
-  for port in "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT"; do
+  for port in "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT" "$KAFKA_SASL_PORT"; do
     if port_open "$port"; then
       printf 'services: port %s is held by:\n%s\n' "$port" "$(port_owner "$port")" >&2
       fail kafka "" "port $HOST:$port is already in use by a process that is not ours (set VANTAGE_KAFKA_PORT / VANTAGE_KAFKA_CONTROLLER_PORT)"
@@ -647,6 +678,8 @@ start_kafka() {
   printf '%s\n' "$KAFKA_HEAP" "$(kafka_cp)" >"$tmp"
   chmod 0644 "$tmp"
   install_if_changed "$tmp" "$K_DIR/launch" && conf_changed=1
+  kafka_keystore
+  ((TLS_CHANGED)) && conf_changed=1
   cp -f "$SERVICES_DIR/kafka/log4j2.properties" "$K_DIR/log4j2.properties"
   printf 'request.timeout.ms=5000\ndefault.api.timeout.ms=10000\n' >"$K_DIR/admin.properties"
 
@@ -691,6 +724,7 @@ wait_kafka() {
     # already running before this run: a cheap API-level check is enough
     if pid=$(kafka_pid) && kafka_api_ok; then
       log "kafka up on $HOST:$KAFKA_PORT (already running, pid $pid)"
+      kafka_scram_users
       return 0
     fi
     log "kafka: pid ${pid:-?} does not answer, waiting for it"
@@ -707,6 +741,8 @@ wait_kafka() {
     sleep 0.5
   done
   log "kafka up on $HOST:$KAFKA_PORT (pid $pid, Kafka $(kafka_version), controller $HOST:$KAFKA_CONTROLLER_PORT)"
+  kafka_scram_users
+  kafka_sasl_ok || fail kafka "$K_LOG" "no TLS on the SASL_SSL listener $HOST:$KAFKA_SASL_PORT"
 }
 
 kafka_version() {
@@ -770,6 +806,7 @@ VANTAGE_MQTT_INGESTER_PASSWORD=ingester-secret
 VANTAGE_MQTT_AGENT_USER=agent
 VANTAGE_MQTT_AGENT_PASSWORD=agent-secret
 VANTAGE_KAFKA_BROKERS=$HOST:$KAFKA_PORT
+$(security_env)
 EOF
   chmod 0644 "$tmp"
   mv -f "$tmp" "$ENV_FILE"
@@ -777,7 +814,7 @@ EOF
 
 wipe_data() {
   log "wiping service data under $STATE_DIR (the Kafka jars in $K_LIBS are kept)"
-  rm -rf "$PG_DIR" "$MQ_DIR" "$K_DIR" "$ENV_FILE"
+  rm -rf "$PG_DIR" "$MQ_DIR" "$K_DIR" "$TLS_DIR" "$ENV_FILE"
 }
 
 cmd_up() {
@@ -797,6 +834,8 @@ cmd_up() {
     wipe_data
   fi
   ensure_installed
+  TLS_CHANGED=0
+  ensure_tls && TLS_CHANGED=1
   preflight
   start_kafka
   up_postgres
@@ -849,6 +888,10 @@ main() {
     down) cmd_down "$@" ;;
     status) cmd_status "$@" ;;
     wipe | reset) cmd_down --wipe ;;
+    mqtt-agent) cmd_mqtt_agent "$@" ;;
+    mqtt-ingester) cmd_mqtt_ingester "$@" ;;
+    mqtt-remove) cmd_mqtt_remove "$@" ;;
+    client-cert) cmd_client_cert "$@" ;;
     *)
       echo "usage: tests/services/{up [--fresh] | down [--wipe] | status}" >&2
       echo "   or: tests/services/lib.sh {up|down|status|wipe}" >&2

@@ -121,7 +121,7 @@ group_id = "{group}"
 partitions = {partitions}
 
 [postgres]
-url = "{pg_url}"
+{pg}
 schema = "{schema}"
 
 [sink]
@@ -139,7 +139,7 @@ batch_timeout = "{batch_timeout}ms"
             dlq = self.dead_letter_topic(),
             group = self.group(),
             partitions = o.partitions,
-            pg_url = s.pg_url,
+            pg = s.pg_toml_plain(&self.dir),
             schema = self.schema(),
             batch_max = o.sink_batch_max,
             batch_timeout = o.sink_batch_timeout_ms,

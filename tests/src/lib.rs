@@ -37,6 +37,28 @@ impl Services {
     }
 }
 
+impl Services {
+    /// The `[postgres]` lines of an ingester configuration for the test PostgreSQL, without
+    /// TLS: `url` without the password (a configuration file may not hold one), the password in
+    /// a file written into `dir`, and an explicit `tls = "disable"`.
+    pub fn pg_toml_plain(&self, dir: &std::path::Path) -> String {
+        let pg: tokio_postgres::Config = self.pg_url.parse().expect("VANTAGE_PG_URL");
+        let password_file = dir.join("pg.pw");
+        std::fs::write(&password_file, pg.get_password().unwrap_or_default()).unwrap();
+        let host = match pg.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            _ => "127.0.0.1".to_owned(),
+        };
+        format!(
+            "url = \"host={host} port={port} user={user} dbname={db}\"\npassword_file = \"{pw}\"\ntls = \"disable\"",
+            port = pg.get_ports().first().copied().unwrap_or(5432),
+            user = pg.get_user().unwrap_or("vantage"),
+            db = pg.get_dbname().unwrap_or("vantage"),
+            pw = password_file.display(),
+        )
+    }
+}
+
 /// A name unique to this process and moment, for topics, schemas and groups of one test run.
 pub fn unique_id() -> String {
     let nanos = std::time::SystemTime::now()

@@ -83,6 +83,7 @@ impl LoadSpec {
                 password: self.mqtt_password.clone(),
                 topic_prefix: self.topic_prefix.clone(),
                 keep_alive: Duration::from_secs(5),
+                tls: None,
             },
             uplink: UplinkConfig {
                 batch_max: self.batch_max,
@@ -95,6 +96,7 @@ impl LoadSpec {
             state_dir: std::env::temp_dir(),
             // Synthetic results: no target sets to follow.
             targets_source: vantage_agent::TargetsSource::Local,
+            address_policy: Default::default(),
             targets: Vec::new(),
         }
     }

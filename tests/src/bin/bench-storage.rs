@@ -160,6 +160,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let config = PostgresConfig {
         url: vantage_tests::Services::from_env().pg_url,
         password: None,
+        tls: vantage_ingester::config::PgTls::Disable,
         schema: args.schema.clone(),
     };
     let mut client = db::connect(&config).await?;

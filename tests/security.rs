@@ -1,0 +1,678 @@
+//! Issue #8 on the real services (`tests/services/up` must have started them; it also makes the
+//! test CA and the secure listeners):
+//! - the broker refuses an agent that publishes as another agent (password and certificate);
+//! - PostgreSQL TLS is verified (chain and host name) and never silently downgraded;
+//! - the whole pipeline runs over MQTT TLS with per-agent identities, Kafka SASL_SSL and verified
+//!   PostgreSQL TLS, with every log at TRACE captured, and no secret value appears in it.
+//!
+//! Each test adds its own MQTT identities (random passwords) under its own topic prefix through
+//! `tests/services/lib.sh mqtt-agent`, and removes them at the end.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use vantage_tests::harness::{write_file, Run};
+use vantage_tests::stage::services_dir;
+use vantage_tests::target::TargetServer;
+
+/// What `tests/services/up` wrote to `$VANTAGE_STATE_DIR/env`, overridden by the environment.
+struct Secure {
+    ca: PathBuf,
+    host: String,
+    tls_port: u16,
+    mtls_port: u16,
+    sasl_brokers: String,
+    sasl_user: String,
+    sasl_password_file: PathBuf,
+}
+
+impl Secure {
+    fn from_env() -> Secure {
+        let dir = std::env::var("VANTAGE_STATE_DIR")
+            .unwrap_or_else(|_| "/var/tmp/vantage-services".into());
+        let file = std::fs::read_to_string(Path::new(&dir).join("env"))
+            .expect("tests/services/up must have written $VANTAGE_STATE_DIR/env");
+        let mut vars: BTreeMap<String, String> = file
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        for (k, v) in std::env::vars() {
+            if k.starts_with("VANTAGE_") {
+                vars.insert(k, v);
+            }
+        }
+        let get = |k: &str| {
+            vars.get(k)
+                .cloned()
+                .unwrap_or_else(|| panic!("{k} missing: run tests/services/up"))
+        };
+        Secure {
+            ca: get("VANTAGE_TLS_CA").into(),
+            host: get("VANTAGE_MQTT_HOST"),
+            tls_port: get("VANTAGE_MQTT_TLS_PORT").parse().unwrap(),
+            mtls_port: get("VANTAGE_MQTT_MTLS_PORT").parse().unwrap(),
+            sasl_brokers: get("VANTAGE_KAFKA_SASL_BROKERS"),
+            sasl_user: get("VANTAGE_KAFKA_SASL_USER"),
+            sasl_password_file: get("VANTAGE_KAFKA_SASL_PASSWORD_FILE").into(),
+        }
+    }
+}
+
+/// 32 random hex characters: a password no log line could contain by accident.
+fn random_secret() -> String {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).unwrap();
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Runs `tests/services/lib.sh CMD ARGS...` with `stdin` as its input.
+fn services(args: &[&str], stdin: &str) -> String {
+    let mut child = Command::new("bash")
+        .arg(services_dir().join("lib.sh"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "lib.sh {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// An agent identity on the secure listeners (removed on drop).
+struct Identity {
+    user: String,
+    password: String,
+}
+
+impl Identity {
+    fn agent(prefix: &str, region: &str, agent: &str) -> Identity {
+        let password = random_secret();
+        services(
+            &["mqtt-agent", prefix, region, agent],
+            &format!("{password}\n"),
+        );
+        Identity {
+            user: agent.to_owned(),
+            password,
+        }
+    }
+
+    fn ingester(prefix: &str, user: &str) -> Identity {
+        let password = random_secret();
+        services(&["mqtt-ingester", prefix, user], &format!("{password}\n"));
+        Identity {
+            user: user.to_owned(),
+            password,
+        }
+    }
+}
+
+impl Drop for Identity {
+    fn drop(&mut self) {
+        services(&["mqtt-remove", &self.user], "");
+    }
+}
+
+fn tls_transport(ca: &Path, client_cert: Option<(&Path, &Path)>) -> rumqttc::Transport {
+    let raw = vantage_ingester::tls::RawTls {
+        ca_file: Some(ca.to_owned()),
+        cert_file: client_cert.map(|c| c.0.to_owned()),
+        key_file: client_cert.map(|c| c.1.to_owned()),
+    };
+    let tls = vantage_ingester::tls::client(&raw).unwrap();
+    rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls.config))
+}
+
+/// Connects with MQTT 5 (so the broker says *why* it refuses a publish), publishes one QoS 1
+/// message on each topic in order, and returns the PUBACK reason of each.
+async fn publish_v5(
+    mut options: rumqttc::v5::MqttOptions,
+    topics: &[String],
+) -> Vec<rumqttc::v5::mqttbytes::v5::PubAckReason> {
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::{AsyncClient, Event};
+    options.set_keep_alive(Duration::from_secs(10));
+    let (client, mut eventloop) = AsyncClient::new(options, 10);
+    for t in topics {
+        client
+            .publish(
+                t.clone(),
+                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                false,
+                vec![1u8],
+            )
+            .await
+            .unwrap();
+    }
+    let mut reasons = Vec::new();
+    let done = tokio::time::timeout(Duration::from_secs(20), async {
+        while reasons.len() < topics.len() {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(ack))) => reasons.push(ack.reason),
+                Ok(_) => {}
+                Err(e) => panic!("MQTT 5 connection failed: {e}"),
+            }
+        }
+    })
+    .await;
+    assert!(done.is_ok(), "no PUBACKs within 20 s: {reasons:?}");
+    let _ = client.disconnect().await;
+    reasons
+}
+
+/// "accepted" (success; nobody subscribed is fine), "refused" (not authorized), or the reason.
+fn verdicts(reasons: &[rumqttc::v5::mqttbytes::v5::PubAckReason]) -> Vec<String> {
+    use rumqttc::v5::mqttbytes::v5::PubAckReason;
+    reasons
+        .iter()
+        .map(|r| match r {
+            PubAckReason::Success | PubAckReason::NoMatchingSubscribers => "accepted".into(),
+            PubAckReason::NotAuthorized => "refused".into(),
+            other => format!("{other:?}"),
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_cannot_publish_as_another_agent() {
+    let sec = Secure::from_env();
+    let run = Run::new("acl");
+    let prefix = run.prefix();
+    let (a, b) = (format!("a-{}", run.id), format!("b-{}", run.id));
+    let id_a = Identity::agent(&prefix, "eu-north", &a);
+    let _id_b = Identity::agent(&prefix, "us-east", &b);
+    let own = format!("{prefix}/v1/results/eu-north/{a}");
+    let own_status = format!("{prefix}/v1/status/eu-north/{a}");
+    let as_b = format!("{prefix}/v1/results/us-east/{b}");
+    let as_a_elsewhere = format!("{prefix}/v1/results/us-east/{a}");
+    let targets_of_b = format!("{prefix}/v1/targets/us-east/{b}");
+
+    // Password identity over TLS.
+    let mut options =
+        rumqttc::v5::MqttOptions::new(format!("acl-a-{}", run.id), &sec.host, sec.tls_port);
+    options.set_credentials(&id_a.user, &id_a.password);
+    options.set_transport(tls_transport(&sec.ca, None));
+    let reasons = publish_v5(
+        options,
+        &[
+            own.clone(),
+            own_status.clone(),
+            as_b.clone(),
+            as_a_elsewhere.clone(),
+            targets_of_b.clone(),
+        ],
+    )
+    .await;
+    assert_eq!(
+        verdicts(&reasons),
+        ["accepted", "accepted", "refused", "refused", "refused"],
+        "own results, own status, B's results, A in another region, B's targets: {reasons:?}"
+    );
+
+    // Certificate identity (CN = agent id) over mutual TLS: the same ACL.
+    let paths = services(&["client-cert", &a], "");
+    let mut lines = paths.lines();
+    let (cert, key) = (
+        PathBuf::from(lines.next().unwrap()),
+        PathBuf::from(lines.next().unwrap()),
+    );
+    let mut options =
+        rumqttc::v5::MqttOptions::new(format!("acl-a-cert-{}", run.id), &sec.host, sec.mtls_port);
+    options.set_transport(tls_transport(&sec.ca, Some((&cert, &key))));
+    let reasons = publish_v5(options, &[own.clone(), as_b.clone()]).await;
+    assert_eq!(
+        verdicts(&reasons),
+        ["accepted", "refused"],
+        "certificate identity: own results, B's results: {reasons:?}"
+    );
+
+    // A wrong password is refused at CONNECT.
+    let mut options =
+        rumqttc::v5::MqttOptions::new(format!("acl-bad-{}", run.id), &sec.host, sec.tls_port);
+    options.set_credentials(&id_a.user, "not-the-password");
+    options.set_transport(tls_transport(&sec.ca, None));
+    let (_client, mut eventloop) = rumqttc::v5::AsyncClient::new(options, 10);
+    let refused = tokio::time::timeout(Duration::from_secs(20), eventloop.poll())
+        .await
+        .expect("broker answered within 20 s");
+    assert!(refused.is_err(), "wrong password accepted: {refused:?}");
+    let _ = std::fs::remove_dir_all(&run.dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_tls_is_verified_and_never_downgraded() {
+    use vantage_ingester::config::{PgTls, PostgresConfig};
+    let sec = Secure::from_env();
+    let services = vantage_tests::Services::from_env();
+    let pg: tokio_postgres::Config = services.pg_url.parse().unwrap();
+    let password = pg
+        .get_password()
+        .map(|p| String::from_utf8_lossy(p).into_owned());
+    let port = pg.get_ports().first().copied().unwrap_or(5432);
+    let tls = |ca: Option<&Path>| {
+        PgTls::VerifyFull(
+            vantage_ingester::tls::client(&vantage_ingester::tls::RawTls {
+                ca_file: ca.map(Path::to_owned),
+                ..Default::default()
+            })
+            .unwrap(),
+        )
+    };
+    let config = |url: String, tls: PgTls| PostgresConfig {
+        url,
+        password: password.clone(),
+        schema: "public".into(),
+        tls,
+    };
+    let url = |host: &str| format!("host={host} port={port} user=vantage dbname=vantage");
+
+    // The test CA, by address and by name: TLS in use.
+    for host in ["127.0.0.1", "localhost"] {
+        let client = vantage_ingester::db::connect(&config(url(host), tls(Some(&sec.ca))))
+            .await
+            .unwrap_or_else(|e| panic!("TLS to {host}: {e}"));
+        let ssl: bool = client
+            .query_one(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(ssl, "connection to {host} is not TLS");
+    }
+    // Not signed by a trusted CA (the bundled public roots): refused.
+    let Err(e) = vantage_ingester::db::connect(&config(url("127.0.0.1"), tls(None))).await else {
+        panic!("a certificate from an unknown CA was accepted");
+    };
+    assert!(format!("{e:?}").contains("UnknownIssuer"), "{e:?}");
+    // Right CA, wrong name: the certificate is for localhost and 127.0.0.1 only.
+    let Err(e) = vantage_ingester::db::connect(&config(
+        format!("host=db.example hostaddr=127.0.0.1 port={port} user=vantage dbname=vantage"),
+        tls(Some(&sec.ca)),
+    ))
+    .await
+    else {
+        panic!("a certificate for another name was accepted");
+    };
+    assert!(format!("{e:?}").contains("NotValidForName"), "{e:?}");
+    // `sslmode=disable` in the URL does not turn TLS off: the configuration decides.
+    let client = vantage_ingester::db::connect(&config(
+        format!("{} sslmode=disable", url("127.0.0.1")),
+        tls(Some(&sec.ca)),
+    ))
+    .await
+    .unwrap();
+    let ssl: bool = client
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        ssl,
+        "sslmode=disable in the URL downgraded a verify-full connection"
+    );
+}
+
+/// Every log line of this test binary, at TRACE, for the secrets check.
+fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let sink = logs.clone();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("trace"))
+            .with_ansi(false)
+            .with_writer(move || CaptureWriter(sink.clone()))
+            .try_init();
+        logs
+    })
+    .clone()
+}
+
+struct CaptureWriter(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for CaptureWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+const ROUNDS: u64 = 3;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pipeline_over_tls_sasl_ssl_and_verified_postgres_logs_no_secret() {
+    let logs = captured_logs();
+    let sec = Secure::from_env();
+    let run = Run::new("secure");
+    let prefix = run.prefix();
+    let target = TargetServer::start("127.0.0.1:0").await.unwrap();
+    let agents = [
+        ("eu-north", format!("eu-{}", run.id)),
+        ("us-east", format!("us-{}", run.id)),
+    ];
+    let identities: Vec<Identity> = agents
+        .iter()
+        .map(|(region, agent)| Identity::agent(&prefix, region, agent))
+        .collect();
+    let bridge_user = format!("ingester-{}", run.id);
+    let bridge_identity = Identity::ingester(&prefix, &bridge_user);
+
+    // A PostgreSQL role of this run with a random password (the shared one is a plain word).
+    let admin = run.pg().await;
+    let pg_role = format!("sec_{}", run.id);
+    let pg_password = random_secret();
+    // The test's own statement holds the password, and tokio-postgres logs statements at
+    // DEBUG: run it with no subscriber, so the capture below sees only what vantage logs.
+    {
+        use tracing::instrument::WithSubscriber as _;
+        admin
+            .batch_execute(&format!(
+                "CREATE ROLE {pg_role} LOGIN SUPERUSER PASSWORD '{pg_password}'"
+            ))
+            .with_subscriber(tracing::subscriber::NoSubscriber::default())
+            .await
+            .unwrap();
+    }
+    let services = vantage_tests::Services::from_env();
+    let pg: tokio_postgres::Config = services.pg_url.parse().unwrap();
+    let pg_port = pg.get_ports().first().copied().unwrap_or(5432);
+    let kafka_password = std::fs::read_to_string(&sec.sasl_password_file)
+        .unwrap()
+        .trim()
+        .to_owned();
+
+    let secret_file = |name: &str, value: &str| {
+        let p = run.dir.join(name);
+        write_file(&p, &format!("{value}\n"));
+        p.display().to_string()
+    };
+    let ingester_toml = format!(
+        r#"
+[mqtt]
+host = "{host}"
+port = {tls_port}
+username = "{bridge_user}"
+password_file = "{mqtt_pw}"
+client_id = "{client_id}"
+topic_prefix = "{prefix}"
+[mqtt.tls]
+ca_file = "{ca}"
+
+[kafka]
+brokers = "{sasl_brokers}"
+topic = "{topic}"
+dead_letter_topic = "{dlq}"
+group_id = "{group}"
+partitions = 2
+[kafka.properties]
+"security.protocol" = "SASL_SSL"
+"sasl.mechanisms" = "SCRAM-SHA-512"
+"sasl.username" = "{sasl_user}"
+"ssl.ca.location" = "{ca}"
+"ssl.endpoint.identification.algorithm" = "https"
+# librdkafka's own debug output too: it must not print the SASL password either
+"debug" = "security,broker,protocol"
+[kafka.secret_files]
+"sasl.password" = "{kafka_pw}"
+
+[postgres]
+url = "host=localhost port={pg_port} user={pg_role} dbname=vantage"
+password_file = "{pg_pw}"
+schema = "{schema}"
+tls = "verify-full"
+ca_file = "{ca}"
+
+[sink]
+batch_max = 50
+batch_timeout = "100ms"
+"#,
+        host = sec.host,
+        tls_port = sec.tls_port,
+        mqtt_pw = secret_file("bridge.pw", &bridge_identity.password),
+        client_id = run.bridge_client_id("tls"),
+        ca = sec.ca.display(),
+        sasl_brokers = sec.sasl_brokers,
+        topic = run.topic(),
+        dlq = run.dead_letter_topic(),
+        group = run.group(),
+        sasl_user = sec.sasl_user,
+        kafka_pw = sec.sasl_password_file.display(),
+        pg_pw = secret_file("pg.pw", &pg_password),
+        schema = run.schema(),
+    );
+    let ingester_file = run.dir.join("ingester.toml");
+    write_file(&ingester_file, &ingester_toml);
+    let ingester = Arc::new(vantage_ingester::Config::load(&ingester_file).unwrap());
+    tracing::debug!(config = ?ingester, "ingester configuration (Debug must not show secrets)");
+
+    let stop = CancellationToken::new();
+    let sink = tokio::spawn({
+        let (c, s) = (ingester.clone(), stop.clone());
+        async move { vantage_ingester::sink::run(&c, s).await }
+    });
+    let bridge_state = Arc::new(vantage_ingester::bridge::BridgeState::default());
+    let bridge = tokio::spawn({
+        let (c, s, st) = (ingester.clone(), stop.clone(), bridge_state.clone());
+        async move { vantage_ingester::bridge::run_with_state(&c, s, st).await }
+    });
+    let subscribed = tokio::time::timeout(Duration::from_secs(60), async {
+        while !bridge_state.subscribed.load(Ordering::Acquire) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(
+        subscribed.is_ok(),
+        "bridge did not subscribe over TLS within 60 s"
+    );
+
+    let mut runs = Vec::new();
+    for ((region, agent), identity) in agents.iter().zip(&identities) {
+        let text = format!(
+            r#"
+agent_id = "{agent}"
+region = "{region}"
+[mqtt]
+host = "{host}"
+port = {port}
+username = "{agent}"
+password_file = "{pw}"
+topic_prefix = "{prefix}"
+[mqtt.tls]
+ca_file = "{ca}"
+[uplink]
+batch_max = 4
+flush_interval = "200ms"
+[[targets]]
+id = 1
+url = "{url}"
+interval = "1s"
+timeout = "1s"
+regex = "target: ok"
+"#,
+            host = sec.host,
+            port = sec.tls_port,
+            pw = secret_file(&format!("{agent}.pw"), &identity.password),
+            ca = sec.ca.display(),
+            url = target.url("/"),
+        );
+        let path = run.dir.join(format!("{agent}.toml"));
+        write_file(&path, &text);
+        let config = vantage_agent::Config::load(&path).unwrap();
+        tracing::debug!(config = ?config, "agent configuration (Debug must not show secrets)");
+        runs.push(vantage_agent::run(
+            config,
+            vantage_agent::RunOptions {
+                rounds: Some(ROUNDS),
+            },
+            CancellationToken::new(),
+        ));
+    }
+    let summaries = futures::future::join_all(runs).await;
+    let mut produced = 0;
+    for s in summaries {
+        let s = s.unwrap();
+        assert_eq!(s.uplink.results, ROUNDS, "{s:?}");
+        assert_eq!(s.uplink.undelivered, 0, "{s:?}");
+        produced += s.uplink.results as i64;
+    }
+
+    let stored = run.wait_rows(produced, Duration::from_secs(90)).await;
+    assert_eq!(stored, produced, "rows in PostgreSQL vs results produced");
+    let client = run.pg().await;
+    let by_region: Vec<(String, String, i64)> = client
+        .query(
+            "SELECT region, agent, count(*) FROM results GROUP BY 1, 2 ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        by_region,
+        [
+            ("eu-north".to_owned(), agents[0].1.clone(), ROUNDS as i64),
+            ("us-east".to_owned(), agents[1].1.clone(), ROUNDS as i64),
+        ]
+    );
+    // The sink's own sessions are TLS.
+    let tls_sessions: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+             WHERE a.usename = $1 AND s.ssl",
+            &[&pg_role],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let plain_sessions: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+             WHERE a.usename = $1 AND NOT s.ssl",
+            &[&pg_role],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        tls_sessions >= 1 && plain_sessions == 0,
+        "{tls_sessions} TLS, {plain_sessions} plain"
+    );
+
+    stop.cancel();
+    let bridge_stats = bridge.await.unwrap().unwrap();
+    assert_eq!(bridge_stats.dead_lettered, 0, "{bridge_stats:?}");
+    sink.await.unwrap().unwrap();
+
+    // Bad secrets: the errors name the variable or file, never a value.
+    let bad = ingester_toml.replace(
+        "[kafka.secret_files]",
+        &format!("\"sasl.password\" = \"{kafka_password}\"\n[kafka.secret_files]"),
+    );
+    let e = vantage_ingester::Config::parse(&bad, Path::new("bad.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("kafka.properties.sasl.password") && !e.contains(&kafka_password),
+        "{e}"
+    );
+    let bad = ingester_toml.replace(
+        &format!("user={pg_role} "),
+        &format!("user={pg_role} password={pg_password} "),
+    );
+    let e = vantage_ingester::Config::parse(&bad, Path::new("bad.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("postgres.url") && !e.contains(&pg_password),
+        "{e}"
+    );
+    tracing::error!(error = %e, "config error (logged, as main would)");
+
+    let _ = admin
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", run.schema()))
+        .await;
+    // The sink's pool may still be closing; DROP ROLE waits for nobody, so retry briefly.
+    for _ in 0..50 {
+        if admin
+            .batch_execute(&format!("DROP ROLE IF EXISTS {pg_role}"))
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut client_ids = vec![run.bridge_client_id("tls")];
+    client_ids.extend(agents.iter().map(|(_, a)| format!("vantage-agent-{a}")));
+    run.cleanup(&client_ids).await;
+    let mut secrets = vec![
+        ("kafka SASL password", kafka_password.clone()),
+        ("PostgreSQL password", pg_password.clone()),
+        ("bridge MQTT password", bridge_identity.password.clone()),
+    ];
+    secrets.extend(
+        identities
+            .iter()
+            .map(|i| ("agent MQTT password", i.password.clone())),
+    );
+    drop(identities);
+    drop(bridge_identity);
+
+    // The secrets check, over everything logged at TRACE by this binary so far.
+    let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    assert!(
+        text.contains("librdkafka") && text.contains("SASL"),
+        "the capture did not see librdkafka's debug output ({} bytes)",
+        text.len()
+    );
+    assert!(
+        text.contains("connected to MQTT broker"),
+        "capture incomplete"
+    );
+    if let Ok(path) = std::env::var("VANTAGE_SECURITY_LOG") {
+        std::fs::write(path, &text).unwrap();
+    }
+    for (what, value) in &secrets {
+        assert!(value.len() >= 16, "{what} is too short to search for");
+        assert!(
+            !text.contains(value.as_str()),
+            "the {what} appears in the logs ({} bytes captured)",
+            text.len()
+        );
+    }
+    eprintln!(
+        "secrets check: {} secrets searched in {} bytes of TRACE logs, none found",
+        secrets.len(),
+        text.len()
+    );
+}
