@@ -745,3 +745,80 @@ async fn refused_target_set_keeps_the_old_one() {
     let _ = handle.await;
     f.finish(&[us_agent]).await;
 }
+
+/// Publishes `payload` on `topic` with the test agent credentials and waits for the PUBACK.
+async fn publish_as_agent(run: &Run, topic: &str, payload: Vec<u8>) {
+    let mut options = rumqttc::MqttOptions::new(
+        format!("forger-{}", run.id),
+        run.services.mqtt_host.clone(),
+        run.services.mqtt_port,
+    );
+    options.set_credentials("agent", "agent-secret");
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+    client
+        .try_publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+        .unwrap();
+    let acked = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) =
+                eventloop.poll().await.expect("MQTT broker must be running")
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(acked.is_ok(), "broker did not acknowledge the publish");
+}
+
+fn status_frame(agent: &str, region: &str) -> Vec<u8> {
+    use vantage_proto::control::{encode_status, AgentState, AgentStatus, MAX_STATUS_LEN};
+    let status = AgentStatus {
+        state: AgentState::Online,
+        agent_id: agent.try_into().unwrap(),
+        region: region.try_into().unwrap(),
+        boot_id: 7,
+        version: "0.0.0-forged".try_into().unwrap(),
+        sent_at_ms: 1,
+        max_concurrency: 1,
+        buffer_capacity: 1,
+        targets: 0,
+        pending_results: 0,
+        region_set_generation: 0,
+        agent_set_generation: 0,
+        rejection: None,
+    };
+    let mut buf = [0u8; MAX_STATUS_LEN];
+    encode_status(&status, &mut buf).unwrap().to_vec()
+}
+
+/// A status whose claims (agent, region) disagree with the topic it was published on is
+/// dead-lettered with the reason `claims_mismatch` and never reaches `agents`; the bridge goes on
+/// and takes the next, honest status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn forged_status_is_dead_lettered() {
+    let f = Fixture::start("fleet-forged").await;
+    let (run, client) = (&f.run, &f.client);
+    let topic = format!("{}/v1/status/us-east/pi-honest", run.prefix());
+    publish_as_agent(run, &topic, status_frame("pi-intruder", "us-east")).await;
+    publish_as_agent(run, &topic, status_frame("pi-honest", "eu-north")).await;
+    publish_as_agent(run, &topic, status_frame("pi-honest", "us-east")).await;
+    let agents: Vec<(String, String)> =
+        wait_for("the honest status", Duration::from_secs(60), || async {
+            let rows = client
+                .query("SELECT agent, region FROM agents ORDER BY agent", &[])
+                .await
+                .ok()?;
+            (!rows.is_empty()).then(|| rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        })
+        .await;
+    assert_eq!(agents, [("pi-honest".to_owned(), "us-east".to_owned())]);
+    let dead = run.read_topic(&run.dead_letter_topic());
+    let reasons: Vec<&str> = dead
+        .iter()
+        .filter_map(|r| r.header(vantage_ingester::kafka::REASON_HEADER))
+        .collect();
+    assert_eq!(reasons, ["claims_mismatch", "claims_mismatch"], "{dead:?}");
+    // The forger used a clean session: nothing of it stays on the broker.
+    f.finish(&[]).await;
+}
