@@ -234,8 +234,11 @@ pub fn render(lines: &[AgentLine]) -> String {
             "STALE".to_owned()
         } else if l.online {
             "online".to_owned()
+        } else if let Some(state) = l.state.as_deref().filter(|s| *s != "offline") {
+            // Not a clean stop: say how it went offline (e.g. "lost": the last will).
+            format!("offline ({state})")
         } else if l.state.is_some() {
-            format!("offline ({})", l.state.as_deref().unwrap_or(""))
+            "offline".to_owned()
         } else {
             "unknown".to_owned()
         };
