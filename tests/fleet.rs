@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use vantage_tests::harness::{write_file, IngesterOptions, Run};
+use vantage_tests::harness::{publish_as_agent, write_file, IngesterOptions, Run};
 use vantage_tests::proxy::CuttableProxy;
 use vantage_tests::stage::workspace_bin;
 use vantage_tests::target::TargetServer;
@@ -86,6 +86,19 @@ fn ingester(config: &Path, command: &[&str], rest: &[&str]) -> Output {
         .args(rest)
         .output()
         .expect("run vantage-ingester")
+}
+
+/// `targets apply FILE`, which must succeed; its output.
+fn apply(config: &Path, file: &Path) -> Output {
+    let out = ingester(config, &["targets", "apply"], &[file.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "targets apply {} failed:\n{}{}",
+        file.display(),
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    out
 }
 
 fn text(out: &[u8]) -> String {
@@ -290,17 +303,7 @@ async fn agents_follow_central_targets() {
             ("gamma", "/gamma", ""),
         ],
     );
-    let out = ingester(
-        ingester_file,
-        &["targets", "apply"],
-        &[v1.to_str().unwrap()],
-    );
-    assert!(
-        out.status.success(),
-        "apply v1 failed:\n{}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    let out = apply(ingester_file, &v1);
     assert!(
         text(&out.stdout).contains("3 to add, 0 to change, 0 to retire"),
         "{}",
@@ -397,17 +400,7 @@ async fn agents_follow_central_targets() {
         assert!(diff.contains(expected), "diff lacks {expected:?}:\n{diff}");
     }
     let v2_started = std::time::Instant::now();
-    let out = ingester(
-        ingester_file,
-        &["targets", "apply"],
-        &[v2.to_str().unwrap()],
-    );
-    assert!(
-        out.status.success(),
-        "apply v2 failed:\n{}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    let out = apply(ingester_file, &v2);
     assert!(
         text(&out.stdout).contains("1 to add, 2 to change, 1 to retire"),
         "{}",
@@ -628,17 +621,7 @@ async fn refused_target_set_keeps_the_old_one() {
         target,
         &[("alpha", "/alpha", ""), ("delta", "/delta", "")],
     );
-    let out = ingester(
-        ingester_file,
-        &["targets", "apply"],
-        &[v1.to_str().unwrap()],
-    );
-    assert!(
-        out.status.success(),
-        "{}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    apply(ingester_file, &v1);
     wait_for("rows of both targets", Duration::from_secs(60), || async {
         let c = counts(client).await;
         (count(&c, "alpha", "us-east") >= 2 && count(&c, "delta", "us-east") >= 2).then_some(())
@@ -718,17 +701,7 @@ async fn refused_target_set_keeps_the_old_one() {
 
     // A good set replaces the refused one, and the refusal is cleared.
     let v2 = targets_file(run, "targets-v2.toml", target, &[("alpha", "/alpha", "")]);
-    let out = ingester(
-        ingester_file,
-        &["targets", "apply"],
-        &[v2.to_str().unwrap()],
-    );
-    assert!(
-        out.status.success(),
-        "{}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    apply(ingester_file, &v2);
     wait_for("the refusal to clear", Duration::from_secs(30), || async {
         client
             .query_opt(
@@ -744,31 +717,6 @@ async fn refused_target_set_keeps_the_old_one() {
     token.cancel();
     let _ = handle.await;
     f.finish(&[us_agent]).await;
-}
-
-/// Publishes `payload` on `topic` with the test agent credentials and waits for the PUBACK.
-async fn publish_as_agent(run: &Run, topic: &str, payload: Vec<u8>) {
-    let mut options = rumqttc::MqttOptions::new(
-        format!("forger-{}", run.id),
-        run.services.mqtt_host.clone(),
-        run.services.mqtt_port,
-    );
-    options.set_credentials("agent", "agent-secret");
-    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
-    client
-        .try_publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
-        .unwrap();
-    let acked = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) =
-                eventloop.poll().await.expect("MQTT broker must be running")
-            {
-                return;
-            }
-        }
-    })
-    .await;
-    assert!(acked.is_ok(), "broker did not acknowledge the publish");
 }
 
 fn status_frame(agent: &str, region: &str) -> Vec<u8> {
@@ -800,9 +748,28 @@ async fn forged_status_is_dead_lettered() {
     let f = Fixture::start("fleet-forged").await;
     let (run, client) = (&f.run, &f.client);
     let topic = format!("{}/v1/status/us-east/pi-honest", run.prefix());
-    publish_as_agent(run, &topic, status_frame("pi-intruder", "us-east")).await;
-    publish_as_agent(run, &topic, status_frame("pi-honest", "eu-north")).await;
-    publish_as_agent(run, &topic, status_frame("pi-honest", "us-east")).await;
+    let forger = format!("forger-{}", run.id);
+    publish_as_agent(
+        &run.services,
+        &forger,
+        &topic,
+        status_frame("pi-intruder", "us-east"),
+    )
+    .await;
+    publish_as_agent(
+        &run.services,
+        &forger,
+        &topic,
+        status_frame("pi-honest", "eu-north"),
+    )
+    .await;
+    publish_as_agent(
+        &run.services,
+        &forger,
+        &topic,
+        status_frame("pi-honest", "us-east"),
+    )
+    .await;
     let agents: Vec<(String, String)> =
         wait_for("the honest status", Duration::from_secs(60), || async {
             let rows = client

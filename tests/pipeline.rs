@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use vantage_tests::harness::{write_file, IngesterOptions, Run};
+use vantage_tests::harness::{publish_as_agent, write_file, IngesterOptions, Run};
 use vantage_tests::target::TargetServer;
 
 /// (region, target, status, outcome, regex match, count): one group of result rows.
@@ -84,33 +84,9 @@ regex = "no such text"
 
 /// Publishes one undecodable payload on a results topic, as a broken agent would.
 async fn publish_garbage(run: &Run) {
-    let mut options = rumqttc::MqttOptions::new(
-        format!("garbage-{}", run.id),
-        run.services.mqtt_host.clone(),
-        run.services.mqtt_port,
-    );
-    options.set_credentials("agent", "agent-secret");
-    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
     let topic = format!("{}/v1/results/eu-north/broken", run.prefix());
-    client
-        .publish(topic, rumqttc::QoS::AtLeastOnce, false, vec![0xFF, 0, 1, 2])
-        .await
-        .unwrap();
-    // Poll until the broker acknowledged the publish.
-    let acked = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) =
-                eventloop.poll().await.expect("MQTT broker must be running")
-            {
-                return;
-            }
-        }
-    })
-    .await;
-    assert!(
-        acked.is_ok(),
-        "broker did not acknowledge the garbage publish"
-    );
+    let client_id = format!("garbage-{}", run.id);
+    publish_as_agent(&run.services, &client_id, &topic, vec![0xFF, 0, 1, 2]).await;
 }
 
 /// Rows in `results`; errors fail the test (the harness's count treats them as "not yet").

@@ -14,6 +14,7 @@ pub mod report;
 pub mod secrets;
 pub mod sink;
 pub mod storage;
+pub mod table;
 pub mod targets;
 pub mod tls;
 

@@ -988,7 +988,7 @@ pub async fn render_list(client: &Client, all: bool) -> Result<String, TargetsEr
             l.updated.clone(),
         ]);
     }
-    let mut out = align(&rows);
+    let mut out = crate::table::align(&rows);
     let sets = client
         .query(
             "SELECT region, agent, generation, cardinality(target_ids), bytes FROM target_sets ORDER BY agent <> '', region, agent",
@@ -1010,26 +1010,9 @@ pub async fn render_list(client: &Client, all: bool) -> Result<String, TargetsEr
                 r.get::<_, i32>(4).to_string(),
             ]);
         }
-        out.push_str(&align(&rows));
+        out.push_str(&crate::table::align(&rows));
     }
     Ok(out)
-}
-
-fn align<const N: usize>(rows: &[[String; N]]) -> String {
-    let widths: Vec<usize> = (0..N)
-        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for r in rows {
-        let cells: Vec<String> = r
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        out.push_str(cells.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
 }
 
 #[cfg(test)]

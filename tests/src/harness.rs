@@ -339,6 +339,33 @@ impl KafkaRecord {
     }
 }
 
+/// Publishes `payload` on `topic` at QoS 1 as the test agent identity (`agent` /
+/// `agent-secret`, a clean session named `client_id`) and waits for the broker's PUBACK, as a
+/// misbehaving or forging agent would.
+pub async fn publish_as_agent(services: &Services, client_id: &str, topic: &str, payload: Vec<u8>) {
+    let mut options =
+        rumqttc::MqttOptions::new(client_id, services.mqtt_host.clone(), services.mqtt_port);
+    options.set_credentials("agent", "agent-secret");
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+    client
+        .try_publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+        .expect("queue the publish");
+    let acked = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) =
+                eventloop.poll().await.expect("MQTT broker must be running")
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(
+        acked.is_ok(),
+        "broker did not acknowledge the publish on {topic}"
+    );
+}
+
 /// Ends persistent MQTT sessions (connect with a clean session, then disconnect), so a test
 /// leaves no session state in the shared broker. `ingester` credentials for `bridge-*` ids,
 /// `agent` for the rest.
