@@ -13,6 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
+use vantage_agent::target_set::TargetBook;
+use vantage_proto::control::SetScope;
 use vantage_tests::harness::{publish_as_agent, write_file, IngesterOptions, Run};
 use vantage_tests::proxy::CuttableProxy;
 use vantage_tests::stage::workspace_bin;
@@ -71,6 +73,16 @@ heartbeat_interval = "1s"
 
 fn state_dir(run: &Run, region: &str) -> PathBuf {
     run.dir.join(format!("state-{region}"))
+}
+
+/// The target sets the agent of `region` persisted, as it would load them at its next start.
+fn book(run: &Run, region: &str) -> TargetBook {
+    TargetBook::load(
+        &state_dir(run, region),
+        &run.prefix(),
+        region,
+        &agent_id(run, region),
+    )
 }
 
 fn agent_id(run: &Run, region: &str) -> String {
@@ -504,9 +516,9 @@ async fn agents_follow_central_targets() {
         },
     )
     .await;
-    assert!(state_dir(run, "us-east")
-        .join("targets-region.bin")
-        .is_file());
+    let persisted = book(run, "us-east");
+    assert_eq!(persisted.region_generation(), 2);
+    assert!(persisted.path(SetScope::Region).is_file());
     let broker: std::net::SocketAddr =
         format!("{}:{}", run.services.mqtt_host, run.services.mqtt_port)
             .parse()
@@ -690,8 +702,7 @@ async fn refused_target_set_keeps_the_old_one() {
     drop(after);
 
     // The refused set was not persisted: a restart would still start from generation 1.
-    let book = vantage_agent::target_set::TargetBook::load(&state_dir(run, "us-east"));
-    assert_eq!(book.region_generation(), 1);
+    assert_eq!(book(run, "us-east").region_generation(), 1);
     let out = ingester(ingester_file, &["agents"], &[]);
     assert!(
         text(&out.stdout).contains("region set 99"),

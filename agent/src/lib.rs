@@ -69,7 +69,12 @@ pub async fn run(
     // the last good ones on disk, so a restart without broker still probes).
     let mut book = match config.targets_source {
         TargetsSource::Local => None,
-        TargetsSource::Central => Some(target_set::TargetBook::load(&config.state_dir)),
+        TargetsSource::Central => Some(target_set::TargetBook::load(
+            &config.state_dir,
+            &config.mqtt.topic_prefix,
+            &config.region,
+            &config.agent_id,
+        )),
     };
     let mut targets: Vec<Arc<target::Target>> = match &book {
         None => config.targets.iter().cloned().map(Arc::new).collect(),
@@ -127,19 +132,22 @@ pub async fn run(
         let wake = next
             .unwrap_or_else(|| std::time::Instant::now() + std::time::Duration::from_secs(3600));
         tokio::select! {
+            // In this order: when both sets changed at once, the agent's own is taken first
+            // (the order `targets apply` publishes them in; see target_set::TargetBook).
+            biased;
             _ = shutdown.cancelled() => break,
-            // Reap finished probes so the set does not grow.
-            Some(_) = probes.join_next(), if !probes.is_empty() => continue,
-            Ok(()) = region_rx.changed(), if following => {
-                let payload = region_rx.borrow_and_update().clone();
-                apply_set(&mut book, SetScope::Region, payload, &mut targets, &mut schedule, &board);
-                continue;
-            }
             Ok(()) = agent_rx.changed(), if following => {
                 let payload = agent_rx.borrow_and_update().clone();
-                apply_set(&mut book, SetScope::Agent, payload, &mut targets, &mut schedule, &board);
+                apply_set(&mut book, SetScope::Agent, payload, &mut targets, &mut schedule, &board).await;
                 continue;
             }
+            Ok(()) = region_rx.changed(), if following => {
+                let payload = region_rx.borrow_and_update().clone();
+                apply_set(&mut book, SetScope::Region, payload, &mut targets, &mut schedule, &board).await;
+                continue;
+            }
+            // Reap finished probes so the set does not grow.
+            Some(_) = probes.join_next(), if !probes.is_empty() => continue,
             _ = tokio::time::sleep_until(wake.into()) => {}
         }
         for due in schedule.pop_due(std::time::Instant::now()) {
@@ -192,7 +200,7 @@ fn board_of(
 }
 
 /// Offers a received payload to the book; on acceptance swaps the schedule in place.
-fn apply_set(
+async fn apply_set(
     book: &mut Option<target_set::TargetBook>,
     scope: SetScope,
     payload: Option<Vec<u8>>,
@@ -200,10 +208,28 @@ fn apply_set(
     schedule: &mut scheduler::Scheduler,
     board: &fleet::StatusBoard,
 ) {
-    let (Some(book), Some(payload)) = (book.as_mut(), payload) else {
-        return;
+    let Some(payload) = payload else { return };
+    let Some(current) = book.take() else { return };
+    // Validation compiles every regex and reads CA files, and persisting fsyncs an SD card: on
+    // the blocking pool, so the probes in flight on this (single) runtime thread keep honest
+    // timings. The book is cloned first so a panic there cannot lose it.
+    let fallback = current.clone();
+    let (updated, offered) = match tokio::task::spawn_blocking(move || {
+        let mut b = current;
+        let offered = b.offer(scope, &payload);
+        (b, offered)
+    })
+    .await
+    {
+        Ok(done) => done,
+        Err(e) => {
+            tracing::error!(error = %e, "target set validation failed; keeping the previous set");
+            *book = Some(fallback);
+            return;
+        }
     };
-    match book.offer(scope, &payload) {
+    let book = book.insert(updated);
+    match offered {
         target_set::Offered::Unchanged => {}
         target_set::Offered::Accepted => {
             *targets = book.effective();

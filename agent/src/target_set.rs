@@ -177,9 +177,14 @@ struct Held {
 /// than the region set's. Every `targets apply` republishes all sets with one new generation
 /// (agent sets first) and clears the agent sets it no longer has, so an agent set older than
 /// the region set is one that was cleared while this agent was away.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct TargetBook {
     dir: PathBuf,
+    /// `<prefix>-<region>` and `<prefix>-<region>-<agent>`: file names that say which scope a
+    /// persisted set belongs to, so a card cloned into another Pi, or an agent moved to another
+    /// region, never starts from sets meant for someone else.
+    region_key: String,
+    agent_key: String,
     region: Option<Held>,
     agent: Option<Held>,
     rejection: Option<Rejection>,
@@ -197,10 +202,13 @@ pub enum Offered {
 }
 
 impl TargetBook {
-    /// A book that persists into `dir`, starting from whatever valid sets are there.
-    pub fn load(dir: &Path) -> TargetBook {
+    /// A book that persists into `dir`, starting from whatever valid sets are there for this
+    /// topic prefix, region and agent.
+    pub fn load(dir: &Path, prefix: &str, region: &str, agent: &str) -> TargetBook {
         let mut book = TargetBook {
             dir: dir.to_owned(),
+            region_key: format!("{prefix}-{region}"),
+            agent_key: format!("{prefix}-{region}-{agent}"),
             region: None,
             agent: None,
             rejection: None,
@@ -228,10 +236,11 @@ impl TargetBook {
         book
     }
 
-    fn path(&self, scope: SetScope) -> PathBuf {
+    /// The file that holds the persisted set of `scope`.
+    pub fn path(&self, scope: SetScope) -> PathBuf {
         self.dir.join(match scope {
-            SetScope::Region => "targets-region.bin",
-            SetScope::Agent => "targets-agent.bin",
+            SetScope::Region => format!("targets-region-{}.bin", self.region_key),
+            SetScope::Agent => format!("targets-agent-{}.bin", self.agent_key),
         })
     }
 
@@ -246,6 +255,9 @@ impl TargetBook {
     /// scope (the ingester deleted the retained set).
     pub fn offer(&mut self, scope: SetScope, payload: &[u8]) -> Offered {
         if payload.is_empty() {
+            if self.rejection.as_ref().is_some_and(|r| r.scope == scope) {
+                self.rejection = None;
+            }
             if self.slot(scope).take().is_none() {
                 return Offered::Unchanged;
             }
@@ -402,13 +414,17 @@ mod tests {
         r.ip_family = IpFamily::Ipv6;
         r.interval = Duration::from_millis(2500);
         r.timeout = Duration::from_millis(2000);
-        let back = raw_from_spec(&spec_from_raw(&r).unwrap());
+        let spec = spec_from_raw(&r).unwrap();
+        let back = raw_from_spec(&spec);
+        // Every field survives the trip (headers included), and both forms validate the same.
+        assert_eq!(spec_from_raw(&back).unwrap(), spec);
+        assert_eq!(spec.headers.len(), 1);
         let (a, b) = (
             Target::from_raw(r).unwrap(),
             Target::from_raw(back).unwrap(),
         );
-        assert_eq!(format!("{a:?}"), format!("{b:?}"));
         assert_eq!(a.accepted_status, b.accepted_status);
+        assert_eq!(a.headers, b.headers);
     }
 
     #[test]
@@ -420,13 +436,13 @@ mod tests {
     #[test]
     fn accepts_persists_and_reloads() {
         let dir = temp_dir("reload");
-        let mut book = TargetBook::load(&dir);
+        let mut book = TargetBook::load(&dir, "v", "eu", "pi");
         assert!(book.effective().is_empty());
         let f = frame(1, &[raw(1, "http://a/"), raw(2, "http://b/")]);
         assert_eq!(book.offer(SetScope::Region, &f), Offered::Accepted);
         assert_eq!(book.offer(SetScope::Region, &f), Offered::Unchanged);
         assert_eq!(ids(&book), [1, 2]);
-        let again = TargetBook::load(&dir);
+        let again = TargetBook::load(&dir, "v", "eu", "pi");
         assert_eq!(ids(&again), [1, 2]);
         assert_eq!(again.region_generation(), 1);
     }
@@ -434,7 +450,7 @@ mod tests {
     #[test]
     fn invalid_set_is_rejected_and_the_old_one_kept() {
         let dir = temp_dir("reject");
-        let mut book = TargetBook::load(&dir);
+        let mut book = TargetBook::load(&dir, "v", "eu", "pi");
         book.offer(SetScope::Region, &frame(1, &[raw(1, "http://a/")]));
         // A spec the agent refuses: timeout longer than the interval.
         let mut bad = raw(2, "http://b/");
@@ -452,7 +468,7 @@ mod tests {
             book.offer(SetScope::Region, b"\x01\xff\xff"),
             Offered::Rejected(_)
         ));
-        assert_eq!(ids(&TargetBook::load(&dir)), [1]);
+        assert_eq!(ids(&TargetBook::load(&dir, "v", "eu", "pi")), [1]);
         // A later good set clears the rejection.
         book.offer(SetScope::Region, &frame(3, &[raw(5, "http://c/")]));
         assert!(book.rejection().is_none());
@@ -462,7 +478,7 @@ mod tests {
     #[test]
     fn agent_set_counts_only_when_not_older_than_the_region_set() {
         let dir = temp_dir("agent");
-        let mut book = TargetBook::load(&dir);
+        let mut book = TargetBook::load(&dir, "v", "eu", "pi");
         book.offer(SetScope::Agent, &frame(4, &[raw(9, "http://pinned/")]));
         book.offer(SetScope::Region, &frame(4, &[raw(1, "http://a/")]));
         assert_eq!(ids(&book), [1, 9]);
@@ -473,6 +489,13 @@ mod tests {
         assert_eq!(book.agent_generation(), 0);
         // Clearing the agent set (empty retained payload) removes the file too.
         assert_eq!(book.offer(SetScope::Agent, b""), Offered::Accepted);
-        assert!(!&dir.join("targets-agent.bin").exists());
+        assert!(!book.path(SetScope::Agent).exists());
+        // Another agent (a cloned card) or region does not pick up these files.
+        book.offer(SetScope::Region, &frame(6, &[raw(1, "http://a/")]));
+        assert_eq!(ids(&TargetBook::load(&dir, "v", "eu", "pi")), [1]);
+        assert!(TargetBook::load(&dir, "v", "eu", "pi-2").agent_generation() == 0);
+        assert!(TargetBook::load(&dir, "v", "us", "pi")
+            .effective()
+            .is_empty());
     }
 }

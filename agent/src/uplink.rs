@@ -389,6 +389,7 @@ pub async fn run(
         subscriptions,
     ));
     let mut seen_connects = 0u64;
+    let mut need_subscribe = false;
     let mut heartbeat = tokio::time::interval(config.heartbeat_interval);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let send_status = |state: AgentState, pending: usize| {
@@ -478,13 +479,21 @@ pub async fn run(
         // A new connection: announce, and (re)subscribe to the target sets, which makes the
         // broker send the retained ones again.
         let connects = link.connects.load(Ordering::Acquire);
-        if connects != seen_connects && link.connected.load(Ordering::Acquire) {
+        let connected = link.connected.load(Ordering::Acquire);
+        if connects != seen_connects && connected {
             seen_connects = connects;
             send_status(AgentState::Online, outbox.pending_results());
-            for filter in &filters {
-                if let Err(e) = client.try_subscribe(filter, QoS::AtLeastOnce) {
-                    tracing::warn!(error = %e, filter, "cannot subscribe to target sets");
-                }
+            need_subscribe = !filters.is_empty();
+        }
+        // Queued until rumqttc takes it (a full request queue is retried at the next wake-up,
+        // at the latest the next flush tick), so an agent never stays connected but deaf.
+        if need_subscribe && connected {
+            let subscriptions = filters
+                .iter()
+                .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+            match client.try_subscribe_many(subscriptions) {
+                Ok(()) => need_subscribe = false,
+                Err(e) => tracing::debug!(error = %e, "subscribe to target sets not queued yet"),
             }
         }
         pump(&client, &topic, &link, &mut seen, &mut outbox);
@@ -618,6 +627,17 @@ async fn poll_events(
                         }
                         None => tracing::debug!(topic = %p.topic, "unexpected message ignored"),
                     }
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                if ack
+                    .return_codes
+                    .iter()
+                    .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                {
+                    // Retrying cannot help: the broker's ACL does not let this identity read its
+                    // target sets. Loud, because the agent keeps probing its last set forever.
+                    tracing::error!(codes = ?ack.return_codes, "broker refused the subscription to this agent's target sets (check the ACL)");
                 }
             }
             Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {

@@ -444,9 +444,10 @@ impl Values {
             transfer_us: r.transfer_us.map(clamp_i32),
             body_truncated: r.body_truncated,
             redirects: i16::from(r.redirects),
+            // A certificate valid "forever" is stored as valid until the latest storable time.
             cert_not_after: r
                 .cert_not_after_s
-                .and_then(|s| SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(s))),
+                .map(|s| unix_ms(s.saturating_mul(1000).min(MAX_TIME_MS))),
             remote_ip: r.remote_ip.map(std::net::IpAddr::from),
         }
     }
@@ -580,6 +581,10 @@ pub async fn insert_batch(
     tx.commit().await?;
     Ok(inserted)
 }
+
+/// Latest time stored: 9999-12-31T23:59:59.999Z. Later values (a broken clock, a forged frame)
+/// are refused before they reach PostgreSQL (see `sink::decode_message`).
+pub const MAX_TIME_MS: u64 = 253_402_300_799_999;
 
 fn unix_ms(ms: u64) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_millis(ms)

@@ -22,29 +22,39 @@ pub struct StatusRow {
     pub region: String,
     pub agent: String,
     pub status: AgentStatus,
-    /// When the status was said: the agent's clock, or for a last will (which has no time) the
-    /// Kafka record's timestamp (when the bridge produced it).
+    /// When the bridge produced it (the Kafka record's timestamp), in ms since the epoch.
+    ///
+    /// Not the agent's own `sent_at_ms`: a Pi without a real-time clock can be minutes or years
+    /// off, and the last will has no time at all. One clock (the bridges') keeps `state_at` and
+    /// `last_seen` comparable across agents and with `now()`.
     pub at_ms: i64,
 }
 
+/// Why a status record cannot be stored (it goes to the dead-letter topic).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadStatus {
+    /// A text field holds a NUL byte, which PostgreSQL `text` refuses.
+    NulByte,
+}
+
 impl StatusRow {
+    /// Checks what PostgreSQL would refuse, so one bad record cannot stop a sink.
     pub fn new(
         region: &str,
         agent: &str,
         status: AgentStatus,
         kafka_timestamp_ms: Option<i64>,
-    ) -> StatusRow {
-        let at_ms = if status.sent_at_ms == 0 {
-            kafka_timestamp_ms.unwrap_or_else(now_ms)
-        } else {
-            i64::try_from(status.sent_at_ms).unwrap_or(i64::MAX)
-        };
-        StatusRow {
+    ) -> Result<StatusRow, BadStatus> {
+        let reason = status.rejection.as_ref().map_or("", |r| r.reason.as_str());
+        if status.version.contains('\0') || reason.contains('\0') {
+            return Err(BadStatus::NulByte);
+        }
+        Ok(StatusRow {
             region: region.to_owned(),
             agent: agent.to_owned(),
             status,
-            at_ms,
-        }
+            at_ms: kafka_timestamp_ms.filter(|&t| t > 0).unwrap_or_else(now_ms),
+        })
     }
 }
 
@@ -72,8 +82,8 @@ pub async fn write_statuses(client: &mut Client, statuses: &[StatusRow]) -> Resu
     let region_insert = tx
         .prepare("INSERT INTO regions (region) VALUES ($1) ON CONFLICT DO NOTHING")
         .await?;
-    // Online, heartbeat, offline: the agent speaks for itself; newer facts of the same boot
-    // replace older ones, and a new boot replaces everything.
+    // Online, heartbeat, offline: the agent speaks for itself. Statuses of one agent arrive in
+    // Kafka order (one key, one partition), so each simply replaces the previous state.
     let alive = tx
         .prepare(
             "INSERT INTO agents AS a (agent, region, version, boot_id, online, state, state_at,
@@ -94,9 +104,7 @@ pub async fn write_statuses(client: &mut Client, statuses: &[StatusRow]) -> Resu
                  agent_set_generation = excluded.agent_set_generation,
                  rejected_scope = excluded.rejected_scope,
                  rejected_generation = excluded.rejected_generation,
-                 rejection = excluded.rejection
-             WHERE a.boot_id IS DISTINCT FROM excluded.boot_id
-                OR a.state_at IS NULL OR a.state_at <= excluded.state_at",
+                 rejection = excluded.rejection",
         )
         .await?;
     // The last will: only for the boot that registered it.

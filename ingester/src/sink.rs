@@ -141,12 +141,10 @@ pub fn decode_status_message(
         return Decoded::Poison("bad_key");
     };
     match vantage_proto::control::decode_status(payload.unwrap_or_default()) {
-        Ok(status) => Decoded::Status(Box::new(crate::fleet::StatusRow::new(
-            region,
-            agent,
-            status,
-            timestamp_ms,
-        ))),
+        Ok(status) => match crate::fleet::StatusRow::new(region, agent, status, timestamp_ms) {
+            Ok(row) => Decoded::Status(Box::new(row)),
+            Err(crate::fleet::BadStatus::NulByte) => Decoded::Poison("nul_byte"),
+        },
         Err(e) => Decoded::Poison(e.reason()),
     }
 }
@@ -167,6 +165,17 @@ pub fn decode_message(key: Option<&[u8]>, payload: Option<&[u8]>) -> Decoded {
         Ok(b) => b,
         Err(e) => return Decoded::Poison(e.reason()),
     };
+    // PostgreSQL (through postgres-types) refuses times past year 9999-ish; such a frame must
+    // be dead-lettered here, or its write error would stop the sink on every restart.
+    let times = batch.results.iter().map(|r| r.started_at_ms).chain(
+        batch
+            .gaps
+            .iter()
+            .flat_map(|g| [g.first_started_at_ms, g.last_started_at_ms]),
+    );
+    if times.into_iter().any(|t| t > db::MAX_TIME_MS) {
+        return Decoded::Poison("time_out_of_range");
+    }
     let rows = batch
         .results
         .iter()
@@ -463,6 +472,62 @@ mod tests {
         assert!(matches!(
             decode_status_message(Some(b"eu/pi"), Some(&[1, 9]), None),
             Decoded::Poison("malformed")
+        ));
+    }
+
+    /// What PostgreSQL would refuse is caught at decode time, so it is dead-lettered instead of
+    /// failing the write (and stopping the sink on every restart).
+    #[test]
+    fn values_postgres_refuses_are_poison() {
+        use vantage_proto::control::{encode_status, AgentState, AgentStatus, MAX_STATUS_LEN};
+        let mut status = AgentStatus {
+            state: AgentState::Heartbeat,
+            agent_id: "pi".try_into().unwrap(),
+            region: "eu".try_into().unwrap(),
+            boot_id: 1,
+            version: "0.1\0".try_into().unwrap(),
+            sent_at_ms: u64::MAX,
+            max_concurrency: 1,
+            buffer_capacity: 1,
+            targets: 0,
+            pending_results: 0,
+            region_set_generation: 0,
+            agent_set_generation: 0,
+            rejection: None,
+        };
+        let mut buf = [0u8; MAX_STATUS_LEN];
+        let frame = encode_status(&status, &mut buf).unwrap().to_vec();
+        assert!(matches!(
+            decode_status_message(Some(b"eu/pi"), Some(&frame), Some(1)),
+            Decoded::Poison("nul_byte")
+        ));
+        // The agent's own clock is not used: an absurd sent_at is harmless.
+        status.version = "0.1".try_into().unwrap();
+        let frame = encode_status(&status, &mut buf).unwrap().to_vec();
+        match decode_status_message(Some(b"eu/pi"), Some(&frame), Some(1_764_000_000_000)) {
+            Decoded::Status(row) => assert_eq!(row.at_ms, 1_764_000_000_000),
+            _ => panic!("a valid status was refused"),
+        }
+
+        let mut batch = vantage_proto::Batch {
+            boot_id: 1,
+            results: Default::default(),
+            gaps: Default::default(),
+        };
+        batch
+            .gaps
+            .push(vantage_proto::Gap {
+                first_seq: 0,
+                count: 1,
+                first_started_at_ms: 1,
+                last_started_at_ms: db::MAX_TIME_MS + 1,
+            })
+            .unwrap();
+        let mut buf = [0u8; vantage_proto::MAX_FRAME_LEN];
+        let frame = vantage_proto::encode(&batch, &mut buf).unwrap().to_vec();
+        assert!(matches!(
+            decode_message(Some(b"eu/pi"), Some(&frame)),
+            Decoded::Poison("time_out_of_range")
         ));
     }
 }
