@@ -510,13 +510,17 @@ pub async fn plan(client: &impl GenericClient, file: &TargetsFile) -> Result<Pla
     let explicit: BTreeSet<u32> = file.targets.iter().filter_map(|t| t.id).collect();
     let file_names: BTreeSet<&str> = file.targets.iter().map(|t| t.name.as_str()).collect();
     let mut taken = explicit.clone();
+    // Central ids stay in 1..=i32::MAX (the SQL column is `integer`); a standalone agent's
+    // local id outside that range (stored wrapped) does not push them out of it.
     let mut next_id = stored
         .iter()
         .map(|s| s.id)
         .chain(explicit.iter().copied())
+        .filter(|&id| id <= i32::MAX as u32)
         .max()
         .unwrap_or(0)
         + 1;
+    let mut exhausted = false;
     let mut plan = Plan::default();
     let mut kept: BTreeSet<u32> = BTreeSet::new();
     for t in &file.targets {
@@ -560,6 +564,9 @@ pub async fn plan(client: &impl GenericClient, file: &TargetsFile) -> Result<Pla
                     .unwrap_or_else(|| {
                         let id = next_id;
                         next_id += 1;
+                        if id > i32::MAX as u32 {
+                            exhausted = true;
+                        }
                         id
                     });
                 taken.insert(id);
@@ -594,7 +601,13 @@ pub async fn plan(client: &impl GenericClient, file: &TargetsFile) -> Result<Pla
                     new_spec.as_object(),
                 ) {
                     for (k, v) in new {
-                        if k != "name" && old.get(k) != Some(v) {
+                        if k == "name" || old.get(k) == Some(v) {
+                            continue;
+                        }
+                        // Header values are often credentials: say that they changed, not to what.
+                        if k == "headers" {
+                            what.push("headers changed".to_owned());
+                        } else {
                             what.push(format!(
                                 "{k}: {} → {}",
                                 old.get(k).map_or("-".into(), |o| o.to_string()),
@@ -621,6 +634,17 @@ pub async fn plan(client: &impl GenericClient, file: &TargetsFile) -> Result<Pla
             // New, or an id only seen in results so far (a standalone agent's local target).
             _ => plan.added.push(planned),
         }
+    }
+    if exhausted {
+        return Err(TargetsError::Invalid {
+            file: file.path.clone(),
+            line: 1,
+            key: "targets".into(),
+            reason: format!(
+                "no free target id left below {}; give targets explicit `id`s",
+                i32::MAX
+            ),
+        });
     }
     plan.retired = stored
         .iter()
@@ -765,13 +789,34 @@ pub async fn apply(
     mqtt: &MqttConfig,
     file: &TargetsFile,
 ) -> Result<Applied, TargetsError> {
+    // One apply at a time, from planning until its sets are on the broker: two overlapping
+    // applies could otherwise publish out of order and leave agents on the older generation.
+    // A session lock, so it is released if this process dies.
+    client
+        .execute(
+            "SELECT pg_advisory_lock(hashtext('vantage-targets-apply'))",
+            &[],
+        )
+        .await?;
+    let result = apply_locked(client, mqtt, file).await;
+    if let Err(e) = client
+        .execute(
+            "SELECT pg_advisory_unlock(hashtext('vantage-targets-apply'))",
+            &[],
+        )
+        .await
+    {
+        tracing::warn!(error = %e, "cannot release the apply lock (it ends with this session)");
+    }
+    result
+}
+
+async fn apply_locked(
+    client: &mut Client,
+    mqtt: &MqttConfig,
+    file: &TargetsFile,
+) -> Result<Applied, TargetsError> {
     let tx = client.transaction().await?;
-    // One apply at a time; the plan is made under the lock.
-    tx.execute(
-        "SELECT pg_advisory_xact_lock(hashtext('vantage-targets-apply'))",
-        &[],
-    )
-    .await?;
     let plan = plan(&tx, file).await?;
     if plan.new_generation {
         tx.execute(
@@ -865,13 +910,87 @@ pub async fn apply(
             .map(|s| (s.topic(&mqtt.topic_prefix), Vec::new())),
     );
     let published = messages.len();
-    publish(mqtt, messages).await.map_err(|e| {
+    let kept: Vec<(String, Vec<u8>)> = messages
+        .iter()
+        .filter(|(_, payload)| !payload.is_empty())
+        .cloned()
+        .collect();
+    let failed = |e: String| {
         TargetsError::Publish(format!(
             "{e}; PostgreSQL already holds generation {} — run `targets apply` again to republish",
             plan.generation
         ))
-    })?;
+    };
+    publish(mqtt, messages).await.map_err(failed)?;
+    // An MQTT 3.1.1 broker acknowledges a publish its ACL refuses and drops it: read the
+    // retained sets back before saying they are live.
+    verify_retained(mqtt, &kept).await.map_err(failed)?;
     Ok(Applied { plan, published })
+}
+
+/// Subscribes to every topic of `expected` and checks the broker holds exactly that retained
+/// payload on each (15 s at most).
+pub async fn verify_retained(
+    mqtt: &MqttConfig,
+    expected: &[(String, Vec<u8>)],
+) -> Result<(), String> {
+    if expected.is_empty() {
+        return Ok(());
+    }
+    let mut options = MqttOptions::new(
+        format!("{}-verify-{}", mqtt.client_id, std::process::id()),
+        &mqtt.host,
+        mqtt.port,
+    );
+    options.set_clean_session(true);
+    options.set_max_packet_size(MAX_TARGET_SET_LEN + 4096, MAX_TARGET_SET_LEN + 4096);
+    if let Some(user) = &mqtt.username {
+        options.set_credentials(user.clone(), mqtt.password.clone().unwrap_or_default());
+    }
+    crate::tls::mqtt_transport(&mut options, mqtt.tls.as_ref(), &mqtt.host);
+    let (client, mut eventloop) = AsyncClient::new(options, 8);
+    client
+        .try_subscribe_many(
+            expected
+                .iter()
+                .map(|(t, _)| rumqttc::SubscribeFilter::new(t.clone(), QoS::AtLeastOnce)),
+        )
+        .map_err(|e| e.to_string())?;
+    let mut missing: BTreeMap<&str, &[u8]> = expected
+        .iter()
+        .map(|(t, p)| (t.as_str(), p.as_slice()))
+        .collect();
+    let work = async {
+        while !missing.is_empty() {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) if p.retain => {
+                    if missing.get(p.topic.as_str()) == Some(&p.payload.as_ref()) {
+                        missing.remove(p.topic.as_str());
+                    }
+                }
+                Ok(Event::Incoming(Packet::SubAck(ack)))
+                    if ack
+                        .return_codes
+                        .iter()
+                        .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) =>
+                {
+                    return Err("the broker refuses to let this identity read the target topics (it needs readwrite on <prefix>/v1/targets/#)".to_owned());
+                }
+                Ok(_) => {}
+                Err(e) => return Err(format!("{}:{}: {e}", mqtt.host, mqtt.port)),
+            }
+        }
+        Ok(())
+    };
+    let outcome = tokio::time::timeout(Duration::from_secs(15), work).await;
+    let _ = client.try_disconnect();
+    match outcome {
+        Ok(result) => result,
+        Err(_) => Err(format!(
+            "the broker does not hold the published set on {} (acknowledged but dropped: is this identity allowed to publish there?)",
+            missing.keys().copied().collect::<Vec<_>>().join(", ")
+        )),
+    }
 }
 
 /// Publishes `messages` retained at QoS 1 and waits for every PUBACK (30 s at most).

@@ -21,7 +21,7 @@
 # An agent identity may publish only <prefix>/v1/results/<region>/<agent> and
 # <prefix>/v1/status/<region>/<agent>, and read only <prefix>/v1/targets/<region> and
 # <prefix>/v1/targets/<region>/<agent>. An ingester identity reads <prefix>/v1/results/# and
-# <prefix>/v1/status/#, and writes <prefix>/v1/targets/#. (The default `ingester` identity of the
+# <prefix>/v1/status/#, and writes (and reads back) <prefix>/v1/targets/#. (The default `ingester` identity of the
 # secure listeners uses `+` as its prefix: every prefix.)
 
 TLS_DIR=$STATE_DIR/tls
@@ -159,7 +159,7 @@ ingester_acl() {
   printf '%s\n' \
     "topic read $1/v1/results/#" \
     "topic read $1/v1/status/#" \
-    "topic write $1/v1/targets/#"
+    "topic readwrite $1/v1/targets/#"
 }
 
 agent_acl() {
