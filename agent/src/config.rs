@@ -93,8 +93,13 @@ pub struct RawMqtt {
     /// MQTT keep-alive (default 30s).
     #[serde(default = "default_keep_alive", with = "humantime_serde")]
     pub keep_alive: Duration,
-    /// `[mqtt.tls]`: connect over TLS (see `mqtt_tls.rs`). Absent: plain TCP.
+    /// `[mqtt.tls]`: connect over TLS (see `mqtt_tls.rs`). Absent: plain TCP, which is refused
+    /// for a broker that is not on this machine unless `allow_plaintext = true`.
     pub tls: Option<crate::mqtt_tls::RawMqttTls>,
+    /// Send the password, results and target sets in clear text to a remote broker (default
+    /// false). Only for a network you fully trust.
+    #[serde(default)]
+    pub allow_plaintext: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -310,6 +315,19 @@ impl Config {
             })?),
             (None, None, None) => None,
         };
+        if raw.mqtt.tls.is_none()
+            && !raw.mqtt.allow_plaintext
+            && !crate::mqtt_tls::is_loopback_host(&raw.mqtt.host)
+        {
+            return Err(invalid(
+                "mqtt.tls",
+                format!(
+                    "the broker {} is not on this machine: add a [mqtt.tls] section (or \
+                     allow_plaintext = true to send the password and results in clear text)",
+                    raw.mqtt.host
+                ),
+            ));
+        }
         let tls = match &raw.mqtt.tls {
             None => None,
             Some(t) => Some(
@@ -546,6 +564,24 @@ regex = "ok"
             "host = \"127.0.0.1\"\npassword_env = \"VANTAGE_TEST_SURELY_UNSET\"",
         ));
         assert!(e.contains("VANTAGE_TEST_SURELY_UNSET is not set"), "{e}");
+    }
+
+    #[test]
+    fn plaintext_to_a_remote_broker_needs_an_explicit_yes() {
+        let remote = GOOD.replace("host = \"127.0.0.1\"", "host = \"mqtt.example.org\"");
+        let e = err(&remote);
+        assert!(
+            e.contains("key `mqtt.tls`: the broker mqtt.example.org is not on this machine"),
+            "{e}"
+        );
+        let allowed = remote.replace("[mqtt]", "[mqtt]\nallow_plaintext = true");
+        assert!(Config::parse(&allowed, Path::new("agent.toml")).is_ok());
+        let tls = remote.replace("[[targets]]", "[mqtt.tls]\n[[targets]]");
+        assert!(
+            Config::parse(&tls, Path::new("agent.toml")).is_ok(),
+            "{}",
+            err(&tls)
+        );
     }
 
     #[test]

@@ -60,6 +60,7 @@ fn is_public_v4(ip: Ipv4Addr) -> bool {
         || (a == 100 && (64..128).contains(&b)) // 100.64/10 carrier-grade NAT
         || (a == 192 && b == 0 && c == 0) // 192.0.0/24 IETF protocol assignments
         || (a == 198 && (b == 18 || b == 19)) // 198.18/15 benchmarking
+        || (a == 192 && b == 88 && c == 99) // 192.88.99/24 6to4 relay anycast (deprecated)
         || a >= 240) // 240/4 reserved
 }
 
@@ -72,8 +73,11 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
         || (s[0] & 0xffc0) == 0xfe80 // fe80::/10 link-local
         || (s[0] & 0xffc0) == 0xfec0 // fec0::/10 site-local (deprecated)
         || (s[0] == 0x2001 && s[1] == 0x0db8) // 2001:db8::/32 documentation
-        || (s[0] == 0x0064 && s[1] == 0xff9b) // 64:ff9b::/96 NAT64 (may embed private IPv4)
-        || s[0] == 0x2002) // 6to4 (embeds an IPv4 address)
+        || (s[0] == 0x0064 && s[1] == 0xff9b) // 64:ff9b::/96 NAT64 and 64:ff9b:1::/48 local-use NAT64
+        || (s[0] == 0x2001 && s[1] == 0) // 2001::/32 Teredo (embeds an IPv4 address)
+        || s[0] == 0x2002 // 6to4 (embeds an IPv4 address)
+        || s[..6] == [0; 6] // ::/96 IPv4-compatible (::a.b.c.d, deprecated)
+        || s[..6] == [0, 0, 0, 0, 0xffff, 0]) // ::ffff:0:0:0/96 IPv4-translated (SIIT)
 }
 
 #[cfg(test)]
@@ -97,6 +101,12 @@ mod tests {
             "fd00::1",
             "::ffff:192.168.0.1",
             "::ffff:127.0.0.1",
+            "::127.0.0.1",
+            "::10.0.0.1",
+            "::ffff:0:10.0.0.1",
+            "64:ff9b:1::a00:1",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+            "192.88.99.1",
         ] {
             let ip: IpAddr = a.parse().unwrap();
             assert!(!is_public(ip), "{a}");

@@ -117,8 +117,12 @@ pub struct RawMqtt {
     /// Most MQTT messages received but not yet acknowledged (waiting for Kafka), default 100.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
-    /// `[mqtt.tls]`: connect over TLS (certificate and host name verified). Absent: plain TCP.
+    /// `[mqtt.tls]`: connect over TLS (certificate and host name verified). Absent: plain TCP,
+    /// which is refused for a broker that is not on this machine unless `allow_plaintext`.
     pub tls: Option<crate::tls::RawTls>,
+    /// Talk to a remote broker in clear text (default false).
+    #[serde(default)]
+    pub allow_plaintext: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -413,6 +417,16 @@ impl Config {
                     return Err(invalid("mqtt.max_in_flight", "must be 1..=65535".into()));
                 }
                 let password = secret(&m.password_env, &m.password_file, "mqtt", &invalid)?;
+                if m.tls.is_none() && !m.allow_plaintext && !crate::tls::is_loopback_host(&m.host) {
+                    return Err(invalid(
+                        "mqtt.tls",
+                        format!(
+                            "the broker {} is not on this machine: add a [mqtt.tls] section (or \
+                             allow_plaintext = true to talk to it in clear text)",
+                            m.host
+                        ),
+                    ));
+                }
                 let tls = match &m.tls {
                     None => None,
                     Some(raw) => Some(

@@ -64,12 +64,39 @@ pub fn is_secret_kafka_property(key: &str) -> bool {
         || k == "sasl.jaas.config"
 }
 
+/// The librdkafka properties (CONFIGURATION.md of librdkafka 2.x) that hold secrets.
+pub const KNOWN_SECRET_PROPERTIES: &[&str] = &[
+    "sasl.password",
+    "sasl.oauthbearer.client.secret",
+    "sasl.oauthbearer.config",
+    "ssl.key.password",
+    "ssl.key.pem",
+    "ssl.keystore.password",
+];
+
 /// Reads the Kafka secret properties: `env` maps a property to an environment variable, `files`
 /// a property to a file. On error: (config key, reason).
 pub fn kafka_secrets(
     env: &BTreeMap<String, String>,
     files: &BTreeMap<String, PathBuf>,
 ) -> Result<BTreeMap<String, Secret>, (String, String)> {
+    // librdkafka echoes a property's value in the error for a name it does not know, so a typo
+    // here ("sasl.passwrod") would print the secret: only known secret properties are taken.
+    for (key, property) in env
+        .keys()
+        .map(|p| ("secret_env", p))
+        .chain(files.keys().map(|p| ("secret_files", p)))
+    {
+        if !KNOWN_SECRET_PROPERTIES.contains(&property.as_str()) {
+            return Err((
+                format!("kafka.{key}.{property}"),
+                format!(
+                    "not a librdkafka secret property this ingester knows (one of: {})",
+                    KNOWN_SECRET_PROPERTIES.join(", ")
+                ),
+            ));
+        }
+    }
     let mut out = BTreeMap::new();
     for (property, var) in env {
         let value = from_env(var).map_err(|r| (format!("kafka.secret_env.{property}"), r))?;
@@ -91,6 +118,18 @@ pub fn kafka_secrets(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unknown_secret_property_is_refused_without_reading_it() {
+        let mut env = BTreeMap::new();
+        env.insert(
+            "sasl.passwrod".to_owned(),
+            "VANTAGE_TEST_NO_SUCH_VAR".to_owned(),
+        );
+        let (key, reason) = kafka_secrets(&env, &BTreeMap::new()).unwrap_err();
+        assert_eq!(key, "kafka.secret_env.sasl.passwrod");
+        assert!(reason.contains("sasl.password"), "{reason}");
+    }
 
     #[test]
     fn secrets_do_not_format() {
