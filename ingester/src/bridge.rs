@@ -261,6 +261,7 @@ pub async fn run_with_state(
             Some((epoch, publish)) = rx.recv(), if taking && pending.len() < mqtt.max_in_flight => {
                 stats.received += 1;
                 state.received.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::bridge().received.inc();
                 let mine = mqtt.handles(&publish.topic);
                 pending.push_back(handle(mine, epoch, publish, outputs.clone(), hard_stop.clone()));
             }
@@ -328,6 +329,7 @@ fn send_acks(
             && state.epoch.load(Ordering::Acquire) == *epoch;
         if !current {
             stats.stale += 1;
+            crate::metrics::bridge().stale.inc();
             acks.pop_front();
             continue;
         }
@@ -336,6 +338,7 @@ fn send_acks(
         }
         acks.pop_front();
         stats.acked += 1;
+        crate::metrics::bridge().acked.inc();
         state.acked.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -349,8 +352,10 @@ async fn handle(
     stop: CancellationToken,
 ) -> (u64, Publish, Disposition) {
     if !mine {
+        crate::metrics::bridge().skipped.inc();
         return (epoch, publish, Disposition::Skipped);
     }
+    let started = std::time::Instant::now();
     let delivered = match validate(&out.prefix, &publish.topic, &publish.payload) {
         Ok((kind, key)) => {
             let headers = (kind == Kind::Status).then(|| {
@@ -368,6 +373,9 @@ async fn handle(
                 &stop,
             )
             .await;
+            if ok {
+                crate::metrics::bridge().produced(&publish.payload, started.elapsed());
+            }
             ok.then_some(Disposition::Produced)
         }
         Err(reject) => {
@@ -385,6 +393,9 @@ async fn handle(
                 &stop,
             )
             .await;
+            if ok {
+                crate::metrics::bridge().dead_lettered(reject.reason());
+            }
             ok.then_some(Disposition::DeadLettered)
         }
     };
@@ -464,6 +475,7 @@ async fn poll_events(
                 backoff = Duration::from_millis(100);
                 state.epoch.fetch_add(1, Ordering::AcqRel);
                 state.connected.store(true, Ordering::Release);
+                crate::metrics::bridge().connected(true);
                 // (Re)subscribe on every connect; try_subscribe never waits, so this loop cannot
                 // deadlock on rumqttc's request queue.
                 let subscriptions = filters
@@ -489,6 +501,7 @@ async fn poll_events(
             Ok(_) => {}
             Err(e) => {
                 state.connected.store(false, Ordering::Release);
+                crate::metrics::bridge().connected(false);
                 // Equal jitter (see agent/src/uplink.rs `jittered`, after Marc Brooker's
                 // "Exponential Backoff And Jitter"), so bridges do not reconnect in lockstep.
                 rng ^= rng << 13;

@@ -37,6 +37,37 @@ pub struct RawConfig {
     pub sink: RawSink,
     #[serde(default)]
     pub storage: RawStorage,
+    #[serde(default)]
+    pub http: RawHttp,
+}
+
+/// The stages' HTTP endpoints: `/metrics`, `/healthz`, `/readyz` (see `http.rs`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHttp {
+    /// `host:port` of the bridge's endpoint, or `"off"` (default `127.0.0.1:9464`; port 0 picks
+    /// a free port, logged at start).
+    #[serde(default = "default_bridge_listen")]
+    pub bridge_listen: String,
+    /// `host:port` of the sink's endpoint, or `"off"` (default `127.0.0.1:9465`).
+    #[serde(default = "default_sink_listen")]
+    pub sink_listen: String,
+}
+
+impl Default for RawHttp {
+    fn default() -> Self {
+        RawHttp {
+            bridge_listen: default_bridge_listen(),
+            sink_listen: default_sink_listen(),
+        }
+    }
+}
+
+fn default_bridge_listen() -> String {
+    "127.0.0.1:9464".into()
+}
+fn default_sink_listen() -> String {
+    "127.0.0.1:9465".into()
 }
 
 /// Partition upkeep and retention, run by the sink (see `storage.rs`).
@@ -245,6 +276,14 @@ pub struct Config {
     postgres: Option<PostgresConfig>,
     pub sink: SinkConfig,
     pub storage: crate::storage::StorageConfig,
+    pub http: HttpConfig,
+}
+
+/// Where each stage serves `/metrics`, `/healthz` and `/readyz` (None: off).
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    pub bridge_listen: Option<std::net::SocketAddr>,
+    pub sink_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Clone)]
@@ -565,6 +604,19 @@ impl Config {
                 })
             }
         };
+        let listen = |key: &str, value: &str| match value {
+            "off" => Ok(None),
+            v => v.parse().map(Some).map_err(|_| {
+                invalid(
+                    key,
+                    format!("{v:?} is not \"host:port\" (an IP address) or \"off\""),
+                )
+            }),
+        };
+        let http = HttpConfig {
+            bridge_listen: listen("http.bridge_listen", &raw.http.bridge_listen)?,
+            sink_listen: listen("http.sink_listen", &raw.http.sink_listen)?,
+        };
         if raw.sink.batch_max == 0 {
             return Err(invalid("sink.batch_max", "must be at least 1".into()));
         }
@@ -573,6 +625,7 @@ impl Config {
             mqtt,
             kafka,
             postgres,
+            http,
             sink: SinkConfig {
                 batch_max: raw.sink.batch_max,
                 batch_timeout: raw.sink.batch_timeout,
@@ -728,6 +781,24 @@ url = "host=127.0.0.1 user=vantage dbname=vantage"
             "host = \"127.0.0.1\"\nshared_group = \"a/b\"",
         ));
         assert!(e.contains("key `mqtt.shared_group`"), "{e}");
+        let e = err(&format!("{GOOD}[http]\nsink_listen = \"localhost\"\n"));
+        assert!(e.contains("key `http.sink_listen`"), "{e}");
+    }
+
+    #[test]
+    fn http_endpoints_default_on_loopback_and_can_be_off() {
+        let c = Config::parse(GOOD, Path::new("i.toml")).unwrap();
+        assert_eq!(
+            c.http.bridge_listen,
+            Some("127.0.0.1:9464".parse().unwrap())
+        );
+        assert_eq!(c.http.sink_listen, Some("127.0.0.1:9465".parse().unwrap()));
+        let c = Config::parse(
+            &format!("{GOOD}[http]\nbridge_listen = \"off\"\n"),
+            Path::new("i.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.http.bridge_listen, None);
     }
 
     #[test]

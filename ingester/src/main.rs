@@ -1,4 +1,7 @@
 //! The `vantage-ingester` binary: command line, config, tracing, then a stage's `run`.
+//!
+//! Exit codes (docs/ingester.md): 0 success; 1 failure (bad configuration, a stage or command
+//! failed); 2 bad command line; 3 `status` could not reach a configured service.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -6,17 +9,24 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use vantage_ingester::{bridge, db, fleet, report, sink, storage, targets, Config};
+use vantage_ingester::{
+    bridge, db, fleet, http, logging, report, sink, status, storage, targets, Config,
+};
 
 #[derive(Parser)]
 #[command(
     name = "vantage-ingester",
     version,
-    about = "vantage central ingester: MQTT → Kafka → PostgreSQL"
+    about = "vantage central ingester: MQTT → Kafka → PostgreSQL",
+    after_help = "Exit codes: 0 success, 1 failure, 2 bad command line, 3 `status`: a service \
+                  is unreachable. Logs go to stderr; RUST_LOG filters them (e.g. debug,rdkafka=info)."
 )]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log format on stderr: human-readable text or one JSON object per event.
+    #[arg(long, global = true, value_enum, default_value_t = logging::LogFormat::Text)]
+    log_format: logging::LogFormat,
 }
 
 #[derive(Subcommand)]
@@ -75,6 +85,8 @@ enum Command {
         ahead: u32,
     },
     /// Validate a configuration file without connecting to anything.
+    ///
+    /// Example: vantage-ingester check-config /etc/vantage/ingester.toml
     CheckConfig { config: PathBuf },
     /// Define targets centrally and push them to the agents (see docs/targets.md).
     ///
@@ -92,6 +104,14 @@ enum Command {
         /// default heartbeats).
         #[arg(long, default_value = "90s", value_parser = humantime::parse_duration)]
         stale_after: Duration,
+    },
+    /// Show schema version, results partitions and the sink group's lag per Kafka partition.
+    /// Exits 3 when a configured service cannot be reached.
+    ///
+    /// Example: vantage-ingester status --config /etc/vantage/ingester.toml
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
     },
 }
 
@@ -132,14 +152,8 @@ enum TargetsCommand {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,rdkafka=warn,tokio_postgres=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    logging::init(cli.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -152,11 +166,34 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Bridge { config } => {
                 let config = Config::load(&config)?;
-                bridge::run(&config, shutdown_on_signal()).await?;
+                let shutdown = shutdown_on_signal();
+                let state = std::sync::Arc::<bridge::BridgeState>::default();
+                if let Some(addr) = config.http.bridge_listen {
+                    let ready = http::Readiness::default()
+                        .mqtt(state.clone())
+                        .kafka(config.kafka()?)?;
+                    http::start(addr, ready, shutdown.clone()).await?;
+                }
+                bridge::run_with_state(&config, shutdown, state).await?;
             }
             Command::Sink { config } => {
                 let config = Config::load(&config)?;
-                sink::run(&config, shutdown_on_signal()).await?;
+                let shutdown = shutdown_on_signal();
+                if let Some(addr) = config.http.sink_listen {
+                    let ready = http::Readiness::default()
+                        .kafka(config.kafka()?)?
+                        .postgres(config.postgres()?);
+                    http::start(addr, ready, shutdown.clone()).await?;
+                }
+                sink::run(&config, shutdown).await?;
+            }
+            Command::Status { config } => {
+                let config = Config::load(&config)?;
+                let status = status::gather(&config).await;
+                print!("{}", status::render(&status));
+                if !status.reachable() {
+                    std::process::exit(3);
+                }
             }
             Command::Migrate { config } => {
                 let config = Config::load(&config)?;

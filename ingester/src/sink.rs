@@ -82,7 +82,12 @@ struct SinkContext {
     durable: Arc<Mutex<Durable>>,
 }
 
-impl ClientContext for SinkContext {}
+impl ClientContext for SinkContext {
+    // librdkafka statistics (every `statistics.interval.ms`): consumer lag per partition.
+    fn stats(&self, statistics: rdkafka::statistics::Statistics) {
+        crate::metrics::sink().consumer_stats(&statistics);
+    }
+}
 
 impl ConsumerContext for SinkContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -229,6 +234,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false")
+        .set("statistics.interval.ms", "5000")
         .create_with_context(SinkContext {
             durable: durable.clone(),
         })?;
@@ -310,6 +316,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
                     )
                     .await;
                     stats.dead_lettered += 1;
+                    crate::metrics::sink().dead_lettered(reason);
                 }
             }
         }
@@ -317,6 +324,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
             continue;
         }
         stats.messages += count as u64;
+        crate::metrics::sink().consumed.inc_by(count as u64);
 
         // Write, retrying transient failures for as long as it takes: offsets must not move
         // past rows that are not durable. At shutdown, give up instead (nothing is committed,
@@ -324,8 +332,16 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
         if !rows.is_empty() || !gaps.is_empty() || !statuses.is_empty() {
             let mut backoff = Duration::from_millis(100);
             loop {
+                let started = std::time::Instant::now();
                 match write_all(&mut client, &rows, &gaps, &statuses).await {
                     Ok(inserted) => {
+                        let m = crate::metrics::sink();
+                        m.batch_written(
+                            rows.len(),
+                            inserted.results,
+                            inserted.gaps,
+                            started.elapsed(),
+                        );
                         stats.rows_inserted += inserted.results;
                         stats.rows_duplicate += rows.len() as u64 - inserted.results;
                         stats.gaps_inserted += inserted.gaps;
@@ -334,6 +350,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
                     }
                     Err(e) if e.is_transient() => {
                         stats.write_retries += 1;
+                        crate::metrics::sink().write_retries.inc();
                         tracing::warn!(error = %e, retry_in = ?backoff, "PostgreSQL write failed, retrying");
                         tokio::select! {
                             _ = tokio::time::sleep(backoff) => {}
@@ -372,14 +389,18 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
             }
         }
     }
-    // Final synchronous commit of everything durable, then leave the group.
+    // Final synchronous commit of everything durable, then leave the group, each bounded
+    // (shutdown.rs: after a Kafka restart librdkafka could block here for ever). Once committed,
+    // the revocation during close has nothing left to commit again.
     let tpl = lock(&durable).list()?;
-    if tpl.count() > 0 {
-        if let Err(e) = tokio::task::block_in_place(|| consumer.commit(&tpl, CommitMode::Sync)) {
-            tracing::warn!(error = %e, "final offset commit failed; messages will be replayed");
-        }
-    }
-    consumer.unsubscribe();
+    let on_committed = move || lock(&durable).next.clear();
+    crate::shutdown::commit_and_close(
+        consumer,
+        (tpl.count() > 0).then_some(tpl),
+        on_committed,
+        producer,
+    )
+    .await;
     tracing::info!(?stats, "sink stopped");
     Ok(stats)
 }

@@ -127,6 +127,11 @@ schema = "{schema}"
 [sink]
 batch_max = {batch_max}
 batch_timeout = "{batch_timeout}ms"
+
+# Stage processes of one test must not share a port: each picks a free one and logs it.
+[http]
+bridge_listen = "127.0.0.1:0"
+sink_listen = "127.0.0.1:0"
 "#,
             mqtt_host = s.mqtt_host,
             mqtt_port = s.mqtt_port,

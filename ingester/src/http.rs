@@ -1,0 +1,229 @@
+//! The operator's HTTP endpoint of a stage: `/metrics` (Prometheus, OpenMetrics text),
+//! `/healthz` (the process is alive and serving) and `/readyz` (connected to what the stage
+//! needs: 200 when every check passes, 503 naming the failing ones).
+//!
+//! A small hyper 1.x server (after hyper's `server/hello` example): one task accepts, each
+//! connection is served by its own task, at most [`MAX_CONNECTIONS`] at once and each for at
+//! most [`CONNECTION_DEADLINE`], so a scraper that never reads cannot pile up tasks.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::bridge::BridgeState;
+use crate::config::{KafkaConfig, PostgresConfig};
+
+/// Connections served at once; more wait in the listen backlog.
+pub const MAX_CONNECTIONS: usize = 32;
+/// Longest life of one connection.
+pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
+/// Longest wait for one readiness check.
+pub const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("Kafka client for readiness checks: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+}
+
+/// What `/readyz` checks.
+#[derive(Default)]
+pub struct Readiness {
+    /// The bridge: connected to the broker and subscribed.
+    pub mqtt: Option<Arc<BridgeState>>,
+    /// Kafka answers a metadata request for this topic.
+    kafka: Option<(Arc<BaseConsumer>, String)>,
+    /// PostgreSQL answers `SELECT 1` (on a connection of its own, opened on demand).
+    postgres: Option<(
+        PostgresConfig,
+        tokio::sync::Mutex<Option<tokio_postgres::Client>>,
+    )>,
+}
+
+impl Readiness {
+    /// Adds the bridge's MQTT state.
+    pub fn mqtt(mut self, state: Arc<BridgeState>) -> Self {
+        self.mqtt = Some(state);
+        self
+    }
+
+    /// Adds a Kafka check: a metadata request for the results topic, on a client of its own
+    /// (same settings, so TLS/SASL properties apply).
+    pub fn kafka(mut self, config: &KafkaConfig) -> Result<Self, HttpError> {
+        let client: BaseConsumer = crate::kafka::client_config(config).create()?;
+        self.kafka = Some((Arc::new(client), config.topic.clone()));
+        Ok(self)
+    }
+
+    /// Adds a PostgreSQL check.
+    pub fn postgres(mut self, config: &PostgresConfig) -> Self {
+        self.postgres = Some((config.clone(), tokio::sync::Mutex::new(None)));
+        self
+    }
+
+    /// Runs every check; returns (all passed, one line per check).
+    pub async fn check(&self) -> (bool, String) {
+        let mut lines = Vec::new();
+        if let Some(state) = &self.mqtt {
+            let ok =
+                state.connected.load(Ordering::Acquire) && state.subscribed.load(Ordering::Acquire);
+            lines.push((
+                "mqtt",
+                if ok {
+                    Ok(())
+                } else {
+                    Err("not connected and subscribed".to_owned())
+                },
+            ));
+        }
+        if let Some((client, topic)) = &self.kafka {
+            let (client, topic) = (client.clone(), topic.clone());
+            let r = tokio::task::spawn_blocking(move || {
+                client
+                    .fetch_metadata(Some(&topic), CHECK_TIMEOUT)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            })
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+            lines.push(("kafka", r));
+        }
+        if let Some((config, client)) = &self.postgres {
+            let r = tokio::time::timeout(CHECK_TIMEOUT, async {
+                let mut client = client.lock().await;
+                if client.as_ref().is_none_or(|c| c.is_closed()) {
+                    *client = Some(
+                        crate::db::connect(config)
+                            .await
+                            .map_err(|e| e.to_string())?,
+                    );
+                }
+                let c = client.as_ref().ok_or("not connected")?;
+                let r = c.simple_query("SELECT 1").await.map(|_| ());
+                r.map_err(|e| {
+                    *client = None;
+                    e.to_string()
+                })
+            })
+            .await
+            .unwrap_or_else(|_| Err("timed out".to_owned()));
+            lines.push(("postgres", r));
+        }
+        let ready = lines.iter().all(|(_, r)| r.is_ok());
+        let text = lines
+            .iter()
+            .map(|(name, r)| match r {
+                Ok(()) => format!("{name}: ok\n"),
+                Err(e) => format!("{name}: {e}\n"),
+            })
+            .collect();
+        (ready, text)
+    }
+}
+
+/// Binds `addr` (port 0 picks a free one) and serves until `shutdown`; returns the bound
+/// address. The stage logs it (`http listening`), which is how tests find an ephemeral port.
+pub async fn start(
+    addr: SocketAddr,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) -> Result<SocketAddr, HttpError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| HttpError::Bind { addr, source })?;
+    let bound = listener.local_addr().unwrap_or(addr);
+    tracing::info!(addr = %bound, "http listening (/metrics, /healthz, /readyz)");
+    tokio::spawn(serve(listener, Arc::new(readiness), shutdown));
+    Ok(bound)
+}
+
+async fn serve(listener: TcpListener, readiness: Arc<Readiness>, shutdown: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors and the like: wait instead of spinning.
+                tracing::warn!(error = %e, "http accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let readiness = readiness.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let readiness = readiness.clone();
+                async move { Ok::<_, Infallible>(respond(req, &readiness).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_DEADLINE, conn).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn respond(
+    req: Request<hyper::body::Incoming>,
+    readiness: &Readiness,
+) -> Response<Full<Bytes>> {
+    let text = |status: StatusCode, content_type: &'static str, body: String| {
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        *r.status_mut() = status;
+        r.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static(content_type),
+        );
+        r
+    };
+    const PLAIN: &str = "text/plain; charset=utf-8";
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, PLAIN, "GET only\n".into());
+    }
+    match req.uri().path() {
+        "/metrics" => text(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            crate::metrics::global().encode(),
+        ),
+        "/healthz" => text(StatusCode::OK, PLAIN, "ok\n".into()),
+        "/readyz" => {
+            let (ready, body) = readiness.check().await;
+            let status = if ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            text(status, PLAIN, body)
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            PLAIN,
+            "not found; try /metrics, /healthz or /readyz\n".into(),
+        ),
+    }
+}

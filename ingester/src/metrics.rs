@@ -1,0 +1,397 @@
+//! Prometheus metrics of the ingester stages (docs/ingester.md lists every one).
+//!
+//! One registry per process, created on first use: a process runs one stage in production, and
+//! the stages touch the metrics through short hooks (`metrics::bridge().received.inc()`) instead
+//! of threading a handle through every function. Names follow the Prometheus conventions:
+//! `vantage_<stage>_<what>_<unit>`, counters end in `_total` (added by the client library),
+//! durations are seconds. Exposed in OpenMetrics text by `http.rs` at `/metrics`.
+//!
+//! Built on `prometheus-client`, the official Rust client (github.com/prometheus/client_rust).
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
+
+/// Label of dead letters: why the input was rejected (the `vantage-reason` header).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+/// Label of per-partition gauges.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartitionLabel {
+    pub topic: String,
+    pub partition: String,
+}
+
+/// Label of the build info gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabel {
+    version: String,
+}
+
+/// The bridge's metrics.
+pub struct BridgeMetrics {
+    /// MQTT messages received on the results topics.
+    pub received: Counter,
+    /// Messages produced to the results topic (Kafka confirmed them).
+    pub produced: Counter,
+    /// Results inside the produced messages.
+    pub results_produced: Counter,
+    /// Messages produced to the dead-letter topic, by reason.
+    pub dead_letters: Family<ReasonLabel, Counter>,
+    /// Messages acknowledged to the MQTT broker.
+    pub acked: Counter,
+    /// Messages of another bridge's `partition` slot, acknowledged without producing.
+    pub skipped: Counter,
+    /// Delivered to Kafka but not acknowledged: received on an earlier MQTT connection.
+    pub stale: Counter,
+    /// Time from taking a message to Kafka's delivery report, retries included.
+    pub delivery_seconds: Histogram,
+    /// Connections to the MQTT broker (the first one and every reconnect).
+    pub mqtt_connections: Counter,
+    /// Failed MQTT connection attempts and dropped connections.
+    pub mqtt_connection_errors: Counter,
+    /// 1 while connected to the MQTT broker.
+    pub mqtt_connected: Gauge,
+}
+
+/// The sink's metrics.
+pub struct SinkMetrics {
+    /// Kafka messages consumed (each a frame of up to 32 results and gaps).
+    pub consumed: Counter,
+    /// Result rows inserted into PostgreSQL.
+    pub results_written: Counter,
+    /// Result rows skipped because they were already stored (replays, duplicates).
+    pub results_duplicate: Counter,
+    /// Gap records inserted.
+    pub gaps_written: Counter,
+    /// Messages sent to the dead-letter topic, by reason.
+    pub dead_letters: Family<ReasonLabel, Counter>,
+    /// Results per PostgreSQL transaction.
+    pub batch_results: Histogram,
+    /// Duration of a successful PostgreSQL batch write (one transaction).
+    pub write_seconds: Histogram,
+    /// PostgreSQL writes that failed and were retried.
+    pub write_retries: Counter,
+    /// Messages between the committed offset and the end of each assigned partition.
+    pub consumer_lag: Family<PartitionLabel, Gauge>,
+}
+
+/// Every metric of this process and the registry that exposes them.
+pub struct Metrics {
+    pub registry: Registry,
+    pub bridge: BridgeMetrics,
+    pub sink: SinkMetrics,
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// The process's metrics.
+pub fn global() -> &'static Metrics {
+    &METRICS
+}
+
+/// The bridge's metrics of this process.
+pub fn bridge() -> &'static BridgeMetrics {
+    &METRICS.bridge
+}
+
+/// The sink's metrics of this process.
+pub fn sink() -> &'static SinkMetrics {
+    &METRICS.sink
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let build: Family<BuildLabel, Gauge> = Family::default();
+        build
+            .get_or_create(&BuildLabel {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+            })
+            .set(1);
+        registry.register(
+            "vantage_ingester_build_info",
+            "Version of vantage-ingester",
+            build,
+        );
+
+        let bridge = BridgeMetrics {
+            received: Counter::default(),
+            produced: Counter::default(),
+            results_produced: Counter::default(),
+            dead_letters: Family::default(),
+            acked: Counter::default(),
+            skipped: Counter::default(),
+            stale: Counter::default(),
+            // 1 ms .. ~33 s
+            delivery_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            mqtt_connections: Counter::default(),
+            mqtt_connection_errors: Counter::default(),
+            mqtt_connected: Gauge::default(),
+        };
+        let r = &mut registry;
+        r.register(
+            "vantage_bridge_messages_received",
+            "MQTT messages received on the results topics",
+            bridge.received.clone(),
+        );
+        r.register(
+            "vantage_bridge_messages_produced",
+            "Messages produced to the results topic and confirmed by Kafka",
+            bridge.produced.clone(),
+        );
+        r.register(
+            "vantage_bridge_results_produced",
+            "Probe results inside the messages produced to the results topic",
+            bridge.results_produced.clone(),
+        );
+        r.register(
+            "vantage_bridge_dead_letters",
+            "Messages produced to the dead-letter topic, by reason",
+            bridge.dead_letters.clone(),
+        );
+        r.register(
+            "vantage_bridge_messages_acked",
+            "MQTT messages acknowledged to the broker (after Kafka confirmed them)",
+            bridge.acked.clone(),
+        );
+        r.register(
+            "vantage_bridge_messages_skipped",
+            "Messages of another bridge's partition slot, acknowledged without producing",
+            bridge.skipped.clone(),
+        );
+        r.register(
+            "vantage_bridge_messages_stale",
+            "Messages delivered to Kafka but received on an earlier MQTT connection (redelivered)",
+            bridge.stale.clone(),
+        );
+        r.register_with_unit(
+            "vantage_bridge_kafka_delivery",
+            "Time from taking an MQTT message to Kafka's delivery report, retries included",
+            Unit::Seconds,
+            bridge.delivery_seconds.clone(),
+        );
+        r.register(
+            "vantage_bridge_mqtt_connections",
+            "Connections made to the MQTT broker (first connect and reconnects)",
+            bridge.mqtt_connections.clone(),
+        );
+        r.register(
+            "vantage_bridge_mqtt_connection_errors",
+            "Failed MQTT connection attempts and lost connections",
+            bridge.mqtt_connection_errors.clone(),
+        );
+        r.register(
+            "vantage_bridge_mqtt_connected",
+            "1 while the bridge is connected to the MQTT broker",
+            bridge.mqtt_connected.clone(),
+        );
+
+        let sink = SinkMetrics {
+            consumed: Counter::default(),
+            results_written: Counter::default(),
+            results_duplicate: Counter::default(),
+            gaps_written: Counter::default(),
+            dead_letters: Family::default(),
+            // 1 .. 16384 results
+            batch_results: Histogram::new(exponential_buckets(1.0, 2.0, 15)),
+            // 0.5 ms .. ~16 s
+            write_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            write_retries: Counter::default(),
+            consumer_lag: Family::default(),
+        };
+        r.register(
+            "vantage_sink_messages_consumed",
+            "Kafka messages consumed from the results topic",
+            sink.consumed.clone(),
+        );
+        r.register(
+            "vantage_sink_results_written",
+            "Result rows inserted into PostgreSQL",
+            sink.results_written.clone(),
+        );
+        r.register(
+            "vantage_sink_results_duplicate",
+            "Result rows skipped because they were already stored (replays)",
+            sink.results_duplicate.clone(),
+        );
+        r.register(
+            "vantage_sink_gaps_written",
+            "Gap records (results agents had to drop) inserted into PostgreSQL",
+            sink.gaps_written.clone(),
+        );
+        r.register(
+            "vantage_sink_dead_letters",
+            "Kafka messages sent to the dead-letter topic, by reason",
+            sink.dead_letters.clone(),
+        );
+        r.register(
+            "vantage_sink_batch_results",
+            "Results per PostgreSQL transaction",
+            sink.batch_results.clone(),
+        );
+        r.register_with_unit(
+            "vantage_sink_write_duration",
+            "Duration of a successful PostgreSQL batch write (one transaction)",
+            Unit::Seconds,
+            sink.write_seconds.clone(),
+        );
+        r.register(
+            "vantage_sink_write_retries",
+            "PostgreSQL batch writes that failed and were retried",
+            sink.write_retries.clone(),
+        );
+        r.register(
+            "vantage_sink_consumer_lag",
+            "Messages between the committed offset and the end of each assigned partition \
+             (from librdkafka statistics, every 5 s)",
+            sink.consumer_lag.clone(),
+        );
+        Metrics {
+            registry,
+            bridge,
+            sink,
+        }
+    }
+
+    /// The whole registry in OpenMetrics text.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+impl BridgeMetrics {
+    /// The MQTT connection came up (true) or failed (false).
+    pub fn connected(&self, up: bool) {
+        if up {
+            self.mqtt_connections.inc();
+        } else {
+            self.mqtt_connection_errors.inc();
+        }
+        self.mqtt_connected.set(i64::from(up));
+    }
+
+    /// A message was rejected and dead-lettered.
+    pub fn dead_lettered(&self, reason: &str) {
+        self.dead_letters
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A valid frame was produced to the results topic after `took`.
+    pub fn produced(&self, frame: &[u8], took: Duration) {
+        self.produced.inc();
+        self.delivery_seconds.observe(took.as_secs_f64());
+        // Decoding is cheap (no allocation) next to a Kafka round trip; the bridge already
+        // validated this frame, so it decodes.
+        if let Ok(batch) = vantage_proto::decode(frame) {
+            self.results_produced.inc_by(batch.results.len() as u64);
+        }
+    }
+}
+
+impl SinkMetrics {
+    /// A message was dead-lettered as poison.
+    pub fn dead_lettered(&self, reason: &str) {
+        self.dead_letters
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A batch of `results` rows was committed in `took`; `inserted` were new.
+    pub fn batch_written(&self, results: usize, inserted: u64, gaps: u64, took: Duration) {
+        self.results_written.inc_by(inserted);
+        self.results_duplicate
+            .inc_by((results as u64).saturating_sub(inserted));
+        self.gaps_written.inc_by(gaps);
+        self.batch_results.observe(results as f64);
+        self.write_seconds.observe(took.as_secs_f64());
+    }
+
+    /// librdkafka statistics of the sink's consumer: per-partition lag of the partitions this
+    /// consumer is assigned (librdkafka reports -1 for the others, which are removed).
+    pub fn consumer_stats(&self, stats: &rdkafka::statistics::Statistics) {
+        for (topic, t) in &stats.topics {
+            for (partition, p) in &t.partitions {
+                if *partition < 0 {
+                    continue; // librdkafka's internal "unassigned" partition
+                }
+                let label = PartitionLabel {
+                    topic: topic.clone(),
+                    partition: partition.to_string(),
+                };
+                if p.consumer_lag >= 0 {
+                    self.consumer_lag.get_or_create(&label).set(p.consumer_lag);
+                } else {
+                    self.consumer_lag.remove(&label);
+                }
+            }
+        }
+    }
+}
+
+/// The value of the first sample named exactly `name` (with its labels, e.g.
+/// `vantage_sink_dead_letters_total{reason="bad_key"}`) in an OpenMetrics text, for tests and
+/// `status`-like tools.
+pub fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_prometheus_conventions() {
+        let m = Metrics::new();
+        m.bridge.received.inc();
+        m.bridge.dead_lettered("bad_topic");
+        m.sink.batch_written(10, 7, 1, Duration::from_millis(3));
+        let text = m.encode();
+        assert_eq!(
+            sample(&text, "vantage_bridge_messages_received_total"),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "vantage_bridge_dead_letters_total{reason=\"bad_topic\"}"
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&text, "vantage_sink_results_written_total"),
+            Some(7.0)
+        );
+        assert_eq!(
+            sample(&text, "vantage_sink_results_duplicate_total"),
+            Some(3.0)
+        );
+        assert_eq!(sample(&text, "vantage_sink_batch_results_sum"), Some(10.0));
+        assert_eq!(
+            sample(&text, "vantage_sink_write_duration_seconds_count"),
+            Some(1.0)
+        );
+        assert!(text.contains("# TYPE vantage_bridge_kafka_delivery_seconds histogram"));
+        assert!(text.contains("vantage_ingester_build_info{version="));
+        assert!(text.ends_with("# EOF\n"));
+    }
+}

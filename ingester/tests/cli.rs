@@ -1,0 +1,173 @@
+//! The binary's command line: `check-config` validates without connecting (good and bad files,
+//! errors naming file and key), every subcommand has `--help` with an example, `--version`,
+//! exit codes, and `--log-format json`.
+
+use std::io::BufRead;
+use std::process::{Command, Stdio};
+
+fn write(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("vantage-ingester-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Points at ports where nothing listens: check-config must not try to connect.
+const GOOD: &str = r#"
+[mqtt]
+host = "127.0.0.1"
+port = 1
+[kafka]
+brokers = "127.0.0.1:1"
+[postgres]
+url = "host=127.0.0.1 port=1 user=vantage dbname=vantage"
+[http]
+bridge_listen = "0.0.0.0:9464"
+sink_listen = "off"
+"#;
+
+fn run(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_vantage-ingester"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_config_accepts_good_files() {
+    let path = write("good.toml", GOOD);
+    let (code, stdout, stderr) = run(&["check-config", path.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout.trim(), format!("{}: ok", path.display()));
+    // The shipped example too (with its password variables set).
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/ingester.example.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_vantage-ingester"))
+        .args(["check-config", example])
+        .env("VANTAGE_MQTT_PASSWORD", "x")
+        .env("VANTAGE_PG_PASSWORD", "x")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
+#[test]
+fn check_config_refuses_bad_files_naming_file_and_key() {
+    for (name, text, needle) in [
+        (
+            "unknown.toml",
+            GOOD.replace("[kafka]", "[kafka]\nbrokerz = \"x\""),
+            "brokerz",
+        ),
+        (
+            "listen.toml",
+            GOOD.replace("\"0.0.0.0:9464\"", "\"localhost:9464\""),
+            "key `http.bridge_listen`",
+        ),
+        (
+            "partition.toml",
+            GOOD.replace(
+                "port = 1\n[kafka]",
+                "port = 1\npartition = \"2/2\"\n[kafka]",
+            ),
+            "key `mqtt.partition`",
+        ),
+        ("syntax.toml", "[mqtt\nhost=".to_owned(), "syntax.toml"),
+    ] {
+        let path = write(name, &text);
+        let (code, _, stderr) = run(&["check-config", path.to_str().unwrap()]);
+        assert_eq!(code, Some(1), "{name}: {stderr}");
+        assert!(
+            stderr.contains(name) && stderr.contains(needle),
+            "{name}: {stderr}"
+        );
+    }
+    let (code, _, stderr) = run(&["check-config", "/nonexistent/ingester.toml"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains("/nonexistent/ingester.toml: cannot read"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn every_subcommand_explains_itself() {
+    let (code, stdout, _) = run(&["--version"]);
+    assert_eq!(code, Some(0));
+    assert!(stdout.starts_with("vantage-ingester "), "{stdout}");
+    let (code, stdout, _) = run(&["--help"]);
+    assert_eq!(code, Some(0));
+    assert!(stdout.contains("Exit codes"), "{stdout}");
+    let subcommands: Vec<String> = stdout
+        .split("Commands:")
+        .nth(1)
+        .unwrap()
+        .split("Options:")
+        .next()
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .map(str::to_owned)
+        .collect();
+    assert!(subcommands.len() >= 7, "{subcommands:?}");
+    for sub in &subcommands {
+        let (code, stdout, stderr) = run(&[sub, "--help"]);
+        assert_eq!(code, Some(0), "{sub}: {stderr}");
+        assert!(
+            stdout.contains("Example: vantage-ingester "),
+            "{sub} --help has no example:\n{stdout}"
+        );
+        assert!(stdout.contains("--log-format"), "{sub}: {stdout}");
+    }
+    // A bad command line is exit code 2.
+    assert_eq!(run(&["no-such-command"]).0, Some(2));
+    // A stage that cannot start (its http port cannot be bound) is exit code 1.
+    let path = write("bind.toml", &GOOD.replace("0.0.0.0:9464", "192.0.2.1:9464"));
+    let (code, _, stderr) = run(&["bridge", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot listen on 192.0.2.1:9464"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    // The bridge logs where its http endpoint listens before it connects to anything.
+    let path = write("json.toml", &GOOD.replace("0.0.0.0:9464", "127.0.0.1:0"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vantage-ingester"))
+        .args(["--log-format", "json", "bridge", "--config"])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let first = std::io::BufReader::new(stderr).lines().next();
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = first.expect("no log line").unwrap();
+    let event: serde_json::Value = serde_json::from_str(&line).expect(&line);
+    assert_eq!(event["level"], "INFO", "{line}");
+    assert!(event["timestamp"].is_string(), "{line}");
+    assert!(
+        event["fields"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("http listening"),
+        "{line}"
+    );
+    assert!(
+        event["fields"]["addr"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:"),
+        "{line}"
+    );
+}

@@ -1,0 +1,334 @@
+//! Operability on the real services (`tests/services/up`): the ingester stages run as processes
+//! (`cargo build --bins` first), their `/metrics` is scraped during an end-to-end run, and the
+//! counters must move by exactly what was sent; `/healthz`, `/readyz` and `status` answer.
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use vantage_ingester::metrics::sample;
+use vantage_proto::{Batch, MAX_FRAME_LEN};
+use vantage_tests::harness::{IngesterOptions, Run};
+use vantage_tests::loadgen::Synth;
+use vantage_tests::stage::{self, StageProcess};
+
+/// GET `path` on `addr`; (status, body). The endpoint closes each connection after one answer.
+async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+        return (0, String::new());
+    };
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw)).await;
+    let raw = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, body.to_owned())
+}
+
+/// The value of one sample, 0 when absent (a labelled counter appears on first use).
+async fn value(addr: SocketAddr, name: &str) -> f64 {
+    let (status, body) = get(addr, "/metrics").await;
+    assert_eq!(status, 200, "{body}");
+    sample(&body, name).unwrap_or(0.0)
+}
+
+/// Polls until `cond` holds on a fresh scrape, or `timeout`; returns the last scrape.
+async fn wait_metrics(addr: SocketAddr, timeout: Duration, cond: impl Fn(&str) -> bool) -> String {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let (_, body) = get(addr, "/metrics").await;
+        if cond(&body) || tokio::time::Instant::now() >= deadline {
+            return body;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The address a stage process logged (`http listening ... addr=...`).
+async fn listen_addr(stage: &StageProcess) -> SocketAddr {
+    assert!(
+        stage
+            .wait_log("http listening", 1, Duration::from_secs(60))
+            .await,
+        "{} did not start its http endpoint:\n{}",
+        stage.name,
+        stage.log_text()
+    );
+    let text = stage.log_text();
+    let line = text.lines().find(|l| l.contains("http listening")).unwrap();
+    let addr = line
+        .split("addr=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap();
+    addr.parse().unwrap()
+}
+
+async fn publish(run: &Run, agent: &str, messages: &[(String, Vec<u8>)]) {
+    let mut options = rumqttc::MqttOptions::new(
+        format!("{}-{agent}", run.prefix()),
+        run.services.mqtt_host.clone(),
+        run.services.mqtt_port,
+    );
+    options.set_credentials("agent", "agent-secret");
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 100);
+    let n = messages.len();
+    // The event loop runs on its own task while this one publishes.
+    let acks = tokio::spawn(async move {
+        let mut acks = 0;
+        while acks < n {
+            match eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => acks += 1,
+                Ok(_) => {}
+                Err(e) => panic!("MQTT broker must be running: {e}"),
+            }
+        }
+    });
+    for (topic, payload) in messages {
+        client
+            .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload.clone())
+            .await
+            .unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(60), acks)
+        .await
+        .expect("broker did not acknowledge the publishes")
+        .unwrap();
+    let _ = client.try_disconnect();
+}
+
+/// `frames` frames of `per_frame` results each, consecutive sequence numbers.
+fn frames(boot_id: u64, frames: u64, per_frame: u64) -> Vec<Vec<u8>> {
+    let mut synth = Synth::new(boot_id);
+    (0..frames)
+        .map(|f| {
+            let mut b = Batch {
+                boot_id,
+                results: heapless::Vec::new(),
+                gaps: heapless::Vec::new(),
+            };
+            for i in 0..per_frame {
+                let mut r = synth.result();
+                r.seq = f * per_frame + i;
+                b.results.push(r).unwrap();
+            }
+            let mut buf = [0u8; MAX_FRAME_LEN];
+            vantage_proto::encode(&b, &mut buf).unwrap().to_vec()
+        })
+        .collect()
+}
+
+/// Issue #9 "Must show": scrape `/metrics` of both stages during an end-to-end run; every
+/// counter moves by exactly what was sent (10 frames of 3 results, 2 bad frames, then the same
+/// 10 frames again, which the sink must count as duplicates, not as rows).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stage_metrics_move_by_what_flows_through() {
+    let run = Run::new("metrics");
+    let file = run.ingester_file(&IngesterOptions::default());
+    let mut sink = StageProcess::start("sink", "sink", &file, &run.dir);
+    let mut bridge = StageProcess::start("bridge", "bridge", &file, &run.dir);
+    let (b, s) = (listen_addr(&bridge).await, listen_addr(&sink).await);
+    assert!(
+        bridge
+            .wait_log("subscribed", 1, Duration::from_secs(60))
+            .await,
+        "{}",
+        bridge.log_text()
+    );
+
+    // Alive at once; ready once connected to what each stage needs.
+    assert_eq!(get(b, "/healthz").await, (200, "ok\n".to_owned()));
+    assert_eq!(get(s, "/healthz").await.0, 200);
+    assert_eq!(get(b, "/nope").await.0, 404);
+    for (addr, checks) in [
+        (b, &["mqtt: ok", "kafka: ok"][..]),
+        (s, &["kafka: ok", "postgres: ok"]),
+    ] {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let mut last = get(addr, "/readyz").await;
+        while last.0 != 200 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            last = get(addr, "/readyz").await;
+        }
+        assert_eq!(last.0, 200, "{addr} not ready: {}", last.1);
+        for c in checks {
+            assert!(last.1.contains(c), "{}", last.1);
+        }
+    }
+
+    // A fresh process starts at zero.
+    let (_, text) = get(b, "/metrics").await;
+    assert_eq!(
+        sample(&text, "vantage_bridge_messages_received_total"),
+        Some(0.0)
+    );
+    assert_eq!(sample(&text, "vantage_bridge_mqtt_connected"), Some(1.0));
+    assert!(sample(&text, "vantage_bridge_mqtt_connections_total") >= Some(1.0));
+    assert_eq!(value(s, "vantage_sink_results_written_total").await, 0.0);
+
+    let topic = format!("{}/v1/results/eu-north/pi-m", run.prefix());
+    let good = frames(0x9e7a, 10, 3);
+    let mut messages: Vec<(String, Vec<u8>)> =
+        good.iter().map(|f| (topic.clone(), f.clone())).collect();
+    messages.push((topic.clone(), vec![7])); // unknown_version
+    messages.push((topic.clone(), vec![1, 1])); // malformed
+    publish(&run, "pi-m", &messages).await;
+
+    let text = wait_metrics(s, Duration::from_secs(60), |t| {
+        sample(t, "vantage_sink_results_written_total") >= Some(30.0)
+    })
+    .await;
+    assert_eq!(
+        sample(&text, "vantage_sink_results_written_total"),
+        Some(30.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "vantage_sink_messages_consumed_total"),
+        Some(10.0)
+    );
+    assert_eq!(
+        sample(&text, "vantage_sink_results_duplicate_total"),
+        Some(0.0)
+    );
+    assert_eq!(sample(&text, "vantage_sink_batch_results_sum"), Some(30.0));
+    let batches = sample(&text, "vantage_sink_batch_results_count").unwrap();
+    assert!((1.0..=10.0).contains(&batches), "{batches}");
+    assert_eq!(
+        sample(&text, "vantage_sink_write_duration_seconds_count"),
+        Some(batches)
+    );
+    assert_eq!(run.count_rows().await, 30);
+
+    let text = wait_metrics(b, Duration::from_secs(30), |t| {
+        sample(t, "vantage_bridge_messages_acked_total") >= Some(12.0)
+    })
+    .await;
+    for (name, want) in [
+        ("vantage_bridge_messages_received_total", 12.0),
+        ("vantage_bridge_messages_produced_total", 10.0),
+        ("vantage_bridge_results_produced_total", 30.0),
+        ("vantage_bridge_messages_acked_total", 12.0),
+        ("vantage_bridge_kafka_delivery_seconds_count", 10.0),
+        (
+            "vantage_bridge_dead_letters_total{reason=\"unknown_version\"}",
+            1.0,
+        ),
+        (
+            "vantage_bridge_dead_letters_total{reason=\"malformed\"}",
+            1.0,
+        ),
+        ("vantage_bridge_messages_skipped_total", 0.0),
+    ] {
+        assert_eq!(sample(&text, name), Some(want), "{name}\n{text}");
+    }
+
+    // The same frames again: the bridge produces them again, the sink stores nothing new.
+    publish(&run, "pi-m", &messages[..10]).await;
+    let text = wait_metrics(s, Duration::from_secs(60), |t| {
+        sample(t, "vantage_sink_results_duplicate_total") >= Some(30.0)
+    })
+    .await;
+    assert_eq!(
+        sample(&text, "vantage_sink_results_duplicate_total"),
+        Some(30.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "vantage_sink_results_written_total"),
+        Some(30.0)
+    );
+    assert_eq!(
+        sample(&text, "vantage_sink_messages_consumed_total"),
+        Some(20.0)
+    );
+    assert_eq!(
+        value(b, "vantage_bridge_results_produced_total").await,
+        60.0
+    );
+    assert_eq!(run.count_rows().await, 30);
+
+    // Lag per partition (librdkafka statistics, every 5 s): once the offsets are committed,
+    // every assigned partition that has a committed offset shows 0.
+    let text = wait_metrics(s, Duration::from_secs(60), |t| {
+        let lags: Vec<f64> = t
+            .lines()
+            .filter(|l| l.starts_with("vantage_sink_consumer_lag{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect();
+        !lags.is_empty() && lags.iter().all(|&v| v == 0.0)
+    })
+    .await;
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("vantage_sink_consumer_lag{") && l.ends_with(" 0")),
+        "{text}"
+    );
+
+    // `status` sees the same: schema up to date, partitions, no lag.
+    let out = Command::new(stage::workspace_bin("vantage-ingester"))
+        .args(["status", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout.contains("(up to date)"), "{stdout}");
+    assert!(stdout.contains("results partitions: "), "{stdout}");
+    assert!(stdout.contains("lag 0"), "{stdout}");
+
+    assert_eq!(
+        bridge.terminate(Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        bridge.log_text()
+    );
+    assert_eq!(
+        sink.terminate(Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        sink.log_text()
+    );
+    run.cleanup(&[run.bridge_client_id("a"), format!("{}-pi-m", run.prefix())])
+        .await;
+}
+
+/// `status` exits 3 and names the service when one cannot be reached.
+#[tokio::test]
+async fn status_reports_unreachable_services() {
+    let run = Run::new("status");
+    let file = run.ingester_file(&IngesterOptions {
+        brokers: Some("127.0.0.1:1".into()),
+        ..IngesterOptions::default()
+    });
+    let text = std::fs::read_to_string(&file).unwrap();
+    let pg = text
+        .lines()
+        .find(|l| l.starts_with("url = "))
+        .unwrap()
+        .to_owned();
+    std::fs::write(
+        &file,
+        text.replace(&pg, "url = \"host=127.0.0.1 port=1 user=x dbname=x\""),
+    )
+    .unwrap();
+    let out = Command::new(stage::workspace_bin("vantage-ingester"))
+        .args(["status", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(stdout.contains("postgres: UNREACHABLE"), "{stdout}");
+    assert!(stdout.contains("kafka: UNREACHABLE"), "{stdout}");
+    let _ = std::fs::remove_dir_all(&run.dir);
+}
