@@ -817,7 +817,25 @@ async fn crash_and_restart_everything_exactly_once() {
     // SIGTERM: each stage flushes, commits and exits 0.
     let mut exits = Vec::new();
     for s in [&mut bridge_a, &mut bridge_b, &mut sink_a, &mut sink_b] {
-        exits.push((s.name.clone(), s.terminate(Duration::from_secs(30))));
+        let asked = Instant::now();
+        let code = s.terminate(Duration::from_secs(30));
+        // How long each step of a stage's shutdown took (the sink bounds its Kafka steps).
+        let steps: Vec<String> = s
+            .log_text()
+            .lines()
+            .filter(|l| {
+                l.contains("offsets committed")
+                    || l.contains("consumer closed")
+                    || l.contains("in time")
+            })
+            .map(|l| l.split("vantage_ingester::").nth(1).unwrap_or(l).to_owned())
+            .collect();
+        println!(
+            "{} stopped in {:.1?} (exit {code:?}) {steps:?}",
+            s.name,
+            asked.elapsed()
+        );
+        exits.push((s.name.clone(), code));
     }
     note("stages stopped with SIGTERM", run.count_rows().await);
 

@@ -1,0 +1,304 @@
+//! The agent's optional Prometheus endpoint: `/metrics` (OpenMetrics text) and `/healthz`,
+//! served only when `[metrics] listen` is set (off by default: most boards are scraped by
+//! nobody). Built with the `metrics` cargo feature (on by default); without it the hooks below
+//! compile to nothing and a `listen` setting is refused at start.
+//!
+//! The hooks are called from the probe tasks (`probe_done`) and once per turn of the uplink
+//! loop (`uplink`, a snapshot of its counters: the uplink keeps its own numbers and this module
+//! only mirrors them). docs/agent.md lists every metric.
+
+use std::net::SocketAddr;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::probe::Measurement;
+use crate::uplink::UplinkStats;
+
+/// The uplink's state at one moment.
+#[derive(Debug, Clone, Copy)]
+pub struct UplinkSnapshot<'a> {
+    pub stats: &'a UplinkStats,
+    /// Results buffered, not yet acknowledged by the broker.
+    pub buffered: usize,
+    pub capacity: usize,
+    /// Connections made so far (the first one included).
+    pub connects: u64,
+    pub connected: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("this vantage-agent was built without the `metrics` feature")]
+    NotBuiltIn,
+}
+
+#[cfg(feature = "metrics")]
+pub use imp::{encode, probe_done, probes_skipped, serve, uplink};
+
+#[cfg(not(feature = "metrics"))]
+pub fn probe_done(_m: &Measurement) {}
+#[cfg(not(feature = "metrics"))]
+pub fn probes_skipped(_total: u64) {}
+#[cfg(not(feature = "metrics"))]
+pub fn uplink(_s: UplinkSnapshot<'_>) {}
+#[cfg(not(feature = "metrics"))]
+pub async fn serve(
+    _addr: SocketAddr,
+    _shutdown: CancellationToken,
+) -> Result<SocketAddr, MetricsError> {
+    Err(MetricsError::NotBuiltIn)
+}
+
+#[cfg(feature = "metrics")]
+mod imp {
+    use std::convert::Infallible;
+    use std::sync::atomic::Ordering;
+    use std::sync::{Arc, LazyLock};
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use hyper::{Response, StatusCode};
+    use hyper_util::rt::TokioIo;
+    use prometheus_client::encoding::EncodeLabelSet;
+    use prometheus_client::metrics::counter::Counter;
+    use prometheus_client::metrics::family::Family;
+    use prometheus_client::metrics::gauge::Gauge;
+    use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+    use prometheus_client::registry::{Registry, Unit};
+    use tokio::sync::Semaphore;
+
+    use super::*;
+
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    struct OutcomeLabel {
+        outcome: &'static str,
+    }
+
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    struct BuildLabel {
+        version: &'static str,
+    }
+
+    struct Metrics {
+        registry: Registry,
+        probes: Family<OutcomeLabel, Counter>,
+        probe_seconds: Histogram,
+        skipped: Counter,
+        results: Counter,
+        dropped: Counter,
+        gaps: Counter,
+        frames_published: Counter,
+        frames_acked: Counter,
+        sessions_lost: Counter,
+        buffered: Gauge,
+        capacity: Gauge,
+        connections: Counter,
+        connected: Gauge,
+    }
+
+    static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+        let mut m = Metrics {
+            registry: Registry::default(),
+            probes: Family::default(),
+            // 1 ms .. ~65 s
+            probe_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 17)),
+            skipped: Counter::default(),
+            results: Counter::default(),
+            dropped: Counter::default(),
+            gaps: Counter::default(),
+            frames_published: Counter::default(),
+            frames_acked: Counter::default(),
+            sessions_lost: Counter::default(),
+            buffered: Gauge::default(),
+            capacity: Gauge::default(),
+            connections: Counter::default(),
+            connected: Gauge::default(),
+        };
+        m.registry = register(&m);
+        m
+    });
+
+    /// A registry holding (clones of) every metric of `m`.
+    fn register(m: &Metrics) -> Registry {
+        {
+            let mut r = Registry::default();
+            let build: Family<BuildLabel, Gauge> = Family::default();
+            build
+                .get_or_create(&BuildLabel {
+                    version: env!("CARGO_PKG_VERSION"),
+                })
+                .set(1);
+            r.register("vantage_agent_build_info", "Version of vantage-agent", build);
+            r.register(
+                "vantage_agent_probes",
+                "Probes finished, by outcome (up, timeout, connect_refused, ...)",
+                m.probes.clone(),
+            );
+            r.register_with_unit(
+                "vantage_agent_probe_duration",
+                "Total time of a probe, redirects included",
+                Unit::Seconds,
+                m.probe_seconds.clone(),
+            );
+            r.register(
+                "vantage_agent_probes_skipped",
+                "Probes not started: late, or every probe slot busy",
+                m.skipped.clone(),
+            );
+            r.register(
+                "vantage_agent_results",
+                "Results numbered by the uplink in this boot",
+                m.results.clone(),
+            );
+            r.register(
+                "vantage_agent_results_dropped",
+                "Results dropped because the buffer was full (reported as gap records)",
+                m.dropped.clone(),
+            );
+            r.register(
+                "vantage_agent_gaps",
+                "Gap records created",
+                m.gaps.clone(),
+            );
+            r.register(
+                "vantage_agent_frames_published",
+                "Frames handed to the MQTT client (re-sends after a lost session included)",
+                m.frames_published.clone(),
+            );
+            r.register(
+                "vantage_agent_frames_acked",
+                "Frames the MQTT broker acknowledged",
+                m.frames_acked.clone(),
+            );
+            r.register(
+                "vantage_agent_mqtt_sessions_lost",
+                "Reconnects after which the broker no longer had the session",
+                m.sessions_lost.clone(),
+            );
+            r.register(
+                "vantage_agent_buffer_results",
+                "Results buffered and not yet acknowledged by the broker",
+                m.buffered.clone(),
+            );
+            r.register(
+                "vantage_agent_buffer_capacity_results",
+                "Results the buffer holds before dropping the oldest",
+                m.capacity.clone(),
+            );
+            r.register(
+                "vantage_agent_mqtt_connections",
+                "Connections made to the MQTT broker (first connect and reconnects)",
+                m.connections.clone(),
+            );
+            r.register(
+                "vantage_agent_mqtt_connected",
+                "1 while connected to the MQTT broker",
+                m.connected.clone(),
+            );
+            r
+        }
+    }
+
+    /// A probe finished.
+    pub fn probe_done(m: &Measurement) {
+        METRICS
+            .probes
+            .get_or_create(&OutcomeLabel {
+                outcome: m.outcome.as_str(),
+            })
+            .inc();
+        METRICS.probe_seconds.observe(m.total.as_secs_f64());
+    }
+
+    /// The run's count of skipped probes so far.
+    pub fn probes_skipped(total: u64) {
+        METRICS.skipped.inner().store(total, Ordering::Relaxed);
+    }
+
+    /// Mirrors the uplink's counters (monotonic within a run, so they stay valid counters).
+    pub fn uplink(s: UplinkSnapshot<'_>) {
+        let m = &*METRICS;
+        let set = |c: &Counter, v: u64| c.inner().store(v, Ordering::Relaxed);
+        set(&m.results, s.stats.results);
+        set(&m.dropped, s.stats.dropped);
+        set(&m.gaps, s.stats.gaps);
+        set(&m.frames_published, s.stats.frames_published);
+        set(&m.frames_acked, s.stats.frames_acked);
+        set(&m.sessions_lost, s.stats.sessions_lost);
+        set(&m.connections, s.connects);
+        m.buffered.set(s.buffered as i64);
+        m.capacity.set(s.capacity as i64);
+        m.connected.set(i64::from(s.connected));
+    }
+
+    /// The registry in OpenMetrics text.
+    pub fn encode() -> String {
+        let mut text = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut text, &METRICS.registry);
+        text
+    }
+
+    /// Binds `addr` and serves `/metrics` and `/healthz` until `shutdown`, on a task of the
+    /// current runtime (after hyper's `server/hello` example); at most 8 connections at once,
+    /// each for at most 10 s. Returns the bound address (port 0 picks one; it is logged).
+    pub async fn serve(
+        addr: SocketAddr,
+        shutdown: CancellationToken,
+    ) -> Result<SocketAddr, MetricsError> {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| MetricsError::Bind { addr, source })?;
+        let bound = listener.local_addr().unwrap_or(addr);
+        tracing::info!(addr = %bound, "metrics listening (/metrics, /healthz)");
+        tokio::spawn(async move {
+            let slots = Arc::new(Semaphore::new(8));
+            loop {
+                let Ok(permit) = slots.clone().acquire_owned().await else {
+                    return;
+                };
+                let stream = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    a = listener.accept() => match a {
+                        Ok((s, _)) => s,
+                        Err(_) => {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    },
+                };
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(|req: hyper::Request<_>| async move {
+                        let (status, body) = match req.uri().path() {
+                            "/metrics" => (StatusCode::OK, encode()),
+                            "/healthz" => (StatusCode::OK, "ok\n".to_owned()),
+                            _ => (StatusCode::NOT_FOUND, "try /metrics\n".to_owned()),
+                        };
+                        let mut r = Response::new(Full::new(Bytes::from(body)));
+                        *r.status_mut() = status;
+                        if status == StatusCode::OK && req.uri().path() == "/metrics" {
+                            r.headers_mut().insert(
+                                hyper::header::CONTENT_TYPE,
+                                hyper::header::HeaderValue::from_static(
+                                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                                ),
+                            );
+                        }
+                        Ok::<_, Infallible>(r)
+                    });
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .keep_alive(false)
+                        .serve_connection(TokioIo::new(stream), service);
+                    let _ = tokio::time::timeout(Duration::from_secs(10), conn).await;
+                    drop(permit);
+                });
+            }
+        });
+        Ok(bound)
+    }
+}
