@@ -332,3 +332,101 @@ async fn status_reports_unreachable_services() {
     assert!(stdout.contains("kafka: UNREACHABLE"), "{stdout}");
     let _ = std::fs::remove_dir_all(&run.dir);
 }
+
+/// The agent's optional endpoint (`[metrics] listen`, in-process here): probes by outcome and
+/// the uplink's counters move by exactly what the run did, as its own summary reports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_metrics_match_the_run() {
+    let run = Run::new("agentmetrics");
+    let target = vantage_tests::target::TargetServer::start("127.0.0.1:0")
+        .await
+        .unwrap();
+    let pw = run.dir.join("agent.pw");
+    vantage_tests::harness::write_file(&pw, "agent-secret");
+    let text = format!(
+        r#"
+agent_id = "metrics-{id}"
+region = "eu-north"
+[mqtt]
+host = "{host}"
+port = {port}
+username = "agent"
+password_file = "{pw}"
+topic_prefix = "{prefix}"
+[uplink]
+flush_interval = "100ms"
+buffer_capacity = 500
+[metrics]
+listen = "127.0.0.1:0"
+[[targets]]
+id = 1
+url = "{up}"
+interval = "200ms"
+timeout = "200ms"
+[[targets]]
+id = 2
+url = "{missing}"
+interval = "200ms"
+timeout = "200ms"
+"#,
+        id = run.id,
+        host = run.services.mqtt_host,
+        port = run.services.mqtt_port,
+        pw = pw.display(),
+        prefix = run.prefix(),
+        up = target.url("/"),
+        missing = target.url("/missing?status=404"),
+    );
+    let path = run.dir.join("agent.toml");
+    vantage_tests::harness::write_file(&path, &text);
+    let config = vantage_agent::Config::load(&path).unwrap();
+    let listen = config.metrics_listen.expect("[metrics] listen");
+    let http_stop = tokio_util::sync::CancellationToken::new();
+    let addr = vantage_agent::metrics::serve(listen, http_stop.clone())
+        .await
+        .unwrap();
+    assert_eq!(get(addr, "/healthz").await.0, 200);
+
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let agent = tokio::spawn(vantage_agent::run(
+        config,
+        vantage_agent::RunOptions::default(),
+        shutdown.clone(),
+    ));
+    // Moving while it runs.
+    let text = wait_metrics(addr, Duration::from_secs(60), |t| {
+        sample(t, "vantage_agent_probes_total{outcome=\"status_not_accepted\"}") >= Some(3.0)
+            && sample(t, "vantage_agent_frames_acked_total") >= Some(2.0)
+    })
+    .await;
+    assert!(sample(&text, "vantage_agent_probes_total{outcome=\"up\"}") >= Some(3.0), "{text}");
+    assert_eq!(sample(&text, "vantage_agent_mqtt_connected"), Some(1.0), "{text}");
+    assert_eq!(sample(&text, "vantage_agent_buffer_capacity_results"), Some(500.0));
+
+    shutdown.cancel();
+    let summary = agent.await.unwrap().unwrap();
+    let text = get(addr, "/metrics").await.1;
+    let probes: f64 = ["up", "status_not_accepted", "timeout"]
+        .iter()
+        .filter_map(|o| sample(&text, &format!("vantage_agent_probes_total{{outcome=\"{o}\"}}")))
+        .sum();
+    assert_eq!(probes, summary.probes_started as f64, "{text}\n{summary:?}");
+    assert_eq!(
+        sample(&text, "vantage_agent_probe_duration_seconds_count"),
+        Some(summary.probes_started as f64)
+    );
+    let u = &summary.uplink;
+    for (name, want) in [
+        ("vantage_agent_results_total", u.results),
+        ("vantage_agent_results_dropped_total", u.dropped),
+        ("vantage_agent_frames_acked_total", u.frames_acked),
+        ("vantage_agent_frames_published_total", u.frames_published),
+        ("vantage_agent_probes_skipped_total", summary.probes_skipped),
+    ] {
+        assert_eq!(sample(&text, name), Some(want as f64), "{name}\n{text}\n{summary:?}");
+    }
+    assert_eq!(u.results, summary.probes_started);
+    assert_eq!(sample(&text, "vantage_agent_buffer_results"), Some(0.0), "{text}");
+    http_stop.cancel();
+    run.cleanup(&[format!("vantage-agent-metrics-{}", run.id)]).await;
+}
