@@ -395,20 +395,38 @@ timeout = "200ms"
     ));
     // Moving while it runs.
     let text = wait_metrics(addr, Duration::from_secs(60), |t| {
-        sample(t, "vantage_agent_probes_total{outcome=\"status_not_accepted\"}") >= Some(3.0)
+        sample(
+            t,
+            "vantage_agent_probes_total{outcome=\"status_not_accepted\"}",
+        ) >= Some(3.0)
             && sample(t, "vantage_agent_frames_acked_total") >= Some(2.0)
     })
     .await;
-    assert!(sample(&text, "vantage_agent_probes_total{outcome=\"up\"}") >= Some(3.0), "{text}");
-    assert_eq!(sample(&text, "vantage_agent_mqtt_connected"), Some(1.0), "{text}");
-    assert_eq!(sample(&text, "vantage_agent_buffer_capacity_results"), Some(500.0));
+    assert!(
+        sample(&text, "vantage_agent_probes_total{outcome=\"up\"}") >= Some(3.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "vantage_agent_mqtt_connected"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "vantage_agent_buffer_capacity_results"),
+        Some(500.0)
+    );
 
     shutdown.cancel();
     let summary = agent.await.unwrap().unwrap();
     let text = get(addr, "/metrics").await.1;
     let probes: f64 = ["up", "status_not_accepted", "timeout"]
         .iter()
-        .filter_map(|o| sample(&text, &format!("vantage_agent_probes_total{{outcome=\"{o}\"}}")))
+        .filter_map(|o| {
+            sample(
+                &text,
+                &format!("vantage_agent_probes_total{{outcome=\"{o}\"}}"),
+            )
+        })
         .sum();
     assert_eq!(probes, summary.probes_started as f64, "{text}\n{summary:?}");
     assert_eq!(
@@ -423,10 +441,19 @@ timeout = "200ms"
         ("vantage_agent_frames_published_total", u.frames_published),
         ("vantage_agent_probes_skipped_total", summary.probes_skipped),
     ] {
-        assert_eq!(sample(&text, name), Some(want as f64), "{name}\n{text}\n{summary:?}");
+        assert_eq!(
+            sample(&text, name),
+            Some(want as f64),
+            "{name}\n{text}\n{summary:?}"
+        );
     }
     assert_eq!(u.results, summary.probes_started);
-    assert_eq!(sample(&text, "vantage_agent_buffer_results"), Some(0.0), "{text}");
+    assert_eq!(
+        sample(&text, "vantage_agent_buffer_results"),
+        Some(0.0),
+        "{text}"
+    );
     http_stop.cancel();
-    run.cleanup(&[format!("vantage-agent-metrics-{}", run.id)]).await;
+    run.cleanup(&[format!("vantage-agent-metrics-{}", run.id)])
+        .await;
 }

@@ -42,6 +42,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub probes: RawProbes,
     #[serde(default)]
+    pub metrics: RawMetrics,
+    #[serde(default)]
     pub fleet: RawFleet,
     /// Where the agent keeps the last good target sets pushed by the ingester, so it can probe
     /// after a restart while the broker is unreachable (default `/var/lib/vantage`, the systemd unit's `StateDirectory`).
@@ -51,6 +53,15 @@ pub struct RawConfig {
     /// when absent it probes what the ingester's `targets apply` pushes to its region and to it.
     #[serde(default)]
     pub targets: Vec<RawTarget>,
+}
+
+/// The optional Prometheus endpoint (`metrics.rs`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMetrics {
+    /// `ip:port` to serve `/metrics` and `/healthz` on (default: none, off). Port 0 picks a
+    /// free port, which is logged.
+    pub listen: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -205,6 +216,8 @@ pub struct Config {
     pub mqtt: MqttConfig,
     pub uplink: UplinkConfig,
     pub max_concurrency: usize,
+    /// Where to serve `/metrics` (None: off).
+    pub metrics_listen: Option<std::net::SocketAddr>,
     pub heartbeat_interval: Duration,
     pub state_dir: PathBuf,
     pub targets_source: TargetsSource,
@@ -368,6 +381,19 @@ impl Config {
         if raw.state_dir.as_os_str().is_empty() {
             return Err(invalid("state_dir", "must not be empty".into()));
         }
+        let metrics_listen = match &raw.metrics.listen {
+            None => None,
+            Some(_) if !cfg!(feature = "metrics") => {
+                return Err(invalid(
+                    "metrics.listen",
+                    "this build has no metrics endpoint (cargo feature `metrics`)".into(),
+                ))
+            }
+            Some(l) => Some(
+                l.parse()
+                    .map_err(|_| invalid("metrics.listen", format!("{l:?} is not \"ip:port\"")))?,
+            ),
+        };
         if raw.probes.max_concurrency == 0 {
             return Err(invalid(
                 "probes.max_concurrency",
@@ -405,6 +431,7 @@ impl Config {
                 drain_timeout: raw.uplink.drain_timeout,
             },
             max_concurrency: raw.probes.max_concurrency,
+            metrics_listen,
             heartbeat_interval: raw.fleet.heartbeat_interval,
             state_dir: raw.state_dir,
             targets_source: if targets.is_empty() {

@@ -7,6 +7,8 @@
 
 pub mod config;
 pub mod fleet;
+pub mod logging;
+pub mod metrics;
 pub mod mqtt_tls;
 pub mod netpolicy;
 pub mod oneshot;
@@ -166,12 +168,14 @@ pub async fn run(
             // The probe owns its target: a set swapped meanwhile does not disturb it.
             probes.spawn(async move {
                 let m = prober.probe(&target).await;
+                metrics::probe_done(&m);
                 tracing::debug!(target_id = m.target_id, outcome = m.outcome.as_str(), status = m.status, total = ?m.total, "probe done");
                 // Fails only when the uplink is gone (shutdown); the result cannot go anywhere.
                 let _ = tx.send(uplink::to_wire(&m)).await;
                 drop(permit);
             });
         }
+        metrics::probes_skipped(summary.probes_skipped);
     }
     // In-flight probes finish (each is bounded by its own timeout) before the uplink drains.
     while probes.join_next().await.is_some() {}

@@ -1,4 +1,8 @@
 //! The `vantage-agent` binary: parses the command line, loads the config, runs [`vantage_agent::run`].
+//!
+//! Exit codes (docs/agent.md): 0 success (also a SIGTERM stop); 1 failure (bad configuration or
+//! probe options, a `--rounds` run that could not deliver); 2 bad command line, or `probe`
+//! whose outcome is not `up`.
 
 use std::path::PathBuf;
 
@@ -10,11 +14,16 @@ use tokio_util::sync::CancellationToken;
 #[command(
     name = "vantage-agent",
     version,
-    about = "Probe HTTP(S) targets and upload results over MQTT"
+    about = "Probe HTTP(S) targets and upload results over MQTT",
+    after_help = "Exit codes: 0 success, 1 failure, 2 bad command line (or `probe`: not up). \
+                  Logs go to stderr; RUST_LOG filters them (e.g. debug)."
 )]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log format on stderr: human-readable text or one JSON object per event.
+    #[arg(long, global = true, value_enum, default_value_t = vantage_agent::logging::LogFormat::Text)]
+    log_format: vantage_agent::logging::LogFormat,
 }
 
 #[derive(Subcommand)]
@@ -133,13 +142,8 @@ impl ProbeArgs {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    vantage_agent::logging::init(cli.log_format);
     match cli.command {
         Command::CheckConfig { config } => {
             let c = vantage_agent::Config::load(&config)?;
@@ -185,6 +189,9 @@ fn main() -> anyhow::Result<()> {
             runtime.block_on(async {
                 let shutdown = CancellationToken::new();
                 tokio::spawn(signal_to(shutdown.clone()));
+                if let Some(addr) = config.metrics_listen {
+                    vantage_agent::metrics::serve(addr, shutdown.clone()).await?;
+                }
                 let summary = vantage_agent::run(
                     config,
                     vantage_agent::RunOptions { rounds },

@@ -134,7 +134,11 @@ mod imp {
                     version: env!("CARGO_PKG_VERSION"),
                 })
                 .set(1);
-            r.register("vantage_agent_build_info", "Version of vantage-agent", build);
+            r.register(
+                "vantage_agent_build_info",
+                "Version of vantage-agent",
+                build,
+            );
             r.register(
                 "vantage_agent_probes",
                 "Probes finished, by outcome (up, timeout, connect_refused, ...)",
@@ -161,11 +165,7 @@ mod imp {
                 "Results dropped because the buffer was full (reported as gap records)",
                 m.dropped.clone(),
             );
-            r.register(
-                "vantage_agent_gaps",
-                "Gap records created",
-                m.gaps.clone(),
-            );
+            r.register("vantage_agent_gaps", "Gap records created", m.gaps.clone());
             r.register(
                 "vantage_agent_frames_published",
                 "Frames handed to the MQTT client (re-sends after a lost session included)",

@@ -497,6 +497,13 @@ pub async fn run(
             }
         }
         pump(&client, &topic, &link, &mut seen, &mut outbox);
+        crate::metrics::uplink(crate::metrics::UplinkSnapshot {
+            stats: outbox.stats(),
+            buffered: outbox.pending_results(),
+            capacity: config.uplink.buffer_capacity,
+            connects: link.connects.load(Ordering::Relaxed),
+            connected: link.connected.load(Ordering::Relaxed),
+        });
         if !open && outbox.is_empty() {
             break;
         }

@@ -92,6 +92,7 @@ impl LoadSpec {
                 drain_timeout: self.drain_timeout,
             },
             max_concurrency: 1,
+            metrics_listen: None,
             heartbeat_interval: Duration::from_secs(30),
             state_dir: std::env::temp_dir(),
             // Synthetic results: no target sets to follow.
