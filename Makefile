@@ -97,6 +97,7 @@ test-crash: services
 	cargo test -p vantage-tests --test delivery --locked -- --ignored --test-threads=1 --nocapture \
 	  || { echo "test-crash: FIRST RUN FAILED (known sink-shutdown flake?), retrying once" >&2; \
 	       cargo test -p vantage-tests --test delivery --locked -- --ignored --test-threads=1 --nocapture; }
+	cargo test -p vantage-tests --test shutdown --locked -- --ignored --test-threads=1 --nocapture
 
 # Ingest benchmark (not a test): bytes per result vs JSON, COPY vs unnest, MQTT -> PostgreSQL
 # throughput with the row-per-INSERT and psql COPY baselines, latency at 5,000 results/s.

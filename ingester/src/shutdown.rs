@@ -23,7 +23,7 @@ use rdkafka::TopicPartitionList;
 /// Longest wait for the final synchronous offset commit.
 pub const COMMIT_DEADLINE: Duration = Duration::from_secs(10);
 /// Longest wait for leaving the group and destroying the clients, after the commit.
-pub const CLOSE_DEADLINE: Duration = Duration::from_secs(10);
+pub const CLOSE_DEADLINE: Duration = Duration::from_secs(5);
 
 /// How the bounded shutdown went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

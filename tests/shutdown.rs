@@ -1,0 +1,121 @@
+//! The sink's shutdown is bounded even when Kafka does not answer (issue #9 "shutdown is clean";
+//! the open bug: a sink sometimes did not exit within 30 s of SIGTERM after a Kafka restart).
+//!
+//! Freezes the shared Kafka (SIGSTOP: connections stay open, nothing is answered), so it is
+//! `#[ignore]`d and run alone by `make test-crash`, after `cargo build --bins`.
+
+use std::time::{Duration, Instant};
+
+use vantage_proto::{Batch, MAX_FRAME_LEN};
+use vantage_tests::harness::{IngesterOptions, Run};
+use vantage_tests::loadgen::Synth;
+use vantage_tests::stage::{self, StageProcess};
+
+async fn publish(run: &Run, frames: Vec<Vec<u8>>) {
+    let mut options = rumqttc::MqttOptions::new(
+        format!("{}-pi-s", run.prefix()),
+        run.services.mqtt_host.clone(),
+        run.services.mqtt_port,
+    );
+    options.set_credentials("agent", "agent-secret");
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 100);
+    let n = frames.len();
+    let acks = tokio::spawn(async move {
+        let mut acks = 0;
+        while acks < n {
+            match eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => acks += 1,
+                Ok(_) => {}
+                Err(e) => panic!("MQTT broker must be running: {e}"),
+            }
+        }
+    });
+    let topic = format!("{}/v1/results/eu-north/pi-s", run.prefix());
+    for f in frames {
+        client
+            .publish(&topic, rumqttc::QoS::AtLeastOnce, false, f)
+            .await
+            .unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(60), acks)
+        .await
+        .expect("broker did not acknowledge the publishes")
+        .unwrap();
+    let _ = client.try_disconnect();
+}
+
+fn frames(n: u64, per: u64) -> Vec<Vec<u8>> {
+    let mut synth = Synth::new(0x5d);
+    (0..n)
+        .map(|f| {
+            let mut b = Batch {
+                boot_id: 0x5d,
+                results: heapless::Vec::new(),
+                gaps: heapless::Vec::new(),
+            };
+            for i in 0..per {
+                let mut r = synth.result();
+                r.seq = f * per + i;
+                b.results.push(r).unwrap();
+            }
+            let mut buf = [0u8; MAX_FRAME_LEN];
+            vantage_proto::encode(&b, &mut buf).unwrap().to_vec()
+        })
+        .collect()
+}
+
+/// SIGTERM while Kafka is frozen: the sink's final offset commit and group leave cannot finish;
+/// the sink must still exit 0 within 30 s (each Kafka step is bounded, `shutdown.rs`), and a
+/// sink started after Kafka resumes replays what was not committed without adding a row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "freezes the shared Kafka: run alone with `make test-crash`"]
+async fn sink_exits_promptly_when_kafka_hangs_at_shutdown() {
+    let run = Run::new("shutdown");
+    let file = run.ingester_file(&IngesterOptions::default());
+    let mut sink = StageProcess::start("sink", "sink", &file, &run.dir);
+    let mut bridge = StageProcess::start("bridge", "bridge", &file, &run.dir);
+    assert!(
+        bridge
+            .wait_log("subscribed", 1, Duration::from_secs(60))
+            .await,
+        "{}",
+        bridge.log_text()
+    );
+    publish(&run, frames(8, 4)).await;
+    assert_eq!(run.wait_rows(32, Duration::from_secs(60)).await, 32);
+    assert_eq!(bridge.terminate(Duration::from_secs(30)), Some(0));
+
+    let kafka = stage::kafka_pid().expect("no Kafka pid file");
+    let frozen = stage::Frozen::freeze(kafka);
+    let asked = Instant::now();
+    let code = sink.terminate(Duration::from_secs(30));
+    let took = asked.elapsed();
+    drop(frozen);
+    let log = sink.log_text();
+    let steps: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("in time") || l.contains("committed") || l.contains("closed"))
+        .collect();
+    println!("sink stopped in {took:.1?} with Kafka frozen, exit {code:?}: {steps:#?}");
+    assert_eq!(code, Some(0), "sink did not exit 0 within 30 s:\n{log}");
+
+    // Kafka is back: a new sink replays whatever was not committed; the key absorbs it.
+    let mut again = StageProcess::start("sink-again", "sink", &file, &run.dir);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let offsets = run.committed_and_end();
+        if !offsets.is_empty() && offsets.iter().all(|(_, c, e)| c == e) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "offsets never caught up: {offsets:?}\n{}",
+            again.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(run.count_rows().await, 32);
+    assert_eq!(again.terminate(Duration::from_secs(30)), Some(0));
+    run.cleanup(&[run.bridge_client_id("a"), format!("{}-pi-s", run.prefix())])
+        .await;
+}
