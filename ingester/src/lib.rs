@@ -13,6 +13,7 @@ pub mod http;
 pub mod kafka;
 pub mod logging;
 pub mod metrics;
+pub mod ratelimit;
 pub mod report;
 pub mod secrets;
 pub mod shutdown;

@@ -246,6 +246,8 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
     );
 
     let mut stats = SinkStats::default();
+    // Poison messages can arrive at the input's rate: one log line per second at most.
+    let mut poison_log = crate::ratelimit::RateLimit::new(Duration::from_secs(1));
     'batches: while !shutdown.is_cancelled() {
         // Collect: wait for a first message, then fill until full or the batch timeout.
         let mut rows: Vec<Row> = Vec::new();
@@ -301,12 +303,15 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
                 }
                 Decoded::Status(s) => statuses.push(*s),
                 Decoded::Poison(reason) => {
-                    tracing::warn!(
-                        partition = message.partition(),
-                        offset = message.offset(),
-                        reason,
-                        "poison message"
-                    );
+                    if let Some(suppressed) = poison_log.allow() {
+                        tracing::warn!(
+                            partition = message.partition(),
+                            offset = message.offset(),
+                            reason,
+                            suppressed,
+                            "poison message"
+                        );
+                    }
                     dead_letter(
                         &producer,
                         &kafka_config.dead_letter_topic,
