@@ -374,7 +374,8 @@ async fn handle(
             )
             .await;
             if ok {
-                crate::metrics::bridge().produced(&publish.payload, started.elapsed());
+                let results = (kind == Kind::Results).then_some(&publish.payload[..]);
+                crate::metrics::bridge().produced(results, started.elapsed());
             }
             ok.then_some(Disposition::Produced)
         }

@@ -1,7 +1,8 @@
 //! The `vantage-ingester` binary: command line, config, tracing, then a stage's `run`.
 //!
 //! Exit codes (docs/ingester.md): 0 success; 1 failure (bad configuration, a stage or command
-//! failed); 2 bad command line; 3 `status` could not reach a configured service.
+//! failed); 2 bad command line; 3 `status` could not reach a configured service, or `agents`
+//! found a stale agent.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -19,7 +20,8 @@ use vantage_ingester::{
     version,
     about = "vantage central ingester: MQTT → Kafka → PostgreSQL",
     after_help = "Exit codes: 0 success, 1 failure, 2 bad command line, 3 `status`: a service \
-                  is unreachable. Logs go to stderr; RUST_LOG filters them (e.g. debug,rdkafka=info)."
+                  is unreachable / `agents`: an agent is stale. Logs go to stderr; RUST_LOG \
+                  filters them (e.g. debug,rdkafka=info)."
 )]
 struct Cli {
     #[command(subcommand)]

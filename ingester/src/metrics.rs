@@ -146,7 +146,8 @@ impl Metrics {
         );
         r.register(
             "vantage_bridge_messages_produced",
-            "Messages produced to the results topic and confirmed by Kafka",
+            "Messages (result batches and agent status) produced to the results topic and \
+             confirmed by Kafka",
             bridge.produced.clone(),
         );
         r.register(
@@ -292,13 +293,14 @@ impl BridgeMetrics {
             .inc();
     }
 
-    /// A valid frame was produced to the results topic after `took`.
-    pub fn produced(&self, frame: &[u8], took: Duration) {
+    /// A valid message was produced to the results topic after `took`; `results_frame` is
+    /// the payload when it is a result batch (None: an agent status).
+    pub fn produced(&self, results_frame: Option<&[u8]>, took: Duration) {
         self.produced.inc();
         self.delivery_seconds.observe(took.as_secs_f64());
         // Decoding is cheap (no allocation) next to a Kafka round trip; the bridge already
         // validated this frame, so it decodes.
-        if let Ok(batch) = vantage_proto::decode(frame) {
+        if let Some(Ok(batch)) = results_frame.map(vantage_proto::decode) {
             self.results_produced.inc_by(batch.results.len() as u64);
         }
     }
