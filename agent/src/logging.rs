@@ -19,8 +19,14 @@ pub const DEFAULT_FILTER: &str = "info";
 
 /// Installs the global subscriber. Call once, before anything logs.
 pub fn init(format: LogFormat) {
+    init_with_default(format, DEFAULT_FILTER);
+}
+
+/// [`init`] with another filter for when `RUST_LOG` is not set (the ingester quiets its
+/// libraries' chatter this way).
+pub fn init_with_default(format: LogFormat, default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| DEFAULT_FILTER.into());
+        .unwrap_or_else(|_| default_filter.into());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -1,31 +1,12 @@
-//! Logging setup shared by every subcommand: `tracing` events to stderr, filtered by `RUST_LOG`
-//! (`EnvFilter` syntax), as human-readable lines (coloured only on a terminal) or, with
-//! `--log-format json`, one JSON object per event for log shippers.
+//! Logging setup: the agent's (`vantage_agent::logging`: stderr, `RUST_LOG`, text or JSON with
+//! `--log-format`), with the ingester's libraries quieter by default.
 
-use std::io::IsTerminal;
-
-/// `--log-format`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    #[default]
-    Text,
-    /// One JSON object per line: timestamp, level, target, fields, span.
-    Json,
-}
+pub use vantage_agent::logging::LogFormat;
 
 /// The filter when `RUST_LOG` is not set.
 pub const DEFAULT_FILTER: &str = "info,rdkafka=warn,tokio_postgres=warn";
 
 /// Installs the global subscriber. Call once, before anything logs.
 pub fn init(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| DEFAULT_FILTER.into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
-        LogFormat::Json => builder.json().with_current_span(false).init(),
-    }
+    vantage_agent::logging::init_with_default(format, DEFAULT_FILTER);
 }
