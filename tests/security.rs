@@ -258,6 +258,62 @@ async fn an_agent_cannot_publish_as_another_agent() {
     let _ = std::fs::remove_dir_all(&run.dir);
 }
 
+/// `targets apply` publishes over MQTT 3.1.1, where a broker acknowledges a publish its ACL
+/// refuses and drops it: apply must read its sets back and fail then. An identity allowed on the
+/// targets topics (the ingester's) passes the same check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn targets_publish_is_read_back_and_acl_drops_are_caught() {
+    let sec = Secure::from_env();
+    let run = Run::new("acl-targets");
+    let prefix = run.prefix();
+    let agent = format!("a-{}", run.id);
+    let agent_id = Identity::agent(&prefix, "eu-north", &agent);
+    let ingester_id = Identity::ingester(&prefix, &format!("ing-{}", run.id));
+    let mqtt_as = |who: &Identity| {
+        let pw = run.dir.join(format!("{}.pw", who.user));
+        write_file(&pw, &who.password);
+        let text = format!(
+            "[mqtt]\nhost = \"{host}\"\nport = {port}\nusername = \"{user}\"\npassword_file = \"{pw}\"\n\
+             client_id = \"t-{user}\"\ntopic_prefix = \"{prefix}\"\n[mqtt.tls]\nca_file = \"{ca}\"\n",
+            host = sec.host,
+            port = sec.tls_port,
+            user = who.user,
+            pw = pw.display(),
+            ca = sec.ca.display(),
+        );
+        let path = run.dir.join(format!("ingester-{}.toml", who.user));
+        write_file(&path, &text);
+        vantage_ingester::Config::load(&path).unwrap()
+    };
+    // The agent's own region set: it may read that topic, but not write it.
+    let set = vec![(format!("{prefix}/v1/targets/eu-north"), vec![1, 7, 0])];
+
+    let as_agent = mqtt_as(&agent_id);
+    let mqtt = as_agent.mqtt().unwrap();
+    vantage_ingester::targets::publish(mqtt, set.clone())
+        .await
+        .expect("MQTT 3.1.1: the broker acknowledges even a refused publish");
+    let err = vantage_ingester::targets::verify_retained(mqtt, &set)
+        .await
+        .expect_err("a dropped set must not pass the read-back");
+    assert!(err.contains("does not hold the published set"), "{err}");
+
+    let as_ingester = mqtt_as(&ingester_id);
+    let mqtt = as_ingester.mqtt().unwrap();
+    vantage_ingester::targets::publish(mqtt, set.clone())
+        .await
+        .unwrap();
+    vantage_ingester::targets::verify_retained(mqtt, &set)
+        .await
+        .expect("the ingester's identity reads its sets back");
+    // Clear the retained set again.
+    let clear = vec![(set[0].0.clone(), Vec::new())];
+    vantage_ingester::targets::publish(mqtt, clear)
+        .await
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&run.dir);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_tls_is_verified_and_never_downgraded() {
     use vantage_ingester::config::{PgTls, PostgresConfig};
