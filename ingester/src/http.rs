@@ -43,8 +43,9 @@ pub enum HttpError {
 }
 
 /// What `/readyz` checks.
-#[derive(Default)]
 pub struct Readiness {
+    /// Whose metrics `/metrics` shows.
+    stage: crate::metrics::Stage,
     /// The bridge: connected to the broker and subscribed.
     pub mqtt: Option<Arc<BridgeState>>,
     /// Kafka answers a metadata request for this topic.
@@ -57,6 +58,16 @@ pub struct Readiness {
 }
 
 impl Readiness {
+    /// The endpoints of `stage`, with no readiness check yet.
+    pub fn new(stage: crate::metrics::Stage) -> Readiness {
+        Readiness {
+            stage,
+            mqtt: None,
+            kafka: None,
+            postgres: None,
+        }
+    }
+
     /// Adds the bridge's MQTT state.
     pub fn mqtt(mut self, state: Arc<BridgeState>) -> Self {
         self.mqtt = Some(state);
@@ -208,7 +219,7 @@ async fn respond(
         "/metrics" => text(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            crate::metrics::global().encode(),
+            crate::metrics::global().encode(readiness.stage),
         ),
         "/healthz" => text(StatusCode::OK, PLAIN, "ok\n".into()),
         "/readyz" => {

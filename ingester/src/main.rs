@@ -171,7 +171,7 @@ fn main() -> anyhow::Result<()> {
                 let shutdown = shutdown_on_signal();
                 let state = std::sync::Arc::<bridge::BridgeState>::default();
                 if let Some(addr) = config.http.bridge_listen {
-                    let ready = http::Readiness::default()
+                    let ready = http::Readiness::new(vantage_ingester::metrics::Stage::Bridge)
                         .mqtt(state.clone())
                         .kafka(config.kafka()?)?;
                     http::start(addr, ready, shutdown.clone()).await?;
@@ -182,7 +182,7 @@ fn main() -> anyhow::Result<()> {
                 let config = Config::load(&config)?;
                 let shutdown = shutdown_on_signal();
                 if let Some(addr) = config.http.sink_listen {
-                    let ready = http::Readiness::default()
+                    let ready = http::Readiness::new(vantage_ingester::metrics::Stage::Sink)
                         .kafka(config.kafka()?)?
                         .postgres(config.postgres()?);
                     http::start(addr, ready, shutdown.clone()).await?;

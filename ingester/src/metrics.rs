@@ -85,9 +85,18 @@ pub struct SinkMetrics {
     pub consumer_lag: Family<PartitionLabel, Gauge>,
 }
 
-/// Every metric of this process and the registry that exposes them.
+/// Which stage's metrics an endpoint exposes: a process runs one stage, and exporting the
+/// other's (idle) metrics would, e.g., make every sink report `vantage_bridge_mqtt_connected 0`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Bridge,
+    Sink,
+}
+
+/// Every metric of this process and the registries that expose them, one per stage.
 pub struct Metrics {
-    pub registry: Registry,
+    pub bridge_registry: Registry,
+    pub sink_registry: Registry,
     pub bridge: BridgeMetrics,
     pub sink: SinkMetrics,
 }
@@ -111,18 +120,21 @@ pub fn sink() -> &'static SinkMetrics {
 
 impl Metrics {
     fn new() -> Metrics {
-        let mut registry = Registry::default();
+        let mut bridge_registry = Registry::default();
+        let mut sink_registry = Registry::default();
         let build: Family<BuildLabel, Gauge> = Family::default();
         build
             .get_or_create(&BuildLabel {
                 version: env!("CARGO_PKG_VERSION").to_owned(),
             })
             .set(1);
-        registry.register(
-            "vantage_ingester_build_info",
-            "Version of vantage-ingester",
-            build,
-        );
+        for registry in [&mut bridge_registry, &mut sink_registry] {
+            registry.register(
+                "vantage_ingester_build_info",
+                "Version of vantage-ingester",
+                build.clone(),
+            );
+        }
 
         let bridge = BridgeMetrics {
             received: Counter::default(),
@@ -138,7 +150,7 @@ impl Metrics {
             mqtt_connection_errors: Counter::default(),
             mqtt_connected: Gauge::default(),
         };
-        let r = &mut registry;
+        let r = &mut bridge_registry;
         r.register(
             "vantage_bridge_messages_received",
             "MQTT messages received on the results topics",
@@ -210,6 +222,7 @@ impl Metrics {
             write_retries: Counter::default(),
             consumer_lag: Family::default(),
         };
+        let r = &mut sink_registry;
         r.register(
             "vantage_sink_messages_consumed",
             "Kafka messages consumed from the results topic",
@@ -258,17 +271,22 @@ impl Metrics {
             sink.consumer_lag.clone(),
         );
         Metrics {
-            registry,
+            bridge_registry,
+            sink_registry,
             bridge,
             sink,
         }
     }
 
-    /// The whole registry in OpenMetrics text.
-    pub fn encode(&self) -> String {
+    /// One stage's registry in OpenMetrics text.
+    pub fn encode(&self, stage: Stage) -> String {
+        let registry = match stage {
+            Stage::Bridge => &self.bridge_registry,
+            Stage::Sink => &self.sink_registry,
+        };
         let mut text = String::new();
         // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        let _ = prometheus_client::encoding::text::encode(&mut text, registry);
         text
     }
 }
@@ -367,7 +385,12 @@ mod tests {
         m.bridge.received.inc();
         m.bridge.dead_lettered("bad_topic");
         m.sink.batch_written(10, 7, 1, Duration::from_millis(3));
-        let text = m.encode();
+        // Each stage exports its own metrics only (and the build info).
+        let bridge = m.encode(Stage::Bridge);
+        let sink = m.encode(Stage::Sink);
+        assert!(!bridge.contains("vantage_sink_"), "{bridge}");
+        assert!(!sink.contains("vantage_bridge_"), "{sink}");
+        let text = format!("{bridge}{sink}");
         assert_eq!(
             sample(&text, "vantage_bridge_messages_received_total"),
             Some(1.0)
@@ -393,7 +416,8 @@ mod tests {
             Some(1.0)
         );
         assert!(text.contains("# TYPE vantage_bridge_kafka_delivery_seconds histogram"));
-        assert!(text.contains("vantage_ingester_build_info{version="));
-        assert!(text.ends_with("# EOF\n"));
+        assert!(bridge.contains("vantage_ingester_build_info{version="));
+        assert!(sink.contains("vantage_ingester_build_info{version="));
+        assert!(sink.ends_with("# EOF\n"));
     }
 }

@@ -248,6 +248,9 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
     let mut stats = SinkStats::default();
     // Poison messages can arrive at the input's rate: one log line per second at most.
     let mut poison_log = crate::ratelimit::RateLimit::new(Duration::from_secs(1));
+    // The batches, in a block of their own: however it ends (shutdown, or an error that stops
+    // the stage), the bounded commit-and-close below runs (shutdown.rs).
+    let outcome: Result<(), SinkError> = async {
     'batches: while !shutdown.is_cancelled() {
         // Collect: wait for a first message, then fill until full or the batch timeout.
         let mut rows: Vec<Row> = Vec::new();
@@ -312,14 +315,20 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
                             "poison message"
                         );
                     }
-                    dead_letter(
+                    let durable_letter = dead_letter(
                         &producer,
                         &kafka_config.dead_letter_topic,
                         message.key(),
                         message.payload().unwrap_or_default(),
                         reason,
+                        &shutdown,
                     )
                     .await;
+                    if !durable_letter {
+                        // Its offset must not be committed: leave the whole batch for replay.
+                        tracing::warn!("shutdown before a dead letter was delivered; batch left for replay");
+                        break 'batches;
+                    }
                     stats.dead_lettered += 1;
                     crate::metrics::sink().dead_lettered(reason);
                 }
@@ -333,44 +342,59 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
 
         // Write, retrying transient failures for as long as it takes: offsets must not move
         // past rows that are not durable. At shutdown, give up instead (nothing is committed,
-        // so the batch is replayed by whoever consumes next).
-        if !rows.is_empty() || !gaps.is_empty() || !statuses.is_empty() {
-            let mut backoff = Duration::from_millis(100);
-            loop {
-                let started = std::time::Instant::now();
-                match write_all(&mut client, &rows, &gaps, &statuses).await {
-                    Ok(inserted) => {
-                        let m = crate::metrics::sink();
-                        m.batch_written(
-                            rows.len(),
-                            inserted.results,
-                            inserted.gaps,
-                            started.elapsed(),
-                        );
-                        stats.rows_inserted += inserted.results;
-                        stats.rows_duplicate += rows.len() as u64 - inserted.results;
-                        stats.gaps_inserted += inserted.gaps;
-                        tracing::debug!(rows = rows.len(), ?inserted, "batch written");
-                        break;
+        // so the batch is replayed by whoever consumes next). Two steps, each its own
+        // transaction: result rows and gaps, then agent statuses; a retry of the second does
+        // not redo (or recount) the first.
+        let mut rows_done = rows.is_empty() && gaps.is_empty();
+        let mut statuses_done = statuses.is_empty();
+        let mut backoff = Duration::from_millis(100);
+        while !(rows_done && statuses_done) {
+            let started = std::time::Instant::now();
+            let step = if !rows_done {
+                db::write_batch(&mut client, &rows, &gaps).await.map(|inserted| {
+                    crate::metrics::sink().batch_written(
+                        rows.len(),
+                        inserted.results,
+                        inserted.gaps,
+                        started.elapsed(),
+                    );
+                    stats.rows_inserted += inserted.results;
+                    stats.rows_duplicate += rows.len() as u64 - inserted.results;
+                    stats.gaps_inserted += inserted.gaps;
+                    tracing::debug!(rows = rows.len(), ?inserted, "batch written");
+                    rows_done = true;
+                })
+            } else {
+                crate::fleet::write_statuses(&mut client, &statuses)
+                    .await
+                    .map(|()| statuses_done = true)
+            };
+            match step {
+                Ok(()) => backoff = Duration::from_millis(100),
+                Err(e) if e.is_transient() => {
+                    stats.write_retries += 1;
+                    crate::metrics::sink().write_retries.inc();
+                    tracing::warn!(error = %e, retry_in = ?backoff, "PostgreSQL write failed, retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.cancelled() => {
+                            tracing::warn!(rows = rows.len(), "shutdown while PostgreSQL is unavailable; batch left for replay");
+                            break 'batches;
+                        }
                     }
-                    Err(e) if e.is_transient() => {
-                        stats.write_retries += 1;
-                        crate::metrics::sink().write_retries.inc();
-                        tracing::warn!(error = %e, retry_in = ?backoff, "PostgreSQL write failed, retrying");
-                        tokio::select! {
-                            _ = tokio::time::sleep(backoff) => {}
-                            _ = shutdown.cancelled() => {
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    if client.is_closed() {
+                        client = match connect_with_retry(&pg_config, &shutdown).await {
+                            Ok(c) => c,
+                            Err(_) if shutdown.is_cancelled() => {
                                 tracing::warn!(rows = rows.len(), "shutdown while PostgreSQL is unavailable; batch left for replay");
                                 break 'batches;
                             }
-                        }
-                        backoff = (backoff * 2).min(Duration::from_secs(10));
-                        if client.is_closed() {
-                            client = connect_with_retry(&pg_config, &shutdown).await?;
-                        }
+                            Err(e) => return Err(e.into()),
+                        };
                     }
-                    Err(e) => return Err(e.into()),
                 }
+                Err(e) => return Err(e.into()),
             }
         }
 
@@ -394,6 +418,9 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
             }
         }
     }
+    Ok(())
+    }
+    .await;
     // Final synchronous commit of everything durable, then leave the group, each bounded
     // (shutdown.rs: after a Kafka restart librdkafka could block here for ever). Once committed,
     // the revocation during close has nothing left to commit again.
@@ -406,50 +433,28 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
         producer,
     )
     .await;
+    outcome?;
     tracing::info!(?stats, "sink stopped");
     Ok(stats)
-}
-
-/// Result rows and gap records (one transaction), then agent statuses (another). A retry after a
-/// failed status write rewrites the rows, which the natural key turns into no-ops.
-async fn write_all(
-    client: &mut tokio_postgres::Client,
-    rows: &[Row],
-    gaps: &[GapRow],
-    statuses: &[crate::fleet::StatusRow],
-) -> Result<db::Inserted, db::DbError> {
-    let inserted = if rows.is_empty() && gaps.is_empty() {
-        db::Inserted::default()
-    } else {
-        db::write_batch(client, rows, gaps).await?
-    };
-    crate::fleet::write_statuses(client, statuses).await?;
-    Ok(inserted)
 }
 
 fn lock(durable: &Mutex<Durable>) -> std::sync::MutexGuard<'_, Durable> {
     durable.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Sends a poison message to the dead-letter topic; false if `shutdown` came first (then the
+/// batch must not be committed: the poison message's offset may advance only once its dead
+/// letter is durable).
 async fn dead_letter(
     producer: &kafka::Producer,
     topic: &str,
     key: Option<&[u8]>,
     payload: &[u8],
     reason: &str,
-) {
+    shutdown: &CancellationToken,
+) -> bool {
     let headers = kafka::dead_letter_headers("sink", reason, None);
-    // Not cancellable: the poison message's offset is committed with its batch, so its dead
-    // letter must be durable first.
-    kafka::produce_until_delivered(
-        producer,
-        topic,
-        key,
-        payload,
-        Some(&headers),
-        &CancellationToken::new(),
-    )
-    .await;
+    kafka::produce_until_delivered(producer, topic, key, payload, Some(&headers), shutdown).await
 }
 
 /// Connects to PostgreSQL, retrying with backoff while it is unreachable.
@@ -463,7 +468,10 @@ async fn connect_with_retry(
             Ok(c) => return Ok(c),
             Err(e) if e.is_transient() && !shutdown.is_cancelled() => {
                 tracing::warn!(error = %e, retry_in = ?backoff, "cannot connect to PostgreSQL, retrying");
-                tokio::time::sleep(backoff).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.cancelled() => return Err(e),
+                }
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             }
             Err(e) => return Err(e),
