@@ -174,6 +174,12 @@ async fn stage_metrics_move_by_what_flows_through() {
     assert_eq!(sample(&text, "vantage_bridge_mqtt_connected"), Some(1.0));
     assert!(sample(&text, "vantage_bridge_mqtt_connections_total") >= Some(1.0));
     assert_eq!(value(s, "vantage_sink_results_written_total").await, 0.0);
+    assert_eq!(
+        value(s, "vantage_sink_last_durable_batch_timestamp_seconds").await,
+        0.0
+    );
+    // Each stage exports its own metrics only.
+    assert_eq!(sample(&text, "vantage_sink_results_written_total"), None);
 
     let topic = format!("{}/v1/results/eu-north/pi-m", run.prefix());
     let good = frames(0x9e7a, 10, 3);
@@ -195,6 +201,15 @@ async fn stage_metrics_move_by_what_flows_through() {
     assert_eq!(
         sample(&text, "vantage_sink_messages_consumed_total"),
         Some(10.0)
+    );
+    let unix_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let durable_at = sample(&text, "vantage_sink_last_durable_batch_timestamp_seconds").unwrap();
+    assert!(
+        durable_at > unix_now - 3600.0 && durable_at <= unix_now + 1.0,
+        "last durable batch at {durable_at}, now {unix_now}"
     );
     assert_eq!(
         sample(&text, "vantage_sink_results_duplicate_total"),

@@ -502,6 +502,8 @@ async fn poll_events(
             Ok(_) => {}
             Err(e) => {
                 state.connected.store(false, Ordering::Release);
+                // Not subscribed again until the next connection's SUBACK (what /readyz reports).
+                state.subscribed.store(false, Ordering::Release);
                 crate::metrics::bridge().connected(false);
                 // Equal jitter (see agent/src/uplink.rs `jittered`, after Marc Brooker's
                 // "Exponential Backoff And Jitter"), so bridges do not reconnect in lockstep.

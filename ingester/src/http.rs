@@ -106,10 +106,21 @@ impl Readiness {
         if let Some((client, topic)) = &self.kafka {
             let (client, topic) = (client.clone(), topic.clone());
             let r = tokio::task::spawn_blocking(move || {
-                client
+                // This client is never consumed from: drain the log and error events librdkafka
+                // queues for it, or they pile up for the life of the process.
+                for _ in 0..1000 {
+                    if client.poll(Duration::ZERO).is_none() {
+                        break;
+                    }
+                }
+                let metadata = client
                     .fetch_metadata(Some(&topic), CHECK_TIMEOUT)
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| e.to_string())?;
+                match metadata.topics().iter().find(|t| t.name() == topic) {
+                    Some(t) if t.error().is_none() => Ok(()),
+                    Some(t) => Err(format!("topic {topic}: {:?}", t.error())),
+                    None => Err(format!("topic {topic} not in the metadata")),
+                }
             })
             .await
             .unwrap_or_else(|e| Err(e.to_string()));

@@ -83,6 +83,10 @@ pub struct SinkMetrics {
     pub write_retries: Counter,
     /// Messages between the committed offset and the end of each assigned partition.
     pub consumer_lag: Family<PartitionLabel, Gauge>,
+    /// Unix time at which the last batch became durable in PostgreSQL (its offsets are
+    /// committed right after). Unlike the lag, which librdkafka reports only while the sink is
+    /// consuming, this stops moving whenever the sink is stuck.
+    pub last_durable_batch: Gauge,
 }
 
 /// Which stage's metrics an endpoint exposes: a process runs one stage, and exporting the
@@ -221,6 +225,7 @@ impl Metrics {
             write_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             write_retries: Counter::default(),
             consumer_lag: Family::default(),
+            last_durable_batch: Gauge::default(),
         };
         let r = &mut sink_registry;
         r.register(
@@ -269,6 +274,12 @@ impl Metrics {
             "Messages between the committed offset and the end of each assigned partition \
              (from librdkafka statistics, every 5 s)",
             sink.consumer_lag.clone(),
+        );
+        r.register(
+            "vantage_sink_last_durable_batch_timestamp_seconds",
+            "Unix time at which the last batch became durable in PostgreSQL (then its offsets are \
+             committed); alert on time() minus this while agents are sending",
+            sink.last_durable_batch.clone(),
         );
         Metrics {
             bridge_registry,
@@ -342,6 +353,14 @@ impl SinkMetrics {
         self.gaps_written.inc_by(gaps);
         self.batch_results.observe(results as f64);
         self.write_seconds.observe(took.as_secs_f64());
+    }
+
+    /// A batch (rows and statuses) is durable in PostgreSQL.
+    pub fn batch_durable(&self) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        self.last_durable_batch.set(now);
     }
 
     /// librdkafka statistics of the sink's consumer: per-partition lag of the partitions this

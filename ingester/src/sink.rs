@@ -400,6 +400,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
 
         // The rows are committed: now, and only now, the offsets may advance.
         stats.batches += 1;
+        crate::metrics::sink().batch_durable();
         let commit = {
             let mut d = lock(&durable);
             if generation != Some(d.generation) {
