@@ -41,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError};
 use crate::kafka;
+use crate::ratelimit::RateLimit;
 
 /// Payloads above this size are dead-lettered as oversized without being decoded.
 pub const MAX_PAYLOAD: usize = vantage_proto::MAX_FRAME_LEN;
@@ -233,7 +234,7 @@ pub async fn run_with_state(
         topic: kafka_config.topic.clone(),
         dead_letter_topic: kafka_config.dead_letter_topic.clone(),
         producer: producer.clone(),
-        rejections: RateLimit::default(),
+        rejections: std::sync::Mutex::new(RateLimit::new(Duration::from_secs(1))),
     });
     let hard_stop = CancellationToken::new();
     let mut stats = BridgeStats::default();
@@ -380,7 +381,12 @@ async fn handle(
             ok.then_some(Disposition::Produced)
         }
         Err(reject) => {
-            if let Some(suppressed) = out.rejections.allow() {
+            let allowed = out
+                .rejections
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .allow();
+            if let Some(suppressed) = allowed {
                 tracing::warn!(topic = %publish.topic, bytes = publish.payload.len(), reason = reject.reason(), suppressed, "frame rejected");
             }
             let headers =
@@ -409,31 +415,8 @@ struct Outputs {
     topic: String,
     dead_letter_topic: String,
     producer: Arc<kafka::Producer>,
-    rejections: RateLimit,
-}
-
-/// At most one log line per second; the lines in between are counted.
-#[derive(Default)]
-struct RateLimit {
-    state: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
-}
-
-impl RateLimit {
-    /// Some(lines suppressed since the last one) if a line may be logged now.
-    fn allow(&self) -> Option<u64> {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        match s.0 {
-            Some(t) if t.elapsed() < Duration::from_secs(1) => {
-                s.1 += 1;
-                None
-            }
-            _ => {
-                let suppressed = s.1;
-                *s = (Some(std::time::Instant::now()), 0);
-                Some(suppressed)
-            }
-        }
-    }
+    /// Rejected frames arrive at the input's rate: one log line per second at most.
+    rejections: std::sync::Mutex<RateLimit>,
 }
 
 /// The only task that polls the MQTT event loop.

@@ -144,15 +144,25 @@ fn json_logs_are_one_object_per_line() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_vantage-ingester"))
         .args(["--log-format", "json", "bridge", "--config"])
         .arg(&path)
+        // Not whatever the caller's RUST_LOG says: the line below is an INFO event.
+        .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
-    let first = std::io::BufReader::new(stderr).lines().next();
+    // Read on a thread, so a bridge that never logs fails the test instead of hanging it.
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    std::thread::spawn(move || {
+        let _ = tx.send(std::io::BufReader::new(stderr).lines().next());
+    });
+    let first = rx.recv_timeout(std::time::Duration::from_secs(60));
     let _ = child.kill();
     let _ = child.wait();
-    let line = first.expect("no log line").unwrap();
+    let line = first
+        .expect("no log line within 60 s")
+        .expect("stderr closed without a line")
+        .unwrap();
     let event: serde_json::Value = serde_json::from_str(&line).expect(&line);
     assert_eq!(event["level"], "INFO", "{line}");
     assert!(event["timestamp"].is_string(), "{line}");
