@@ -301,17 +301,38 @@ async fn stage_metrics_move_by_what_flows_through() {
     assert!(stdout.contains("results partitions: "), "{stdout}");
     assert!(stdout.contains("lag 0"), "{stdout}");
 
-    assert_eq!(
-        bridge.terminate(Duration::from_secs(30)),
-        Some(0),
-        "{}",
-        bridge.log_text()
-    );
+    // And a lag that is not 0: with the sink stopped, 5 more frames reach Kafka and nobody
+    // consumes them.
     assert_eq!(
         sink.terminate(Duration::from_secs(30)),
         Some(0),
         "{}",
         sink.log_text()
+    );
+    let produced = value(b, "vantage_bridge_messages_produced_total").await;
+    let more: Vec<(String, Vec<u8>)> = frames(0x5eed, 5, 3)
+        .into_iter()
+        .map(|f| (topic.clone(), f))
+        .collect();
+    publish(&run, "pi-m", &more).await;
+    wait_metrics(b, Duration::from_secs(60), |t| {
+        sample(t, "vantage_bridge_messages_produced_total") >= Some(produced + 5.0)
+    })
+    .await;
+    let out = Command::new(stage::workspace_bin("vantage-ingester"))
+        .args(["status", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout.contains("lag 5"), "{stdout}");
+
+    assert_eq!(
+        bridge.terminate(Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        bridge.log_text()
     );
     run.cleanup(&[run.bridge_client_id("a"), format!("{}-pi-m", run.prefix())])
         .await;
