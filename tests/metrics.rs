@@ -290,13 +290,7 @@ async fn stage_metrics_move_by_what_flows_through() {
     );
 
     // `status` sees the same: schema up to date, partitions, no lag.
-    let out = Command::new(stage::workspace_bin("vantage-ingester"))
-        .args(["status", "--config"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{out:?}");
+    let stdout = status(&file);
     assert!(stdout.contains("(up to date)"), "{stdout}");
     assert!(stdout.contains("results partitions: "), "{stdout}");
     assert!(stdout.contains("lag 0"), "{stdout}");
@@ -319,13 +313,7 @@ async fn stage_metrics_move_by_what_flows_through() {
         sample(t, "vantage_bridge_messages_produced_total") >= Some(produced + 5.0)
     })
     .await;
-    let out = Command::new(stage::workspace_bin("vantage-ingester"))
-        .args(["status", "--config"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{out:?}");
+    let stdout = status(&file);
     assert!(stdout.contains("lag 5"), "{stdout}");
 
     assert_eq!(
@@ -336,6 +324,17 @@ async fn stage_metrics_move_by_what_flows_through() {
     );
     run.cleanup(&[run.bridge_client_id("a"), format!("{}-pi-m", run.prefix())])
         .await;
+}
+
+/// `vantage-ingester status --config FILE`, which must succeed; its output.
+fn status(file: &std::path::Path) -> String {
+    let out = Command::new(stage::workspace_bin("vantage-ingester"))
+        .args(["status", "--config"])
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// `status` exits 3 and names the service when one cannot be reached.
