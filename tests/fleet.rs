@@ -157,6 +157,28 @@ where
     }
 }
 
+/// Waits (60 s at most) until `agent`'s row in `agents` meets the SQL `condition`.
+async fn wait_agent(client: &tokio_postgres::Client, agent: &str, condition: &str, what: &str) {
+    let sql = format!("SELECT 1 FROM agents WHERE agent = $1 AND {condition}");
+    wait_for(what, Duration::from_secs(60), || async {
+        client.query_opt(&sql, &[&agent]).await.unwrap().map(|_| ())
+    })
+    .await
+}
+
+/// Waits (60 s at most) until target `name` has at least `n` rows from every region.
+async fn wait_rows_everywhere(client: &tokio_postgres::Client, name: &str, n: i64) {
+    let what = format!("{n} rows of {name} from every region");
+    wait_for(&what, Duration::from_secs(60), || async {
+        let c = counts(client).await;
+        REGIONS
+            .iter()
+            .all(|r| count(&c, name, r) >= n)
+            .then_some(())
+    })
+    .await
+}
+
 async fn target_id(client: &tokio_postgres::Client, name: &str) -> i32 {
     client
         .query_one(
@@ -438,34 +460,12 @@ async fn agents_follow_central_targets() {
     );
 
     // The rows follow: delta appears in both regions...
-    wait_for(
-        "a first delta row from both regions",
-        Duration::from_secs(60),
-        || async {
-            let c = counts(client).await;
-            REGIONS
-                .iter()
-                .all(|r| count(&c, "delta", r) >= 1)
-                .then_some(())
-        },
-    )
-    .await;
+    wait_rows_everywhere(client, "delta", 1).await;
     println!(
         "apply v2 -> first delta row from both regions: {:.2} s (apply command included)",
         v2_started.elapsed().as_secs_f64()
     );
-    wait_for(
-        "delta rows from both regions",
-        Duration::from_secs(60),
-        || async {
-            let c = counts(client).await;
-            REGIONS
-                .iter()
-                .all(|r| count(&c, "delta", r) >= 3)
-                .then_some(())
-        },
-    )
-    .await;
+    wait_rows_everywhere(client, "delta", 3).await;
     // ...and, while alpha keeps going everywhere, beta and gamma-in-us-east stop.
     let before = counts(client).await;
     let after = wait_for(
@@ -501,19 +501,11 @@ async fn agents_follow_central_targets() {
     let (token, handle) = agents.remove("us-east").unwrap();
     token.cancel();
     let first_boot = handle.await.unwrap().unwrap().uplink.boot_id as i64;
-    wait_for(
+    wait_agent(
+        client,
+        &us_agent,
+        "NOT online AND state = 'offline'",
         "the clean stop to mark us-east offline",
-        Duration::from_secs(30),
-        || async {
-            client
-                .query_opt(
-                    "SELECT 1 FROM agents WHERE agent = $1 AND NOT online AND state = 'offline'",
-                    &[&us_agent],
-                )
-                .await
-                .unwrap()
-                .map(|_| ())
-        },
     )
     .await;
     let persisted = book(run, "us-east");
@@ -572,19 +564,11 @@ async fn agents_follow_central_targets() {
 
     // --- The last will: the connection dies without a goodbye. ----------------------------
     proxy.cut();
-    wait_for(
+    wait_agent(
+        client,
+        &us_agent,
+        "NOT online AND state = 'lost'",
         "the last will to mark us-east lost",
-        Duration::from_secs(60),
-        || async {
-            client
-                .query_opt(
-                    "SELECT 1 FROM agents WHERE agent = $1 AND NOT online AND state = 'lost'",
-                    &[&us_agent],
-                )
-                .await
-                .unwrap()
-                .map(|_| ())
-        },
     )
     .await;
     token.cancel();
@@ -713,16 +697,12 @@ async fn refused_target_set_keeps_the_old_one() {
     // A good set replaces the refused one, and the refusal is cleared.
     let v2 = targets_file(run, "targets-v2.toml", target, &[("alpha", "/alpha", "")]);
     apply(ingester_file, &v2);
-    wait_for("the refusal to clear", Duration::from_secs(30), || async {
-        client
-            .query_opt(
-                "SELECT 1 FROM agents WHERE agent = $1 AND rejection IS NULL AND region_set_generation = 2 AND targets = 1",
-                &[&us_agent],
-            )
-            .await
-            .unwrap()
-            .map(|_| ())
-    })
+    wait_agent(
+        client,
+        &us_agent,
+        "rejection IS NULL AND region_set_generation = 2 AND targets = 1",
+        "the refusal to clear",
+    )
     .await;
 
     token.cancel();
@@ -760,27 +740,13 @@ async fn forged_status_is_dead_lettered() {
     let (run, client) = (&f.run, &f.client);
     let topic = format!("{}/v1/status/us-east/pi-honest", run.prefix());
     let forger = format!("forger-{}", run.id);
-    publish_as_agent(
-        &run.services,
-        &forger,
-        &topic,
-        status_frame("pi-intruder", "us-east"),
-    )
-    .await;
-    publish_as_agent(
-        &run.services,
-        &forger,
-        &topic,
-        status_frame("pi-honest", "eu-north"),
-    )
-    .await;
-    publish_as_agent(
-        &run.services,
-        &forger,
-        &topic,
-        status_frame("pi-honest", "us-east"),
-    )
-    .await;
+    // In one connection, so in this order: two forgeries, then the honest status.
+    let messages = [
+        (topic.clone(), status_frame("pi-intruder", "us-east")),
+        (topic.clone(), status_frame("pi-honest", "eu-north")),
+        (topic.clone(), status_frame("pi-honest", "us-east")),
+    ];
+    publish_as_agent(&run.services, &forger, &messages).await;
     let agents: Vec<(String, String)> =
         wait_for("the honest status", Duration::from_secs(60), || async {
             let rows = client

@@ -8,9 +8,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use vantage_ingester::metrics::sample;
-use vantage_proto::{Batch, MAX_FRAME_LEN};
-use vantage_tests::harness::{IngesterOptions, Run};
-use vantage_tests::loadgen::Synth;
+use vantage_tests::harness::{publish_as_agent, result_frames, IngesterOptions, Run};
 use vantage_tests::stage::{self, StageProcess};
 
 /// GET `path` on `addr`; (status, body). The endpoint closes each connection after one answer.
@@ -74,57 +72,12 @@ async fn listen_addr(stage: &StageProcess) -> SocketAddr {
 }
 
 async fn publish(run: &Run, agent: &str, messages: &[(String, Vec<u8>)]) {
-    let mut options = rumqttc::MqttOptions::new(
-        format!("{}-{agent}", run.prefix()),
-        run.services.mqtt_host.clone(),
-        run.services.mqtt_port,
-    );
-    options.set_credentials("agent", "agent-secret");
-    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 100);
-    let n = messages.len();
-    // The event loop runs on its own task while this one publishes.
-    let acks = tokio::spawn(async move {
-        let mut acks = 0;
-        while acks < n {
-            match eventloop.poll().await {
-                Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => acks += 1,
-                Ok(_) => {}
-                Err(e) => panic!("MQTT broker must be running: {e}"),
-            }
-        }
-    });
-    for (topic, payload) in messages {
-        client
-            .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload.clone())
-            .await
-            .unwrap();
-    }
-    tokio::time::timeout(Duration::from_secs(60), acks)
-        .await
-        .expect("broker did not acknowledge the publishes")
-        .unwrap();
-    let _ = client.try_disconnect();
-}
-
-/// `frames` frames of `per_frame` results each, consecutive sequence numbers.
-fn frames(boot_id: u64, frames: u64, per_frame: u64) -> Vec<Vec<u8>> {
-    let mut synth = Synth::new(boot_id);
-    (0..frames)
-        .map(|f| {
-            let mut b = Batch {
-                boot_id,
-                results: heapless::Vec::new(),
-                gaps: heapless::Vec::new(),
-            };
-            for i in 0..per_frame {
-                let mut r = synth.result();
-                r.seq = f * per_frame + i;
-                b.results.push(r).unwrap();
-            }
-            let mut buf = [0u8; MAX_FRAME_LEN];
-            vantage_proto::encode(&b, &mut buf).unwrap().to_vec()
-        })
-        .collect()
+    publish_as_agent(
+        &run.services,
+        &format!("{}-{agent}", run.prefix()),
+        messages,
+    )
+    .await;
 }
 
 /// Issue #9 "Must show": scrape `/metrics` of both stages during an end-to-end run; every
@@ -182,7 +135,7 @@ async fn stage_metrics_move_by_what_flows_through() {
     assert_eq!(sample(&text, "vantage_sink_results_written_total"), None);
 
     let topic = format!("{}/v1/results/eu-north/pi-m", run.prefix());
-    let good = frames(0x9e7a, 10, 3);
+    let good = result_frames(0x9e7a, 10, 3);
     let mut messages: Vec<(String, Vec<u8>)> =
         good.iter().map(|f| (topic.clone(), f.clone())).collect();
     messages.push((topic.clone(), vec![7])); // unknown_version
@@ -304,7 +257,7 @@ async fn stage_metrics_move_by_what_flows_through() {
         sink.log_text()
     );
     let produced = value(b, "vantage_bridge_messages_produced_total").await;
-    let more: Vec<(String, Vec<u8>)> = frames(0x5eed, 5, 3)
+    let more: Vec<(String, Vec<u8>)> = result_frames(0x5eed, 5, 3)
         .into_iter()
         .map(|f| (topic.clone(), f))
         .collect();

@@ -86,7 +86,7 @@ regex = "no such text"
 async fn publish_garbage(run: &Run) {
     let topic = format!("{}/v1/results/eu-north/broken", run.prefix());
     let client_id = format!("garbage-{}", run.id);
-    publish_as_agent(&run.services, &client_id, &topic, vec![0xFF, 0, 1, 2]).await;
+    publish_as_agent(&run.services, &client_id, &[(topic, vec![0xFF, 0, 1, 2])]).await;
 }
 
 /// Rows in `results`; errors fail the test (the harness's count treats them as "not yet").

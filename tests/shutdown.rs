@@ -6,63 +6,8 @@
 
 use std::time::{Duration, Instant};
 
-use vantage_proto::{Batch, MAX_FRAME_LEN};
-use vantage_tests::harness::{IngesterOptions, Run};
-use vantage_tests::loadgen::Synth;
+use vantage_tests::harness::{publish_as_agent, result_frames, IngesterOptions, Run};
 use vantage_tests::stage::{self, StageProcess};
-
-async fn publish(run: &Run, frames: Vec<Vec<u8>>) {
-    let mut options = rumqttc::MqttOptions::new(
-        format!("{}-pi-s", run.prefix()),
-        run.services.mqtt_host.clone(),
-        run.services.mqtt_port,
-    );
-    options.set_credentials("agent", "agent-secret");
-    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 100);
-    let n = frames.len();
-    let acks = tokio::spawn(async move {
-        let mut acks = 0;
-        while acks < n {
-            match eventloop.poll().await {
-                Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => acks += 1,
-                Ok(_) => {}
-                Err(e) => panic!("MQTT broker must be running: {e}"),
-            }
-        }
-    });
-    let topic = format!("{}/v1/results/eu-north/pi-s", run.prefix());
-    for f in frames {
-        client
-            .publish(&topic, rumqttc::QoS::AtLeastOnce, false, f)
-            .await
-            .unwrap();
-    }
-    tokio::time::timeout(Duration::from_secs(60), acks)
-        .await
-        .expect("broker did not acknowledge the publishes")
-        .unwrap();
-    let _ = client.try_disconnect();
-}
-
-fn frames(n: u64, per: u64) -> Vec<Vec<u8>> {
-    let mut synth = Synth::new(0x5d);
-    (0..n)
-        .map(|f| {
-            let mut b = Batch {
-                boot_id: 0x5d,
-                results: heapless::Vec::new(),
-                gaps: heapless::Vec::new(),
-            };
-            for i in 0..per {
-                let mut r = synth.result();
-                r.seq = f * per + i;
-                b.results.push(r).unwrap();
-            }
-            let mut buf = [0u8; MAX_FRAME_LEN];
-            vantage_proto::encode(&b, &mut buf).unwrap().to_vec()
-        })
-        .collect()
-}
 
 /// SIGTERM while Kafka is frozen: the sink's final offset commit and group leave cannot finish;
 /// the sink must still exit 0 within 30 s (each Kafka step is bounded, `shutdown.rs`), and a
@@ -85,7 +30,12 @@ async fn sink_exits_promptly_when_kafka_hangs_at_shutdown() {
         "{}",
         bridge.log_text()
     );
-    publish(&run, frames(8, 4)).await;
+    let topic = format!("{}/v1/results/eu-north/pi-s", run.prefix());
+    let messages: Vec<(String, Vec<u8>)> = result_frames(0x5d, 8, 4)
+        .into_iter()
+        .map(|f| (topic.clone(), f))
+        .collect();
+    publish_as_agent(&run.services, &format!("{}-pi-s", run.prefix()), &messages).await;
     assert_eq!(run.wait_rows(32, Duration::from_secs(60)).await, 32);
     assert_eq!(bridge.terminate(Duration::from_secs(30)), Some(0));
 

@@ -344,31 +344,64 @@ impl KafkaRecord {
     }
 }
 
-/// Publishes `payload` on `topic` at QoS 1 as the test agent identity (`agent` /
-/// `agent-secret`, a clean session named `client_id`) and waits for the broker's PUBACK, as a
-/// misbehaving or forging agent would.
-pub async fn publish_as_agent(services: &Services, client_id: &str, topic: &str, payload: Vec<u8>) {
+/// Publishes `messages` (topic, payload) at QoS 1 as the test agent identity (`agent` /
+/// `agent-secret`, a clean session named `client_id`) and waits for every PUBACK, as a
+/// misbehaving, forging or simulated agent would.
+pub async fn publish_as_agent(
+    services: &Services,
+    client_id: &str,
+    messages: &[(String, Vec<u8>)],
+) {
     let mut options =
         rumqttc::MqttOptions::new(client_id, services.mqtt_host.clone(), services.mqtt_port);
     options.set_credentials("agent", "agent-secret");
-    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
-    client
-        .try_publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
-        .expect("queue the publish");
-    let acked = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) =
-                eventloop.poll().await.expect("MQTT broker must be running")
-            {
-                return;
+    // Room for every publish: queuing never waits for the event loop polled below.
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, messages.len() + 4);
+    for (topic, payload) in messages {
+        client
+            .try_publish(topic, rumqttc::QoS::AtLeastOnce, false, payload.clone())
+            .expect("queue the publish");
+    }
+    let acked = tokio::time::timeout(Duration::from_secs(60), async {
+        let mut acks = 0;
+        while acks < messages.len() {
+            match eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => acks += 1,
+                Ok(_) => {}
+                Err(e) => panic!("MQTT broker must be running: {e}"),
             }
         }
     })
     .await;
     assert!(
         acked.is_ok(),
-        "broker did not acknowledge the publish on {topic}"
+        "broker did not acknowledge the publishes within 60 s"
     );
+    let _ = client.try_disconnect();
+}
+
+/// Result frames as an agent of `boot_id` would send them: `frames` frames of `per_frame`
+/// synthetic results each, with consecutive sequence numbers from 0.
+pub fn result_frames(boot_id: u64, frames: u64, per_frame: u64) -> Vec<Vec<u8>> {
+    let mut synth = crate::loadgen::Synth::new(boot_id);
+    (0..frames)
+        .map(|f| {
+            let mut b = vantage_proto::Batch {
+                boot_id,
+                results: heapless::Vec::new(),
+                gaps: heapless::Vec::new(),
+            };
+            for i in 0..per_frame {
+                let mut r = synth.result();
+                r.seq = f * per_frame + i;
+                b.results.push(r).expect("per_frame ≤ MAX_RESULTS");
+            }
+            let mut buf = [0u8; vantage_proto::MAX_FRAME_LEN];
+            vantage_proto::encode(&b, &mut buf)
+                .expect("a batch fits MAX_FRAME_LEN")
+                .to_vec()
+        })
+        .collect()
 }
 
 /// Ends persistent MQTT sessions (connect with a clean session, then disconnect), so a test
