@@ -289,7 +289,6 @@ pub async fn copy_batch(
     gaps: &[GapRow],
 ) -> Result<Inserted, DbError> {
     use tokio_postgres::binary_copy::BinaryCopyInWriter;
-    use tokio_postgres::types::ToSql;
 
     let tx = client.transaction().await?;
     let mut inserted = Inserted::default();
@@ -302,30 +301,7 @@ pub async fn copy_batch(
         let mut writer = std::pin::pin!(BinaryCopyInWriter::new(sink, &COLUMN_TYPES));
         for row in rows {
             let v = Values::of(row);
-            let values: [&(dyn ToSql + Sync); 21] = [
-                &row.region,
-                &row.agent,
-                &v.boot_id,
-                &v.seq,
-                &v.target_id,
-                &v.started_at,
-                &v.status,
-                &v.outcome,
-                &v.regex_match,
-                &v.total_us,
-                &v.dns_us,
-                &v.connect_us,
-                &v.tls_us,
-                &v.ttfb_us,
-                &v.body_bytes,
-                &v.failed_phase,
-                &v.transfer_us,
-                &v.body_truncated,
-                &v.redirects,
-                &v.cert_not_after,
-                &v.remote_ip,
-            ];
-            writer.as_mut().write(&values).await?;
+            writer.as_mut().write(&v.params(row)).await?;
         }
         writer.as_mut().finish().await?;
         inserted.results = tx
@@ -354,34 +330,7 @@ pub async fn insert_row(
     row: &Row,
 ) -> Result<u64, DbError> {
     let v = Values::of(row);
-    Ok(client
-        .execute(
-            statement,
-            &[
-                &row.region,
-                &row.agent,
-                &v.boot_id,
-                &v.seq,
-                &v.target_id,
-                &v.started_at,
-                &v.status,
-                &v.outcome,
-                &v.regex_match,
-                &v.total_us,
-                &v.dns_us,
-                &v.connect_us,
-                &v.tls_us,
-                &v.ttfb_us,
-                &v.body_bytes,
-                &v.failed_phase,
-                &v.transfer_us,
-                &v.body_truncated,
-                &v.redirects,
-                &v.cert_not_after,
-                &v.remote_ip,
-            ],
-        )
-        .await?)
+    Ok(client.execute(statement, &v.params(row)).await?)
 }
 
 /// The statement [`insert_row`] runs.
@@ -419,6 +368,33 @@ struct Values {
 }
 
 impl Values {
+    /// `row`'s values in [`COLUMNS`] order, as statement parameters or COPY fields.
+    fn params<'a>(&'a self, row: &'a Row) -> [&'a (dyn tokio_postgres::types::ToSql + Sync); 21] {
+        [
+            &row.region,
+            &row.agent,
+            &self.boot_id,
+            &self.seq,
+            &self.target_id,
+            &self.started_at,
+            &self.status,
+            &self.outcome,
+            &self.regex_match,
+            &self.total_us,
+            &self.dns_us,
+            &self.connect_us,
+            &self.tls_us,
+            &self.ttfb_us,
+            &self.body_bytes,
+            &self.failed_phase,
+            &self.transfer_us,
+            &self.body_truncated,
+            &self.redirects,
+            &self.cert_not_after,
+            &self.remote_ip,
+        ]
+    }
+
     fn of(row: &Row) -> Values {
         let r = &row.result;
         Values {
