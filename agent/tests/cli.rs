@@ -1,4 +1,5 @@
-//! The binary refuses bad configuration before doing anything, naming file, key and problem.
+//! The binary refuses bad configuration before doing anything, naming file, key and problem;
+//! every subcommand explains itself with an example; `--version`; exit codes (issue #9).
 
 use std::process::Command;
 
@@ -20,16 +21,23 @@ id = 1
 url = "http://127.0.0.1:9/"
 "#;
 
-fn run(args: &[&str]) -> (bool, String, String) {
+/// (exit code, stdout, stderr) of `vantage-agent ARGS`.
+fn run_code(args: &[&str]) -> (Option<i32>, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_vantage-agent"))
         .args(args)
         .output()
         .unwrap();
     (
-        out.status.success(),
+        out.status.code(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// (succeeded, stdout, stderr) of `vantage-agent ARGS`.
+fn run(args: &[&str]) -> (bool, String, String) {
+    let (code, stdout, stderr) = run_code(args);
+    (code == Some(0), stdout, stderr)
 }
 
 #[test]
@@ -131,4 +139,56 @@ fn probe_rejects_bad_options_by_flag_name() {
     let (ok, _, stderr) = run(&["probe", "ftp://x/"]);
     assert!(!ok);
     assert!(stderr.contains("URL: scheme \"ftp\""), "{stderr}");
+}
+
+#[test]
+fn every_subcommand_has_help_with_an_example() {
+    let (code, stdout, _) = run_code(&["--version"]);
+    assert_eq!(code, Some(0));
+    assert!(stdout.starts_with("vantage-agent "), "{stdout}");
+    let (code, stdout, _) = run_code(&["--help"]);
+    assert_eq!(code, Some(0));
+    assert!(stdout.contains("Exit codes"), "{stdout}");
+    for sub in ["run", "check-config", "probe"] {
+        let (code, stdout, stderr) = run_code(&[sub, "--help"]);
+        assert_eq!(code, Some(0), "{sub}: {stderr}");
+        assert!(
+            stdout.contains(&format!("Example: vantage-agent {sub}")),
+            "{sub}: {stdout}"
+        );
+        assert!(stdout.contains("--log-format"), "{sub}: {stdout}");
+    }
+    assert_eq!(run_code(&["no-such-command"]).0, Some(2));
+}
+
+#[test]
+fn check_config_validates_the_metrics_section() {
+    let with_metrics = GOOD.replace(
+        "[[targets]]",
+        "[metrics]\nlisten = \"127.0.0.1:0\"\n[[targets]]",
+    );
+    let path = write("metrics-good.toml", &with_metrics);
+    let (code, stdout, stderr) = run_code(&["check-config", path.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains(": ok"), "{stdout}");
+    for (name, text, needle) in [
+        (
+            "metrics-listen.toml",
+            with_metrics.replace("127.0.0.1:0", "localhost:9464"),
+            "key `metrics.listen`",
+        ),
+        (
+            "metrics-unknown.toml",
+            with_metrics.replace("[metrics]", "[metrics]\npath = \"/m\""),
+            "path",
+        ),
+    ] {
+        let path = write(name, &text);
+        let (code, _, stderr) = run_code(&["check-config", path.to_str().unwrap()]);
+        assert_eq!(code, Some(1), "{name}: {stderr}");
+        assert!(
+            stderr.contains(name) && stderr.contains(needle),
+            "{name}: {stderr}"
+        );
+    }
 }
