@@ -734,7 +734,8 @@ pub async fn plan(client: &impl GenericClient, file: &TargetsFile) -> Result<Pla
                 ),
             });
         }
-        encode_set(&plan, scope, 0).map_err(|reason| TargetsError::Invalid {
+        // With the widest generation, so the real one can only be as short or shorter.
+        encode_set(&plan, scope, u64::MAX).map_err(|reason| TargetsError::Invalid {
             file: file.path.clone(),
             line: 1,
             key: "targets".into(),
