@@ -1,14 +1,14 @@
 //! The probe engine against local servers started by the test: TESTING.md cases 1–9 (case 10,
-//! the scheduler, is unit-tested in `agent/src/scheduler.rs`). No services needed.
+//! the scheduler, is unit-tested in `agent/src/scheduler.rs`), and the hostile servers of
+//! cases 28–29 (issue 13). No services needed.
 
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use vantage_agent::probe::Prober;
 use vantage_agent::target::Target;
 use vantage_proto::{Outcome, Phase, RegexOutcome};
-use vantage_tests::target::TargetServer;
+use vantage_tests::target::{RawServer, Step, TargetServer};
 use vantage_tests::tls::TestCa;
 
 fn target(url: &str, timeout_ms: u64, regex: Option<&str>) -> Target {
@@ -101,16 +101,9 @@ async fn unresolvable_name_is_dns_failure() {
 #[tokio::test]
 async fn silent_server_times_out_near_the_deadline() {
     // Accepts and never answers.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let _hold = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((s, _)) = listener.accept().await {
-            held.push(s);
-        }
-    });
+    let server = RawServer::start(vec![Step::Hold]).await.unwrap();
     let m = Prober::new()
-        .probe(&target(&format!("http://{addr}/"), 300, None))
+        .probe(&target(&server.url("/"), 300, None))
         .await;
     assert_eq!(m.outcome, Outcome::Timeout);
     assert!(m.connect.is_some() && m.ttfb.is_none(), "{m:?}");
@@ -124,19 +117,13 @@ async fn silent_server_times_out_near_the_deadline() {
 #[tokio::test]
 async fn reset_mid_response_is_connection_reset() {
     // Sends half a response, then closes.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        if let Ok((mut s, _)) = listener.accept().await {
-            let mut buf = [0u8; 1024];
-            let _ = tokio::io::AsyncReadExt::read(&mut s, &mut buf).await;
-            let _ = s
-                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\npartial")
-                .await;
-        }
-    });
+    let server = RawServer::start(vec![Step::text(
+        "HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\npartial",
+    )])
+    .await
+    .unwrap();
     let m = Prober::new()
-        .probe(&target(&format!("http://{addr}/"), 2000, None))
+        .probe(&target(&server.url("/"), 2000, None))
         .await;
     assert_eq!(m.outcome, Outcome::ConnectionReset, "{m:?}");
     assert_eq!(m.status, 200);
@@ -145,17 +132,11 @@ async fn reset_mid_response_is_connection_reset() {
 
 #[tokio::test]
 async fn garbage_response_is_protocol_error() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        if let Ok((mut s, _)) = listener.accept().await {
-            let mut buf = [0u8; 1024];
-            let _ = tokio::io::AsyncReadExt::read(&mut s, &mut buf).await;
-            let _ = s.write_all(b"SSH-2.0-OpenSSH_9.2\r\n\r\n").await;
-        }
-    });
+    let server = RawServer::start(vec![Step::text("SSH-2.0-OpenSSH_9.2\r\n\r\n")])
+        .await
+        .unwrap();
     let m = Prober::new()
-        .probe(&target(&format!("http://{addr}/"), 2000, None))
+        .probe(&target(&server.url("/"), 2000, None))
         .await;
     assert_eq!(m.outcome, Outcome::ProtocolError, "{m:?}");
 }
@@ -433,8 +414,6 @@ async fn ip_family_filters_addresses_and_the_address_is_recorded() {
 }
 
 // ---- Hostile servers (TESTING.md cases 28, 29; issue 13) -----------------------------------
-
-use vantage_tests::target::{RawServer, Step};
 
 /// `url` with every byte that is not unreserved percent-encoded (a query parameter value).
 fn encode(url: &str) -> String {
