@@ -6,13 +6,15 @@
 //! on tokio's blocking pool either, which `getaddrinfo` shares: a burst of large checks would
 //! make DNS lookups queue behind them and inflate `dns_us`.
 //!
-//! Why a thread per check, bounded by a semaphore, rather than long-lived workers: a check that
-//! overruns its deadline cannot be stopped midway through the regex scan (regex-lite has no
-//! budget or cancellation), so the probe gives up on that thread instead. At most [`slots`]
-//! checks hold a slot; a thread the probe gave up on hands its slot back for as long as no
-//! more than [`slots`] such strays run, so one hostile target cannot take every slot for the
-//! length of its scan. Threads alive: at most twice [`slots`]. Decoding checks the deadline
-//! between output chunks, so a decompression bomb stops at the deadline on its own.
+//! [`slots`] long-lived workers (threads started once, so a check costs a hand-over, not a
+//! thread start), each probe holding a slot (a semaphore permit) while its check runs. A check
+//! that overruns its deadline cannot be stopped midway through the regex scan (regex-lite has no
+//! budget or cancellation), so the probe gives up on that worker instead: it starts a
+//! replacement and gives its slot back at once, and the old worker retires when its scan ends.
+//! That happens only while fewer than [`slots`] such strays run (after that, an overrunning
+//! worker keeps its slot to the end), so one hostile target cannot take every slot for the
+//! length of its scans, and threads alive stay at most twice [`slots`]. Decoding looks at the
+//! deadline between output chunks, so a decompression bomb stops at the deadline on its own.
 
 use std::borrow::Cow;
 use std::io::Read;
@@ -96,20 +98,78 @@ pub fn slots() -> usize {
     })
 }
 
+/// One check handed to a worker.
+struct Task {
+    job: Job,
+    deadline: Instant,
+    reply: tokio::sync::oneshot::Sender<Result<Verdict, CheckError>>,
+    /// The probe's slot, given back by whichever side lets go of the task last: the worker when
+    /// it finishes, or the probe when it gives up on the worker (see the module docs).
+    slot: Arc<Mutex<Option<OwnedSemaphorePermit>>>,
+}
+
 struct Pool {
+    /// One permit per worker that is not a stray: holding one means a worker is free for you.
     slots: Arc<Semaphore>,
+    queue: std::sync::mpsc::SyncSender<Task>,
+    tasks: Arc<Mutex<std::sync::mpsc::Receiver<Task>>>,
+    /// Workers the probes gave up on, still finishing a check.
     strays: Arc<AtomicUsize>,
 }
 
 fn pool() -> &'static Pool {
     static POOL: OnceLock<Pool> = OnceLock::new();
-    POOL.get_or_init(|| Pool {
-        slots: Arc::new(Semaphore::new(slots())),
-        strays: Arc::new(AtomicUsize::new(0)),
+    POOL.get_or_init(|| {
+        // Never more tasks queued than permits, so a permit holder always finds room.
+        let (queue, tasks) = std::sync::mpsc::sync_channel(slots());
+        let pool = Pool {
+            slots: Arc::new(Semaphore::new(0)),
+            queue,
+            tasks: Arc::new(Mutex::new(tasks)),
+            strays: Arc::new(AtomicUsize::new(0)),
+        };
+        // A permit only for a worker that started: if none could, checks fail as `other`.
+        for _ in 0..slots() {
+            match pool.start_worker() {
+                Ok(()) => pool.slots.add_permits(1),
+                Err(e) => tracing::warn!(error = %e, "cannot start a check thread"),
+            }
+        }
+        pool
     })
 }
 
-/// Runs `job` on a check thread; gives up at `deadline`.
+impl Pool {
+    fn start_worker(&self) -> std::io::Result<()> {
+        let (tasks, strays) = (self.tasks.clone(), self.strays.clone());
+        std::thread::Builder::new()
+            .name("vantage-check".into())
+            .spawn(move || loop {
+                // One worker at a time waits in `recv`; the others wait for the lock.
+                let next = lock(&tasks).recv();
+                let Ok(task) = next else { return };
+                let Task {
+                    job,
+                    deadline,
+                    reply,
+                    slot,
+                } = task;
+                let verdict =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(job, deadline)))
+                        .unwrap_or_else(|_| Err(CheckError::Agent("the check panicked".into())));
+                let _ = reply.send(verdict);
+                if lock(&slot).take().is_none() {
+                    // The probe gave up on this worker and started a replacement: retire.
+                    strays.fetch_sub(1, Ordering::AcqRel);
+                    return;
+                }
+                // (The permit, dropped here, makes this worker free again.)
+            })
+            .map(drop)
+    }
+}
+
+/// Runs `job` on a check worker; gives up at `deadline`.
 pub(super) async fn run(job: Job, deadline: tokio::time::Instant) -> Result<Verdict, CheckError> {
     let pool = pool();
     let permit = timeout_at(deadline, pool.slots.clone().acquire_owned())
@@ -117,48 +177,64 @@ pub(super) async fn run(job: Job, deadline: tokio::time::Instant) -> Result<Verd
         .map_err(|_| CheckError::Expired("waiting for a free check thread"))?
         // The semaphore is never closed.
         .map_err(|_| CheckError::Agent("check slots closed".into()))?;
-    // The slot, held by whichever side lets go last: the thread when it finishes, or the probe
-    // when it gives up on the thread (see the module docs).
-    let held: Arc<Mutex<Option<OwnedSemaphorePermit>>> = Arc::new(Mutex::new(Some(permit)));
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let std_deadline = deadline.into_std();
-    let (thread_held, strays) = (held.clone(), pool.strays.clone());
-    std::thread::Builder::new()
-        .name("vantage-check".into())
-        .spawn(move || {
-            let verdict = check(job, std_deadline);
-            let _ = tx.send(verdict);
-            if take(&thread_held).is_none() {
-                // The probe gave up and returned the slot: this thread was a stray.
-                strays.fetch_sub(1, Ordering::AcqRel);
-            }
-        })
-        .map_err(|e| CheckError::Agent(format!("cannot start a check thread: {e}")))?;
-    match timeout_at(deadline, rx).await {
+    let slot = Arc::new(Mutex::new(Some(permit)));
+    let (reply, verdict) = tokio::sync::oneshot::channel();
+    let task = Task {
+        job,
+        deadline: deadline.into_std(),
+        reply,
+        slot: slot.clone(),
+    };
+    pool.queue
+        .try_send(task)
+        .map_err(|e| CheckError::Agent(format!("check queue: {e}")))?;
+    match timeout_at(deadline, verdict).await {
         Ok(Ok(verdict)) => verdict,
-        Ok(Err(_)) => Err(CheckError::Agent("the check thread panicked".into())),
+        Ok(Err(_)) => Err(CheckError::Agent("the check worker is gone".into())),
         Err(_) => {
-            let room = |n: usize| (n < slots()).then_some(n + 1);
-            if pool
-                .strays
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, room)
-                .is_ok()
-                && take(&held).is_none()
-            {
-                // The thread finished meanwhile and released the slot itself.
-                pool.strays.fetch_sub(1, Ordering::AcqRel);
-            }
+            give_up(pool, &slot);
             Err(CheckError::Expired("decoding or searching the body"))
         }
     }
 }
 
-fn take(held: &Mutex<Option<OwnedSemaphorePermit>>) -> Option<OwnedSemaphorePermit> {
-    held.lock().unwrap_or_else(|e| e.into_inner()).take()
+/// The probe no longer waits for its check: if fewer than [`slots`] strays run, start a
+/// replacement worker and give the slot back now, leaving the old worker to finish and retire.
+fn give_up(pool: &Pool, slot: &Mutex<Option<OwnedSemaphorePermit>>) {
+    let room = |n: usize| (n < slots()).then_some(n + 1);
+    if pool
+        .strays
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, room)
+        .is_err()
+    {
+        return; // Too many strays: this worker keeps its slot until it is done.
+    }
+    let mut held = lock(slot);
+    let Some(permit) = held.take() else {
+        // The worker finished meanwhile and kept going: not a stray.
+        pool.strays.fetch_sub(1, Ordering::AcqRel);
+        return;
+    };
+    match pool.start_worker() {
+        Ok(()) => drop(permit),
+        Err(e) => {
+            // No replacement: the old worker keeps its slot and stays a worker.
+            tracing::warn!(error = %e, "cannot start a check thread");
+            *held = Some(permit);
+            pool.strays.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Decodes and searches (on the check thread).
 fn check(job: Job, deadline: Instant) -> Result<Verdict, CheckError> {
+    if Instant::now() >= deadline {
+        return Err(CheckError::Expired("waiting for a free check thread"));
+    }
     let (text, decoded_truncated) = match &job.encoding {
         Encoding::Identity => (Cow::Borrowed(&job.body[..]), false),
         Encoding::Gzip => {
