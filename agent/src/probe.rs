@@ -302,10 +302,11 @@ impl Prober {
             if m.regex == RegexOutcome::NotMatched && target.accepts(m.status) {
                 let detail = if m.body_truncated {
                     format!(
-                        "regex not found in the first {read} bytes (body_cap); the body is longer"
+                        "regex not found within body_cap ({} bytes); the body is longer",
+                        target.body_cap
                     )
                 } else {
-                    format!("regex not found in the body ({read} bytes)")
+                    format!("regex not found in the body ({read} bytes on the wire)")
                 };
                 let outcome = if m.body_truncated {
                     Outcome::BodyTruncated
