@@ -17,9 +17,10 @@
 //! deadline between output chunks, so a decompression bomb stops at the deadline on its own.
 
 use std::borrow::Cow;
+use std::collections::VecDeque;
 use std::io::Read;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Instant;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -111,8 +112,10 @@ struct Task {
 struct Pool {
     /// One permit per worker that is not a stray: holding one means a worker is free for you.
     slots: Arc<Semaphore>,
-    queue: std::sync::mpsc::SyncSender<Task>,
-    tasks: Arc<Mutex<std::sync::mpsc::Receiver<Task>>>,
+    /// Tasks not yet taken by a worker: never more than the permits handed out. A plain
+    /// mutex and condvar rather than `std::sync::mpsc`, whose three channel flavours would add
+    /// ~20 KB to the Pi binary for a queue this simple.
+    queue: Arc<(Mutex<VecDeque<Task>>, Condvar)>,
     /// Workers the probes gave up on, still finishing a check.
     strays: Arc<AtomicUsize>,
 }
@@ -120,12 +123,9 @@ struct Pool {
 fn pool() -> &'static Pool {
     static POOL: OnceLock<Pool> = OnceLock::new();
     POOL.get_or_init(|| {
-        // Never more tasks queued than permits, so a permit holder always finds room.
-        let (queue, tasks) = std::sync::mpsc::sync_channel(slots());
         let pool = Pool {
             slots: Arc::new(Semaphore::new(0)),
-            queue,
-            tasks: Arc::new(Mutex::new(tasks)),
+            queue: Arc::new((Mutex::new(VecDeque::with_capacity(slots())), Condvar::new())),
             strays: Arc::new(AtomicUsize::new(0)),
         };
         // A permit only for a worker that started: if none could, checks fail as `other`.
@@ -141,13 +141,20 @@ fn pool() -> &'static Pool {
 
 impl Pool {
     fn start_worker(&self) -> std::io::Result<()> {
-        let (tasks, strays) = (self.tasks.clone(), self.strays.clone());
+        let (queue, strays) = (self.queue.clone(), self.strays.clone());
         std::thread::Builder::new()
             .name("vantage-check".into())
             .spawn(move || loop {
-                // One worker at a time waits in `recv`; the others wait for the lock.
-                let next = lock(&tasks).recv();
-                let Ok(task) = next else { return };
+                let task = {
+                    let (tasks, ready) = &*queue;
+                    let mut tasks = lock(tasks);
+                    loop {
+                        match tasks.pop_front() {
+                            Some(task) => break task,
+                            None => tasks = ready.wait(tasks).unwrap_or_else(|e| e.into_inner()),
+                        }
+                    }
+                };
                 let Task {
                     job,
                     deadline,
@@ -185,9 +192,9 @@ pub(super) async fn run(job: Job, deadline: tokio::time::Instant) -> Result<Verd
         reply,
         slot: slot.clone(),
     };
-    pool.queue
-        .try_send(task)
-        .map_err(|e| CheckError::Agent(format!("check queue: {e}")))?;
+    let (tasks, ready) = &*pool.queue;
+    lock(tasks).push_back(task);
+    ready.notify_one();
     match timeout_at(deadline, verdict).await {
         Ok(Ok(verdict)) => verdict,
         Ok(Err(_)) => Err(CheckError::Agent("the check worker is gone".into())),
