@@ -137,11 +137,7 @@ fn timed_out(phase: Phase, timeout: Duration) -> Failure {
     fail(
         Outcome::Timeout,
         phase,
-        format!(
-            "deadline ({}) passed in phase {}",
-            humantime::format_duration(timeout),
-            phase.as_str()
-        ),
+        format!("deadline ({timeout:?}) passed in phase {}", phase.as_str()),
     )
 }
 
@@ -286,10 +282,7 @@ impl Prober {
                     let (outcome, detail) = match e {
                         check::CheckError::Expired(during) => (
                             Outcome::Timeout,
-                            format!(
-                                "deadline ({}) passed {during}",
-                                humantime::format_duration(target.timeout)
-                            ),
+                            format!("deadline ({:?}) passed {during}", target.timeout),
                         ),
                         check::CheckError::BadEncoding(d) => (Outcome::BadContentEncoding, d),
                         check::CheckError::Agent(d) => (Outcome::Other, d),

@@ -113,8 +113,8 @@ struct Pool {
     /// One permit per worker that is not a stray: holding one means a worker is free for you.
     slots: Arc<Semaphore>,
     /// Tasks not yet taken by a worker: never more than the permits handed out. A plain
-    /// mutex and condvar rather than `std::sync::mpsc`, whose three channel flavours would add
-    /// ~20 KB to the Pi binary for a queue this simple.
+    /// mutex and condvar rather than `std::sync::mpsc`, which added 13-15 KB to the `dist`
+    /// binary (`make bench-size`) for a queue this simple.
     queue: Arc<(Mutex<VecDeque<Task>>, Condvar)>,
     /// Workers the probes gave up on, still finishing a check.
     strays: Arc<AtomicUsize>,
