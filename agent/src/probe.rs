@@ -14,6 +14,8 @@
 
 mod check;
 
+pub use check::Leftover;
+
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
@@ -177,8 +179,18 @@ impl Prober {
     }
 
     /// Probes `target` once. Never fails: every failure is a [`Measurement`] with its outcome.
+    ///
+    /// A check that ran past the deadline may still be running on its worker, holding the
+    /// body; this does not wait for it (see [`Prober::probe_with_leftover`]).
     pub async fn probe(&self, target: &Target) -> Measurement {
-        let m = self.measure(target).await;
+        self.probe_with_leftover(target).await.0
+    }
+
+    /// [`Prober::probe`], also handing back the body check the probe gave up on at its deadline
+    /// if it is still running: memory accounting (the body budget) should count the probe's
+    /// body as held until [`Leftover::finished`].
+    pub async fn probe_with_leftover(&self, target: &Target) -> (Measurement, Option<Leftover>) {
+        let (m, leftover) = self.measure(target).await;
         if let Some(detail) = &m.detail {
             tracing::debug!(
                 target_id = m.target_id,
@@ -188,10 +200,10 @@ impl Prober {
                 "probe not up"
             );
         }
-        m
+        (m, leftover)
     }
 
-    async fn measure(&self, target: &Target) -> Measurement {
+    async fn measure(&self, target: &Target) -> (Measurement, Option<Leftover>) {
         let started_at_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
@@ -216,7 +228,7 @@ impl Prober {
                 Err(f) => {
                     m.end(f.outcome, Some(f.phase), f.detail);
                     m.total = start.elapsed();
-                    return m;
+                    return (m, None);
                 }
                 Ok(HopEnd::Redirect(next)) => {
                     // 303 See Other turns any method into GET (RFC 9110 15.4.4).
@@ -242,7 +254,7 @@ impl Prober {
                             ),
                         );
                         m.total = start.elapsed();
-                        return m;
+                        return (m, None);
                     }
                     if url.scheme() == "https" && next.scheme() == "http" && !target.allow_downgrade
                     {
@@ -255,7 +267,7 @@ impl Prober {
                             ),
                         );
                         m.total = start.elapsed();
-                        return m;
+                        return (m, None);
                     }
                     left_origin |= url.origin() != next.origin();
                     m.redirects += 1;
@@ -269,7 +281,8 @@ impl Prober {
         m.total = start.elapsed();
         if let Some(job) = job {
             let read = job.body.len();
-            match check::run(job, deadline).await {
+            let (verdict, leftover) = check::run(job, deadline).await;
+            match verdict {
                 Ok(verdict) => {
                     m.body_truncated |= verdict.decoded_truncated;
                     m.regex = if verdict.matched {
@@ -289,7 +302,7 @@ impl Prober {
                     };
                     m.end(outcome, Some(Phase::Check), detail);
                     m.total = start.elapsed();
-                    return m;
+                    return (m, leftover);
                 }
             }
             if m.regex == RegexOutcome::NotMatched && target.accepts(m.status) {
@@ -307,7 +320,7 @@ impl Prober {
                     Outcome::RegexNotMatched
                 };
                 m.end(outcome, None, detail);
-                return m;
+                return (m, None);
             }
         }
         if target.accepts(m.status) {
@@ -316,7 +329,7 @@ impl Prober {
             let detail = format!("status {} is not in accepted_status", m.status);
             m.end(Outcome::StatusNotAccepted, None, detail);
         }
-        m
+        (m, None)
     }
 
     /// One request/response on a new connection to `url`. `left_origin`: the chain left the

@@ -176,16 +176,38 @@ impl Pool {
     }
 }
 
-/// Runs `job` on a check worker; gives up at `deadline`.
-pub(super) async fn run(job: Job, deadline: tokio::time::Instant) -> Result<Verdict, CheckError> {
+/// A check the probe gave up on at its deadline, still running on its worker and holding the
+/// body (up to a few times `body_cap`, see budget.rs). Dropping it does not stop the check.
+pub struct Leftover(tokio::sync::oneshot::Receiver<Result<Verdict, CheckError>>);
+
+impl Leftover {
+    /// Resolves once the check has ended and its memory is freed.
+    pub async fn finished(self) {
+        // The worker drops the job (body, decoded text) before it replies or drops the sender.
+        let _ = self.0.await;
+    }
+}
+
+/// Runs `job` on a check worker; gives up at `deadline`, handing back the check still running
+/// then, if any.
+pub(super) async fn run(
+    job: Job,
+    deadline: tokio::time::Instant,
+) -> (Result<Verdict, CheckError>, Option<Leftover>) {
     let pool = pool();
-    let permit = timeout_at(deadline, pool.slots.clone().acquire_owned())
-        .await
-        .map_err(|_| CheckError::Expired("waiting for a free check thread"))?
+    let permit = match timeout_at(deadline, pool.slots.clone().acquire_owned()).await {
+        Err(_) => {
+            return (
+                Err(CheckError::Expired("waiting for a free check thread")),
+                None,
+            )
+        }
         // The semaphore is never closed.
-        .map_err(|_| CheckError::Agent("check slots closed".into()))?;
+        Ok(Err(_)) => return (Err(CheckError::Agent("check slots closed".into())), None),
+        Ok(Ok(permit)) => permit,
+    };
     let slot = Arc::new(Mutex::new(Some(permit)));
-    let (reply, verdict) = tokio::sync::oneshot::channel();
+    let (reply, mut verdict) = tokio::sync::oneshot::channel();
     let task = Task {
         job,
         deadline: deadline.into_std(),
@@ -195,12 +217,18 @@ pub(super) async fn run(job: Job, deadline: tokio::time::Instant) -> Result<Verd
     let (tasks, ready) = &*pool.queue;
     lock(tasks).push_back(task);
     ready.notify_one();
-    match timeout_at(deadline, verdict).await {
-        Ok(Ok(verdict)) => verdict,
-        Ok(Err(_)) => Err(CheckError::Agent("the check worker is gone".into())),
+    match timeout_at(deadline, &mut verdict).await {
+        Ok(Ok(verdict)) => (verdict, None),
+        Ok(Err(_)) => (
+            Err(CheckError::Agent("the check worker is gone".into())),
+            None,
+        ),
         Err(_) => {
             give_up(pool, &slot);
-            Err(CheckError::Expired("decoding or searching the body"))
+            (
+                Err(CheckError::Expired("decoding or searching the body")),
+                Some(Leftover(verdict)),
+            )
         }
     }
 }
@@ -242,6 +270,7 @@ fn check(job: Job, deadline: Instant) -> Result<Verdict, CheckError> {
     if Instant::now() >= deadline {
         return Err(CheckError::Expired("waiting for a free check thread"));
     }
+    // `job` (the body) and the decoded text are dropped when this returns, before the reply.
     let (text, decoded_truncated) = match &job.encoding {
         Encoding::Identity => (Cow::Borrowed(&job.body[..]), false),
         Encoding::Gzip => {
@@ -412,26 +441,25 @@ mod tests {
 
     #[tokio::test]
     async fn an_overrunning_check_times_out_and_frees_its_slot() {
-        // A regex scan that takes far longer than the deadline (4 MiB, no match).
+        // A regex scan that takes far longer than the deadline (2 MiB, no match, debug build).
         let job = |deadline_ms| {
             (
                 Job {
-                    body: vec![b'a'; 4 << 20],
+                    body: vec![b'a'; 2 << 20],
                     encoding: Encoding::Identity,
                     complete: true,
                     regex: regex_lite::Regex::new("(a|b)+z").unwrap(),
-                    cap: 4 << 20,
+                    cap: 2 << 20,
                 },
                 tokio::time::Instant::now() + Duration::from_millis(deadline_ms),
             )
         };
-        let (slow, deadline) = job(50);
+        let (slow, deadline) = job(30);
         let started = Instant::now();
-        assert!(matches!(
-            run(slow, deadline).await,
-            Err(CheckError::Expired(_))
-        ));
+        let (verdict, leftover) = run(slow, deadline).await;
+        assert!(matches!(verdict, Err(CheckError::Expired(_))));
         assert!(started.elapsed() < Duration::from_secs(2));
+        let leftover = leftover.expect("the scan is still running");
         // The stray thread gave its slot back: a quick check still gets one.
         let quick = Job {
             body: b"target: ok".to_vec(),
@@ -441,12 +469,18 @@ mod tests {
             cap: 100,
         };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let (verdict, none) = run(quick, deadline).await;
         assert_eq!(
-            run(quick, deadline).await,
+            verdict,
             Ok(Verdict {
                 matched: true,
                 decoded_truncated: false
             })
         );
+        assert!(none.is_none());
+        // The stray ends by itself; then its memory is free.
+        tokio::time::timeout(Duration::from_secs(300), leftover.finished())
+            .await
+            .expect("the stray scan ends");
     }
 }
