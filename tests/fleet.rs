@@ -711,9 +711,19 @@ async fn refused_target_set_keeps_the_old_one() {
 }
 
 fn status_frame(agent: &str, region: &str) -> Vec<u8> {
-    use vantage_proto::control::{encode_status, AgentState, AgentStatus, MAX_STATUS_LEN};
+    status_frame_with(agent, region, vantage_proto::control::AgentState::Online, 0)
+}
+
+/// A status of boot 7 in `state`, reporting `targets` targets.
+fn status_frame_with(
+    agent: &str,
+    region: &str,
+    state: vantage_proto::control::AgentState,
+    targets: u32,
+) -> Vec<u8> {
+    use vantage_proto::control::{encode_status, AgentStatus, MAX_STATUS_LEN};
     let status = AgentStatus {
-        state: AgentState::Online,
+        state,
         agent_id: agent.try_into().unwrap(),
         region: region.try_into().unwrap(),
         boot_id: 7,
@@ -721,7 +731,7 @@ fn status_frame(agent: &str, region: &str) -> Vec<u8> {
         sent_at_ms: 1,
         max_concurrency: 1,
         buffer_capacity: 1,
-        targets: 0,
+        targets,
         pending_results: 0,
         region_set_generation: 0,
         agent_set_generation: 0,
@@ -764,5 +774,84 @@ async fn forged_status_is_dead_lettered() {
         .collect();
     assert_eq!(reasons, ["claims_mismatch", "claims_mismatch"], "{dead:?}");
     // The forger used a clean session: nothing of it stays on the broker.
+    f.finish(&[]).await;
+}
+
+/// Issue #14 item 10: Kafka order is not receive order (the bridge delivers concurrently, and a
+/// delivery it retried lands after a later status), so the sink orders statuses by the bridge's
+/// receive time, the record timestamp: an older status never replaces a newer one, a newer one
+/// always does, and a last will received before the stored status does not mark the agent lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_older_status_never_replaces_a_newer_one() {
+    use vantage_proto::control::AgentState;
+    use vantage_tests::harness::ProducedRecord;
+    let f = Fixture::start("fleet-order").await;
+    let (run, client) = (&f.run, &f.client);
+    let (agent, marker) = ("pi-order", "pi-marker");
+    let record = |who: &str, state: AgentState, targets: u32, at_ms: i64| ProducedRecord {
+        partition: 0,
+        key: format!("us-east/{who}"),
+        payload: status_frame_with(who, "us-east", state, targets),
+        headers: vec![(
+            vantage_ingester::bridge::KIND_HEADER.to_owned(),
+            "status".to_owned(),
+        )],
+        timestamp_ms: at_ms,
+    };
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    // One partition, so the sink sees them in this order; the marker (another agent, after
+    // them) says when the first two have been applied.
+    run.produce(
+        &run.topic(),
+        &[
+            record(agent, AgentState::Online, 3, t),
+            record(agent, AgentState::Offline, 1, t - 5_000),
+            record(agent, AgentState::Lost, 0, t - 4_000),
+            record(marker, AgentState::Online, 0, t),
+        ],
+    )
+    .await;
+    // (The sink may still be applying the migrations: errors count as "not yet".)
+    wait_for("the marker status", Duration::from_secs(60), || async {
+        client
+            .query_opt("SELECT 1 FROM agents WHERE agent = $1", &[&marker])
+            .await
+            .ok()
+            .flatten()
+    })
+    .await;
+    let row = client
+        .query_one(
+            "SELECT state, online, targets, (extract(epoch FROM state_at) * 1000)::int8
+               FROM agents WHERE agent = $1",
+            &[&agent],
+        )
+        .await
+        .unwrap();
+    let got: (String, bool, i32, i64) = (row.get(0), row.get(1), row.get(2), row.get(3));
+    assert_eq!(
+        got,
+        ("online".to_owned(), true, 3, t),
+        "an older status (or will) replaced the newer one"
+    );
+    // Newer ones still apply: a heartbeat, then the will of this boot.
+    run.produce(
+        &run.topic(),
+        &[
+            record(agent, AgentState::Heartbeat, 4, t + 1_000),
+            record(agent, AgentState::Lost, 0, t + 2_000),
+        ],
+    )
+    .await;
+    wait_agent(
+        client,
+        agent,
+        "state = 'lost' AND NOT online AND targets = 4",
+        "the newer heartbeat and will",
+    )
+    .await;
     f.finish(&[]).await;
 }

@@ -264,7 +264,10 @@ pub async fn run_with_state(
                 state.received.fetch_add(1, Ordering::Relaxed);
                 crate::metrics::bridge().received.inc();
                 let mine = mqtt.handles(&publish.topic);
-                pending.push_back(handle(mine, epoch, publish, outputs.clone(), hard_stop.clone()));
+                // The receive time becomes the Kafka timestamp of whatever this message turns
+                // into, however often its delivery is retried: the sink orders statuses by it.
+                let received_ms = crate::fleet::now_ms();
+                pending.push_back(handle(mine, epoch, publish, received_ms, outputs.clone(), hard_stop.clone()));
             }
             Some((epoch, publish, disposition)) = pending.next(), if !pending.is_empty() => {
                 match disposition {
@@ -349,6 +352,7 @@ async fn handle(
     mine: bool,
     epoch: u64,
     publish: Publish,
+    received_ms: i64,
     out: Arc<Outputs>,
     stop: CancellationToken,
 ) -> (u64, Publish, Disposition) {
@@ -365,12 +369,13 @@ async fn handle(
                     value: Some("status"),
                 })
             });
-            let ok = kafka::produce_until_delivered(
+            let ok = kafka::produce_until_delivered_at(
                 &out.producer,
                 &out.topic,
                 Some(key.as_bytes()),
                 &publish.payload,
                 headers.as_ref(),
+                Some(received_ms),
                 &stop,
             )
             .await;
@@ -391,12 +396,13 @@ async fn handle(
             }
             let headers =
                 kafka::dead_letter_headers("bridge", reject.reason(), Some(&publish.topic));
-            let ok = kafka::produce_until_delivered(
+            let ok = kafka::produce_until_delivered_at(
                 &out.producer,
                 &out.dead_letter_topic,
                 None,
                 &publish.payload,
                 Some(&headers),
+                Some(received_ms),
                 &stop,
             )
             .await;

@@ -184,6 +184,10 @@ pub struct RawKafka {
     /// Secret librdkafka settings, each read from the first line of the named file.
     #[serde(default)]
     pub secret_files: BTreeMap<String, PathBuf>,
+    /// Talk to brokers that are not on this machine without TLS (`security.protocol` unset,
+    /// `PLAINTEXT` or `SASL_PLAINTEXT`); default false: refused at load, as for MQTT.
+    #[serde(default)]
+    pub allow_plaintext: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -529,6 +533,7 @@ impl Config {
                 }
                 let secrets = crate::secrets::kafka_secrets(&k.secret_env, &k.secret_files)
                     .map_err(|(key, r)| invalid(&key, r))?;
+                check_kafka_transport(&k).map_err(|(key, r)| invalid(key, r))?;
                 Some(KafkaConfig {
                     brokers: k.brokers,
                     topic: k.topic,
@@ -718,6 +723,59 @@ fn secret(
     }
 }
 
+/// Plaintext Kafka only to brokers on this machine, unless `kafka.allow_plaintext`: the rule
+/// MQTT (`mqtt.allow_plaintext`) and PostgreSQL (`tls = "disable"`) follow. On error: (key,
+/// reason).
+fn check_kafka_transport(k: &RawKafka) -> Result<(), (&'static str, String)> {
+    let protocol = k
+        .properties
+        .get("security.protocol")
+        .map(|p| p.to_ascii_lowercase());
+    // librdkafka's default is plaintext.
+    let encrypted = matches!(protocol.as_deref(), Some("ssl" | "sasl_ssl"));
+    if encrypted || k.allow_plaintext {
+        return Ok(());
+    }
+    let remote: Vec<&str> = k
+        .brokers
+        .split(',')
+        .map(str::trim)
+        .filter(|b| !b.is_empty() && !crate::tls::is_loopback_host(broker_host(b)))
+        .collect();
+    if remote.is_empty() {
+        return Ok(());
+    }
+    let key = if protocol.is_some() {
+        "kafka.properties.security.protocol"
+    } else {
+        "kafka.brokers"
+    };
+    Err((
+        key,
+        format!(
+            "{} not on this machine and the connection would be plaintext: set \
+             \"security.protocol\" = \"SASL_SSL\" (or \"SSL\") in [kafka.properties], or \
+             kafka.allow_plaintext = true to talk to it in clear text",
+            match remote.as_slice() {
+                [one] => format!("the broker {one} is"),
+                many => format!("the brokers {} are", many.join(", ")),
+            }
+        ),
+    ))
+}
+
+/// The host of a `host:port` broker address (`[v6]:port` too); the whole string without a port.
+fn broker_host(broker: &str) -> &str {
+    if let Some(rest) = broker.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match broker.rsplit_once(':') {
+        // More than one ':' without brackets: a bare IPv6 address.
+        Some((host, _)) if !host.contains(':') => host,
+        _ => broker,
+    }
+}
+
 /// `"i/n"` → (i, n) with 0 <= i < n <= 64.
 fn parse_partition(s: &str) -> Option<(u32, u32)> {
     let (i, n) = s.split_once('/')?;
@@ -856,6 +914,35 @@ url = "host=127.0.0.1 user=vantage dbname=vantage"
             "host = \"127.0.0.1\"\npartition = \"0/2\"\nshared_group = \"g\"",
         );
         assert!(err(&both).contains("not both"));
+    }
+
+    /// Issue #14 item 8: plaintext Kafka off loopback is refused unless allowed, as for MQTT.
+    #[test]
+    fn plaintext_kafka_to_a_remote_broker_is_refused() {
+        let remote = GOOD.replace("127.0.0.1:9092", "127.0.0.1:9092,kafka-1.example:9092");
+        let e = err(&remote);
+        assert!(
+            e.contains("key `kafka.brokers`") && e.contains("broker kafka-1.example:9092 is not on this"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{remote}[kafka.properties]\n\"security.protocol\" = \"SASL_PLAINTEXT\"\n"
+        ));
+        assert!(
+            e.contains("key `kafka.properties.security.protocol`"),
+            "{e}"
+        );
+        for ok in [
+            format!("{remote}[kafka.properties]\n\"security.protocol\" = \"SASL_SSL\"\n"),
+            format!("{remote}[kafka.properties]\n\"security.protocol\" = \"ssl\"\n"),
+            remote.replace("[kafka]", "[kafka]\nallow_plaintext = true"),
+            GOOD.replace("127.0.0.1:9092", "localhost:9092,[::1]:9093"),
+        ] {
+            Config::parse(&ok, Path::new("i.toml")).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        assert_eq!(broker_host("[::1]:9092"), "::1");
+        assert_eq!(broker_host("::1"), "::1");
+        assert_eq!(broker_host("k.example"), "k.example");
     }
 
     #[test]

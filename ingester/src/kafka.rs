@@ -151,12 +151,31 @@ pub async fn produce_until_delivered(
     headers: Option<&OwnedHeaders>,
     stop: &CancellationToken,
 ) -> bool {
+    produce_until_delivered_at(producer, topic, key, payload, headers, None, stop).await
+}
+
+/// [`produce_until_delivered`] with the record's timestamp fixed (ms since the epoch): every
+/// retry carries the same one. Without it librdkafka stamps each attempt when it is queued, so
+/// a message retried after a failure would look newer than one produced after it (the bridge
+/// stamps what it receives with the time it received it; the sink orders statuses by it).
+pub async fn produce_until_delivered_at(
+    producer: &Producer,
+    topic: &str,
+    key: Option<&[u8]>,
+    payload: &[u8],
+    headers: Option<&OwnedHeaders>,
+    timestamp_ms: Option<i64>,
+    stop: &CancellationToken,
+) -> bool {
     let mut backoff = Duration::from_millis(100);
     loop {
         let (generation, instance) = producer.get();
         let mut record = FutureRecord::<[u8], [u8]>::to(topic).payload(payload);
         if let Some(key) = key {
             record = record.key(key);
+        }
+        if let Some(ts) = timestamp_ms {
+            record = record.timestamp(ts);
         }
         if let Some(headers) = headers {
             record = record.headers(headers.clone());
