@@ -922,7 +922,8 @@ url = "host=127.0.0.1 user=vantage dbname=vantage"
         let remote = GOOD.replace("127.0.0.1:9092", "127.0.0.1:9092,kafka-1.example:9092");
         let e = err(&remote);
         assert!(
-            e.contains("key `kafka.brokers`") && e.contains("broker kafka-1.example:9092 is not on this"),
+            e.contains("key `kafka.brokers`")
+                && e.contains("broker kafka-1.example:9092 is not on this"),
             "{e}"
         );
         let e = err(&format!(
