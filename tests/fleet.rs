@@ -694,6 +694,48 @@ async fn refused_target_set_keeps_the_old_one() {
         text(&out.stdout)
     );
 
+    // The documented fix, re-applying the good file, republishes the set the agent holds
+    // (unchanged, generation 1): that clears the refusal (issue #14 item 13).
+    apply(ingester_file, &v1);
+    wait_agent(
+        client,
+        &us_agent,
+        "rejection IS NULL AND region_set_generation = 1 AND targets = 2",
+        "the refusal to clear after re-applying the good file",
+    )
+    .await;
+
+    // A valid set of an older generation than the one held (a broker restored from a
+    // backup) is refused too, and reported (issue #14 item 12).
+    let older = {
+        use vantage_proto::control::{encode_target_set, TargetSetHeader, MAX_TARGET_SET_LEN};
+        let mut raw = vantage_agent::target::RawTarget::with_url(998, &target.url("/old"));
+        raw.name = Some("old".into());
+        let spec = vantage_agent::target_set::spec_from_raw(&raw).unwrap();
+        let mut buf = vec![0u8; MAX_TARGET_SET_LEN];
+        encode_target_set(
+            &TargetSetHeader {
+                generation: 0,
+                count: 1,
+            },
+            [&spec],
+            &mut buf,
+        )
+        .unwrap()
+        .to_vec()
+    };
+    vantage_ingester::targets::publish(mqtt, vec![(us_topic.clone(), older)])
+        .await
+        .unwrap();
+    wait_agent(
+        client,
+        &us_agent,
+        "rejected_generation = 0 AND rejection LIKE '%older than the generation 1%'
+         AND region_set_generation = 1 AND targets = 2",
+        "the us-east agent to refuse the older generation",
+    )
+    .await;
+
     // A good set replaces the refused one, and the refusal is cleared.
     let v2 = targets_file(run, "targets-v2.toml", target, &[("alpha", "/alpha", "")]);
     apply(ingester_file, &v2);
@@ -854,4 +896,63 @@ async fn an_older_status_never_replaces_a_newer_one() {
     )
     .await;
     f.finish(&[]).await;
+}
+
+/// Issue #14 item 12: `targets diff` only reads. On a database without the migrations it says
+/// so and creates nothing (not even the schema); on a migrated one it plans without writing.
+#[tokio::test]
+async fn targets_diff_only_reads() {
+    let run = Run::new("fleet-diff");
+    let ingester_file = run.ingester_file(&IngesterOptions::default());
+    let target = TargetServer::start("127.0.0.1:0").await.unwrap();
+    let file = targets_file(&run, "targets.toml", &target, &[("alpha", "/alpha", "")]);
+    let admin = run.pg().await;
+    let schema_exists = || async {
+        admin
+            .query_one(
+                "SELECT count(*) FROM pg_namespace WHERE nspname = $1",
+                &[&run.schema()],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
+    };
+    let out = ingester(
+        &ingester_file,
+        &["targets", "diff"],
+        &[file.to_str().unwrap()],
+    );
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "{}", text(&out.stdout));
+    assert!(
+        err.contains("run `vantage-ingester migrate` first"),
+        "{err}"
+    );
+    assert!(!schema_exists().await, "diff created the schema");
+
+    let out = ingester(&ingester_file, &["migrate"], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = ingester(
+        &ingester_file,
+        &["targets", "diff"],
+        &[file.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("1 to add, 0 to change, 0 to retire"),
+        "{}",
+        text(&out.stdout)
+    );
+    let written: i64 = admin
+        .query_one(
+            "SELECT (SELECT count(*) FROM targets) + (SELECT count(*) FROM target_applies)
+                  + (SELECT count(*) FROM target_sets)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(written, 0, "diff wrote to the database");
+    run.cleanup(&[]).await;
 }

@@ -191,6 +191,31 @@ pub async fn migrate(client: &mut Client, schema: &str) -> Result<usize, DbError
     Ok(applied)
 }
 
+/// The migrations this binary has that the database does not (all of them when the schema or
+/// its `schema_migrations` table does not exist). Only reads: for commands that must not change
+/// the database (`targets diff`).
+pub async fn pending_migrations(client: &Client) -> Result<Vec<&'static str>, DbError> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    let applied: Vec<i32> = if exists {
+        client
+            .query("SELECT version FROM schema_migrations", &[])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    Ok(MIGRATIONS
+        .iter()
+        .filter(|(v, _, _)| !applied.contains(v))
+        .map(|(_, name, _)| *name)
+        .collect())
+}
+
 /// How the sink writes a batch. Both are one transaction, idempotent on (agent, boot_id, seq),
 /// and tolerate duplicates inside a batch; `bench-ingest` measures them against each other.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -228,8 +228,7 @@ fn main() -> anyhow::Result<()> {
                 let f = targets::TargetsFile::load(&file)?;
                 let config = Config::load(&config)?;
                 let mut client = db::connect(config.postgres()?).await?;
-                db::migrate(&mut client, &config.postgres()?.schema).await?;
-                print!("{}", targets::plan(&client, &f).await?.render());
+                print!("{}", targets::diff(&mut client, &f).await?.render());
             }
             Command::Targets(TargetsCommand::Apply { config, file }) => {
                 let f = targets::TargetsFile::load(&file)?;

@@ -47,6 +47,9 @@ pub enum TargetsError {
     Db(#[from] DbError),
     #[error("publishing target sets to MQTT failed: {0}")]
     Publish(String),
+    /// `diff` only reads, so it does not apply migrations the database lacks.
+    #[error("the database lacks migrations {}: run `vantage-ingester migrate` first (`targets diff` changes nothing)", .0.join(", "))]
+    NotMigrated(Vec<&'static str>),
 }
 
 impl From<tokio_postgres::Error> for TargetsError {
@@ -743,19 +746,43 @@ pub async fn plan(client: &impl GenericClient, file: &TargetsFile) -> Result<Pla
         })?;
     }
 
-    let current: i64 = client
+    // Agents refuse a generation older than the one they hold, so a new one also goes above
+    // what agents report holding: after the database was rebuilt (target_applies empty again)
+    // the next apply is not refused by every agent. Reports above 2^40 are ignored: no real
+    // fleet gets there, and a hostile agent must not push generations to overflow.
+    let row = client
         .query_one(
-            "SELECT coalesce(max(generation), 0) FROM target_applies",
+            "SELECT (SELECT coalesce(max(generation), 0) FROM target_applies),
+                    (SELECT coalesce(max(greatest(region_set_generation, agent_set_generation)), 0)
+                       FROM agents
+                      WHERE greatest(region_set_generation, agent_set_generation) <= 1099511627776)",
             &[],
         )
-        .await?
-        .get(0);
+        .await?;
+    let (current, reported): (i64, i64) = (row.get(0), row.get(1));
     plan.new_generation = !plan.added.is_empty()
         || !plan.changed.is_empty()
         || !plan.retired.is_empty()
         || !plan.cleared.is_empty()
         || !plan.sets_changed.is_empty();
-    plan.generation = current as u64 + u64::from(plan.new_generation);
+    plan.generation = if plan.new_generation {
+        current.max(reported) as u64 + 1
+    } else {
+        current as u64
+    };
+    Ok(plan)
+}
+
+/// What `apply` would change, without changing anything: no migrations, and the plan is made in
+/// a read-only transaction.
+pub async fn diff(client: &mut Client, file: &TargetsFile) -> Result<Plan, TargetsError> {
+    let pending = crate::db::pending_migrations(client).await?;
+    if !pending.is_empty() {
+        return Err(TargetsError::NotMigrated(pending));
+    }
+    let tx = client.build_transaction().read_only(true).start().await?;
+    let plan = plan(&tx, file).await?;
+    tx.rollback().await?;
     Ok(plan)
 }
 
