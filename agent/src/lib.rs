@@ -13,6 +13,7 @@ pub mod mqtt_tls;
 pub mod netpolicy;
 pub mod oneshot;
 pub mod probe;
+pub mod ratelimit;
 pub mod scheduler;
 pub mod target;
 pub mod target_set;

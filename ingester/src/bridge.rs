@@ -234,7 +234,7 @@ pub async fn run_with_state(
         topic: kafka_config.topic.clone(),
         dead_letter_topic: kafka_config.dead_letter_topic.clone(),
         producer: producer.clone(),
-        rejections: std::sync::Mutex::new(RateLimit::new(Duration::from_secs(1))),
+        rejections: RateLimit::new("frame rejected", Duration::from_secs(1)),
     });
     let hard_stop = CancellationToken::new();
     let mut stats = BridgeStats::default();
@@ -386,12 +386,7 @@ async fn handle(
             ok.then_some(Disposition::Produced)
         }
         Err(reject) => {
-            let allowed = out
-                .rejections
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .allow();
-            if let Some(suppressed) = allowed {
+            if let Some(suppressed) = out.rejections.allow() {
                 tracing::warn!(topic = %publish.topic, bytes = publish.payload.len(), reason = reject.reason(), suppressed, "frame rejected");
             }
             let headers =
@@ -422,7 +417,7 @@ struct Outputs {
     dead_letter_topic: String,
     producer: Arc<kafka::Producer>,
     /// Rejected frames arrive at the input's rate: one log line per second at most.
-    rejections: std::sync::Mutex<RateLimit>,
+    rejections: RateLimit,
 }
 
 /// The only task that polls the MQTT event loop.

@@ -417,7 +417,8 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             file: path.to_owned(),
-            message: e.to_string(),
+            // Values hidden: a secret typed into the file by mistake is not echoed.
+            message: vantage_agent::config::toml_error(text, &e),
         })?;
         Config::from_raw(raw, path)
     }
@@ -534,6 +535,12 @@ impl Config {
                 let secrets = crate::secrets::kafka_secrets(&k.secret_env, &k.secret_files)
                     .map_err(|(key, r)| invalid(&key, r))?;
                 check_kafka_transport(&k).map_err(|(key, r)| invalid(key, r))?;
+                crate::kafka::check_properties(&k.properties).map_err(|(property, r)| {
+                    invalid(
+                        &format!("kafka.properties.{property}"),
+                        format!("librdkafka: {r}"),
+                    )
+                })?;
                 Some(KafkaConfig {
                     brokers: k.brokers,
                     topic: k.topic,
@@ -692,6 +699,72 @@ impl Config {
             reason: "section is required by this command".into(),
         }
     }
+}
+
+/// What a command needs from the file: `check-config` says which ones this file can run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageCheck {
+    /// The command, as typed (`bridge`, `targets apply`, ...).
+    pub command: &'static str,
+    /// Required sections the file lacks (empty: the command can run).
+    pub missing: Vec<&'static str>,
+}
+
+/// Every command that reads the configuration and the sections it needs (`status` reports on
+/// whatever is configured, so it needs none).
+pub const COMMAND_SECTIONS: &[(&str, &[&str])] = &[
+    ("bridge", &["mqtt", "kafka"]),
+    ("sink", &["kafka", "postgres"]),
+    ("migrate", &["postgres"]),
+    ("report", &["postgres"]),
+    ("maintain", &["postgres"]),
+    ("agents", &["postgres"]),
+    ("targets apply", &["postgres", "mqtt"]),
+    ("targets diff", &["postgres"]),
+    ("targets list", &["postgres"]),
+    ("status", &[]),
+];
+
+impl Config {
+    /// For each command, the sections it needs that this file lacks.
+    pub fn stages(&self) -> Vec<StageCheck> {
+        COMMAND_SECTIONS
+            .iter()
+            .map(|(command, sections)| StageCheck {
+                command,
+                missing: sections
+                    .iter()
+                    .copied()
+                    .filter(|s| match *s {
+                        "mqtt" => self.mqtt.is_none(),
+                        "kafka" => self.kafka.is_none(),
+                        "postgres" => self.postgres.is_none(),
+                        _ => false,
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
+/// `check-config`'s report: one line per command, whether this file can run it and, if not,
+/// why.
+pub fn render_stages(stages: &[StageCheck]) -> String {
+    let width = stages.iter().map(|s| s.command.len()).max().unwrap_or(0);
+    let mut out = String::new();
+    for s in stages {
+        if s.missing.is_empty() {
+            out.push_str(&format!("  {:width$}  can run\n", s.command));
+        } else {
+            let sections: Vec<String> = s.missing.iter().map(|m| format!("[{m}]")).collect();
+            out.push_str(&format!(
+                "  {:width$}  cannot run: no {} section\n",
+                s.command,
+                sections.join(" or ")
+            ));
+        }
+    }
+    out
 }
 
 fn secret(
@@ -859,9 +932,63 @@ url = "host=127.0.0.1 user=vantage dbname=vantage"
         assert_eq!(c.http.bridge_listen, None);
     }
 
+    /// Issue #14 item 13: a property librdkafka refuses is refused at load, naming the file and
+    /// the key (not only librdkafka's message, later, when a stage creates its client).
+    #[test]
+    fn bad_librdkafka_properties_name_file_and_key() {
+        for (property, needle) in [
+            (
+                "\"no.such.property\" = \"1\"",
+                "No such configuration property",
+            ),
+            ("\"socket.timeout.ms\" = \"soon\"", "Invalid value"),
+        ] {
+            let e = err(&format!("{GOOD}[kafka.properties]\n{property}\n"));
+            let key = property.split('"').nth(1).unwrap();
+            assert!(
+                e.starts_with(&format!(
+                    "ingester.toml: key `kafka.properties.{key}`: librdkafka: "
+                )) && e.contains(needle),
+                "{e}"
+            );
+        }
+        Config::parse(
+            &format!("{GOOD}[kafka.properties]\n\"debug\" = \"broker\"\n\"linger.ms\" = \"10\"\n"),
+            Path::new("i.toml"),
+        )
+        .unwrap();
+    }
+
+    /// Issue #14 item 13: which commands a file can run, and what the others lack.
+    #[test]
+    fn stages_say_which_commands_can_run() {
+        let c = Config::parse(
+            "[kafka]\nbrokers = \"127.0.0.1:9092\"\n",
+            Path::new("i.toml"),
+        )
+        .unwrap();
+        let by = |cmd: &str| c.stages().into_iter().find(|s| s.command == cmd).unwrap();
+        assert_eq!(by("bridge").missing, ["mqtt"]);
+        assert_eq!(by("sink").missing, ["postgres"]);
+        assert_eq!(by("targets apply").missing, ["postgres", "mqtt"]);
+        assert!(by("status").missing.is_empty());
+        let text = render_stages(&c.stages());
+        assert!(
+            text.contains("  bridge         cannot run: no [mqtt] section\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  targets apply  cannot run: no [postgres] or [mqtt] section\n"),
+            "{text}"
+        );
+        assert!(text.contains("  status         can run\n"), "{text}");
+        let full = Config::parse(GOOD, Path::new("i.toml")).unwrap();
+        assert!(full.stages().iter().all(|s| s.missing.is_empty()));
+    }
+
     #[test]
     fn missing_section_is_named() {
-        let c = Config::parse("[kafka]\nbrokers = \"x:1\"\n", Path::new("i.toml")).unwrap();
+        let c = Config::parse("[kafka]\nbrokers = \"127.0.0.1:1\"\n", Path::new("i.toml")).unwrap();
         let e = c.postgres().unwrap_err().to_string();
         assert_eq!(
             e,
@@ -944,6 +1071,23 @@ url = "host=127.0.0.1 user=vantage dbname=vantage"
         assert_eq!(broker_host("[::1]:9092"), "::1");
         assert_eq!(broker_host("::1"), "::1");
         assert_eq!(broker_host("k.example"), "k.example");
+    }
+
+    /// Issue #14 item 13: syntax and type errors do not echo values (the agent's helper).
+    #[test]
+    fn toml_errors_do_not_echo_values() {
+        let e = err(&GOOD.replace("[postgres]", "[postgres]\npassword = hunter2-secret"));
+        assert!(
+            e.starts_with("ingester.toml: TOML parse error at line ")
+                && e.contains("password = <value not shown>")
+                && !e.contains("hunter2"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("[mqtt]", "[mqtt]\nport = \"hunter2-secret\""));
+        assert!(
+            e.contains("string <redacted>") && !e.contains("hunter2"),
+            "{e}"
+        );
     }
 
     #[test]

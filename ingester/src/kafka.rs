@@ -38,6 +38,27 @@ fn pass_through(c: &mut ClientConfig, config: &KafkaConfig) {
     }
 }
 
+/// Checks each pass-through property with librdkafka itself (known name, valid value) without
+/// creating a client, so a bad one is refused at config load naming its key, instead of failing
+/// a stage later with librdkafka's message alone. On error: (property, librdkafka's reason).
+/// Only for `kafka.properties`, which hold no secrets (librdkafka's reason repeats the value).
+pub fn check_properties(
+    properties: &std::collections::BTreeMap<String, String>,
+) -> Result<(), (String, String)> {
+    for (key, value) in properties {
+        let mut one = ClientConfig::new();
+        one.set(key, value);
+        if let Err(e) = one.create_native_config() {
+            let reason = match e {
+                KafkaError::ClientConfig(_, description, _, _) => description,
+                other => other.to_string(),
+            };
+            return Err((key.clone(), reason));
+        }
+    }
+    Ok(())
+}
+
 /// Settings of the sink's consumer before its fixed ones: a crashed sink's partitions move to
 /// the others after 10 s without heartbeats (librdkafka's default is 45 s, and every rebalance
 /// waits for it). The pass-through properties may override these.

@@ -86,10 +86,20 @@ enum Command {
         #[arg(long, default_value_t = 7)]
         ahead: u32,
     },
-    /// Validate a configuration file without connecting to anything.
+    /// Validate a configuration file without connecting to anything, and say which commands it
+    /// can run (each needs its sections: bridge [mqtt] [kafka], sink [kafka] [postgres], ...).
+    /// Exit status 1 if the file is invalid, or if a command named with --stage cannot run.
     ///
-    /// Example: vantage-ingester check-config /etc/vantage/ingester.toml
-    CheckConfig { config: PathBuf },
+    /// Example: vantage-ingester check-config --stage sink /etc/vantage/ingester.toml
+    CheckConfig {
+        config: PathBuf,
+        /// A command this file must be able to run (repeatable): bridge, sink, migrate, report,
+        /// maintain, agents, "targets apply", "targets diff", "targets list", status.
+        #[arg(long = "stage", value_parser = clap::builder::PossibleValuesParser::new(
+            vantage_ingester::config::COMMAND_SECTIONS.iter().map(|(c, _)| *c)
+        ))]
+        stages: Vec<String>,
+    },
     /// Define targets centrally and push them to the agents (see docs/targets.md).
     ///
     /// Example: vantage-ingester targets apply --config ingester.toml targets.toml
@@ -162,9 +172,26 @@ fn main() -> anyhow::Result<()> {
         .context("cannot start the tokio runtime")?;
     runtime.block_on(async {
         match cli.command {
-            Command::CheckConfig { config } => {
-                Config::load(&config)?;
-                println!("{}: ok", config.display());
+            Command::CheckConfig {
+                config: path,
+                stages,
+            } => {
+                let config = Config::load(&path)?;
+                let checks = config.stages();
+                println!("{}: valid", path.display());
+                print!("{}", vantage_ingester::config::render_stages(&checks));
+                let unable: Vec<&str> = checks
+                    .iter()
+                    .filter(|c| !c.missing.is_empty() && stages.iter().any(|s| s == c.command))
+                    .map(|c| c.command)
+                    .collect();
+                if !unable.is_empty() {
+                    anyhow::bail!(
+                        "{}: cannot run {} (see above)",
+                        path.display(),
+                        unable.join(", ")
+                    );
+                }
             }
             Command::Bridge { config } => {
                 let config = Config::load(&config)?;

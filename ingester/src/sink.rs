@@ -247,7 +247,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
 
     let mut stats = SinkStats::default();
     // Poison messages can arrive at the input's rate: one log line per second at most.
-    let mut poison_log = crate::ratelimit::RateLimit::new(Duration::from_secs(1));
+    let poison_log = crate::ratelimit::RateLimit::new("poison message", Duration::from_secs(1));
     // The batches, in a block of their own: however it ends (shutdown, or an error that stops
     // the stage), the bounded commit-and-close below runs (shutdown.rs).
     let outcome: Result<(), SinkError> = async {

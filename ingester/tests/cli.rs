@@ -44,7 +44,9 @@ fn check_config_accepts_good_files() {
     let path = write("good.toml", GOOD);
     let (code, stdout, stderr) = run(&["check-config", path.to_str().unwrap()]);
     assert_eq!(code, Some(0), "{stderr}");
-    assert_eq!(stdout.trim(), format!("{}: ok", path.display()));
+    let first = stdout.lines().next().unwrap_or_default();
+    assert_eq!(first, format!("{}: valid", path.display()));
+    assert!(stdout.contains("  sink           can run\n"), "{stdout}");
     // The shipped example too (with its password variables set).
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/ingester.example.toml");
     let out = Command::new(env!("CARGO_BIN_EXE_vantage-ingester"))
@@ -54,6 +56,39 @@ fn check_config_accepts_good_files() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
+}
+
+/// Issue #14 item 13: a valid file that lacks a section some command needs is not "ok": the
+/// output says which commands can run and why the others cannot; `--stage` makes it fatal.
+#[test]
+fn check_config_says_which_commands_the_file_can_run() {
+    let path = write(
+        "bridge-only.toml",
+        &GOOD.replace(
+            "[postgres]\nurl = \"host=127.0.0.1 port=1 user=vantage dbname=vantage\"\n",
+            "",
+        ),
+    );
+    let (code, stdout, stderr) = run(&["check-config", path.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(!stdout.contains(": ok"), "{stdout}");
+    assert!(stdout.contains("  bridge         can run\n"), "{stdout}");
+    assert!(
+        stdout.contains("  sink           cannot run: no [postgres] section\n"),
+        "{stdout}"
+    );
+    let (code, _, _) = run(&["check-config", "--stage", "bridge", path.to_str().unwrap()]);
+    assert_eq!(code, Some(0));
+    let (code, _, stderr) = run(&[
+        "check-config",
+        "--stage",
+        "bridge",
+        "--stage",
+        "sink",
+        path.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("cannot run sink"), "{stderr}");
 }
 
 #[test]
