@@ -532,3 +532,61 @@ async fn explain_shows_indexes_and_partition_pruning() {
     }
     s.drop().await;
 }
+
+/// Issue #14 item 7: `cert_expiry` reports per region, and one region never decides alone: the
+/// target-level `not_after` is the soonest expiry two regions see (a single region's when it is
+/// the only one reporting); the lone early claim shows as `soonest` / `soonest_from`.
+#[tokio::test]
+async fn cert_expiry_is_per_region_and_needs_two_regions() {
+    let s = Schema::new("cert").await;
+    let now = now_ms();
+    let day = 86_400u64;
+    let (soon, later) = (now / 1000 + day, now / 1000 + 90 * day);
+    let mut rows = Vec::new();
+    // Target 5: three regions, ap-south (a lying or odd agent) alone sees an early expiry.
+    // Target 6: two regions that disagree. Target 7: one region only.
+    for (i, (target, region, not_after)) in [
+        (5, "eu-north", later),
+        (5, "us-east", later),
+        (5, "ap-south", soon),
+        (6, "eu-north", soon),
+        (6, "us-east", later),
+        (7, "eu-north", soon),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut r = row(i as u64, target, region, now, 1000, Outcome::Up);
+        r.result.cert_not_after_s = Some(not_after);
+        rows.push(r);
+    }
+    let mut client = db::connect_writer(&s.config).await.unwrap();
+    db::write_batch(&mut client, &rows, &[]).await.unwrap();
+    let got: Vec<(i32, i64, i32, i64, String)> = s
+        .client
+        .query(
+            "SELECT target_id, extract(epoch FROM not_after)::int8, regions,
+                    extract(epoch FROM soonest)::int8, soonest_from
+               FROM cert_expiry ORDER BY target_id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+        .collect();
+    let (soon, later) = (soon as i64, later as i64);
+    assert_eq!(
+        got,
+        [
+            (5, later, 3, soon, "ap-south".to_owned()),
+            (6, later, 2, soon, "eu-north".to_owned()),
+            (7, soon, 1, soon, "eu-north".to_owned()),
+        ]
+    );
+    let by_region = s
+        .scalar_i64("SELECT count(*) FROM cert_expiry_by_region WHERE target_id = 5")
+        .await;
+    assert_eq!(by_region, 3);
+    s.drop().await;
+}

@@ -402,6 +402,16 @@ impl Config {
         }
         let mut targets = Vec::with_capacity(raw.targets.len());
         for (i, t) in raw.targets.into_iter().enumerate() {
+            if !vantage_proto::is_valid_target_id(t.id) {
+                return Err(invalid(
+                    &format!("targets[{i}].id"),
+                    format!(
+                        "{} is not 1..={} (ids are 32-bit signed integers in PostgreSQL)",
+                        t.id,
+                        vantage_proto::MAX_TARGET_ID
+                    ),
+                ));
+            }
             if targets.iter().any(|seen: &Target| seen.id == t.id) {
                 return Err(invalid(
                     &format!("targets[{i}].id"),
@@ -680,6 +690,25 @@ regex = "ok"
             "{}",
             err(&tls)
         );
+    }
+
+    /// Issue #14 item 7: local target ids are limited to 1..=i32::MAX (above, they wrapped to
+    /// negative numbers in PostgreSQL's `integer`).
+    #[test]
+    fn local_target_ids_fit_postgres() {
+        for bad in ["0", "2147483648", "4294967295"] {
+            let e = err(&GOOD.replace("id = 1", &format!("id = {bad}")));
+            assert!(
+                e.contains("key `targets[0].id`")
+                    && e.contains(&format!("{bad} is not 1..=2147483647")),
+                "{e}"
+            );
+        }
+        Config::parse(
+            &GOOD.replace("id = 1", "id = 2147483647"),
+            Path::new("a.toml"),
+        )
+        .unwrap();
     }
 
     /// Issue #14 item 13: a syntax or type error shows where, never the value: a password typed

@@ -150,6 +150,13 @@ pub fn validate_frame(frame: &[u8]) -> Result<ReceivedSet, String> {
         if targets.iter().any(|t| t.id == spec.id) {
             return Err(format!("duplicate target id {}", spec.id));
         }
+        if !vantage_proto::is_valid_target_id(spec.id) {
+            return Err(format!(
+                "target id {} is not 1..={}",
+                spec.id,
+                vantage_proto::MAX_TARGET_ID
+            ));
+        }
         let target = Target::from_raw(raw_from_spec(&spec)).map_err(|e| {
             format!(
                 "target {} ({}): {}: {}",

@@ -32,6 +32,12 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0004_fleet_targets.sql",
         include_str!("../../migrations/0004_fleet_targets.sql"),
     ),
+    // 0005 comes with the other half of issue #14 (branch h14a).
+    (
+        6,
+        "0006_assigned_targets.sql",
+        include_str!("../../migrations/0006_assigned_targets.sql"),
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -15,7 +15,7 @@
 //! A crash anywhere before an offset commit replays messages, and the natural key
 //! (agent, boot id, seq) makes the replay a no-op.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -181,6 +181,14 @@ pub fn decode_message(key: Option<&[u8]>, payload: Option<&[u8]>) -> Decoded {
     if times.into_iter().any(|t| t > db::MAX_TIME_MS) {
         return Decoded::Poison("time_out_of_range");
     }
+    // Ids are `integer` in PostgreSQL: one above i32::MAX would be stored wrapped (negative).
+    if batch
+        .results
+        .iter()
+        .any(|r| !vantage_proto::is_valid_target_id(r.target_id))
+    {
+        return Decoded::Poison("target_id_out_of_range");
+    }
     let rows = batch
         .results
         .iter()
@@ -246,6 +254,8 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
     );
 
     let mut stats = SinkStats::default();
+    // Which targets each agent was given (assign.rs), on a connection of its own.
+    let mut assignments = crate::assign::Assignments::new(&pg_config, config.storage.raw_retention);
     // Poison messages can arrive at the input's rate: one log line per second at most.
     let poison_log = crate::ratelimit::RateLimit::new("poison message", Duration::from_secs(1));
     // The batches, in a block of their own: however it ends (shutdown, or an error that stops
@@ -300,7 +310,21 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
                 decode_message(message.key(), message.payload())
             };
             match decoded {
-                Decoded::Rows(r, g) => {
+                Decoded::Rows(mut r, g) => {
+                    let delivered = drop_unassigned(
+                        &mut assignments,
+                        &mut r,
+                        message.key(),
+                        (&producer, &kafka_config.dead_letter_topic),
+                        &shutdown,
+                        &mut stats,
+                        &poison_log,
+                    )
+                    .await?;
+                    if !delivered {
+                        tracing::warn!("shutdown before a dead letter was delivered; batch left for replay");
+                        break 'batches;
+                    }
                     rows.extend(r);
                     gaps.extend(g);
                 }
@@ -443,6 +467,47 @@ fn lock(durable: &Mutex<Durable>) -> std::sync::MutexGuard<'_, Durable> {
     durable.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Takes the rows for targets their agent was not given out of `rows` (one message's: one agent)
+/// and dead-letters them as a frame of their own with reason `unassigned_target` (issue #14,
+/// `assign.rs`). False if shutdown came before the dead letter was delivered.
+async fn drop_unassigned(
+    assignments: &mut crate::assign::Assignments,
+    rows: &mut Vec<Row>,
+    key: Option<&[u8]>,
+    (producer, topic): (&kafka::Producer, &str),
+    shutdown: &CancellationToken,
+    stats: &mut SinkStats,
+    log: &crate::ratelimit::RateLimit,
+) -> Result<bool, SinkError> {
+    let (assigned, refused) = match assignments.check(std::mem::take(rows), shutdown).await {
+        Ok(split) => split,
+        Err(crate::assign::AssignError::Stopped) => return Ok(false),
+        Err(crate::assign::AssignError::Db(e)) => return Err(e.into()),
+    };
+    *rows = assigned;
+    let Some(frame) = crate::assign::refused_frame(&refused) else {
+        return Ok(true);
+    };
+    let reason = crate::assign::UNASSIGNED_REASON;
+    if let Some(suppressed) = log.allow() {
+        let ids: BTreeSet<u32> = refused.iter().map(|r| r.result.target_id).collect();
+        tracing::warn!(
+            region = %refused[0].region,
+            agent = %refused[0].agent,
+            target_ids = ?ids,
+            results = refused.len(),
+            suppressed,
+            "results for targets this agent was not given, dead-lettered"
+        );
+    }
+    if !dead_letter(producer, topic, key, &frame, reason, shutdown).await {
+        return Ok(false);
+    }
+    stats.dead_lettered += 1;
+    crate::metrics::sink().dead_lettered(reason);
+    Ok(true)
+}
+
 /// Sends a poison message to the dead-letter topic; false if `shutdown` came first (then the
 /// batch must not be committed: the poison message's offset may advance only once its dead
 /// letter is durable).
@@ -507,6 +572,37 @@ mod tests {
         assert!(matches!(
             decode_status_message(Some(b"eu/pi"), Some(&[1, 9]), None),
             Decoded::Poison("malformed")
+        ));
+    }
+
+    /// Issue #14 item 7: a target id above i32::MAX (which PostgreSQL would store wrapped, as a
+    /// negative number) is dead-lettered.
+    #[test]
+    fn target_ids_out_of_range_are_poison() {
+        let frame = |id: u32| {
+            let mut batch = vantage_proto::Batch {
+                boot_id: 1,
+                results: Default::default(),
+                gaps: Default::default(),
+            };
+            let mut r = crate::assign::tests_support::result();
+            r.target_id = id;
+            batch.results.push(r).unwrap();
+            let mut buf = [0u8; vantage_proto::MAX_FRAME_LEN];
+            vantage_proto::encode(&batch, &mut buf).unwrap().to_vec()
+        };
+        for id in [0, 2_147_483_648, u32::MAX] {
+            assert!(
+                matches!(
+                    decode_message(Some(b"eu/pi"), Some(&frame(id))),
+                    Decoded::Poison("target_id_out_of_range")
+                ),
+                "{id}"
+            );
+        }
+        assert!(matches!(
+            decode_message(Some(b"eu/pi"), Some(&frame(2_147_483_647))),
+            Decoded::Rows(..)
         ));
     }
 

@@ -593,13 +593,18 @@ pub async fn plan(client: &impl GenericClient, file: &TargetsFile) -> Result<Pla
     let explicit: BTreeSet<u32> = file.targets.iter().filter_map(|t| t.id).collect();
     let file_names: BTreeSet<&str> = file.targets.iter().map(|t| t.name.as_str()).collect();
     let mut taken = explicit.clone();
-    // Central ids stay in 1..=i32::MAX (the SQL column is `integer`); a standalone agent's
-    // local id outside that range (stored wrapped) does not push them out of it.
+    // New ids come after the highest id of a central target (one applied from a file, so it
+    // has a name) or an explicit one. Ids seen only in results (standalone agents' local
+    // targets) are skipped, so a new target never inherits their history, but they never
+    // move the start: one result with id 2147483647, from a hostile or misconfigured agent,
+    // would otherwise leave no id to give. Central ids stay in 1..=i32::MAX (`integer`).
+    let seen: BTreeSet<u32> = stored.iter().map(|s| s.id).collect();
     let mut next_id = stored
         .iter()
+        .filter(|s| s.name.is_some())
         .map(|s| s.id)
         .chain(explicit.iter().copied())
-        .filter(|&id| id <= i32::MAX as u32)
+        .filter(|&id| id <= vantage_proto::MAX_TARGET_ID)
         .max()
         .unwrap_or(0)
         + 1;
@@ -644,13 +649,16 @@ pub async fn plan(client: &impl GenericClient, file: &TargetsFile) -> Result<Pla
                 let id = by_name(true)
                     .or_else(|| by_name(false))
                     .or_else(renamed)
-                    .unwrap_or_else(|| {
+                    .unwrap_or_else(|| loop {
                         let id = next_id;
                         next_id += 1;
-                        if id > i32::MAX as u32 {
+                        if id > vantage_proto::MAX_TARGET_ID {
                             exhausted = true;
+                            break id;
                         }
-                        id
+                        if !seen.contains(&id) && !taken.contains(&id) {
+                            break id;
+                        }
                     });
                 taken.insert(id);
                 id
