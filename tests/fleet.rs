@@ -1172,3 +1172,157 @@ fn wait_for_sync<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Opti
         std::thread::sleep(Duration::from_millis(250));
     }
 }
+
+/// The retained payload on `topic` (as the broker holds it now).
+async fn retained(run: &Run, topic: &str) -> Vec<u8> {
+    let mut options = rumqttc::MqttOptions::new(
+        format!("retained-{}", vantage_tests::unique_id()),
+        run.services.mqtt_host.clone(),
+        run.services.mqtt_port,
+    );
+    options.set_credentials("ingester", "ingester-secret");
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+    client
+        .subscribe(topic, rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let payload = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) =
+                eventloop.poll().await.expect("MQTT broker")
+            {
+                if p.retain {
+                    return p.payload.to_vec();
+                }
+            }
+        }
+    })
+    .await
+    .expect("a retained message within 20 s");
+    let _ = client.try_disconnect();
+    payload
+}
+
+/// Issue #14 item 9: a header whose value is a secret is written centrally as a reference
+/// (`header_files` / `headers_from_env`), resolved by the agent: the value reaches the target
+/// server, and never appears in `targets.spec`, the retained target set, or `Debug` output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn header_secrets_stay_on_the_agent() {
+    let f = Fixture::start("fleet-headers").await;
+    let (run, target, client, ingester_file) = (&f.run, &f.target, &f.client, &f.ingester_file);
+    let token = format!("Bearer {}", vantage_tests::unique_id());
+    let token_file = run.dir.join("api-token");
+    write_file(&token_file, &format!("{token}\n"));
+    let file = targets_file(
+        run,
+        "targets.toml",
+        target,
+        &[(
+            "private",
+            "/private",
+            &format!(
+                "header_files = {{ authorization = \"{}\" }}\n\
+                 headers_from_env = {{ x-from-env = \"CARGO_PKG_NAME\" }}",
+                token_file.display()
+            ),
+        )],
+    );
+    let (agent_token, handle) = spawn_agent(run, "us-east", run.services.mqtt_port);
+    apply(ingester_file, &file);
+    let private = target_id(client, "private").await;
+
+    // The agent read the file and the variable: the target server got both values.
+    let seen = wait_for(
+        "a request with the token",
+        Duration::from_secs(60),
+        || async {
+            target
+                .requests()
+                .into_iter()
+                .find(|r| r.path == "/private")
+                .filter(|r| {
+                    r.headers
+                        .contains(&("authorization".to_owned(), token.clone()))
+                })
+        },
+    )
+    .await;
+    assert!(
+        seen.headers
+            .contains(&("x-from-env".to_owned(), "vantage-tests".to_owned())),
+        "{seen:?}"
+    );
+    wait_for(
+        "rows of the private target",
+        Duration::from_secs(60),
+        || async {
+            let n: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM results WHERE target_id = $1 AND outcome = 'up'",
+                    &[&private],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (n >= 1).then_some(())
+        },
+    )
+    .await;
+
+    // Centrally only the reference: targets.spec, the retained set, Debug of every raw type.
+    let spec: String = client
+        .query_one(
+            "SELECT spec::text FROM targets WHERE target_id = $1",
+            &[&private],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        spec.contains(&token_file.display().to_string()) && !spec.contains(&token),
+        "{spec}"
+    );
+    let payload = retained(run, &format!("{}/v1/targets/us-east", run.prefix())).await;
+    assert!(!payload.is_empty());
+    assert!(
+        !payload.windows(token.len()).any(|w| w == token.as_bytes()),
+        "the token is in the retained set"
+    );
+    let parsed = vantage_ingester::targets::TargetsFile::load(&file).unwrap();
+    let set = vantage_agent::target_set::validate_frame(&payload).unwrap();
+    let book = book(run, "us-east");
+    for (what, debug) in [
+        ("targets file", format!("{parsed:?}")),
+        ("received set", format!("{set:?}")),
+        ("agent's book", format!("{book:?}")),
+        (
+            "raw target",
+            format!(
+                "{:?}",
+                vantage_agent::target_set::raw_from_spec(
+                    &vantage_proto::control::TargetSetReader::new(&payload)
+                        .unwrap()
+                        .next()
+                        .unwrap()
+                        .unwrap()
+                )
+            ),
+        ),
+    ] {
+        assert!(!debug.contains(&token), "{what}: {debug}");
+    }
+    // A literal value (not a secret by this file's choice) is hidden from Debug too.
+    let mut literal = vantage_agent::target::RawTarget::with_url(1, "http://h/");
+    literal
+        .headers
+        .insert("authorization".into(), token.clone());
+    assert!(!format!("{literal:?}").contains(&token));
+    let spec = vantage_agent::target_set::spec_from_raw(&literal).unwrap();
+    assert!(!format!("{spec:?}").contains(&token));
+
+    agent_token.cancel();
+    let _ = handle.await;
+    let agent = agent_id(run, "us-east");
+    f.finish(&[agent]).await;
+}

@@ -496,7 +496,7 @@ fn read_credential(name: &str) -> Result<String, String> {
     read_secret_file(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))
 }
 
-fn read_secret_file(path: &Path) -> std::io::Result<String> {
+pub(crate) fn read_secret_file(path: &Path) -> std::io::Result<String> {
     let text = std::fs::read_to_string(path)?;
     Ok(text.lines().next().unwrap_or_default().to_owned())
 }

@@ -4,6 +4,7 @@
 //! Kept apart from the agent's own configuration because targets also arrive from elsewhere
 //! (a central target set), and must be validated the same way wherever they come from.
 
+use std::collections::BTreeMap;
 use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -45,9 +46,18 @@ pub struct RawTarget {
     /// HTTP method (default `GET`).
     #[serde(default = "default_method")]
     pub method: String,
-    /// Extra request headers, `name = "value"`.
+    /// Extra request headers, `name = "value"`. Values often are credentials: `Debug` hides
+    /// them, but they travel in the target set and sit in `targets.spec`; for secrets use
+    /// `headers_from_env` / `header_files`.
     #[serde(default)]
-    pub headers: std::collections::BTreeMap<String, String>,
+    pub headers: HeaderValues,
+    /// Headers whose value is read on the agent from an environment variable:
+    /// `name = "VARIABLE"`. Only the variable's name is written anywhere else (issue #14).
+    #[serde(default)]
+    pub headers_from_env: BTreeMap<String, String>,
+    /// Headers whose value is the first line of a file on the agent: `name = "/path"`.
+    #[serde(default)]
+    pub header_files: BTreeMap<String, PathBuf>,
     /// Status codes that count as up: codes and ranges, e.g. `["200-299", 301]` (default 2xx).
     #[serde(default)]
     pub accepted_status: Vec<StatusSpec>,
@@ -65,6 +75,39 @@ pub struct RawTarget {
     /// `auto` (default), `ipv4` or `ipv6`.
     #[serde(default)]
     pub ip_family: IpFamily,
+}
+
+/// Literal header values (`headers`): a map whose `Debug` shows the names only, because values
+/// are often credentials (the raw types are logged with `{:?}`).
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct HeaderValues(pub BTreeMap<String, String>);
+
+impl std::fmt::Debug for HeaderValues {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map()
+            .entries(self.0.keys().map(|k| (k, "<redacted>")))
+            .finish()
+    }
+}
+
+impl std::ops::Deref for HeaderValues {
+    type Target = BTreeMap<String, String>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for HeaderValues {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl From<BTreeMap<String, String>> for HeaderValues {
+    fn from(map: BTreeMap<String, String>) -> Self {
+        HeaderValues(map)
+    }
 }
 
 /// One entry of `accepted_status`: a code or a `"low-high"` range.
@@ -160,6 +203,8 @@ impl RawTarget {
             regex: None,
             method: default_method(),
             headers: Default::default(),
+            headers_from_env: Default::default(),
+            header_files: Default::default(),
             accepted_status: Vec::new(),
             max_redirects: DEFAULT_MAX_REDIRECTS,
             body_cap: DEFAULT_BODY_CAP,
@@ -211,7 +256,7 @@ impl Target {
         let method = hyper::Method::from_bytes(raw.method.to_ascii_uppercase().as_bytes())
             .map_err(|_| err("method", format!("{:?} is not an HTTP method", raw.method)))?;
         let mut headers = Vec::with_capacity(raw.headers.len());
-        for (name, value) in &raw.headers {
+        for (name, value) in raw.headers.iter() {
             let n = hyper::header::HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| err("headers", format!("{name:?} is not a header name")))?;
             let v = hyper::header::HeaderValue::from_str(value).map_err(|_| {
@@ -222,6 +267,7 @@ impl Target {
             })?;
             headers.push((n, v));
         }
+        headers.extend(resolve_header_refs(&raw)?);
         let accepted_status = if raw.accepted_status.is_empty() {
             vec![200..=299]
         } else {
@@ -268,6 +314,74 @@ impl Target {
     pub fn accepts(&self, status: u16) -> bool {
         self.accepted_status.iter().any(|r| r.contains(&status))
     }
+}
+
+/// The headers whose values live on the agent (`headers_from_env`, `header_files`), read now.
+/// Errors name the header and the variable or file, never a value. The values are marked
+/// sensitive (hyper keeps them out of its own debug output).
+fn resolve_header_refs(
+    raw: &RawTarget,
+) -> Result<Vec<(hyper::header::HeaderName, hyper::header::HeaderValue)>, TargetError> {
+    let mut out = Vec::new();
+    let refs = raw
+        .headers_from_env
+        .iter()
+        .map(|(n, var)| ("headers_from_env", n, HeaderSource::Env(var)))
+        .chain(
+            raw.header_files
+                .iter()
+                .map(|(n, path)| ("header_files", n, HeaderSource::File(path))),
+        );
+    for (key, name, source) in refs {
+        let err = |reason: String| TargetError { key, reason };
+        let header = hyper::header::HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| err(format!("{name:?} is not a header name")))?;
+        let clash = raw
+            .headers
+            .keys()
+            .chain(
+                raw.headers_from_env
+                    .keys()
+                    .filter(|_| key == "header_files"),
+            )
+            .any(|other| other.eq_ignore_ascii_case(name));
+        if clash {
+            return Err(err(format!("header {name:?} is set twice")));
+        }
+        let (value, from) = match source {
+            HeaderSource::Env(var) => (
+                std::env::var(var).map_err(|_| {
+                    err(format!(
+                        "environment variable {var} (header {name:?}) is not set"
+                    ))
+                })?,
+                format!("environment variable {var}"),
+            ),
+            HeaderSource::File(path) => (
+                crate::config::read_secret_file(path).map_err(|e| {
+                    err(format!(
+                        "cannot read {} (header {name:?}): {e}",
+                        path.display()
+                    ))
+                })?,
+                format!("file {}", path.display()),
+            ),
+        };
+        let mut value = hyper::header::HeaderValue::from_str(&value).map_err(|_| {
+            err(format!(
+                "the value in {from} (header {name:?}) is not a header value"
+            ))
+        })?;
+        value.set_sensitive(true);
+        out.push((header, value));
+    }
+    Ok(out)
+}
+
+/// Where a header's value comes from on the agent.
+enum HeaderSource<'a> {
+    Env(&'a String),
+    File(&'a PathBuf),
 }
 
 pub(crate) fn parse_status(spec: &StatusSpec) -> Result<RangeInclusive<u16>, String> {
@@ -330,6 +444,65 @@ mod tests {
             toml::from_str("id = 1\nurl = \"http://h/\"\naccepted_status = [\"200-399\", 418]\n")
                 .unwrap();
         assert!(Target::from_raw(toml_form).unwrap().accepts(418));
+    }
+
+    /// Issue #14 item 9: header values resolved on the agent, from a variable or a file; errors
+    /// name the header and the source, never a value; `Debug` of the raw target shows no value.
+    #[test]
+    fn header_values_from_the_environment_and_files() {
+        let dir = std::env::temp_dir().join(format!("vantage-headers-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("token");
+        std::fs::write(&file, "Bearer s3cr3t-from-file\nsecond line\n").unwrap();
+        let mut r = raw("http://h/");
+        r.headers.insert("x-plain".into(), "s3cr3t-literal".into());
+        // Cargo sets CARGO_PKG_NAME for the test process: a variable that is there for sure.
+        r.headers_from_env
+            .insert("x-from-env".into(), "CARGO_PKG_NAME".into());
+        r.header_files.insert("authorization".into(), file.clone());
+        let debug = format!("{r:?}");
+        assert!(
+            !debug.contains("s3cr3t") && debug.contains("x-plain"),
+            "{debug}"
+        );
+        let t = Target::from_raw(r.clone()).unwrap();
+        let get = |n: &str| {
+            t.headers
+                .iter()
+                .find(|(k, _)| k.as_str() == n)
+                .map(|(_, v)| v.to_str().unwrap().to_owned())
+        };
+        assert_eq!(
+            get("authorization").as_deref(),
+            Some("Bearer s3cr3t-from-file")
+        );
+        assert_eq!(get("x-from-env").as_deref(), Some("vantage-agent"));
+        assert_eq!(get("x-plain").as_deref(), Some("s3cr3t-literal"));
+
+        let mut missing = r.clone();
+        missing
+            .headers_from_env
+            .insert("x-other".into(), "VANTAGE_TEST_NO_SUCH_VARIABLE".into());
+        let e = Target::from_raw(missing).unwrap_err();
+        assert_eq!(e.key, "headers_from_env");
+        assert!(
+            e.reason.contains("VANTAGE_TEST_NO_SUCH_VARIABLE"),
+            "{}",
+            e.reason
+        );
+        let mut gone = r.clone();
+        gone.header_files
+            .insert("authorization".into(), dir.join("missing"));
+        let e = Target::from_raw(gone).unwrap_err();
+        assert_eq!(e.key, "header_files");
+        assert!(!e.reason.contains("s3cr3t"), "{}", e.reason);
+        let mut twice = r;
+        twice.headers.insert("Authorization".into(), "x".into());
+        assert!(Target::from_raw(twice)
+            .unwrap_err()
+            .reason
+            .contains("set twice"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

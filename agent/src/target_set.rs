@@ -15,7 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use vantage_proto::control::{
-    HeaderSpec, IpFamilySpec, Rejection, SetScope, TargetSetReader, TargetSpec, MAX_REASON_LEN,
+    HeaderSpec, IpFamilySpec, Rejection, SetScope, TargetSetReader, TargetSpec, HEADER_FROM_ENV,
+    HEADER_FROM_FILE, MAX_REASON_LEN,
 };
 
 use crate::target::{IpFamily, RawTarget, StatusSpec, Target, TargetError};
@@ -36,15 +37,38 @@ pub fn spec_from_raw(raw: &RawTarget) -> Result<TargetSpec, TargetError> {
         })
     };
     let mut headers = heapless::Vec::new();
-    for (name, value) in &raw.headers {
+    // Literal values, then references (`env:NAME` = variable, `file:NAME` = path; see
+    // `HeaderSpec`): the value of a reference is read by the agent, never carried.
+    let literal = raw
+        .headers
+        .iter()
+        .map(|(n, v)| ("headers", n.clone(), v.clone()));
+    let from_env = raw.headers_from_env.iter().map(|(n, var)| {
+        (
+            "headers_from_env",
+            format!("{HEADER_FROM_ENV}{n}"),
+            var.clone(),
+        )
+    });
+    let from_file = raw.header_files.iter().map(|(n, path)| {
+        (
+            "header_files",
+            format!("{HEADER_FROM_FILE}{n}"),
+            path.to_string_lossy().into_owned(),
+        )
+    });
+    for (key, name, value) in literal.chain(from_env).chain(from_file) {
         headers
             .push(HeaderSpec {
-                name: fit("headers", name)?,
-                value: fit("headers", value)?,
+                name: fit(key, &name)?,
+                value: fit(key, &value)?,
             })
             .map_err(|_| TargetError {
-                key: "headers",
-                reason: format!("at most {} headers", vantage_proto::control::MAX_HEADERS),
+                key,
+                reason: format!(
+                    "at most {} headers (headers, headers_from_env and header_files together)",
+                    vantage_proto::control::MAX_HEADERS
+                ),
             })?;
     }
     let mut accepted_status = heapless::Vec::new();
@@ -105,8 +129,26 @@ pub fn raw_from_spec(spec: &TargetSpec) -> RawTarget {
         headers: spec
             .headers
             .iter()
+            .filter(|h| !h.is_reference())
             .map(|h| (h.name.to_string(), h.value.to_string()))
-            .collect::<BTreeMap<_, _>>(),
+            .collect::<BTreeMap<_, _>>()
+            .into(),
+        headers_from_env: spec
+            .headers
+            .iter()
+            .filter_map(|h| {
+                let name = h.name.strip_prefix(HEADER_FROM_ENV)?;
+                Some((name.to_owned(), h.value.to_string()))
+            })
+            .collect(),
+        header_files: spec
+            .headers
+            .iter()
+            .filter_map(|h| {
+                let name = h.name.strip_prefix(HEADER_FROM_FILE)?;
+                Some((name.to_owned(), PathBuf::from(h.value.as_str())))
+            })
+            .collect(),
         accepted_status: spec
             .accepted_status
             .iter()
@@ -124,12 +166,53 @@ pub fn raw_from_spec(spec: &TargetSpec) -> RawTarget {
     }
 }
 
-/// The checks an agent will run on `raw`, minus reading `ca_file` (a path on the agents, which
-/// the central machine may not have): what `targets apply` runs before publishing.
+/// The checks an agent will run on `raw`, minus reading what only the agents have (`ca_file`,
+/// and the variables and files of `headers_from_env` / `header_files`): what `targets apply`
+/// runs before publishing. A reference's header name and its variable or path are checked.
 pub fn check_portable(raw: &RawTarget) -> Result<TargetSpec, TargetError> {
-    let mut without_file = raw.clone();
-    without_file.ca_file = None;
-    Target::from_raw(without_file)?;
+    let mut portable = raw.clone();
+    portable.ca_file = None;
+    for (key, name, source) in raw
+        .headers_from_env
+        .iter()
+        .map(|(n, v)| ("headers_from_env", n, v.clone()))
+        .chain(
+            raw.header_files
+                .iter()
+                .map(|(n, p)| ("header_files", n, p.to_string_lossy().into_owned())),
+        )
+    {
+        let bad = |reason: String| TargetError { key, reason };
+        let unusable = match key {
+            "headers_from_env" => source.is_empty() || source.contains(['\0', '=']),
+            _ => source.is_empty() || source.contains('\0'),
+        };
+        if unusable {
+            return Err(bad(format!(
+                "{source:?} is not a usable {} (header {name:?})",
+                if key == "headers_from_env" {
+                    "variable name"
+                } else {
+                    "path"
+                }
+            )));
+        }
+        if hyper::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            return Err(bad(format!("{name:?} is not a header name")));
+        }
+        if portable
+            .headers
+            .keys()
+            .any(|h| h.eq_ignore_ascii_case(name))
+        {
+            return Err(bad(format!("header {name:?} is set twice")));
+        }
+        // Stands in for the value, which only the agent can read: the name is still checked.
+        portable.headers.insert(name.clone(), "x".into());
+    }
+    portable.headers_from_env.clear();
+    portable.header_files.clear();
+    Target::from_raw(portable)?;
     spec_from_raw(raw)
 }
 
@@ -490,6 +573,52 @@ mod tests {
         );
         assert_eq!(a.accepted_status, b.accepted_status);
         assert_eq!(a.headers, b.headers);
+    }
+
+    /// Issue #14 item 9: header references travel as references (`env:` / `file:` names,
+    /// the variable or path as value), come back as references, and `Debug` of the wire form
+    /// shows no literal value.
+    #[test]
+    fn header_references_travel_without_values() {
+        let mut r = raw(3, "https://example.org/x");
+        r.headers.insert("accept".into(), "s3cr3t-literal".into());
+        r.headers_from_env
+            .insert("authorization".into(), "API_TOKEN".into());
+        r.header_files
+            .insert("x-key".into(), PathBuf::from("/etc/vantage/key"));
+        let spec = check_portable(&r).unwrap();
+        let wire: Vec<(&str, &str)> = spec
+            .headers
+            .iter()
+            .map(|h| (h.name.as_str(), h.value.as_str()))
+            .collect();
+        assert_eq!(
+            wire,
+            [
+                ("accept", "s3cr3t-literal"),
+                ("env:authorization", "API_TOKEN"),
+                ("file:x-key", "/etc/vantage/key")
+            ]
+        );
+        let debug = format!("{spec:?}");
+        assert!(
+            !debug.contains("s3cr3t") && debug.contains("API_TOKEN"),
+            "{debug}"
+        );
+        let back = raw_from_spec(&spec);
+        assert_eq!(back.headers, r.headers);
+        assert_eq!(back.headers_from_env, r.headers_from_env);
+        assert_eq!(back.header_files, r.header_files);
+        // The central check does not read what only agents have, but checks the names.
+        let mut bad = r.clone();
+        bad.headers_from_env.insert("bad header".into(), "X".into());
+        assert_eq!(check_portable(&bad).unwrap_err().key, "headers_from_env");
+        let mut bad = r;
+        bad.headers_from_env.insert("accept".into(), "X".into());
+        assert!(check_portable(&bad)
+            .unwrap_err()
+            .reason
+            .contains("set twice"));
     }
 
     #[test]

@@ -14,7 +14,8 @@
 //! | `gzip=1` | gzip the body (`Content-Encoding: gzip`) |
 //! | `bad_utf8=1` | put invalid UTF-8 bytes before `BODY` |
 //!
-//! The default body is [`BODY`], which contains "target: ok".
+//! The default body is [`BODY`], which contains "target: ok". [`TargetServer::requests`] tells
+//! what the server received (path and headers of the last requests).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -39,7 +40,19 @@ pub struct TargetServer {
     pub addr: SocketAddr,
     scheme: &'static str,
     stop: CancellationToken,
+    seen: Seen,
 }
+
+/// One request as received: path and headers (names lower-case).
+#[derive(Debug, Clone)]
+pub struct SeenRequest {
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+}
+
+/// The last requests received (at most [`SEEN_MAX`]).
+type Seen = Arc<std::sync::Mutex<std::collections::VecDeque<SeenRequest>>>;
+const SEEN_MAX: usize = 256;
 
 impl TargetServer {
     /// Binds `addr` (use `127.0.0.1:0` for any free port) and serves plain HTTP until dropped.
@@ -63,8 +76,22 @@ impl TargetServer {
         let addr = listener.local_addr()?;
         let stop = CancellationToken::new();
         let scheme = if tls.is_some() { "https" } else { "http" };
-        tokio::spawn(serve_with(listener, tls, stop.clone()));
-        Ok(TargetServer { addr, scheme, stop })
+        let seen = Seen::default();
+        tokio::spawn(serve_with(listener, tls, stop.clone(), seen.clone()));
+        Ok(TargetServer {
+            addr,
+            scheme,
+            stop,
+            seen,
+        })
+    }
+
+    /// The last requests received, oldest first.
+    pub fn requests(&self) -> Vec<SeenRequest> {
+        self.seen
+            .lock()
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// `<scheme>://127.0.0.1:<port><path_and_query>`.
@@ -92,13 +119,14 @@ impl Drop for TargetServer {
 
 /// Serves plain HTTP connections from `listener` until `stop` fires.
 pub async fn serve(listener: TcpListener, stop: CancellationToken) {
-    serve_with(listener, None, stop).await
+    serve_with(listener, None, stop, Seen::default()).await
 }
 
 async fn serve_with(
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     stop: CancellationToken,
+    seen: Seen,
 ) {
     loop {
         let stream = tokio::select! {
@@ -110,13 +138,14 @@ async fn serve_with(
         };
         let stop = stop.clone();
         let tls = tls.clone();
+        let seen = seen.clone();
         tokio::spawn(async move {
             match tls {
-                None => serve_connection(stream, stop).await,
+                None => serve_connection(stream, stop, seen).await,
                 Some(acceptor) => {
                     // A failed handshake (the client rejected our certificate) just ends here.
                     if let Ok(s) = acceptor.accept(stream).await {
-                        serve_connection(s, stop).await
+                        serve_connection(s, stop, seen).await
                     }
                 }
             }
@@ -124,12 +153,33 @@ async fn serve_with(
     }
 }
 
-async fn serve_connection<S>(stream: S, stop: CancellationToken)
+async fn serve_connection<S>(stream: S, stop: CancellationToken, seen: Seen)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let conn = hyper::server::conn::http1::Builder::new()
-        .serve_connection(TokioIo::new(stream), hyper::service::service_fn(answer));
+    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+        if let Ok(mut seen) = seen.lock() {
+            if seen.len() == SEEN_MAX {
+                seen.pop_front();
+            }
+            seen.push_back(SeenRequest {
+                path: req.uri().path().to_owned(),
+                headers: req
+                    .headers()
+                    .iter()
+                    .map(|(k, v)| {
+                        (
+                            k.as_str().to_owned(),
+                            String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                        )
+                    })
+                    .collect(),
+            });
+        }
+        answer(req)
+    });
+    let conn =
+        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
     tokio::select! {
         _ = conn => {}
         _ = stop.cancelled() => {}
