@@ -65,8 +65,8 @@ pub struct Assignments {
     validated_at: Option<Instant>,
     /// Regions with a region set: central targets are in use there.
     managed: BTreeSet<String>,
-    /// (region, agent) → what it held; agent `""` is the region's set.
-    held: BTreeMap<(String, String), Held>,
+    /// region → agent → what its set held; agent `""` is the region's set.
+    held: BTreeMap<String, BTreeMap<String, Held>>,
 }
 
 impl Assignments {
@@ -118,9 +118,11 @@ impl Assignments {
         let id = row.result.target_id;
         let probed_ms = i64::try_from(row.result.started_at_ms).unwrap_or(i64::MAX);
         let grace_ms = UNASSIGNED_GRACE.as_millis() as i64;
+        let Some(sets) = self.held.get(&row.region) else {
+            return false;
+        };
         [row.agent.as_str(), ""].iter().any(|agent| {
-            self.held
-                .get(&(row.region.clone(), (*agent).to_owned()))
+            sets.get(*agent)
                 .and_then(|held| held.get(&id))
                 .is_some_and(|until| match until {
                     None => true,
@@ -196,12 +198,14 @@ impl Assignments {
             )
             .await?;
         tx.commit().await?;
-        let mut held: BTreeMap<(String, String), Held> = BTreeMap::new();
+        let mut held: BTreeMap<String, BTreeMap<String, Held>> = BTreeMap::new();
         for r in &rows {
             let id: i32 = r.get(2);
             let until: Option<i64> = r.get(3);
             let entry = held
-                .entry((r.get(0), r.get(1)))
+                .entry(r.get(0))
+                .or_default()
+                .entry(r.get(1))
                 .or_default()
                 .entry(id as u32)
                 .or_insert(until);
@@ -299,7 +303,9 @@ mod tests {
                 a.managed.insert((*region).to_owned());
             }
             a.held
-                .entry(((*region).to_owned(), (*agent).to_owned()))
+                .entry((*region).to_owned())
+                .or_default()
+                .entry((*agent).to_owned())
                 .or_default()
                 .insert(*id, *until);
         }
