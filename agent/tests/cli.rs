@@ -116,7 +116,7 @@ fn probe_prints_json_with_column_names() {
 }
 
 #[test]
-fn probe_exits_2_when_the_target_is_down() {
+fn probe_exits_3_when_the_target_is_down() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -126,18 +126,20 @@ fn probe_exits_2_when_the_target_is_down() {
         .args(["probe", &format!("http://127.0.0.1:{port}/")])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2));
+    // 3, not 2: 2 is a bad command line (issue #13 item 13).
+    assert_eq!(out.status.code(), Some(3));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("outcome         connect_refused"), "{text}");
 }
 
 #[test]
 fn probe_rejects_bad_options_by_flag_name() {
-    let (ok, _, stderr) = run(&["probe", "--accept", "700", "http://127.0.0.1:9/"]);
-    assert!(!ok);
+    // Options that parse but fail the target checks are a bad command line too: exit 2.
+    let (code, _, stderr) = run_code(&["probe", "--accept", "700", "http://127.0.0.1:9/"]);
+    assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("--accept:"), "{stderr}");
-    let (ok, _, stderr) = run(&["probe", "ftp://x/"]);
-    assert!(!ok);
+    let (code, _, stderr) = run_code(&["probe", "ftp://x/"]);
+    assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("URL: scheme \"ftp\""), "{stderr}");
 }
 
@@ -191,4 +193,84 @@ fn check_config_validates_the_metrics_section() {
             "{name}: {stderr}"
         );
     }
+}
+
+/// Every class of command-line mistake exits 2, whatever clap or the target checks found;
+/// a bad configuration file or a failed run exits 1; `probe` exits 3 when the target is not up
+/// (docs/agent.md, "Exit codes"; the same scheme as vantage-ingester). Issue #13 item 13: a
+/// usage error used to exit 2 like "probed, not up".
+#[test]
+fn exit_codes_of_every_class() {
+    let good = write("codes-good.toml", GOOD);
+    let good = good.to_str().unwrap();
+    let broken = write("codes-broken.toml", "agent_id = [");
+    let broken = broken.to_str().unwrap();
+    let central = write(
+        "codes-central.toml",
+        &GOOD[..GOOD.find("[[targets]]").unwrap()],
+    );
+    let central = central.to_str().unwrap();
+    let url = "http://127.0.0.1:9/";
+    let cases: &[(&str, &[&str], i32)] = &[
+        ("no arguments", &[], 2),
+        ("unknown subcommand", &["no-such-command"], 2),
+        ("unknown flag", &["run", "--config", good, "--bogus"], 2),
+        (
+            "unknown global flag value",
+            &["--log-format", "xml", "check-config", good],
+            2,
+        ),
+        ("missing --config", &["run"], 2),
+        ("missing URL", &["probe"], 2),
+        ("missing config file argument", &["check-config"], 2),
+        (
+            "duration without unit",
+            &["probe", "--timeout", "5", url],
+            2,
+        ),
+        (
+            "not a number",
+            &["run", "--config", good, "--rounds", "x"],
+            2,
+        ),
+        (
+            "number out of range",
+            &["probe", "--max-redirects", "300", url],
+            2,
+        ),
+        ("conflicting flags", &["probe", "--ipv4", "--ipv6", url], 2),
+        ("bad accepted status", &["probe", "--accept", "700", url], 2),
+        ("bad URL", &["probe", "not a url"], 2),
+        ("bad header", &["probe", "-H", "no colon", url], 2),
+        ("bad method", &["probe", "--method", "G ET", url], 2),
+        ("bad regex", &["probe", "--regex", "(", url], 2),
+        ("zero body cap", &["probe", "--body-cap", "0", url], 2),
+        (
+            "missing config file",
+            &["check-config", "/nonexistent/agent.toml"],
+            1,
+        ),
+        ("config syntax error", &["check-config", broken], 1),
+        ("config syntax error (run)", &["run", "--config", broken], 1),
+        (
+            "--rounds without local targets",
+            &["run", "--config", central, "--rounds", "1"],
+            1,
+        ),
+        ("help", &["--help"], 0),
+        ("subcommand help", &["probe", "--help"], 0),
+        ("version", &["--version"], 0),
+        ("good file", &["check-config", good], 0),
+        ("probe: not up", &["probe", "--timeout", "2s", url], 3),
+    ];
+    let mut wrong = Vec::new();
+    for (what, args, want) in cases {
+        let (code, _, stderr) = run_code(args);
+        if code != Some(*want) {
+            wrong.push(format!(
+                "{what} {args:?}: exit {code:?}, want {want}\n{stderr}"
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
