@@ -71,8 +71,9 @@ struct ProbeArgs {
     /// Extra request header, "Name: value"; repeatable.
     #[arg(long = "header", short = 'H')]
     headers: Vec<String>,
-    /// Accepted status code or range ("200-299", "301"); repeatable. Default: 200-299.
-    #[arg(long = "accept")]
+    /// Accepted status codes and ranges: "200-299", "200,301", or the flag repeated. Default:
+    /// 200-299.
+    #[arg(long = "accept", value_delimiter = ',')]
     accept: Vec<String>,
     /// Redirects to follow; 0 records the redirect itself.
     #[arg(long, default_value_t = vantage_agent::target::DEFAULT_MAX_REDIRECTS)]
