@@ -59,7 +59,9 @@ pub struct Measurement {
 }
 
 impl Measurement {
-    fn new(target_id: u32, started_at_ms: u64) -> Measurement {
+    /// A measurement of nothing yet (outcome `other`): the start of a probe, or, filled in by
+    /// the caller, the result of a probe that could not run (`memory_refused`, lib.rs).
+    pub fn new(target_id: u32, started_at_ms: u64) -> Measurement {
         Measurement {
             target_id,
             started_at_ms,
