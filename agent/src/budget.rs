@@ -4,9 +4,10 @@
 //! module says what a probe of a target needs and reads the setting.
 //!
 //! # What a probe holds (probe.rs)
-//! - Every probe: sockets, hyper's read buffer, TLS records, its task: [`PROBE_FLOOR`], an
-//!   estimate (hyper's buffer starts at 8 KiB and grows only while a body streams in faster
-//!   than it is read; `bench/memory` measures the whole agent).
+//! - Every probe: its socket, hyper's read buffer (capped at [`READ_BUFFER`]; hyper's own
+//!   default grows to ~400 KB while a body streams in faster than it is read), TLS records
+//!   (up to 16 KiB each way), the request, its task: [`PROBE_FLOOR`]. `bench/memory` measures
+//!   the whole agent.
 //! - Without a regex the body is read and dropped chunk by chunk: nothing more.
 //! - With a regex the body is kept for the check, and while it runs up to
 //!   [`REGEX_BODY_COPIES`] × `body_cap` bytes are alive at once: the bytes read (≤ `body_cap`),
@@ -26,15 +27,18 @@ pub const GIB: u64 = 1 << 30;
 
 /// Default `probes.memory_budget`: 128 MiB. A 1 GiB Raspberry Pi has about 850 MiB free after
 /// the OS; 128 MiB leaves most of it to the system and the page cache even when every probe is
-/// at its worst, and holds 25 regex probes of the default 1 MiB `body_cap` at their worst case
-/// at once (or about 2,000 probes without a regex), far more than a Pi's link can feed.
+/// at its worst, and holds 24 regex probes of the default 1 MiB `body_cap` at their worst case
+/// at once (or about 1,000 probes without a regex), far more than a Pi's link can feed.
 pub const DEFAULT_MEMORY_BUDGET: u64 = 128 * MIB;
 /// Smallest budget accepted: one probe's floor many times over.
 pub const MIN_MEMORY_BUDGET: u64 = MIB;
 /// Largest budget accepted (a typing error of a unit should not switch the bound off).
 pub const MAX_MEMORY_BUDGET: u64 = 64 * GIB;
 /// Reserved by every probe for what is not the body.
-pub const PROBE_FLOOR: u64 = 64 * KIB;
+pub const PROBE_FLOOR: u64 = 128 * KIB;
+/// hyper's read buffer per connection at most (`max_buf_size`; also the largest response head
+/// accepted, far above the 8 to 16 KiB servers send).
+pub const READ_BUFFER: usize = 64 * 1024;
 /// Copies of a body with a regex that can be alive at once (see the module docs).
 pub const REGEX_BODY_COPIES: u64 = 5;
 
@@ -127,11 +131,8 @@ mod tests {
     fn a_probe_needs_its_floor_and_with_a_regex_its_copies() {
         let mut raw = crate::target::RawTarget::with_url(1, "http://h/");
         raw.body_cap = 2 * MIB as usize;
-        assert_eq!(need(&Target::from_raw(raw.clone()).unwrap()), PROBE_FLOOR);
+        assert_eq!(need(&Target::from_raw(raw.clone()).unwrap()), 128 * KIB);
         raw.regex = Some("ok".into());
-        assert_eq!(
-            need(&Target::from_raw(raw).unwrap()),
-            PROBE_FLOOR + 10 * MIB
-        );
+        assert_eq!(need(&Target::from_raw(raw).unwrap()), 128 * KIB + 10 * MIB);
     }
 }

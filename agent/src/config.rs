@@ -164,7 +164,6 @@ pub struct RawProbes {
     pub private_addresses: crate::netpolicy::AddressPolicy,
 }
 
-
 /// Largest `uplink.buffer_capacity`: about 100 MB of results.
 pub const MAX_BUFFER_CAPACITY: usize = 1_000_000;
 

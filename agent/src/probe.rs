@@ -302,9 +302,12 @@ where
         inner: stream,
         first_read: first_byte.clone(),
     };
+    // A bounded read buffer keeps what a probe holds besides its body within budget.rs's floor.
     let (mut sender, conn) = match timeout_at(
         deadline,
-        hyper::client::conn::http1::handshake(TokioIo::new(io)),
+        hyper::client::conn::http1::Builder::new()
+            .max_buf_size(crate::budget::READ_BUFFER)
+            .handshake(TokioIo::new(io)),
     )
     .await
     {

@@ -297,7 +297,12 @@ impl Scheduler {
     /// When [`Scheduler::poll`] has something to do next: the earliest due time or the end of a
     /// wait for memory. None when every target has finished its rounds and nothing waits.
     pub fn next_wake(&self) -> Option<Instant> {
-        let due = self.slots.iter().map(|s| s.next_due).min();
+        let due = self
+            .slots
+            .iter()
+            .filter(|s| s.rounds_left != Some(0))
+            .map(|s| s.next_due)
+            .min();
         let wait_ends = self.waiting.iter().map(|w| w.until).min();
         match (due, wait_ends) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -366,7 +371,8 @@ impl Scheduler {
 
         for i in 0..self.slots.len() {
             let slot = &mut self.slots[i];
-            if slot.next_due > now {
+            // (A slot whose rounds are done stays only while its last probe waits for memory.)
+            if slot.next_due > now || slot.rounds_left == Some(0) {
                 continue;
             }
             let due_at = slot.next_due;
@@ -424,7 +430,9 @@ impl Scheduler {
             };
             actions.push(action);
         }
-        self.slots.retain(|s| s.rounds_left != Some(0));
+        let waiting = &self.waiting;
+        self.slots
+            .retain(|s| s.rounds_left != Some(0) || waiting.iter().any(|w| w.target == s.entry.id));
         actions
     }
 
@@ -847,6 +855,7 @@ mod tests {
             slot.next_due = t0;
         }
         s.poll(t0);
+        assert_eq!(s.next_wake(), Some(t0 + sec * 2));
         assert_eq!(s.poll(t0 + sec), vec![]);
         assert_eq!(
             s.poll(t0 + sec * 2),
@@ -857,6 +866,36 @@ mod tests {
                 count: 1
             }]
         );
+    }
+
+    #[test]
+    fn a_last_round_waiting_for_memory_still_runs() {
+        let t0 = Instant::now();
+        let sec = Duration::from_secs(1);
+        let big = |id| Entry {
+            id,
+            interval: sec * 10,
+            timeout: sec * 5,
+            memory: 40 * MIB,
+        };
+        let capacity = Capacity {
+            memory_budget: 100 * MIB,
+            ..roomy()
+        };
+        let mut s = Scheduler::new(&[big(1), big(2), big(3)], capacity, t0, Some(1));
+        for slot in &mut s.slots {
+            slot.next_due = t0;
+        }
+        let first = started(&s.poll(t0));
+        assert_eq!(first.len(), 2);
+        // The third target's only round waits: the run is not over.
+        assert_eq!(s.next_wake(), Some(t0 + sec * 5));
+        s.finished(first[0].0, true);
+        assert_eq!(started(&s.poll(t0 + sec)), vec![(3, t0)]);
+        s.finished(first[1].0, true);
+        s.finished(3, true);
+        assert_eq!(s.poll(t0 + sec * 2), vec![]);
+        assert_eq!(s.next_wake(), None);
     }
 
     #[test]
