@@ -181,12 +181,16 @@ pub async fn run(
             }
             // A probe ended: its slot and memory are free (and waiting probes may start below).
             Some(done) = probes.join_next_with_id(), if !probes.is_empty() => {
-                let (task, answered) = match done {
-                    Ok((task, answered)) => (task, answered),
+                let (task, answered) = match &done {
+                    Ok((task, answered)) => (*task, *answered),
                     // A panic in a probe task: an agent fault, not the target's timeout.
                     Err(e) => (e.id(), true),
                 };
-                if let Some(target) = running.remove(&task) {
+                let target = running.remove(&task);
+                if let Err(e) = &done {
+                    tracing::error!(target_id = ?target, error = %e, "probe task failed; it has no result");
+                }
+                if let Some(target) = target {
                     schedule.finished(target, answered);
                 }
             }
