@@ -1,7 +1,7 @@
 # The automation entry point. The two commands the README promises:
 #   make demo   services + ingester + two agents in two regions + a region table from SQL
 #   make test   services + every test (unit, golden, end-to-end) + lint + the no_std build
-.PHONY: test demo services services-down lint embedded fmt bench-probe bench-storage
+.PHONY: test demo services services-down lint embedded fmt bench-probe bench-memory bench-storage
 
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
@@ -42,6 +42,11 @@ fmt:
 # and blackbox_exporter in the same run. Writes target/bench/probe.txt.
 bench-probe:
 	bench/probe
+
+# Body-memory benchmark (not a test): peak RSS of the agent under 64 concurrent 5 MB bodies,
+# with and without probes.memory_budget. Writes target/bench/memory.txt.
+bench-memory:
+	bench/memory
 
 # --- Raspberry Pi and microcontrollers (cross/README.md) --------------------------------------
 .PHONY: cross-install cross-build deb cross-test-build embedded-run cross-build-zig bench-size \

@@ -9,7 +9,8 @@ use crate::{MAX_GAPS, MAX_RESULTS};
 /// Append new kinds at the end; the numeric order is on the wire. Kinds 0–10 exist since
 /// version 1; 11–17 since version 2; 18 (`AddressRefused`) was appended within version 2: a
 /// version 2 decoder older than it rejects a frame carrying it as malformed (dead-lettered by
-/// an old bridge), so upgrade the ingester before the agents.
+/// an old bridge), so upgrade the ingester before the agents. 19 (`MemoryRefused`) was
+/// appended within version 2 the same way.
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum Outcome {
@@ -52,11 +53,17 @@ pub enum Outcome {
     /// The target resolved to an address the agent refuses to probe (loopback, private,
     /// link-local...; `probes.private_addresses = "refuse"`). Nothing was sent to it.
     AddressRefused,
+    // --- Appended by issue #13 items 3/12 (branch h13b); the lead renumbers at merge. ---
+    /// The agent did not probe: the probe would hold more body memory (its `body_cap` with a
+    /// regex, at worst) than the agent's whole `probes.memory_budget`. Nothing was sent; an
+    /// agent-side limit, not the target's failure. No phase.
+    MemoryRefused,
+    // --- End of issue #13 items 3/12. ---
 }
 
 impl Outcome {
     /// Every variant, in wire order.
-    pub const ALL: [Outcome; 19] = [
+    pub const ALL: [Outcome; 20] = [
         Outcome::Up,
         Outcome::StatusNotAccepted,
         Outcome::RegexNotMatched,
@@ -76,6 +83,8 @@ impl Outcome {
         Outcome::TlsHostnameMismatch,
         Outcome::BodyTruncated,
         Outcome::AddressRefused,
+        // Issue #13 items 3/12 (h13b).
+        Outcome::MemoryRefused,
     ];
 
     /// The stable snake_case name used in logs and in PostgreSQL.
@@ -100,6 +109,8 @@ impl Outcome {
             Outcome::TlsHostnameMismatch => "tls_hostname_mismatch",
             Outcome::BodyTruncated => "body_truncated",
             Outcome::AddressRefused => "address_refused",
+            // Issue #13 items 3/12 (h13b).
+            Outcome::MemoryRefused => "memory_refused",
         }
     }
 }
