@@ -132,6 +132,7 @@ impl ProbeArgs {
             } else {
                 IpFamily::Auto
             },
+            allow_downgrade: false,
         };
         Target::from_raw(raw).map_err(|e| {
             let flag = match e.key {

@@ -79,6 +79,10 @@ pub struct RawTarget {
     /// `auto` (default), `ipv4` or `ipv6`.
     #[serde(default)]
     pub ip_family: IpFamily,
+    /// Follow a redirect from `https` to `http` (default false: such a probe ends as
+    /// `downgrade_refused` and nothing is sent in the clear).
+    #[serde(default)]
+    pub allow_downgrade: bool,
 }
 
 /// Literal header values (`headers`): a map whose `Debug` shows the names only, because values
@@ -223,6 +227,8 @@ pub struct Target {
     /// TLS settings specific to this target (a CA file or skip-verify); None: the shared default.
     pub tls: Option<Arc<rustls::ClientConfig>>,
     pub ip_family: IpFamily,
+    /// Follow `https` → `http` redirects.
+    pub allow_downgrade: bool,
 }
 
 impl std::fmt::Debug for Target {
@@ -244,6 +250,7 @@ impl std::fmt::Debug for Target {
             .field("body_cap", &self.body_cap)
             .field("custom_tls", &self.tls.is_some())
             .field("ip_family", &self.ip_family)
+            .field("allow_downgrade", &self.allow_downgrade)
             .finish()
     }
 }
@@ -275,6 +282,7 @@ impl RawTarget {
             ca_file: None,
             tls_skip_verify: false,
             ip_family: IpFamily::Auto,
+            allow_downgrade: false,
         }
     }
 }
@@ -388,6 +396,7 @@ impl Target {
             body_cap: raw.body_cap,
             tls,
             ip_family: raw.ip_family,
+            allow_downgrade: raw.allow_downgrade,
         })
     }
 
@@ -533,6 +542,10 @@ mod tests {
         assert_eq!(t.body_cap, DEFAULT_BODY_CAP);
         assert!(t.tls.is_none());
         assert!(t.accepts(204) && !t.accepts(301) && !t.accepts(404));
+        assert!(!t.allow_downgrade);
+        let opted: RawTarget =
+            toml::from_str("id = 1\nurl = \"https://h/\"\nallow_downgrade = true\n").unwrap();
+        assert!(Target::from_raw(opted).unwrap().allow_downgrade);
     }
 
     #[test]
