@@ -1,9 +1,12 @@
 //! Ingester stages as real processes (`vantage-ingester bridge|sink`), so tests can `kill -9`
 //! them; and the service restarts of `tests/services/lib.sh`.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A binary of this workspace built beside the running executable: `VANTAGE_<NAME>_BIN` if set,
 /// else `<dir of current exe>/<name>` or its parent (test executables live in `deps/`).
@@ -130,6 +133,31 @@ impl StageProcess {
             .count()
     }
 
+    /// The address of the stage's HTTP endpoint, as it logged it (`http listening ...
+    /// addr=...`); waits up to 60 s for the line.
+    ///
+    /// # Panics
+    /// If the stage did not log it in time.
+    pub async fn http_addr(&self) -> SocketAddr {
+        assert!(
+            self.wait_log("http listening", 1, Duration::from_secs(60))
+                .await,
+            "{} did not start its http endpoint:\n{}",
+            self.name,
+            self.log_text()
+        );
+        let text = self.log_text();
+        let line = text.lines().find(|l| l.contains("http listening")).unwrap();
+        let addr = line
+            .split("addr=")
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap();
+        addr.parse().unwrap()
+    }
+
     /// Waits until the log has at least `n` lines containing `needle`.
     pub async fn wait_log(&self, needle: &str, n: usize, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
@@ -147,6 +175,28 @@ impl Drop for StageProcess {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// GET `path` on `addr`; (status, body), `(0, "")` if nothing answers. The stages' endpoint
+/// closes each connection after one answer.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+        return (0, String::new());
+    };
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    if s.write_all(request.as_bytes()).await.is_err() {
+        return (0, String::new());
+    }
+    let mut raw = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw)).await;
+    let raw = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, body.to_owned())
 }
 
 /// The services script folder (`tests/services`).
