@@ -883,12 +883,107 @@ async fn rebalance_commit_does_not_stall_the_runtime() {
     let longest = longest.load(Ordering::Relaxed);
     println!("longest pause of a task on the sink's runtime: {longest} ms");
     let (_, sink) = stages.stop().await;
+    let sink = sink.unwrap();
     println!("sink: {sink:?}");
+    assert!(
+        sink.revocation_commits >= 1,
+        "the session did not time out: no commit on revocation was tried"
+    );
     assert!(
         longest < 3_000,
         "a task on the sink's runtime stood still for {longest} ms while the rebalance \
          callback waited for Kafka"
     );
+    run.cleanup(&[]).await;
+}
+
+/// Issue #14, item 4: the topics the ingester creates get `kafka.replication_factor` replicas
+/// and `min.insync.replicas = kafka.min_insync_replicas` (production defaults 3 and 2). A
+/// cluster that cannot hold them stops the stage at start, naming the key, instead of the
+/// broker auto-creating the topics with its own defaults (1 replica) on the first produce.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_get_the_configured_replication_or_the_stage_refuses_to_start() {
+    init_tracing();
+    let run = Run::new("replicas");
+    let file = run.ingester_file(&IngesterOptions::default());
+    // The production defaults, against the single test broker.
+    let text = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace("replication_factor = 1\n", "")
+        .replace("min_insync_replicas = 1\n", "");
+    std::fs::write(&file, &text).unwrap();
+    let config = vantage_ingester::Config::load(&file).unwrap();
+    let stop = CancellationToken::new();
+    let sink = tokio::time::timeout(
+        Duration::from_secs(30),
+        vantage_ingester::sink::run(&config, stop.clone()),
+    )
+    .await;
+    stop.cancel();
+    let err = match sink {
+        Ok(Err(e)) => e.to_string(),
+        Ok(Ok(stats)) => panic!("the sink ran ({stats:?}) with 3 replicas asked of 1 broker"),
+        Err(_) => panic!("the sink started with 3 replicas asked of 1 broker"),
+    };
+    println!("sink: {err}");
+    assert!(
+        err.contains("key `kafka.replication_factor`") && err.contains("1 broker"),
+        "{err}"
+    );
+    let bridge = tokio::time::timeout(
+        Duration::from_secs(30),
+        vantage_ingester::bridge::run(&config, CancellationToken::new()),
+    )
+    .await
+    .expect("the bridge started with 3 replicas asked of 1 broker");
+    let err = bridge.unwrap_err().to_string();
+    assert!(err.contains("key `kafka.replication_factor`"), "{err}");
+    let consumer: rdkafka::consumer::BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &run.services.kafka_brokers)
+        .create()
+        .unwrap();
+    use rdkafka::consumer::Consumer;
+    for topic in [run.topic(), run.dead_letter_topic()] {
+        let metadata = consumer
+            .fetch_metadata(Some(&topic), Duration::from_secs(10))
+            .unwrap();
+        assert!(
+            metadata.topics()[0].error().is_some(),
+            "{topic} was created anyway"
+        );
+    }
+
+    // The test broker's 1 and 1: created, with min.insync.replicas set on the topics themselves.
+    let config = run.ingester_config(&IngesterOptions::default());
+    vantage_ingester::kafka::ensure_topics(config.kafka().unwrap())
+        .await
+        .unwrap();
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+        ClientConfig::new()
+            .set("bootstrap.servers", &run.services.kafka_brokers)
+            .create()
+            .unwrap();
+    let (t1, t2) = (run.topic(), run.dead_letter_topic());
+    let described = admin
+        .describe_configs(
+            &[
+                rdkafka::admin::ResourceSpecifier::Topic(&t1),
+                rdkafka::admin::ResourceSpecifier::Topic(&t2),
+            ],
+            &rdkafka::admin::AdminOptions::new(),
+        )
+        .await
+        .unwrap();
+    for resource in described {
+        let resource = resource.unwrap();
+        let entry = resource.get("min.insync.replicas").unwrap();
+        assert_eq!(entry.value.as_deref(), Some("1"), "{resource:?}");
+        assert_eq!(
+            entry.source,
+            rdkafka::admin::ConfigSource::DynamicTopic,
+            "set by the ingester on the topic, not the broker default: {resource:?}"
+        );
+    }
     run.cleanup(&[]).await;
 }
 

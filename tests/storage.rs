@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio_postgres::Client;
 use vantage_ingester::config::PostgresConfig;
 use vantage_ingester::db::{self, Row};
+use vantage_ingester::storage::StorageConfig;
 use vantage_proto::{Outcome, ProbeResult, RegexOutcome};
 use vantage_tests::{unique_id, Services};
 
@@ -141,8 +142,18 @@ async fn rows_at_day_month_and_leap_day_boundaries_land_in_their_partitions() {
         s.insert_at(seq, 1, "eu", at, 1000).await;
         assert_eq!(s.partition_of(seq).await, "results_default");
     }
-    // ... until upkeep gives each day its partition and moves them there.
-    vantage_ingester::storage::ensure_partitions(&s.client, 7)
+    // ... and upkeep leaves them there (2028 is beyond the window it adopts: a clock years
+    // ahead must not make it create partitions) ...
+    vantage_ingester::storage::ensure_partitions(&s.client, &StorageConfig::default())
+        .await
+        .unwrap();
+    assert_eq!(s.partition_of(1).await, "results_default");
+    // ... until an operator adopts that range: each day gets its partition, the rows move.
+    s.client
+        .query_one(
+            "SELECT vantage_adopt_default('2028-01-01', '2030-01-01')",
+            &[],
+        )
         .await
         .unwrap();
     for (seq, at, partition) in cases {
@@ -217,13 +228,23 @@ async fn retention_drops_exactly_the_expired_days() {
         )
         .await;
     }
-    vantage_ingester::storage::ensure_partitions(&s.client, 7)
+    // Upkeep with a longer retention gave every one of those days its partition.
+    let keep_all = StorageConfig {
+        raw_retention: Duration::from_secs(45 * 86_400),
+        ..StorageConfig::default()
+    };
+    vantage_ingester::storage::ensure_partitions(&s.client, &keep_all)
         .await
         .unwrap();
+    assert_eq!(
+        s.scalar_i64("SELECT count(*) FROM results_default").await,
+        0
+    );
     let dropped = vantage_ingester::storage::apply_retention(
         &s.client,
         Duration::from_secs(30 * 86_400),
         Duration::from_secs(400 * 86_400),
+        false,
     )
     .await
     .unwrap();
@@ -245,11 +266,16 @@ async fn retention_drops_exactly_the_expired_days() {
         .collect();
     let mut dropped_results: Vec<String> = dropped
         .iter()
-        .filter(|n| n.starts_with("results_p"))
-        .cloned()
+        .filter(|r| r.relation.starts_with("results_p"))
+        .map(|r| r.relation.clone())
         .collect();
     dropped_results.sort();
     assert_eq!(dropped_results, expected);
+    // Each with its one row: nothing goes without a count.
+    assert!(dropped
+        .iter()
+        .filter(|r| r.relation.starts_with("results_p"))
+        .all(|r| r.rows == 1));
     // What is left is exactly the rows whose day is not expired; hourly rollups are all kept.
     let kept = s.scalar_i64("SELECT count(*) FROM results").await;
     assert_eq!(kept, 40 - expected.len() as i64);
@@ -636,7 +662,7 @@ async fn maintain_keeps_what_the_config_keeps() {
 async fn upkeep_adopts_default_rows_only_inside_a_bounded_window() {
     let s = Schema::new("adopt").await;
     let partitions = "SELECT count(*) FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-                       WHERE c.relnamespace = current_schema()::regnamespace";
+                       WHERE c.relnamespace = current_schema()::regnamespace AND c.relkind = 'r'";
     let before = s.scalar_i64(partitions).await;
     // 20 distinct days about 400 days back and 20 about 20 years ahead, and one row 3 days ago
     // (no partition yet: it waits in the default partition, inside the window).

@@ -58,7 +58,8 @@ impl StatusRow {
     }
 }
 
-fn now_ms() -> i64 {
+/// Now, in ms since the epoch (the ingester's clock).
+pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
