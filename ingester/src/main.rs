@@ -296,7 +296,29 @@ fn main() -> anyhow::Result<()> {
                         }
                     }
                 }
-                let client = db::connect(config.postgres()?).await?;
+                let pg = config.postgres()?;
+                let mut client = db::connect(pg).await?;
+                if dry_run {
+                    // Changes nothing, migrations included: an older schema is reported.
+                    let version: i32 = client
+                        .query_one(
+                            "SELECT coalesce(max(version), 0) FROM schema_migrations",
+                            &[],
+                        )
+                        .await
+                        .map(|r| r.get(0))
+                        .unwrap_or(0);
+                    let latest = db::MIGRATIONS.len() as i32;
+                    if version < latest {
+                        anyhow::bail!(
+                            "schema {} is at version {version}, this maintain needs {latest}: run \
+                             `vantage-ingester migrate` first (a dry run changes nothing)",
+                            pg.schema
+                        );
+                    }
+                } else {
+                    db::migrate(&mut client, &pg.schema).await?;
+                }
                 let upkeep = storage::maintain(&client, &storage, dry_run).await?;
                 print!("{}", upkeep.render(dry_run));
             }
