@@ -485,6 +485,8 @@ topic = "{topic}"
 dead_letter_topic = "{dlq}"
 group_id = "arm-sink-{id}"
 partitions = 1
+replication_factor = 1
+min_insync_replicas = 1
 
 [postgres]
 {pg}

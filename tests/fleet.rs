@@ -694,6 +694,48 @@ async fn refused_target_set_keeps_the_old_one() {
         text(&out.stdout)
     );
 
+    // The documented fix, re-applying the good file, republishes the set the agent holds
+    // (unchanged, generation 1): that clears the refusal (issue #14 item 13).
+    apply(ingester_file, &v1);
+    wait_agent(
+        client,
+        &us_agent,
+        "rejection IS NULL AND region_set_generation = 1 AND targets = 2",
+        "the refusal to clear after re-applying the good file",
+    )
+    .await;
+
+    // A valid set of an older generation than the one held (a broker restored from a
+    // backup) is refused too, and reported (issue #14 item 12).
+    let older = {
+        use vantage_proto::control::{encode_target_set, TargetSetHeader, MAX_TARGET_SET_LEN};
+        let mut raw = vantage_agent::target::RawTarget::with_url(998, &target.url("/old"));
+        raw.name = Some("old".into());
+        let spec = vantage_agent::target_set::spec_from_raw(&raw).unwrap();
+        let mut buf = vec![0u8; MAX_TARGET_SET_LEN];
+        encode_target_set(
+            &TargetSetHeader {
+                generation: 0,
+                count: 1,
+            },
+            [&spec],
+            &mut buf,
+        )
+        .unwrap()
+        .to_vec()
+    };
+    vantage_ingester::targets::publish(mqtt, vec![(us_topic.clone(), older)])
+        .await
+        .unwrap();
+    wait_agent(
+        client,
+        &us_agent,
+        "rejected_generation = 0 AND rejection LIKE '%older than the generation 1%'
+         AND region_set_generation = 1 AND targets = 2",
+        "the us-east agent to refuse the older generation",
+    )
+    .await;
+
     // A good set replaces the refused one, and the refusal is cleared.
     let v2 = targets_file(run, "targets-v2.toml", target, &[("alpha", "/alpha", "")]);
     apply(ingester_file, &v2);
@@ -711,9 +753,19 @@ async fn refused_target_set_keeps_the_old_one() {
 }
 
 fn status_frame(agent: &str, region: &str) -> Vec<u8> {
-    use vantage_proto::control::{encode_status, AgentState, AgentStatus, MAX_STATUS_LEN};
+    status_frame_with(agent, region, vantage_proto::control::AgentState::Online, 0)
+}
+
+/// A status of boot 7 in `state`, reporting `targets` targets.
+fn status_frame_with(
+    agent: &str,
+    region: &str,
+    state: vantage_proto::control::AgentState,
+    targets: u32,
+) -> Vec<u8> {
+    use vantage_proto::control::{encode_status, AgentStatus, MAX_STATUS_LEN};
     let status = AgentStatus {
-        state: AgentState::Online,
+        state,
         agent_id: agent.try_into().unwrap(),
         region: region.try_into().unwrap(),
         boot_id: 7,
@@ -721,7 +773,7 @@ fn status_frame(agent: &str, region: &str) -> Vec<u8> {
         sent_at_ms: 1,
         max_concurrency: 1,
         buffer_capacity: 1,
-        targets: 0,
+        targets,
         pending_results: 0,
         region_set_generation: 0,
         agent_set_generation: 0,
@@ -765,4 +817,512 @@ async fn forged_status_is_dead_lettered() {
     assert_eq!(reasons, ["claims_mismatch", "claims_mismatch"], "{dead:?}");
     // The forger used a clean session: nothing of it stays on the broker.
     f.finish(&[]).await;
+}
+
+/// Issue #14 item 10: Kafka order is not receive order (the bridge delivers concurrently, and a
+/// delivery it retried lands after a later status), so the sink orders statuses by the bridge's
+/// receive time, the record timestamp: an older status never replaces a newer one, a newer one
+/// always does, and a last will received before the stored status does not mark the agent lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_older_status_never_replaces_a_newer_one() {
+    use vantage_proto::control::AgentState;
+    use vantage_tests::harness::ProducedRecord;
+    let f = Fixture::start("fleet-order").await;
+    let (run, client) = (&f.run, &f.client);
+    let (agent, marker) = ("pi-order", "pi-marker");
+    let record = |who: &str, state: AgentState, targets: u32, at_ms: i64| ProducedRecord {
+        partition: 0,
+        key: format!("us-east/{who}"),
+        payload: status_frame_with(who, "us-east", state, targets),
+        headers: vec![(
+            vantage_ingester::bridge::KIND_HEADER.to_owned(),
+            "status".to_owned(),
+        )],
+        timestamp_ms: at_ms,
+    };
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    // One partition, so the sink sees them in this order; the marker (another agent, after
+    // them) says when the first two have been applied.
+    run.produce(
+        &run.topic(),
+        &[
+            record(agent, AgentState::Online, 3, t),
+            record(agent, AgentState::Offline, 1, t - 5_000),
+            record(agent, AgentState::Lost, 0, t - 4_000),
+            record(marker, AgentState::Online, 0, t),
+        ],
+    )
+    .await;
+    // (The sink may still be applying the migrations: errors count as "not yet".)
+    wait_for("the marker status", Duration::from_secs(60), || async {
+        client
+            .query_opt("SELECT 1 FROM agents WHERE agent = $1", &[&marker])
+            .await
+            .ok()
+            .flatten()
+    })
+    .await;
+    let row = client
+        .query_one(
+            "SELECT state, online, targets, (extract(epoch FROM state_at) * 1000)::int8
+               FROM agents WHERE agent = $1",
+            &[&agent],
+        )
+        .await
+        .unwrap();
+    let got: (String, bool, i32, i64) = (row.get(0), row.get(1), row.get(2), row.get(3));
+    assert_eq!(
+        got,
+        ("online".to_owned(), true, 3, t),
+        "an older status (or will) replaced the newer one"
+    );
+    // Newer ones still apply: a heartbeat, then the will of this boot.
+    run.produce(
+        &run.topic(),
+        &[
+            record(agent, AgentState::Heartbeat, 4, t + 1_000),
+            record(agent, AgentState::Lost, 0, t + 2_000),
+        ],
+    )
+    .await;
+    wait_agent(
+        client,
+        agent,
+        "state = 'lost' AND NOT online AND targets = 4",
+        "the newer heartbeat and will",
+    )
+    .await;
+    f.finish(&[]).await;
+}
+
+/// Issue #14 item 12: `targets diff` only reads. On a database without the migrations it says
+/// so and creates nothing (not even the schema); on a migrated one it plans without writing.
+#[tokio::test]
+async fn targets_diff_only_reads() {
+    let run = Run::new("fleet-diff");
+    let ingester_file = run.ingester_file(&IngesterOptions::default());
+    let target = TargetServer::start("127.0.0.1:0").await.unwrap();
+    let file = targets_file(&run, "targets.toml", &target, &[("alpha", "/alpha", "")]);
+    let admin = run.pg().await;
+    let schema_exists = || async {
+        admin
+            .query_one(
+                "SELECT count(*) FROM pg_namespace WHERE nspname = $1",
+                &[&run.schema()],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
+    };
+    let out = ingester(
+        &ingester_file,
+        &["targets", "diff"],
+        &[file.to_str().unwrap()],
+    );
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "{}", text(&out.stdout));
+    assert!(
+        err.contains("run `vantage-ingester migrate` first"),
+        "{err}"
+    );
+    assert!(!schema_exists().await, "diff created the schema");
+
+    let out = ingester(&ingester_file, &["migrate"], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = ingester(
+        &ingester_file,
+        &["targets", "diff"],
+        &[file.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("1 to add, 0 to change, 0 to retire"),
+        "{}",
+        text(&out.stdout)
+    );
+    let written: i64 = admin
+        .query_one(
+            "SELECT (SELECT count(*) FROM targets) + (SELECT count(*) FROM target_applies)
+                  + (SELECT count(*) FROM target_sets)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(written, 0, "diff wrote to the database");
+    run.cleanup(&[]).await;
+}
+
+/// Issue #14 item 7: new central ids come from the central targets alone. Ids seen only in
+/// results (here a standalone agent's 1 and a hostile agent's 2147483647) are skipped but do not
+/// move the start, so they cannot use up the id space.
+#[tokio::test]
+async fn new_ids_are_allocated_from_central_targets_only() {
+    let run = Run::new("fleet-ids");
+    let mut client = run.pg().await;
+    vantage_ingester::db::migrate(&mut client, &run.schema())
+        .await
+        .unwrap();
+    // What the results trigger leaves behind for ids it saw.
+    client
+        .batch_execute("INSERT INTO targets (target_id) VALUES (1), (2147483647)")
+        .await
+        .unwrap();
+    let text = "regions = [\"eu-north\"]\n\
+                [[targets]]\nname = \"a\"\nurl = \"http://a.example/\"\n\
+                [[targets]]\nname = \"b\"\nurl = \"http://b.example/\"\n";
+    let file =
+        vantage_ingester::targets::TargetsFile::parse(text, Path::new("targets.toml")).unwrap();
+    let plan = vantage_ingester::targets::plan(&client, &file)
+        .await
+        .unwrap_or_else(|e| panic!("no id for new targets: {e}"));
+    let ids: Vec<u32> = plan.added.iter().map(|p| p.id).collect();
+    assert_eq!(ids, [2, 3]);
+    run.cleanup(&[]).await;
+}
+
+/// A result frame of `boot` with (seq, target id, probe start in ms) results.
+fn frame_of(boot: u64, results: &[(u64, i32, i64)]) -> Vec<u8> {
+    let mut synth = vantage_tests::loadgen::Synth::new(boot);
+    let mut batch = vantage_proto::Batch {
+        boot_id: boot,
+        results: heapless::Vec::new(),
+        gaps: heapless::Vec::new(),
+    };
+    for &(seq, target, at) in results {
+        let mut r = synth.result();
+        r.seq = seq;
+        r.target_id = target as u32;
+        r.started_at_ms = at as u64;
+        r.cert_not_after_s = Some(1_800_000_000);
+        batch.results.push(r).unwrap();
+    }
+    let mut buf = [0u8; vantage_proto::MAX_FRAME_LEN];
+    vantage_proto::encode(&batch, &mut buf).unwrap().to_vec()
+}
+
+/// Issue #14 item 7: once central targets are in use for a region, the sink writes a result
+/// only for a target its agent was given (its region's set or its own pinned set); the others
+/// are dead-lettered as `unassigned_target`, in a frame of their own, and never reach `results`
+/// or `latest_results`. A region without central targets (standalone agents) is not checked.
+/// Right after an apply, a result of a target that left the set is accepted if it was probed
+/// before it left (plus a grace); one probed long after is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn results_for_targets_not_given_are_dead_lettered() {
+    let f = Fixture::start("fleet-assigned").await;
+    let (run, target, client, ingester_file) = (&f.run, &f.target, &f.client, &f.ingester_file);
+    let v1 = targets_file(
+        run,
+        "targets-v1.toml",
+        target,
+        &[
+            ("alpha", "/alpha", ""),
+            ("lab", "/lab", "agents = [\"us-east/pi-lab\"]"),
+        ],
+    );
+    apply(ingester_file, &v1);
+    let (alpha, lab) = (
+        target_id(client, "alpha").await,
+        target_id(client, "lab").await,
+    );
+    let stranger = 99_999;
+    let topic = |region: &str, agent: &str| format!("{}/v1/results/{region}/{agent}", run.prefix());
+    let now: i64 = client
+        .query_one("SELECT (extract(epoch FROM now()) * 1000)::int8", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let publisher = format!("assign-{}", run.id);
+    publish_as_agent(
+        &run.services,
+        &publisher,
+        &[
+            (
+                topic("us-east", "pi-x"),
+                frame_of(1, &[(0, alpha, now), (1, lab, now), (2, stranger, now)]),
+            ),
+            (topic("us-east", "pi-lab"), frame_of(2, &[(0, lab, now)])),
+            (
+                topic("ap-south", "pi-solo"),
+                frame_of(3, &[(0, stranger, now)]),
+            ),
+        ],
+    )
+    .await;
+    let stored = |n: usize| async move {
+        wait_for(&format!("{n} results"), Duration::from_secs(60), || async {
+            let rows: Vec<(String, i32, i64)> = client
+                .query(
+                    "SELECT agent, target_id, seq FROM results ORDER BY 1, 2, 3",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2)))
+                .collect();
+            (rows.len() >= n).then_some(rows)
+        })
+        .await
+    };
+    let dead_letters = |n: usize| {
+        wait_for_sync(
+            &format!("{n} dead letters"),
+            Duration::from_secs(60),
+            || {
+                let dead = run.read_topic(&run.dead_letter_topic());
+                (dead.len() >= n).then_some(dead)
+            },
+        )
+    };
+    let dead = dead_letters(1);
+    let rows = stored(3).await;
+    assert_eq!(
+        rows,
+        [
+            ("pi-lab".to_owned(), lab, 0),
+            ("pi-solo".to_owned(), stranger, 0),
+            ("pi-x".to_owned(), alpha, 0),
+        ]
+    );
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(
+        dead[0].header(vantage_ingester::kafka::REASON_HEADER),
+        Some("unassigned_target")
+    );
+    assert_eq!(dead[0].key.as_deref(), Some(b"us-east/pi-x".as_slice()));
+    let refused = vantage_proto::decode(&dead[0].payload).unwrap();
+    let ids: Vec<u32> = refused.results.iter().map(|r| r.target_id).collect();
+    assert_eq!(ids, [lab as u32, stranger as u32]);
+    let latest: i64 = client
+        .query_one(
+            "SELECT count(*) FROM latest_results WHERE region = 'us-east' AND target_id = $1",
+            &[&stranger],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(latest, 0);
+
+    // alpha leaves us-east. A result probed before the apply (in flight) is still accepted...
+    let v2 = targets_file(
+        run,
+        "targets-v2.toml",
+        target,
+        &[
+            ("alpha", "/alpha", "regions = [\"eu-north\"]"),
+            ("lab", "/lab", "agents = [\"us-east/pi-lab\"]"),
+        ],
+    );
+    apply(ingester_file, &v2);
+    publish_as_agent(
+        &run.services,
+        &publisher,
+        &[(topic("us-east", "pi-x"), frame_of(1, &[(3, alpha, now)]))],
+    )
+    .await;
+    stored(4).await;
+    // ...one probed longer than the grace after it left is not. (The removal is moved an hour
+    // back, and the version bumped as the trigger does; the sink looks again within a second.)
+    client
+        .batch_execute(&format!(
+            "UPDATE target_assignments SET unassigned_at = unassigned_at - interval '1 hour'
+              WHERE region = 'us-east' AND target_id = {alpha} AND unassigned_at IS NOT NULL;
+             UPDATE target_assignments_version SET version = version + 1"
+        ))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    publish_as_agent(
+        &run.services,
+        &publisher,
+        &[(topic("us-east", "pi-x"), frame_of(1, &[(4, alpha, now)]))],
+    )
+    .await;
+    let dead = dead_letters(2);
+    let refused = vantage_proto::decode(&dead[1].payload).unwrap();
+    assert_eq!(
+        refused
+            .results
+            .iter()
+            .map(|r| (r.seq, r.target_id))
+            .collect::<Vec<_>>(),
+        [(4, alpha as u32)]
+    );
+    let rows = stored(4).await;
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    f.finish(&[]).await;
+}
+
+/// [`wait_for`] for a blocking check.
+fn wait_for_sync<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// The retained payload on `topic` (as the broker holds it now).
+async fn retained(run: &Run, topic: &str) -> Vec<u8> {
+    let mut options = rumqttc::MqttOptions::new(
+        format!("retained-{}", vantage_tests::unique_id()),
+        run.services.mqtt_host.clone(),
+        run.services.mqtt_port,
+    );
+    options.set_credentials("ingester", "ingester-secret");
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+    client
+        .subscribe(topic, rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let payload = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) =
+                eventloop.poll().await.expect("MQTT broker")
+            {
+                if p.retain {
+                    return p.payload.to_vec();
+                }
+            }
+        }
+    })
+    .await
+    .expect("a retained message within 20 s");
+    let _ = client.try_disconnect();
+    payload
+}
+
+/// Issue #14 item 9: a header whose value is a secret is written centrally as a reference
+/// (`header_files` / `headers_from_env`), resolved by the agent: the value reaches the target
+/// server, and never appears in `targets.spec`, the retained target set, or `Debug` output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn header_secrets_stay_on_the_agent() {
+    let f = Fixture::start("fleet-headers").await;
+    let (run, target, client, ingester_file) = (&f.run, &f.target, &f.client, &f.ingester_file);
+    let token = format!("Bearer {}", vantage_tests::unique_id());
+    let token_file = run.dir.join("api-token");
+    write_file(&token_file, &format!("{token}\n"));
+    let file = targets_file(
+        run,
+        "targets.toml",
+        target,
+        &[(
+            "private",
+            "/private",
+            &format!(
+                "header_files = {{ authorization = \"{}\" }}\n\
+                 headers_from_env = {{ x-from-env = \"CARGO_PKG_NAME\" }}",
+                token_file.display()
+            ),
+        )],
+    );
+    let (agent_token, handle) = spawn_agent(run, "us-east", run.services.mqtt_port);
+    apply(ingester_file, &file);
+    let private = target_id(client, "private").await;
+
+    // The agent read the file and the variable: the target server got both values.
+    let seen = wait_for(
+        "a request with the token",
+        Duration::from_secs(60),
+        || async {
+            target
+                .seen()
+                .into_iter()
+                .find(|r| r.target == "/private")
+                .filter(|r| {
+                    r.headers
+                        .contains(&("authorization".to_owned(), token.clone()))
+                })
+        },
+    )
+    .await;
+    assert!(
+        seen.headers
+            .contains(&("x-from-env".to_owned(), "vantage-tests".to_owned())),
+        "{seen:?}"
+    );
+    wait_for(
+        "rows of the private target",
+        Duration::from_secs(60),
+        || async {
+            let n: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM results WHERE target_id = $1 AND outcome = 'up'",
+                    &[&private],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (n >= 1).then_some(())
+        },
+    )
+    .await;
+
+    // Centrally only the reference: targets.spec, the retained set, Debug of every raw type.
+    let spec: String = client
+        .query_one(
+            "SELECT spec::text FROM targets WHERE target_id = $1",
+            &[&private],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        spec.contains(&token_file.display().to_string()) && !spec.contains(&token),
+        "{spec}"
+    );
+    let payload = retained(run, &format!("{}/v1/targets/us-east", run.prefix())).await;
+    assert!(!payload.is_empty());
+    assert!(
+        !payload.windows(token.len()).any(|w| w == token.as_bytes()),
+        "the token is in the retained set"
+    );
+    let parsed = vantage_ingester::targets::TargetsFile::load(&file).unwrap();
+    let set = vantage_agent::target_set::validate_frame(&payload).unwrap();
+    let book = book(run, "us-east");
+    for (what, debug) in [
+        ("targets file", format!("{parsed:?}")),
+        ("received set", format!("{set:?}")),
+        ("agent's book", format!("{book:?}")),
+        (
+            "raw target",
+            format!(
+                "{:?}",
+                vantage_agent::target_set::raw_from_spec(
+                    &vantage_proto::control::TargetSetReader::new(&payload)
+                        .unwrap()
+                        .next()
+                        .unwrap()
+                        .unwrap()
+                )
+            ),
+        ),
+    ] {
+        assert!(!debug.contains(&token), "{what}: {debug}");
+    }
+    // A literal value (not a secret by this file's choice) is hidden from Debug too.
+    let mut literal = vantage_agent::target::RawTarget::with_url(1, "http://h/");
+    literal
+        .headers
+        .insert("authorization".into(), token.clone());
+    assert!(!format!("{literal:?}").contains(&token));
+    let spec = vantage_agent::target_set::spec_from_raw(&literal).unwrap();
+    assert!(!format!("{spec:?}").contains(&token));
+
+    agent_token.cancel();
+    let _ = handle.await;
+    let agent = agent_id(run, "us-east");
+    f.finish(&[agent]).await;
 }

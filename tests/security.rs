@@ -258,6 +258,104 @@ async fn an_agent_cannot_publish_as_another_agent() {
     let _ = std::fs::remove_dir_all(&run.dir);
 }
 
+/// Watches one MQTT 3.1.1 connection in a task: (connections acknowledged, errors seen).
+fn watch_connection(
+    options: rumqttc::MqttOptions,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<(u32, u32)> {
+    tokio::spawn(async move {
+        let (_client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+        let (mut connacks, mut errors) = (0, 0);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return (connacks, errors),
+                event = eventloop.poll() => match event {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => connacks += 1,
+                    Ok(_) => {}
+                    Err(_) => {
+                        errors += 1;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+            }
+        }
+    })
+}
+
+/// Connects, waits for the CONNACK, disconnects: one attempt to take over a client id.
+async fn connect_once(options: rumqttc::MqttOptions) {
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+    let connected = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => return,
+                Ok(_) => {}
+                Err(e) => panic!("the intruder's own connection failed: {e}"),
+            }
+        }
+    })
+    .await;
+    assert!(connected.is_ok(), "no CONNACK within 20 s");
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_secs(2), eventloop.poll()).await;
+}
+
+/// Issue #14 item 7: agent A's credentials cannot push agent B off by connecting with B's
+/// client id (Mosquitto does not tie a client id to a user unless told to): the secure
+/// listeners take the client id from the user name (`use_username_as_clientid`), which on the
+/// mutual-TLS listener is the certificate's CN. Five takeover attempts on each; B's connection
+/// must not notice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_cannot_take_over_another_agents_client_id() {
+    let sec = Secure::from_env();
+    let run = Run::new("clientid");
+    let prefix = run.prefix();
+    let (a, b) = (format!("a-{}", run.id), format!("b-{}", run.id));
+    let id_a = Identity::agent(&prefix, "eu-north", &a);
+    let id_b = Identity::agent(&prefix, "eu-north", &b);
+    let victim_id = format!("vantage-agent-{b}");
+    let cert = |name: &str| {
+        let paths = services(&["client-cert", name], "");
+        let mut lines = paths.lines();
+        (
+            PathBuf::from(lines.next().unwrap()),
+            PathBuf::from(lines.next().unwrap()),
+        )
+    };
+    let (cert_a, cert_b) = (cert(&a), cert(&b));
+    for (listener, port) in [("password", sec.tls_port), ("certificate", sec.mtls_port)] {
+        let options = |who: &Identity, pem: &(PathBuf, PathBuf)| {
+            let mut o = rumqttc::MqttOptions::new(&victim_id, &sec.host, port);
+            o.set_keep_alive(Duration::from_secs(30));
+            if port == sec.mtls_port {
+                o.set_transport(tls_transport(&sec.ca, Some((&pem.0, &pem.1))));
+            } else {
+                o.set_credentials(&who.user, &who.password);
+                o.set_transport(tls_transport(&sec.ca, None));
+            }
+            o
+        };
+        let stop = CancellationToken::new();
+        let victim = watch_connection(options(&id_b, &cert_b), stop.clone());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        for _ in 0..5 {
+            connect_once(options(&id_a, &cert_a)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        stop.cancel();
+        let (connacks, errors) = victim.await.unwrap();
+        assert_eq!(
+            (connacks, errors),
+            (1, 0),
+            "{listener} listener: B's connection (connected, errors) after five takeover \
+             attempts with A's credentials"
+        );
+    }
+    drop((id_a, id_b));
+    // Sessions (clean here, but named after the users) and files.
+    run.cleanup(&[a.clone(), b.clone(), victim_id]).await;
+}
+
 /// `targets apply` publishes over MQTT 3.1.1, where a broker acknowledges a publish its ACL
 /// refuses and drops it: apply must read its sets back and fail then. An identity allowed on the
 /// targets topics (the ingester's) passes the same check.
@@ -487,6 +585,8 @@ topic = "{topic}"
 dead_letter_topic = "{dlq}"
 group_id = "{group}"
 partitions = 2
+replication_factor = 1
+min_insync_replicas = 1
 [kafka.properties]
 "security.protocol" = "SASL_SSL"
 "sasl.mechanisms" = "SCRAM-SHA-512"
@@ -688,8 +788,9 @@ regex = "target: ok"
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let mut client_ids = vec![run.bridge_client_id("tls")];
-    client_ids.extend(agents.iter().map(|(_, a)| format!("vantage-agent-{a}")));
+    // The secure listener names each session after its user (`use_username_as_clientid`).
+    let mut client_ids = vec![bridge_user.clone()];
+    client_ids.extend(agents.iter().map(|(_, a)| a.clone()));
     run.cleanup(&client_ids).await;
     let mut secrets = vec![
         ("kafka SASL password", kafka_password.clone()),

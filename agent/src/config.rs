@@ -127,7 +127,9 @@ pub struct RawUplink {
     /// reserved at start (about 100 bytes per result).
     #[serde(default = "default_buffer_capacity")]
     pub buffer_capacity: usize,
-    /// On shutdown, how long to keep trying to deliver buffered results (default 10s).
+    /// On shutdown, how long probes in flight may still finish and buffered results be
+    /// delivered (default 10s, at most 60s). Probes still running then are aborted and
+    /// counted; results still unacknowledged are counted as undelivered.
     #[serde(default = "default_drain_timeout", with = "humantime_serde")]
     pub drain_timeout: Duration,
 }
@@ -143,30 +145,32 @@ impl Default for RawUplink {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawProbes {
-    /// Most probes running at once (default 64). A probe that finds no free slot when it is due
-    /// is counted as skipped rather than queued.
-    #[serde(default = "default_max_concurrency")]
-    pub max_concurrency: usize,
+    /// Most probes running at once. Default: sized from the schedule (Σ timeout ÷ interval
+    /// × 1.5 + 8, at most one per target, within the descriptor limit and the memory budget;
+    /// see `scheduler.rs`). A probe that finds no free slot when it is due is counted as
+    /// skipped rather than queued.
+    pub max_concurrency: Option<usize>,
+    /// Bytes of response bodies all probes together may hold (default 128 MiB): a number of
+    /// bytes or a string like `"128MiB"`. Each probe reserves its worst case before it starts
+    /// (`budget.rs`); one that does not fit waits, for at most its timeout.
+    #[serde(default)]
+    pub memory_budget: crate::budget::RawSize,
     /// `"allow"` (default) or `"refuse"`: whether probes may connect to loopback, private,
     /// link-local and other non-public addresses (checked after DNS and on every redirect).
     #[serde(default)]
     pub private_addresses: crate::netpolicy::AddressPolicy,
 }
 
-impl Default for RawProbes {
-    fn default() -> Self {
-        RawProbes {
-            max_concurrency: default_max_concurrency(),
-            private_addresses: Default::default(),
-        }
-    }
-}
-
 /// Largest `uplink.buffer_capacity`: about 100 MB of results.
 pub const MAX_BUFFER_CAPACITY: usize = 1_000_000;
+
+/// Longest `uplink.drain_timeout`. A stop takes at most this long (probes still in flight are
+/// aborted at the same deadline), and the packaged unit's `TimeoutStopSec` (90 s) covers it
+/// with room for the goodbye to the broker: systemd never kills an agent mid-count.
+pub const MAX_DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn default_mqtt_port() -> u16 {
     1883
@@ -188,9 +192,6 @@ fn default_buffer_capacity() -> usize {
 }
 fn default_drain_timeout() -> Duration {
     Duration::from_secs(10)
-}
-fn default_max_concurrency() -> usize {
-    64
 }
 fn default_heartbeat_interval() -> Duration {
     Duration::from_secs(30)
@@ -215,7 +216,10 @@ pub struct Config {
     pub region: String,
     pub mqtt: MqttConfig,
     pub uplink: UplinkConfig,
-    pub max_concurrency: usize,
+    /// `probes.max_concurrency` (None: sized from the schedule).
+    pub max_concurrency: Option<usize>,
+    /// `probes.memory_budget`, bytes.
+    pub memory_budget: u64,
     /// Where to serve `/metrics` (None: off).
     pub metrics_listen: Option<std::net::SocketAddr>,
     pub heartbeat_interval: Duration,
@@ -276,7 +280,7 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             file: path.to_owned(),
-            message: e.to_string(),
+            message: toml_error(text, &e),
         })?;
         Config::from_raw(raw, path)
     }
@@ -394,14 +398,50 @@ impl Config {
                     .map_err(|_| invalid("metrics.listen", format!("{l:?} is not \"ip:port\"")))?,
             ),
         };
-        if raw.probes.max_concurrency == 0 {
+        if raw.probes.max_concurrency == Some(0) {
             return Err(invalid(
                 "probes.max_concurrency",
-                "must be at least 1".into(),
+                "must be at least 1 (leave it out to size it from the schedule)".into(),
+            ));
+        }
+        let memory_budget = raw
+            .probes
+            .memory_budget
+            .bytes()
+            .map_err(|r| invalid("probes.memory_budget", r))?;
+        if !(crate::budget::MIN_MEMORY_BUDGET..=crate::budget::MAX_MEMORY_BUDGET)
+            .contains(&memory_budget)
+        {
+            return Err(invalid(
+                "probes.memory_budget",
+                format!(
+                    "must be {} to {}",
+                    crate::budget::show(crate::budget::MIN_MEMORY_BUDGET),
+                    crate::budget::show(crate::budget::MAX_MEMORY_BUDGET)
+                ),
+            ));
+        }
+        if raw.uplink.drain_timeout > MAX_DRAIN_TIMEOUT {
+            return Err(invalid(
+                "uplink.drain_timeout",
+                format!(
+                    "must be at most {MAX_DRAIN_TIMEOUT:?} (the packaged systemd unit's \
+                     TimeoutStopSec covers that much)"
+                ),
             ));
         }
         let mut targets = Vec::with_capacity(raw.targets.len());
         for (i, t) in raw.targets.into_iter().enumerate() {
+            if !vantage_proto::is_valid_target_id(t.id) {
+                return Err(invalid(
+                    &format!("targets[{i}].id"),
+                    format!(
+                        "{} is not 1..={} (ids are 32-bit signed integers in PostgreSQL)",
+                        t.id,
+                        vantage_proto::MAX_TARGET_ID
+                    ),
+                ));
+            }
             if targets.iter().any(|seen: &Target| seen.id == t.id) {
                 return Err(invalid(
                     &format!("targets[{i}].id"),
@@ -410,6 +450,21 @@ impl Config {
             }
             let target = Target::from_raw(t)
                 .map_err(|e| invalid(&format!("targets[{i}].{}", e.key), e.reason))?;
+            // It could never run: say so now rather than refuse it at every due time.
+            let need = crate::budget::need(&target);
+            if need > memory_budget {
+                return Err(invalid(
+                    &format!("targets[{i}].body_cap"),
+                    format!(
+                        "with a regex a probe of this target reserves {} ({} × body_cap + {}), \
+                         more than probes.memory_budget ({}): lower body_cap or raise the budget",
+                        crate::budget::show(need),
+                        crate::budget::REGEX_BODY_COPIES,
+                        crate::budget::show(crate::budget::PROBE_FLOOR),
+                        crate::budget::show(memory_budget),
+                    ),
+                ));
+            }
             targets.push(target);
         }
         Ok(Config {
@@ -431,6 +486,7 @@ impl Config {
                 drain_timeout: raw.uplink.drain_timeout,
             },
             max_concurrency: raw.probes.max_concurrency,
+            memory_budget,
             metrics_listen,
             heartbeat_interval: raw.fleet.heartbeat_interval,
             state_dir: raw.state_dir,
@@ -486,9 +542,80 @@ fn read_credential(name: &str) -> Result<String, String> {
     read_secret_file(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))
 }
 
-fn read_secret_file(path: &Path) -> std::io::Result<String> {
+pub(crate) fn read_secret_file(path: &Path) -> std::io::Result<String> {
     let text = std::fs::read_to_string(path)?;
     Ok(text.lines().next().unwrap_or_default().to_owned())
+}
+
+/// A TOML error for a message: toml's layout (location, the source line, a caret, the reason)
+/// with every value hidden. toml itself prints the whole source line, and serde's "invalid
+/// type" names the value found, so a password typed into the file by mistake (in place of
+/// `password_file = ...`, say) would be echoed into a terminal or a journal. Kept: the key
+/// (everything before `=`) and table headers; hidden: the rest of the line and the values in
+/// the reason. Shared by the agent's and the ingester's config loading.
+pub fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    let reason = redact_toml_reason(e.message());
+    let Some(span) = e.span() else {
+        return reason;
+    };
+    let at = span.start.min(text.len());
+    let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let line_end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+    let line_text = text[line_start..line_end].trim_end_matches('\r');
+    let line = text[..line_start].matches('\n').count() + 1;
+    let column = text[line_start..at].chars().count() + 1;
+    let shown = if line_text.trim_start().starts_with('[') {
+        line_text.to_owned()
+    } else {
+        match line_text.split_once('=') {
+            Some((key, _)) => format!("{key}= <value not shown>"),
+            None => "<line not shown>".to_owned(),
+        }
+    };
+    // The caret points into what is shown, never past it.
+    let caret_at = (column - 1).min(shown.chars().count().saturating_sub(1));
+    let gutter = " ".repeat(line.to_string().len());
+    format!(
+        "TOML parse error at line {line}, column {column}\n{gutter} |\n{line} | {shown}\n{gutter} | {}^\n{reason}",
+        " ".repeat(caret_at)
+    )
+}
+
+/// serde's "invalid type: string \"x\", expected ..." (and `integer `5``, ...) with the value
+/// replaced by `<redacted>`; any other reason unchanged (keys in backticks are not values).
+pub fn redact_toml_reason(reason: &str) -> String {
+    reason
+        .lines()
+        .map(|line| {
+            for prefix in ["invalid type: ", "invalid value: "] {
+                let Some(rest) = line.strip_prefix(prefix) else {
+                    continue;
+                };
+                if let Some(quoted) = rest.strip_prefix("string \"") {
+                    // A Debug-quoted string: ends at the first quote not escaped.
+                    let mut escaped = false;
+                    for (i, c) in quoted.char_indices() {
+                        match c {
+                            '\\' if !escaped => escaped = true,
+                            '"' if !escaped => {
+                                return format!("{prefix}string <redacted>{}", &quoted[i + 1..]);
+                            }
+                            _ => escaped = false,
+                        }
+                    }
+                    return format!("{prefix}string <redacted>");
+                }
+                for kind in ["integer `", "floating point `", "boolean `", "character `"] {
+                    if let Some(value) = rest.strip_prefix(kind) {
+                        let after = value.find('`').map_or("", |i| &value[i + 1..]);
+                        return format!("{prefix}{}<redacted>{after}", kind.trim_end_matches('`'));
+                    }
+                }
+            }
+            line.to_owned()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Agent ids, regions and topic prefixes become MQTT topic levels and SQL values: keep them tame.
@@ -585,6 +712,69 @@ regex = "ok"
     }
 
     #[test]
+    fn probes_settings_are_checked() {
+        let with = |probes: &str| {
+            Config::parse(
+                &GOOD.replace("[[targets]]", &format!("[probes]\n{probes}\n[[targets]]")),
+                Path::new("agent.toml"),
+            )
+        };
+        let c = Config::parse(GOOD, Path::new("agent.toml")).unwrap();
+        assert_eq!(c.max_concurrency, None);
+        assert_eq!(c.memory_budget, 128 << 20);
+        assert_eq!(
+            with("memory_budget = \"64MiB\"").unwrap().memory_budget,
+            64 << 20
+        );
+        assert_eq!(
+            with("memory_budget = 8388608").unwrap().memory_budget,
+            8 << 20
+        );
+        assert_eq!(
+            with("max_concurrency = 16").unwrap().max_concurrency,
+            Some(16)
+        );
+        for (probes, needle) in [
+            (
+                "max_concurrency = 0",
+                "`probes.max_concurrency`: must be at least 1",
+            ),
+            (
+                "memory_budget = \"12 MB\"",
+                "`probes.memory_budget`: \"12 MB\" is not a size",
+            ),
+            (
+                "memory_budget = 1000",
+                "`probes.memory_budget`: must be 1.0 MiB to 64.0 GiB",
+            ),
+        ] {
+            let e = with(probes).unwrap_err().to_string();
+            assert!(e.contains(needle), "{probes}: {e}");
+        }
+        // A local target that could never fit is refused at load, by its key.
+        let e = err(&GOOD
+            .replace(
+                "[[targets]]",
+                "[probes]\nmemory_budget = \"4MiB\"\n[[targets]]",
+            )
+            .replace("regex = \"ok\"", "regex = \"ok\"\nbody_cap = 1048576"));
+        assert!(
+            e.contains(
+                "key `targets[0].body_cap`: with a regex a probe of this target reserves 5.1 MiB"
+            ),
+            "{e}"
+        );
+        let e = err(&GOOD.replace(
+            "[[targets]]",
+            "[uplink]\ndrain_timeout = \"61s\"\n[[targets]]",
+        ));
+        assert!(
+            e.contains("`uplink.drain_timeout`: must be at most 60s"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn missing_password_env_is_reported() {
         let e = err(&GOOD.replace(
             "host = \"127.0.0.1\"",
@@ -608,6 +798,65 @@ regex = "ok"
             Config::parse(&tls, Path::new("agent.toml")).is_ok(),
             "{}",
             err(&tls)
+        );
+    }
+
+    /// Issue #14 item 7: local target ids are limited to 1..=i32::MAX (above, they wrapped to
+    /// negative numbers in PostgreSQL's `integer`).
+    #[test]
+    fn local_target_ids_fit_postgres() {
+        for bad in ["0", "2147483648", "4294967295"] {
+            let e = err(&GOOD.replace("id = 1", &format!("id = {bad}")));
+            assert!(
+                e.contains("key `targets[0].id`")
+                    && e.contains(&format!("{bad} is not 1..=2147483647")),
+                "{e}"
+            );
+        }
+        Config::parse(
+            &GOOD.replace("id = 1", "id = 2147483647"),
+            Path::new("a.toml"),
+        )
+        .unwrap();
+    }
+
+    /// Issue #14 item 13: a syntax or type error shows where, never the value: a password typed
+    /// into the file by mistake is not echoed.
+    #[test]
+    fn toml_errors_do_not_echo_values() {
+        let cases = [
+            (
+                GOOD.replace("[mqtt]", "[mqtt]\npassword = hunter2-secret"),
+                "password = <value not shown>",
+            ),
+            (
+                GOOD.replace("[mqtt]", "[mqtt]\nport = \"hunter2-secret\""),
+                "invalid type: string <redacted>, expected u16",
+            ),
+            (
+                GOOD.replace("[mqtt]", "[mqtt]\nport = 99999999"),
+                "invalid value: integer <redacted>, expected u16",
+            ),
+            (
+                GOOD.replace("[mqtt]", "[mqtt]\nhunter2-secret"),
+                "<line not shown>",
+            ),
+        ];
+        for (text, expected) in cases {
+            let e = err(&text);
+            assert!(
+                e.starts_with("agent.toml: TOML parse error at line "),
+                "{e}"
+            );
+            assert!(e.contains(expected), "{e}");
+            assert!(!e.contains("hunter2") && !e.contains("99999999"), "{e}");
+        }
+        // Keys and table headers are still shown.
+        let e = err(&GOOD.replace("[mqtt]", "[mqtt"));
+        assert!(e.contains("| [mqtt\n"), "{e}");
+        assert_eq!(
+            redact_toml_reason("invalid type: string \"a\\\"b\", expected u16\nunknown field `x`"),
+            "invalid type: string <redacted>, expected u16\nunknown field `x`"
         );
     }
 

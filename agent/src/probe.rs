@@ -80,7 +80,9 @@ pub struct Measurement {
 }
 
 impl Measurement {
-    fn new(target_id: u32, started_at_ms: u64) -> Measurement {
+    /// A measurement of nothing yet (outcome `other`): the start of a probe, or, filled in by
+    /// the caller, the result of a probe that could not run (`memory_refused`, lib.rs).
+    pub fn new(target_id: u32, started_at_ms: u64) -> Measurement {
         Measurement {
             target_id,
             started_at_ms,
@@ -535,9 +537,12 @@ where
         marks: marks.clone(),
         scan: HeadScan::Start,
     };
+    // A bounded read buffer keeps what a probe holds besides its body within budget.rs's floor.
     let (mut sender, conn) = match timeout_at(
         deadline,
-        hyper::client::conn::http1::handshake(TokioIo::new(io)),
+        hyper::client::conn::http1::Builder::new()
+            .max_buf_size(crate::budget::READ_BUFFER)
+            .handshake(TokioIo::new(io)),
     )
     .await
     {

@@ -15,7 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use vantage_proto::control::{
-    HeaderSpec, IpFamilySpec, Rejection, SetScope, TargetSetReader, TargetSpec, MAX_REASON_LEN,
+    HeaderSpec, IpFamilySpec, Rejection, SetScope, TargetSetReader, TargetSpec, HEADER_FROM_ENV,
+    HEADER_FROM_FILE, MAX_REASON_LEN,
 };
 
 use crate::target::{IpFamily, RawTarget, StatusSpec, Target, TargetError};
@@ -36,15 +37,38 @@ pub fn spec_from_raw(raw: &RawTarget) -> Result<TargetSpec, TargetError> {
         })
     };
     let mut headers = heapless::Vec::new();
-    for (name, value) in &raw.headers {
+    // Literal values, then references (`env:NAME` = variable, `file:NAME` = path; see
+    // `HeaderSpec`): the value of a reference is read by the agent, never carried.
+    let literal = raw
+        .headers
+        .iter()
+        .map(|(n, v)| ("headers", n.clone(), v.clone()));
+    let from_env = raw.headers_from_env.iter().map(|(n, var)| {
+        (
+            "headers_from_env",
+            format!("{HEADER_FROM_ENV}{n}"),
+            var.clone(),
+        )
+    });
+    let from_file = raw.header_files.iter().map(|(n, path)| {
+        (
+            "header_files",
+            format!("{HEADER_FROM_FILE}{n}"),
+            path.to_string_lossy().into_owned(),
+        )
+    });
+    for (key, name, value) in literal.chain(from_env).chain(from_file) {
         headers
             .push(HeaderSpec {
-                name: fit("headers", name)?,
-                value: fit("headers", value)?,
+                name: fit(key, &name)?,
+                value: fit(key, &value)?,
             })
             .map_err(|_| TargetError {
-                key: "headers",
-                reason: format!("at most {} headers", vantage_proto::control::MAX_HEADERS),
+                key,
+                reason: format!(
+                    "at most {} headers (headers, headers_from_env and header_files together)",
+                    vantage_proto::control::MAX_HEADERS
+                ),
             })?;
     }
     let mut accepted_status = heapless::Vec::new();
@@ -115,8 +139,26 @@ pub fn raw_from_spec(spec: &TargetSpec) -> RawTarget {
         headers: spec
             .headers
             .iter()
+            .filter(|h| !h.is_reference())
             .map(|h| (h.name.to_string(), h.value.to_string()))
-            .collect::<BTreeMap<_, _>>(),
+            .collect::<BTreeMap<_, _>>()
+            .into(),
+        headers_from_env: spec
+            .headers
+            .iter()
+            .filter_map(|h| {
+                let name = h.name.strip_prefix(HEADER_FROM_ENV)?;
+                Some((name.to_owned(), h.value.to_string()))
+            })
+            .collect(),
+        header_files: spec
+            .headers
+            .iter()
+            .filter_map(|h| {
+                let name = h.name.strip_prefix(HEADER_FROM_FILE)?;
+                Some((name.to_owned(), PathBuf::from(h.value.as_str())))
+            })
+            .collect(),
         accepted_status: spec
             .accepted_status
             .iter()
@@ -135,12 +177,53 @@ pub fn raw_from_spec(spec: &TargetSpec) -> RawTarget {
     }
 }
 
-/// The checks an agent will run on `raw`, minus reading `ca_file` (a path on the agents, which
-/// the central machine may not have): what `targets apply` runs before publishing.
+/// The checks an agent will run on `raw`, minus reading what only the agents have (`ca_file`,
+/// and the variables and files of `headers_from_env` / `header_files`): what `targets apply`
+/// runs before publishing. A reference's header name and its variable or path are checked.
 pub fn check_portable(raw: &RawTarget) -> Result<TargetSpec, TargetError> {
-    let mut without_file = raw.clone();
-    without_file.ca_file = None;
-    Target::from_raw(without_file)?;
+    let mut portable = raw.clone();
+    portable.ca_file = None;
+    for (key, name, source) in raw
+        .headers_from_env
+        .iter()
+        .map(|(n, v)| ("headers_from_env", n, v.clone()))
+        .chain(
+            raw.header_files
+                .iter()
+                .map(|(n, p)| ("header_files", n, p.to_string_lossy().into_owned())),
+        )
+    {
+        let bad = |reason: String| TargetError { key, reason };
+        let unusable = match key {
+            "headers_from_env" => source.is_empty() || source.contains(['\0', '=']),
+            _ => source.is_empty() || source.contains('\0'),
+        };
+        if unusable {
+            return Err(bad(format!(
+                "{source:?} is not a usable {} (header {name:?})",
+                if key == "headers_from_env" {
+                    "variable name"
+                } else {
+                    "path"
+                }
+            )));
+        }
+        if hyper::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            return Err(bad(format!("{name:?} is not a header name")));
+        }
+        if portable
+            .headers
+            .keys()
+            .any(|h| h.eq_ignore_ascii_case(name))
+        {
+            return Err(bad(format!("header {name:?} is set twice")));
+        }
+        // Stands in for the value, which only the agent can read: the name is still checked.
+        portable.headers.insert(name.clone(), "x".into());
+    }
+    portable.headers_from_env.clear();
+    portable.header_files.clear();
+    Target::from_raw(portable)?;
     spec_from_raw(raw)
 }
 
@@ -160,6 +243,13 @@ pub fn validate_frame(frame: &[u8]) -> Result<ReceivedSet, String> {
         let spec = spec.map_err(|e| format!("cannot decode target {i}: {e}"))?;
         if targets.iter().any(|t| t.id == spec.id) {
             return Err(format!("duplicate target id {}", spec.id));
+        }
+        if !vantage_proto::is_valid_target_id(spec.id) {
+            return Err(format!(
+                "target id {} is not 1..={}",
+                spec.id,
+                vantage_proto::MAX_TARGET_ID
+            ));
         }
         let target = Target::from_raw(raw_from_spec(&spec)).map_err(|e| {
             format!(
@@ -191,11 +281,16 @@ struct Held {
 #[derive(Debug, Clone)]
 pub struct TargetBook {
     dir: PathBuf,
-    /// `<prefix>-<region>` and `<prefix>-<region>-<agent>`: file names that say which scope a
+    /// `<prefix>+<region>` and `<prefix>+<region>+<agent>`: file names that say which scope a
     /// persisted set belongs to, so a card cloned into another Pi, or an agent moved to another
-    /// region, never starts from sets meant for someone else.
+    /// region, never starts from sets meant for someone else. `+` is not a name character
+    /// ([`vantage_proto::is_valid_name`]), so no two scopes share a name (with `-`, which names
+    /// may contain, prefix `a-b` + region `c` and prefix `a` + region `b-c` did).
     region_key: String,
     agent_key: String,
+    /// The names before `+` (`<prefix>-<region>`, ...), read when the new file is absent and
+    /// only if they are unambiguous here (no `-` in prefix, region or agent).
+    legacy_keys: Option<(String, String)>,
     region: Option<Held>,
     agent: Option<Held>,
     rejection: Option<Rejection>,
@@ -216,16 +311,29 @@ impl TargetBook {
     /// A book that persists into `dir`, starting from whatever valid sets are there for this
     /// topic prefix, region and agent.
     pub fn load(dir: &Path, prefix: &str, region: &str, agent: &str) -> TargetBook {
+        let unambiguous = ![prefix, region, agent].iter().any(|n| n.contains('-'));
         let mut book = TargetBook {
             dir: dir.to_owned(),
-            region_key: format!("{prefix}-{region}"),
-            agent_key: format!("{prefix}-{region}-{agent}"),
+            region_key: format!("{prefix}+{region}"),
+            agent_key: format!("{prefix}+{region}+{agent}"),
+            legacy_keys: unambiguous.then(|| {
+                (
+                    format!("{prefix}-{region}"),
+                    format!("{prefix}-{region}-{agent}"),
+                )
+            }),
             region: None,
             agent: None,
             rejection: None,
         };
         for scope in [SetScope::Region, SetScope::Agent] {
-            let path = book.path(scope);
+            let mut path = book.path(scope);
+            let legacy = book.legacy_path(scope);
+            if !path.exists() {
+                if let Some(old) = legacy.filter(|p| p.exists()) {
+                    path = old;
+                }
+            }
             let frame = match std::fs::read(&path) {
                 Ok(f) => f,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
@@ -255,6 +363,15 @@ impl TargetBook {
         })
     }
 
+    /// The name an agent before issue #14 persisted `scope` under, when it is unambiguous.
+    fn legacy_path(&self, scope: SetScope) -> Option<PathBuf> {
+        let (region, agent) = self.legacy_keys.as_ref()?;
+        Some(self.dir.join(match scope {
+            SetScope::Region => format!("targets-region-{region}.bin"),
+            SetScope::Agent => format!("targets-agent-{agent}.bin"),
+        }))
+    }
+
     fn slot(&mut self, scope: SetScope) -> &mut Option<Held> {
         match scope {
             SetScope::Region => &mut self.region,
@@ -272,11 +389,7 @@ impl TargetBook {
             if self.slot(scope).take().is_none() {
                 return Offered::Unchanged;
             }
-            if let Err(e) = std::fs::remove_file(self.path(scope)) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(error = %e, "cannot remove persisted target set");
-                }
-            }
+            self.remove_files(scope);
             return Offered::Accepted;
         }
         if self
@@ -284,13 +397,37 @@ impl TargetBook {
             .as_ref()
             .is_some_and(|h| h.frame == payload)
         {
+            // The set held is on the broker again (e.g. the good file re-applied after a set
+            // published behind `apply`'s back was refused): nothing is refused any more.
+            if self.rejection.as_ref().is_some_and(|r| r.scope == scope) {
+                self.rejection = None;
+            }
             return Offered::Unchanged;
         }
-        match validate_frame(payload) {
+        let held_generation = self.slot(scope).as_ref().map(|h| h.set.generation);
+        let result = validate_frame(payload).and_then(|set| match held_generation {
+            // Generations only grow (every apply that changes something takes the next one): an
+            // older one is a broker restored from a backup, or a stale publisher, and would roll
+            // this agent back.
+            Some(held) if set.generation < held => Err(format!(
+                "generation {} is older than the generation {held} this agent holds (a broker \
+                 restored from a backup?); run `targets apply` again",
+                set.generation
+            )),
+            _ => Ok(set),
+        });
+        match result {
             Ok(set) => {
-                if let Err(e) = persist(&self.path(scope), payload) {
+                match persist(&self.path(scope), payload) {
+                    Ok(()) => {
+                        if let Some(old) = self.legacy_path(scope) {
+                            let _ = std::fs::remove_file(old);
+                        }
+                    }
                     // Probing goes on; only a restart without broker would miss this set.
-                    tracing::warn!(dir = %self.dir.display(), error = %e, "cannot persist target set");
+                    Err(e) => {
+                        tracing::warn!(dir = %self.dir.display(), error = %e, "cannot persist target set")
+                    }
                 }
                 if self.rejection.as_ref().is_some_and(|r| r.scope == scope) {
                     self.rejection = None;
@@ -317,6 +454,17 @@ impl TargetBook {
                     reason: short,
                 });
                 Offered::Rejected(reason)
+            }
+        }
+    }
+
+    /// Removes the persisted file of `scope` (and its pre-#14 name).
+    fn remove_files(&self, scope: SetScope) {
+        for path in std::iter::once(self.path(scope)).chain(self.legacy_path(scope)) {
+            if let Err(e) = std::fs::remove_file(&path) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remove persisted target set");
+                }
             }
         }
     }
@@ -438,6 +586,52 @@ mod tests {
         assert_eq!(a.headers, b.headers);
     }
 
+    /// Issue #14 item 9: header references travel as references (`env:` / `file:` names,
+    /// the variable or path as value), come back as references, and `Debug` of the wire form
+    /// shows no literal value.
+    #[test]
+    fn header_references_travel_without_values() {
+        let mut r = raw(3, "https://example.org/x");
+        r.headers.insert("accept".into(), "s3cr3t-literal".into());
+        r.headers_from_env
+            .insert("authorization".into(), "API_TOKEN".into());
+        r.header_files
+            .insert("x-key".into(), PathBuf::from("/etc/vantage/key"));
+        let spec = check_portable(&r).unwrap();
+        let wire: Vec<(&str, &str)> = spec
+            .headers
+            .iter()
+            .map(|h| (h.name.as_str(), h.value.as_str()))
+            .collect();
+        assert_eq!(
+            wire,
+            [
+                ("accept", "s3cr3t-literal"),
+                ("env:authorization", "API_TOKEN"),
+                ("file:x-key", "/etc/vantage/key")
+            ]
+        );
+        let debug = format!("{spec:?}");
+        assert!(
+            !debug.contains("s3cr3t") && debug.contains("API_TOKEN"),
+            "{debug}"
+        );
+        let back = raw_from_spec(&spec);
+        assert_eq!(back.headers, r.headers);
+        assert_eq!(back.headers_from_env, r.headers_from_env);
+        assert_eq!(back.header_files, r.header_files);
+        // The central check does not read what only agents have, but checks the names.
+        let mut bad = r.clone();
+        bad.headers_from_env.insert("bad header".into(), "X".into());
+        assert_eq!(check_portable(&bad).unwrap_err().key, "headers_from_env");
+        let mut bad = r;
+        bad.headers_from_env.insert("accept".into(), "X".into());
+        assert!(check_portable(&bad)
+            .unwrap_err()
+            .reason
+            .contains("set twice"));
+    }
+
     #[test]
     fn allow_downgrade_is_refused_in_central_sets_not_dropped() {
         let mut r = raw(1, "https://example.org/");
@@ -493,6 +687,103 @@ mod tests {
         book.offer(SetScope::Region, &frame(3, &[raw(5, "http://c/")]));
         assert!(book.rejection().is_none());
         assert_eq!(ids(&book), [5]);
+    }
+
+    /// Issue #14 item 12: an older generation than the one held is refused (a broker restored
+    /// from a backup must not roll the agent back), and reported; the same or a newer one is not.
+    #[test]
+    fn an_older_generation_is_refused() {
+        let dir = temp_dir("older");
+        let mut book = TargetBook::load(&dir, "v", "eu", "pi");
+        assert_eq!(
+            book.offer(SetScope::Region, &frame(5, &[raw(1, "http://a/")])),
+            Offered::Accepted
+        );
+        let Offered::Rejected(reason) =
+            book.offer(SetScope::Region, &frame(4, &[raw(2, "http://b/")]))
+        else {
+            panic!("an older generation was accepted")
+        };
+        assert!(
+            reason.contains("generation 4 is older than the generation 5"),
+            "{reason}"
+        );
+        assert_eq!(ids(&book), [1]);
+        let r = book.rejection().unwrap();
+        assert_eq!((r.scope, r.generation), (SetScope::Region, 4));
+        assert_eq!(ids(&TargetBook::load(&dir, "v", "eu", "pi")), [1]);
+        // Same generation (a republish), then a newer one: accepted.
+        assert_eq!(
+            book.offer(SetScope::Region, &frame(5, &[raw(3, "http://c/")])),
+            Offered::Accepted
+        );
+        assert!(book.rejection().is_none());
+        assert_eq!(
+            book.offer(SetScope::Region, &frame(6, &[raw(4, "http://d/")])),
+            Offered::Accepted
+        );
+        // After a clear, any generation starts over.
+        assert_eq!(book.offer(SetScope::Region, b""), Offered::Accepted);
+        assert_eq!(
+            book.offer(SetScope::Region, &frame(1, &[raw(1, "http://a/")])),
+            Offered::Accepted
+        );
+    }
+
+    /// Issue #14 item 13: a refusal is cleared when the set held is published again (the
+    /// documented fix: re-apply the good file), although that set is unchanged.
+    #[test]
+    fn republishing_the_held_set_clears_the_refusal() {
+        let dir = temp_dir("republish");
+        let mut book = TargetBook::load(&dir, "v", "eu", "pi");
+        let good = frame(1, &[raw(1, "http://a/")]);
+        book.offer(SetScope::Region, &good);
+        let mut bad = raw(2, "http://b/");
+        bad.timeout = Duration::from_secs(60);
+        assert!(matches!(
+            book.offer(SetScope::Region, &frame(99, &[bad])),
+            Offered::Rejected(_)
+        ));
+        assert!(book.rejection().is_some());
+        assert_eq!(book.offer(SetScope::Region, &good), Offered::Unchanged);
+        assert!(book.rejection().is_none(), "{:?}", book.rejection());
+    }
+
+    /// Issue #14 item 12: persisted file names cannot collide: with `-` between the parts,
+    /// prefix `a-b` + region `c` and prefix `a` + region `b-c` shared one file.
+    #[test]
+    fn persisted_names_are_unambiguous() {
+        let dir = temp_dir("names");
+        let mut one = TargetBook::load(&dir, "a-b", "c", "pi");
+        one.offer(SetScope::Region, &frame(1, &[raw(1, "http://a/")]));
+        let other = TargetBook::load(&dir, "a", "b-c", "pi");
+        assert_ne!(one.path(SetScope::Region), other.path(SetScope::Region));
+        assert!(
+            other.effective().is_empty(),
+            "another scope's persisted set was loaded"
+        );
+        let agent_a = TargetBook::load(&dir, "v", "eu-x", "pi");
+        let agent_b = TargetBook::load(&dir, "v", "eu", "x-pi");
+        assert_ne!(agent_a.path(SetScope::Agent), agent_b.path(SetScope::Agent));
+    }
+
+    /// A set persisted under the pre-#14 name is still found when that name is unambiguous,
+    /// and moves to the new name at the next accepted set.
+    #[test]
+    fn unambiguous_legacy_names_are_read() {
+        let dir = temp_dir("legacy");
+        let f = frame(3, &[raw(1, "http://a/")]);
+        std::fs::write(dir.join("targets-region-v-eu.bin"), &f).unwrap();
+        let mut book = TargetBook::load(&dir, "v", "eu", "pi");
+        assert_eq!(book.region_generation(), 3);
+        book.offer(SetScope::Region, &frame(4, &[raw(1, "http://a/")]));
+        assert!(book.path(SetScope::Region).is_file());
+        assert!(!dir.join("targets-region-v-eu.bin").exists());
+        // With a '-' in a part the old name is ambiguous: not read.
+        std::fs::write(dir.join("targets-region-v-eu-x.bin"), &f).unwrap();
+        assert!(TargetBook::load(&dir, "v", "eu-x", "pi")
+            .effective()
+            .is_empty());
     }
 
     #[test]

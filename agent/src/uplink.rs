@@ -420,7 +420,8 @@ pub async fn run(
     // their results, and the channel closes once the last one is done (lib.rs drops its sender).
     let mut open = true;
     let mut draining = false;
-    let mut last_drop_warning: Option<tokio::time::Instant> = None;
+    // A full buffer drops at the probes' rate: one line per 10 s, with the lines suppressed.
+    let drop_log = crate::ratelimit::RateLimit::new("uplink buffer full", Duration::from_secs(10));
     // Armed when draining starts; far in the future until then.
     let drain_deadline = tokio::time::sleep(Duration::from_secs(365 * 86_400));
     tokio::pin!(drain_deadline);
@@ -431,16 +432,15 @@ pub async fn run(
                 Some(r) => {
                     let dropped_before = outbox.stats().dropped;
                     outbox.push(r);
-                    // Rate-limited: at most one line per 10 s of overflow.
-                    if outbox.stats().dropped > dropped_before
-                        && last_drop_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
-                    {
-                        last_drop_warning = Some(tokio::time::Instant::now());
-                        tracing::warn!(
-                            capacity = config.uplink.buffer_capacity,
-                            dropped = outbox.stats().dropped,
-                            "uplink buffer full, dropping oldest results (sent as gap records)"
-                        );
+                    if outbox.stats().dropped > dropped_before {
+                        if let Some(suppressed) = drop_log.allow() {
+                            tracing::warn!(
+                                capacity = config.uplink.buffer_capacity,
+                                dropped = outbox.stats().dropped,
+                                suppressed,
+                                "uplink buffer full, dropping oldest results (sent as gap records)"
+                            );
+                        }
                     }
                     outbox.seal(false);
                 }
@@ -508,10 +508,12 @@ pub async fn run(
             break;
         }
     }
-    // Whatever is still in the channel after the deadline is numbered and counted as
-    // undelivered, so that no result disappears without a trace.
-    results.close();
-    while let Ok(r) = results.try_recv() {
+    // Whatever arrives after the deadline is numbered and counted as undelivered, until the
+    // probe loop drops its sender: it aborts the probes still in flight at the same deadline
+    // and counts them (lib.rs), so this ends soon, and no result disappears without a trace.
+    // (Closing the channel here instead made the results of probes that finished after the
+    // deadline vanish uncounted: issue #14 item 11.)
+    while let Some(r) = results.recv().await {
         outbox.push(r);
     }
 

@@ -198,6 +198,16 @@ pub async fn run_with_state(
     // deliveries succeed (producing does not need the admin API).
     match tokio::time::timeout(Duration::from_secs(15), kafka::ensure_topics(&kafka_config)).await {
         Ok(Ok(())) => {}
+        // The cluster cannot hold the configured replication: running on would let the broker
+        // auto-create the topics with its own defaults.
+        Ok(Err(kafka::TopicError::Config { key, reason })) => {
+            return Err(ConfigError::Invalid {
+                file: config.file.clone(),
+                key: key.into(),
+                reason,
+            }
+            .into())
+        }
         Ok(Err(e)) => tracing::warn!(error = %e, "cannot create Kafka topics; continuing"),
         Err(_) => tracing::warn!("Kafka did not answer topic creation in 15 s; continuing"),
     }
@@ -234,7 +244,7 @@ pub async fn run_with_state(
         topic: kafka_config.topic.clone(),
         dead_letter_topic: kafka_config.dead_letter_topic.clone(),
         producer: producer.clone(),
-        rejections: std::sync::Mutex::new(RateLimit::new(Duration::from_secs(1))),
+        rejections: RateLimit::new("frame rejected", Duration::from_secs(1)),
     });
     let hard_stop = CancellationToken::new();
     let mut stats = BridgeStats::default();
@@ -264,7 +274,10 @@ pub async fn run_with_state(
                 state.received.fetch_add(1, Ordering::Relaxed);
                 crate::metrics::bridge().received.inc();
                 let mine = mqtt.handles(&publish.topic);
-                pending.push_back(handle(mine, epoch, publish, outputs.clone(), hard_stop.clone()));
+                // The receive time becomes the Kafka timestamp of whatever this message turns
+                // into, however often its delivery is retried: the sink orders statuses by it.
+                let received_ms = crate::fleet::now_ms();
+                pending.push_back(handle(mine, epoch, publish, received_ms, outputs.clone(), hard_stop.clone()));
             }
             Some((epoch, publish, disposition)) = pending.next(), if !pending.is_empty() => {
                 match disposition {
@@ -349,6 +362,7 @@ async fn handle(
     mine: bool,
     epoch: u64,
     publish: Publish,
+    received_ms: i64,
     out: Arc<Outputs>,
     stop: CancellationToken,
 ) -> (u64, Publish, Disposition) {
@@ -365,12 +379,13 @@ async fn handle(
                     value: Some("status"),
                 })
             });
-            let ok = kafka::produce_until_delivered(
+            let ok = kafka::produce_until_delivered_at(
                 &out.producer,
                 &out.topic,
                 Some(key.as_bytes()),
                 &publish.payload,
                 headers.as_ref(),
+                Some(received_ms),
                 &stop,
             )
             .await;
@@ -381,22 +396,18 @@ async fn handle(
             ok.then_some(Disposition::Produced)
         }
         Err(reject) => {
-            let allowed = out
-                .rejections
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .allow();
-            if let Some(suppressed) = allowed {
+            if let Some(suppressed) = out.rejections.allow() {
                 tracing::warn!(topic = %publish.topic, bytes = publish.payload.len(), reason = reject.reason(), suppressed, "frame rejected");
             }
             let headers =
                 kafka::dead_letter_headers("bridge", reject.reason(), Some(&publish.topic));
-            let ok = kafka::produce_until_delivered(
+            let ok = kafka::produce_until_delivered_at(
                 &out.producer,
                 &out.dead_letter_topic,
                 None,
                 &publish.payload,
                 Some(&headers),
+                Some(received_ms),
                 &stop,
             )
             .await;
@@ -416,7 +427,7 @@ struct Outputs {
     dead_letter_topic: String,
     producer: Arc<kafka::Producer>,
     /// Rejected frames arrive at the input's rate: one log line per second at most.
-    rejections: std::sync::Mutex<RateLimit>,
+    rejections: RateLimit,
 }
 
 /// The only task that polls the MQTT event loop.

@@ -173,6 +173,14 @@ pub struct RawKafka {
     /// Partitions given to the topics when the ingester creates them (default 4).
     #[serde(default = "default_partitions")]
     pub partitions: i32,
+    /// Replicas of each partition of the topics the ingester creates (default 3; a single test
+    /// broker needs 1). Kafka keeps an acknowledged message as long as one in-sync replica lives.
+    #[serde(default = "default_replication_factor")]
+    pub replication_factor: i32,
+    /// `min.insync.replicas` of the topics the ingester creates (default 2): with the
+    /// producers' `acks=all`, a write is acknowledged only once this many replicas have it.
+    #[serde(default = "default_min_insync_replicas")]
+    pub min_insync_replicas: i32,
     /// Extra librdkafka settings passed through unchanged (security.protocol, sasl.*, ssl.*...).
     /// No secrets here (`sasl.password`, `ssl.key.password`, ...): see `secret_env`.
     #[serde(default)]
@@ -184,6 +192,10 @@ pub struct RawKafka {
     /// Secret librdkafka settings, each read from the first line of the named file.
     #[serde(default)]
     pub secret_files: BTreeMap<String, PathBuf>,
+    /// Talk to brokers that are not on this machine without TLS (`security.protocol` unset,
+    /// `PLAINTEXT` or `SASL_PLAINTEXT`); default false: refused at load, as for MQTT.
+    #[serde(default)]
+    pub allow_plaintext: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -219,6 +231,14 @@ pub struct RawSink {
     /// Longest wait for a batch to fill once its first message arrived (default 200ms).
     #[serde(default = "default_batch_timeout", with = "humantime_serde")]
     pub batch_timeout: Duration,
+    /// A result must have started at most this long before the bridge received it (its Kafka
+    /// timestamp), else it is dead-lettered as `clock_skew` (default 1h; at most
+    /// `storage.raw_retention`). See `clock.rs`.
+    #[serde(default = "default_max_clock_behind", with = "humantime_serde")]
+    pub max_clock_behind: Duration,
+    /// ... and at most this long after it (default 5m, at most 1d).
+    #[serde(default = "default_max_clock_ahead", with = "humantime_serde")]
+    pub max_clock_ahead: Duration,
 }
 
 impl Default for RawSink {
@@ -226,8 +246,17 @@ impl Default for RawSink {
         RawSink {
             batch_max: default_batch_max(),
             batch_timeout: default_batch_timeout(),
+            max_clock_behind: default_max_clock_behind(),
+            max_clock_ahead: default_max_clock_ahead(),
         }
     }
+}
+
+fn default_max_clock_behind() -> Duration {
+    crate::clock::ClockWindow::default().max_behind
+}
+fn default_max_clock_ahead() -> Duration {
+    crate::clock::ClockWindow::default().max_ahead
 }
 
 fn default_mqtt_port() -> u16 {
@@ -253,6 +282,12 @@ fn default_group_id() -> String {
 }
 fn default_partitions() -> i32 {
     4
+}
+fn default_replication_factor() -> i32 {
+    3
+}
+fn default_min_insync_replicas() -> i32 {
+    2
 }
 fn default_pg_tls() -> String {
     "verify-full".into()
@@ -362,6 +397,8 @@ pub struct KafkaConfig {
     pub dead_letter_topic: String,
     pub group_id: String,
     pub partitions: i32,
+    pub replication_factor: i32,
+    pub min_insync_replicas: i32,
     pub properties: BTreeMap<String, String>,
     /// librdkafka settings that are secrets (from `secret_env` / `secret_files`).
     pub secrets: BTreeMap<String, crate::secrets::Secret>,
@@ -399,6 +436,8 @@ impl std::fmt::Debug for PostgresConfig {
 pub struct SinkConfig {
     pub batch_max: usize,
     pub batch_timeout: Duration,
+    /// The window around the bridge's clock results must fall into (`clock.rs`).
+    pub clock: crate::clock::ClockWindow,
 }
 
 impl Config {
@@ -413,7 +452,8 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             file: path.to_owned(),
-            message: e.to_string(),
+            // Values hidden: a secret typed into the file by mistake is not echoed.
+            message: vantage_agent::config::toml_error(text, &e),
         })?;
         Config::from_raw(raw, path)
     }
@@ -515,6 +555,29 @@ impl Config {
                 if k.partitions < 1 {
                     return Err(invalid("kafka.partitions", "must be at least 1".into()));
                 }
+                if !(1..=32).contains(&k.replication_factor) {
+                    return Err(invalid(
+                        "kafka.replication_factor",
+                        "must be 1..=32 (3 in production; 1 only for a single test broker)".into(),
+                    ));
+                }
+                if k.min_insync_replicas < 1 || k.min_insync_replicas > k.replication_factor {
+                    return Err(invalid(
+                        "kafka.min_insync_replicas",
+                        format!(
+                            "must be 1..=kafka.replication_factor ({}); 2 with 3 replicas in \
+                             production",
+                            k.replication_factor
+                        ),
+                    ));
+                }
+                if let Some((key, reason)) = k
+                    .properties
+                    .keys()
+                    .find_map(|key| crate::kafka::refused_property(key).map(|r| (key, r)))
+                {
+                    return Err(invalid(&format!("kafka.properties.{key}"), reason.into()));
+                }
                 if let Some(key) = k
                     .properties
                     .keys()
@@ -529,12 +592,21 @@ impl Config {
                 }
                 let secrets = crate::secrets::kafka_secrets(&k.secret_env, &k.secret_files)
                     .map_err(|(key, r)| invalid(&key, r))?;
+                check_kafka_transport(&k).map_err(|(key, r)| invalid(key, r))?;
+                crate::kafka::check_properties(&k.properties).map_err(|(property, r)| {
+                    invalid(
+                        &format!("kafka.properties.{property}"),
+                        format!("librdkafka: {r}"),
+                    )
+                })?;
                 Some(KafkaConfig {
                     brokers: k.brokers,
                     topic: k.topic,
                     dead_letter_topic: k.dead_letter_topic,
                     group_id: k.group_id,
                     partitions: k.partitions,
+                    replication_factor: k.replication_factor,
+                    min_insync_replicas: k.min_insync_replicas,
                     properties: k.properties,
                     secrets,
                 })
@@ -620,6 +692,32 @@ impl Config {
         if raw.sink.batch_max == 0 {
             return Err(invalid("sink.batch_max", "must be at least 1".into()));
         }
+        let st = &raw.storage;
+        let storage = crate::storage::StorageConfig {
+            raw_retention: st.raw_retention,
+            rollup_retention: st.rollup_retention,
+            partitions_ahead: st.partitions_ahead,
+            interval: st.upkeep_interval,
+        };
+        storage
+            .check()
+            .map_err(|(setting, reason)| invalid(setting.key(), reason))?;
+        if raw.sink.max_clock_behind > storage.raw_retention {
+            return Err(invalid(
+                "sink.max_clock_behind",
+                "must not exceed storage.raw_retention: older results would be deleted by the \
+                 next retention"
+                    .into(),
+            ));
+        }
+        if raw.sink.max_clock_ahead > Duration::from_secs(86_400) {
+            return Err(invalid(
+                "sink.max_clock_ahead",
+                "must be at most 1d: a result from the future stands as the latest result of \
+                 its target until that time"
+                    .into(),
+            ));
+        }
         Ok(Config {
             file: path.to_owned(),
             mqtt,
@@ -629,40 +727,13 @@ impl Config {
             sink: SinkConfig {
                 batch_max: raw.sink.batch_max,
                 batch_timeout: raw.sink.batch_timeout,
+                clock: crate::clock::ClockWindow {
+                    max_behind: raw.sink.max_clock_behind,
+                    max_ahead: raw.sink.max_clock_ahead,
+                    retention: storage.raw_retention,
+                },
             },
-            storage: {
-                let st = &raw.storage;
-                if st.raw_retention < Duration::from_secs(86_400) {
-                    return Err(invalid(
-                        "storage.raw_retention",
-                        "must be at least 1 day (partitions are whole days)".into(),
-                    ));
-                }
-                if st.rollup_retention < st.raw_retention {
-                    return Err(invalid(
-                        "storage.rollup_retention",
-                        "must not be shorter than storage.raw_retention".into(),
-                    ));
-                }
-                if st.partitions_ahead == 0 || st.partitions_ahead > 366 {
-                    return Err(invalid(
-                        "storage.partitions_ahead",
-                        "must be 1..=366".into(),
-                    ));
-                }
-                if st.upkeep_interval < Duration::from_secs(1) {
-                    return Err(invalid(
-                        "storage.upkeep_interval",
-                        "must be at least 1s".into(),
-                    ));
-                }
-                crate::storage::StorageConfig {
-                    raw_retention: st.raw_retention,
-                    rollup_retention: st.rollup_retention,
-                    partitions_ahead: st.partitions_ahead,
-                    interval: st.upkeep_interval,
-                }
-            },
+            storage,
         })
     }
 
@@ -687,6 +758,72 @@ impl Config {
             reason: "section is required by this command".into(),
         }
     }
+}
+
+/// What a command needs from the file: `check-config` says which ones this file can run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageCheck {
+    /// The command, as typed (`bridge`, `targets apply`, ...).
+    pub command: &'static str,
+    /// Required sections the file lacks (empty: the command can run).
+    pub missing: Vec<&'static str>,
+}
+
+/// Every command that reads the configuration and the sections it needs (`status` reports on
+/// whatever is configured, so it needs none).
+pub const COMMAND_SECTIONS: &[(&str, &[&str])] = &[
+    ("bridge", &["mqtt", "kafka"]),
+    ("sink", &["kafka", "postgres"]),
+    ("migrate", &["postgres"]),
+    ("report", &["postgres"]),
+    ("maintain", &["postgres"]),
+    ("agents", &["postgres"]),
+    ("targets apply", &["postgres", "mqtt"]),
+    ("targets diff", &["postgres"]),
+    ("targets list", &["postgres"]),
+    ("status", &[]),
+];
+
+impl Config {
+    /// For each command, the sections it needs that this file lacks.
+    pub fn stages(&self) -> Vec<StageCheck> {
+        COMMAND_SECTIONS
+            .iter()
+            .map(|(command, sections)| StageCheck {
+                command,
+                missing: sections
+                    .iter()
+                    .copied()
+                    .filter(|s| match *s {
+                        "mqtt" => self.mqtt.is_none(),
+                        "kafka" => self.kafka.is_none(),
+                        "postgres" => self.postgres.is_none(),
+                        _ => false,
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
+/// `check-config`'s report: one line per command, whether this file can run it and, if not,
+/// why.
+pub fn render_stages(stages: &[StageCheck]) -> String {
+    let width = stages.iter().map(|s| s.command.len()).max().unwrap_or(0);
+    let mut out = String::new();
+    for s in stages {
+        if s.missing.is_empty() {
+            out.push_str(&format!("  {:width$}  can run\n", s.command));
+        } else {
+            let sections: Vec<String> = s.missing.iter().map(|m| format!("[{m}]")).collect();
+            out.push_str(&format!(
+                "  {:width$}  cannot run: no {} section\n",
+                s.command,
+                sections.join(" or ")
+            ));
+        }
+    }
+    out
 }
 
 fn secret(
@@ -715,6 +852,59 @@ fn secret(
                 )
             }),
         (None, None) => Ok(None),
+    }
+}
+
+/// Plaintext Kafka only to brokers on this machine, unless `kafka.allow_plaintext`: the rule
+/// MQTT (`mqtt.allow_plaintext`) and PostgreSQL (`tls = "disable"`) follow. On error: (key,
+/// reason).
+fn check_kafka_transport(k: &RawKafka) -> Result<(), (&'static str, String)> {
+    let protocol = k
+        .properties
+        .get("security.protocol")
+        .map(|p| p.to_ascii_lowercase());
+    // librdkafka's default is plaintext.
+    let encrypted = matches!(protocol.as_deref(), Some("ssl" | "sasl_ssl"));
+    if encrypted || k.allow_plaintext {
+        return Ok(());
+    }
+    let remote: Vec<&str> = k
+        .brokers
+        .split(',')
+        .map(str::trim)
+        .filter(|b| !b.is_empty() && !crate::tls::is_loopback_host(broker_host(b)))
+        .collect();
+    if remote.is_empty() {
+        return Ok(());
+    }
+    let key = if protocol.is_some() {
+        "kafka.properties.security.protocol"
+    } else {
+        "kafka.brokers"
+    };
+    Err((
+        key,
+        format!(
+            "{} not on this machine and the connection would be plaintext: set \
+             \"security.protocol\" = \"SASL_SSL\" (or \"SSL\") in [kafka.properties], or \
+             kafka.allow_plaintext = true to talk to it in clear text",
+            match remote.as_slice() {
+                [one] => format!("the broker {one} is"),
+                many => format!("the brokers {} are", many.join(", ")),
+            }
+        ),
+    ))
+}
+
+/// The host of a `host:port` broker address (`[v6]:port` too); the whole string without a port.
+fn broker_host(broker: &str) -> &str {
+    if let Some(rest) = broker.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match broker.rsplit_once(':') {
+        // More than one ':' without brackets: a bare IPv6 address.
+        Some((host, _)) if !host.contains(':') => host,
+        _ => broker,
     }
 }
 
@@ -801,9 +991,63 @@ url = "host=127.0.0.1 user=vantage dbname=vantage"
         assert_eq!(c.http.bridge_listen, None);
     }
 
+    /// Issue #14 item 13: a property librdkafka refuses is refused at load, naming the file and
+    /// the key (not only librdkafka's message, later, when a stage creates its client).
+    #[test]
+    fn bad_librdkafka_properties_name_file_and_key() {
+        for (property, needle) in [
+            (
+                "\"no.such.property\" = \"1\"",
+                "No such configuration property",
+            ),
+            ("\"socket.timeout.ms\" = \"soon\"", "Invalid value"),
+        ] {
+            let e = err(&format!("{GOOD}[kafka.properties]\n{property}\n"));
+            let key = property.split('"').nth(1).unwrap();
+            assert!(
+                e.starts_with(&format!(
+                    "ingester.toml: key `kafka.properties.{key}`: librdkafka: "
+                )) && e.contains(needle),
+                "{e}"
+            );
+        }
+        Config::parse(
+            &format!("{GOOD}[kafka.properties]\n\"debug\" = \"broker\"\n\"linger.ms\" = \"10\"\n"),
+            Path::new("i.toml"),
+        )
+        .unwrap();
+    }
+
+    /// Issue #14 item 13: which commands a file can run, and what the others lack.
+    #[test]
+    fn stages_say_which_commands_can_run() {
+        let c = Config::parse(
+            "[kafka]\nbrokers = \"127.0.0.1:9092\"\n",
+            Path::new("i.toml"),
+        )
+        .unwrap();
+        let by = |cmd: &str| c.stages().into_iter().find(|s| s.command == cmd).unwrap();
+        assert_eq!(by("bridge").missing, ["mqtt"]);
+        assert_eq!(by("sink").missing, ["postgres"]);
+        assert_eq!(by("targets apply").missing, ["postgres", "mqtt"]);
+        assert!(by("status").missing.is_empty());
+        let text = render_stages(&c.stages());
+        assert!(
+            text.contains("  bridge         cannot run: no [mqtt] section\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  targets apply  cannot run: no [postgres] or [mqtt] section\n"),
+            "{text}"
+        );
+        assert!(text.contains("  status         can run\n"), "{text}");
+        let full = Config::parse(GOOD, Path::new("i.toml")).unwrap();
+        assert!(full.stages().iter().all(|s| s.missing.is_empty()));
+    }
+
     #[test]
     fn missing_section_is_named() {
-        let c = Config::parse("[kafka]\nbrokers = \"x:1\"\n", Path::new("i.toml")).unwrap();
+        let c = Config::parse("[kafka]\nbrokers = \"127.0.0.1:1\"\n", Path::new("i.toml")).unwrap();
         let e = c.postgres().unwrap_err().to_string();
         assert_eq!(
             e,
@@ -856,6 +1100,138 @@ url = "host=127.0.0.1 user=vantage dbname=vantage"
             "host = \"127.0.0.1\"\npartition = \"0/2\"\nshared_group = \"g\"",
         );
         assert!(err(&both).contains("not both"));
+    }
+
+    /// Issue #14 item 8: plaintext Kafka off loopback is refused unless allowed, as for MQTT.
+    #[test]
+    fn plaintext_kafka_to_a_remote_broker_is_refused() {
+        let remote = GOOD.replace("127.0.0.1:9092", "127.0.0.1:9092,kafka-1.example:9092");
+        let e = err(&remote);
+        assert!(
+            e.contains("key `kafka.brokers`")
+                && e.contains("broker kafka-1.example:9092 is not on this"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{remote}[kafka.properties]\n\"security.protocol\" = \"SASL_PLAINTEXT\"\n"
+        ));
+        assert!(
+            e.contains("key `kafka.properties.security.protocol`"),
+            "{e}"
+        );
+        for ok in [
+            format!("{remote}[kafka.properties]\n\"security.protocol\" = \"SASL_SSL\"\n"),
+            format!("{remote}[kafka.properties]\n\"security.protocol\" = \"ssl\"\n"),
+            remote.replace("[kafka]", "[kafka]\nallow_plaintext = true"),
+            GOOD.replace("127.0.0.1:9092", "localhost:9092,[::1]:9093"),
+        ] {
+            Config::parse(&ok, Path::new("i.toml")).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        assert_eq!(broker_host("[::1]:9092"), "::1");
+        assert_eq!(broker_host("::1"), "::1");
+        assert_eq!(broker_host("k.example"), "k.example");
+    }
+
+    /// Issue #14 item 13: syntax and type errors do not echo values (the agent's helper).
+    #[test]
+    fn toml_errors_do_not_echo_values() {
+        let e = err(&GOOD.replace("[postgres]", "[postgres]\npassword = hunter2-secret"));
+        assert!(
+            e.starts_with("ingester.toml: TOML parse error at line ")
+                && e.contains("password = <value not shown>")
+                && !e.contains("hunter2"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("[mqtt]", "[mqtt]\nport = \"hunter2-secret\""));
+        assert!(
+            e.contains("string <redacted>") && !e.contains("hunter2"),
+            "{e}"
+        );
+    }
+
+    /// Issue #14, item 4: the durability settings cannot be overridden through
+    /// `kafka.properties`; the error names the file, the key and why.
+    #[test]
+    fn durability_properties_are_refused() {
+        for (key, value, why) in [
+            ("acks", "1", "all"),
+            ("request.required.acks", "0", "all"),
+            ("enable.idempotence", "false", "duplicate"),
+            ("enable.auto.commit", "true", "after its rows are committed"),
+            (
+                "enable.auto.offset.store",
+                "true",
+                "after its rows are committed",
+            ),
+            ("auto.offset.reset", "latest", "earliest"),
+            ("group.id", "other", "kafka.group_id"),
+        ] {
+            let e = err(&GOOD.replace(
+                "[postgres]",
+                &format!("[kafka.properties]\n\"{key}\" = \"{value}\"\n[postgres]"),
+            ));
+            assert!(
+                e.starts_with(&format!("ingester.toml: key `kafka.properties.{key}`: "))
+                    && e.contains(why),
+                "{e}"
+            );
+        }
+        // Other librdkafka settings still pass through.
+        let c = Config::parse(
+            &GOOD.replace(
+                "[postgres]",
+                "[kafka.properties]\n\"isolation.level\" = \"read_committed\"\n\"linger.ms\" = \"20\"\n[postgres]",
+            ),
+            Path::new("i.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.kafka().unwrap().properties.len(), 2);
+    }
+
+    #[test]
+    fn replication_defaults_to_production_and_is_checked() {
+        let c = Config::parse(GOOD, Path::new("i.toml")).unwrap();
+        let k = c.kafka().unwrap();
+        assert_eq!((k.replication_factor, k.min_insync_replicas), (3, 2));
+        let with = |lines: &str| GOOD.replace("[kafka]", &format!("[kafka]\n{lines}"));
+        let c = Config::parse(
+            &with("replication_factor = 1\nmin_insync_replicas = 1"),
+            Path::new("i.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.kafka().unwrap().replication_factor, 1);
+        let e = err(&with("replication_factor = 0"));
+        assert!(e.contains("key `kafka.replication_factor`"), "{e}");
+        let e = err(&with("replication_factor = 1"));
+        assert!(
+            e.contains("key `kafka.min_insync_replicas`") && e.contains("(1)"),
+            "min.insync.replicas 2 > 1 replica: {e}"
+        );
+        let e = err(&with("min_insync_replicas = 0"));
+        assert!(e.contains("key `kafka.min_insync_replicas`"), "{e}");
+    }
+
+    /// Issue #14, item 3: the clock window is bounded by retention.
+    #[test]
+    fn clock_window_is_checked() {
+        let c = Config::parse(GOOD, Path::new("i.toml")).unwrap();
+        assert_eq!(c.sink.clock, crate::clock::ClockWindow::default());
+        let e = err(&format!("{GOOD}[sink]\nmax_clock_behind = \"31d\"\n"));
+        assert!(
+            e.contains("key `sink.max_clock_behind`") && e.contains("raw_retention"),
+            "{e}"
+        );
+        let e = err(&format!("{GOOD}[sink]\nmax_clock_ahead = \"2d\"\n"));
+        assert!(e.contains("key `sink.max_clock_ahead`"), "{e}");
+        let c = Config::parse(
+            &format!(
+                "{GOOD}[sink]\nmax_clock_behind = \"60d\"\n[storage]\nraw_retention = \"90d\"\n"
+            ),
+            Path::new("i.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.sink.clock.max_behind, Duration::from_secs(60 * 86_400));
+        assert_eq!(c.sink.clock.retention, Duration::from_secs(90 * 86_400));
     }
 
     #[test]

@@ -32,6 +32,16 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0004_fleet_targets.sql",
         include_str!("../../migrations/0004_fleet_targets.sql"),
     ),
+    (
+        5,
+        "0005_clock_upkeep.sql",
+        include_str!("../../migrations/0005_clock_upkeep.sql"),
+    ),
+    (
+        6,
+        "0006_assigned_targets.sql",
+        include_str!("../../migrations/0006_assigned_targets.sql"),
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +79,75 @@ impl DbError {
                     || c.starts_with("40")
             }
         }
+    }
+}
+
+impl DbError {
+    /// `(SQLSTATE, server message)` when PostgreSQL refused the data itself: a value, a
+    /// constraint or a trigger, so the same records would be refused on every retry. SQLSTATE
+    /// classes 22 (data exception), 23 (integrity constraint violation), 54 (program limit
+    /// exceeded, e.g. a row too large for an index) and P0 (a PL/pgSQL `RAISE`, as a checking
+    /// trigger raises). Other permanent errors (a missing table, permissions, a full disk) are
+    /// about the schema or the server, not a record: None.
+    pub fn refusal(&self) -> Option<(String, String)> {
+        let DbError::Postgres(e) = self else {
+            return None;
+        };
+        let db = e.as_db_error()?;
+        let code = db.code().code();
+        ["22", "23", "54", "P0"]
+            .iter()
+            .any(|class| code.starts_with(class))
+            .then(|| (code.to_owned(), db.message().to_owned()))
+    }
+}
+
+/// Narrows a write PostgreSQL refused down to the records it refuses, by halving.
+///
+/// The batch is records `0..len`. [`Bisect::next`] is the range to write now; after writing it
+/// the caller reports [`Bisect::written`], or [`Bisect::refused`] when PostgreSQL refused it
+/// ([`DbError::refusal`]): the range is then split in two halves, each written on its own,
+/// down to single records, which are given up. What was written stays written (each range is
+/// its own transaction), and ranges come in order, so records are written in their original
+/// order (statuses depend on it). A transient error leaves the state as it is: the caller
+/// retries the same range. No I/O, so it is tested without PostgreSQL. With k refused records
+/// a batch of n costs about 2·k·log2(n) transactions more than one.
+#[derive(Debug, Clone, Default)]
+pub struct Bisect {
+    /// Ranges still to write; the next one last.
+    todo: Vec<std::ops::Range<usize>>,
+}
+
+impl Bisect {
+    pub fn new(len: usize) -> Bisect {
+        let mut todo = Vec::new();
+        if len > 0 {
+            todo.push(0..len);
+        }
+        Bisect { todo }
+    }
+
+    /// The range to write now; None when everything is written or given up.
+    pub fn next(&self) -> Option<std::ops::Range<usize>> {
+        self.todo.last().cloned()
+    }
+
+    /// The range from [`Bisect::next`] is written.
+    pub fn written(&mut self) {
+        self.todo.pop();
+    }
+
+    /// The range from [`Bisect::next`] was refused: returns its record if it was a single one
+    /// (given up), else splits it.
+    pub fn refused(&mut self) -> Option<usize> {
+        let r = self.todo.pop()?;
+        if r.len() == 1 {
+            return Some(r.start);
+        }
+        let mid = r.start + r.len() / 2;
+        self.todo.push(mid..r.end);
+        self.todo.push(r.start..mid);
+        None
     }
 }
 
@@ -189,6 +268,31 @@ pub async fn migrate(client: &mut Client, schema: &str) -> Result<usize, DbError
         applied += 1;
     }
     Ok(applied)
+}
+
+/// The migrations this binary has that the database does not (all of them when the schema or
+/// its `schema_migrations` table does not exist). Only reads: for commands that must not change
+/// the database (`targets diff`).
+pub async fn pending_migrations(client: &Client) -> Result<Vec<&'static str>, DbError> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    let applied: Vec<i32> = if exists {
+        client
+            .query("SELECT version FROM schema_migrations", &[])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    Ok(MIGRATIONS
+        .iter()
+        .filter(|(v, _, _)| !applied.contains(v))
+        .map(|(_, name, _)| *name)
+        .collect())
 }
 
 /// How the sink writes a batch. Both are one transaction, idempotent on (agent, boot_id, seq),
@@ -574,6 +678,43 @@ fn clamp_i32(v: u32) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The bisecting writer against a fake "PostgreSQL" that refuses any range holding a bad
+    /// record: exactly the bad records are given up, every other record is written once, in
+    /// order.
+    #[test]
+    fn bisect_finds_exactly_the_refused_records() {
+        for (len, bad) in [
+            (1usize, vec![0usize]),
+            (10, vec![]),
+            (10, vec![3]),
+            (10, vec![0, 9]),
+            (33, vec![1, 2, 3, 31]),
+            (500, (0..500).step_by(7).collect()),
+            (4, vec![0, 1, 2, 3]),
+        ] {
+            let mut b = Bisect::new(len);
+            let mut written = Vec::new();
+            let mut refused = Vec::new();
+            let mut attempts = 0;
+            while let Some(r) = b.next() {
+                attempts += 1;
+                if r.clone().any(|i| bad.contains(&i)) {
+                    refused.extend(b.refused());
+                } else {
+                    written.extend(r);
+                    b.written();
+                }
+            }
+            assert_eq!(refused, bad, "len {len}");
+            let expected: Vec<usize> = (0..len).filter(|i| !bad.contains(i)).collect();
+            assert_eq!(written, expected, "len {len}: written once each, in order");
+            if bad.is_empty() {
+                assert_eq!(attempts, 1, "a batch PostgreSQL takes is one write");
+            }
+        }
+        assert_eq!(Bisect::new(0).next(), None);
+    }
 
     #[test]
     fn migrations_match_directory() {

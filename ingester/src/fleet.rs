@@ -2,10 +2,13 @@
 //! topic with the `vantage-kind: status` header) become the `agents` table, and
 //! `vantage-ingester agents` lists it.
 //!
-//! Statuses of one agent share its Kafka key, so they arrive in order; a replay after a sink crash
-//! replays them in order too, so applying each one as it comes ends in the latest state. The one
-//! exception is the last will: the broker sends it when a connection dies, possibly after the
-//! same agent already reconnected with a new boot id, so a will only counts for the boot that
+//! Statuses of one agent share its Kafka key, so they reach the sink in Kafka order; but that is
+//! not always the order they were received in: the bridge delivers concurrently, and a delivery
+//! it had to retry lands after a later status. So every status carries the bridge's receive time
+//! (the record's timestamp, fixed across retries) and an older one never replaces a newer one
+//! (`state_at`). A replay after a sink crash changes nothing for the same reason. The last will
+//! is the other exception: the broker sends it when a connection dies, possibly after the same
+//! agent already reconnected with a new boot id, so a will only counts for the boot that
 //! registered it.
 
 use std::time::Duration;
@@ -58,10 +61,9 @@ impl StatusRow {
     }
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+/// Wall clock in ms since the epoch, signed as Kafka timestamps are (the agent's helper).
+pub(crate) fn now_ms() -> i64 {
+    i64::try_from(vantage_agent::fleet::now_ms()).unwrap_or(i64::MAX)
 }
 
 fn state_name(s: AgentState) -> &'static str {
@@ -104,14 +106,18 @@ pub async fn write_statuses(client: &mut Client, statuses: &[StatusRow]) -> Resu
                  agent_set_generation = excluded.agent_set_generation,
                  rejected_scope = excluded.rejected_scope,
                  rejected_generation = excluded.rejected_generation,
-                 rejection = excluded.rejection",
+                 rejection = excluded.rejection
+             -- A status received before the one stored (a delivery the bridge retried and
+             -- so produced after a later one) changes nothing.
+             WHERE a.state_at IS NULL OR a.state_at <= excluded.state_at",
         )
         .await?;
     // The last will: only for the boot that registered it.
     let lost = tx
         .prepare(
             "UPDATE agents SET online = false, state = 'lost', state_at = to_timestamp($3::float8 / 1000)
-              WHERE agent = $1 AND boot_id = $2",
+              WHERE agent = $1 AND boot_id = $2
+                AND (state_at IS NULL OR state_at <= to_timestamp($3::float8 / 1000))",
         )
         .await?;
     for s in statuses {

@@ -5,7 +5,10 @@
 //! agents). Each stage's `run(config, shutdown)` returns
 //! when `shutdown` fires and its in-flight work is durable.
 
+pub mod assign;
+pub mod batch;
 pub mod bridge;
+pub mod clock;
 pub mod config;
 pub mod db;
 pub mod fleet;

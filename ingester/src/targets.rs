@@ -47,6 +47,9 @@ pub enum TargetsError {
     Db(#[from] DbError),
     #[error("publishing target sets to MQTT failed: {0}")]
     Publish(String),
+    /// `diff` only reads, so it does not apply migrations the database lacks.
+    #[error("the database lacks migrations {}: run `vantage-ingester migrate` first (`targets diff` changes nothing)", .0.join(", "))]
+    NotMigrated(Vec<&'static str>),
 }
 
 impl From<tokio_postgres::Error> for TargetsError {
@@ -122,8 +125,10 @@ impl TargetsFile {
         };
         let shape: Shape = toml::from_str(text).map_err(|e| {
             let at = e.span().map_or(0, |s| s.start);
-            // toml's message repeats the location and the source line; keep its first line.
-            let message = e.message().lines().next().unwrap_or("").to_owned();
+            // The location is ours (file:line); of toml's reason the first line, values hidden
+            // (header values are often tokens).
+            let message =
+                vantage_agent::config::redact_toml_reason(e.message().lines().next().unwrap_or(""));
             invalid(at, "syntax", message)
         })?;
 
@@ -287,7 +292,7 @@ impl TargetsFile {
             }
             probe.insert("id".into(), toml::Value::Integer(0));
             let raw = RawTarget::deserialize(toml::Value::Table(probe)).map_err(|e| {
-                let message = e.message().to_owned();
+                let message = vantage_agent::config::redact_toml_reason(e.message());
                 // serde names the offending key in backticks: point at its line.
                 let key = message.split('`').nth(1).unwrap_or("").to_owned();
                 let k = if key.is_empty() { "" } else { key.as_str() };
@@ -307,11 +312,13 @@ impl TargetsFile {
                 spec,
             });
         }
-        Ok(TargetsFile {
+        let file = TargetsFile {
             path: path.to_owned(),
             regions,
             targets,
-        })
+        };
+        check_set_limits(&file)?;
+        Ok(file)
     }
 }
 
@@ -341,6 +348,82 @@ impl std::fmt::Display for Scope {
             write!(f, "agent {}/{}", self.region, self.agent)
         }
     }
+}
+
+/// The sets `placements` make (indexes into it, in order): one per region of the file, possibly
+/// empty (its agents then probe nothing), and one per agent with pinned targets.
+fn scopes_of<'a>(
+    regions: &[String],
+    placements: impl Iterator<Item = &'a Placement>,
+) -> BTreeMap<Scope, Vec<usize>> {
+    let mut sets: BTreeMap<Scope, Vec<usize>> = regions
+        .iter()
+        .map(|r| {
+            (
+                Scope {
+                    region: r.clone(),
+                    agent: String::new(),
+                },
+                Vec::new(),
+            )
+        })
+        .collect();
+    for (i, placement) in placements.enumerate() {
+        let scopes: Vec<Scope> = match placement {
+            Placement::Regions(rs) => rs
+                .iter()
+                .map(|r| Scope {
+                    region: r.clone(),
+                    agent: String::new(),
+                })
+                .collect(),
+            Placement::Agents(agents) => agents
+                .iter()
+                .map(|(r, a)| Scope {
+                    region: r.clone(),
+                    agent: a.clone(),
+                })
+                .collect(),
+        };
+        for scope in scopes {
+            sets.entry(scope).or_default().push(i);
+        }
+    }
+    sets
+}
+
+/// The limits of every set the file makes: at most [`MAX_TARGETS`] targets and
+/// [`MAX_TARGET_SET_LEN`] bytes. Ids are not known before `plan` (and the generation not before
+/// `apply`), so each counts at its widest (a target without an explicit id as `i32::MAX`, the
+/// generation as `u64::MAX`): whatever `apply` then publishes is as small or smaller, and
+/// `targets check` and `apply` agree on every file.
+fn check_set_limits(file: &TargetsFile) -> Result<(), TargetsError> {
+    let too_big = |reason: String| TargetsError::Invalid {
+        file: file.path.clone(),
+        line: 1,
+        key: "targets".into(),
+        reason,
+    };
+    let widest: Vec<TargetSpec> = file
+        .targets
+        .iter()
+        .map(|t| {
+            let mut spec = t.spec.clone();
+            spec.id = t.id.unwrap_or(i32::MAX as u32);
+            spec
+        })
+        .collect();
+    for (scope, members) in scopes_of(&file.regions, file.targets.iter().map(|t| &t.placement)) {
+        if members.len() > MAX_TARGETS {
+            return Err(too_big(format!(
+                "{scope} would get {} targets; at most {MAX_TARGETS} per set",
+                members.len()
+            )));
+        }
+        encode_specs(members.iter().map(|&i| &widest[i]).collect(), u64::MAX)
+            .map_err(|reason| too_big(format!("{scope}: {reason}")))?;
+    }
+    Ok(())
 }
 
 /// A target as it will be after `apply`.
@@ -510,13 +593,18 @@ pub async fn plan(client: &impl GenericClient, file: &TargetsFile) -> Result<Pla
     let explicit: BTreeSet<u32> = file.targets.iter().filter_map(|t| t.id).collect();
     let file_names: BTreeSet<&str> = file.targets.iter().map(|t| t.name.as_str()).collect();
     let mut taken = explicit.clone();
-    // Central ids stay in 1..=i32::MAX (the SQL column is `integer`); a standalone agent's
-    // local id outside that range (stored wrapped) does not push them out of it.
+    // New ids come after the highest id of a central target (one applied from a file, so it
+    // has a name) or an explicit one. Ids seen only in results (standalone agents' local
+    // targets) are skipped, so a new target never inherits their history, but they never
+    // move the start: one result with id 2147483647, from a hostile or misconfigured agent,
+    // would otherwise leave no id to give. Central ids stay in 1..=i32::MAX (`integer`).
+    let seen: BTreeSet<u32> = stored.iter().map(|s| s.id).collect();
     let mut next_id = stored
         .iter()
+        .filter(|s| s.name.is_some())
         .map(|s| s.id)
         .chain(explicit.iter().copied())
-        .filter(|&id| id <= i32::MAX as u32)
+        .filter(|&id| id <= vantage_proto::MAX_TARGET_ID)
         .max()
         .unwrap_or(0)
         + 1;
@@ -561,13 +649,16 @@ pub async fn plan(client: &impl GenericClient, file: &TargetsFile) -> Result<Pla
                 let id = by_name(true)
                     .or_else(|| by_name(false))
                     .or_else(renamed)
-                    .unwrap_or_else(|| {
+                    .unwrap_or_else(|| loop {
                         let id = next_id;
                         next_id += 1;
-                        if id > i32::MAX as u32 {
+                        if id > vantage_proto::MAX_TARGET_ID {
                             exhausted = true;
+                            break id;
                         }
-                        id
+                        if !seen.contains(&id) && !taken.contains(&id) {
+                            break id;
+                        }
                     });
                 taken.insert(id);
                 id
@@ -656,41 +747,11 @@ pub async fn plan(client: &impl GenericClient, file: &TargetsFile) -> Result<Pla
         .collect();
 
     // Sets.
-    for region in &file.regions {
-        plan.sets
-            .entry(Scope {
-                region: region.clone(),
-                agent: String::new(),
-            })
-            .or_default();
-    }
     let members: Vec<(u32, Placement)> = plan.all().map(|p| (p.id, p.placement.clone())).collect();
-    for (id, placement) in members {
-        match placement {
-            Placement::Regions(regions) => {
-                for r in regions {
-                    plan.sets
-                        .entry(Scope {
-                            region: r,
-                            agent: String::new(),
-                        })
-                        .or_default()
-                        .push(id);
-                }
-            }
-            Placement::Agents(agents) => {
-                for (r, a) in agents {
-                    plan.sets
-                        .entry(Scope {
-                            region: r,
-                            agent: a,
-                        })
-                        .or_default()
-                        .push(id);
-                }
-            }
-        }
-    }
+    plan.sets = scopes_of(&file.regions, members.iter().map(|(_, p)| p))
+        .into_iter()
+        .map(|(scope, members_of)| (scope, members_of.iter().map(|&i| members[i].0).collect()))
+        .collect();
     for ids in plan.sets.values_mut() {
         ids.sort_unstable();
     }
@@ -721,41 +782,46 @@ pub async fn plan(client: &impl GenericClient, file: &TargetsFile) -> Result<Pla
         .map(|(s, _)| s.clone())
         .collect();
 
-    // Sizes: checked now so that a set too big for the broker changes nothing.
-    for (scope, ids) in &plan.sets {
-        if ids.len() > MAX_TARGETS {
-            return Err(TargetsError::Invalid {
-                file: file.path.clone(),
-                line: 1,
-                key: "targets".into(),
-                reason: format!(
-                    "{scope} would get {} targets; at most {MAX_TARGETS} per set",
-                    ids.len()
-                ),
-            });
-        }
-        // With the widest generation, so the real one can only be as short or shorter.
-        encode_set(&plan, scope, u64::MAX).map_err(|reason| TargetsError::Invalid {
-            file: file.path.clone(),
-            line: 1,
-            key: "targets".into(),
-            reason: format!("{scope}: {reason}"),
-        })?;
-    }
+    // The limits per set (targets, bytes) were checked by `TargetsFile::parse` from the file
+    // alone, with every id and the generation at their widest: this set can only be smaller.
 
-    let current: i64 = client
+    // Agents refuse a generation older than the one they hold, so a new one also goes above
+    // what agents report holding: after the database was rebuilt (target_applies empty again)
+    // the next apply is not refused by every agent. Reports above 2^40 are ignored: no real
+    // fleet gets there, and a hostile agent must not push generations to overflow.
+    let row = client
         .query_one(
-            "SELECT coalesce(max(generation), 0) FROM target_applies",
+            "SELECT (SELECT coalesce(max(generation), 0) FROM target_applies),
+                    (SELECT coalesce(max(greatest(region_set_generation, agent_set_generation)), 0)
+                       FROM agents
+                      WHERE greatest(region_set_generation, agent_set_generation) <= 1099511627776)",
             &[],
         )
-        .await?
-        .get(0);
+        .await?;
+    let (current, reported): (i64, i64) = (row.get(0), row.get(1));
     plan.new_generation = !plan.added.is_empty()
         || !plan.changed.is_empty()
         || !plan.retired.is_empty()
         || !plan.cleared.is_empty()
         || !plan.sets_changed.is_empty();
-    plan.generation = current as u64 + u64::from(plan.new_generation);
+    plan.generation = if plan.new_generation {
+        current.max(reported) as u64 + 1
+    } else {
+        current as u64
+    };
+    Ok(plan)
+}
+
+/// What `apply` would change, without changing anything: no migrations, and the plan is made in
+/// a read-only transaction.
+pub async fn diff(client: &mut Client, file: &TargetsFile) -> Result<Plan, TargetsError> {
+    let pending = crate::db::pending_migrations(client).await?;
+    if !pending.is_empty() {
+        return Err(TargetsError::NotMigrated(pending));
+    }
+    let tx = client.build_transaction().read_only(true).start().await?;
+    let plan = plan(&tx, file).await?;
+    tx.rollback().await?;
     Ok(plan)
 }
 
@@ -766,6 +832,11 @@ fn encode_set(plan: &Plan, scope: &Scope, generation: u64) -> Result<Vec<u8>, St
         .iter()
         .filter_map(|id| plan.all().find(|p| p.id == *id).map(|p| &p.spec))
         .collect();
+    encode_specs(specs, generation)
+}
+
+/// A set frame of `specs` with `generation`; an error if it exceeds [`MAX_TARGET_SET_LEN`].
+fn encode_specs(specs: Vec<&TargetSpec>, generation: u64) -> Result<Vec<u8>, String> {
     let header = TargetSetHeader {
         generation,
         count: specs.len() as u16,
@@ -1204,6 +1275,42 @@ agents = ["eu-north/pi-lab"]
                 "{to}:\n  got      {err}\n  expected {expected}"
             );
         }
+    }
+
+    /// Issue #14 item 13: `targets check` (which is `TargetsFile::load`) refuses what `apply`
+    /// refuses: a set of more than 1,024 targets, or one that encodes to more than 240 KiB.
+    #[test]
+    fn set_limits_are_checked_from_the_file_alone() {
+        let many = |n: usize, url_len: usize, placement: &str| {
+            let mut text = String::from("regions = [\"eu\", \"us\"]\n");
+            for i in 0..n {
+                let path = "a".repeat(url_len);
+                text.push_str(&format!(
+                    "[[targets]]\nname = \"t{i}\"\nurl = \"http://h{i}.example/{path}\"\n{placement}\n"
+                ));
+            }
+            parse(&text)
+        };
+        let refused = |r: Result<TargetsFile, String>| match r {
+            Ok(_) => panic!("accepted a file apply would refuse"),
+            Err(e) => e,
+        };
+        let err = refused(many(1025, 1, "regions = [\"us\"]"));
+        assert!(
+            err.starts_with(
+                "targets.toml:1: targets: region us would get 1025 targets; at most 1024"
+            ),
+            "{err}"
+        );
+        many(1024, 1, "regions = [\"us\"]").unwrap();
+        let err = refused(many(500, 480, "agents = [\"eu/pi\"]"));
+        assert!(
+            err.starts_with(
+                "targets.toml:1: targets: agent eu/pi: the set is larger than 245760 bytes"
+            ),
+            "{err}"
+        );
+        many(400, 480, "agents = [\"eu/pi\"]").unwrap();
     }
 
     #[test]

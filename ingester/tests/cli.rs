@@ -44,7 +44,9 @@ fn check_config_accepts_good_files() {
     let path = write("good.toml", GOOD);
     let (code, stdout, stderr) = run(&["check-config", path.to_str().unwrap()]);
     assert_eq!(code, Some(0), "{stderr}");
-    assert_eq!(stdout.trim(), format!("{}: ok", path.display()));
+    let first = stdout.lines().next().unwrap_or_default();
+    assert_eq!(first, format!("{}: valid", path.display()));
+    assert!(stdout.contains("  sink           can run\n"), "{stdout}");
     // The shipped example too (with its password variables set).
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/ingester.example.toml");
     let out = Command::new(env!("CARGO_BIN_EXE_vantage-ingester"))
@@ -54,6 +56,39 @@ fn check_config_accepts_good_files() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
+}
+
+/// Issue #14 item 13: a valid file that lacks a section some command needs is not "ok": the
+/// output says which commands can run and why the others cannot; `--stage` makes it fatal.
+#[test]
+fn check_config_says_which_commands_the_file_can_run() {
+    let path = write(
+        "bridge-only.toml",
+        &GOOD.replace(
+            "[postgres]\nurl = \"host=127.0.0.1 port=1 user=vantage dbname=vantage\"\n",
+            "",
+        ),
+    );
+    let (code, stdout, stderr) = run(&["check-config", path.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(!stdout.contains(": ok"), "{stdout}");
+    assert!(stdout.contains("  bridge         can run\n"), "{stdout}");
+    assert!(
+        stdout.contains("  sink           cannot run: no [postgres] section\n"),
+        "{stdout}"
+    );
+    let (code, _, _) = run(&["check-config", "--stage", "bridge", path.to_str().unwrap()]);
+    assert_eq!(code, Some(0));
+    let (code, _, stderr) = run(&[
+        "check-config",
+        "--stage",
+        "bridge",
+        "--stage",
+        "sink",
+        path.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("cannot run sink"), "{stderr}");
 }
 
 #[test]
@@ -180,4 +215,78 @@ fn json_logs_are_one_object_per_line() {
             .starts_with("127.0.0.1:"),
         "{line}"
     );
+}
+
+/// Every class of command-line mistake exits 2; a bad configuration file or a failed command
+/// exits 1; `status` exits 3 when a configured service cannot be reached. The same scheme as
+/// vantage-agent (whose `probe` exits 3 when the target is not up); docs/ingester.md and
+/// docs/agent.md, "Exit codes" (issue #13 item 13).
+#[test]
+fn exit_codes_of_every_class() {
+    let good = write("codes-good.toml", GOOD);
+    let good = good.to_str().unwrap();
+    let broken = write("codes-broken.toml", "[mqtt\nhost=");
+    let broken = broken.to_str().unwrap();
+    let targets = write("codes-targets.toml", "[[targets]]\nid = 1\n");
+    let targets = targets.to_str().unwrap();
+    let cases: &[(&str, &[&str], i32)] = &[
+        ("no arguments", &[], 2),
+        ("unknown subcommand", &["no-such-command"], 2),
+        ("unknown flag", &["check-config", good, "--bogus"], 2),
+        (
+            "bad global flag value",
+            &["--log-format", "xml", "check-config", good],
+            2,
+        ),
+        ("missing --config", &["bridge"], 2),
+        ("missing file argument", &["check-config"], 2),
+        ("missing nested subcommand", &["targets"], 2),
+        ("unknown nested subcommand", &["targets", "frobnicate"], 2),
+        (
+            "duration without unit",
+            &["report", "--config", good, "--since", "5"],
+            2,
+        ),
+        (
+            "not a number",
+            &["report", "--config", good, "--target", "x"],
+            2,
+        ),
+        (
+            "bad enum value",
+            &["report", "--config", good, "--format", "xml"],
+            2,
+        ),
+        (
+            "missing config file",
+            &["check-config", "/nonexistent/ingester.toml"],
+            1,
+        ),
+        ("config syntax error", &["check-config", broken], 1),
+        (
+            "config syntax error (stage)",
+            &["sink", "--config", broken],
+            1,
+        ),
+        ("bad targets file", &["targets", "check", targets], 1),
+        ("help", &["--help"], 0),
+        ("subcommand help", &["targets", "apply", "--help"], 0),
+        ("version", &["--version"], 0),
+        ("good file", &["check-config", good], 0),
+        (
+            "status: services unreachable",
+            &["status", "--config", good],
+            3,
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (what, args, want) in cases {
+        let (code, _, stderr) = run(args);
+        if code != Some(*want) {
+            wrong.push(format!(
+                "{what} {args:?}: exit {code:?}, want {want}\n{stderr}"
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }

@@ -78,11 +78,61 @@ pub enum IpFamilySpec {
 }
 
 /// An extra request header.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
-#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+///
+/// A `name` that starts with [`HEADER_FROM_ENV`] or [`HEADER_FROM_FILE`] is a *reference*
+/// (issue #14): the header is the rest of the name, and `value` is not its value but the
+/// environment variable or the file on the agent that holds it, read by the agent. Header names
+/// cannot contain `:` (RFC 9110 tokens), so a reference never collides with a literal header;
+/// an agent that predates references refuses such a set (its name is not a header name). This
+/// keeps secrets (tokens) out of the target set, the retained message and `targets.spec`.
+///
+/// `Debug` (and `defmt::Format`) print a literal value as `<redacted>`: values are often
+/// credentials. A reference's value (a variable name or a path) is shown.
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq)]
 pub struct HeaderSpec {
     pub name: String<MAX_HEADER_NAME_LEN>,
     pub value: String<MAX_HEADER_VALUE_LEN>,
+}
+
+/// Name prefix of a header whose value the agent reads from the environment variable `value`.
+pub const HEADER_FROM_ENV: &str = "env:";
+/// Name prefix of a header whose value the agent reads from the file `value` (first line).
+pub const HEADER_FROM_FILE: &str = "file:";
+
+impl HeaderSpec {
+    /// Whether `value` names where the agent finds the value, rather than being it.
+    pub fn is_reference(&self) -> bool {
+        self.name.starts_with(HEADER_FROM_ENV) || self.name.starts_with(HEADER_FROM_FILE)
+    }
+
+    fn shown_value(&self) -> &str {
+        if self.is_reference() {
+            self.value.as_str()
+        } else {
+            "<redacted>"
+        }
+    }
+}
+
+impl core::fmt::Debug for HeaderSpec {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("HeaderSpec")
+            .field("name", &self.name.as_str())
+            .field("value", &self.shown_value())
+            .finish()
+    }
+}
+
+#[cfg(feature = "defmt")]
+impl defmt::Format for HeaderSpec {
+    fn format(&self, f: defmt::Formatter<'_>) {
+        defmt::write!(
+            f,
+            "HeaderSpec {{ name: {=str}, value: {=str} }}",
+            self.name.as_str(),
+            self.shown_value()
+        )
+    }
 }
 
 /// One target with every probe setting, as the agent's `[[targets]]` table has them (see the

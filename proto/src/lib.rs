@@ -118,6 +118,16 @@ pub fn is_valid_name(name: &str) -> bool {
         })
 }
 
+/// Largest target id: ids are `u32` on the wire but `integer` (signed 32-bit) in PostgreSQL, so
+/// ids above `i32::MAX` would wrap to negative numbers there.
+pub const MAX_TARGET_ID: u32 = i32::MAX as u32;
+
+/// Whether `id` is a usable target id: 1..=[`MAX_TARGET_ID`]. The agent refuses other ids at
+/// config load, and the sink dead-letters results that carry one.
+pub fn is_valid_target_id(id: u32) -> bool {
+    (1..=MAX_TARGET_ID).contains(&id)
+}
+
 /// Writes `batch` as a current-version frame into `buf` and returns the used prefix.
 pub fn encode<'b>(batch: &Batch, buf: &'b mut [u8]) -> Result<&'b mut [u8], Error> {
     encode_versioned(FORMAT_VERSION, batch, buf)

@@ -9,8 +9,8 @@ use crate::{MAX_GAPS, MAX_RESULTS};
 /// Append new kinds at the end; the numeric order is on the wire. Kinds 0–10 exist since
 /// version 1; 11–17 since version 2; 18 (`AddressRefused`) was appended within version 2: a
 /// version 2 decoder older than it rejects a frame carrying it as malformed (dead-lettered by
-/// an old bridge), so upgrade the ingester before the agents. The same holds for the kinds of
-/// the "issue 13" block below.
+/// an old bridge), so upgrade the ingester before the agents. The same holds for the kinds
+/// 19–23 (the "issue 13" block below).
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum Outcome {
@@ -64,12 +64,16 @@ pub enum Outcome {
     /// The body's `Content-Encoding` is corrupt, truncated by the server, or not one the agent
     /// decodes, so the regex could not be checked.
     BadContentEncoding,
+    /// The agent did not probe: the probe would hold more body memory (its `body_cap` with a
+    /// regex, at worst) than the agent's whole `probes.memory_budget`. Nothing was sent; an
+    /// agent-side limit, not the target's failure. No phase.
+    MemoryRefused,
     // ---- end of the issue 13 block ----
 }
 
 impl Outcome {
     /// Every variant, in wire order.
-    pub const ALL: [Outcome; 23] = [
+    pub const ALL: [Outcome; 24] = [
         Outcome::Up,
         Outcome::StatusNotAccepted,
         Outcome::RegexNotMatched,
@@ -94,6 +98,7 @@ impl Outcome {
         Outcome::RedirectLoop,
         Outcome::DowngradeRefused,
         Outcome::BadContentEncoding,
+        Outcome::MemoryRefused,
     ];
 
     /// The stable snake_case name used in logs and in PostgreSQL.
@@ -123,6 +128,7 @@ impl Outcome {
             Outcome::RedirectLoop => "redirect_loop",
             Outcome::DowngradeRefused => "downgrade_refused",
             Outcome::BadContentEncoding => "bad_content_encoding",
+            Outcome::MemoryRefused => "memory_refused",
         }
     }
 }

@@ -193,3 +193,40 @@ fn decoding_is_total() {
         Err(Error::UnknownVersion(2))
     ));
 }
+
+const GOLDEN_TARGET_SET_REFERENCE: &[u8] = &[
+    1, 9, 1, 7, 4, 115, 104, 111, 112, 21, 104, 116, 116, 112, 115, 58, 47, 47, 115, 104, 111, 112,
+    46, 101, 120, 97, 109, 112, 108, 101, 47, 176, 234, 1, 144, 78, 1, 3, 66, 117, 121, 3, 71, 69,
+    84, 2, 6, 97, 99, 99, 101, 112, 116, 9, 116, 101, 120, 116, 47, 104, 116, 109, 108, 17, 101,
+    110, 118, 58, 97, 117, 116, 104, 111, 114, 105, 122, 97, 116, 105, 111, 110, 9, 65, 80, 73, 95,
+    84, 79, 75, 69, 78, 2, 200, 1, 171, 2, 173, 2, 173, 2, 5, 128, 128, 64, 0, 0, 1,
+];
+
+/// Issue #14: a header reference (`env:` / `file:` name, the variable or path as value) is an
+/// ordinary `HeaderSpec` on the wire: v1 frames carry it unchanged (bytes frozen here), and
+/// `Debug` shows a reference's value but never a literal one.
+#[test]
+fn header_reference_golden_bytes() {
+    let mut s = spec(7);
+    s.headers
+        .push(HeaderSpec {
+            name: "env:authorization".try_into().unwrap(),
+            value: "API_TOKEN".try_into().unwrap(),
+        })
+        .unwrap();
+    let header = TargetSetHeader {
+        generation: 9,
+        count: 1,
+    };
+    let mut buf = [0u8; 4096];
+    let frame = encode_target_set(&header, [&s], &mut buf).unwrap();
+    assert_eq!(frame, GOLDEN_TARGET_SET_REFERENCE, "{frame:?}");
+    let mut reader = TargetSetReader::new(GOLDEN_TARGET_SET_REFERENCE).unwrap();
+    assert_eq!(reader.next(), Some(Ok(s.clone())));
+    let debug = format!("{:?}", s.headers);
+    assert!(
+        debug.contains("API_TOKEN") && !debug.contains("text/html"),
+        "{debug}"
+    );
+    assert!(s.headers[1].is_reference() && !s.headers[0].is_reference());
+}

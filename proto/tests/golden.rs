@@ -161,6 +161,59 @@ fn v2_golden_bytes_decode() {
     assert_eq!(decode(GOLDEN_V2).unwrap(), sample_v2());
 }
 
+// --- Issue #13: `MemoryRefused` appended within version 2 (after the redirect and encoding kinds). ---
+
+/// The result an agent sends for a probe its memory budget could never hold: no response, no
+/// phase, no timings; outcome byte 23.
+const GOLDEN_V2_MEMORY_REFUSED: &[u8] = &[
+    2, // format version
+    1, // boot id 1
+    1, // one result
+    // seq 0, target 42, started_at, status 0, MemoryRefused (23), no phase, no regex, total 0
+    0, 42, 128, 208, 223, 180, 171, 51, 0, 23, 0, 0, 0,
+    // dns .. transfer None, body 0, not truncated, 0 redirects, no cert, no address
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, //
+    0, // no gaps
+];
+
+#[test]
+fn v2_memory_refused_is_golden() {
+    let mut results = heapless::Vec::new();
+    results
+        .push(ProbeResult {
+            seq: 0,
+            target_id: 42,
+            started_at_ms: 1_764_000_000_000,
+            status: 0,
+            outcome: Outcome::MemoryRefused,
+            failed_phase: None,
+            regex: RegexOutcome::NotConfigured,
+            total_us: 0,
+            dns_us: None,
+            connect_us: None,
+            tls_us: None,
+            ttfb_us: None,
+            transfer_us: None,
+            body_bytes: 0,
+            body_truncated: false,
+            redirects: 0,
+            cert_not_after_s: None,
+            remote_ip: None,
+        })
+        .unwrap();
+    let batch = Batch {
+        boot_id: 1,
+        results,
+        gaps: heapless::Vec::new(),
+    };
+    let mut buf = [0u8; MAX_FRAME_LEN];
+    let bytes = encode(&batch, &mut buf).unwrap();
+    assert_eq!(&bytes[..], GOLDEN_V2_MEMORY_REFUSED, "{bytes:?}");
+    assert_eq!(decode(GOLDEN_V2_MEMORY_REFUSED).unwrap(), batch);
+}
+
+// --- End of issue #13 items 3/12. ---
+
 #[test]
 fn phase_wire_order_is_frozen() {
     let mut buf = [0u8; 8];
@@ -221,6 +274,7 @@ fn outcome_wire_order_is_frozen() {
             "redirect_loop",
             "downgrade_refused",
             "bad_content_encoding",
+            "memory_refused",
         ]
     );
 }

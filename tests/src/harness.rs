@@ -119,6 +119,9 @@ topic = "{topic}"
 dead_letter_topic = "{dlq}"
 group_id = "{group}"
 partitions = {partitions}
+# The single test broker: one replica (production: 3 and 2, docs/ingester.md).
+replication_factor = 1
+min_insync_replicas = 1
 
 [postgres]
 {pg}
@@ -294,6 +297,7 @@ sink_listen = "127.0.0.1:0"
                         key: m.key().map(<[u8]>::to_vec),
                         payload: m.payload().unwrap_or_default().to_vec(),
                         headers,
+                        timestamp_ms: m.timestamp().to_millis(),
                     });
                 }
                 Some(Err(e)) => panic!("reading {topic}: {e}"),
@@ -301,6 +305,35 @@ sink_listen = "127.0.0.1:0"
             }
         }
         out
+    }
+
+    /// Produces `records` to `topic` (each to its partition, with its key, headers and
+    /// timestamp) one after another, waiting for each delivery: as a bridge would, but with
+    /// every field chosen by the test.
+    pub async fn produce(&self, topic: &str, records: &[ProducedRecord]) {
+        use rdkafka::message::{Header, OwnedHeaders};
+        use rdkafka::producer::{FutureProducer, FutureRecord};
+        let producer: FutureProducer = self.kafka_config().create().unwrap();
+        for r in records {
+            let mut headers = OwnedHeaders::new();
+            for (k, v) in &r.headers {
+                headers = headers.insert(Header {
+                    key: k.as_str(),
+                    value: Some(v.as_str()),
+                });
+            }
+            let record = FutureRecord::to(topic)
+                .partition(r.partition)
+                .key(&r.key)
+                .payload(&r.payload)
+                .headers(headers)
+                .timestamp(r.timestamp_ms);
+            producer
+                .send(record, Duration::from_secs(30))
+                .await
+                .map_err(|(e, _)| e)
+                .unwrap_or_else(|e| panic!("producing to {topic}: {e}"));
+        }
     }
 
     /// Removes the schema, the Kafka topics, the MQTT sessions of `mqtt_clients` and the files.
@@ -321,6 +354,16 @@ sink_listen = "127.0.0.1:0"
     }
 }
 
+/// One Kafka message for [`Run::produce`].
+#[derive(Debug, Clone)]
+pub struct ProducedRecord {
+    pub partition: i32,
+    pub key: String,
+    pub payload: Vec<u8>,
+    pub headers: Vec<(String, String)>,
+    pub timestamp_ms: i64,
+}
+
 /// One Kafka message as read back by [`Run::read_topic`].
 #[derive(Debug, Clone)]
 pub struct KafkaRecord {
@@ -328,6 +371,8 @@ pub struct KafkaRecord {
     pub key: Option<Vec<u8>>,
     pub payload: Vec<u8>,
     pub headers: Vec<(String, String)>,
+    /// The record's timestamp (the bridge sets it to the time it received the message).
+    pub timestamp_ms: Option<i64>,
 }
 
 impl KafkaRecord {
