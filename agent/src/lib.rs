@@ -210,12 +210,17 @@ pub async fn run(
                     let (prober, tx, id) = (prober.clone(), tx.clone(), target.id);
                     // The probe owns its target: a set swapped meanwhile does not disturb it.
                     let handle = probes.spawn(async move {
-                        let m = prober.probe(&target).await;
+                        let (m, leftover) = prober.probe_with_leftover(&target).await;
                         metrics::probe_done(&m);
                         tracing::debug!(target_id = m.target_id, outcome = m.outcome.as_str(), status = m.status, total = ?m.total, "probe done");
                         // The uplink receives until this sender is gone (see the drain below),
                         // so the result is numbered even after the drain deadline.
                         let _ = tx.send(uplink::to_wire(&m)).await;
+                        // A body check given up at the deadline still holds the body: this
+                        // probe's memory (and slot) stays counted until it ends (probe/check.rs).
+                        if let Some(leftover) = leftover {
+                            leftover.finished().await;
+                        }
                         // A timeout held the slot to its deadline; anything else answered.
                         !matches!(m.outcome, Outcome::Timeout | Outcome::ConnectTimeout)
                     });
@@ -258,6 +263,11 @@ pub async fn run(
                     // A result that says so, like any other: the refusal reaches SQL.
                     let mut m = probe::Measurement::new(target, fleet::now_ms());
                     m.outcome = Outcome::MemoryRefused;
+                    m.detail = Some(format!(
+                        "needs {} of body memory, more than probes.memory_budget ({})",
+                        budget::show(need),
+                        budget::show(config.memory_budget)
+                    ));
                     metrics::probe_done(&m);
                     let tx = tx.clone();
                     // Not in `running`: it holds no slot.

@@ -433,12 +433,9 @@ impl Prober {
     }
 }
 
-/// A URL for a detail: without user name and password (never shown).
+/// A URL for a detail: a user name and password in it are never shown.
 fn redact(url: &url::Url) -> String {
-    let mut shown = url.clone();
-    let _ = shown.set_username("");
-    let _ = shown.set_password(None);
-    shown.to_string()
+    crate::target::redact_userinfo(url.as_str())
 }
 
 /// `detail` cut to [`MAX_DETAIL_LEN`] bytes at a character boundary.
@@ -981,6 +978,6 @@ mod tests {
         let cut = bounded(long);
         assert!(cut.len() <= MAX_DETAIL_LEN && cut.ends_with('…'), "{cut}");
         let u = url::Url::parse("https://user:pw@example.org/p?q=1").unwrap();
-        assert_eq!(redact(&u), "https://example.org/p?q=1");
+        assert_eq!(redact(&u), "https://<redacted>@example.org/p?q=1");
     }
 }

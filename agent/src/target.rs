@@ -119,6 +119,7 @@ impl std::fmt::Debug for RawTarget {
             .field("ca_file", &self.ca_file)
             .field("tls_skip_verify", &self.tls_skip_verify)
             .field("ip_family", &self.ip_family)
+            .field("allow_downgrade", &self.allow_downgrade)
             .finish()
     }
 }
