@@ -92,7 +92,7 @@ bench-footprint: services
 .PHONY: test-crash bench-ingest
 
 # The crash tests, which restart, kill -9 or freeze the shared services, so they run alone,
-# after the other tests (part of `make test`, about 5 minutes): >= 50,000 results from 4
+# after the other tests (part of `make test`, 5 to 10 minutes): >= 50,000 results from 4
 # simulated agents while bridges and sinks are kill -9ed and Mosquitto, PostgreSQL and Kafka
 # restart; kill -9 of PostgreSQL, of Kafka and of Mosquitto during load (one run each, each
 # prints its "compared:" line); the rebalance commit while Kafka hangs; storage upkeep across a

@@ -9,7 +9,7 @@
 -- Agents: results refused for clock skew ----------------------------------------------------------
 ALTER TABLE agents
     ADD COLUMN clock_skew_results bigint NOT NULL DEFAULT 0,  -- dead-lettered as clock_skew (at least: a replay after a crash can count again)
-    ADD COLUMN clock_skew_ms      bigint,       -- the latest one: its started_at minus the bridge's time (negative: the agent is behind)
+    ADD COLUMN clock_skew_ms      bigint,       -- latest refused frame: started_at minus the bridge's time of its result furthest off (negative: the agent is behind)
     ADD COLUMN clock_skew_at      timestamptz;  -- the bridge's time of that result
 
 -- The fleet view of 0004 with the clock columns appended.
