@@ -38,6 +38,12 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0006_assigned_targets.sql",
         include_str!("../../migrations/0006_assigned_targets.sql"),
     ),
+    // 0007 comes with issue #15 (branch h15).
+    (
+        8,
+        "0008_alerts.sql",
+        include_str!("../../migrations/0008_alerts.sql"),
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]
