@@ -176,9 +176,8 @@ impl Fixture {
         let config = vantage_ingester::Config::load(file).unwrap();
         let token = self.stop.child_token();
         let t = token.clone();
-        let handle = tokio::spawn(async move {
-            vantage_ingester::alert::run(&config, t).await.unwrap()
-        });
+        let handle =
+            tokio::spawn(async move { vantage_ingester::alert::run(&config, t).await.unwrap() });
         (token, handle)
     }
 
@@ -232,7 +231,11 @@ impl Fixture {
             let _ = s.await;
         }
         let mut sessions = vec![self.run.bridge_client_id(&self.options.client)];
-        sessions.extend(REGIONS.iter().map(|r| format!("vantage-agent-{r}-{}", self.run.id)));
+        sessions.extend(
+            REGIONS
+                .iter()
+                .map(|r| format!("vantage-agent-{r}-{}", self.run.id)),
+        );
         self.run.cleanup(&sessions).await;
     }
 }
@@ -301,32 +304,45 @@ async fn down_from_two_of_three_regions_fires_once_and_resolves_once() {
 
     // One region fails: a dead ISP is not a dead site.
     f.proxies["ap-south"].cut();
-    f.wait("ap-south's failure in latest_status", Duration::from_secs(30), || async {
-        let r = f
-            .client
-            .query_one(
-                "SELECT count(*) FROM latest_status
+    f.wait(
+        "ap-south's failure in latest_status",
+        Duration::from_secs(30),
+        || async {
+            let r = f
+                .client
+                .query_one(
+                    "SELECT count(*) FROM latest_status
                   WHERE target_id = 1 AND region = 'ap-south' AND outcome <> 'up'
                     AND age < interval '1 second'",
-                &[],
-            )
-            .await
-            .ok()?;
-        (r.get::<_, i64>(0) == 1).then_some(())
-    })
+                    &[],
+                )
+                .await
+                .ok()?;
+            (r.get::<_, i64>(0) == 1).then_some(())
+        },
+    )
     .await;
     // Ten evaluations (five times `for`) with one region failing.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    assert_eq!(f.incidents().await, vec![], "one failing region opened an incident");
+    assert_eq!(
+        f.incidents().await,
+        vec![],
+        "one failing region opened an incident"
+    );
     assert!(f.notified().is_empty(), "{:#?}", f.notified());
 
     // A second region: down.
     f.proxies["eu-north"].cut();
     let n = f
-        .wait_notified("one firing notification", |n| count(n, "firing", "down") >= 1)
+        .wait_notified("one firing notification", |n| {
+            count(n, "firing", "down") >= 1
+        })
         .await;
     let firing = &n[0].alert;
-    assert_eq!(firing["labels"]["regions"], "ap-south,eu-north", "{firing:#}");
+    assert_eq!(
+        firing["labels"]["regions"], "ap-south,eu-north",
+        "{firing:#}"
+    );
     assert_eq!(firing["labels"]["target"], "1");
     assert_eq!(firing["labels"]["severity"], "critical");
     let summary = firing["annotations"]["summary"].as_str().unwrap();
@@ -341,8 +357,10 @@ async fn down_from_two_of_three_regions_fires_once_and_resolves_once() {
 
     f.proxies["ap-south"].restore();
     f.proxies["eu-north"].restore();
-    f.wait_notified("one resolved notification", |n| count(n, "resolved", "down") >= 1)
-        .await;
+    f.wait_notified("one resolved notification", |n| {
+        count(n, "resolved", "down") >= 1
+    })
+    .await;
     // Resends go on (every 2 s) and Alertmanager flushes every second: give a duplicate time.
     tokio::time::sleep(Duration::from_secs(6)).await;
     let n = f.notified();
@@ -350,7 +368,12 @@ async fn down_from_two_of_three_regions_fires_once_and_resolves_once() {
     assert_eq!(count(&n, "resolved", "down"), 1, "{n:#?}");
     assert_eq!(
         f.incidents().await,
-        vec![("down".to_owned(), "ap-south,eu-north".to_owned(), true, false)]
+        vec![(
+            "down".to_owned(),
+            "ap-south,eu-north".to_owned(),
+            true,
+            false
+        )]
     );
     let events: Vec<String> = f
         .client
@@ -394,7 +417,11 @@ async fn a_silent_region_is_no_data_never_down() {
         .iter()
         .find(|x| x.alert["labels"]["alertname"] == "region-silent")
         .unwrap();
-    assert_eq!(silent.alert["labels"]["region"], "ap-south", "{:#}", silent.alert);
+    assert_eq!(
+        silent.alert["labels"]["region"], "ap-south",
+        "{:#}",
+        silent.alert
+    );
     // Well past `for` with eu-north failing and ap-south silent.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let n = f.notified();
@@ -418,9 +445,11 @@ async fn a_silence_suppresses_the_notification() {
     f.proxies["us-east"].cut();
     // Alertmanager has the alert, and says a silence suppresses it.
     let alert = f
-        .wait("Alertmanager to hold the suppressed alert", Duration::from_secs(60), || async {
-            am_alerts(LABEL, &f.run.id).await.into_iter().next()
-        })
+        .wait(
+            "Alertmanager to hold the suppressed alert",
+            Duration::from_secs(60),
+            || async { am_alerts(LABEL, &f.run.id).await.into_iter().next() },
+        )
         .await;
     assert_eq!(alert["status"]["state"], "suppressed", "{alert:#}");
     assert_eq!(alert["status"]["silencedBy"][0], id.as_str(), "{alert:#}");
@@ -440,7 +469,8 @@ async fn kill9_of_the_evaluator_neither_renotifies_nor_forgets() {
     let file = f.alert_file("alert.toml", &f.am());
     let mut a = StageProcess::start("alert-a", "alert", &file, &f.run.dir);
     assert!(
-        a.wait_log("alert evaluator active", 1, Duration::from_secs(30)).await,
+        a.wait_log("alert evaluator active", 1, Duration::from_secs(30))
+            .await,
         "{}",
         a.log_text()
     );
@@ -453,11 +483,14 @@ async fn kill9_of_the_evaluator_neither_renotifies_nor_forgets() {
 
     f.proxies["eu-north"].cut();
     f.proxies["us-east"].cut();
-    f.wait_notified("the firing notification", |n| count(n, "firing", "down") >= 1)
-        .await;
+    f.wait_notified("the firing notification", |n| {
+        count(n, "firing", "down") >= 1
+    })
+    .await;
     a.kill9();
     assert!(
-        b.wait_log("alert evaluator active", 1, Duration::from_secs(30)).await,
+        b.wait_log("alert evaluator active", 1, Duration::from_secs(30))
+            .await,
         "{}",
         b.log_text()
     );
@@ -471,19 +504,31 @@ async fn kill9_of_the_evaluator_neither_renotifies_nor_forgets() {
     );
     // Several resends by the new evaluator.
     tokio::time::sleep(Duration::from_secs(6)).await;
-    assert_eq!(count(&f.notified(), "firing", "down"), 1, "{:#?}", f.notified());
+    assert_eq!(
+        count(&f.notified(), "firing", "down"),
+        1,
+        "{:#?}",
+        f.notified()
+    );
 
     f.proxies["eu-north"].restore();
     f.proxies["us-east"].restore();
-    f.wait_notified("the resolved notification", |n| count(n, "resolved", "down") >= 1)
-        .await;
+    f.wait_notified("the resolved notification", |n| {
+        count(n, "resolved", "down") >= 1
+    })
+    .await;
     tokio::time::sleep(Duration::from_secs(4)).await;
     let n = f.notified();
     assert_eq!(count(&n, "firing", "down"), 1, "{n:#?}");
     assert_eq!(count(&n, "resolved", "down"), 1, "{n:#?}");
     assert_eq!(
         f.incidents().await,
-        vec![("down".to_owned(), "eu-north,us-east".to_owned(), true, false)]
+        vec![(
+            "down".to_owned(),
+            "eu-north,us-east".to_owned(),
+            true,
+            false
+        )]
     );
     // `alerts` lists nothing open now (exit 0).
     let out = std::process::Command::new(vantage_tests::stage::workspace_bin("vantage-ingester"))
@@ -491,7 +536,12 @@ async fn kill9_of_the_evaluator_neither_renotifies_nor_forgets() {
         .arg(&file)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "no open incidents\n");
     drop(a);
     drop(b);
@@ -517,7 +567,11 @@ async fn webhook_is_signed_and_survives_a_receiver_outage() {
         ),
     );
     let mut stage = StageProcess::start("alert", "alert", &file, &f.run.dir);
-    assert!(stage.wait_log("alert evaluator active", 1, Duration::from_secs(30)).await);
+    assert!(
+        stage
+            .wait_log("alert evaluator active", 1, Duration::from_secs(30))
+            .await
+    );
     f.proxies["eu-north"].cut();
     f.proxies["us-east"].cut();
     let first = f
@@ -525,7 +579,11 @@ async fn webhook_is_signed_and_survives_a_receiver_outage() {
             hook.requests().into_iter().next()
         })
         .await;
-    let ts: u64 = first.header("x-vantage-timestamp").unwrap().parse().unwrap();
+    let ts: u64 = first
+        .header("x-vantage-timestamp")
+        .unwrap()
+        .parse()
+        .unwrap();
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
     let mut signed = ts.to_string().into_bytes();
     signed.push(b'.');
@@ -543,16 +601,23 @@ async fn webhook_is_signed_and_survives_a_receiver_outage() {
     assert!(ring::hmac::verify(&key, &tampered, &raw).is_err());
     let body: serde_json::Value = serde_json::from_slice(&first.body).unwrap();
     assert_eq!(body["event"], "firing");
-    assert_eq!(first.header("idempotency-key"), body["idempotency_key"].as_str());
+    assert_eq!(
+        first.header("idempotency-key"),
+        body["idempotency_key"].as_str()
+    );
 
     // Receiver down; the target recovers meanwhile (the resolved event waits).
     hook.stop();
     f.proxies["eu-north"].restore();
     f.proxies["us-east"].restore();
-    f.wait("the incident resolved in PostgreSQL", Duration::from_secs(60), || async {
-        let i = f.incidents().await;
-        (i.len() == 1 && i[0].2).then_some(())
-    })
+    f.wait(
+        "the incident resolved in PostgreSQL",
+        Duration::from_secs(60),
+        || async {
+            let i = f.incidents().await;
+            (i.len() == 1 && i[0].2).then_some(())
+        },
+    )
     .await;
     tokio::time::sleep(Duration::from_secs(30)).await;
     assert_eq!(hook.requests().len(), 1);
@@ -567,12 +632,22 @@ async fn webhook_is_signed_and_survives_a_receiver_outage() {
         .iter()
         .map(|r| serde_json::from_slice(&r.body).unwrap())
         .collect();
-    let kinds: Vec<&str> = events.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
     assert_eq!(kinds, ["firing", "resolved"], "{events:#?}");
-    let mut keys: Vec<&str> = got.iter().map(|r| r.header("idempotency-key").unwrap()).collect();
+    let mut keys: Vec<&str> = got
+        .iter()
+        .map(|r| r.header("idempotency-key").unwrap())
+        .collect();
     keys.dedup();
     assert_eq!(keys.len(), 2, "one delivery per event");
-    assert!(stage.log_text().contains("webhook delivery failed"), "{}", stage.log_text());
+    assert!(
+        stage.log_text().contains("webhook delivery failed"),
+        "{}",
+        stage.log_text()
+    );
     stage.terminate(Duration::from_secs(15));
     f.finish().await;
 }
@@ -605,13 +680,19 @@ async fn a_flapping_target_is_one_incident_marked_flapping() {
     for r in ["eu-north", "us-east"] {
         vantage_tests::target::stop_flipping(&format!("{r}-{flip_id}"));
     }
-    f.wait("the flapping incident to resolve", Duration::from_secs(60), || async {
-        let i = f.incidents().await;
-        i.first().is_some_and(|i| i.2).then_some(())
+    f.wait(
+        "the flapping incident to resolve",
+        Duration::from_secs(60),
+        || async {
+            let i = f.incidents().await;
+            i.first().is_some_and(|i| i.2).then_some(())
+        },
+    )
+    .await;
+    f.wait_notified("the resolved notification", |n| {
+        count(n, "resolved", "down") >= 1
     })
     .await;
-    f.wait_notified("the resolved notification", |n| count(n, "resolved", "down") >= 1)
-        .await;
     tokio::time::sleep(Duration::from_secs(4)).await;
     let n = f.notified();
     assert_eq!(count(&n, "firing", "down"), 1, "{n:#?}");

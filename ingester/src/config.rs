@@ -1117,5 +1117,19 @@ url = "host=127.0.0.1 user=vantage dbname=vantage"
         c.mqtt().unwrap();
         c.kafka().unwrap();
         c.postgres().unwrap();
+        assert_eq!(c.alerts.rules.len(), 6);
+        assert_eq!(c.alerts.alertmanagers.len(), 1);
+    }
+
+    /// Issue #16: a bad rule is refused at load, naming the file, the key and the reason.
+    #[test]
+    fn bad_alert_rules_name_file_and_key() {
+        let e = err(&format!(
+            "{GOOD}[[alerts.rules]]\nname = \"slow\"\nkind = \"slow\"\nmin_share = 0.5\n"
+        ));
+        assert_eq!(
+            e,
+            "ingester.toml: key `alerts.rules[0].min_share`: not a key of kind slow"
+        );
     }
 }

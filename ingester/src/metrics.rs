@@ -551,5 +551,15 @@ mod tests {
         assert!(bridge.contains("vantage_ingester_build_info{version="));
         assert!(sink.contains("vantage_ingester_build_info{version="));
         assert!(sink.ends_with("# EOF\n"));
+        m.alert.delivered("am", "ok");
+        let alert = m.encode(Stage::Alert);
+        assert!(!alert.contains("vantage_sink_") && !alert.contains("vantage_bridge_"));
+        assert_eq!(
+            sample(
+                &alert,
+                "vantage_alert_deliveries_total{receiver=\"am\",result=\"ok\"}"
+            ),
+            Some(1.0)
+        );
     }
 }

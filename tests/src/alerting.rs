@@ -60,7 +60,12 @@ pub async fn http(method: &str, url: &str, body: Option<&Value>) -> (u16, String
 /// Alerts Alertmanager holds whose label `name` is `value` (GET /api/v2/alerts, silenced and
 /// inhibited ones included).
 pub async fn am_alerts(name: &str, value: &str) -> Vec<Value> {
-    let (status, body) = http("GET", &format!("{}/api/v2/alerts", alertmanager_url()), None).await;
+    let (status, body) = http(
+        "GET",
+        &format!("{}/api/v2/alerts", alertmanager_url()),
+        None,
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     let all: Value = serde_json::from_str(&body).unwrap();
     all.as_array()
