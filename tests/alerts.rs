@@ -168,7 +168,7 @@ impl Fixture {
     /// Starts the alert stage in-process on `file`.
     fn alert_stage(
         &self,
-        file: &PathBuf,
+        file: &std::path::Path,
     ) -> (
         CancellationToken,
         tokio::task::JoinHandle<vantage_ingester::alert::AlertSummary>,

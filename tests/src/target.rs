@@ -229,9 +229,8 @@ async fn answer(req: Request<hyper::body::Incoming>) -> Result<Response<Body>, I
             .lock()
             .map(|mut f| {
                 let n = f.entry(name).or_insert(0);
-                if *n != u64::MAX {
-                    *n += 1;
-                }
+                // u64::MAX stays: flipping stopped.
+                *n = n.saturating_add(1);
                 *n
             })
             .unwrap_or(0);
