@@ -78,6 +78,18 @@ CREATE FUNCTION vantage_alert_down(fresh interval, target_ids integer[], target_
     WITH chosen AS (
         SELECT t.target_id FROM targets AS t
          WHERE t.target_id = ANY (target_ids) OR t.name = ANY (target_names)
+    ), sel AS (
+        SELECT s.target_id, s.region, s.outcome, s.started_at
+          FROM latest_status AS s
+         WHERE (only_regions IS NULL OR s.region = ANY (only_regions))
+           AND ((target_ids IS NULL AND target_names IS NULL)
+                OR s.target_id IN (SELECT c.target_id FROM chosen AS c))
+    ), candidates AS (
+        -- Only targets failing somewhere (fresh) or remembered are aggregated: a quiet fleet
+        -- costs one filtered scan, not a GROUP BY of every target.
+        SELECT DISTINCT target_id FROM sel WHERE outcome <> 'up' AND started_at >= now() - fresh
+        UNION
+        SELECT unnest(tracked)
     ), per AS (
         SELECT s.target_id,
                count(*) FILTER (WHERE s.started_at >= now() - fresh)::integer AS reporting,
@@ -86,10 +98,7 @@ CREATE FUNCTION vantage_alert_down(fresh interval, target_ids integer[], target_
                    FILTER (WHERE s.started_at >= now() - fresh AND s.outcome <> 'up') AS regions,
                array_agg(s.outcome ORDER BY s.region)
                    FILTER (WHERE s.started_at >= now() - fresh AND s.outcome <> 'up') AS outcomes
-          FROM latest_status AS s
-         WHERE (only_regions IS NULL OR s.region = ANY (only_regions))
-           AND ((target_ids IS NULL AND target_names IS NULL)
-                OR s.target_id IN (SELECT c.target_id FROM chosen AS c))
+          FROM sel AS s JOIN candidates AS c USING (target_id)
          GROUP BY s.target_id
     )
     SELECT p.target_id, t.name, t.retired_at IS NOT NULL, p.reporting, p.failing,

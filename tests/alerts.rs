@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use vantage_tests::alerting::{am_alerts, silence, AmReceiver, Notified, WebhookReceiver, SERIAL};
+use vantage_tests::alerting::{
+    am_alerts, region_agent, silence, AgentTask, AmReceiver, Notified, WebhookReceiver, SERIAL,
+};
 use vantage_tests::harness::{write_file, IngesterOptions, Run};
 use vantage_tests::proxy::CuttableProxy;
 use vantage_tests::stage::StageProcess;
@@ -29,9 +31,6 @@ fn init_tracing() {
         .with_test_writer()
         .try_init();
 }
-
-type AgentTask =
-    tokio::task::JoinHandle<Result<vantage_agent::RunSummary, vantage_agent::RunError>>;
 
 struct Fixture {
     run: Run,
@@ -89,7 +88,7 @@ impl Fixture {
         for region in REGIONS {
             let proxy = CuttableProxy::start(target.addr, true).await.unwrap();
             let url = format!("http://{}{}", proxy.addr, path(region));
-            agents.insert(region, spawn_agent(&run, region, &url));
+            agents.insert(region, region_agent(&run, region, &url, "500ms"));
             proxies.insert(region, proxy);
         }
         let client = run.pg().await;
@@ -244,53 +243,6 @@ fn count(n: &[Notified], status: &str, alertname: &str) -> usize {
     n.iter()
         .filter(|x| x.status == status && x.alert["labels"]["alertname"] == alertname)
         .count()
-}
-
-fn spawn_agent(run: &Run, region: &str, url: &str) -> (CancellationToken, AgentTask) {
-    let pw = run.dir.join("agent.pw");
-    write_file(&pw, "agent-secret");
-    let text = format!(
-        r#"
-agent_id = "{region}-{id}"
-region = "{region}"
-
-[mqtt]
-host = "{host}"
-port = {port}
-username = "agent"
-password_file = "{pw}"
-topic_prefix = "{prefix}"
-
-[uplink]
-batch_max = 4
-flush_interval = "100ms"
-drain_timeout = "2s"
-
-[fleet]
-heartbeat_interval = "1s"
-
-[[targets]]
-id = 1
-url = "{url}"
-interval = "500ms"
-timeout = "400ms"
-"#,
-        id = run.id,
-        host = run.services.mqtt_host,
-        port = run.services.mqtt_port,
-        pw = pw.display(),
-        prefix = run.prefix(),
-    );
-    let path = run.dir.join(format!("agent-{region}.toml"));
-    write_file(&path, &text);
-    let config = vantage_agent::Config::load(&path).unwrap();
-    let token = CancellationToken::new();
-    let handle = tokio::spawn(vantage_agent::run(
-        config,
-        Default::default(),
-        token.clone(),
-    ));
-    (token, handle)
 }
 
 /// Issue #16, must show 1: failing from one region of three → nothing; from two → exactly one

@@ -326,3 +326,64 @@ impl Drop for WebhookReceiver {
         self.stop();
     }
 }
+
+/// An in-process agent's task.
+pub type AgentTask =
+    tokio::task::JoinHandle<Result<vantage_agent::RunSummary, vantage_agent::RunError>>;
+
+/// Starts an agent `<region>-<run id>` in `region` probing target 1 at `url` every `interval`
+/// (timeout 80% of it), status heartbeats every second; cancel the token to stop it.
+pub fn region_agent(
+    run: &crate::harness::Run,
+    region: &str,
+    url: &str,
+    interval: &str,
+) -> (CancellationToken, AgentTask) {
+    let pw = run.dir.join("agent.pw");
+    crate::harness::write_file(&pw, "agent-secret");
+    let timeout_ms = humantime::parse_duration(interval)
+        .map(|d| d.as_millis() * 4 / 5)
+        .unwrap_or(400);
+    let text = format!(
+        r#"
+agent_id = "{region}-{id}"
+region = "{region}"
+
+[mqtt]
+host = "{host}"
+port = {port}
+username = "agent"
+password_file = "{pw}"
+topic_prefix = "{prefix}"
+
+[uplink]
+batch_max = 4
+flush_interval = "100ms"
+drain_timeout = "2s"
+
+[fleet]
+heartbeat_interval = "1s"
+
+[[targets]]
+id = 1
+url = "{url}"
+interval = "{interval}"
+timeout = "{timeout_ms}ms"
+"#,
+        id = run.id,
+        host = run.services.mqtt_host,
+        port = run.services.mqtt_port,
+        pw = pw.display(),
+        prefix = run.prefix(),
+    );
+    let path = run.dir.join(format!("agent-{region}.toml"));
+    crate::harness::write_file(&path, &text);
+    let config = vantage_agent::Config::load(&path).expect("agent config");
+    let token = CancellationToken::new();
+    let handle = tokio::spawn(vantage_agent::run(
+        config,
+        Default::default(),
+        token.clone(),
+    ));
+    (token, handle)
+}
