@@ -653,3 +653,188 @@ async fn a_flapping_target_is_one_incident_marked_flapping() {
     assert_eq!(f.incidents().await.len(), 1);
     f.finish().await;
 }
+
+/// Issue #16, rules beyond `down`, several receivers, a receiver that never answers: `slow`
+/// (p95 over 5 min above 500 ms in 2 regions), `cert_expiry` (within 14 days in 2 regions, as each
+/// region sees it) and `gaps` (an agent dropped results) fire, to Alertmanager and to a live
+/// webhook, while a dead webhook only fails (metrics) and never holds up evaluation; `alerts`
+/// lists the open incidents and exits 3. Rows are written through `results` and `gaps` as the
+/// sink writes them (its trigger keeps the rollups and latest results).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_cert_expiry_and_gaps_reach_every_receiver() {
+    let _serial = SERIAL.lock().await;
+    init_tracing();
+    let run = Run::new("alerts-rules");
+    let base = std::fs::read_to_string(run.ingester_file(&IngesterOptions::default())).unwrap();
+    let live = WebhookReceiver::start_new().await;
+    let dead_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let text = format!(
+        "{base}alert_listen = \"off\"\n\n[alerts]\nevaluation_interval = \"500ms\"\n\
+         resend_interval = \"2s\"\nstale_after = \"5m\"\nlabels = {{ {LABEL} = \"{id}\" }}\n\
+         [[alerts.rules]]\nname = \"slow\"\nkind = \"slow\"\nthreshold = \"500ms\"\n\
+         [[alerts.rules]]\nname = \"cert-expiry\"\nkind = \"cert_expiry\"\ndays = 14\n\
+         [[alerts.rules]]\nname = \"results-dropped\"\nkind = \"gaps\"\nwindow = \"10m\"\n\
+         [[alerts.alertmanagers]]\nurl = \"{am}\"\n\
+         [[alerts.webhooks]]\nname = \"live\"\nurl = \"{live}\"\n\
+         [[alerts.webhooks]]\nname = \"dead\"\nurl = \"http://127.0.0.1:{dead_port}/hook\"\n",
+        id = run.id,
+        am = vantage_tests::alerting::alertmanager_url(),
+        live = live.url(),
+    );
+    let file = run.dir.join("alert.toml");
+    write_file(&file, &text);
+    let config = vantage_ingester::Config::load(&file).unwrap();
+    let mut client = vantage_ingester::db::connect(config.postgres().unwrap())
+        .await
+        .unwrap();
+    vantage_ingester::db::migrate(&mut client, &run.schema())
+        .await
+        .unwrap();
+    // Target 7: 900 ms and a certificate expiring in 3 days from ap-south and eu-north; 20 ms and
+    // 60 days from us-east.
+    for (i, (region, total_us, days)) in [
+        ("ap-south", 900_000, 3),
+        ("eu-north", 900_000, 3),
+        ("us-east", 20_000, 60),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for seq in 0..5i64 {
+            client
+                .execute(
+                    "INSERT INTO results (region, agent, boot_id, seq, target_id, started_at,
+                                          outcome, total_us, body_bytes, cert_not_after)
+                     VALUES ($1, $1 || '-a', 1, $2, 7, now() - make_interval(secs => $5),
+                             'up', $3, 10, now() + make_interval(days => $4))",
+                    &[
+                        &region,
+                        &(seq + 10 * i as i64),
+                        &total_us,
+                        &days,
+                        &(seq as f64),
+                    ],
+                )
+                .await
+                .unwrap();
+        }
+    }
+    client
+        .execute(
+            "INSERT INTO gaps (region, agent, boot_id, first_seq, dropped, first_started_at,
+                               last_started_at)
+             VALUES ('eu-north', 'eu-north-a', 1, 100, 5, now() - interval '1 minute', now())",
+            &[],
+        )
+        .await
+        .unwrap();
+
+    let stop = CancellationToken::new();
+    let stage = tokio::spawn({
+        let s = stop.clone();
+        async move { vantage_ingester::alert::run(&config, s).await.unwrap() }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let firing = loop {
+        let events: Vec<serde_json::Value> = live
+            .requests()
+            .iter()
+            .map(|r| serde_json::from_slice(&r.body).unwrap())
+            .collect();
+        if events.len() >= 3 {
+            break events;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "webhook events: {events:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let by_rule = |rule: &str| {
+        firing
+            .iter()
+            .find(|e| e["incident"]["rule"] == rule)
+            .unwrap_or_else(|| panic!("no {rule} event in {firing:#?}"))
+            .clone()
+    };
+    let slow = by_rule("slow");
+    assert_eq!(slow["event"], "firing");
+    assert_eq!(slow["labels"]["regions"], "ap-south,eu-north", "{slow:#}");
+    assert!(
+        slow["summary"]
+            .as_str()
+            .unwrap()
+            .starts_with("slow from ap-south (p95 "),
+        "{slow:#}"
+    );
+    let cert = by_rule("cert-expiry");
+    assert_eq!(cert["labels"]["regions"], "ap-south,eu-north", "{cert:#}");
+    assert!(
+        cert["summary"].as_str().unwrap().contains("days left"),
+        "{cert:#}"
+    );
+    let gaps = by_rule("results-dropped");
+    assert_eq!(gaps["labels"]["agent"], "eu-north-a", "{gaps:#}");
+    assert!(
+        gaps["summary"]
+            .as_str()
+            .unwrap()
+            .contains("dropped 5 results"),
+        "{gaps:#}"
+    );
+    // Alertmanager has the three as well.
+    let am = AmReceiver::shared()
+        .wait(
+            LABEL,
+            &run.id,
+            Duration::from_secs(60),
+            "three notifications",
+            |n| n.iter().filter(|x| x.status == "firing").count() >= 3,
+        )
+        .await;
+    assert_eq!(am.len(), 3, "{am:#?}");
+
+    // The dead receiver failed (and keeps failing) while evaluations went on.
+    let text = vantage_ingester::metrics::global().encode(vantage_ingester::metrics::Stage::Alert);
+    let failed = vantage_ingester::metrics::sample(
+        &text,
+        "vantage_alert_deliveries_total{receiver=\"dead\",result=\"error\"}",
+    );
+    assert!(failed.unwrap_or(0.0) >= 1.0, "{text}");
+    let out = std::process::Command::new(vantage_tests::stage::workspace_bin("vantage-ingester"))
+        .args(["alerts", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(listing.lines().count(), 4, "{listing}");
+    assert!(
+        listing.contains("results-dropped") && listing.contains("eu-north-a"),
+        "{listing}"
+    );
+    // Evaluations go on while the dead webhook retries (tests take turns: this stage is the
+    // only one of the process now).
+    let evaluations = || {
+        let text =
+            vantage_ingester::metrics::global().encode(vantage_ingester::metrics::Stage::Alert);
+        vantage_ingester::metrics::sample(&text, "vantage_alert_evaluations_total").unwrap_or(0.0)
+    };
+    let e1 = evaluations();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let e2 = evaluations();
+    assert!(e2 - e1 >= 2.0, "{e1} then {e2} evaluations");
+    stop.cancel();
+    let summary = stage.await.unwrap();
+    assert_eq!(summary.opened, 3, "{summary:?}");
+    run.cleanup(&[]).await;
+}

@@ -368,6 +368,12 @@ async fn session(
             .count(),
         "alert evaluator active"
     );
+    // A new webhook starts after the latest event: its cursor is created here, before the
+    // first evaluation of this session can add events, so none falls between the two (its
+    // task connects on its own and could otherwise start after them).
+    for hook in &alerts.webhooks {
+        store::cursor(&client, &hook.name).await?;
+    }
     let (tx, rx) = watch::channel(Arc::new(ev.snapshot()));
     let workers = shutdown.child_token();
     let mut tasks = Vec::new();

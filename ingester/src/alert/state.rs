@@ -132,15 +132,17 @@ impl Track {
     ) -> Option<Change> {
         let detail = match verdict {
             Verdict::Unknown => return None,
+            // Counts stop at what the rule needs: a subject that stays bad (or good) then leaves
+            // the track unchanged, so a long incident writes nothing per evaluation.
             Verdict::Bad(d) => {
-                self.bad = self.bad.saturating_add(1);
+                self.bad = self.bad.saturating_add(1).min(for_n.max(1));
                 self.good = 0;
                 self.push(true, flap.window);
                 self.last_bad = Some(d.clone());
                 Some(d)
             }
             Verdict::Good => {
-                self.good = self.good.saturating_add(1);
+                self.good = self.good.saturating_add(1).min(resolve_after.max(1));
                 self.bad = 0;
                 self.push(false, flap.window);
                 None
