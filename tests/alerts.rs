@@ -344,7 +344,8 @@ async fn down_from_two_of_three_regions_fires_once_and_resolves_once() {
 }
 
 /// Issue #16, must show 2: every agent of a region stopped → a no_data alert for the region and
-/// no down alert, even while another region fails (1 of the 2 still reporting is not enough).
+/// no down alert, even though the region's last result was a failure and another region fails
+/// (a region without fresh data never votes: 1 failing of the 2 reporting is not enough).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_silent_region_is_no_data_never_down() {
     let _serial = SERIAL.lock().await;
@@ -356,10 +357,24 @@ async fn a_silent_region_is_no_data_never_down() {
     let (_token, _stage) = f.alert_stage(&file);
     tokio::time::sleep(Duration::from_secs(2)).await;
 
+    // ap-south fails, then falls silent: its last word is a failure, and it must not count.
+    f.proxies["ap-south"].cut();
+    f.wait("ap-south's failure in latest_status", Duration::from_secs(30), || async {
+        let r = f
+            .client
+            .query_one(
+                "SELECT count(*) FROM latest_status
+                  WHERE target_id = 1 AND region = 'ap-south' AND outcome <> 'up'",
+                &[],
+            )
+            .await
+            .ok()?;
+        (r.get::<_, i64>(0) == 1).then_some(())
+    })
+    .await;
     let (token, task) = f.agents.remove("ap-south").unwrap();
     token.cancel();
     let _ = task.await;
-    f.proxies["eu-north"].cut();
     let n = f
         .wait_notified("no_data for ap-south", |n| {
             count(n, "firing", "region-silent") >= 1 && count(n, "firing", "agent-silent") >= 1
@@ -374,8 +389,9 @@ async fn a_silent_region_is_no_data_never_down() {
         "{:#}",
         silent.alert
     );
-    // Well past `for` with eu-north failing and ap-south silent.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // ap-south is stale now (that is what no_data says); eu-north fails. Well past `for`.
+    f.proxies["eu-north"].cut();
+    tokio::time::sleep(Duration::from_secs(6)).await;
     let n = f.notified();
     assert_eq!(count(&n, "firing", "down"), 0, "{n:#?}");
     assert_eq!(count(&n, "firing", "region-silent"), 1, "{n:#?}");
