@@ -359,18 +359,22 @@ async fn a_silent_region_is_no_data_never_down() {
 
     // ap-south fails, then falls silent: its last word is a failure, and it must not count.
     f.proxies["ap-south"].cut();
-    f.wait("ap-south's failure in latest_status", Duration::from_secs(30), || async {
-        let r = f
-            .client
-            .query_one(
-                "SELECT count(*) FROM latest_status
+    f.wait(
+        "ap-south's failure in latest_status",
+        Duration::from_secs(30),
+        || async {
+            let r = f
+                .client
+                .query_one(
+                    "SELECT count(*) FROM latest_status
                   WHERE target_id = 1 AND region = 'ap-south' AND outcome <> 'up'",
-                &[],
-            )
-            .await
-            .ok()?;
-        (r.get::<_, i64>(0) == 1).then_some(())
-    })
+                    &[],
+                )
+                .await
+                .ok()?;
+            (r.get::<_, i64>(0) == 1).then_some(())
+        },
+    )
     .await;
     let (token, task) = f.agents.remove("ap-south").unwrap();
     token.cancel();
