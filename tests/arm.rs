@@ -485,6 +485,8 @@ topic = "{topic}"
 dead_letter_topic = "{dlq}"
 group_id = "arm-sink-{id}"
 partitions = 1
+replication_factor = 1
+min_insync_replicas = 1
 
 [postgres]
 {pg}
@@ -536,24 +538,27 @@ topic_prefix = "{prefix}"
 batch_max = 4
 flush_interval = "200ms"
 
+# Generous timeouts: under qemu on a busy two-core machine a TLS probe with its regex check (now
+# inside the deadline) can take over a second. interval > timeout: a probe still running when its
+# target is due again is skipped (one probe in flight per target).
 [[targets]]
 id = 1
 url = "{t1}"
-interval = "1s"
-timeout = "1s"
+interval = "6s"
+timeout = "5s"
 regex = "target: ok"
 
 [[targets]]
 id = 2
 url = "{t2}"
-interval = "1s"
-timeout = "1s"
+interval = "6s"
+timeout = "5s"
 
 [[targets]]
 id = 3
 url = "{t3}"
-interval = "1s"
-timeout = "1s"
+interval = "6s"
+timeout = "5s"
 regex = "target: ok"
 ca_file = "{ca}"
 ip_family = "ipv4"

@@ -1238,9 +1238,9 @@ async fn header_secrets_stay_on_the_agent() {
         Duration::from_secs(60),
         || async {
             target
-                .requests()
+                .seen()
                 .into_iter()
-                .find(|r| r.path == "/private")
+                .find(|r| r.target == "/private")
                 .filter(|r| {
                     r.headers
                         .contains(&("authorization".to_owned(), token.clone()))

@@ -6,33 +6,13 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use vantage_ingester::metrics::sample;
 use vantage_tests::harness::{publish_as_agent, result_frames, IngesterOptions, Run};
-use vantage_tests::stage::{self, StageProcess};
-
-/// GET `path` on `addr`; (status, body). The endpoint closes each connection after one answer.
-async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
-        return (0, String::new());
-    };
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    s.write_all(request.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw)).await;
-    let raw = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (status, body.to_owned())
-}
+use vantage_tests::stage::{self, http_get, StageProcess};
 
 /// The value of one sample, 0 when absent (a labelled counter appears on first use).
 async fn value(addr: SocketAddr, name: &str) -> f64 {
-    let (status, body) = get(addr, "/metrics").await;
+    let (status, body) = http_get(addr, "/metrics").await;
     assert_eq!(status, 200, "{body}");
     sample(&body, name).unwrap_or(0.0)
 }
@@ -41,34 +21,12 @@ async fn value(addr: SocketAddr, name: &str) -> f64 {
 async fn wait_metrics(addr: SocketAddr, timeout: Duration, cond: impl Fn(&str) -> bool) -> String {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let (_, body) = get(addr, "/metrics").await;
+        let (_, body) = http_get(addr, "/metrics").await;
         if cond(&body) || tokio::time::Instant::now() >= deadline {
             return body;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-/// The address a stage process logged (`http listening ... addr=...`).
-async fn listen_addr(stage: &StageProcess) -> SocketAddr {
-    assert!(
-        stage
-            .wait_log("http listening", 1, Duration::from_secs(60))
-            .await,
-        "{} did not start its http endpoint:\n{}",
-        stage.name,
-        stage.log_text()
-    );
-    let text = stage.log_text();
-    let line = text.lines().find(|l| l.contains("http listening")).unwrap();
-    let addr = line
-        .split("addr=")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap();
-    addr.parse().unwrap()
 }
 
 async fn publish(run: &Run, agent: &str, messages: &[(String, Vec<u8>)]) {
@@ -89,7 +47,7 @@ async fn stage_metrics_move_by_what_flows_through() {
     let file = run.ingester_file(&IngesterOptions::default());
     let mut sink = StageProcess::start("sink", "sink", &file, &run.dir);
     let mut bridge = StageProcess::start("bridge", "bridge", &file, &run.dir);
-    let (b, s) = (listen_addr(&bridge).await, listen_addr(&sink).await);
+    let (b, s) = (bridge.http_addr().await, sink.http_addr().await);
     assert!(
         bridge
             .wait_log("subscribed", 1, Duration::from_secs(60))
@@ -99,18 +57,18 @@ async fn stage_metrics_move_by_what_flows_through() {
     );
 
     // Alive at once; ready once connected to what each stage needs.
-    assert_eq!(get(b, "/healthz").await, (200, "ok\n".to_owned()));
-    assert_eq!(get(s, "/healthz").await.0, 200);
-    assert_eq!(get(b, "/nope").await.0, 404);
+    assert_eq!(http_get(b, "/healthz").await, (200, "ok\n".to_owned()));
+    assert_eq!(http_get(s, "/healthz").await.0, 200);
+    assert_eq!(http_get(b, "/nope").await.0, 404);
     for (addr, checks) in [
         (b, &["mqtt: ok", "kafka: ok"][..]),
         (s, &["kafka: ok", "postgres: ok"]),
     ] {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        let mut last = get(addr, "/readyz").await;
+        let mut last = http_get(addr, "/readyz").await;
         while last.0 != 200 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(250)).await;
-            last = get(addr, "/readyz").await;
+            last = http_get(addr, "/readyz").await;
         }
         assert_eq!(last.0, 200, "{addr} not ready: {}", last.1);
         for c in checks {
@@ -119,7 +77,7 @@ async fn stage_metrics_move_by_what_flows_through() {
     }
 
     // A fresh process starts at zero.
-    let (_, text) = get(b, "/metrics").await;
+    let (_, text) = http_get(b, "/metrics").await;
     assert_eq!(
         sample(&text, "vantage_bridge_messages_received_total"),
         Some(0.0)
@@ -373,7 +331,7 @@ timeout = "200ms"
     let addr = vantage_agent::metrics::serve(listen, http_stop.clone())
         .await
         .unwrap();
-    assert_eq!(get(addr, "/healthz").await.0, 200);
+    assert_eq!(http_get(addr, "/healthz").await.0, 200);
 
     let shutdown = tokio_util::sync::CancellationToken::new();
     let agent = tokio::spawn(vantage_agent::run(
@@ -406,7 +364,7 @@ timeout = "200ms"
 
     shutdown.cancel();
     let summary = agent.await.unwrap().unwrap();
-    let text = get(addr, "/metrics").await.1;
+    let text = http_get(addr, "/metrics").await.1;
     let probes: f64 = ["up", "status_not_accepted", "timeout"]
         .iter()
         .filter_map(|o| {

@@ -585,6 +585,8 @@ topic = "{topic}"
 dead_letter_topic = "{dlq}"
 group_id = "{group}"
 partitions = 2
+replication_factor = 1
+min_insync_replicas = 1
 [kafka.properties]
 "security.protocol" = "SASL_SSL"
 "sasl.mechanisms" = "SCRAM-SHA-512"

@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio_postgres::Client;
 use vantage_ingester::config::PostgresConfig;
 use vantage_ingester::db::{self, Row};
+use vantage_ingester::storage::StorageConfig;
 use vantage_proto::{Outcome, ProbeResult, RegexOutcome};
 use vantage_tests::{unique_id, Services};
 
@@ -141,8 +142,18 @@ async fn rows_at_day_month_and_leap_day_boundaries_land_in_their_partitions() {
         s.insert_at(seq, 1, "eu", at, 1000).await;
         assert_eq!(s.partition_of(seq).await, "results_default");
     }
-    // ... until upkeep gives each day its partition and moves them there.
-    vantage_ingester::storage::ensure_partitions(&s.client, 7)
+    // ... and upkeep leaves them there (2028 is beyond the window it adopts: a clock years
+    // ahead must not make it create partitions) ...
+    vantage_ingester::storage::ensure_partitions(&s.client, &StorageConfig::default())
+        .await
+        .unwrap();
+    assert_eq!(s.partition_of(1).await, "results_default");
+    // ... until an operator adopts that range: each day gets its partition, the rows move.
+    s.client
+        .query_one(
+            "SELECT vantage_adopt_default('2028-01-01', '2030-01-01')",
+            &[],
+        )
         .await
         .unwrap();
     for (seq, at, partition) in cases {
@@ -217,13 +228,23 @@ async fn retention_drops_exactly_the_expired_days() {
         )
         .await;
     }
-    vantage_ingester::storage::ensure_partitions(&s.client, 7)
+    // Upkeep with a longer retention gave every one of those days its partition.
+    let keep_all = StorageConfig {
+        raw_retention: Duration::from_secs(45 * 86_400),
+        ..StorageConfig::default()
+    };
+    vantage_ingester::storage::ensure_partitions(&s.client, &keep_all)
         .await
         .unwrap();
+    assert_eq!(
+        s.scalar_i64("SELECT count(*) FROM results_default").await,
+        0
+    );
     let dropped = vantage_ingester::storage::apply_retention(
         &s.client,
         Duration::from_secs(30 * 86_400),
         Duration::from_secs(400 * 86_400),
+        false,
     )
     .await
     .unwrap();
@@ -245,11 +266,16 @@ async fn retention_drops_exactly_the_expired_days() {
         .collect();
     let mut dropped_results: Vec<String> = dropped
         .iter()
-        .filter(|n| n.starts_with("results_p"))
-        .cloned()
+        .filter(|r| r.relation.starts_with("results_p"))
+        .map(|r| r.relation.clone())
         .collect();
     dropped_results.sort();
     assert_eq!(dropped_results, expected);
+    // Each with its one row: nothing goes without a count.
+    assert!(dropped
+        .iter()
+        .filter(|r| r.relation.starts_with("results_p"))
+        .all(|r| r.rows == 1));
     // What is left is exactly the rows whose day is not expired; hourly rollups are all kept.
     let kept = s.scalar_i64("SELECT count(*) FROM results").await;
     assert_eq!(kept, 40 - expected.len() as i64);
@@ -531,6 +557,251 @@ async fn explain_shows_indexes_and_partition_pruning() {
         );
     }
     s.drop().await;
+}
+
+/// `vantage-ingester maintain ARGS` with `file`; (exit code, stdout, stderr).
+fn maintain(file: &std::path::Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(vantage_tests::stage::workspace_bin("vantage-ingester"))
+        .arg("maintain")
+        .arg("--config")
+        .arg(file)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A config file for `maintain` on this schema with `storage` lines; in its own folder.
+fn storage_config(s: &Schema, storage: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("vantage-maintain-{}", unique_id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("ingester.toml");
+    let text = format!(
+        "[postgres]\n{}\nschema = \"{}\"\n[storage]\n{storage}\n",
+        Services::from_env().pg_toml_plain(&dir),
+        s.config.schema
+    );
+    std::fs::write(&file, text).unwrap();
+    file
+}
+
+/// Issue #14, item 2: `maintain --config` keeps what `[storage]` says (90 days here), not a
+/// default of its own (it dropped 60 of those days for good); its flags only override, and are
+/// refused as the file's keys would be; `--dry-run` lists what would go and drops nothing.
+/// Needs `cargo build --bins`.
+#[tokio::test]
+async fn maintain_keeps_what_the_config_keeps() {
+    let s = Schema::new("maintain").await;
+    // One row a day: 0..=88 days old (inside 90 days) and 92..=99 days old (outside).
+    for d in (0..=88).chain(92..=99) {
+        s.insert_at(d, 1, "eu", &format!("now() - interval '{d} days'"), 1000)
+            .await;
+    }
+    let file = storage_config(&s, "raw_retention = \"90d\"\nrollup_retention = \"400d\"");
+    let (code, out, err) = maintain(&file, &[]);
+    println!("maintain:\n{out}{err}");
+    assert_eq!(code, Some(0), "{err}");
+    let inside = s
+        .scalar_i64("SELECT count(*) FROM results WHERE started_at > now() - interval '90 days'")
+        .await;
+    assert_eq!(inside, 89, "rows within raw_retention = 90d were dropped");
+    assert_eq!(s.scalar_i64("SELECT count(*) FROM results").await, 89);
+    // What went is said: the 8 rows older than 90 days, with their count.
+    assert!(out.contains("8 rows"), "{out}");
+
+    // A flag overrides the file: with 60 days, a dry run lists the partitions that would go and
+    // drops nothing.
+    let (code, out, err) = maintain(&file, &["--raw-retention", "60d", "--dry-run"]);
+    println!("maintain --raw-retention 60d --dry-run:\n{out}{err}");
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(s.scalar_i64("SELECT count(*) FROM results").await, 89);
+    let day = |days_ago: i32| {
+        let client = &s.client;
+        async move {
+            client
+                .query_one(
+                    "SELECT 'results_p' || to_char((now() - make_interval(days => $1)) AT TIME ZONE 'UTC', 'YYYYMMDD')",
+                    &[&days_ago],
+                )
+                .await
+                .unwrap()
+                .get::<_, String>(0)
+        }
+    };
+    let (old, young) = (day(88).await, day(59).await);
+    assert!(out.contains(&old) && out.contains("would"), "{out}");
+    assert!(!out.contains(&young), "{out}");
+
+    // Flags are validated like the file's keys, and the error names the flag.
+    let (code, _, err) = maintain(&file, &["--raw-retention", "12h"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("--raw-retention") && err.contains("1 day"),
+        "{err}"
+    );
+    let (code, _, err) = maintain(&file, &["--raw-retention", "500d"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("rollup_retention"), "{err}");
+    let (code, _, err) = maintain(&file, &["--ahead", "0"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("--ahead"), "{err}");
+    assert_eq!(s.scalar_i64("SELECT count(*) FROM results").await, 89);
+    let _ = std::fs::remove_dir_all(file.parent().unwrap());
+    s.drop().await;
+}
+
+/// Issue #14, item 3: rows waiting in the default partition are adopted only inside a bounded
+/// window (raw retention back, the partitions ahead forward): a clock a year behind or twenty
+/// years ahead no longer makes upkeep create a partition per day it invents; what retention
+/// deletes from the default partition is reported, never silent.
+#[tokio::test]
+async fn upkeep_adopts_default_rows_only_inside_a_bounded_window() {
+    let s = Schema::new("adopt").await;
+    let partitions = "SELECT count(*) FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                       WHERE c.relnamespace = current_schema()::regnamespace AND c.relkind = 'r'";
+    let before = s.scalar_i64(partitions).await;
+    // 20 distinct days about 400 days back and 20 about 20 years ahead, and one row 3 days ago
+    // (no partition yet: it waits in the default partition, inside the window).
+    for i in 0..20i64 {
+        s.insert_at(
+            i,
+            1,
+            "eu",
+            &format!("now() - interval '{} days'", 400 + i),
+            1000,
+        )
+        .await;
+        s.insert_at(
+            100 + i,
+            1,
+            "eu",
+            &format!("now() + interval '{} days'", 7300 + i),
+            1000,
+        )
+        .await;
+    }
+    s.insert_at(1000, 1, "eu", "now() - interval '3 days'", 1000)
+        .await;
+    assert_eq!(
+        s.scalar_i64("SELECT count(*) FROM results_default").await,
+        41
+    );
+    s.client
+        .query_one("SELECT vantage_ensure_partitions(7, 1)", &[])
+        .await
+        .unwrap();
+    let created = s.scalar_i64(partitions).await - before;
+    // The day 3 days ago: its results and 1-minute partitions (its month's rollup partitions
+    // exist already, or one more month each).
+    assert!(
+        (2..=4).contains(&created),
+        "upkeep created {created} partitions for rows from broken clocks"
+    );
+    assert!(s.partition_of(1000).await.starts_with("results_p"));
+    assert_eq!(
+        s.scalar_i64("SELECT count(*) FROM results_default").await,
+        40
+    );
+    s.drop().await;
+}
+
+/// Issue #14, item 1: the sink's storage upkeep survives a PostgreSQL restart. Before, it kept
+/// its first connection forever: after a restart no partition was created ahead and nothing
+/// was retained until the sink itself restarted. Here upkeep runs every second; after the
+/// restart a dropped partition ahead is created again and the "last successful upkeep" gauge
+/// moves on.
+///
+/// Restarts the shared PostgreSQL: `#[ignore]`d, run alone by `make test-crash` (after
+/// `cargo build --bins`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "restarts the shared PostgreSQL: run alone with `make test-crash`"]
+async fn upkeep_recovers_after_a_postgres_restart() {
+    use vantage_tests::harness::{IngesterOptions, Run};
+    use vantage_tests::stage::{self, http_get, Service, ServicesGuard, StageProcess};
+    let _services = ServicesGuard;
+    let run = Run::new("upkeep");
+    let file = run.ingester_file(&IngesterOptions::default());
+    let mut text = std::fs::read_to_string(&file).unwrap();
+    text.push_str("\n[storage]\nupkeep_interval = \"1s\"\n");
+    std::fs::write(&file, text).unwrap();
+    let mut sink = StageProcess::start("sink", "sink", &file, &run.dir);
+    let addr = sink.http_addr().await;
+    let gauge = || async move {
+        let (_, body) = http_get(addr, "/metrics").await;
+        vantage_ingester::metrics::sample(
+            &body,
+            "vantage_sink_upkeep_last_success_timestamp_seconds",
+        )
+    };
+    // The last partition made ahead (today + 7, the default `partitions_ahead`).
+    let client = run.pg().await;
+    let ahead: String = client
+        .query_one(
+            "SELECT 'results_p' || to_char((now() AT TIME ZONE 'UTC')::date + 7, 'YYYYMMDD')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let exists = |name: String| {
+        let run = &run;
+        async move {
+            let Ok(client) = tokio::time::timeout(Duration::from_secs(5), run.pg()).await else {
+                return false;
+            };
+            client
+                .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
+                .await
+                .is_ok_and(|r| r.get(0))
+        }
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !exists(ahead.clone()).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no upkeep at start:\n{}",
+            sink.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(client);
+
+    let took = stage::restart_service(Service::Postgres, Duration::from_secs(2))
+        .await
+        .unwrap();
+    let restarted = std::time::SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    println!("PostgreSQL restarted in {took:.1?}");
+    // Upkeep must notice it has work again: drop the partition it made ahead.
+    run.pg()
+        .await
+        .batch_execute(&format!("DROP TABLE {ahead}"))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let recreated = exists(ahead.clone()).await;
+        let last = gauge().await.unwrap_or(0.0);
+        if recreated && last >= restarted.floor() {
+            println!("after the restart: {ahead} created again, last successful upkeep at {last}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "upkeep did not recover within 60 s of the PostgreSQL restart \
+             ({ahead} recreated: {recreated}, last successful upkeep: {last}):\n{}",
+            sink.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(sink.terminate(Duration::from_secs(30)), Some(0));
+    run.cleanup(&[]).await;
 }
 
 /// Issue #14 item 7: `cert_expiry` reports per region, and one region never decides alone: the

@@ -127,7 +127,9 @@ pub struct RawUplink {
     /// reserved at start (about 100 bytes per result).
     #[serde(default = "default_buffer_capacity")]
     pub buffer_capacity: usize,
-    /// On shutdown, how long to keep trying to deliver buffered results (default 10s).
+    /// On shutdown, how long probes in flight may still finish and buffered results be
+    /// delivered (default 10s, at most 60s). Probes still running then are aborted and
+    /// counted; results still unacknowledged are counted as undelivered.
     #[serde(default = "default_drain_timeout", with = "humantime_serde")]
     pub drain_timeout: Duration,
 }
@@ -143,30 +145,32 @@ impl Default for RawUplink {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawProbes {
-    /// Most probes running at once (default 64). A probe that finds no free slot when it is due
-    /// is counted as skipped rather than queued.
-    #[serde(default = "default_max_concurrency")]
-    pub max_concurrency: usize,
+    /// Most probes running at once. Default: sized from the schedule (Σ timeout ÷ interval
+    /// × 1.5 + 8, at most one per target, within the descriptor limit and the memory budget;
+    /// see `scheduler.rs`). A probe that finds no free slot when it is due is counted as
+    /// skipped rather than queued.
+    pub max_concurrency: Option<usize>,
+    /// Bytes of response bodies all probes together may hold (default 128 MiB): a number of
+    /// bytes or a string like `"128MiB"`. Each probe reserves its worst case before it starts
+    /// (`budget.rs`); one that does not fit waits, for at most its timeout.
+    #[serde(default)]
+    pub memory_budget: crate::budget::RawSize,
     /// `"allow"` (default) or `"refuse"`: whether probes may connect to loopback, private,
     /// link-local and other non-public addresses (checked after DNS and on every redirect).
     #[serde(default)]
     pub private_addresses: crate::netpolicy::AddressPolicy,
 }
 
-impl Default for RawProbes {
-    fn default() -> Self {
-        RawProbes {
-            max_concurrency: default_max_concurrency(),
-            private_addresses: Default::default(),
-        }
-    }
-}
-
 /// Largest `uplink.buffer_capacity`: about 100 MB of results.
 pub const MAX_BUFFER_CAPACITY: usize = 1_000_000;
+
+/// Longest `uplink.drain_timeout`. A stop takes at most this long (probes still in flight are
+/// aborted at the same deadline), and the packaged unit's `TimeoutStopSec` (90 s) covers it
+/// with room for the goodbye to the broker: systemd never kills an agent mid-count.
+pub const MAX_DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn default_mqtt_port() -> u16 {
     1883
@@ -188,9 +192,6 @@ fn default_buffer_capacity() -> usize {
 }
 fn default_drain_timeout() -> Duration {
     Duration::from_secs(10)
-}
-fn default_max_concurrency() -> usize {
-    64
 }
 fn default_heartbeat_interval() -> Duration {
     Duration::from_secs(30)
@@ -215,7 +216,10 @@ pub struct Config {
     pub region: String,
     pub mqtt: MqttConfig,
     pub uplink: UplinkConfig,
-    pub max_concurrency: usize,
+    /// `probes.max_concurrency` (None: sized from the schedule).
+    pub max_concurrency: Option<usize>,
+    /// `probes.memory_budget`, bytes.
+    pub memory_budget: u64,
     /// Where to serve `/metrics` (None: off).
     pub metrics_listen: Option<std::net::SocketAddr>,
     pub heartbeat_interval: Duration,
@@ -394,10 +398,36 @@ impl Config {
                     .map_err(|_| invalid("metrics.listen", format!("{l:?} is not \"ip:port\"")))?,
             ),
         };
-        if raw.probes.max_concurrency == 0 {
+        if raw.probes.max_concurrency == Some(0) {
             return Err(invalid(
                 "probes.max_concurrency",
-                "must be at least 1".into(),
+                "must be at least 1 (leave it out to size it from the schedule)".into(),
+            ));
+        }
+        let memory_budget = raw
+            .probes
+            .memory_budget
+            .bytes()
+            .map_err(|r| invalid("probes.memory_budget", r))?;
+        if !(crate::budget::MIN_MEMORY_BUDGET..=crate::budget::MAX_MEMORY_BUDGET)
+            .contains(&memory_budget)
+        {
+            return Err(invalid(
+                "probes.memory_budget",
+                format!(
+                    "must be {} to {}",
+                    crate::budget::show(crate::budget::MIN_MEMORY_BUDGET),
+                    crate::budget::show(crate::budget::MAX_MEMORY_BUDGET)
+                ),
+            ));
+        }
+        if raw.uplink.drain_timeout > MAX_DRAIN_TIMEOUT {
+            return Err(invalid(
+                "uplink.drain_timeout",
+                format!(
+                    "must be at most {MAX_DRAIN_TIMEOUT:?} (the packaged systemd unit's \
+                     TimeoutStopSec covers that much)"
+                ),
             ));
         }
         let mut targets = Vec::with_capacity(raw.targets.len());
@@ -420,6 +450,21 @@ impl Config {
             }
             let target = Target::from_raw(t)
                 .map_err(|e| invalid(&format!("targets[{i}].{}", e.key), e.reason))?;
+            // It could never run: say so now rather than refuse it at every due time.
+            let need = crate::budget::need(&target);
+            if need > memory_budget {
+                return Err(invalid(
+                    &format!("targets[{i}].body_cap"),
+                    format!(
+                        "with a regex a probe of this target reserves {} ({} × body_cap + {}), \
+                         more than probes.memory_budget ({}): lower body_cap or raise the budget",
+                        crate::budget::show(need),
+                        crate::budget::REGEX_BODY_COPIES,
+                        crate::budget::show(crate::budget::PROBE_FLOOR),
+                        crate::budget::show(memory_budget),
+                    ),
+                ));
+            }
             targets.push(target);
         }
         Ok(Config {
@@ -441,6 +486,7 @@ impl Config {
                 drain_timeout: raw.uplink.drain_timeout,
             },
             max_concurrency: raw.probes.max_concurrency,
+            memory_budget,
             metrics_listen,
             heartbeat_interval: raw.fleet.heartbeat_interval,
             state_dir: raw.state_dir,
@@ -663,6 +709,69 @@ regex = "ok"
             "host = \"127.0.0.1\"\nkeep_alive = \"500ms\"",
         ));
         assert!(e.contains("`mqtt.keep_alive`"), "{e}");
+    }
+
+    #[test]
+    fn probes_settings_are_checked() {
+        let with = |probes: &str| {
+            Config::parse(
+                &GOOD.replace("[[targets]]", &format!("[probes]\n{probes}\n[[targets]]")),
+                Path::new("agent.toml"),
+            )
+        };
+        let c = Config::parse(GOOD, Path::new("agent.toml")).unwrap();
+        assert_eq!(c.max_concurrency, None);
+        assert_eq!(c.memory_budget, 128 << 20);
+        assert_eq!(
+            with("memory_budget = \"64MiB\"").unwrap().memory_budget,
+            64 << 20
+        );
+        assert_eq!(
+            with("memory_budget = 8388608").unwrap().memory_budget,
+            8 << 20
+        );
+        assert_eq!(
+            with("max_concurrency = 16").unwrap().max_concurrency,
+            Some(16)
+        );
+        for (probes, needle) in [
+            (
+                "max_concurrency = 0",
+                "`probes.max_concurrency`: must be at least 1",
+            ),
+            (
+                "memory_budget = \"12 MB\"",
+                "`probes.memory_budget`: \"12 MB\" is not a size",
+            ),
+            (
+                "memory_budget = 1000",
+                "`probes.memory_budget`: must be 1.0 MiB to 64.0 GiB",
+            ),
+        ] {
+            let e = with(probes).unwrap_err().to_string();
+            assert!(e.contains(needle), "{probes}: {e}");
+        }
+        // A local target that could never fit is refused at load, by its key.
+        let e = err(&GOOD
+            .replace(
+                "[[targets]]",
+                "[probes]\nmemory_budget = \"4MiB\"\n[[targets]]",
+            )
+            .replace("regex = \"ok\"", "regex = \"ok\"\nbody_cap = 1048576"));
+        assert!(
+            e.contains(
+                "key `targets[0].body_cap`: with a regex a probe of this target reserves 5.1 MiB"
+            ),
+            "{e}"
+        );
+        let e = err(&GOOD.replace(
+            "[[targets]]",
+            "[uplink]\ndrain_timeout = \"61s\"\n[[targets]]",
+        ));
+        assert!(
+            e.contains("`uplink.drain_timeout`: must be at most 60s"),
+            "{e}"
+        );
     }
 
     #[test]

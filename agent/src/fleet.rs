@@ -16,6 +16,8 @@ use crate::config::Config;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Board {
     pub targets: u32,
+    /// Probe slots in force (`probes.max_concurrency`, or sized from the schedule).
+    pub max_concurrency: u32,
     pub region_set_generation: u64,
     pub agent_set_generation: u64,
     pub rejection: Option<Rejection>,
@@ -69,7 +71,7 @@ pub fn status_frame(
         boot_id,
         version: env!("CARGO_PKG_VERSION").try_into().unwrap_or_default(),
         sent_at_ms,
-        max_concurrency: u32::try_from(config.max_concurrency).unwrap_or(u32::MAX),
+        max_concurrency: board.max_concurrency,
         buffer_capacity: u32::try_from(config.uplink.buffer_capacity).unwrap_or(u32::MAX),
         targets: board.targets,
         pending_results: u32::try_from(pending_results).unwrap_or(u32::MAX),

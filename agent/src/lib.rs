@@ -5,6 +5,7 @@
 //! → [`probe::Prober`] (measure) → bounded channel → [`uplink`] (number, buffer, batch, publish;
 //! receives target sets and sends [`fleet`] status).
 
+pub mod budget;
 pub mod config;
 pub mod fleet;
 pub mod logging;
@@ -20,12 +21,17 @@ pub mod target_set;
 pub mod tls;
 pub mod uplink;
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use vantage_proto::control::SetScope;
+use vantage_proto::Outcome;
+
+use scheduler::{Action, SkipReason};
 
 pub use config::{Config, TargetsSource};
 pub use uplink::UplinkStats;
@@ -41,8 +47,21 @@ pub struct RunOptions {
 #[derive(Debug, Clone, Default)]
 pub struct RunSummary {
     pub probes_started: u64,
-    /// Probes not started because they were late or all probe slots were busy.
+    /// Probes not started (the sum of the four reasons below).
     pub probes_skipped: u64,
+    /// ... because their due time passed while the agent could not run.
+    pub skipped_late: u64,
+    /// ... because the target's previous probe was still running.
+    pub skipped_in_flight: u64,
+    /// ... because every probe slot they may take was busy.
+    pub skipped_no_slot: u64,
+    /// ... because no body memory freed within their timeout.
+    pub skipped_no_memory: u64,
+    /// Probes that could never fit the memory budget, reported as `memory_refused` results.
+    pub probes_refused: u64,
+    /// Probes still running at the drain deadline, aborted: no result exists for them, so they
+    /// are neither numbered nor `undelivered`; counted here and in the stop warning.
+    pub probes_aborted: u64,
     pub uplink: UplinkStats,
 }
 
@@ -83,7 +102,6 @@ pub async fn run(
         None => config.targets.iter().cloned().map(Arc::new).collect(),
         Some(b) => b.effective(),
     };
-    let board = Arc::new(fleet::StatusBoard::new(board_of(book.as_ref(), &targets)));
     tracing::info!(
         agent = %config.agent_id,
         region = %config.region,
@@ -92,6 +110,20 @@ pub async fn run(
         targets = targets.len(),
         "agent starting"
     );
+    let capacity = scheduler::Capacity {
+        max_concurrency: config.max_concurrency,
+        memory_budget: config.memory_budget,
+        probe_floor: budget::PROBE_FLOOR,
+        sockets: probe_sockets(),
+    };
+    let mut schedule =
+        scheduler::Scheduler::new(&entries(&targets), capacity, Instant::now(), options.rounds);
+    log_limits(&schedule, "probe limits");
+    let board = Arc::new(fleet::StatusBoard::new(board_of(
+        book.as_ref(),
+        &targets,
+        &schedule,
+    )));
 
     // Probes hand results to the uplink through this channel (the uplink numbers them); the
     // uplink drains it without ever waiting on the network, so its bound only matters if the
@@ -116,24 +148,27 @@ pub async fn run(
         shutdown.clone(),
     ));
 
-    let mut schedule = scheduler::Scheduler::new(
-        &intervals(&targets),
-        std::time::Instant::now(),
-        options.rounds,
-    );
-    let slots = Arc::new(Semaphore::new(config.max_concurrency));
-    let mut probes = JoinSet::new();
+    // Each probe task returns whether its target answered; the map says whose task it was
+    // (a task that panicked returns only its id).
+    let mut probes: JoinSet<bool> = JoinSet::new();
+    let mut running: HashMap<tokio::task::Id, u32> = HashMap::new();
     let mut summary = RunSummary::default();
     let following = book.is_some();
+    // Skips and refusals are input-driven (a thousand dead targets make thousands): one line
+    // per half minute each, with how many were suppressed; the summary and /metrics count all.
+    let skip_log = ratelimit::RateLimit::new("probe skipped", Duration::from_secs(30));
+    let refuse_log = ratelimit::RateLimit::new(
+        "probe refused by the memory budget",
+        Duration::from_secs(30),
+    );
 
     loop {
-        let next = schedule.next_due();
+        let next = schedule.next_wake();
         if next.is_none() && !following {
             break; // local targets, all rounds done
         }
         // With no target due (an empty central set), sleep until a set arrives.
-        let wake = next
-            .unwrap_or_else(|| std::time::Instant::now() + std::time::Duration::from_secs(3600));
+        let wake = next.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             // In this order: when both sets changed at once, the agent's own is taken first
             // (the order `targets apply` publishes them in; see target_set::TargetBook).
@@ -142,62 +177,204 @@ pub async fn run(
             Ok(()) = agent_rx.changed(), if following => {
                 let payload = agent_rx.borrow_and_update().clone();
                 apply_set(&mut book, SetScope::Agent, payload, &mut targets, &mut schedule, &board).await;
-                continue;
             }
             Ok(()) = region_rx.changed(), if following => {
                 let payload = region_rx.borrow_and_update().clone();
                 apply_set(&mut book, SetScope::Region, payload, &mut targets, &mut schedule, &board).await;
-                continue;
             }
-            // Reap finished probes so the set does not grow.
-            Some(_) = probes.join_next(), if !probes.is_empty() => continue,
+            // A probe ended: its slot and memory are free (and waiting probes may start below).
+            Some(done) = probes.join_next_with_id(), if !probes.is_empty() => {
+                let (task, answered) = match &done {
+                    Ok((task, answered)) => (*task, *answered),
+                    // A panic in a probe task: an agent fault, not the target's timeout.
+                    Err(e) => (e.id(), true),
+                };
+                let target = running.remove(&task);
+                if let Err(e) = &done {
+                    tracing::error!(target_id = ?target, error = %e, "probe task failed; it has no result");
+                }
+                if let Some(target) = target {
+                    schedule.finished(target, answered);
+                }
+            }
             _ = tokio::time::sleep_until(wake.into()) => {}
         }
-        for due in schedule.pop_due(std::time::Instant::now()) {
-            summary.probes_skipped += due.skipped;
-            let Some(target) = targets.iter().find(|t| t.id == due.target).cloned() else {
-                continue;
-            };
-            // No free slot means earlier probes are still running: skip instead of piling up.
-            let Ok(permit) = slots.clone().try_acquire_owned() else {
-                summary.probes_skipped += 1;
-                tracing::warn!(target_id = target.id, "no free probe slot, probe skipped");
-                continue;
-            };
-            summary.probes_started += 1;
-            let (prober, tx) = (prober.clone(), tx.clone());
-            // The probe owns its target: a set swapped meanwhile does not disturb it.
-            probes.spawn(async move {
-                let m = prober.probe(&target).await;
-                metrics::probe_done(&m);
-                tracing::debug!(target_id = m.target_id, outcome = m.outcome.as_str(), status = m.status, total = ?m.total, "probe done");
-                // Fails only when the uplink is gone (shutdown); the result cannot go anywhere.
-                let _ = tx.send(uplink::to_wire(&m)).await;
-                drop(permit);
-            });
+        for action in schedule.poll(Instant::now()) {
+            match action {
+                Action::Start { target, .. } => {
+                    let Some(target) = targets.iter().find(|t| t.id == target).cloned() else {
+                        schedule.finished(target, true);
+                        continue;
+                    };
+                    summary.probes_started += 1;
+                    let (prober, tx, id) = (prober.clone(), tx.clone(), target.id);
+                    // The probe owns its target: a set swapped meanwhile does not disturb it.
+                    let handle = probes.spawn(async move {
+                        let (m, leftover) = prober.probe_with_leftover(&target).await;
+                        metrics::probe_done(&m);
+                        tracing::debug!(target_id = m.target_id, outcome = m.outcome.as_str(), status = m.status, total = ?m.total, "probe done");
+                        // The uplink receives until this sender is gone (see the drain below),
+                        // so the result is numbered even after the drain deadline.
+                        let _ = tx.send(uplink::to_wire(&m)).await;
+                        // A body check given up at the deadline still holds the body: this
+                        // probe's memory (and slot) stays counted until it ends (probe/check.rs).
+                        if let Some(leftover) = leftover {
+                            leftover.finished().await;
+                        }
+                        // A timeout held the slot to its deadline; anything else answered.
+                        !matches!(m.outcome, Outcome::Timeout | Outcome::ConnectTimeout)
+                    });
+                    running.insert(handle.id(), id);
+                }
+                Action::Skipped {
+                    target,
+                    reason,
+                    count,
+                    ..
+                } => {
+                    summary.probes_skipped += count;
+                    *match reason {
+                        SkipReason::Late => &mut summary.skipped_late,
+                        SkipReason::InFlight => &mut summary.skipped_in_flight,
+                        SkipReason::NoSlot => &mut summary.skipped_no_slot,
+                        SkipReason::NoMemory => &mut summary.skipped_no_memory,
+                    } += count;
+                    if let Some(suppressed) = skip_log.allow() {
+                        tracing::warn!(
+                            target_id = target,
+                            reason = reason.as_str(),
+                            suppressed,
+                            skipped_total = summary.probes_skipped,
+                            "probe skipped"
+                        );
+                    }
+                }
+                Action::Refused { target, need, .. } => {
+                    summary.probes_refused += 1;
+                    if let Some(suppressed) = refuse_log.allow() {
+                        tracing::warn!(
+                            target_id = target,
+                            need = %budget::show(need),
+                            memory_budget = %budget::show(config.memory_budget),
+                            suppressed,
+                            "probe refused: it could hold more body memory than probes.memory_budget (outcome memory_refused)"
+                        );
+                    }
+                    // A result that says so, like any other: the refusal reaches SQL.
+                    let mut m = probe::Measurement::new(target, fleet::now_ms());
+                    m.outcome = Outcome::MemoryRefused;
+                    m.detail = Some(format!(
+                        "needs {} of body memory, more than probes.memory_budget ({})",
+                        budget::show(need),
+                        budget::show(config.memory_budget)
+                    ));
+                    metrics::probe_done(&m);
+                    let tx = tx.clone();
+                    // Not in `running`: it holds no slot.
+                    probes.spawn(async move {
+                        let _ = tx.send(uplink::to_wire(&m)).await;
+                        true
+                    });
+                }
+            }
         }
         metrics::probes_skipped(summary.probes_skipped);
     }
-    // In-flight probes finish (each is bounded by its own timeout) before the uplink drains.
-    while probes.join_next().await.is_some() {}
+    // In-flight probes may finish until the drain deadline, the uplink's too (each is bounded
+    // by its own timeout); then they are aborted and counted. A `--rounds` run that was not
+    // stopped waits for them: the uplink's drain starts only after.
+    let deadline = shutdown
+        .is_cancelled()
+        .then(|| tokio::time::Instant::now() + config.uplink.drain_timeout);
+    summary.probes_aborted = finish_probes(&mut probes, deadline).await;
+    if summary.probes_aborted > 0 {
+        tracing::warn!(
+            aborted = summary.probes_aborted,
+            "probes still running at the drain deadline were aborted (they have no result)"
+        );
+    }
     drop(tx);
     summary.uplink = uplink.await?;
     tracing::info!(?summary, "agent stopped");
     Ok(summary)
 }
 
-/// (id, interval) of each target, for the scheduler.
-fn intervals(targets: &[Arc<target::Target>]) -> Vec<(u32, std::time::Duration)> {
-    targets.iter().map(|t| (t.id, t.interval)).collect()
+/// Waits for every probe task, until `deadline` if there is one; then aborts the rest and
+/// returns how many were aborted (a probe that finished meanwhile has sent its result).
+async fn finish_probes(probes: &mut JoinSet<bool>, deadline: Option<tokio::time::Instant>) -> u64 {
+    let all_done = async { while probes.join_next().await.is_some() {} };
+    match deadline {
+        None => {
+            all_done.await;
+            return 0;
+        }
+        Some(d) => {
+            if tokio::time::timeout_at(d, all_done).await.is_ok() {
+                return 0;
+            }
+        }
+    }
+    probes.abort_all();
+    let mut aborted = 0;
+    while let Some(done) = probes.join_next().await {
+        if matches!(done, Err(e) if e.is_cancelled()) {
+            aborted += 1;
+        }
+    }
+    aborted
+}
+
+/// Sockets probes may open: the soft limit on open files (`/proc/self/limits`) less 64 for the
+/// broker connection, the metrics endpoint, resolver threads, state files and stdio. Each probe
+/// holds one socket, so more slots than this would fail as `connect_failed`, an agent fault
+/// reported as the target's. 1024 (the usual default) when the limit cannot be read.
+fn probe_sockets() -> usize {
+    let soft = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3))
+                .map(|soft| soft.parse::<usize>().unwrap_or(usize::MAX))
+        })
+        .unwrap_or(1024);
+    soft.saturating_sub(64).max(1)
+}
+
+fn log_limits(schedule: &scheduler::Scheduler, what: &str) {
+    let l = schedule.limits();
+    tracing::info!(
+        targets = schedule.len(),
+        slots = l.slots,
+        reserved_slots = l.reserved_slots,
+        steady_need = format!("{:.1}", l.steady_need),
+        memory_budget = %budget::show(l.memory),
+        "{what}"
+    );
+}
+
+/// What the scheduler needs to know of each target.
+fn entries(targets: &[Arc<target::Target>]) -> Vec<scheduler::Entry> {
+    targets
+        .iter()
+        .map(|t| scheduler::Entry {
+            id: t.id,
+            interval: t.interval,
+            timeout: t.timeout,
+            memory: budget::need(t),
+        })
+        .collect()
 }
 
 /// The status fields that follow from the target sets.
 fn board_of(
     book: Option<&target_set::TargetBook>,
     targets: &[Arc<target::Target>],
+    schedule: &scheduler::Scheduler,
 ) -> fleet::Board {
     fleet::Board {
         targets: targets.len() as u32,
+        max_concurrency: u32::try_from(schedule.limits().slots).unwrap_or(u32::MAX),
         region_set_generation: book.map_or(0, |b| b.region_generation()),
         agent_set_generation: book.map_or(0, |b| b.agent_generation()),
         rejection: book.and_then(|b| b.rejection().cloned()),
@@ -238,12 +415,13 @@ async fn apply_set(
         target_set::Offered::Unchanged => {}
         target_set::Offered::Accepted => {
             *targets = book.effective();
-            schedule.update(&intervals(targets), std::time::Instant::now());
+            schedule.update(&entries(targets), Instant::now());
             tracing::info!(
                 ?scope,
                 region_generation = book.region_generation(),
                 agent_generation = book.agent_generation(),
                 targets = targets.len(),
+                slots = schedule.limits().slots,
                 "target set applied"
             );
         }
@@ -255,7 +433,7 @@ async fn apply_set(
             );
         }
     }
-    board.set(board_of(Some(book), targets));
+    board.set(board_of(Some(book), targets, schedule));
 }
 
 /// Used only if the OS has no entropy source: time-based, still distinct across restarts.

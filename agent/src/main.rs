@@ -1,13 +1,14 @@
 //! The `vantage-agent` binary: parses the command line, loads the config, runs [`vantage_agent::run`].
 //!
-//! Exit codes (docs/agent.md): 0 success (also a SIGTERM stop); 1 failure (bad configuration or
-//! probe options, a `--rounds` run that could not deliver); 2 bad command line, or `probe`
-//! whose outcome is not `up`.
+//! Exit codes (docs/agent.md), the same scheme as vantage-ingester's: 0 success (also a SIGTERM
+//! stop); 1 failure (bad configuration file, a `--rounds` run that could not deliver); 2 bad
+//! command line (clap's errors, and `probe` options that fail the target checks); 3 `probe`
+//! ran and the outcome is not `up` (like the ingester's 3: checked, found unhealthy).
 
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -15,8 +16,8 @@ use tokio_util::sync::CancellationToken;
     name = "vantage-agent",
     version,
     about = "Probe HTTP(S) targets and upload results over MQTT",
-    after_help = "Exit codes: 0 success, 1 failure, 2 bad command line (or `probe`: not up). \
-                  Logs go to stderr; RUST_LOG filters them (e.g. debug)."
+    after_help = "Exit codes: 0 success, 1 failure, 2 bad command line, 3 `probe`: the outcome \
+                  is not up. Logs go to stderr; RUST_LOG filters them (e.g. debug)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -47,7 +48,8 @@ enum Command {
         config: PathBuf,
     },
     /// Probe one URL now, with the engine and options of a configured target, and print every
-    /// measured field. Exit status: 0 when the outcome is `up`, 2 when it is not, 1 on bad usage.
+    /// measured field. Exit status: 0 when the outcome is `up`, 3 when it is not, 2 on a bad
+    /// command line.
     ///
     /// Example: vantage-agent probe https://example.org/ --regex 'Example Domain' --json
     Probe(ProbeArgs),
@@ -69,8 +71,9 @@ struct ProbeArgs {
     /// Extra request header, "Name: value"; repeatable.
     #[arg(long = "header", short = 'H')]
     headers: Vec<String>,
-    /// Accepted status code or range ("200-299", "301"); repeatable. Default: 200-299.
-    #[arg(long = "accept")]
+    /// Accepted status codes and ranges: "200-299", "200,301", or the flag repeated. Default:
+    /// 200-299.
+    #[arg(long = "accept", value_delimiter = ',')]
     accept: Vec<String>,
     /// Redirects to follow; 0 records the redirect itself.
     #[arg(long, default_value_t = vantage_agent::target::DEFAULT_MAX_REDIRECTS)]
@@ -129,6 +132,7 @@ impl ProbeArgs {
             } else {
                 IpFamily::Auto
             },
+            allow_downgrade: false,
         };
         Target::from_raw(raw).map_err(|e| {
             let flag = match e.key {
@@ -165,7 +169,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Probe(args) => {
-            let target = args.target()?;
+            let target = args.target().unwrap_or_else(|e| usage_error("probe", e));
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -177,7 +181,7 @@ fn main() -> anyhow::Result<()> {
                 print!("{}", vantage_agent::oneshot::to_text(&m));
             }
             if m.outcome != vantage_proto::Outcome::Up {
-                std::process::exit(2);
+                std::process::exit(3);
             }
             Ok(())
         }
@@ -219,6 +223,22 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             })
         }
+    }
+}
+
+/// A flag value that parsed but failed a later check: reported the way clap reports its own
+/// usage errors (message, usage line, exit code 2), so every command-line mistake looks and
+/// exits alike.
+fn usage_error(subcommand: &str, message: impl std::fmt::Display) -> ! {
+    let mut cli = Cli::command();
+    cli.build();
+    match cli.find_subcommand_mut(subcommand) {
+        Some(sub) => sub
+            .error(clap::error::ErrorKind::ValueValidation, message)
+            .exit(),
+        None => cli
+            .error(clap::error::ErrorKind::ValueValidation, message)
+            .exit(),
     }
 }
 

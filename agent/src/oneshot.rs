@@ -1,6 +1,6 @@
 //! `vantage-agent probe URL`: one probe with the same engine and options as a configured
 //! target, printed for a person (aligned lines) or for a program (`--json`). Field names match
-//! the columns of the `results` table.
+//! the columns of the `results` table, plus `detail` (why it is not up; agent-side only).
 
 use std::fmt::Write as _;
 use std::time::{Duration, UNIX_EPOCH};
@@ -33,6 +33,12 @@ fn fields(m: &Measurement) -> Vec<(&'static str, Value)> {
             "failed_phase",
             m.failed_phase
                 .map_or(Value::Null, |p| Value::Text(p.as_str().into())),
+        ),
+        (
+            "detail",
+            m.detail
+                .as_ref()
+                .map_or(Value::Null, |d| Value::Text(d.clone())),
         ),
         (
             "status",
@@ -151,6 +157,7 @@ mod tests {
             redirects: 0,
             cert_not_after_s: None,
             remote_ip: Some("127.0.0.1".parse().unwrap()),
+            detail: Some("deadline (1s) passed in phase first_byte".into()),
         }
     }
 
@@ -162,9 +169,19 @@ mod tests {
             "{j}"
         );
         assert!(
-            j.contains("\"outcome\":\"timeout\",\"failed_phase\":\"first_byte\",\"status\":null"),
+            j.contains(
+                "\"outcome\":\"timeout\",\"failed_phase\":\"first_byte\",\
+                 \"detail\":\"deadline (1s) passed in phase first_byte\",\"status\":null"
+            ),
             "{j}"
         );
+        let up = Measurement {
+            outcome: Outcome::Up,
+            failed_phase: None,
+            detail: None,
+            ..sample()
+        };
+        assert!(to_json(&up).contains("\"detail\":null"));
         assert!(j.contains("\"connect_us\":150,\"tls_us\":null"), "{j}");
         assert!(j.ends_with("\"remote_ip\":\"127.0.0.1\"}"), "{j}");
     }
@@ -174,6 +191,10 @@ mod tests {
         let t = to_text(&sample());
         assert!(t.contains("total           1000.500 ms"), "{t}");
         assert!(t.contains("tls             -"), "{t}");
+        assert!(
+            t.contains("detail          deadline (1s) passed in phase first_byte\n"),
+            "{t}"
+        );
     }
 
     #[test]

@@ -2,11 +2,19 @@
 //!
 //! Each hop's connection is built by hand (DNS, TCP, TLS, then hyper's HTTP/1.1 connection API)
 //! rather than through a pooled client, so every probe pays for and measures each phase, the
-//! way a new visitor would. One deadline covers the whole probe, redirects included; each phase
-//! runs under `timeout_at` of that deadline, so a timeout names the phase it interrupted.
+//! way a new visitor would. One deadline covers the whole probe, redirects and the body check
+//! included; each phase runs under `timeout_at` of that deadline, so a timeout names the phase
+//! it interrupted.
 //!
 //! Time to first byte is the first byte *read* from the socket after the request was written
-//! (measured by [`FirstByteIo`] under hyper), not "headers complete".
+//! (measured by [`FirstByteIo`] under hyper), not "headers complete"; after interim (1xx)
+//! responses it is the first byte of the final response. The network clock (`total`) stops at
+//! the last body byte: decoding and the regex search run afterwards on threads of their own
+//! (`check.rs`), still under the deadline.
+
+mod check;
+
+pub use check::Leftover;
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -17,7 +25,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Body as _;
-use hyper::header::{ACCEPT_ENCODING, CONTENT_ENCODING, HOST, LOCATION, USER_AGENT};
+use hyper::header::{
+    HeaderName, ACCEPT_ENCODING, AUTHORIZATION, COOKIE, HOST, LOCATION, PROXY_AUTHORIZATION,
+    USER_AGENT,
+};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -30,6 +41,9 @@ use crate::tls;
 /// Sent with every request so target owners can recognise (and allow-list) the monitor.
 pub const USER_AGENT_VALUE: &str = concat!("vantage-agent/", env!("CARGO_PKG_VERSION"));
 
+/// Longest [`Measurement::detail`], in bytes.
+pub const MAX_DETAIL_LEN: usize = 200;
+
 /// What one probe measured. The uplink turns it into a wire [`vantage_proto::ProbeResult`] and
 /// assigns its sequence number.
 ///
@@ -41,25 +55,34 @@ pub struct Measurement {
     pub started_at_ms: u64,
     pub status: u16,
     pub outcome: Outcome,
-    /// Where a failed probe stopped; None when a response was received.
+    /// Where a failed probe stopped; None when a response was received and checked.
     pub failed_phase: Option<Phase>,
     pub regex: RegexOutcome,
+    /// Probe start to the last body byte (the network's part); for a probe that failed, to the
+    /// moment it failed. The body check is not network time and is not in it.
     pub total: Duration,
     pub dns: Option<Duration>,
     pub connect: Option<Duration>,
     pub tls: Option<Duration>,
     pub ttfb: Option<Duration>,
     pub transfer: Option<Duration>,
+    /// Body bytes that arrived (at most the cap), also when the body phase failed.
     pub body_bytes: u32,
     pub body_truncated: bool,
     pub redirects: u8,
     /// Leaf certificate notAfter, unix seconds.
     pub cert_not_after_s: Option<u64>,
     pub remote_ip: Option<std::net::IpAddr>,
+    /// Why the outcome is not `up`, for a person (at most [`MAX_DETAIL_LEN`] bytes): shown by
+    /// `vantage-agent probe` and logged at debug level. It does not travel on the wire (see
+    /// docs/probe-engine.md); None when the outcome is `up`.
+    pub detail: Option<String>,
 }
 
 impl Measurement {
-    fn new(target_id: u32, started_at_ms: u64) -> Measurement {
+    /// A measurement of nothing yet (outcome `other`): the start of a probe, or, filled in by
+    /// the caller, the result of a probe that could not run (`memory_refused`, lib.rs).
+    pub fn new(target_id: u32, started_at_ms: u64) -> Measurement {
         Measurement {
             target_id,
             started_at_ms,
@@ -78,6 +101,7 @@ impl Measurement {
             redirects: 0,
             cert_not_after_s: None,
             remote_ip: None,
+            detail: None,
         }
     }
 
@@ -87,17 +111,46 @@ impl Measurement {
         *self = Measurement::new(id, at);
         self.redirects = redirects;
     }
+
+    /// Ends the probe with `outcome` (`phase` None: a response arrived) and why.
+    fn end(&mut self, outcome: Outcome, phase: Option<Phase>, detail: String) {
+        self.outcome = outcome;
+        self.failed_phase = phase;
+        self.detail = Some(bounded(detail));
+    }
 }
 
-/// A failure: its kind and the phase it happened in.
-type Failure = (Outcome, Phase);
+/// A failure: its kind, the phase it happened in, and a short detail for people.
+#[derive(Debug)]
+struct Failure {
+    outcome: Outcome,
+    phase: Phase,
+    detail: String,
+}
+
+fn fail(outcome: Outcome, phase: Phase, detail: impl Into<String>) -> Failure {
+    Failure {
+        outcome,
+        phase,
+        detail: detail.into(),
+    }
+}
+
+/// The deadline passed in `phase`.
+fn timed_out(phase: Phase, timeout: Duration) -> Failure {
+    fail(
+        Outcome::Timeout,
+        phase,
+        format!("deadline ({timeout:?}) passed in phase {}", phase.as_str()),
+    )
+}
 
 /// How a hop ended when a response arrived.
 enum HopEnd {
-    /// A redirect to follow.
+    /// A redirect to follow (if the limit and the target's settings allow).
     Redirect(url::Url),
-    /// The final response (body read, regex evaluated).
-    Final,
+    /// The final response, its body read; the check to run on it, if a regex is configured.
+    Final(Option<check::Job>),
 }
 
 /// The probe engine. Cheap to clone; shares the default TLS configuration.
@@ -128,7 +181,31 @@ impl Prober {
     }
 
     /// Probes `target` once. Never fails: every failure is a [`Measurement`] with its outcome.
+    ///
+    /// A check that ran past the deadline may still be running on its worker, holding the
+    /// body; this does not wait for it (see [`Prober::probe_with_leftover`]).
     pub async fn probe(&self, target: &Target) -> Measurement {
+        self.probe_with_leftover(target).await.0
+    }
+
+    /// [`Prober::probe`], also handing back the body check the probe gave up on at its deadline
+    /// if it is still running: memory accounting (the body budget) should count the probe's
+    /// body as held until [`Leftover::finished`].
+    pub async fn probe_with_leftover(&self, target: &Target) -> (Measurement, Option<Leftover>) {
+        let (m, leftover) = self.measure(target).await;
+        if let Some(detail) = &m.detail {
+            tracing::debug!(
+                target_id = m.target_id,
+                outcome = m.outcome.as_str(),
+                phase = m.failed_phase.map(Phase::as_str),
+                detail = %detail,
+                "probe not up"
+            );
+        }
+        (m, leftover)
+    }
+
+    async fn measure(&self, target: &Target) -> (Measurement, Option<Leftover>) {
         let started_at_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
@@ -137,66 +214,170 @@ impl Prober {
         let mut m = Measurement::new(target.id, started_at_ms);
         let mut url = target.url.clone();
         let mut method = target.method.clone();
-        loop {
+        // Every (method, URL) requested, to tell a loop from a long chain (at most
+        // max_redirects + 1 entries).
+        let mut requested: Vec<(hyper::Method, url::Url)> = Vec::new();
+        // Set once the chain leaves the target's origin; stays set, as in the Fetch standard
+        // (the headers are removed from the request, not re-added on the way back).
+        let mut left_origin = false;
+        let job = loop {
             m.start_hop();
-            match self.hop(target, &url, &method, deadline, &mut m).await {
-                Err((outcome, phase)) => {
-                    m.outcome = outcome;
-                    m.failed_phase = Some(phase);
-                    break;
+            requested.push((method.clone(), url.clone()));
+            match self
+                .hop(target, &url, &method, left_origin, deadline, &mut m)
+                .await
+            {
+                Err(f) => {
+                    m.end(f.outcome, Some(f.phase), f.detail);
+                    m.total = start.elapsed();
+                    return (m, None);
                 }
                 Ok(HopEnd::Redirect(next)) => {
-                    m.redirects += 1;
                     // 303 See Other turns any method into GET (RFC 9110 15.4.4).
-                    if m.status == 303 && method != hyper::Method::HEAD {
-                        method = hyper::Method::GET;
+                    let next_method = if m.status == 303 && method != hyper::Method::HEAD {
+                        hyper::Method::GET
+                    } else {
+                        method.clone()
+                    };
+                    if m.redirects >= target.max_redirects {
+                        let looped = requested.contains(&(next_method, next.clone()));
+                        let (outcome, why) = if looped {
+                            (Outcome::RedirectLoop, "redirect loop: already requested")
+                        } else {
+                            (Outcome::TooManyRedirects, "next redirect")
+                        };
+                        m.end(
+                            outcome,
+                            None,
+                            format!(
+                                "more than {} redirects; {why}: {}",
+                                target.max_redirects,
+                                redact(&next)
+                            ),
+                        );
+                        m.total = start.elapsed();
+                        return (m, None);
                     }
+                    if url.scheme() == "https" && next.scheme() == "http" && !target.allow_downgrade
+                    {
+                        m.end(
+                            Outcome::DowngradeRefused,
+                            None,
+                            format!(
+                                "redirect from https to {} not followed (allow_downgrade = false)",
+                                redact(&next)
+                            ),
+                        );
+                        m.total = start.elapsed();
+                        return (m, None);
+                    }
+                    left_origin |= url.origin() != next.origin();
+                    m.redirects += 1;
+                    method = next_method;
                     url = next;
                 }
-                Ok(HopEnd::Final) => {
-                    m.outcome = if !target.accepts(m.status) {
-                        Outcome::StatusNotAccepted
-                    } else if m.regex == RegexOutcome::NotMatched {
-                        if m.body_truncated {
-                            Outcome::BodyTruncated
-                        } else {
-                            Outcome::RegexNotMatched
-                        }
+                Ok(HopEnd::Final(job)) => break job,
+            }
+        };
+        // The network's part ends here; the check below runs under the same deadline.
+        m.total = start.elapsed();
+        if let Some(job) = job {
+            let read = job.body.len();
+            let (verdict, leftover) = check::run(job, deadline).await;
+            match verdict {
+                Ok(verdict) => {
+                    m.body_truncated |= verdict.decoded_truncated;
+                    m.regex = if verdict.matched {
+                        RegexOutcome::Matched
                     } else {
-                        Outcome::Up
+                        RegexOutcome::NotMatched
                     };
-                    break;
+                }
+                Err(e) => {
+                    let (outcome, detail) = match e {
+                        check::CheckError::Expired(during) => (
+                            Outcome::Timeout,
+                            format!("deadline ({:?}) passed {during}", target.timeout),
+                        ),
+                        check::CheckError::BadEncoding(d) => (Outcome::BadContentEncoding, d),
+                        check::CheckError::Agent(d) => (Outcome::Other, d),
+                    };
+                    m.end(outcome, Some(Phase::Check), detail);
+                    m.total = start.elapsed();
+                    return (m, leftover);
                 }
             }
+            if m.regex == RegexOutcome::NotMatched && target.accepts(m.status) {
+                let detail = if m.body_truncated {
+                    format!(
+                        "regex not found within body_cap ({} bytes); the body is longer",
+                        target.body_cap
+                    )
+                } else {
+                    format!("regex not found in the body ({read} bytes on the wire)")
+                };
+                let outcome = if m.body_truncated {
+                    Outcome::BodyTruncated
+                } else {
+                    Outcome::RegexNotMatched
+                };
+                m.end(outcome, None, detail);
+                return (m, None);
+            }
         }
-        m.total = start.elapsed();
-        m
+        if target.accepts(m.status) {
+            m.outcome = Outcome::Up;
+        } else {
+            let detail = format!("status {} is not in accepted_status", m.status);
+            m.end(Outcome::StatusNotAccepted, None, detail);
+        }
+        (m, None)
     }
 
-    /// One request/response on a new connection to `url`.
+    /// One request/response on a new connection to `url`. `left_origin`: the chain left the
+    /// target's origin, so its credentials are not sent.
     async fn hop(
         &self,
         target: &Target,
         url: &url::Url,
         method: &hyper::Method,
+        left_origin: bool,
         deadline: tokio::time::Instant,
         m: &mut Measurement,
     ) -> Result<HopEnd, Failure> {
-        let host = url.host_str().ok_or((Outcome::Other, Phase::Dns))?;
+        let host = url
+            .host_str()
+            .ok_or_else(|| fail(Outcome::Other, Phase::Dns, "URL has no host"))?;
         let port = url
             .port_or_known_default()
-            .ok_or((Outcome::Other, Phase::Dns))?;
-        let addr = resolve(url, port, target.ip_family, deadline, m).await?;
+            .ok_or_else(|| fail(Outcome::Other, Phase::Dns, "URL has no port"))?;
+        let addr = resolve(url, port, target, deadline, m).await?;
         m.remote_ip = Some(addr.ip());
         // After DNS and before connecting, on every hop: redirects and rebinding are covered.
         if !self.address_policy.permits(addr.ip()) {
-            return Err((Outcome::AddressRefused, Phase::Connect));
+            return Err(fail(
+                Outcome::AddressRefused,
+                Phase::Connect,
+                format!("{} refused by probes.private_addresses", addr.ip()),
+            ));
         }
 
         let t = Instant::now();
         let tcp = match timeout_at(deadline, TcpStream::connect(addr)).await {
-            Err(_) => return Err((Outcome::ConnectTimeout, Phase::Connect)),
-            Ok(Err(e)) => return Err((classify_connect(&e), Phase::Connect)),
+            Err(_) => {
+                return Err(fail(
+                    Outcome::ConnectTimeout,
+                    Phase::Connect,
+                    format!("no TCP connection to {addr} before the deadline"),
+                ))
+            }
+            Ok(Err(e)) => {
+                return Err(fail(
+                    classify_connect(&e),
+                    Phase::Connect,
+                    format!("connect to {addr}: {e}"),
+                ))
+            }
             Ok(Ok(tcp)) => tcp,
         };
         m.connect = Some(t.elapsed());
@@ -217,8 +398,9 @@ impl Prober {
                 Some(url::Host::Ipv6(ip)) => {
                     rustls::pki_types::ServerName::from(std::net::IpAddr::V6(ip))
                 }
-                _ => rustls::pki_types::ServerName::try_from(host.to_owned())
-                    .map_err(|_| (Outcome::TlsFailed, Phase::Tls))?,
+                _ => rustls::pki_types::ServerName::try_from(host.to_owned()).map_err(|e| {
+                    fail(Outcome::TlsFailed, Phase::Tls, format!("server name: {e}"))
+                })?,
             };
             let t = Instant::now();
             let stream = match timeout_at(
@@ -227,8 +409,14 @@ impl Prober {
             )
             .await
             {
-                Err(_) => return Err((Outcome::Timeout, Phase::Tls)),
-                Ok(Err(e)) => return Err((tls::classify_handshake_error(&e), Phase::Tls)),
+                Err(_) => return Err(timed_out(Phase::Tls, target.timeout)),
+                Ok(Err(e)) => {
+                    return Err(fail(
+                        tls::classify_handshake_error(&e),
+                        Phase::Tls,
+                        error_chain(&e),
+                    ))
+                }
                 Ok(Ok(stream)) => stream,
             };
             m.tls = Some(t.elapsed());
@@ -238,11 +426,46 @@ impl Prober {
                 .peer_certificates()
                 .and_then(|chain| chain.first())
                 .and_then(|leaf| tls::not_after_unix(leaf));
-            exchange(stream, target, url, method, deadline, m).await
+            exchange(stream, target, url, method, left_origin, deadline, m).await
         } else {
-            exchange(tcp, target, url, method, deadline, m).await
+            exchange(tcp, target, url, method, left_origin, deadline, m).await
         }
     }
+}
+
+/// A URL for a detail: a user name and password in it are never shown.
+fn redact(url: &url::Url) -> String {
+    crate::target::redact_userinfo(url.as_str())
+}
+
+/// `detail` cut to [`MAX_DETAIL_LEN`] bytes at a character boundary.
+fn bounded(mut detail: String) -> String {
+    if detail.len() > MAX_DETAIL_LEN {
+        let mut end = MAX_DETAIL_LEN - '…'.len_utf8();
+        while !detail.is_char_boundary(end) {
+            end -= 1;
+        }
+        detail.truncate(end);
+        detail.push('…');
+    }
+    detail
+}
+
+/// An error and its sources, `outer: inner: …`, skipping a source that repeats its parent.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut last = text.clone();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !last.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        last = part;
+        source = s.source();
+    }
+    text
 }
 
 /// Resolves the URL's host to one address of the wanted family; records the DNS phase unless
@@ -250,14 +473,23 @@ impl Prober {
 async fn resolve(
     url: &url::Url,
     port: u16,
-    family: IpFamily,
+    target: &Target,
     deadline: tokio::time::Instant,
     m: &mut Measurement,
 ) -> Result<SocketAddr, Failure> {
+    let family = target.ip_family;
     let wanted = |a: &SocketAddr| match family {
         IpFamily::Auto => true,
         IpFamily::Ipv4 => a.is_ipv4(),
         IpFamily::Ipv6 => a.is_ipv6(),
+    };
+    let no_address = || {
+        let which = match family {
+            IpFamily::Auto => "no address",
+            IpFamily::Ipv4 => "no IPv4 address (ip_family = ipv4)",
+            IpFamily::Ipv6 => "no IPv6 address (ip_family = ipv6)",
+        };
+        fail(Outcome::DnsNoSuchName, Phase::Dns, which)
     };
     let literal: Option<SocketAddr> = match url.host() {
         Some(url::Host::Ipv4(ip)) => Some((ip, port).into()),
@@ -268,19 +500,19 @@ async fn resolve(
         return if wanted(&addr) {
             Ok(addr)
         } else {
-            Err((Outcome::DnsNoSuchName, Phase::Dns))
+            Err(no_address())
         };
     }
     let host = url.host_str().unwrap_or_default();
     let t = Instant::now();
     let addrs = match timeout_at(deadline, tokio::net::lookup_host((host, port))).await {
-        Err(_) => return Err((Outcome::Timeout, Phase::Dns)),
-        Ok(Err(e)) => return Err((classify_dns(&e), Phase::Dns)),
+        Err(_) => return Err(timed_out(Phase::Dns, target.timeout)),
+        Ok(Err(e)) => return Err(fail(classify_dns(&e), Phase::Dns, format!("{host}: {e}"))),
         Ok(Ok(addrs)) => addrs,
     };
     m.dns = Some(t.elapsed());
     let mut addrs = addrs.filter(wanted);
-    addrs.next().ok_or((Outcome::DnsNoSuchName, Phase::Dns))
+    addrs.next().ok_or_else(no_address)
 }
 
 /// HTTP/1.1 request and response (and, for the final hop, the body) over an open stream.
@@ -289,52 +521,61 @@ async fn exchange<S>(
     target: &Target,
     url: &url::Url,
     method: &hyper::Method,
+    left_origin: bool,
     deadline: tokio::time::Instant,
     m: &mut Measurement,
 ) -> Result<HopEnd, Failure>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let first_byte = Arc::new(OnceLock::new());
+    let marks = Arc::new(ReadMarks::default());
     let io = FirstByteIo {
         inner: stream,
-        first_read: first_byte.clone(),
+        marks: marks.clone(),
+        scan: HeadScan::Start,
     };
+    // A bounded read buffer keeps what a probe holds besides its body within budget.rs's floor.
     let (mut sender, conn) = match timeout_at(
         deadline,
-        hyper::client::conn::http1::handshake(TokioIo::new(io)),
+        hyper::client::conn::http1::Builder::new()
+            .max_buf_size(crate::budget::READ_BUFFER)
+            .handshake(TokioIo::new(io)),
     )
     .await
     {
-        Err(_) => return Err((Outcome::Timeout, Phase::FirstByte)),
-        Ok(Err(e)) => return Err((classify_hyper(&e), Phase::FirstByte)),
+        Err(_) => return Err(timed_out(Phase::FirstByte, target.timeout)),
+        Ok(Err(e)) => return Err(fail(classify_hyper(&e), Phase::FirstByte, error_chain(&e))),
         Ok(Ok(pair)) => pair,
     };
     // The connection future drives the socket. Aborting on drop makes sure a timed-out probe
     // leaves no task behind.
     let _conn = AbortOnDrop(tokio::spawn(conn));
 
-    let request =
-        build_request(target, url, method).map_err(|_| (Outcome::Other, Phase::FirstByte))?;
+    let request = build_request(target, url, method, left_origin)
+        .map_err(|e| fail(Outcome::Other, Phase::FirstByte, format!("request: {e}")))?;
     let sent = Instant::now();
-    // Before the first byte arrives the probe is waiting for it; after, it is reading headers.
-    let phase_now = |first: &OnceLock<Instant>| {
-        if first.get().is_some() {
-            Phase::Body
-        } else {
-            Phase::FirstByte
+    // Before the first byte arrives the probe is waiting for it; after, it is reading the head
+    // (and the byte that arrived is the first byte).
+    let in_head = |m: &mut Measurement| match marks.first.get() {
+        Some(_) => {
+            m.ttfb = marks
+                .response_start()
+                .map(|t| t.saturating_duration_since(sent));
+            Phase::Headers
         }
+        None => Phase::FirstByte,
     };
     let response = match timeout_at(deadline, sender.send_request(request)).await {
-        Err(_) => return Err((Outcome::Timeout, phase_now(&first_byte))),
-        Ok(Err(e)) => return Err((classify_hyper(&e), phase_now(&first_byte))),
+        Err(_) => return Err(timed_out(in_head(m), target.timeout)),
+        Ok(Err(e)) => return Err(fail(classify_hyper(&e), in_head(m), error_chain(&e))),
         Ok(Ok(r)) => r,
     };
-    let first = first_byte.get().copied().unwrap_or_else(Instant::now);
+    let first = marks.response_start().unwrap_or_else(Instant::now);
     m.ttfb = Some(first.saturating_duration_since(sent));
     m.status = response.status().as_u16();
 
-    if response.status().is_redirection() && m.redirects < target.max_redirects {
+    // max_redirects = 0: don't follow, the 3xx itself is the result.
+    if response.status().is_redirection() && target.max_redirects > 0 {
         if let Some(next) = response
             .headers()
             .get(LOCATION)
@@ -346,10 +587,7 @@ where
         }
     }
 
-    let gzip = response
-        .headers()
-        .get(CONTENT_ENCODING)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
+    let encoding = check::Encoding::from_headers(response.headers());
     let mut body = response.into_body();
     let keep = target.regex.is_some();
     let mut kept: Vec<u8> = Vec::new();
@@ -361,9 +599,9 @@ where
             break;
         }
         let frame = match timeout_at(deadline, body.frame()).await {
-            Err(_) => return Err((Outcome::Timeout, Phase::Body)),
+            Err(_) => return Err(timed_out(Phase::Body, target.timeout)),
             Ok(None) => break,
-            Ok(Some(Err(e))) => return Err((classify_hyper(&e), Phase::Body)),
+            Ok(Some(Err(e))) => return Err(fail(classify_hyper(&e), Phase::Body, error_chain(&e))),
             Ok(Some(Ok(frame))) => frame,
         };
         if let Some(data) = frame.data_ref() {
@@ -372,6 +610,8 @@ where
                 m.body_truncated = true;
             }
             read += take;
+            // Counted as it arrives, so a body that fails later still says what came.
+            m.body_bytes = u32::try_from(read).unwrap_or(u32::MAX);
             if keep {
                 kept.extend_from_slice(&data[..take]);
             }
@@ -381,43 +621,37 @@ where
         }
     }
     m.transfer = Some(first.elapsed());
-    m.body_bytes = u32::try_from(read).unwrap_or(u32::MAX);
-    if let Some(regex) = &target.regex {
-        // Decoding and searching up to `body_cap` bytes is CPU work: off the runtime thread, so
-        // it cannot delay (or inflate the timings of) other probes on a one-thread agent.
-        let (regex, cap) = (regex.clone(), target.body_cap);
-        let matched = tokio::task::spawn_blocking(move || {
-            let text = if gzip {
-                gunzip_capped(&kept, cap)
-            } else {
-                kept
-            };
-            // Lossy: invalid UTF-8 becomes U+FFFD and cannot crash or hide the rest of the
-            // text. The whole (capped) body is searched at once, so a match across chunks is
-            // found.
-            regex.is_match(&String::from_utf8_lossy(&text))
-        })
-        .await
-        .map_err(|_| (Outcome::Other, Phase::Body))?;
-        m.regex = if matched {
-            RegexOutcome::Matched
-        } else {
-            RegexOutcome::NotMatched
-        };
-    }
-    Ok(HopEnd::Final)
+    Ok(HopEnd::Final(target.regex.as_ref().map(|regex| {
+        check::Job {
+            body: kept,
+            encoding,
+            complete: !m.body_truncated,
+            regex: regex.clone(),
+            cap: target.body_cap,
+        }
+    })))
+}
+
+/// Headers that carry the target's credentials or name its host: not sent once a redirect
+/// chain left the target's origin. The same set curl drops since 7.58.0 (CVE-2018-1000007:
+/// `Authorization` and `Cookie`, and `Host` as a custom header; see curl's
+/// `Curl_auth_allowed_to_host`) and browsers drop by the Fetch standard (`Authorization`,
+/// and `Proxy-Authorization`, which is never sent to an origin server).
+fn is_origin_bound(name: &HeaderName) -> bool {
+    [AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION, HOST].contains(name)
 }
 
 fn build_request(
     target: &Target,
     url: &url::Url,
     method: &hyper::Method,
+    left_origin: bool,
 ) -> Result<hyper::Request<Empty<Bytes>>, hyper::http::Error> {
+    // `host_str` already has the brackets of an IPv6 literal (`[::1]`).
     let host = url.host_str().unwrap_or_default();
-    let host_header = match (url.port(), url.host()) {
-        (Some(p), Some(url::Host::Ipv6(_))) => format!("[{host}]:{p}"),
-        (Some(p), _) => format!("{host}:{p}"),
-        (None, _) => host.to_owned(),
+    let host_header = match url.port() {
+        Some(p) => format!("{host}:{p}"),
+        None => host.to_owned(),
     };
     let path = match url.query() {
         Some(q) => format!("{}?{q}", url.path()),
@@ -434,23 +668,12 @@ fn build_request(
     }
     let mut request = builder.body(Empty::<Bytes>::new())?;
     for (name, value) in &target.headers {
+        if left_origin && is_origin_bound(name) {
+            continue;
+        }
         request.headers_mut().insert(name.clone(), value.clone());
     }
     Ok(request)
-}
-
-/// Decodes a gzip body, keeping at most `cap` decoded bytes (a small bomb cannot blow up
-/// memory). A body that is not valid gzip is searched as it is.
-fn gunzip_capped(compressed: &[u8], cap: usize) -> Vec<u8> {
-    use std::io::Read;
-    let mut out = Vec::new();
-    let decoder = flate2::read::GzDecoder::new(compressed);
-    match decoder.take(cap as u64).read_to_end(&mut out) {
-        Ok(_) => out,
-        // A truncated stream (body cut at the cap) still yields what was decoded so far.
-        Err(_) if !out.is_empty() => out,
-        Err(_) => compressed.to_vec(),
-    }
 }
 
 fn classify_connect(e: &std::io::Error) -> Outcome {
@@ -491,11 +714,14 @@ fn classify_hyper(e: &hyper::Error) -> Outcome {
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
         if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind as K;
             return match io.kind() {
-                std::io::ErrorKind::ConnectionReset
-                | std::io::ErrorKind::ConnectionAborted
-                | std::io::ErrorKind::BrokenPipe
-                | std::io::ErrorKind::UnexpectedEof => Outcome::ConnectionReset,
+                K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe | K::UnexpectedEof => {
+                    Outcome::ConnectionReset
+                }
+                // hyper's body decoders (chunked framing, lengths) report a malformed body as
+                // InvalidData / InvalidInput: the server's fault, not the agent's.
+                K::InvalidData | K::InvalidInput => Outcome::ProtocolError,
                 _ => Outcome::Other,
             };
         }
@@ -504,22 +730,110 @@ fn classify_hyper(e: &hyper::Error) -> Outcome {
     Outcome::Other
 }
 
-/// A stream that notes when its first byte was read (for time to first byte).
+/// When bytes arrived on a connection.
+#[derive(Default)]
+struct ReadMarks {
+    /// The first byte of anything (an interim response included).
+    first: OnceLock<Instant>,
+    /// The first byte of the final (non-1xx) response head.
+    final_head: OnceLock<Instant>,
+}
+
+impl ReadMarks {
+    /// When the final response started, or failing that, when the first byte came.
+    fn response_start(&self) -> Option<Instant> {
+        self.final_head.get().or(self.first.get()).copied()
+    }
+}
+
+/// Where [`FirstByteIo`] is in the stream of response heads. Only interim (1xx) heads are read
+/// to their end; the first byte of any other head ends the scan, so a plain response costs a
+/// look at its first 12 bytes.
+enum HeadScan {
+    /// At the first byte of a response head.
+    Start,
+    /// In the first bytes of a head, which started (arrived) at `at`: "HTTP/1.1 1xx" or not.
+    Prefix {
+        prefix: [u8; 12],
+        len: usize,
+        at: Instant,
+    },
+    /// In an interim head; `line_empty`: nothing but CR since the last LF.
+    Interim {
+        line_empty: bool,
+    },
+    Done,
+}
+
+impl HeadScan {
+    fn feed(&mut self, bytes: &[u8], now: Instant, marks: &ReadMarks) {
+        let mut i = 0;
+        while i < bytes.len() {
+            match self {
+                HeadScan::Done => return,
+                HeadScan::Start => {
+                    *self = HeadScan::Prefix {
+                        prefix: [0; 12],
+                        len: 0,
+                        at: now,
+                    }
+                }
+                HeadScan::Prefix { prefix, len, at } => {
+                    prefix[*len] = bytes[i];
+                    *len += 1;
+                    i += 1;
+                    if *len == prefix.len() {
+                        // hyper skips 1xx heads and hands over the next one, except 101 (which
+                        // is the response to an upgrade, never asked for here).
+                        let interim = prefix.starts_with(b"HTTP/1.")
+                            && prefix[8] == b' '
+                            && prefix[9] == b'1'
+                            && &prefix[9..12] != b"101";
+                        if interim {
+                            *self = HeadScan::Interim { line_empty: false };
+                        } else {
+                            let _ = marks.final_head.set(*at);
+                            *self = HeadScan::Done;
+                        }
+                    }
+                }
+                HeadScan::Interim { line_empty } => {
+                    match bytes[i] {
+                        // An empty line ends the head (httparse accepts bare LF too).
+                        b'\n' if *line_empty => *self = HeadScan::Start,
+                        b'\n' => *line_empty = true,
+                        b'\r' => {}
+                        _ => *line_empty = false,
+                    }
+                    i += 1;
+                }
+            }
+        }
+    }
+}
+
+/// A stream that notes when bytes were read (for time to first byte).
 struct FirstByteIo<S> {
     inner: S,
-    first_read: Arc<OnceLock<Instant>>,
+    marks: Arc<ReadMarks>,
+    scan: HeadScan,
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for FirstByteIo<S> {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
         let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
         if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            let _ = self.first_read.set(Instant::now());
+            let now = Instant::now();
+            let _ = this.marks.first.set(now);
+            if !matches!(this.scan, HeadScan::Done) {
+                this.scan.feed(&buf.filled()[before..], now, &this.marks);
+            }
         }
         polled
     }
@@ -556,18 +870,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn gzip_is_decoded_and_capped() {
-        use std::io::Write;
-        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        enc.write_all(&b"hello "[..].repeat(1000)).unwrap();
-        let gz = enc.finish().unwrap();
-        assert_eq!(gunzip_capped(&gz, 1 << 20).len(), 6000);
-        assert_eq!(gunzip_capped(&gz, 100).len(), 100);
-        // Not gzip at all: searched as is.
-        assert_eq!(gunzip_capped(b"plain", 100), b"plain");
-    }
-
-    #[test]
     fn dns_errors_are_split() {
         let e = std::io::Error::other(
             "failed to lookup address information: Name or service not known",
@@ -577,5 +879,105 @@ mod tests {
             "failed to lookup address information: Temporary failure in name resolution",
         );
         assert_eq!(classify_dns(&e), Outcome::DnsFailed);
+    }
+
+    fn scan(chunks: &[(&[u8], u64)]) -> ReadMarks {
+        let marks = ReadMarks::default();
+        let mut scan = HeadScan::Start;
+        let t0 = Instant::now();
+        for (bytes, ms) in chunks {
+            let now = t0 + Duration::from_millis(*ms);
+            let _ = marks.first.set(now);
+            scan.feed(bytes, now, &marks);
+        }
+        marks
+    }
+
+    fn ms(marks: &ReadMarks) -> Option<u128> {
+        let first = *marks.first.get()?;
+        marks
+            .final_head
+            .get()
+            .map(|t| t.duration_since(first).as_millis())
+    }
+
+    #[test]
+    fn final_head_start_skips_interim_responses() {
+        // Plain response: the first byte.
+        assert_eq!(ms(&scan(&[(b"HTTP/1.1 200 OK\r\n\r\n", 0)])), Some(0));
+        // 103, then the final response in a later read.
+        let marks = scan(&[
+            (b"HTTP/1.1 103 Early Hints\r\nLink: <a>\r\n\r\n", 0),
+            (b"HTTP/1.1 200 OK\r\n", 30),
+        ]);
+        assert_eq!(ms(&marks), Some(30));
+        // Interim and final in one read: they arrived together.
+        let marks = scan(&[(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n",
+            5,
+        )]);
+        assert_eq!(ms(&marks), Some(0));
+        // Split anywhere, bare LFs, two interim responses.
+        let marks = scan(&[
+            (b"HTTP/1.1 1", 0),
+            (b"00 Continue\n", 1),
+            (b"\nHTTP/1.1 103 Early Hints\r\n\r", 2),
+            (b"\n", 3),
+            (b"HTTP/1.1 20", 4),
+            (b"0 OK\r\n\r\n", 9),
+        ]);
+        assert_eq!(ms(&marks), Some(4));
+        // Not HTTP at all: the first byte is the (garbage) response.
+        assert_eq!(ms(&scan(&[(b"SSH-2.0-OpenSSH_9.2\r\n", 0)])), Some(0));
+        // Only an interim response, then nothing: no final head.
+        assert_eq!(ms(&scan(&[(b"HTTP/1.1 103 Early Hints\r\n\r\n", 0)])), None);
+    }
+
+    #[test]
+    fn origin_bound_headers_are_dropped_after_leaving_the_origin() {
+        let mut t = Target::for_url(1, "http://a.example:8080/").unwrap();
+        for (n, v) in [
+            ("authorization", "Bearer x"),
+            ("cookie", "a=b"),
+            ("proxy-authorization", "Basic y"),
+            ("host", "override.example"),
+            ("x-api-key", "kept"),
+        ] {
+            t.headers.push((n.parse().unwrap(), v.parse().unwrap()));
+        }
+        let next = url::Url::parse("http://b.example/").unwrap();
+        let r = build_request(&t, &next, &hyper::Method::GET, true).unwrap();
+        let names: Vec<&str> = r.headers().keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["host", "user-agent", "x-api-key"]);
+        assert_eq!(r.headers()[HOST], "b.example");
+        let r = build_request(&t, &t.url, &hyper::Method::GET, false).unwrap();
+        assert_eq!(r.headers()[HOST], "override.example");
+        assert_eq!(r.headers()[AUTHORIZATION], "Bearer x");
+    }
+
+    #[test]
+    fn host_header_of_ip_literals() {
+        let host = |u: &str| {
+            let t = Target::for_url(1, u).unwrap();
+            build_request(&t, &t.url, &hyper::Method::GET, false)
+                .unwrap()
+                .headers()[HOST]
+                .to_str()
+                .unwrap()
+                .to_owned()
+        };
+        assert_eq!(host("http://[::1]:8080/"), "[::1]:8080");
+        assert_eq!(host("http://[2001:db8::1]/"), "[2001:db8::1]");
+        assert_eq!(host("http://127.0.0.1:81/x"), "127.0.0.1:81");
+        assert_eq!(host("https://example.org:443/"), "example.org");
+    }
+
+    #[test]
+    fn details_are_bounded_and_redacted() {
+        let long = "é".repeat(300);
+        let cut = bounded(long);
+        assert!(cut.len() <= MAX_DETAIL_LEN && cut.ends_with('…'), "{cut}");
+        let u = url::Url::parse("https://user:pw@example.org/p?q=1").unwrap();
+        assert_eq!(redact(&u), "https://<redacted>@example.org/p?q=1");
     }
 }

@@ -26,14 +26,18 @@ pub const DEFAULT_BODY_CAP: usize = 1024 * 1024;
 pub const MAX_BODY_CAP: usize = 64 * 1024 * 1024;
 
 /// A target as written in a config file.
-#[derive(Debug, Clone, Deserialize)]
+///
+/// `Debug` is written by hand: a URL's `user:password` and header values (tokens, in practice)
+/// are secrets and never printed.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTarget {
     /// Stable numeric id; the same target has the same id in every region.
     pub id: u32,
     /// Optional human name (shown in logs).
     pub name: Option<String>,
-    /// `http://` or `https://` URL.
+    /// `http://` or `https://` URL. A `user:password@` in it is sent as HTTP basic
+    /// authentication (percent-decoded, as curl does) and removed from the URL the probe uses.
     pub url: String,
     /// Time between two probes (default 30s, at least 100ms).
     #[serde(default = "default_interval", with = "humantime_serde")]
@@ -75,6 +79,10 @@ pub struct RawTarget {
     /// `auto` (default), `ipv4` or `ipv6`.
     #[serde(default)]
     pub ip_family: IpFamily,
+    /// Follow a redirect from `https` to `http` (default false: such a probe ends as
+    /// `downgrade_refused` and nothing is sent in the clear).
+    #[serde(default)]
+    pub allow_downgrade: bool,
 }
 
 /// Literal header values (`headers`): a map whose `Debug` shows the names only, because values
@@ -87,6 +95,31 @@ impl std::fmt::Debug for HeaderValues {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_map()
             .entries(self.0.keys().map(|k| (k, "<redacted>")))
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for RawTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Variable names and paths of header_from_env / header_files are not secrets.
+        f.debug_struct("RawTarget")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("url", &redact_userinfo(&self.url))
+            .field("interval", &self.interval)
+            .field("timeout", &self.timeout)
+            .field("regex", &self.regex)
+            .field("method", &self.method)
+            .field("headers", &self.headers)
+            .field("headers_from_env", &self.headers_from_env)
+            .field("header_files", &self.header_files)
+            .field("accepted_status", &self.accepted_status)
+            .field("max_redirects", &self.max_redirects)
+            .field("body_cap", &self.body_cap)
+            .field("ca_file", &self.ca_file)
+            .field("tls_skip_verify", &self.tls_skip_verify)
+            .field("ip_family", &self.ip_family)
+            .field("allow_downgrade", &self.allow_downgrade)
             .finish()
     }
 }
@@ -107,6 +140,36 @@ impl std::ops::DerefMut for HeaderValues {
 impl From<BTreeMap<String, String>> for HeaderValues {
     fn from(map: BTreeMap<String, String>) -> Self {
         HeaderValues(map)
+    }
+}
+
+/// Header names with every value shown as `<redacted>`.
+struct RedactedHeaders<I>(I);
+
+impl<'a, S, I> std::fmt::Debug for RedactedHeaders<I>
+where
+    S: AsRef<str> + ?Sized + 'a,
+    I: Iterator<Item = &'a S> + Clone,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map()
+            .entries(self.0.clone().map(|name| (name.as_ref(), "<redacted>")))
+            .finish()
+    }
+}
+
+/// `url` with any `user:password@` replaced by `<redacted>@`, for messages and `Debug`. Works on
+/// text that is not a valid URL too (an error message must not echo the password it failed on).
+pub fn redact_userinfo(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end..];
+    // The authority ends at the first '/', '?' or '#'; the userinfo at its last '@'.
+    let authority = rest.find(['/', '?', '#']).map_or(rest, |end| &rest[..end]);
+    match authority.rfind('@') {
+        Some(at) => format!("{}<redacted>{}", &url[..scheme_end], &rest[at..]),
+        None => url.to_owned(),
     }
 }
 
@@ -155,6 +218,8 @@ pub struct Target {
     pub timeout: Duration,
     pub regex: Option<regex_lite::Regex>,
     pub method: hyper::Method,
+    /// Request headers: the configured ones, plus `Authorization: Basic` built from a URL's
+    /// `user:password` (marked sensitive). Values are never printed.
     pub headers: Vec<(hyper::header::HeaderName, hyper::header::HeaderValue)>,
     /// Status ranges that count as up.
     pub accepted_status: Vec<RangeInclusive<u16>>,
@@ -163,6 +228,8 @@ pub struct Target {
     /// TLS settings specific to this target (a CA file or skip-verify); None: the shared default.
     pub tls: Option<Arc<rustls::ClientConfig>>,
     pub ip_family: IpFamily,
+    /// Follow `https` → `http` redirects.
+    pub allow_downgrade: bool,
 }
 
 impl std::fmt::Debug for Target {
@@ -175,11 +242,16 @@ impl std::fmt::Debug for Target {
             .field("timeout", &self.timeout)
             .field("regex", &self.regex.as_ref().map(|r| r.as_str()))
             .field("method", &self.method)
+            .field(
+                "headers",
+                &RedactedHeaders(self.headers.iter().map(|(n, _)| n.as_str())),
+            )
             .field("accepted_status", &self.accepted_status)
             .field("max_redirects", &self.max_redirects)
             .field("body_cap", &self.body_cap)
             .field("custom_tls", &self.tls.is_some())
             .field("ip_family", &self.ip_family)
+            .field("allow_downgrade", &self.allow_downgrade)
             .finish()
     }
 }
@@ -211,6 +283,7 @@ impl RawTarget {
             ca_file: None,
             tls_skip_verify: false,
             ip_family: IpFamily::Auto,
+            allow_downgrade: false,
         }
     }
 }
@@ -224,8 +297,12 @@ impl Target {
     /// Checks every setting of `raw`.
     pub fn from_raw(raw: RawTarget) -> Result<Target, TargetError> {
         let err = |key: &'static str, reason: String| TargetError { key, reason };
-        let url = url::Url::parse(&raw.url)
-            .map_err(|e| err("url", format!("invalid URL {:?}: {e}", raw.url)))?;
+        let mut url = url::Url::parse(&raw.url).map_err(|e| {
+            err(
+                "url",
+                format!("invalid URL {:?}: {e}", redact_userinfo(&raw.url)),
+            )
+        })?;
         if url.scheme() != "http" && url.scheme() != "https" {
             return Err(err(
                 "url",
@@ -268,6 +345,19 @@ impl Target {
             headers.push((n, v));
         }
         headers.extend(resolve_header_refs(&raw)?);
+        if let Some(basic) = take_basic_auth(&mut url) {
+            if headers
+                .iter()
+                .any(|(n, _)| *n == hyper::header::AUTHORIZATION)
+            {
+                return Err(err(
+                    "url",
+                    "the URL has a user:password and `headers` an Authorization header: set one"
+                        .into(),
+                ));
+            }
+            headers.push((hyper::header::AUTHORIZATION, basic));
+        }
         let accepted_status = if raw.accepted_status.is_empty() {
             vec![200..=299]
         } else {
@@ -307,6 +397,7 @@ impl Target {
             body_cap: raw.body_cap,
             tls,
             ip_family: raw.ip_family,
+            allow_downgrade: raw.allow_downgrade,
         })
     }
 
@@ -384,6 +475,30 @@ enum HeaderSource<'a> {
     File(&'a PathBuf),
 }
 
+/// Removes `user:password@` from `url` and returns it as an `Authorization: Basic` value
+/// (RFC 7617), or None when the URL has no user info. Both parts are percent-decoded first, as
+/// curl does, so `p%40ss` sends `p@ss`. The value is marked sensitive (hyper's `Debug` of it
+/// prints `Sensitive`).
+fn take_basic_auth(url: &mut url::Url) -> Option<hyper::header::HeaderValue> {
+    use base64::Engine as _;
+    if url.username().is_empty() && url.password().is_none() {
+        return None;
+    }
+    let mut credentials: Vec<u8> = percent_encoding::percent_decode_str(url.username()).collect();
+    credentials.push(b':');
+    credentials.extend(percent_encoding::percent_decode_str(
+        url.password().unwrap_or_default(),
+    ));
+    // Cannot fail for an http(s) URL with a host (checked before); ignored otherwise.
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    let encoded = base64::engine::general_purpose::STANDARD.encode(&credentials);
+    // Base64 is always a valid header value.
+    let mut value = hyper::header::HeaderValue::from_str(&format!("Basic {encoded}")).ok()?;
+    value.set_sensitive(true);
+    Some(value)
+}
+
 pub(crate) fn parse_status(spec: &StatusSpec) -> Result<RangeInclusive<u16>, String> {
     let valid = |c: u16| (100..=599).contains(&c);
     let range = match spec {
@@ -428,6 +543,10 @@ mod tests {
         assert_eq!(t.body_cap, DEFAULT_BODY_CAP);
         assert!(t.tls.is_none());
         assert!(t.accepts(204) && !t.accepts(301) && !t.accepts(404));
+        assert!(!t.allow_downgrade);
+        let opted: RawTarget =
+            toml::from_str("id = 1\nurl = \"https://h/\"\nallow_downgrade = true\n").unwrap();
+        assert!(Target::from_raw(opted).unwrap().allow_downgrade);
     }
 
     #[test]
@@ -503,6 +622,70 @@ mod tests {
             .reason
             .contains("set twice"));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn url_credentials_become_basic_auth_and_leave_the_url() {
+        let t = Target::from_raw(raw("https://user:p%40ss@example.org:8443/x?y=1")).unwrap();
+        assert_eq!(t.url.as_str(), "https://example.org:8443/x?y=1");
+        let (name, value) = t.headers.last().unwrap();
+        assert_eq!(*name, hyper::header::AUTHORIZATION);
+        // base64("user:p@ss")
+        assert_eq!(value.to_str().unwrap(), "Basic dXNlcjpwQHNz");
+        assert!(value.is_sensitive());
+        // A user without a password is "user:" (RFC 7617 allows an empty password).
+        let t = Target::from_raw(raw("http://user@h/")).unwrap();
+        assert_eq!(t.headers[0].1.to_str().unwrap(), "Basic dXNlcjo=");
+        // No user info, no header.
+        assert!(Target::from_raw(raw("http://h/"))
+            .unwrap()
+            .headers
+            .is_empty());
+        // Two ways of saying it: refused.
+        let mut r = raw("http://user:pw@h/");
+        r.headers.insert("authorization".into(), "Bearer x".into());
+        assert_eq!(Target::from_raw(r).unwrap_err().key, "url");
+    }
+
+    #[test]
+    fn secrets_stay_out_of_debug_and_errors() {
+        let mut r = raw("https://user:hunter2@example.org/");
+        r.headers.insert("X-Api-Key".into(), "tok-123".into());
+        let raw_debug = format!("{r:?}");
+        let t = Target::from_raw(r).unwrap();
+        let debug = format!("{t:?}");
+        for text in [&raw_debug, &debug] {
+            assert!(
+                !text.contains("hunter2") && !text.contains("tok-123"),
+                "{text}"
+            );
+            // base64("user:hunter2")
+            assert!(!text.contains("dXNlcjpodW50ZXIy"), "{text}");
+            assert!(
+                text.contains("x-api-key") || text.contains("X-Api-Key"),
+                "{text}"
+            );
+        }
+        assert!(
+            raw_debug.contains("https://<redacted>@example.org/"),
+            "{raw_debug}"
+        );
+        // A URL that does not parse is not echoed with its password.
+        let e = Target::from_raw(raw("http://user:hunter2@h:99999/")).unwrap_err();
+        assert!(e.reason.contains("<redacted>@h:99999"), "{}", e.reason);
+        assert!(!e.reason.contains("hunter2"), "{}", e.reason);
+    }
+
+    #[test]
+    fn redact_userinfo_finds_only_the_authority() {
+        assert_eq!(
+            redact_userinfo("http://u:p@h/a@b"),
+            "http://<redacted>@h/a@b"
+        );
+        assert_eq!(redact_userinfo("http://u:p@x@h/"), "http://<redacted>@h/");
+        assert_eq!(redact_userinfo("http://h/?q=a@b"), "http://h/?q=a@b");
+        assert_eq!(redact_userinfo("http://h#a@b"), "http://h#a@b");
+        assert_eq!(redact_userinfo("not a url"), "not a url");
     }
 
     #[test]

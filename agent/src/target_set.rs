@@ -87,6 +87,16 @@ pub fn spec_from_raw(raw: &RawTarget) -> Result<TargetSpec, TargetError> {
                 ),
             })?;
     }
+    if raw.allow_downgrade {
+        // Target set format 1 has no field for it (postcard has no field tags: a new field is
+        // a new format version, see docs/targets.md); refused rather than silently dropped.
+        return Err(TargetError {
+            key: "allow_downgrade",
+            reason: "not carried by central target sets yet; set it in the agent's own \
+                     [[targets]] table"
+                .into(),
+        });
+    }
     Ok(TargetSpec {
         id: raw.id,
         name: fit("name", raw.name.as_deref().unwrap_or_default())?,
@@ -163,6 +173,7 @@ pub fn raw_from_spec(spec: &TargetSpec) -> RawTarget {
             IpFamilySpec::Ipv4 => IpFamily::Ipv4,
             IpFamilySpec::Ipv6 => IpFamily::Ipv6,
         },
+        allow_downgrade: false,
     }
 }
 
@@ -619,6 +630,15 @@ mod tests {
             .unwrap_err()
             .reason
             .contains("set twice"));
+    }
+
+    #[test]
+    fn allow_downgrade_is_refused_in_central_sets_not_dropped() {
+        let mut r = raw(1, "https://example.org/");
+        r.allow_downgrade = true;
+        assert!(Target::from_raw(r.clone()).unwrap().allow_downgrade);
+        let e = check_portable(&r).unwrap_err();
+        assert_eq!(e.key, "allow_downgrade", "{e:?}");
     }
 
     #[test]

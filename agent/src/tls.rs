@@ -146,10 +146,30 @@ pub fn classify_handshake_error(e: &std::io::Error) -> Outcome {
             | C::NotValidYetContext { .. } => Outcome::TlsExpired,
             C::NotValidForName | C::NotValidForNameContext { .. } => Outcome::TlsHostnameMismatch,
             C::UnknownIssuer | C::BadSignature | C::BadEncoding => Outcome::TlsUntrusted,
+            C::Other(other) if is_untrusted_chain(other) => Outcome::TlsUntrusted,
             _ => Outcome::TlsFailed,
         },
         _ => Outcome::TlsFailed,
     }
+}
+
+/// webpki errors that rustls passes on as `CertificateError::Other` but that mean "this chain
+/// does not lead to a trusted root": above all `CaUsedAsEndEntity`, what a self-signed
+/// certificate made by `openssl req -x509` (basicConstraints CA:TRUE) gives — webpki checks
+/// the leaf's basic constraints before it looks for an issuer, so such a certificate never
+/// gets as far as `UnknownIssuer`.
+fn is_untrusted_chain(other: &rustls::OtherError) -> bool {
+    use webpki::Error as W;
+    let source: &(dyn std::error::Error + 'static) = &*other.0;
+    matches!(
+        source.downcast_ref::<W>(),
+        Some(
+            W::CaUsedAsEndEntity
+                | W::EndEntityUsedAsCa
+                | W::PathLenConstraintViolated
+                | W::NameConstraintViolation
+        )
+    )
 }
 
 /// notAfter of a DER X.509 certificate, unix seconds. None if it cannot be read.

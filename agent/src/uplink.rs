@@ -508,10 +508,12 @@ pub async fn run(
             break;
         }
     }
-    // Whatever is still in the channel after the deadline is numbered and counted as
-    // undelivered, so that no result disappears without a trace.
-    results.close();
-    while let Ok(r) = results.try_recv() {
+    // Whatever arrives after the deadline is numbered and counted as undelivered, until the
+    // probe loop drops its sender: it aborts the probes still in flight at the same deadline
+    // and counts them (lib.rs), so this ends soon, and no result disappears without a trace.
+    // (Closing the channel here instead made the results of probes that finished after the
+    // deadline vanish uncounted: issue #14 item 11.)
+    while let Some(r) = results.recv().await {
         outbox.push(r);
     }
 

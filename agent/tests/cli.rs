@@ -116,7 +116,7 @@ fn probe_prints_json_with_column_names() {
 }
 
 #[test]
-fn probe_exits_2_when_the_target_is_down() {
+fn probe_exits_3_when_the_target_is_down() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -126,18 +126,20 @@ fn probe_exits_2_when_the_target_is_down() {
         .args(["probe", &format!("http://127.0.0.1:{port}/")])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2));
+    // 3, not 2: 2 is a bad command line (issue #13 item 13).
+    assert_eq!(out.status.code(), Some(3));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("outcome         connect_refused"), "{text}");
 }
 
 #[test]
 fn probe_rejects_bad_options_by_flag_name() {
-    let (ok, _, stderr) = run(&["probe", "--accept", "700", "http://127.0.0.1:9/"]);
-    assert!(!ok);
+    // Options that parse but fail the target checks are a bad command line too: exit 2.
+    let (code, _, stderr) = run_code(&["probe", "--accept", "700", "http://127.0.0.1:9/"]);
+    assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("--accept:"), "{stderr}");
-    let (ok, _, stderr) = run(&["probe", "ftp://x/"]);
-    assert!(!ok);
+    let (code, _, stderr) = run_code(&["probe", "ftp://x/"]);
+    assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("URL: scheme \"ftp\""), "{stderr}");
 }
 
@@ -191,4 +193,244 @@ fn check_config_validates_the_metrics_section() {
             "{name}: {stderr}"
         );
     }
+}
+
+/// Every class of command-line mistake exits 2, whatever clap or the target checks found;
+/// a bad configuration file or a failed run exits 1; `probe` exits 3 when the target is not up
+/// (docs/agent.md, "Exit codes"; the same scheme as vantage-ingester). Issue #13 item 13: a
+/// usage error used to exit 2 like "probed, not up".
+#[test]
+fn exit_codes_of_every_class() {
+    let good = write("codes-good.toml", GOOD);
+    let good = good.to_str().unwrap();
+    let broken = write("codes-broken.toml", "agent_id = [");
+    let broken = broken.to_str().unwrap();
+    let central = write(
+        "codes-central.toml",
+        &GOOD[..GOOD.find("[[targets]]").unwrap()],
+    );
+    let central = central.to_str().unwrap();
+    let url = "http://127.0.0.1:9/";
+    let cases: &[(&str, &[&str], i32)] = &[
+        ("no arguments", &[], 2),
+        ("unknown subcommand", &["no-such-command"], 2),
+        ("unknown flag", &["run", "--config", good, "--bogus"], 2),
+        (
+            "unknown global flag value",
+            &["--log-format", "xml", "check-config", good],
+            2,
+        ),
+        ("missing --config", &["run"], 2),
+        ("missing URL", &["probe"], 2),
+        ("missing config file argument", &["check-config"], 2),
+        (
+            "duration without unit",
+            &["probe", "--timeout", "5", url],
+            2,
+        ),
+        (
+            "not a number",
+            &["run", "--config", good, "--rounds", "x"],
+            2,
+        ),
+        (
+            "number out of range",
+            &["probe", "--max-redirects", "300", url],
+            2,
+        ),
+        ("conflicting flags", &["probe", "--ipv4", "--ipv6", url], 2),
+        ("bad accepted status", &["probe", "--accept", "700", url], 2),
+        ("bad URL", &["probe", "not a url"], 2),
+        ("bad header", &["probe", "-H", "no colon", url], 2),
+        ("bad method", &["probe", "--method", "G ET", url], 2),
+        ("bad regex", &["probe", "--regex", "(", url], 2),
+        ("zero body cap", &["probe", "--body-cap", "0", url], 2),
+        (
+            "missing config file",
+            &["check-config", "/nonexistent/agent.toml"],
+            1,
+        ),
+        ("config syntax error", &["check-config", broken], 1),
+        ("config syntax error (run)", &["run", "--config", broken], 1),
+        (
+            "--rounds without local targets",
+            &["run", "--config", central, "--rounds", "1"],
+            1,
+        ),
+        ("help", &["--help"], 0),
+        ("subcommand help", &["probe", "--help"], 0),
+        ("version", &["--version"], 0),
+        ("good file", &["check-config", good], 0),
+        ("probe: not up", &["probe", "--timeout", "2s", url], 3),
+    ];
+    let mut wrong = Vec::new();
+    for (what, args, want) in cases {
+        let (code, _, stderr) = run_code(args);
+        if code != Some(*want) {
+            wrong.push(format!(
+                "{what} {args:?}: exit {code:?}, want {want}\n{stderr}"
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+/// A server on a std thread that answers up to `n` requests with `response` and hands each
+/// request's text (request line and headers) to the returned channel.
+fn capturing_server(
+    response: &'static str,
+    n: usize,
+) -> (std::net::SocketAddr, std::sync::mpsc::Receiver<String>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for _ in 0..n {
+            let Ok((mut s, _)) = listener.accept() else {
+                return;
+            };
+            let mut request = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => request.extend_from_slice(&buf[..k]),
+                }
+            }
+            let _ = tx.send(String::from_utf8_lossy(&request).into_owned());
+            let _ = s.write_all(response.as_bytes());
+        }
+    });
+    (addr, rx)
+}
+
+/// `--accept` takes a comma list as well as repeated flags (issue #13 item 14).
+#[test]
+fn probe_accepts_a_comma_list_of_statuses() {
+    let moved = "HTTP/1.1 301 Moved Permanently\r\nlocation: /elsewhere\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+    let (addr, _requests) = capturing_server(moved, 2);
+    let url = format!("http://{addr}/");
+    let (code, stdout, stderr) =
+        run_code(&["probe", "--max-redirects", "0", "--accept", "200,301", &url]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("status          301"), "{stdout}");
+    // A code outside the list still counts as not up; a bad element names the flag.
+    let (code, _, stderr) = run_code(&[
+        "probe",
+        "--max-redirects",
+        "0",
+        "--accept",
+        "200,204-206",
+        &url,
+    ]);
+    assert_eq!(code, Some(3), "{stderr}");
+    let (code, _, stderr) = run_code(&["probe", "--accept", "200,abc", &url]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--accept:") && stderr.contains("abc"),
+        "{stderr}"
+    );
+}
+
+/// A user:password in the URL is sent as HTTP basic authentication (percent-decoded, as curl
+/// does) and is a secret: not in the request line or Host header, not in the printed
+/// measurement, not in any log line even at TRACE, not in an error message (issue #13 item 14).
+#[test]
+fn url_credentials_are_basic_auth_and_never_printed() {
+    const PASSWORD: &str = "s3cr%40t-pw"; // percent-encoded "s3cr@t-pw"
+    const DECODED: &str = "s3cr@t-pw";
+    // base64("probe-user:s3cr@t-pw")
+    const BASIC: &str = "cHJvYmUtdXNlcjpzM2NyQHQtcHc=";
+    let ok = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok";
+    let (addr, requests) = capturing_server(ok, 3);
+    let url = format!("http://probe-user:{PASSWORD}@{addr}/private");
+    let secrets = [PASSWORD, DECODED, BASIC];
+    let leaks = |what: &str, text: &str| {
+        for s in secrets {
+            assert!(!text.contains(s), "{what} shows {s:?}:\n{text}");
+        }
+    };
+
+    // The one-shot probe, text and JSON.
+    for json in [false, true] {
+        let mut args = vec!["probe", url.as_str()];
+        if json {
+            args.insert(1, "--json");
+        }
+        let out = Command::new(env!("CARGO_BIN_EXE_vantage-agent"))
+            .args(&args)
+            .env("RUST_LOG", "trace")
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+        leaks("probe output", &stdout);
+        leaks("probe log", &stderr);
+        let request = requests
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .unwrap();
+        assert!(
+            request.starts_with("GET /private HTTP/1.1\r\n"),
+            "{request}"
+        );
+        assert!(
+            request.to_ascii_lowercase().contains(&format!(
+                "authorization: basic {}",
+                BASIC.to_ascii_lowercase()
+            )),
+            "{request}"
+        );
+        assert!(request.contains(&format!("host: {addr}\r\n")), "{request}");
+        assert!(
+            !request.contains(PASSWORD) && !request.contains(DECODED),
+            "{request}"
+        );
+    }
+
+    // A URL that does not parse: the error names the flag, not the password.
+    let bad = format!("http://probe-user:{PASSWORD}@{addr}:99999/");
+    let (code, _, stderr) = run_code(&["probe", &bad]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("URL: invalid URL"), "{stderr}");
+    leaks("URL error", &stderr);
+
+    // A configured target: check-config, and a `run` at TRACE (no broker here: the result
+    // stays undelivered, which is a failed --rounds run, exit 1; the logs are what matters).
+    let config = write(
+        "basic-auth.toml",
+        &format!(
+            "{}\n[uplink]\ndrain_timeout = \"500ms\"\n[[targets]]\nid = 1\nurl = \"{url}\"\n\
+             interval = \"1s\"\ntimeout = \"1s\"\n",
+            GOOD[..GOOD.find("[[targets]]").unwrap()]
+                .replace("127.0.0.1\"", "127.0.0.1\"\nport = 1")
+        ),
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_vantage-agent"))
+        .args(["check-config", config.to_str().unwrap()])
+        .env("RUST_LOG", "trace")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    leaks("check-config", &String::from_utf8_lossy(&out.stdout));
+    let out = Command::new(env!("CARGO_BIN_EXE_vantage-agent"))
+        .args(["run", "--rounds", "1", "--config", config.to_str().unwrap()])
+        .env("RUST_LOG", "trace")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let request = requests
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .unwrap_or_else(|_| panic!("the agent never probed:\n{stderr}"));
+    assert!(
+        request
+            .to_ascii_lowercase()
+            .contains("authorization: basic"),
+        "{request}"
+    );
+    assert!(stderr.contains("agent stopped"), "{stderr}");
+    leaks("run log", &stderr);
 }

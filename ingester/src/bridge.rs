@@ -198,6 +198,16 @@ pub async fn run_with_state(
     // deliveries succeed (producing does not need the admin API).
     match tokio::time::timeout(Duration::from_secs(15), kafka::ensure_topics(&kafka_config)).await {
         Ok(Ok(())) => {}
+        // The cluster cannot hold the configured replication: running on would let the broker
+        // auto-create the topics with its own defaults.
+        Ok(Err(kafka::TopicError::Config { key, reason })) => {
+            return Err(ConfigError::Invalid {
+                file: config.file.clone(),
+                key: key.into(),
+                reason,
+            }
+            .into())
+        }
         Ok(Err(e)) => tracing::warn!(error = %e, "cannot create Kafka topics; continuing"),
         Err(_) => tracing::warn!("Kafka did not answer topic creation in 15 s; continuing"),
     }

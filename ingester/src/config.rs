@@ -183,6 +183,14 @@ pub struct RawKafka {
     /// Partitions given to the topics when the ingester creates them (default 4).
     #[serde(default = "default_partitions")]
     pub partitions: i32,
+    /// Replicas of each partition of the topics the ingester creates (default 3; a single test
+    /// broker needs 1). Kafka keeps an acknowledged message as long as one in-sync replica lives.
+    #[serde(default = "default_replication_factor")]
+    pub replication_factor: i32,
+    /// `min.insync.replicas` of the topics the ingester creates (default 2): with the
+    /// producers' `acks=all`, a write is acknowledged only once this many replicas have it.
+    #[serde(default = "default_min_insync_replicas")]
+    pub min_insync_replicas: i32,
     /// Extra librdkafka settings passed through unchanged (security.protocol, sasl.*, ssl.*...).
     /// No secrets here (`sasl.password`, `ssl.key.password`, ...): see `secret_env`.
     #[serde(default)]
@@ -233,6 +241,14 @@ pub struct RawSink {
     /// Longest wait for a batch to fill once its first message arrived (default 200ms).
     #[serde(default = "default_batch_timeout", with = "humantime_serde")]
     pub batch_timeout: Duration,
+    /// A result must have started at most this long before the bridge received it (its Kafka
+    /// timestamp), else it is dead-lettered as `clock_skew` (default 1h; at most
+    /// `storage.raw_retention`). See `clock.rs`.
+    #[serde(default = "default_max_clock_behind", with = "humantime_serde")]
+    pub max_clock_behind: Duration,
+    /// ... and at most this long after it (default 5m, at most 1d).
+    #[serde(default = "default_max_clock_ahead", with = "humantime_serde")]
+    pub max_clock_ahead: Duration,
 }
 
 impl Default for RawSink {
@@ -240,8 +256,17 @@ impl Default for RawSink {
         RawSink {
             batch_max: default_batch_max(),
             batch_timeout: default_batch_timeout(),
+            max_clock_behind: default_max_clock_behind(),
+            max_clock_ahead: default_max_clock_ahead(),
         }
     }
+}
+
+fn default_max_clock_behind() -> Duration {
+    crate::clock::ClockWindow::default().max_behind
+}
+fn default_max_clock_ahead() -> Duration {
+    crate::clock::ClockWindow::default().max_ahead
 }
 
 fn default_mqtt_port() -> u16 {
@@ -267,6 +292,12 @@ fn default_group_id() -> String {
 }
 fn default_partitions() -> i32 {
     4
+}
+fn default_replication_factor() -> i32 {
+    3
+}
+fn default_min_insync_replicas() -> i32 {
+    2
 }
 fn default_pg_tls() -> String {
     "verify-full".into()
@@ -378,6 +409,8 @@ pub struct KafkaConfig {
     pub dead_letter_topic: String,
     pub group_id: String,
     pub partitions: i32,
+    pub replication_factor: i32,
+    pub min_insync_replicas: i32,
     pub properties: BTreeMap<String, String>,
     /// librdkafka settings that are secrets (from `secret_env` / `secret_files`).
     pub secrets: BTreeMap<String, crate::secrets::Secret>,
@@ -415,6 +448,8 @@ impl std::fmt::Debug for PostgresConfig {
 pub struct SinkConfig {
     pub batch_max: usize,
     pub batch_timeout: Duration,
+    /// The window around the bridge's clock results must fall into (`clock.rs`).
+    pub clock: crate::clock::ClockWindow,
 }
 
 impl Config {
@@ -532,6 +567,29 @@ impl Config {
                 if k.partitions < 1 {
                     return Err(invalid("kafka.partitions", "must be at least 1".into()));
                 }
+                if !(1..=32).contains(&k.replication_factor) {
+                    return Err(invalid(
+                        "kafka.replication_factor",
+                        "must be 1..=32 (3 in production; 1 only for a single test broker)".into(),
+                    ));
+                }
+                if k.min_insync_replicas < 1 || k.min_insync_replicas > k.replication_factor {
+                    return Err(invalid(
+                        "kafka.min_insync_replicas",
+                        format!(
+                            "must be 1..=kafka.replication_factor ({}); 2 with 3 replicas in \
+                             production",
+                            k.replication_factor
+                        ),
+                    ));
+                }
+                if let Some((key, reason)) = k
+                    .properties
+                    .keys()
+                    .find_map(|key| crate::kafka::refused_property(key).map(|r| (key, r)))
+                {
+                    return Err(invalid(&format!("kafka.properties.{key}"), reason.into()));
+                }
                 if let Some(key) = k
                     .properties
                     .keys()
@@ -559,6 +617,8 @@ impl Config {
                     dead_letter_topic: k.dead_letter_topic,
                     group_id: k.group_id,
                     partitions: k.partitions,
+                    replication_factor: k.replication_factor,
+                    min_insync_replicas: k.min_insync_replicas,
                     properties: k.properties,
                     secrets,
                 })
@@ -647,6 +707,32 @@ impl Config {
         if raw.sink.batch_max == 0 {
             return Err(invalid("sink.batch_max", "must be at least 1".into()));
         }
+        let st = &raw.storage;
+        let storage = crate::storage::StorageConfig {
+            raw_retention: st.raw_retention,
+            rollup_retention: st.rollup_retention,
+            partitions_ahead: st.partitions_ahead,
+            interval: st.upkeep_interval,
+        };
+        storage
+            .check()
+            .map_err(|(setting, reason)| invalid(setting.key(), reason))?;
+        if raw.sink.max_clock_behind > storage.raw_retention {
+            return Err(invalid(
+                "sink.max_clock_behind",
+                "must not exceed storage.raw_retention: older results would be deleted by the \
+                 next retention"
+                    .into(),
+            ));
+        }
+        if raw.sink.max_clock_ahead > Duration::from_secs(86_400) {
+            return Err(invalid(
+                "sink.max_clock_ahead",
+                "must be at most 1d: a result from the future stands as the latest result of \
+                 its target until that time"
+                    .into(),
+            ));
+        }
         Ok(Config {
             file: path.to_owned(),
             mqtt,
@@ -657,40 +743,13 @@ impl Config {
             sink: SinkConfig {
                 batch_max: raw.sink.batch_max,
                 batch_timeout: raw.sink.batch_timeout,
+                clock: crate::clock::ClockWindow {
+                    max_behind: raw.sink.max_clock_behind,
+                    max_ahead: raw.sink.max_clock_ahead,
+                    retention: storage.raw_retention,
+                },
             },
-            storage: {
-                let st = &raw.storage;
-                if st.raw_retention < Duration::from_secs(86_400) {
-                    return Err(invalid(
-                        "storage.raw_retention",
-                        "must be at least 1 day (partitions are whole days)".into(),
-                    ));
-                }
-                if st.rollup_retention < st.raw_retention {
-                    return Err(invalid(
-                        "storage.rollup_retention",
-                        "must not be shorter than storage.raw_retention".into(),
-                    ));
-                }
-                if st.partitions_ahead == 0 || st.partitions_ahead > 366 {
-                    return Err(invalid(
-                        "storage.partitions_ahead",
-                        "must be 1..=366".into(),
-                    ));
-                }
-                if st.upkeep_interval < Duration::from_secs(1) {
-                    return Err(invalid(
-                        "storage.upkeep_interval",
-                        "must be at least 1s".into(),
-                    ));
-                }
-                crate::storage::StorageConfig {
-                    raw_retention: st.raw_retention,
-                    rollup_retention: st.rollup_retention,
-                    partitions_ahead: st.partitions_ahead,
-                    interval: st.upkeep_interval,
-                }
-            },
+            storage,
         })
     }
 
@@ -1106,6 +1165,91 @@ url = "host=127.0.0.1 user=vantage dbname=vantage"
             e.contains("string <redacted>") && !e.contains("hunter2"),
             "{e}"
         );
+    }
+
+    /// Issue #14, item 4: the durability settings cannot be overridden through
+    /// `kafka.properties`; the error names the file, the key and why.
+    #[test]
+    fn durability_properties_are_refused() {
+        for (key, value, why) in [
+            ("acks", "1", "all"),
+            ("request.required.acks", "0", "all"),
+            ("enable.idempotence", "false", "duplicate"),
+            ("enable.auto.commit", "true", "after its rows are committed"),
+            (
+                "enable.auto.offset.store",
+                "true",
+                "after its rows are committed",
+            ),
+            ("auto.offset.reset", "latest", "earliest"),
+            ("group.id", "other", "kafka.group_id"),
+        ] {
+            let e = err(&GOOD.replace(
+                "[postgres]",
+                &format!("[kafka.properties]\n\"{key}\" = \"{value}\"\n[postgres]"),
+            ));
+            assert!(
+                e.starts_with(&format!("ingester.toml: key `kafka.properties.{key}`: "))
+                    && e.contains(why),
+                "{e}"
+            );
+        }
+        // Other librdkafka settings still pass through.
+        let c = Config::parse(
+            &GOOD.replace(
+                "[postgres]",
+                "[kafka.properties]\n\"isolation.level\" = \"read_committed\"\n\"linger.ms\" = \"20\"\n[postgres]",
+            ),
+            Path::new("i.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.kafka().unwrap().properties.len(), 2);
+    }
+
+    #[test]
+    fn replication_defaults_to_production_and_is_checked() {
+        let c = Config::parse(GOOD, Path::new("i.toml")).unwrap();
+        let k = c.kafka().unwrap();
+        assert_eq!((k.replication_factor, k.min_insync_replicas), (3, 2));
+        let with = |lines: &str| GOOD.replace("[kafka]", &format!("[kafka]\n{lines}"));
+        let c = Config::parse(
+            &with("replication_factor = 1\nmin_insync_replicas = 1"),
+            Path::new("i.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.kafka().unwrap().replication_factor, 1);
+        let e = err(&with("replication_factor = 0"));
+        assert!(e.contains("key `kafka.replication_factor`"), "{e}");
+        let e = err(&with("replication_factor = 1"));
+        assert!(
+            e.contains("key `kafka.min_insync_replicas`") && e.contains("(1)"),
+            "min.insync.replicas 2 > 1 replica: {e}"
+        );
+        let e = err(&with("min_insync_replicas = 0"));
+        assert!(e.contains("key `kafka.min_insync_replicas`"), "{e}");
+    }
+
+    /// Issue #14, item 3: the clock window is bounded by retention.
+    #[test]
+    fn clock_window_is_checked() {
+        let c = Config::parse(GOOD, Path::new("i.toml")).unwrap();
+        assert_eq!(c.sink.clock, crate::clock::ClockWindow::default());
+        let e = err(&format!("{GOOD}[sink]\nmax_clock_behind = \"31d\"\n"));
+        assert!(
+            e.contains("key `sink.max_clock_behind`") && e.contains("raw_retention"),
+            "{e}"
+        );
+        let e = err(&format!("{GOOD}[sink]\nmax_clock_ahead = \"2d\"\n"));
+        assert!(e.contains("key `sink.max_clock_ahead`"), "{e}");
+        let c = Config::parse(
+            &format!(
+                "{GOOD}[sink]\nmax_clock_behind = \"60d\"\n[storage]\nraw_retention = \"90d\"\n"
+            ),
+            Path::new("i.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.sink.clock.max_behind, Duration::from_secs(60 * 86_400));
+        assert_eq!(c.sink.clock.retention, Duration::from_secs(90 * 86_400));
     }
 
     #[test]

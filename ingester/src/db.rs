@@ -32,17 +32,20 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0004_fleet_targets.sql",
         include_str!("../../migrations/0004_fleet_targets.sql"),
     ),
-    // 0005 comes with the other half of issue #14 (branch h14a).
+    (
+        5,
+        "0005_clock_upkeep.sql",
+        include_str!("../../migrations/0005_clock_upkeep.sql"),
+    ),
     (
         6,
         "0006_assigned_targets.sql",
         include_str!("../../migrations/0006_assigned_targets.sql"),
     ),
-    // 0007 comes with issue #15 (branch h15).
     (
-        8,
-        "0008_alerts.sql",
-        include_str!("../../migrations/0008_alerts.sql"),
+        7,
+        "0007_alerts.sql",
+        include_str!("../../migrations/0007_alerts.sql"),
     ),
 ];
 
@@ -81,6 +84,75 @@ impl DbError {
                     || c.starts_with("40")
             }
         }
+    }
+}
+
+impl DbError {
+    /// `(SQLSTATE, server message)` when PostgreSQL refused the data itself: a value, a
+    /// constraint or a trigger, so the same records would be refused on every retry. SQLSTATE
+    /// classes 22 (data exception), 23 (integrity constraint violation), 54 (program limit
+    /// exceeded, e.g. a row too large for an index) and P0 (a PL/pgSQL `RAISE`, as a checking
+    /// trigger raises). Other permanent errors (a missing table, permissions, a full disk) are
+    /// about the schema or the server, not a record: None.
+    pub fn refusal(&self) -> Option<(String, String)> {
+        let DbError::Postgres(e) = self else {
+            return None;
+        };
+        let db = e.as_db_error()?;
+        let code = db.code().code();
+        ["22", "23", "54", "P0"]
+            .iter()
+            .any(|class| code.starts_with(class))
+            .then(|| (code.to_owned(), db.message().to_owned()))
+    }
+}
+
+/// Narrows a write PostgreSQL refused down to the records it refuses, by halving.
+///
+/// The batch is records `0..len`. [`Bisect::next`] is the range to write now; after writing it
+/// the caller reports [`Bisect::written`], or [`Bisect::refused`] when PostgreSQL refused it
+/// ([`DbError::refusal`]): the range is then split in two halves, each written on its own,
+/// down to single records, which are given up. What was written stays written (each range is
+/// its own transaction), and ranges come in order, so records are written in their original
+/// order (statuses depend on it). A transient error leaves the state as it is: the caller
+/// retries the same range. No I/O, so it is tested without PostgreSQL. With k refused records
+/// a batch of n costs about 2·k·log2(n) transactions more than one.
+#[derive(Debug, Clone, Default)]
+pub struct Bisect {
+    /// Ranges still to write; the next one last.
+    todo: Vec<std::ops::Range<usize>>,
+}
+
+impl Bisect {
+    pub fn new(len: usize) -> Bisect {
+        let mut todo = Vec::new();
+        if len > 0 {
+            todo.push(0..len);
+        }
+        Bisect { todo }
+    }
+
+    /// The range to write now; None when everything is written or given up.
+    pub fn next(&self) -> Option<std::ops::Range<usize>> {
+        self.todo.last().cloned()
+    }
+
+    /// The range from [`Bisect::next`] is written.
+    pub fn written(&mut self) {
+        self.todo.pop();
+    }
+
+    /// The range from [`Bisect::next`] was refused: returns its record if it was a single one
+    /// (given up), else splits it.
+    pub fn refused(&mut self) -> Option<usize> {
+        let r = self.todo.pop()?;
+        if r.len() == 1 {
+            return Some(r.start);
+        }
+        let mid = r.start + r.len() / 2;
+        self.todo.push(mid..r.end);
+        self.todo.push(r.start..mid);
+        None
     }
 }
 
@@ -611,6 +683,43 @@ fn clamp_i32(v: u32) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The bisecting writer against a fake "PostgreSQL" that refuses any range holding a bad
+    /// record: exactly the bad records are given up, every other record is written once, in
+    /// order.
+    #[test]
+    fn bisect_finds_exactly_the_refused_records() {
+        for (len, bad) in [
+            (1usize, vec![0usize]),
+            (10, vec![]),
+            (10, vec![3]),
+            (10, vec![0, 9]),
+            (33, vec![1, 2, 3, 31]),
+            (500, (0..500).step_by(7).collect()),
+            (4, vec![0, 1, 2, 3]),
+        ] {
+            let mut b = Bisect::new(len);
+            let mut written = Vec::new();
+            let mut refused = Vec::new();
+            let mut attempts = 0;
+            while let Some(r) = b.next() {
+                attempts += 1;
+                if r.clone().any(|i| bad.contains(&i)) {
+                    refused.extend(b.refused());
+                } else {
+                    written.extend(r);
+                    b.written();
+                }
+            }
+            assert_eq!(refused, bad, "len {len}");
+            let expected: Vec<usize> = (0..len).filter(|i| !bad.contains(i)).collect();
+            assert_eq!(written, expected, "len {len}: written once each, in order");
+            if bad.is_empty() {
+                assert_eq!(attempts, 1, "a batch PostgreSQL takes is one write");
+            }
+        }
+        assert_eq!(Bisect::new(0).next(), None);
+    }
 
     #[test]
     fn migrations_match_directory() {

@@ -2,8 +2,9 @@
 
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
@@ -18,6 +19,50 @@ pub const REASON_HEADER: &str = "vantage-reason";
 pub const STAGE_HEADER: &str = "vantage-stage";
 /// Header with the MQTT topic the bridge received a rejected payload on.
 pub const MQTT_TOPIC_HEADER: &str = "vantage-mqtt-topic";
+/// Header of a `clock_skew` / `past_retention` dead letter: the bridge's time the results were
+/// judged by (the original record's Kafka timestamp, ms since the epoch).
+pub const BRIDGE_TIME_HEADER: &str = "vantage-bridge-time-ms";
+/// Headers of a `postgres_refused` dead letter: the SQLSTATE and the server's message.
+pub const SQLSTATE_HEADER: &str = "vantage-sqlstate";
+pub const ERROR_HEADER: &str = "vantage-error";
+
+/// librdkafka properties `kafka.properties` may not set, with the reason (refused at config
+/// load). Each one would silently break "acknowledge only what is durable" or the sink's
+/// commit protocol; the ingester sets them itself:
+///
+/// - `acks` / `request.required.acks` (producers: `all`, or a broker failure loses what the
+///   bridge already acknowledged to MQTT) and `enable.idempotence` (`true`: retries neither
+///   duplicate nor reorder a partition's messages).
+/// - `enable.auto.commit` (the sink commits only offsets whose rows are committed in
+///   PostgreSQL; librdkafka's auto-commit would commit what it merely fetched),
+///   `enable.auto.offset.store` (with it on, closing the consumer or a later auto-commit
+///   commits the position of fetched messages) and `auto.offset.reset` (`earliest`: a new
+///   group, or offsets expired by the broker, must replay from the start; `latest` skips
+///   everything not yet written).
+///
+/// `isolation.level` stays allowed: nothing writes these topics transactionally, so it changes
+/// nothing. `group.id` is `kafka.group_id`.
+pub fn refused_property(key: &str) -> Option<&'static str> {
+    Some(match key {
+        "acks" | "request.required.acks" => {
+            "is fixed to \"all\": the bridge acknowledges MQTT only for messages every in-sync \
+             replica has (set kafka.min_insync_replicas instead)"
+        }
+        "enable.idempotence" => {
+            "is fixed to true: producer retries must not duplicate or reorder messages"
+        }
+        "enable.auto.commit" | "enable.auto.offset.store" => {
+            "is fixed to false: the sink commits an offset only after its rows are committed in \
+             PostgreSQL"
+        }
+        "auto.offset.reset" => {
+            "is fixed to \"earliest\": a new consumer group (or one whose offsets expired) must \
+             replay the topic, never skip to its end"
+        }
+        "group.id" => "set kafka.group_id instead",
+        _ => return None,
+    })
+}
 
 /// librdkafka settings common to every client: brokers, then the pass-through properties (which
 /// may override anything, e.g. for SASL/SSL).
@@ -76,33 +121,172 @@ pub fn consumer_config(config: &KafkaConfig) -> ClientConfig {
 pub fn producer(config: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &config.brokers)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
         .set("linger.ms", "5")
         .set("compression.type", "lz4");
     pass_through(&mut c, config);
+    // After the pass-through: these two are the durability contract (`refused_property`).
+    c.set("enable.idempotence", "true").set("acks", "all");
     c.create()
 }
 
-/// Creates the results and dead-letter topics if they do not exist yet.
-pub async fn ensure_topics(config: &KafkaConfig) -> Result<(), KafkaError> {
+/// Why the topics could not be made sure of.
+#[derive(Debug, thiserror::Error)]
+pub enum TopicError {
+    /// Kafka did not answer (or answered with an error worth retrying later).
+    #[error("Kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    /// The cluster cannot hold what the configuration asks for: the stage must not run (it
+    /// would make the broker auto-create the topics with its own, weaker, defaults).
+    #[error("key `{key}`: {reason}")]
+    Config { key: &'static str, reason: String },
+}
+
+impl TopicError {
+    /// A configuration the cluster refuses (as opposed to Kafka being unreachable).
+    pub fn is_config(&self) -> bool {
+        matches!(self, TopicError::Config { .. })
+    }
+}
+
+/// The results and dead-letter topics as the cluster has them.
+#[derive(Debug, Default)]
+struct TopicState {
+    brokers: usize,
+    /// Replicas of partition 0, per existing topic.
+    replicas: std::collections::BTreeMap<String, usize>,
+}
+
+async fn topic_state(config: &KafkaConfig) -> Result<TopicState, KafkaError> {
+    let client: BaseConsumer = client_config(config).create()?;
+    let names = [config.topic.clone(), config.dead_letter_topic.clone()];
+    // A metadata request blocks its thread until the broker answers.
+    tokio::task::spawn_blocking(move || {
+        let metadata = client.fetch_metadata(None, Duration::from_secs(10))?;
+        let mut state = TopicState {
+            brokers: metadata.brokers().len(),
+            ..TopicState::default()
+        };
+        for t in metadata.topics() {
+            if names.iter().any(|n| n == t.name()) && t.error().is_none() {
+                let replicas = t.partitions().first().map_or(0, |p| p.replicas().len());
+                state.replicas.insert(t.name().to_owned(), replicas);
+            }
+        }
+        Ok(state)
+    })
+    .await
+    .map_err(|_| KafkaError::Canceled)?
+}
+
+/// Creates the results and dead-letter topics if they do not exist yet, with
+/// `kafka.replication_factor` replicas and `min.insync.replicas = kafka.min_insync_replicas`.
+/// Topics that exist are left as they are, with a warning when they have fewer replicas or a
+/// lower `min.insync.replicas` than configured (Kafka auto-creates topics with the broker's
+/// defaults, 1 and 1 unless the broker says otherwise).
+pub async fn ensure_topics(config: &KafkaConfig) -> Result<(), TopicError> {
+    let state = topic_state(config).await?;
     let admin: AdminClient<DefaultClientContext> = client_config(config).create()?;
-    let topics = [
-        NewTopic::new(&config.topic, config.partitions, TopicReplication::Fixed(1)),
-        NewTopic::new(&config.dead_letter_topic, 1, TopicReplication::Fixed(1)),
-    ];
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    for result in admin.create_topics(&topics, &options).await? {
+    let existing: Vec<&String> = state.replicas.keys().collect();
+    if !existing.is_empty() {
+        check_existing(&admin, config, &state, &options).await;
+    }
+    let wanted = [
+        (config.topic.as_str(), config.partitions),
+        (config.dead_letter_topic.as_str(), 1),
+    ];
+    let min_isr = config.min_insync_replicas.to_string();
+    let missing: Vec<NewTopic<'_>> = wanted
+        .iter()
+        .filter(|(name, _)| !state.replicas.contains_key(*name))
+        .map(|&(name, partitions)| {
+            NewTopic::new(
+                name,
+                partitions,
+                TopicReplication::Fixed(config.replication_factor),
+            )
+            .set("min.insync.replicas", &min_isr)
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if state.brokers < config.replication_factor as usize {
+        return Err(TopicError::Config {
+            key: "kafka.replication_factor",
+            reason: format!(
+                "is {} but the cluster has {} broker(s), so the topics cannot be created (set it \
+                 to 1, and kafka.min_insync_replicas to 1, only for a single test broker)",
+                config.replication_factor, state.brokers
+            ),
+        });
+    }
+    for result in admin.create_topics(&missing, &options).await? {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => {
-                return Err(KafkaError::AdminOp(code)).inspect_err(|_| {
-                    tracing::error!(topic, ?code, "cannot create Kafka topic");
-                })
+                tracing::error!(topic, ?code, "cannot create Kafka topic");
+                return Err(match code {
+                    RDKafkaErrorCode::InvalidReplicationFactor
+                    | RDKafkaErrorCode::InvalidReplicaAssignment => TopicError::Config {
+                        key: "kafka.replication_factor",
+                        reason: format!("the cluster refused it for topic {topic}: {code}"),
+                    },
+                    RDKafkaErrorCode::InvalidConfig | RDKafkaErrorCode::PolicyViolation => {
+                        TopicError::Config {
+                            key: "kafka.min_insync_replicas",
+                            reason: format!("the cluster refused it for topic {topic}: {code}"),
+                        }
+                    }
+                    code => TopicError::Kafka(KafkaError::AdminOp(code)),
+                });
             }
         }
     }
     Ok(())
+}
+
+/// Warns about existing topics weaker than the configuration asks for.
+async fn check_existing(
+    admin: &AdminClient<DefaultClientContext>,
+    config: &KafkaConfig,
+    state: &TopicState,
+    options: &AdminOptions,
+) {
+    for (topic, &replicas) in &state.replicas {
+        if replicas < config.replication_factor as usize {
+            tracing::warn!(
+                topic,
+                replicas,
+                wanted = config.replication_factor,
+                "Kafka topic has fewer replicas than kafka.replication_factor (Kafka does not \
+                 change an existing topic: add replicas with kafka-reassign-partitions)"
+            );
+        }
+    }
+    let resources: Vec<ResourceSpecifier<'_>> = state
+        .replicas
+        .keys()
+        .map(|t| ResourceSpecifier::Topic(t))
+        .collect();
+    let Ok(described) = admin.describe_configs(&resources, options).await else {
+        return;
+    };
+    for resource in described.into_iter().flatten() {
+        let min_isr = resource
+            .get("min.insync.replicas")
+            .and_then(|e| e.value.as_deref())
+            .and_then(|v| v.parse::<i32>().ok());
+        if let Some(have) = min_isr.filter(|&v| v < config.min_insync_replicas) {
+            tracing::warn!(
+                topic = ?resource.specifier,
+                min_insync_replicas = have,
+                wanted = config.min_insync_replicas,
+                "Kafka topic has a lower min.insync.replicas than kafka.min_insync_replicas (set \
+                 it with kafka-configs --alter)"
+            );
+        }
+    }
 }
 
 /// A producer shared by many concurrent deliveries that replaces itself after a fatal error.

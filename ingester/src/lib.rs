@@ -7,7 +7,9 @@
 
 pub mod alert;
 pub mod assign;
+pub mod batch;
 pub mod bridge;
+pub mod clock;
 pub mod config;
 pub mod db;
 pub mod fleet;

@@ -84,22 +84,28 @@ enum Command {
         #[arg(long, value_enum, default_value_t = report::Format::Table)]
         format: report::Format,
     },
-    /// Create missing partitions and drop expired ones now (the sink also does this every few
-    /// minutes).
+    /// Create missing partitions, drop expired ones and compact rollups now, as the sink does
+    /// every `storage.upkeep_interval`, with the retention of the config's `[storage]`. Prints
+    /// what it removed, with row counts.
     ///
-    /// Example: vantage-ingester maintain --config ingester.toml --raw-retention 30d
+    /// Example: vantage-ingester maintain --config ingester.toml --dry-run
     Maintain {
         #[arg(long, short)]
         config: PathBuf,
-        /// Raw results and 1-minute rollups older than this are dropped.
-        #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
-        raw_retention: Duration,
-        /// 1-hour rollups older than this are dropped.
-        #[arg(long, default_value = "400d", value_parser = humantime::parse_duration)]
-        rollup_retention: Duration,
-        /// Days of partitions to create ahead.
-        #[arg(long, default_value_t = 7)]
-        ahead: u32,
+        /// Override `storage.raw_retention`: raw results, gaps and 1-minute rollups older than
+        /// this are dropped.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        raw_retention: Option<Duration>,
+        /// Override `storage.rollup_retention`: 1-hour and 1-day rollups older than this are
+        /// dropped.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        rollup_retention: Option<Duration>,
+        /// Override `storage.partitions_ahead`: days of partitions to create ahead.
+        #[arg(long)]
+        ahead: Option<u32>,
+        /// Print what would be removed; change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Validate a configuration file without connecting to anything, and say which commands it
     /// can run (each needs its sections: bridge [mqtt] [kafka], sink [kafka] [postgres], ...).
@@ -322,16 +328,59 @@ fn main() -> anyhow::Result<()> {
                 raw_retention,
                 rollup_retention,
                 ahead,
+                dry_run,
             } => {
                 let config = Config::load(&config)?;
-                let client = db::connect(config.postgres()?).await?;
-                let created = storage::ensure_partitions(&client, ahead).await?;
-                let dropped =
-                    storage::apply_retention(&client, raw_retention, rollup_retention).await?;
-                println!("{created} partitions created, {} dropped", dropped.len());
-                for name in dropped {
-                    println!("dropped {name}");
+                // The file's [storage] (its defaults when absent), then the flags, checked the
+                // same way: a flag cannot do what the file may not.
+                let mut storage = config.storage.clone();
+                storage.raw_retention = raw_retention.unwrap_or(storage.raw_retention);
+                storage.rollup_retention = rollup_retention.unwrap_or(storage.rollup_retention);
+                storage.partitions_ahead = ahead.unwrap_or(storage.partitions_ahead);
+                if let Err((setting, reason)) = storage.check() {
+                    let given = match setting {
+                        storage::Setting::RawRetention => raw_retention.is_some(),
+                        storage::Setting::RollupRetention => rollup_retention.is_some(),
+                        storage::Setting::PartitionsAhead => ahead.is_some(),
+                        storage::Setting::Interval => false,
+                    };
+                    match setting.flag().filter(|_| given) {
+                        Some(flag) => anyhow::bail!("{flag}: {reason}"),
+                        None => {
+                            return Err(vantage_ingester::config::ConfigError::Invalid {
+                                file: config.file.clone(),
+                                key: setting.key().into(),
+                                reason,
+                            }
+                            .into())
+                        }
+                    }
                 }
+                let pg = config.postgres()?;
+                let mut client = db::connect(pg).await?;
+                if dry_run {
+                    // Changes nothing, migrations included: an older schema is reported.
+                    let version: i32 = client
+                        .query_one(
+                            "SELECT coalesce(max(version), 0) FROM schema_migrations",
+                            &[],
+                        )
+                        .await
+                        .map(|r| r.get(0))
+                        .unwrap_or(0);
+                    let latest = db::MIGRATIONS.len() as i32;
+                    if version < latest {
+                        anyhow::bail!(
+                            "schema {} is at version {version}, this maintain needs {latest}: run \
+                             `vantage-ingester migrate` first (a dry run changes nothing)",
+                            pg.schema
+                        );
+                    }
+                } else {
+                    db::migrate(&mut client, &pg.schema).await?;
+                }
+                let upkeep = storage::maintain(&client, &storage, dry_run).await?;
+                print!("{}", upkeep.render(dry_run));
             }
         }
         Ok(())

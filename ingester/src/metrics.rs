@@ -31,6 +31,13 @@ pub struct PartitionLabel {
     pub partition: String,
 }
 
+/// Label of per-agent counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AgentLabel {
+    pub region: String,
+    pub agent: String,
+}
+
 /// Label of the build info gauge.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabel {
@@ -87,6 +94,15 @@ pub struct SinkMetrics {
     /// committed right after). Unlike the lag, which librdkafka reports only while the sink is
     /// consuming, this stops moving whenever the sink is stuck.
     pub last_durable_batch: Gauge,
+    /// Results dead-lettered because their time is outside the window around the bridge's
+    /// clock (`clock.rs`), per agent.
+    pub clock_skew: Family<AgentLabel, Counter>,
+    /// Unix time of the last storage upkeep round that succeeded (`storage.rs`).
+    pub upkeep_last_success: Gauge,
+    /// Storage upkeep rounds (or reconnects) that failed.
+    pub upkeep_failures: Counter,
+    /// Rows left in `results_default` after the last upkeep (outside the adoption window).
+    pub upkeep_default_rows: Gauge,
 }
 
 /// Label of alert deliveries: the receiver's name and how the attempt ended.
@@ -289,6 +305,10 @@ impl Metrics {
             write_retries: Counter::default(),
             consumer_lag: Family::default(),
             last_durable_batch: Gauge::default(),
+            clock_skew: Family::default(),
+            upkeep_last_success: Gauge::default(),
+            upkeep_failures: Counter::default(),
+            upkeep_default_rows: Gauge::default(),
         };
         let r = &mut sink_registry;
         r.register(
@@ -343,6 +363,29 @@ impl Metrics {
             "Unix time at which the last batch became durable in PostgreSQL (then its offsets are \
              committed); alert on time() minus this while agents are sending",
             sink.last_durable_batch.clone(),
+        );
+        r.register(
+            "vantage_sink_clock_skew_results",
+            "Results dead-lettered because their time is outside the window around the bridge's \
+             clock (sink.max_clock_behind / max_clock_ahead), per agent",
+            sink.clock_skew.clone(),
+        );
+        r.register(
+            "vantage_sink_upkeep_last_success_timestamp_seconds",
+            "Unix time of the last storage upkeep round (partitions ahead, retention, compaction) \
+             that succeeded",
+            sink.upkeep_last_success.clone(),
+        );
+        r.register(
+            "vantage_sink_upkeep_failures",
+            "Storage upkeep rounds or reconnects that failed (retried with backoff)",
+            sink.upkeep_failures.clone(),
+        );
+        r.register(
+            "vantage_sink_upkeep_default_rows",
+            "Rows left in results_default after the last upkeep: times outside the window upkeep \
+             adopts (docs/sql.md)",
+            sink.upkeep_default_rows.clone(),
         );
         let alert = AlertMetrics {
             evaluations: Counter::default(),
@@ -474,6 +517,25 @@ impl SinkMetrics {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
         self.last_durable_batch.set(now);
+    }
+
+    /// `results` results of `region/agent` were dead-lettered as `clock_skew`.
+    pub fn clock_skew(&self, region: &str, agent: &str, results: u64) {
+        self.clock_skew
+            .get_or_create(&AgentLabel {
+                region: region.to_owned(),
+                agent: agent.to_owned(),
+            })
+            .inc_by(results);
+    }
+
+    /// A storage upkeep round succeeded at `at`, leaving `default_rows` in `results_default`.
+    pub fn upkeep_done(&self, at: std::time::SystemTime, default_rows: i64) {
+        let secs = at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        self.upkeep_last_success.set(secs);
+        self.upkeep_default_rows.set(default_rows);
     }
 
     /// librdkafka statistics of the sink's consumer: per-partition lag of the partitions this

@@ -27,6 +27,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
+use crate::batch::{Writes, REFUSED};
 use crate::config::{Config, ConfigError, PostgresConfig};
 use crate::db::{self, DbError, GapRow, Row};
 use crate::kafka;
@@ -56,6 +57,8 @@ pub struct SinkStats {
     pub write_retries: u64,
     /// Batches written whose offsets were not committed because a rebalance intervened.
     pub batches_uncommitted: u64,
+    /// Synchronous offset commits tried when partitions were revoked (rebalance callback).
+    pub revocation_commits: u64,
 }
 
 /// Offsets whose rows are committed in PostgreSQL, shared with the rebalance callback.
@@ -65,6 +68,8 @@ struct Durable {
     next: BTreeMap<(String, i32), i64>,
     /// Bumped at every revocation; a batch collected across one does not record its offsets.
     generation: u64,
+    /// Offset commits tried on revocation (for [`SinkStats::revocation_commits`]).
+    revocation_commits: u64,
 }
 
 impl Durable {
@@ -106,9 +111,23 @@ impl ConsumerContext for SinkContext {
         if commit.count() == 0 {
             return;
         }
+        durable.revocation_commits += 1;
         // Runs inside the consumer's poll; a blocking commit here is what makes the next owner
-        // start after our rows instead of replaying them.
-        match consumer.commit(&commit, CommitMode::Sync) {
+        // start after our rows instead of replaying them. The poll is the sink task's recv(),
+        // so this runs on a worker of the runtime: block_in_place hands the worker's other
+        // tasks (upkeep, /metrics, dead-letter deliveries) to another thread for as long as
+        // the coordinator takes to answer (up to socket.timeout.ms when Kafka hangs). Without
+        // a multi-thread runtime around (the consumer's close on the shutdown thread, a
+        // current-thread runtime), it simply blocks.
+        let sync_commit = || consumer.commit(&commit, CommitMode::Sync);
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let committed = if multi_thread {
+            tokio::task::block_in_place(sync_commit)
+        } else {
+            sync_commit()
+        };
+        match committed {
             Ok(()) => tracing::info!(
                 partitions = commit.count(),
                 "offsets committed on revocation"
@@ -222,17 +241,28 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
     {
         let mut client = connect_with_retry(&pg_config, &shutdown).await?;
         db::migrate(&mut client, &pg_config.schema).await?;
-        // Partitions ahead of time and retention, on their own connection: DDL never waits
-        // behind (or holds up) a batch.
-        tokio::spawn(crate::storage::run(
-            client,
-            config.storage.clone(),
-            shutdown.clone(),
-        ));
     }
+    // Partitions ahead of time and retention, on a connection of their own (opened again
+    // whenever PostgreSQL drops it): DDL never waits behind (or holds up) a batch.
+    tokio::spawn(crate::storage::run(
+        pg_config.clone(),
+        config.storage.clone(),
+        shutdown.clone(),
+    ));
     let mut client = connect_with_retry(&pg_config, &shutdown).await?;
-    if let Err(e) = kafka::ensure_topics(&kafka_config).await {
-        tracing::warn!(error = %e, "cannot create Kafka topics; continuing");
+    match kafka::ensure_topics(&kafka_config).await {
+        Ok(()) => {}
+        // The cluster cannot hold the configured replication: consuming on would let the
+        // broker auto-create the dead-letter topic with its own defaults.
+        Err(kafka::TopicError::Config { key, reason }) => {
+            return Err(ConfigError::Invalid {
+                file: config.file.clone(),
+                key: key.into(),
+                reason,
+            }
+            .into())
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot create Kafka topics; continuing"),
     }
     let producer = kafka::Producer::new(&kafka_config)?;
 
@@ -263,9 +293,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
     let outcome: Result<(), SinkError> = async {
     'batches: while !shutdown.is_cancelled() {
         // Collect: wait for a first message, then fill until full or the batch timeout.
-        let mut rows: Vec<Row> = Vec::new();
-        let mut gaps: Vec<GapRow> = Vec::new();
-        let mut statuses: Vec<crate::fleet::StatusRow> = Vec::new();
+        let mut writes = Writes::default();
         let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
         let mut count = 0usize;
         let mut batch_deadline = None;
@@ -325,10 +353,41 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
                         tracing::warn!("shutdown before a dead letter was delivered; batch left for replay");
                         break 'batches;
                     }
-                    rows.extend(r);
-                    gaps.extend(g);
+                    // Agent clocks are not trusted (clock.rs): what falls outside the window
+                    // around the bridge's clock is dead-lettered here, the rest is written.
+                    let letters = writes.add_frame(&sink.clock, r, g, &message);
+                    for letter in letters {
+                        if let Some(suppressed) = poison_log.allow() {
+                            tracing::warn!(
+                                key = %String::from_utf8_lossy(message.key().unwrap_or_default()),
+                                reason = letter.reason,
+                                results = letter.results,
+                                skew_ms = letter.skew_ms,
+                                suppressed,
+                                "results refused: agent clock"
+                            );
+                        }
+                        let bridge_ms = letter.bridge_ms.to_string();
+                        if !dead_letter(
+                            &producer,
+                            &kafka_config.dead_letter_topic,
+                            message.key(),
+                            &letter.payload,
+                            letter.reason,
+                            &[(kafka::BRIDGE_TIME_HEADER, &bridge_ms)],
+                            &shutdown,
+                        )
+                        .await
+                        {
+                            tracing::warn!("shutdown before a dead letter was delivered; batch left for replay");
+                            break 'batches;
+                        }
+                        stats.dead_lettered += 1;
+                        crate::metrics::sink().dead_lettered(letter.reason);
+                        writes.count_skew(&letter);
+                    }
                 }
-                Decoded::Status(s) => statuses.push(*s),
+                Decoded::Status(s) => writes.add_status(*s, &message),
                 Decoded::Poison(reason) => {
                     if let Some(suppressed) = poison_log.allow() {
                         tracing::warn!(
@@ -345,6 +404,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
                         message.key(),
                         message.payload().unwrap_or_default(),
                         reason,
+                        &[],
                         &shutdown,
                     )
                     .await;
@@ -366,35 +426,13 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
 
         // Write, retrying transient failures for as long as it takes: offsets must not move
         // past rows that are not durable. At shutdown, give up instead (nothing is committed,
-        // so the batch is replayed by whoever consumes next). Two steps, each its own
-        // transaction: result rows and gaps, then agent statuses; a retry of the second does
-        // not redo (or recount) the first.
-        let mut rows_done = rows.is_empty() && gaps.is_empty();
-        let mut statuses_done = statuses.is_empty();
+        // so the batch is replayed by whoever consumes next). `Writes` remembers what is done
+        // (each step is its own transaction), so a retry neither redoes nor recounts it.
+        let started = std::time::Instant::now();
         let mut backoff = Duration::from_millis(100);
-        while !(rows_done && statuses_done) {
-            let started = std::time::Instant::now();
-            let step = if !rows_done {
-                db::write_batch(&mut client, &rows, &gaps).await.map(|inserted| {
-                    crate::metrics::sink().batch_written(
-                        rows.len(),
-                        inserted.results,
-                        inserted.gaps,
-                        started.elapsed(),
-                    );
-                    stats.rows_inserted += inserted.results;
-                    stats.rows_duplicate += rows.len() as u64 - inserted.results;
-                    stats.gaps_inserted += inserted.gaps;
-                    tracing::debug!(rows = rows.len(), ?inserted, "batch written");
-                    rows_done = true;
-                })
-            } else {
-                crate::fleet::write_statuses(&mut client, &statuses)
-                    .await
-                    .map(|()| statuses_done = true)
-            };
-            match step {
-                Ok(()) => backoff = Duration::from_millis(100),
+        loop {
+            match writes.run(&mut client).await {
+                Ok(()) => break,
                 Err(e) if e.is_transient() => {
                     stats.write_retries += 1;
                     crate::metrics::sink().write_retries.inc();
@@ -402,7 +440,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = shutdown.cancelled() => {
-                            tracing::warn!(rows = rows.len(), "shutdown while PostgreSQL is unavailable; batch left for replay");
+                            tracing::warn!(rows = writes.rows.len(), "shutdown while PostgreSQL is unavailable; batch left for replay");
                             break 'batches;
                         }
                     }
@@ -411,15 +449,61 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
                         client = match connect_with_retry(&pg_config, &shutdown).await {
                             Ok(c) => c,
                             Err(_) if shutdown.is_cancelled() => {
-                                tracing::warn!(rows = rows.len(), "shutdown while PostgreSQL is unavailable; batch left for replay");
+                                tracing::warn!(rows = writes.rows.len(), "shutdown while PostgreSQL is unavailable; batch left for replay");
                                 break 'batches;
                             }
                             Err(e) => return Err(e.into()),
                         };
                     }
                 }
+                // Not transient and not about one record (a missing table, permissions...):
+                // the same batch would fail again; the stage stops.
                 Err(e) => return Err(e.into()),
             }
+        }
+        if !(writes.rows.is_empty() && writes.gaps.is_empty()) {
+            let written = writes.rows.len() - writes.refused_rows;
+            crate::metrics::sink().batch_written(
+                written,
+                writes.inserted.results,
+                writes.inserted.gaps,
+                started.elapsed(),
+            );
+            stats.rows_inserted += writes.inserted.results;
+            stats.rows_duplicate += written as u64 - writes.inserted.results;
+            stats.gaps_inserted += writes.inserted.gaps;
+            tracing::debug!(rows = written, inserted = ?writes.inserted, "batch written");
+        }
+        // What PostgreSQL refused goes to the dead-letter topic before any offset moves.
+        for refused in std::mem::take(&mut writes.refused) {
+            if let Some(suppressed) = poison_log.allow() {
+                tracing::warn!(
+                    key = %String::from_utf8_lossy(refused.key.as_deref().unwrap_or_default()),
+                    sqlstate = refused.sqlstate,
+                    error = refused.error,
+                    suppressed,
+                    "record refused by PostgreSQL"
+                );
+            }
+            let durable_letter = dead_letter(
+                &producer,
+                &kafka_config.dead_letter_topic,
+                refused.key.as_deref(),
+                &refused.payload,
+                REFUSED,
+                &[
+                    (kafka::SQLSTATE_HEADER, &refused.sqlstate),
+                    (kafka::ERROR_HEADER, &refused.error),
+                ],
+                &shutdown,
+            )
+            .await;
+            if !durable_letter {
+                tracing::warn!("shutdown before a dead letter was delivered; batch left for replay");
+                break 'batches;
+            }
+            stats.dead_lettered += 1;
+            crate::metrics::sink().dead_lettered(REFUSED);
         }
 
         // The rows are committed: now, and only now, the offsets may advance.
@@ -450,6 +534,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
     // (shutdown.rs: after a Kafka restart librdkafka could block here for ever). Once committed,
     // the revocation during close has nothing left to commit again.
     let tpl = lock(&durable).list()?;
+    stats.revocation_commits = lock(&durable).revocation_commits;
     let on_committed = move || lock(&durable).next.clear();
     crate::shutdown::commit_and_close(
         consumer,
@@ -500,7 +585,7 @@ async fn drop_unassigned(
             "results for targets this agent was not given, dead-lettered"
         );
     }
-    if !dead_letter(producer, topic, key, &frame, reason, shutdown).await {
+    if !dead_letter(producer, topic, key, &frame, reason, &[], shutdown).await {
         return Ok(false);
     }
     stats.dead_lettered += 1;
@@ -517,9 +602,16 @@ async fn dead_letter(
     key: Option<&[u8]>,
     payload: &[u8],
     reason: &str,
+    extra_headers: &[(&str, &str)],
     shutdown: &CancellationToken,
 ) -> bool {
-    let headers = kafka::dead_letter_headers("sink", reason, None);
+    let mut headers = kafka::dead_letter_headers("sink", reason, None);
+    for &(key, value) in extra_headers {
+        headers = headers.insert(rdkafka::message::Header {
+            key,
+            value: Some(value),
+        });
+    }
     kafka::produce_until_delivered(producer, topic, key, payload, Some(&headers), shutdown).await
 }
 

@@ -216,3 +216,77 @@ fn json_logs_are_one_object_per_line() {
         "{line}"
     );
 }
+
+/// Every class of command-line mistake exits 2; a bad configuration file or a failed command
+/// exits 1; `status` exits 3 when a configured service cannot be reached. The same scheme as
+/// vantage-agent (whose `probe` exits 3 when the target is not up); docs/ingester.md and
+/// docs/agent.md, "Exit codes" (issue #13 item 13).
+#[test]
+fn exit_codes_of_every_class() {
+    let good = write("codes-good.toml", GOOD);
+    let good = good.to_str().unwrap();
+    let broken = write("codes-broken.toml", "[mqtt\nhost=");
+    let broken = broken.to_str().unwrap();
+    let targets = write("codes-targets.toml", "[[targets]]\nid = 1\n");
+    let targets = targets.to_str().unwrap();
+    let cases: &[(&str, &[&str], i32)] = &[
+        ("no arguments", &[], 2),
+        ("unknown subcommand", &["no-such-command"], 2),
+        ("unknown flag", &["check-config", good, "--bogus"], 2),
+        (
+            "bad global flag value",
+            &["--log-format", "xml", "check-config", good],
+            2,
+        ),
+        ("missing --config", &["bridge"], 2),
+        ("missing file argument", &["check-config"], 2),
+        ("missing nested subcommand", &["targets"], 2),
+        ("unknown nested subcommand", &["targets", "frobnicate"], 2),
+        (
+            "duration without unit",
+            &["report", "--config", good, "--since", "5"],
+            2,
+        ),
+        (
+            "not a number",
+            &["report", "--config", good, "--target", "x"],
+            2,
+        ),
+        (
+            "bad enum value",
+            &["report", "--config", good, "--format", "xml"],
+            2,
+        ),
+        (
+            "missing config file",
+            &["check-config", "/nonexistent/ingester.toml"],
+            1,
+        ),
+        ("config syntax error", &["check-config", broken], 1),
+        (
+            "config syntax error (stage)",
+            &["sink", "--config", broken],
+            1,
+        ),
+        ("bad targets file", &["targets", "check", targets], 1),
+        ("help", &["--help"], 0),
+        ("subcommand help", &["targets", "apply", "--help"], 0),
+        ("version", &["--version"], 0),
+        ("good file", &["check-config", good], 0),
+        (
+            "status: services unreachable",
+            &["status", "--config", good],
+            3,
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (what, args, want) in cases {
+        let (code, _, stderr) = run(args);
+        if code != Some(*want) {
+            wrong.push(format!(
+                "{what} {args:?}: exit {code:?}, want {want}\n{stderr}"
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}

@@ -9,7 +9,8 @@ use crate::{MAX_GAPS, MAX_RESULTS};
 /// Append new kinds at the end; the numeric order is on the wire. Kinds 0–10 exist since
 /// version 1; 11–17 since version 2; 18 (`AddressRefused`) was appended within version 2: a
 /// version 2 decoder older than it rejects a frame carrying it as malformed (dead-lettered by
-/// an old bridge), so upgrade the ingester before the agents.
+/// an old bridge), so upgrade the ingester before the agents. The same holds for the kinds
+/// 19–23 (the "issue 13" block below).
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum Outcome {
@@ -52,11 +53,27 @@ pub enum Outcome {
     /// The target resolved to an address the agent refuses to probe (loopback, private,
     /// link-local...; `probes.private_addresses = "refuse"`). Nothing was sent to it.
     AddressRefused,
+    // ---- appended within version 2 for issue 13 (hostile servers); keep together ----
+    /// The redirect limit (`max_redirects`) was reached and the answer was another redirect.
+    TooManyRedirects,
+    /// The redirect limit was reached in a chain that requested the same URL twice.
+    RedirectLoop,
+    /// A redirect from `https` to `http` was not followed (the target did not set
+    /// `allow_downgrade`). Nothing was sent over plain HTTP.
+    DowngradeRefused,
+    /// The body's `Content-Encoding` is corrupt, truncated by the server, or not one the agent
+    /// decodes, so the regex could not be checked.
+    BadContentEncoding,
+    /// The agent did not probe: the probe would hold more body memory (its `body_cap` with a
+    /// regex, at worst) than the agent's whole `probes.memory_budget`. Nothing was sent; an
+    /// agent-side limit, not the target's failure. No phase.
+    MemoryRefused,
+    // ---- end of the issue 13 block ----
 }
 
 impl Outcome {
     /// Every variant, in wire order.
-    pub const ALL: [Outcome; 19] = [
+    pub const ALL: [Outcome; 24] = [
         Outcome::Up,
         Outcome::StatusNotAccepted,
         Outcome::RegexNotMatched,
@@ -76,6 +93,12 @@ impl Outcome {
         Outcome::TlsHostnameMismatch,
         Outcome::BodyTruncated,
         Outcome::AddressRefused,
+        // issue 13 block
+        Outcome::TooManyRedirects,
+        Outcome::RedirectLoop,
+        Outcome::DowngradeRefused,
+        Outcome::BadContentEncoding,
+        Outcome::MemoryRefused,
     ];
 
     /// The stable snake_case name used in logs and in PostgreSQL.
@@ -100,11 +123,19 @@ impl Outcome {
             Outcome::TlsHostnameMismatch => "tls_hostname_mismatch",
             Outcome::BodyTruncated => "body_truncated",
             Outcome::AddressRefused => "address_refused",
+            // issue 13 block
+            Outcome::TooManyRedirects => "too_many_redirects",
+            Outcome::RedirectLoop => "redirect_loop",
+            Outcome::DowngradeRefused => "downgrade_refused",
+            Outcome::BadContentEncoding => "bad_content_encoding",
+            Outcome::MemoryRefused => "memory_refused",
         }
     }
 }
 
-/// The phases of a probe, in order. Append only.
+/// The phases of a probe. Append only (the wire order is not the order they happen in:
+/// `Headers` comes between `FirstByte` and `Body`, `Check` last). Like [`Outcome`], the
+/// phases of the issue 13 block were appended within version 2.
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum Phase {
@@ -113,17 +144,26 @@ pub enum Phase {
     Tls,
     /// Writing the request and waiting for the first response byte.
     FirstByte,
-    /// Reading the rest of the response (headers and body).
+    /// Reading the body (before issue 13 also the headers after their first byte).
     Body,
+    // ---- appended within version 2 for issue 13 (hostile servers); keep together ----
+    /// The first byte arrived; reading the rest of the response head.
+    Headers,
+    /// After the last body byte: decoding the body and searching it with the regex.
+    Check,
+    // ---- end of the issue 13 block ----
 }
 
 impl Phase {
-    pub const ALL: [Phase; 5] = [
+    pub const ALL: [Phase; 7] = [
         Phase::Dns,
         Phase::Connect,
         Phase::Tls,
         Phase::FirstByte,
         Phase::Body,
+        // issue 13 block
+        Phase::Headers,
+        Phase::Check,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -133,6 +173,9 @@ impl Phase {
             Phase::Tls => "tls",
             Phase::FirstByte => "first_byte",
             Phase::Body => "body",
+            // issue 13 block
+            Phase::Headers => "headers",
+            Phase::Check => "check",
         }
     }
 }

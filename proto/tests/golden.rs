@@ -161,6 +161,59 @@ fn v2_golden_bytes_decode() {
     assert_eq!(decode(GOLDEN_V2).unwrap(), sample_v2());
 }
 
+// --- Issue #13: `MemoryRefused` appended within version 2 (after the redirect and encoding kinds). ---
+
+/// The result an agent sends for a probe its memory budget could never hold: no response, no
+/// phase, no timings; outcome byte 23.
+const GOLDEN_V2_MEMORY_REFUSED: &[u8] = &[
+    2, // format version
+    1, // boot id 1
+    1, // one result
+    // seq 0, target 42, started_at, status 0, MemoryRefused (23), no phase, no regex, total 0
+    0, 42, 128, 208, 223, 180, 171, 51, 0, 23, 0, 0, 0,
+    // dns .. transfer None, body 0, not truncated, 0 redirects, no cert, no address
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, //
+    0, // no gaps
+];
+
+#[test]
+fn v2_memory_refused_is_golden() {
+    let mut results = heapless::Vec::new();
+    results
+        .push(ProbeResult {
+            seq: 0,
+            target_id: 42,
+            started_at_ms: 1_764_000_000_000,
+            status: 0,
+            outcome: Outcome::MemoryRefused,
+            failed_phase: None,
+            regex: RegexOutcome::NotConfigured,
+            total_us: 0,
+            dns_us: None,
+            connect_us: None,
+            tls_us: None,
+            ttfb_us: None,
+            transfer_us: None,
+            body_bytes: 0,
+            body_truncated: false,
+            redirects: 0,
+            cert_not_after_s: None,
+            remote_ip: None,
+        })
+        .unwrap();
+    let batch = Batch {
+        boot_id: 1,
+        results,
+        gaps: heapless::Vec::new(),
+    };
+    let mut buf = [0u8; MAX_FRAME_LEN];
+    let bytes = encode(&batch, &mut buf).unwrap();
+    assert_eq!(&bytes[..], GOLDEN_V2_MEMORY_REFUSED, "{bytes:?}");
+    assert_eq!(decode(GOLDEN_V2_MEMORY_REFUSED).unwrap(), batch);
+}
+
+// --- End of issue #13 items 3/12. ---
+
 #[test]
 fn phase_wire_order_is_frozen() {
     let mut buf = [0u8; 8];
@@ -173,7 +226,16 @@ fn phase_wire_order_is_frozen() {
     }
     assert_eq!(
         Phase::ALL.map(|p| p.as_str()),
-        ["dns", "connect", "tls", "first_byte", "body"]
+        [
+            "dns",
+            "connect",
+            "tls",
+            "first_byte",
+            "body",
+            // issue 13 block
+            "headers",
+            "check",
+        ]
     );
 }
 
@@ -207,6 +269,12 @@ fn outcome_wire_order_is_frozen() {
             "tls_hostname_mismatch",
             "body_truncated",
             "address_refused",
+            // issue 13 block
+            "too_many_redirects",
+            "redirect_loop",
+            "downgrade_refused",
+            "bad_content_encoding",
+            "memory_refused",
         ]
     );
 }
@@ -305,4 +373,42 @@ fn decode_is_total_on_random_and_mutated_input() {
             let _ = decode(&mutated);
         }
     }
+}
+
+// ---- issue 13 block: outcomes and phases appended within version 2 ------------------------
+
+const GOLDEN_V2_ISSUE_13: &[u8] = &[
+    2, // format version
+    1, // boot id
+    2, // two results
+    // seq 8, target 2, started_at, status 0, BadContentEncoding (22) in Check (6), then as in
+    // GOLDEN_V2's second result
+    8, 2, 228, 208, 223, 180, 171, 51, 0, 22, 1, 6, 0, 192, 132, 61, 0, 1, 100, 0, 0, 0, 0, 0, 0, 0,
+    1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1,
+    // the same with Timeout (7) in Headers (5)
+    8, 2, 228, 208, 223, 180, 171, 51, 0, 7, 1, 5, 0, 192, 132, 61, 0, 1, 100, 0, 0, 0, 0, 0, 0, 0,
+    1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, // no gaps
+];
+
+/// A version 2 frame with a result that uses the outcomes and phases of the issue 13 block: the
+/// new kinds are one byte each, like the old ones, and a current decoder reads them.
+#[test]
+fn issue_13_outcomes_and_phases_encode_as_appended_indexes() {
+    let mut results = heapless::Vec::new();
+    let mut r = sample_v2().results[1];
+    r.outcome = Outcome::BadContentEncoding;
+    r.failed_phase = Some(Phase::Check);
+    results.push(r).unwrap();
+    r.outcome = Outcome::Timeout;
+    r.failed_phase = Some(Phase::Headers);
+    results.push(r).unwrap();
+    let batch = Batch {
+        boot_id: 1,
+        results,
+        gaps: heapless::Vec::new(),
+    };
+    let mut buf = [0u8; MAX_FRAME_LEN];
+    let bytes = encode(&batch, &mut buf).unwrap();
+    assert_eq!(&bytes[..], GOLDEN_V2_ISSUE_13, "{bytes:?}");
+    assert_eq!(decode(bytes).unwrap(), batch);
 }

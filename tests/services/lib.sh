@@ -180,6 +180,59 @@ lock_state_dir() {
 # ---------------------------------------------------------------- installation
 
 APT_UPDATED=0
+# apt_update_once: `apt-get update` the first time it is needed in this run (a fresh image has
+# no package lists at all)
+apt_update_once() {
+  ((APT_UPDATED)) && return 0
+  apt-get update -q >>"$STATE_DIR/apt.log" 2>&1 || die "apt-get update failed (log: $STATE_DIR/apt.log)"
+  APT_UPDATED=1
+}
+
+# apt_candidate PKG: 0 if apt can install PKG (it has a candidate version)
+apt_candidate() {
+  local c
+  c=$(apt-cache policy "$1" 2>/dev/null | awk '/Candidate:/ { print $2; exit }')
+  [[ -n $c && $c != "(none)" ]]
+}
+
+# java_major BIN: the major version BIN reports ("17" for 17.0.15, "1" for 1.8.0), empty if it
+# does not run
+java_major() {
+  "$1" -version 2>&1 | sed -n 's/.* version "\([0-9]*\).*/\1/p' | head -n1
+}
+
+# find_java: the first Java 17 or newer of $JAVA_HOME, PATH and /usr/lib/jvm (newest first);
+# Kafka 4 needs 17. Sets JAVA; 1 if there is none.
+JAVA=
+find_java() {
+  local c m
+  local candidates=()
+  [[ -n ${JAVA_HOME:-} ]] && candidates+=("$JAVA_HOME/bin/java")
+  c=$(command -v java 2>/dev/null) && candidates+=("$c")
+  while read -r c; do candidates+=("$c"); done < <(compgen -G '/usr/lib/jvm/*/bin/java' | sort -V -r)
+  for c in "${candidates[@]}"; do
+    [[ -x $c ]] || continue
+    m=$(java_major "$c" || true)
+    if [[ $m =~ ^[0-9]+$ ]] && ((m >= 17)); then
+      JAVA=$c
+      return 0
+    fi
+  done
+  return 1
+}
+
+# java_package: the Debian package that brings a Java 17+ runtime here (bookworm: 17, trixie: 21)
+java_package() {
+  local p
+  for p in openjdk-17-jre-headless openjdk-21-jre-headless openjdk-25-jre-headless default-jre-headless; do
+    if apt_candidate "$p"; then
+      printf '%s\n' "$p"
+      return 0
+    fi
+  done
+  die "kafka: no Java 17+ runtime package (openjdk-17/21/25-jre-headless) in the apt sources"
+}
+
 apt_install() {
   local apt_log=$STATE_DIR/apt.log rc=0 made_policy=0
   log "installing from Debian: $*"
@@ -189,12 +242,8 @@ apt_install() {
     chmod 0755 /usr/sbin/policy-rc.d
     made_policy=1
   fi
-  {
-    if ((APT_UPDATED == 0)); then
-      apt-get update -q && APT_UPDATED=1
-    fi &&
-      apt-get install -y -q --no-install-recommends -o DPkg::Lock::Timeout=300 "$@"
-  } >>"$apt_log" 2>&1 || rc=$?
+  apt_update_once
+  apt-get install -y -q --no-install-recommends -o DPkg::Lock::Timeout=300 "$@" >>"$apt_log" 2>&1 || rc=$?
   if ((made_policy)); then rm -f /usr/sbin/policy-rc.d; fi
   if ((rc != 0)); then
     tail -n 30 "$apt_log" >&2
@@ -267,7 +316,12 @@ ensure_installed() {
   if ! command -v mosquitto_sub >/dev/null || ! command -v mosquitto_pub >/dev/null; then
     pkgs+=(mosquitto-clients)
   fi
-  command -v java >/dev/null || pkgs+=(openjdk-17-jre-headless)
+  # Kafka runs on Java 17 or newer; Maven (below) fetches its jars. Both are Debian packages,
+  # so a machine with Rust is enough.
+  if ! find_java; then
+    apt_update_once
+    pkgs+=("$(java_package)")
+  fi
   [[ -x $AM_BIN ]] || pkgs+=(prometheus-alertmanager)
   # Building the ingester: librdkafka's SSL/SASL support links the system OpenSSL (rdkafka `ssl`).
   dpkg -s libssl-dev >/dev/null 2>&1 || pkgs+=(libssl-dev)
@@ -281,12 +335,15 @@ ensure_installed() {
     command -v mvn >/dev/null || pkgs+=(maven)
   fi
   # Download the Kafka jars while apt works, when Maven is already there.
-  if ((need_libs)) && command -v mvn >/dev/null && command -v java >/dev/null; then
+  if ((need_libs)) && command -v mvn >/dev/null && [[ -n $JAVA ]]; then
     fetch_kafka_libs_start
     need_libs=0
   fi
   if ((${#pkgs[@]})); then
     apt_install "${pkgs[@]}"
+  fi
+  if [[ -z $JAVA ]]; then
+    find_java || die "kafka: no Java 17 or newer after installing ${pkgs[*]} (set JAVA_HOME to one)"
   fi
   if ((need_libs)); then fetch_kafka_libs_start; fi
   [[ -n $(pg_bin_dir) ]] || die "postgres: no /usr/lib/postgresql/*/bin/postgres after installing postgresql"
@@ -633,7 +690,8 @@ EOF
 }
 
 kafka_tool() {
-  java -Xmx256m -XX:TieredStopAtLevel=1 -Djava.awt.headless=true \
+  [[ -n $JAVA ]] || find_java || die "kafka: no Java 17 or newer (tests/services/up installs one)"
+  "$JAVA" -Xmx256m -XX:TieredStopAtLevel=1 -Djava.awt.headless=true \
     -Dlog4j2.configurationFile="$SERVICES_DIR/kafka/tools-log4j2.properties" \
     -cp "$(kafka_cp)" "$@"
 }
@@ -678,7 +736,7 @@ KAFKA_STARTED=0
 # PostgreSQL and Mosquitto start.
 start_kafka() {
   fetch_kafka_libs_wait
-  command -v java >/dev/null || die "kafka: java is not installed"
+  [[ -n $JAVA ]] || find_java || die "kafka: no Java 17 or newer (tests/services/up installs one)"
   mkdir -p "$K_DATA"
   local tmp conf_changed=0 pid
   tmp=$(mktemp)
@@ -724,7 +782,7 @@ start_kafka() {
   # setsid: survive the end of the calling shell's process group.
   # shellcheck disable=SC2086,SC2016 # KAFKA_HEAP is a list of JVM options; $$ is the inner shell's
   setsid bash -c 'echo $$ >"$0"; exec "$@"' "$K_PID" \
-    java $KAFKA_HEAP -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -Djava.awt.headless=true \
+    "$JAVA" $KAFKA_HEAP -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -Djava.awt.headless=true \
     -Dlog4j2.configurationFile="$K_DIR/log4j2.properties" -Dkafka.logs.dir="$K_DIR" \
     -cp "$(kafka_cp)" kafka.Kafka "$K_PROPS" </dev/null >"$K_LOG" 2>&1 9>&- &
   KAFKA_STARTED=1

@@ -119,6 +119,9 @@ topic = "{topic}"
 dead_letter_topic = "{dlq}"
 group_id = "{group}"
 partitions = {partitions}
+# The single test broker: one replica (production: 3 and 2, docs/ingester.md).
+replication_factor = 1
+min_insync_replicas = 1
 
 [postgres]
 {pg}

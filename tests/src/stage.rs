@@ -1,9 +1,12 @@
 //! Ingester stages as real processes (`vantage-ingester bridge|sink`), so tests can `kill -9`
 //! them; and the service restarts of `tests/services/lib.sh`.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A binary of this workspace built beside the running executable: `VANTAGE_<NAME>_BIN` if set,
 /// else `<dir of current exe>/<name>` or its parent (test executables live in `deps/`).
@@ -130,6 +133,31 @@ impl StageProcess {
             .count()
     }
 
+    /// The address of the stage's HTTP endpoint, as it logged it (`http listening ...
+    /// addr=...`); waits up to 60 s for the line.
+    ///
+    /// # Panics
+    /// If the stage did not log it in time.
+    pub async fn http_addr(&self) -> SocketAddr {
+        assert!(
+            self.wait_log("http listening", 1, Duration::from_secs(60))
+                .await,
+            "{} did not start its http endpoint:\n{}",
+            self.name,
+            self.log_text()
+        );
+        let text = self.log_text();
+        let line = text.lines().find(|l| l.contains("http listening")).unwrap();
+        let addr = line
+            .split("addr=")
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap();
+        addr.parse().unwrap()
+    }
+
     /// Waits until the log has at least `n` lines containing `needle`.
     pub async fn wait_log(&self, needle: &str, n: usize, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
@@ -147,6 +175,28 @@ impl Drop for StageProcess {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// GET `path` on `addr`; (status, body), `(0, "")` if nothing answers. The stages' endpoint
+/// closes each connection after one answer.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+        return (0, String::new());
+    };
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    if s.write_all(request.as_bytes()).await.is_err() {
+        return (0, String::new());
+    }
+    let mut raw = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw)).await;
+    let raw = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, body.to_owned())
 }
 
 /// The services script folder (`tests/services`).
@@ -223,6 +273,116 @@ pub async fn restart_service(service: Service, down_for: Duration) -> Result<Dur
     Ok(t0.elapsed())
 }
 
+/// The state folder of `tests/services` (`VANTAGE_STATE_DIR`).
+fn state_dir() -> PathBuf {
+    PathBuf::from(
+        std::env::var("VANTAGE_STATE_DIR").unwrap_or_else(|_| "/var/tmp/vantage-services".into()),
+    )
+}
+
+/// The number on the first line of `file` under the state folder (a pid file).
+fn pid_in(file: &str) -> Option<u32> {
+    let text = std::fs::read_to_string(state_dir().join(file)).ok()?;
+    text.lines().next()?.trim().parse().ok()
+}
+
+/// Processes whose parent is `pid` (from /proc).
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|child| {
+            // /proc/<pid>/stat: "pid (comm) state ppid ..."; comm may hold spaces, so split
+            // after the last ')'.
+            std::fs::read_to_string(format!("/proc/{child}/stat"))
+                .ok()
+                .and_then(|st| {
+                    let rest = st.rsplit_once(')')?.1.to_owned();
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect()
+}
+
+/// Whether `pid` is gone (or a zombie waiting for its parent: it runs no code any more).
+fn gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(st) => st
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+/// `kill -9` of a service of `tests/services`: no shutdown code runs, nothing is written that
+/// was not written already. PostgreSQL: the postmaster and every process it started at once,
+/// as a crash leaves them (a lone postmaster's backends would live on). Returns the pids.
+pub fn kill9_service(service: Service) -> Result<Vec<u32>, String> {
+    let pids = match service {
+        Service::Kafka => vec![kafka_pid().ok_or("no Kafka pid file")?],
+        Service::Mosquitto => {
+            vec![pid_in("mosquitto/mosquitto.pid").ok_or("no Mosquitto pid file")?]
+        }
+        Service::Postgres => {
+            let postmaster =
+                pid_in("postgres/data/postmaster.pid").ok_or("no PostgreSQL postmaster.pid")?;
+            let mut pids = vec![postmaster];
+            pids.extend(children_of(postmaster));
+            pids
+        }
+    };
+    let status = Command::new("kill")
+        .arg("-KILL")
+        .args(pids.iter().map(u32::to_string))
+        .status()
+        .map_err(|e| format!("kill: {e}"))?;
+    if !status.success() {
+        return Err(format!("kill -9 {pids:?} failed"));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pids.iter().all(|&p| gone(p)) {
+        if Instant::now() > deadline {
+            return Err(format!(
+                "{service:?}: {pids:?} still alive 10 s after kill -9"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(pids)
+}
+
+/// `kill -9` of `service`, `down_for` of nothing, then `tests/services/up` (PostgreSQL runs
+/// crash recovery, Kafka log recovery, Mosquitto reloads its last saved database). Returns how
+/// long until everything answered again.
+pub async fn crash_service(service: Service, down_for: Duration) -> Result<Duration, String> {
+    let t0 = Instant::now();
+    tokio::task::spawn_blocking(move || kill9_service(service))
+        .await
+        .map_err(|e| e.to_string())??;
+    tokio::time::sleep(down_for).await;
+    tokio::task::spawn_blocking(services_up)
+        .await
+        .map_err(|e| e.to_string())??;
+    Ok(t0.elapsed())
+}
+
+/// Makes Mosquitto write its persistence database now (SIGUSR1), as its periodic autosave
+/// (`autosave_interval`) does, and waits a moment for the write.
+pub fn mosquitto_save() -> Result<(), String> {
+    let pid = pid_in("mosquitto/mosquitto.pid").ok_or("no Mosquitto pid file")?;
+    let status = Command::new("kill")
+        .args(["-USR1", &pid.to_string()])
+        .status()
+        .map_err(|e| format!("kill: {e}"))?;
+    if !status.success() {
+        return Err(format!("kill -USR1 {pid} failed"));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(())
+}
+
 /// Makes sure every service is up when dropped (also when a test panics half-way through a
 /// restart): other tests share them.
 pub struct ServicesGuard;
@@ -237,10 +397,7 @@ impl Drop for ServicesGuard {
 
 /// The pid of the running Kafka of `tests/services` (`$VANTAGE_STATE_DIR/kafka/kafka.pid`).
 pub fn kafka_pid() -> Option<u32> {
-    let dir =
-        std::env::var("VANTAGE_STATE_DIR").unwrap_or_else(|_| "/var/tmp/vantage-services".into());
-    let text = std::fs::read_to_string(Path::new(&dir).join("kafka/kafka.pid")).ok()?;
-    text.trim().parse().ok()
+    pid_in("kafka/kafka.pid")
 }
 
 /// A process stopped with SIGSTOP (frozen: connections stay open, nothing is answered) until

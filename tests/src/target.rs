@@ -14,13 +14,20 @@
 //! | `gzip=1` | gzip the body (`Content-Encoding: gzip`) |
 //! | `bad_utf8=1` | put invalid UTF-8 bytes before `BODY` |
 //! | `flip=NAME` | every second request with this NAME answers 500 (a flapping target) |
+//! | `redirect_to=URL` | answer 302 to `URL` (percent-encoded), e.g. another server's |
 //!
-//! The default body is [`BODY`], which contains "target: ok". [`TargetServer::requests`] tells
-//! what the server received (path and headers of the last requests).
+//! The default body is [`BODY`], which contains "target: ok". Like nginx or Go's net/http, the
+//! target answers 400 to a request whose `Host` header is missing or not a valid authority,
+//! and it records every request's headers ([`TargetServer::seen`]) so tests can check what
+//! arrived where.
+//!
+//! [`RawServer`] is the other kind of target: it answers every connection with a fixed script
+//! of bytes and pauses, for servers that misbehave below HTTP (garbage, broken chunking,
+//! interim responses, headers that never end).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -30,7 +37,7 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -44,16 +51,31 @@ pub struct TargetServer {
     seen: Seen,
 }
 
-/// One request as received: path and headers (names lower-case).
+/// One request as the target received it.
 #[derive(Debug, Clone)]
 pub struct SeenRequest {
-    pub path: String,
+    /// Path and query.
+    pub target: String,
+    /// Header names (lowercase) and values, in arrival order.
     pub headers: Vec<(String, String)>,
 }
 
-/// The last requests received (at most [`SEEN_MAX`]).
-type Seen = Arc<std::sync::Mutex<std::collections::VecDeque<SeenRequest>>>;
-const SEEN_MAX: usize = 256;
+impl SeenRequest {
+    /// The value of header `name` (lowercase), if it arrived.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// The requests a target has received, the first [`MAX_SEEN`] of them.
+type Seen = Arc<Mutex<Vec<SeenRequest>>>;
+
+/// Requests recorded per target; later ones are served but not recorded (memory stays flat
+/// when the benchmark sends millions).
+pub const MAX_SEEN: usize = 256;
 
 impl TargetServer {
     /// Binds `addr` (use `127.0.0.1:0` for any free port) and serves plain HTTP until dropped.
@@ -87,12 +109,9 @@ impl TargetServer {
         })
     }
 
-    /// The last requests received, oldest first.
-    pub fn requests(&self) -> Vec<SeenRequest> {
-        self.seen
-            .lock()
-            .map(|s| s.iter().cloned().collect())
-            .unwrap_or_default()
+    /// The requests received so far, in order.
+    pub fn seen(&self) -> Vec<SeenRequest> {
+        self.seen.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
     /// `<scheme>://127.0.0.1:<port><path_and_query>`.
@@ -158,25 +177,8 @@ async fn serve_connection<S>(stream: S, stop: CancellationToken, seen: Seen)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-        if let Ok(mut seen) = seen.lock() {
-            if seen.len() == SEEN_MAX {
-                seen.pop_front();
-            }
-            seen.push_back(SeenRequest {
-                path: req.uri().path().to_owned(),
-                headers: req
-                    .headers()
-                    .iter()
-                    .map(|(k, v)| {
-                        (
-                            k.as_str().to_owned(),
-                            String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                        )
-                    })
-                    .collect(),
-            });
-        }
+    let service = hyper::service::service_fn(move |req| {
+        record(&seen, &req);
         answer(req)
     });
     let conn =
@@ -204,7 +206,42 @@ fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into()).boxed()
 }
 
+fn record(seen: &Seen, req: &Request<hyper::body::Incoming>) {
+    let Ok(mut seen) = seen.lock() else { return };
+    if seen.len() >= MAX_SEEN {
+        return;
+    }
+    seen.push(SeenRequest {
+        target: req
+            .uri()
+            .path_and_query()
+            .map_or_else(String::new, |p| p.to_string()),
+        headers: req
+            .headers()
+            .iter()
+            .map(|(n, v)| {
+                (
+                    n.as_str().to_owned(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
+    });
+}
+
 async fn answer(req: Request<hyper::body::Incoming>) -> Result<Response<Body>, Infallible> {
+    // A missing or malformed Host (e.g. `[[::1]]:8080`) gets 400, as real servers answer.
+    let host_ok = req
+        .headers()
+        .get(hyper::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .is_some_and(|h| h.parse::<hyper::http::uri::Authority>().is_ok());
+    if !host_ok {
+        return Ok(Response::builder()
+            .status(StatusCode::BAD_REQUEST)
+            .body(full("bad Host header\n"))
+            .unwrap_or_else(|_| Response::new(full(""))));
+    }
     let query = req.uri().query().unwrap_or_default().to_owned();
     let param = |name: &str| -> Option<u64> {
         query
@@ -240,6 +277,12 @@ async fn answer(req: Request<hyper::body::Incoming>) -> Result<Response<Body>, I
                 .body(full("flip\n"))
                 .unwrap_or_else(|_| Response::new(full(""))));
         }
+    }
+    if let Some(to) = url::form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == "redirect_to")
+        .map(|(_, v)| v.into_owned())
+    {
+        return Ok(redirect(&to));
     }
     if param("loop") == Some(1) {
         return Ok(redirect(&format!("{path}?{query}")));
@@ -312,4 +355,93 @@ fn redirect(location: &str) -> Response<Body> {
         .header("location", location)
         .body(full(""))
         .unwrap_or_else(|_| Response::new(full("")))
+}
+
+/// One step of a [`RawServer`]'s answer.
+#[derive(Debug, Clone)]
+pub enum Step {
+    /// Write these bytes.
+    Send(Vec<u8>),
+    /// Wait this long.
+    Pause(Duration),
+    /// Keep the connection open, silent, until the server is dropped.
+    Hold,
+}
+
+impl Step {
+    /// `Send` of a text.
+    pub fn text(s: &str) -> Step {
+        Step::Send(s.as_bytes().to_vec())
+    }
+}
+
+/// A TCP server that reads each request's head and answers with the same script of raw bytes,
+/// then closes the connection (unless the script ends in [`Step::Hold`]). Stops when dropped.
+pub struct RawServer {
+    pub addr: SocketAddr,
+    stop: CancellationToken,
+}
+
+impl RawServer {
+    /// Listens on 127.0.0.1 (any free port).
+    pub async fn start(script: Vec<Step>) -> std::io::Result<RawServer> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let stop = CancellationToken::new();
+        let script = Arc::new(script);
+        let token = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let mut stream = tokio::select! {
+                    _ = token.cancelled() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, _)) => stream,
+                        Err(_) => continue,
+                    },
+                };
+                let (script, token) = (script.clone(), token.clone());
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = token.cancelled() => {}
+                        _ = run_script(&mut stream, &script) => {}
+                    }
+                });
+            }
+        });
+        Ok(RawServer { addr, stop })
+    }
+
+    /// `http://127.0.0.1:<port><path_and_query>`.
+    pub fn url(&self, path_and_query: &str) -> String {
+        format!("http://{}{}", self.addr, path_and_query)
+    }
+}
+
+impl Drop for RawServer {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn run_script(stream: &mut tokio::net::TcpStream, script: &[Step]) {
+    // Read the request head (up to its blank line, or 64 KiB); the probe sends no body.
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 64 * 1024 {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    for step in script {
+        match step {
+            Step::Send(bytes) => {
+                if stream.write_all(bytes).await.is_err() {
+                    return;
+                }
+            }
+            Step::Pause(d) => tokio::time::sleep(*d).await,
+            Step::Hold => std::future::pending::<()>().await,
+        }
+    }
 }

@@ -16,6 +16,8 @@ pub struct TestCa {
 /// A certificate and key ready for a server.
 pub struct Leaf {
     pub cert_der: CertificateDer<'static>,
+    /// The same certificate as PEM (a target's `ca_file` when it trusts this very certificate).
+    pub cert_pem: String,
     key_der: Vec<u8>,
     /// notAfter, unix seconds.
     pub not_after_unix: u64,
@@ -57,6 +59,7 @@ impl TestCa {
             .expect("sign leaf");
         Leaf {
             cert_der: cert.der().clone(),
+            cert_pem: cert.pem(),
             key_der: key.serialize_der(),
             not_after_unix,
         }
@@ -71,13 +74,26 @@ impl Default for TestCa {
 
 /// A self-signed leaf (no CA) for `names`.
 pub fn self_signed(names: &[&str]) -> Leaf {
-    let params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
-        .expect("names");
+    self_signed_with(names, IsCa::NoCa)
+}
+
+/// A self-signed certificate for `names` that is also a CA (basicConstraints CA:TRUE), as
+/// `openssl req -x509` makes by default: the most common self-signed certificate.
+pub fn self_signed_ca(names: &[&str]) -> Leaf {
+    self_signed_with(names, IsCa::Ca(BasicConstraints::Unconstrained))
+}
+
+fn self_signed_with(names: &[&str], is_ca: IsCa) -> Leaf {
+    let mut params =
+        CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+            .expect("names");
+    params.is_ca = is_ca;
     let not_after_unix = params.not_after.unix_timestamp() as u64;
     let key = KeyPair::generate().expect("key");
     let cert = params.self_signed(&key).expect("self-signed");
     Leaf {
         cert_der: cert.der().clone(),
+        cert_pem: cert.pem(),
         key_der: key.serialize_der(),
         not_after_unix,
     }

@@ -1,4 +1,4 @@
-//! The alert stage's tables (migration 0008): incidents, the event log, the evaluator's
+//! The alert stage's tables (migration 0007): incidents, the event log, the evaluator's
 //! per-subject counters and the webhook cursors. Every change of one evaluation is written in
 //! one transaction, on the connection that holds the evaluator's advisory lock, so an
 //! evaluator that lost the lock (its connection died) cannot write.

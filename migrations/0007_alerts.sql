@@ -1,4 +1,4 @@
--- 0008 (issue #16): the alert stage's state. Incidents (one row per outage, per rule and
+-- 0007 (issue #16): the alert stage's state. Incidents (one row per outage, per rule and
 -- subject), the event log (every firing, update, flapping mark and resolution, each with the
 -- idempotency key its webhook deliveries carry), the evaluator's counters, the webhook delivery
 -- cursors, and the functions the evaluator reads through. The functions read only the public
