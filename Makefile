@@ -38,6 +38,12 @@ demo:
 fmt:
 	cargo fmt --all
 
+# Alert benchmark (not a test, issue #16): evaluation cost at 10,000 targets x 10 regions and
+# detection latency (probe 1 s, evaluation 1 s) over 20 outages. Writes target/bench/alerts.txt.
+.PHONY: bench-alerts
+bench-alerts: services
+	cargo run --release --locked -p vantage-tests --bin bench-alerts
+
 # Probe engine benchmark (not a test): timing accuracy, throughput at 1/64/1024 concurrent probes,
 # and blackbox_exporter in the same run. Writes target/bench/probe.txt.
 bench-probe:

@@ -39,6 +39,9 @@ pub struct RawConfig {
     pub storage: RawStorage,
     #[serde(default)]
     pub http: RawHttp,
+    /// `[alerts]`: the alert stage's rules and receivers (see `alert/rules.rs`).
+    #[serde(default)]
+    pub alerts: crate::alert::rules::RawAlerts,
 }
 
 /// The stages' HTTP endpoints: `/metrics`, `/healthz`, `/readyz` (see `http.rs`).
@@ -52,6 +55,9 @@ pub struct RawHttp {
     /// `host:port` of the sink's endpoint, or `"off"` (default `127.0.0.1:9465`).
     #[serde(default = "default_sink_listen")]
     pub sink_listen: String,
+    /// `host:port` of the alert stage's endpoint, or `"off"` (default `127.0.0.1:9466`).
+    #[serde(default = "default_alert_listen")]
+    pub alert_listen: String,
 }
 
 impl Default for RawHttp {
@@ -59,6 +65,7 @@ impl Default for RawHttp {
         RawHttp {
             bridge_listen: default_bridge_listen(),
             sink_listen: default_sink_listen(),
+            alert_listen: default_alert_listen(),
         }
     }
 }
@@ -68,6 +75,9 @@ fn default_bridge_listen() -> String {
 }
 fn default_sink_listen() -> String {
     "127.0.0.1:9465".into()
+}
+fn default_alert_listen() -> String {
+    "127.0.0.1:9466".into()
 }
 
 /// Partition upkeep and retention, run by the sink (see `storage.rs`).
@@ -312,6 +322,7 @@ pub struct Config {
     pub sink: SinkConfig,
     pub storage: crate::storage::StorageConfig,
     pub http: HttpConfig,
+    pub alerts: crate::alert::rules::AlertsConfig,
 }
 
 /// Where each stage serves `/metrics`, `/healthz` and `/readyz` (None: off).
@@ -319,6 +330,7 @@ pub struct Config {
 pub struct HttpConfig {
     pub bridge_listen: Option<std::net::SocketAddr>,
     pub sink_listen: Option<std::net::SocketAddr>,
+    pub alert_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Clone)]
@@ -688,7 +700,10 @@ impl Config {
         let http = HttpConfig {
             bridge_listen: listen("http.bridge_listen", &raw.http.bridge_listen)?,
             sink_listen: listen("http.sink_listen", &raw.http.sink_listen)?,
+            alert_listen: listen("http.alert_listen", &raw.http.alert_listen)?,
         };
+        let alerts = crate::alert::rules::AlertsConfig::try_from(raw.alerts)
+            .map_err(|(key, reason)| invalid(&key, reason))?;
         if raw.sink.batch_max == 0 {
             return Err(invalid("sink.batch_max", "must be at least 1".into()));
         }
@@ -724,6 +739,7 @@ impl Config {
             kafka,
             postgres,
             http,
+            alerts,
             sink: SinkConfig {
                 batch_max: raw.sink.batch_max,
                 batch_timeout: raw.sink.batch_timeout,
@@ -781,6 +797,8 @@ pub const COMMAND_SECTIONS: &[(&str, &[&str])] = &[
     ("targets apply", &["postgres", "mqtt"]),
     ("targets diff", &["postgres"]),
     ("targets list", &["postgres"]),
+    ("alert", &["postgres"]),
+    ("alerts", &["postgres"]),
     ("status", &[]),
 ];
 
@@ -1243,5 +1261,19 @@ url = "host=127.0.0.1 user=vantage dbname=vantage"
         c.mqtt().unwrap();
         c.kafka().unwrap();
         c.postgres().unwrap();
+        assert_eq!(c.alerts.rules.len(), 6);
+        assert_eq!(c.alerts.alertmanagers.len(), 1);
+    }
+
+    /// Issue #16: a bad rule is refused at load, naming the file, the key and the reason.
+    #[test]
+    fn bad_alert_rules_name_file_and_key() {
+        let e = err(&format!(
+            "{GOOD}[[alerts.rules]]\nname = \"slow\"\nkind = \"slow\"\nmin_share = 0.5\n"
+        ));
+        assert_eq!(
+            e,
+            "ingester.toml: key `alerts.rules[0].min_share`: not a key of kind slow"
+        );
     }
 }

@@ -42,6 +42,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0006_assigned_targets.sql",
         include_str!("../../migrations/0006_assigned_targets.sql"),
     ),
+    (
+        7,
+        "0007_alerts.sql",
+        include_str!("../../migrations/0007_alerts.sql"),
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -2,7 +2,7 @@
 //!
 //! Exit codes (docs/ingester.md): 0 success; 1 failure (bad configuration, a stage or command
 //! failed); 2 bad command line; 3 `status` could not reach a configured service, or `agents`
-//! found a stale agent.
+//! found a stale agent, or `alerts` found an open incident.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -11,7 +11,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use vantage_ingester::{
-    bridge, db, fleet, http, logging, report, sink, status, storage, targets, Config,
+    alert, bridge, db, fleet, http, logging, report, sink, status, storage, targets, Config,
 };
 
 #[derive(Parser)]
@@ -20,7 +20,7 @@ use vantage_ingester::{
     version,
     about = "vantage central ingester: MQTT → Kafka → PostgreSQL",
     after_help = "Exit codes: 0 success, 1 failure, 2 bad command line, 3 `status`: a service \
-                  is unreachable / `agents`: an agent is stale. Logs go to stderr; RUST_LOG \
+                  is unreachable / `agents`: an agent is stale / `alerts`: an incident is open. Logs go to stderr; RUST_LOG \
                   filters them (e.g. debug,rdkafka=info)."
 )]
 struct Cli {
@@ -44,6 +44,21 @@ enum Command {
     ///
     /// Example: vantage-ingester sink --config /etc/vantage/ingester.toml
     Sink {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Evaluate the alert rules ([alerts] in the config) and deliver to Alertmanager and
+    /// webhooks; one active evaluator per schema, others stand by (see docs/alerts.md).
+    ///
+    /// Example: vantage-ingester alert --config /etc/vantage/ingester.toml
+    Alert {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// List the open incidents. Exit status 3 if there is any.
+    ///
+    /// Example: vantage-ingester alerts --config /etc/vantage/ingester.toml
+    Alerts {
         #[arg(long, short)]
         config: PathBuf,
     },
@@ -221,6 +236,25 @@ fn main() -> anyhow::Result<()> {
                     http::start(addr, ready, shutdown.clone()).await?;
                 }
                 sink::run(&config, shutdown).await?;
+            }
+            Command::Alert { config } => {
+                let config = Config::load(&config)?;
+                let shutdown = shutdown_on_signal();
+                if let Some(addr) = config.http.alert_listen {
+                    let ready = http::Readiness::new(vantage_ingester::metrics::Stage::Alert)
+                        .postgres(config.postgres()?);
+                    http::start(addr, ready, shutdown.clone()).await?;
+                }
+                alert::run(&config, shutdown).await?;
+            }
+            Command::Alerts { config } => {
+                let config = Config::load(&config)?;
+                let client = db::connect(config.postgres()?).await?;
+                let open = alert::list(&client).await?;
+                print!("{}", alert::render(&open));
+                if !open.is_empty() {
+                    std::process::exit(3);
+                }
             }
             Command::Status { config } => {
                 let config = Config::load(&config)?;

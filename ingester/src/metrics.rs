@@ -105,20 +105,73 @@ pub struct SinkMetrics {
     pub upkeep_default_rows: Gauge,
 }
 
+/// Label of alert deliveries: the receiver's name and how the attempt ended.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeliveryLabel {
+    pub receiver: String,
+    pub result: String,
+}
+
+/// Label of alert events: firing, updated, flapping, resolved.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabel {
+    pub event: String,
+}
+
+/// The alert stage's metrics (issue #16).
+pub struct AlertMetrics {
+    /// Evaluations completed while this process was the active evaluator.
+    pub evaluations: Counter,
+    /// Sessions that ended in a PostgreSQL error (the stage starts over).
+    pub evaluation_errors: Counter,
+    /// Duration of one evaluation of every rule.
+    pub evaluation_seconds: Histogram,
+    /// Incidents open, as this evaluator last saw them.
+    pub incidents_open: Gauge,
+    /// 1 while this process holds the evaluator lock.
+    pub active: Gauge,
+    /// Incident events written, by event.
+    pub events: Family<EventLabel, Counter>,
+    /// Delivery attempts, by receiver and result (ok, error, expired, db_error).
+    pub deliveries: Family<DeliveryLabel, Counter>,
+}
+
+impl AlertMetrics {
+    pub fn delivered(&self, receiver: &str, result: &str) {
+        self.deliveries
+            .get_or_create(&DeliveryLabel {
+                receiver: receiver.to_owned(),
+                result: result.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn event(&self, event: &str) {
+        self.events
+            .get_or_create(&EventLabel {
+                event: event.to_owned(),
+            })
+            .inc();
+    }
+}
+
 /// Which stage's metrics an endpoint exposes: a process runs one stage, and exporting the
 /// other's (idle) metrics would, e.g., make every sink report `vantage_bridge_mqtt_connected 0`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
     Bridge,
     Sink,
+    Alert,
 }
 
 /// Every metric of this process and the registries that expose them, one per stage.
 pub struct Metrics {
     pub bridge_registry: Registry,
     pub sink_registry: Registry,
+    pub alert_registry: Registry,
     pub bridge: BridgeMetrics,
     pub sink: SinkMetrics,
+    pub alert: AlertMetrics,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -138,17 +191,27 @@ pub fn sink() -> &'static SinkMetrics {
     &METRICS.sink
 }
 
+/// The alert stage's metrics of this process.
+pub fn alert() -> &'static AlertMetrics {
+    &METRICS.alert
+}
+
 impl Metrics {
     fn new() -> Metrics {
         let mut bridge_registry = Registry::default();
         let mut sink_registry = Registry::default();
+        let mut alert_registry = Registry::default();
         let build: Family<BuildLabel, Gauge> = Family::default();
         build
             .get_or_create(&BuildLabel {
                 version: env!("CARGO_PKG_VERSION").to_owned(),
             })
             .set(1);
-        for registry in [&mut bridge_registry, &mut sink_registry] {
+        for registry in [
+            &mut bridge_registry,
+            &mut sink_registry,
+            &mut alert_registry,
+        ] {
             registry.register(
                 "vantage_ingester_build_info",
                 "Version of vantage-ingester",
@@ -324,11 +387,60 @@ impl Metrics {
              adopts (docs/sql.md)",
             sink.upkeep_default_rows.clone(),
         );
+        let alert = AlertMetrics {
+            evaluations: Counter::default(),
+            evaluation_errors: Counter::default(),
+            // 1 ms .. ~33 s
+            evaluation_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            incidents_open: Gauge::default(),
+            active: Gauge::default(),
+            events: Family::default(),
+            deliveries: Family::default(),
+        };
+        let r = &mut alert_registry;
+        r.register(
+            "vantage_alert_evaluations",
+            "Evaluations of every rule completed while this process was the active evaluator",
+            alert.evaluations.clone(),
+        );
+        r.register(
+            "vantage_alert_evaluation_errors",
+            "Evaluator sessions ended by a PostgreSQL error (the stage starts over)",
+            alert.evaluation_errors.clone(),
+        );
+        r.register_with_unit(
+            "vantage_alert_evaluation_duration",
+            "Duration of one evaluation of every rule",
+            Unit::Seconds,
+            alert.evaluation_seconds.clone(),
+        );
+        r.register(
+            "vantage_alert_incidents_open",
+            "Incidents open, as the active evaluator last saw them",
+            alert.incidents_open.clone(),
+        );
+        r.register(
+            "vantage_alert_active",
+            "1 while this process holds the evaluator lock (exactly one process does)",
+            alert.active.clone(),
+        );
+        r.register(
+            "vantage_alert_events",
+            "Incident events written (firing, updated, flapping, resolved)",
+            alert.events.clone(),
+        );
+        r.register(
+            "vantage_alert_deliveries",
+            "Delivery attempts by receiver and result (ok, error, expired, db_error)",
+            alert.deliveries.clone(),
+        );
         Metrics {
             bridge_registry,
             sink_registry,
+            alert_registry,
             bridge,
             sink,
+            alert,
         }
     }
 
@@ -337,6 +449,7 @@ impl Metrics {
         let registry = match stage {
             Stage::Bridge => &self.bridge_registry,
             Stage::Sink => &self.sink_registry,
+            Stage::Alert => &self.alert_registry,
         };
         let mut text = String::new();
         // Writing into a String cannot fail.
@@ -500,5 +613,15 @@ mod tests {
         assert!(bridge.contains("vantage_ingester_build_info{version="));
         assert!(sink.contains("vantage_ingester_build_info{version="));
         assert!(sink.ends_with("# EOF\n"));
+        m.alert.delivered("am", "ok");
+        let alert = m.encode(Stage::Alert);
+        assert!(!alert.contains("vantage_sink_") && !alert.contains("vantage_bridge_"));
+        assert_eq!(
+            sample(
+                &alert,
+                "vantage_alert_deliveries_total{receiver=\"am\",result=\"ok\"}"
+            ),
+            Some(1.0)
+        );
     }
 }

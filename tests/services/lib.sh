@@ -20,6 +20,10 @@
 #   VANTAGE_KAFKA_SASL_PORT        Kafka SASL_SSL (SCRAM-SHA-512); default VANTAGE_KAFKA_PORT + 400
 #                                  (the secure ports derive from the base ports so that instances
 #                                  with different base ports never collide)
+#   VANTAGE_ALERTMANAGER_PORT      Prometheus Alertmanager (API v2), default 9193 (9093, its own
+#                                  default, is Kafka's controller port)
+#   VANTAGE_ALERTMANAGER_WEBHOOK_PORT  where Alertmanager's receiver posts notifications (served
+#                                  by the tests), default VANTAGE_ALERTMANAGER_PORT + 1
 #   VANTAGE_KAFKA_TIMEOUT          seconds to wait for Kafka, default 90
 #   VANTAGE_KAFKA_HEAP             default "-Xms256m -Xmx512m"
 #   KAFKA_HOME                     use the jars of this Kafka distribution ($KAFKA_HOME/libs)
@@ -40,6 +44,8 @@ KAFKA_CONTROLLER_PORT=${VANTAGE_KAFKA_CONTROLLER_PORT:-9093}
 MQTT_TLS_PORT=${VANTAGE_MQTT_TLS_PORT:-$((${MQTT_PORT//[^0-9]/0} + 16600))}
 MQTT_MTLS_PORT=${VANTAGE_MQTT_MTLS_PORT:-$((${MQTT_PORT//[^0-9]/0} + 16700))}
 KAFKA_SASL_PORT=${VANTAGE_KAFKA_SASL_PORT:-$((${KAFKA_PORT//[^0-9]/0} + 400))}
+AM_PORT=${VANTAGE_ALERTMANAGER_PORT:-9193}
+AM_WEBHOOK_PORT=${VANTAGE_ALERTMANAGER_WEBHOOK_PORT:-$((${AM_PORT//[^0-9]/0} + 1))}
 KAFKA_TIMEOUT=${VANTAGE_KAFKA_TIMEOUT:-90}
 KAFKA_HEAP=${VANTAGE_KAFKA_HEAP:--Xms256m -Xmx512m}
 
@@ -66,6 +72,10 @@ K_PID=$K_DIR/kafka.pid
 K_LOG=$K_DIR/kafka.log
 K_LIBS=$STATE_DIR/kafka-libs
 K_POM=$SERVICES_DIR/kafka/pom.xml
+AM_DIR=$STATE_DIR/alertmanager
+AM_PID=$AM_DIR/alertmanager.pid
+AM_LOG=$AM_DIR/alertmanager.log
+AM_BIN=/usr/bin/prometheus-alertmanager
 ENV_FILE=$STATE_DIR/env
 
 # shellcheck source=tests/services/security.sh
@@ -138,6 +148,7 @@ render() {
       -e "s|@MQTT_TLS_PORT@|$MQTT_TLS_PORT|g" \
       -e "s|@MQTT_MTLS_PORT@|$MQTT_MTLS_PORT|g" \
       -e "s|@KAFKA_SASL_PORT@|$KAFKA_SASL_PORT|g" \
+      -e "s|@ALERTMANAGER_WEBHOOK_PORT@|$AM_WEBHOOK_PORT|g" \
       -e "s|@KAFKA_KEYSTORE_PASSWORD@|$K_KEYSTORE_PASSWORD|g" \
       "$1"
 }
@@ -147,7 +158,7 @@ as_pg() { (cd / && runuser -u postgres -- "$@"); }
 check_ports() {
   local name val
   for name in PG_PORT MQTT_PORT KAFKA_PORT KAFKA_CONTROLLER_PORT KAFKA_TIMEOUT MQTT_TLS_PORT \
-    MQTT_MTLS_PORT KAFKA_SASL_PORT; do
+    MQTT_MTLS_PORT KAFKA_SASL_PORT AM_PORT AM_WEBHOOK_PORT; do
     val=${!name}
     [[ $val =~ ^[0-9]+$ ]] || die "$name must be a number, got '$val'"
   done
@@ -311,6 +322,7 @@ ensure_installed() {
     apt_update_once
     pkgs+=("$(java_package)")
   fi
+  [[ -x $AM_BIN ]] || pkgs+=(prometheus-alertmanager)
   # Building the ingester: librdkafka's SSL/SASL support links the system OpenSSL (rdkafka `ssl`).
   dpkg -s libssl-dev >/dev/null 2>&1 || pkgs+=(libssl-dev)
   command -v pkg-config >/dev/null || pkgs+=(pkg-config)
@@ -834,6 +846,83 @@ status_kafka() {
   return 1
 }
 
+# ---------------------------------------------------------------- Alertmanager
+# Debian's prometheus-alertmanager (0.25), on loopback, clustering off, with the repository's
+# configuration (tests/services/alertmanager.yml), never the system service.
+
+am_pid() { pid_of "$AM_PID" prometheus-alertmanager; }
+
+# am_answers: GET /-/ready answers 200
+am_answers() {
+  local line
+  { exec 3<>"/dev/tcp/$HOST/$AM_PORT"; } 2>/dev/null || return 1
+  printf 'GET /-/ready HTTP/1.0\r\nHost: %s\r\n\r\n' "$HOST:$AM_PORT" >&3
+  IFS= read -r -t 5 line <&3 || { exec 3<&-; return 1; }
+  exec 3<&-
+  [[ $line == "HTTP/1."?" 200"* ]]
+}
+
+am_stop() {
+  local pid
+  pid=$(am_pid) || return 0
+  kill -TERM "$pid" 2>/dev/null || true
+  wait_gone "$pid" 15 || { kill -KILL "$pid" 2>/dev/null || true; wait_gone "$pid" 5 || true; }
+  rm -f "$AM_PID"
+}
+
+up_alertmanager() {
+  mkdir -p "$AM_DIR/data"
+  local tmp conf_changed=0 pid i
+  tmp=$(mktemp)
+  render "$SERVICES_DIR/alertmanager.yml" >"$tmp"
+  chmod 0644 "$tmp"
+  install_if_changed "$tmp" "$AM_DIR/alertmanager.yml" && conf_changed=1
+  if pid=$(am_pid); then
+    if ((conf_changed == 0)) && am_answers; then
+      log "alertmanager up on $HOST:$AM_PORT (already running, pid $pid)"
+      return 0
+    fi
+    log "alertmanager: restarting (configuration changed or no answer)"
+    am_stop
+  fi
+  if port_open "$AM_PORT"; then
+    printf 'services: port %s is held by:\n%s\n' "$AM_PORT" "$(port_owner "$AM_PORT")" >&2
+    fail alertmanager "" "port $HOST:$AM_PORT is already in use by a process that is not ours (set VANTAGE_ALERTMANAGER_PORT)"
+  fi
+  # --cluster.listen-address= : no gossip (clustering off); setsid: outlive this shell.
+  # shellcheck disable=SC2016 # $$ is the inner shell's
+  setsid bash -c 'echo $$ >"$0"; exec "$@"' "$AM_PID" \
+    "$AM_BIN" --config.file="$AM_DIR/alertmanager.yml" --storage.path="$AM_DIR/data" \
+    --web.listen-address="$HOST:$AM_PORT" --cluster.listen-address= \
+    </dev/null >>"$AM_LOG" 2>&1 9>&- &
+  for ((i = 0; i < 150; i++)); do
+    am_answers && break
+    am_pid >/dev/null || { sleep 0.3; am_pid >/dev/null || fail alertmanager "$AM_LOG" "the process exited"; }
+    sleep 0.1
+  done
+  am_answers || fail alertmanager "$AM_LOG" "no answer on http://$HOST:$AM_PORT/-/ready within 15s"
+  log "alertmanager up on $HOST:$AM_PORT (pid $(am_pid), receiver http://$HOST:$AM_WEBHOOK_PORT/alertmanager)"
+}
+
+down_alertmanager() {
+  if am_pid >/dev/null; then
+    am_stop
+    log "alertmanager stopped"
+  else
+    log "alertmanager was not running"
+  fi
+}
+
+status_alertmanager() {
+  local pid
+  if pid=$(am_pid) && am_answers; then
+    echo "alertmanager up  $HOST:$AM_PORT  pid $pid"
+    return 0
+  fi
+  echo "alertmanager down  $HOST:$AM_PORT"
+  return 1
+}
+
 # ---------------------------------------------------------------- commands
 
 # Before anything is started: make sure no foreign process holds a port that
@@ -864,6 +953,9 @@ VANTAGE_MQTT_INGESTER_PASSWORD=ingester-secret
 VANTAGE_MQTT_AGENT_USER=agent
 VANTAGE_MQTT_AGENT_PASSWORD=agent-secret
 VANTAGE_KAFKA_BROKERS=$HOST:$KAFKA_PORT
+VANTAGE_ALERTMANAGER_PORT=$AM_PORT
+VANTAGE_ALERTMANAGER_URL=http://$HOST:$AM_PORT
+VANTAGE_ALERTMANAGER_WEBHOOK_PORT=$AM_WEBHOOK_PORT
 $(security_env)
 EOF
   chmod 0644 "$tmp"
@@ -872,7 +964,7 @@ EOF
 
 wipe_data() {
   log "wiping service data under $STATE_DIR (the Kafka jars in $K_LIBS are kept)"
-  rm -rf "$PG_DIR" "$MQ_DIR" "$K_DIR" "$TLS_DIR" "$ENV_FILE"
+  rm -rf "$PG_DIR" "$MQ_DIR" "$K_DIR" "$AM_DIR" "$TLS_DIR" "$ENV_FILE"
 }
 
 cmd_up() {
@@ -899,6 +991,7 @@ cmd_up() {
   up_postgres
   up_mosquitto
   wait_kafka
+  up_alertmanager
   write_env_file
   log "all up in $((SECONDS - t0))s; settings in $ENV_FILE"
 }
@@ -906,6 +999,7 @@ cmd_up() {
 down_all() {
   local kpid=
   kpid=$(kafka_stop_begin) || kpid=
+  down_alertmanager
   down_mosquitto
   down_postgres
   if [[ -n $kpid ]]; then
@@ -935,6 +1029,7 @@ cmd_status() {
   status_postgres || rc=1
   status_mosquitto || rc=1
   status_kafka || rc=1
+  status_alertmanager || rc=1
   return $rc
 }
 

@@ -13,6 +13,7 @@
 //! | `stall=1` | send headers and the first body chunk, then nothing, forever |
 //! | `gzip=1` | gzip the body (`Content-Encoding: gzip`) |
 //! | `bad_utf8=1` | put invalid UTF-8 bytes before `BODY` |
+//! | `flip=NAME` | every second request with this NAME answers 500 (a flapping target) |
 //! | `redirect_to=URL` | answer 302 to `URL` (percent-encoded), e.g. another server's |
 //!
 //! The default body is [`BODY`], which contains "target: ok". Like nginx or Go's net/http, the
@@ -188,6 +189,17 @@ where
     }
 }
 
+/// Requests seen per `flip=NAME` (u64::MAX: flipping stopped, always up).
+type Flips = std::sync::Mutex<std::collections::HashMap<String, u64>>;
+static FLIPS: std::sync::LazyLock<Flips> = std::sync::LazyLock::new(Default::default);
+
+/// Stops the flapping of `flip=NAME`: from now on it answers 200.
+pub fn stop_flipping(name: &str) {
+    if let Ok(mut f) = FLIPS.lock() {
+        f.insert(name.to_owned(), u64::MAX);
+    }
+}
+
 type Body = BoxBody<Bytes, Infallible>;
 
 fn full(bytes: impl Into<Bytes>) -> Body {
@@ -245,6 +257,27 @@ async fn answer(req: Request<hyper::body::Incoming>) -> Result<Response<Body>, I
             .await;
     }
     let path = req.uri().path().to_owned();
+    let flip = query
+        .split('&')
+        .find_map(|p| p.strip_prefix("flip="))
+        .map(str::to_owned);
+    if let Some(name) = flip {
+        let n = FLIPS
+            .lock()
+            .map(|mut f| {
+                let n = f.entry(name).or_insert(0);
+                // u64::MAX stays: flipping stopped.
+                *n = n.saturating_add(1);
+                *n
+            })
+            .unwrap_or(0);
+        if n % 2 == 0 && n != u64::MAX {
+            return Ok(Response::builder()
+                .status(StatusCode::INTERNAL_SERVER_ERROR)
+                .body(full("flip\n"))
+                .unwrap_or_else(|_| Response::new(full(""))));
+        }
+    }
     if let Some(to) = url::form_urlencoded::parse(query.as_bytes())
         .find(|(k, _)| k == "redirect_to")
         .map(|(_, v)| v.into_owned())

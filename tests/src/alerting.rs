@@ -1,0 +1,389 @@
+//! Alert tests' helpers: the Alertmanager of `tests/services` (its API v2: alerts, silences),
+//! the webhook receiver its configuration posts notifications to (one per test process, on
+//! `VANTAGE_ALERTMANAGER_WEBHOOK_PORT`), and a webhook receiver of our own for the stage's
+//! signed webhooks, which a test can stop and start again on the same port.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Tests of one binary that drive Alertmanager and agents take turns (two cores, real time).
+pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Base URL of the test Alertmanager.
+pub fn alertmanager_url() -> String {
+    std::env::var("VANTAGE_ALERTMANAGER_URL").unwrap_or_else(|_| {
+        let port = std::env::var("VANTAGE_ALERTMANAGER_PORT").unwrap_or_else(|_| "9193".into());
+        format!("http://127.0.0.1:{port}")
+    })
+}
+
+/// One plain HTTP/1.0 request to 127.0.0.1 (Alertmanager's API); returns (status, body).
+pub async fn http(method: &str, url: &str, body: Option<&Value>) -> (u16, String) {
+    let rest = url.strip_prefix("http://").expect("an http:// URL");
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let path = if path.is_empty() { "/" } else { path };
+    let mut stream = tokio::net::TcpStream::connect(authority)
+        .await
+        .unwrap_or_else(|e| panic!("{url}: {e} (is Alertmanager up? tests/services/up)"));
+    let payload = body.map(|b| b.to_string()).unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.0\r\nHost: {authority}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{payload}",
+        payload.len()
+    );
+    stream.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut out))
+        .await
+        .expect("Alertmanager answers within 10 s")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, body.to_owned())
+}
+
+/// Alerts Alertmanager holds whose label `name` is `value` (GET /api/v2/alerts, silenced and
+/// inhibited ones included).
+pub async fn am_alerts(name: &str, value: &str) -> Vec<Value> {
+    let (status, body) = http(
+        "GET",
+        &format!("{}/api/v2/alerts", alertmanager_url()),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let all: Value = serde_json::from_str(&body).unwrap();
+    all.as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|a| a["labels"][name] == value)
+        .collect()
+}
+
+/// Creates a silence (a maintenance window) for alerts whose labels equal `matchers`, for
+/// `for_secs`; returns its id (POST /api/v2/silences).
+pub async fn silence(matchers: &[(&str, &str)], for_secs: u64) -> String {
+    let now = std::time::SystemTime::now();
+    let body = serde_json::json!({
+        "matchers": matchers.iter().map(|(n, v)| serde_json::json!({
+            "name": n, "value": v, "isRegex": false, "isEqual": true
+        })).collect::<Vec<_>>(),
+        "startsAt": humantime::format_rfc3339_millis(now).to_string(),
+        "endsAt": humantime::format_rfc3339_millis(now + Duration::from_secs(for_secs)).to_string(),
+        "createdBy": "vantage tests",
+        "comment": "maintenance window",
+    });
+    let (status, text) = http(
+        "POST",
+        &format!("{}/api/v2/silences", alertmanager_url()),
+        Some(&body),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    v["silenceID"].as_str().unwrap().to_owned()
+}
+
+/// One alert of one Alertmanager notification: the notification's per-alert status
+/// (`firing` / `resolved`) and the alert.
+#[derive(Debug, Clone)]
+pub struct Notified {
+    pub status: String,
+    pub alert: Value,
+}
+
+/// What Alertmanager's receiver posted to this process so far (every notification).
+pub struct AmReceiver {
+    seen: Arc<Mutex<Vec<Value>>>,
+}
+
+impl AmReceiver {
+    /// The process's receiver, started on first use on its own thread and runtime (tests each
+    /// have a runtime of their own; this one outlives them).
+    ///
+    /// # Panics
+    /// If the port is taken (another test process serving it).
+    pub fn shared() -> &'static AmReceiver {
+        static RECEIVER: OnceLock<AmReceiver> = OnceLock::new();
+        RECEIVER.get_or_init(|| {
+            let port: u16 = std::env::var("VANTAGE_ALERTMANAGER_WEBHOOK_PORT")
+                .ok()
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(9194);
+            let seen: Arc<Mutex<Vec<Value>>> = Arc::default();
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+            let s = seen.clone();
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    let listener = TcpListener::bind(("127.0.0.1", port)).await;
+                    let listener = match listener {
+                        Ok(l) => {
+                            let _ = ready_tx.send(Ok(()));
+                            l
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e.to_string()));
+                            return;
+                        }
+                    };
+                    serve(listener, CancellationToken::new(), move |req| {
+                        if let Ok(v) = serde_json::from_slice::<Value>(&req.body) {
+                            s.lock().unwrap().push(v);
+                        }
+                        200
+                    })
+                    .await;
+                });
+            });
+            match ready_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => panic!("Alertmanager's receiver port {port}: {e}"),
+                Err(_) => panic!("Alertmanager's receiver thread died"),
+            }
+            AmReceiver { seen }
+        })
+    }
+
+    /// Alerts notified so far whose label `name` is `value`, in arrival order.
+    pub fn notified(&self, name: &str, value: &str) -> Vec<Notified> {
+        let seen = self.seen.lock().unwrap();
+        let mut out = Vec::new();
+        for n in seen.iter() {
+            for a in n["alerts"].as_array().into_iter().flatten() {
+                if a["labels"][name] == value {
+                    out.push(Notified {
+                        status: a["status"].as_str().unwrap_or_default().to_owned(),
+                        alert: a.clone(),
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// Waits (up to `limit`) until `check` holds for the notifications of label `name=value`.
+    pub async fn wait(
+        &self,
+        name: &str,
+        value: &str,
+        limit: Duration,
+        what: &str,
+        check: impl Fn(&[Notified]) -> bool,
+    ) -> Vec<Notified> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let n = self.notified(name, value);
+            if check(&n) {
+                return n;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out after {limit:?} waiting for {what}; notifications so far: {n:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// A request as a receiver saw it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Serves POSTs on `listener` until `stop`; `answer` records a request and picks the status.
+async fn serve(
+    listener: TcpListener,
+    stop: CancellationToken,
+    answer: impl Fn(Received) -> u16 + Send + Sync + 'static,
+) {
+    let answer = Arc::new(answer);
+    loop {
+        let stream = tokio::select! {
+            _ = stop.cancelled() => return,
+            a = listener.accept() => match a { Ok((s, _)) => s, Err(_) => continue },
+        };
+        let answer = answer.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let answer = answer.clone();
+                async move {
+                    let headers = req
+                        .headers()
+                        .iter()
+                        .map(|(k, v)| {
+                            (
+                                k.as_str().to_owned(),
+                                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                            )
+                        })
+                        .collect();
+                    let body = req
+                        .into_body()
+                        .collect()
+                        .await
+                        .map(|b| b.to_bytes().to_vec())
+                        .unwrap_or_default();
+                    let status = answer(Received { headers, body });
+                    let mut r = Response::new(Full::new(Bytes::from_static(b"ok\n")));
+                    *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+                    Ok::<_, std::convert::Infallible>(r)
+                }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                _ = conn => {}
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
+}
+
+/// A webhook receiver of the test's own: records every request; `stop` closes the port (the
+/// stage then sees connections refused) and `start` opens the same port again.
+pub struct WebhookReceiver {
+    pub addr: SocketAddr,
+    pub received: Arc<Mutex<Vec<Received>>>,
+    stop: Option<CancellationToken>,
+}
+
+impl WebhookReceiver {
+    pub async fn start_new() -> WebhookReceiver {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut r = WebhookReceiver {
+            addr: listener.local_addr().unwrap(),
+            received: Arc::default(),
+            stop: None,
+        };
+        r.serve_on(listener);
+        r
+    }
+
+    fn serve_on(&mut self, listener: TcpListener) {
+        let stop = CancellationToken::new();
+        let received = self.received.clone();
+        tokio::spawn(serve(listener, stop.clone(), move |r| {
+            received.lock().unwrap().push(r);
+            200
+        }));
+        self.stop = Some(stop);
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            s.cancel();
+        }
+    }
+
+    pub async fn start(&mut self) {
+        let listener = TcpListener::bind(self.addr).await.unwrap();
+        self.serve_on(listener);
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/hook", self.addr)
+    }
+
+    pub fn requests(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+}
+
+impl Drop for WebhookReceiver {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// An in-process agent's task.
+pub type AgentTask =
+    tokio::task::JoinHandle<Result<vantage_agent::RunSummary, vantage_agent::RunError>>;
+
+/// Starts an agent `<region>-<run id>` in `region` probing target 1 at `url` every `interval`
+/// (timeout 80% of it), status heartbeats every second; cancel the token to stop it.
+pub fn region_agent(
+    run: &crate::harness::Run,
+    region: &str,
+    url: &str,
+    interval: &str,
+) -> (CancellationToken, AgentTask) {
+    let pw = run.dir.join("agent.pw");
+    crate::harness::write_file(&pw, "agent-secret");
+    let timeout_ms = humantime::parse_duration(interval)
+        .map(|d| d.as_millis() * 4 / 5)
+        .unwrap_or(400);
+    let text = format!(
+        r#"
+agent_id = "{region}-{id}"
+region = "{region}"
+
+[mqtt]
+host = "{host}"
+port = {port}
+username = "agent"
+password_file = "{pw}"
+topic_prefix = "{prefix}"
+
+[uplink]
+batch_max = 4
+flush_interval = "100ms"
+drain_timeout = "2s"
+
+[fleet]
+heartbeat_interval = "1s"
+
+[[targets]]
+id = 1
+url = "{url}"
+interval = "{interval}"
+timeout = "{timeout_ms}ms"
+"#,
+        id = run.id,
+        host = run.services.mqtt_host,
+        port = run.services.mqtt_port,
+        pw = pw.display(),
+        prefix = run.prefix(),
+    );
+    let path = run.dir.join(format!("agent-{region}.toml"));
+    crate::harness::write_file(&path, &text);
+    let config = vantage_agent::Config::load(&path).expect("agent config");
+    let token = CancellationToken::new();
+    let handle = tokio::spawn(vantage_agent::run(
+        config,
+        Default::default(),
+        token.clone(),
+    ));
+    (token, handle)
+}
