@@ -9,6 +9,7 @@ use std::time::Duration;
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
@@ -233,15 +234,15 @@ sink_listen = "127.0.0.1:0"
         for p in &partitions {
             tpl.add_partition(&topic, *p);
         }
-        let committed = consumer
-            .committed_offsets(tpl, Duration::from_secs(10))
-            .unwrap();
+        let committed = after_kafka_settles("committed offsets", || {
+            consumer.committed_offsets(tpl.clone(), Duration::from_secs(10))
+        });
         partitions
             .iter()
             .map(|&p| {
-                let (_, high) = consumer
-                    .fetch_watermarks(&topic, p, Duration::from_secs(10))
-                    .unwrap();
+                let (_, high) = after_kafka_settles("watermarks", || {
+                    consumer.fetch_watermarks(&topic, p, Duration::from_secs(10))
+                });
                 let c = match committed.find_partition(&topic, p).map(|e| e.offset()) {
                     Some(Offset::Offset(o)) => o,
                     _ => 0,
@@ -618,4 +619,37 @@ pub fn write_file(path: &Path, text: &str) {
         let _ = std::fs::create_dir_all(dir);
     }
     std::fs::write(path, text).unwrap();
+}
+
+/// Runs a Kafka admin read, asking again for up to 30 s while the answer is one a broker gives
+/// right after it resumes from a freeze or restart (the group coordinator still loading or
+/// moving, the client's metadata not knowing the partition yet). librdkafka retries these itself
+/// inside a consumer's own work; a one-off read in a test has to. Any other error fails the test.
+fn after_kafka_settles<T>(
+    what: &str,
+    mut read: impl FnMut() -> rdkafka::error::KafkaResult<T>,
+) -> T {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match read() {
+            Ok(value) => return value,
+            Err(e)
+                if std::time::Instant::now() < deadline
+                    && matches!(
+                        e.rdkafka_error_code(),
+                        Some(
+                            RDKafkaErrorCode::NotCoordinator
+                                | RDKafkaErrorCode::CoordinatorLoadInProgress
+                                | RDKafkaErrorCode::CoordinatorNotAvailable
+                                | RDKafkaErrorCode::UnknownPartition
+                                | RDKafkaErrorCode::LeaderNotAvailable
+                                | RDKafkaErrorCode::NotLeaderForPartition
+                        )
+                    ) =>
+            {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!("{what}: {e}"),
+        }
+    }
 }
