@@ -170,11 +170,8 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Probe(args) => {
             let target = args.target().unwrap_or_else(|e| usage_error("probe", e));
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .context("cannot start the tokio runtime")?;
-            let m = runtime.block_on(vantage_agent::probe::Prober::new().probe(&target));
+            let m =
+                vantage_agent::oneshot::probe(&target).context("cannot start the tokio runtime")?;
             if args.json {
                 println!("{}", vantage_agent::oneshot::to_json(&m));
             } else {

@@ -132,6 +132,41 @@ fn probe_exits_3_when_the_target_is_down() {
     assert!(text.contains("outcome         connect_refused"), "{text}");
 }
 
+/// The binary prints why a probe is not up, in text and JSON (issue #13, "must show"): a refused
+/// connection names the address and the OS error; broken chunked framing says so.
+#[test]
+fn probe_prints_the_error_detail() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let refused = format!("http://127.0.0.1:{port}/");
+    let (code, stdout, stderr) = run_code(&["probe", &refused]);
+    assert_eq!(code, Some(3), "{stderr}");
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("detail "))
+        .unwrap_or_else(|| panic!("no detail line:\n{stdout}"));
+    assert!(
+        line.contains(&format!("connect to 127.0.0.1:{port}:")) && line.contains("refused"),
+        "{line}"
+    );
+
+    let broken = one_response_server(
+        "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\nzz\r\nhi\r\n0\r\n\r\n",
+    );
+    let (code, stdout, stderr) = run_code(&["probe", "--json", &format!("http://{broken}/")]);
+    assert_eq!(code, Some(3), "{stderr}");
+    assert!(
+        stdout.contains("\"outcome\":\"protocol_error\",\"failed_phase\":\"body\",\"detail\":\""),
+        "{stdout}"
+    );
+    let detail = &stdout[stdout.find("\"detail\":\"").unwrap()..];
+    let detail = &detail[..detail.find("\",").unwrap()];
+    assert!(detail.contains("chunk"), "{detail}");
+}
+
 #[test]
 fn probe_rejects_bad_options_by_flag_name() {
     // Options that parse but fail the target checks are a bad command line too: exit 2.
