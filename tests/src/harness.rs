@@ -37,6 +37,10 @@ pub struct IngesterOptions {
     pub max_in_flight: usize,
     pub sink_batch_max: usize,
     pub sink_batch_timeout_ms: u64,
+    /// Extra lines for the `[kafka]` section (TOML), e.g. `stall_timeout = "5s"`.
+    pub kafka_extra: String,
+    /// `[kafka.properties]`: librdkafka settings passed through.
+    pub kafka_properties: Vec<(String, String)>,
 }
 
 impl Default for IngesterOptions {
@@ -50,6 +54,8 @@ impl Default for IngesterOptions {
             max_in_flight: 100,
             sink_batch_max: 200,
             sink_batch_timeout_ms: 100,
+            kafka_extra: String::new(),
+            kafka_properties: Vec::new(),
         }
     }
 }
@@ -122,6 +128,7 @@ partitions = {partitions}
 # The single test broker: one replica (production: 3 and 2, docs/ingester.md).
 replication_factor = 1
 min_insync_replicas = 1
+{kafka_extra}
 
 [postgres]
 {pg}
@@ -135,6 +142,7 @@ batch_timeout = "{batch_timeout}ms"
 [http]
 bridge_listen = "127.0.0.1:0"
 sink_listen = "127.0.0.1:0"
+{kafka_properties}
 "#,
             mqtt_host = s.mqtt_host,
             mqtt_port = s.mqtt_port,
@@ -151,6 +159,17 @@ sink_listen = "127.0.0.1:0"
             schema = self.schema(),
             batch_max = o.sink_batch_max,
             batch_timeout = o.sink_batch_timeout_ms,
+            kafka_extra = o.kafka_extra,
+            kafka_properties = if o.kafka_properties.is_empty() {
+                String::new()
+            } else {
+                let lines: String = o
+                    .kafka_properties
+                    .iter()
+                    .map(|(k, v)| format!("{k:?} = {v:?}\n"))
+                    .collect();
+                format!("\n[kafka.properties]\n{lines}")
+            },
         );
         let path = self.dir.join(format!("ingester-{}.toml", o.client));
         std::fs::write(&path, &text).unwrap();
