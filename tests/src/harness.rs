@@ -233,16 +233,31 @@ sink_listen = "127.0.0.1:0"
     }
 
     /// Committed offset of the sink group and end offset, per partition of the results topic.
+    ///
+    /// Right after Kafka was frozen or restarted, its partitions have no leader for a moment
+    /// (the broker fences itself after a freeze longer than its session timeout): the reading
+    /// waits for them, up to 30 s, instead of failing the test on what it merely observes.
+    ///
+    /// # Panics
+    /// If Kafka does not answer for 30 s.
     pub fn committed_and_end(&self) -> Vec<(i32, i64, i64)> {
-        let consumer: BaseConsumer = self
-            .kafka_config()
-            .set("group.id", self.group())
-            .create()
-            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.try_committed_and_end() {
+                Ok(offsets) => return offsets,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    eprintln!("offsets not readable yet ({e}), waiting for Kafka");
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(e) => panic!("cannot read the offsets from Kafka for 30 s: {e}"),
+            }
+        }
+    }
+
+    fn try_committed_and_end(&self) -> Result<Vec<(i32, i64, i64)>, rdkafka::error::KafkaError> {
+        let consumer: BaseConsumer = self.kafka_config().set("group.id", self.group()).create()?;
         let topic = self.topic();
-        let metadata = consumer
-            .fetch_metadata(Some(&topic), Duration::from_secs(10))
-            .unwrap();
+        let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
         let partitions: Vec<i32> = metadata.topics()[0]
             .partitions()
             .iter()
@@ -252,20 +267,16 @@ sink_listen = "127.0.0.1:0"
         for p in &partitions {
             tpl.add_partition(&topic, *p);
         }
-        let committed = consumer
-            .committed_offsets(tpl, Duration::from_secs(10))
-            .unwrap();
+        let committed = consumer.committed_offsets(tpl, Duration::from_secs(10))?;
         partitions
             .iter()
             .map(|&p| {
-                let (_, high) = consumer
-                    .fetch_watermarks(&topic, p, Duration::from_secs(10))
-                    .unwrap();
+                let (_, high) = consumer.fetch_watermarks(&topic, p, Duration::from_secs(10))?;
                 let c = match committed.find_partition(&topic, p).map(|e| e.offset()) {
                     Some(Offset::Offset(o)) => o,
                     _ => 0,
                 };
-                (p, c, high)
+                Ok((p, c, high))
             })
             .collect()
     }
