@@ -101,8 +101,10 @@ bench-footprint: services
 # after the other tests (part of `make test`, 5 to 10 minutes): >= 50,000 results from 4
 # simulated agents while bridges and sinks are kill -9ed and Mosquitto, PostgreSQL and Kafka
 # restart; kill -9 of PostgreSQL, of Kafka and of Mosquitto during load (one run each, each
-# prints its "compared:" line); the rebalance commit while Kafka hangs; storage upkeep across a
-# PostgreSQL restart; the sink's shutdown while Kafka hangs. No retry: a failure fails the build.
+# prints its "compared:" line); a bridge whose librdkafka producer loses every broker; the
+# rebalance commit while Kafka hangs; storage upkeep across a PostgreSQL restart; the sink's
+# shutdown while Kafka hangs; sink and bridge stopped while PostgreSQL or Kafka is down. No
+# retry: a failure fails the build.
 test-crash: services
 	cargo build --bins --locked
 	cargo test -p vantage-tests --test delivery --locked -- --ignored --test-threads=1 --nocapture

@@ -89,6 +89,15 @@ pub struct BridgeState {
     pub acked: AtomicU64,
     /// Messages sent to the dead-letter topic, in total.
     pub dead_lettered: AtomicU64,
+    /// The Kafka producer's health (`kafka::ProducerHealth`), refreshed every second.
+    pub kafka: std::sync::Mutex<kafka::ProducerHealth>,
+}
+
+impl BridgeState {
+    /// The Kafka producer's health as last refreshed.
+    pub fn kafka_health(&self) -> kafka::ProducerHealth {
+        *self.kafka.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// What happened to one MQTT message.
@@ -196,7 +205,15 @@ pub async fn run_with_state(
     let kafka_config = config.kafka()?.clone();
     // Kafka may be down at start; the bridge still starts and simply acknowledges nothing until
     // deliveries succeed (producing does not need the admin API).
-    match tokio::time::timeout(Duration::from_secs(15), kafka::ensure_topics(&kafka_config)).await {
+    let ensured = tokio::select! {
+        r = tokio::time::timeout(Duration::from_secs(15), kafka::ensure_topics(&kafka_config)) => r,
+        // Nothing taken from MQTT yet: nothing to finish.
+        _ = shutdown.cancelled() => {
+            tracing::warn!("shutdown while waiting for Kafka at start; bridge stopped");
+            return Ok(BridgeStats::default());
+        }
+    };
+    match ensured {
         Ok(Ok(())) => {}
         // The cluster cannot hold the configured replication: running on would let the broker
         // auto-create the topics with its own defaults.
@@ -256,6 +273,7 @@ pub async fn run_with_state(
     let mut taking = true;
     let mut grace = Box::pin(tokio::time::sleep(Duration::from_secs(365 * 86_400)));
     let mut progress = tokio::time::interval(Duration::from_secs(5));
+    let mut health = tokio::time::interval(Duration::from_secs(1));
     let mut retry_acks = tokio::time::interval(Duration::from_millis(5));
     loop {
         tokio::select! {
@@ -263,6 +281,18 @@ pub async fn run_with_state(
                 tracing::debug!(?stats, pending = pending.len(), queued = rx.len(), acks = acks.len(), "bridge progress");
             }
             _ = retry_acks.tick(), if !acks.is_empty() => {}
+            _ = health.tick() => {
+                let h = producer.health();
+                let m = crate::metrics::bridge();
+                m.kafka_waiting.set(h.waiting as i64);
+                m.kafka_stalled.set(i64::from(h.stalled));
+                let was = std::mem::replace(&mut *state.kafka.lock().unwrap_or_else(|e| e.into_inner()), h);
+                if h.stalled && !was.stalled {
+                    tracing::warn!(waiting = h.waiting, waiting_for = ?h.waiting_for, "Kafka confirms no delivery (producer stalled or Kafka unreachable)");
+                } else if was.stalled && !h.stalled {
+                    tracing::info!(replacements = h.replacements, "Kafka confirms deliveries again");
+                }
+            }
             // Stop taking input at shutdown; what is already in flight still completes.
             _ = shutdown.cancelled(), if taking => {
                 taking = false;

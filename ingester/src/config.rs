@@ -206,6 +206,15 @@ pub struct RawKafka {
     /// `PLAINTEXT` or `SASL_PLAINTEXT`); default false: refused at load, as for MQTT.
     #[serde(default)]
     pub allow_plaintext: bool,
+    /// A producer with deliveries waiting and none confirmed for this long is replaced by a
+    /// fresh client (default 30s, at least 1s; `kafka::Producer`): librdkafka can wedge for good
+    /// after a broker restart. The wait doubles after each replacement that delivers nothing.
+    #[serde(default = "default_stall_timeout", with = "humantime_serde")]
+    pub stall_timeout: Duration,
+}
+
+fn default_stall_timeout() -> Duration {
+    crate::kafka::DEFAULT_STALL_TIMEOUT
 }
 
 #[derive(Debug, Deserialize)]
@@ -414,6 +423,8 @@ pub struct KafkaConfig {
     pub properties: BTreeMap<String, String>,
     /// librdkafka settings that are secrets (from `secret_env` / `secret_files`).
     pub secrets: BTreeMap<String, crate::secrets::Secret>,
+    /// `kafka.stall_timeout`.
+    pub stall_timeout: Duration,
 }
 
 #[derive(Clone)]
@@ -605,6 +616,12 @@ impl Config {
                 let secrets = crate::secrets::kafka_secrets(&k.secret_env, &k.secret_files)
                     .map_err(|(key, r)| invalid(&key, r))?;
                 check_kafka_transport(&k).map_err(|(key, r)| invalid(key, r))?;
+                if k.stall_timeout < Duration::from_secs(1) {
+                    return Err(invalid(
+                        "kafka.stall_timeout",
+                        "must be at least 1s (default 30s)".into(),
+                    ));
+                }
                 crate::kafka::check_properties(&k.properties).map_err(|(property, r)| {
                     invalid(
                         &format!("kafka.properties.{property}"),
@@ -621,6 +638,7 @@ impl Config {
                     min_insync_replicas: k.min_insync_replicas,
                     properties: k.properties,
                     secrets,
+                    stall_timeout: k.stall_timeout,
                 })
             }
         };

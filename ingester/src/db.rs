@@ -65,7 +65,8 @@ impl DbError {
     pub fn is_transient(&self) -> bool {
         let e = match self {
             DbError::Postgres(e) => e,
-            DbError::Migration { .. } => return false,
+            // A migration cut off by a restart is retried; one PostgreSQL refuses is not.
+            DbError::Migration { source, .. } => source,
         };
         if e.is_closed() {
             return true;

@@ -48,8 +48,11 @@ pub struct Readiness {
     stage: crate::metrics::Stage,
     /// The bridge: connected to the broker and subscribed.
     pub mqtt: Option<Arc<BridgeState>>,
-    /// Kafka answers a metadata request for this topic.
-    kafka: Option<(Arc<BaseConsumer>, String)>,
+    /// Kafka answers a metadata request for this topic. The client is replaced by a fresh one
+    /// after a failed check: librdkafka can lose every broker in a broker restart and never
+    /// find one again (the wedge described at `kafka::Producer`), which would make this check
+    /// fail for good although the stage works.
+    kafka: Option<(std::sync::Mutex<Arc<BaseConsumer>>, KafkaConfig)>,
     /// PostgreSQL answers `SELECT 1` (on a connection of its own, opened on demand).
     postgres: Option<(
         PostgresConfig,
@@ -78,7 +81,7 @@ impl Readiness {
     /// (same settings, so TLS/SASL properties apply).
     pub fn kafka(mut self, config: &KafkaConfig) -> Result<Self, HttpError> {
         let client: BaseConsumer = crate::kafka::client_config(config).create()?;
-        self.kafka = Some((Arc::new(client), config.topic.clone()));
+        self.kafka = Some((std::sync::Mutex::new(Arc::new(client)), config.clone()));
         Ok(self)
     }
 
@@ -102,9 +105,25 @@ impl Readiness {
                     Err("not connected and subscribed".to_owned())
                 },
             ));
+            // The bridge's own producer: the metadata check below uses a client of its own,
+            // which says nothing about a producer that wedged (kafka.rs `Producer`).
+            let h = state.kafka_health();
+            lines.push((
+                "kafka_producer",
+                if h.stalled {
+                    Err(format!(
+                        "stalled: {} deliveries waiting, none confirmed for {:.0?} (replaced {} \
+                         times so far)",
+                        h.waiting, h.waiting_for, h.replacements
+                    ))
+                } else {
+                    Ok(())
+                },
+            ));
         }
-        if let Some((client, topic)) = &self.kafka {
-            let (client, topic) = (client.clone(), topic.clone());
+        if let Some((slot, config)) = &self.kafka {
+            let client = slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let topic = config.topic.clone();
             let r = tokio::task::spawn_blocking(move || {
                 // This client is never consumed from: drain the log and error events librdkafka
                 // queues for it, or they pile up for the life of the process.
@@ -124,6 +143,16 @@ impl Readiness {
             })
             .await
             .unwrap_or_else(|e| Err(e.to_string()));
+            if r.is_err() {
+                if let Ok(fresh) = crate::kafka::client_config(config).create::<BaseConsumer>() {
+                    // The old one is destroyed off the runtime (rd_kafka_destroy may block).
+                    let old = std::mem::replace(
+                        &mut *slot.lock().unwrap_or_else(|e| e.into_inner()),
+                        Arc::new(fresh),
+                    );
+                    tokio::task::spawn_blocking(move || drop(old));
+                }
+            }
             lines.push(("kafka", r));
         }
         if let Some((config, client)) = &self.postgres {

@@ -7,7 +7,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _, PurgeConfig};
 use rdkafka::ClientConfig;
 use tokio_util::sync::CancellationToken;
 
@@ -289,29 +289,175 @@ async fn check_existing(
     }
 }
 
-/// A producer shared by many concurrent deliveries that replaces itself after a fatal error.
+/// Default of `kafka.stall_timeout`.
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How often a waiting delivery checks whether the producer stalled.
+const WATCH_EVERY: Duration = Duration::from_secs(1);
+
+/// Longest wait between two replacements of a producer that delivers nothing.
+const MAX_STALL_WAIT: Duration = Duration::from_secs(300);
+
+/// How the producer is doing, for `/readyz` and the metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProducerHealth {
+    /// Deliveries waiting for Kafka's confirmation now (retries included).
+    pub waiting: usize,
+    /// Since the last confirmed delivery (or since deliveries started waiting, or since the
+    /// last replacement); zero while nothing waits.
+    pub waiting_for: Duration,
+    /// Nothing confirmed for `kafka.stall_timeout` while deliveries wait.
+    pub stalled: bool,
+    /// Instances replaced so far (stalled or fatal).
+    pub replacements: u64,
+}
+
+/// The current librdkafka instance and what its deliveries have done.
+struct Current {
+    generation: u64,
+    instance: std::sync::Arc<FutureProducer>,
+    /// Deliveries between their first attempt and Kafka's confirmation (or shutdown).
+    waiting: usize,
+    /// Last confirmed delivery, or when deliveries started waiting, or the last replacement:
+    /// the next replacement is measured from here.
+    progress_at: std::time::Instant,
+    /// Last confirmed delivery, or when deliveries started waiting (what `/readyz` reports).
+    confirmed_at: std::time::Instant,
+    /// Replacements for a stall since the last confirmed delivery: each doubles the next wait.
+    stall_replacements: u32,
+    replacements: u64,
+}
+
+/// A producer shared by many concurrent deliveries that replaces its librdkafka instance when
+/// it breaks.
 ///
-/// An idempotent producer can hit errors that librdkafka declares fatal (e.g. an out-of-order
-/// sequence after broker data loss); every later send on that instance fails. Deliveries that
-/// see such an error ask for a fresh instance and retry on it: the message is then produced
-/// again (at-least-once), which the sink's natural key absorbs.
+/// - An idempotent producer can hit errors that librdkafka declares fatal (e.g. an out-of-order
+///   sequence after broker data loss); every later send on that instance fails.
+/// - An instance can also wedge without any error: when a broker in controlled shutdown answers
+///   a metadata request with an empty broker list (a single broker, or all of them, restarting
+///   gracefully), librdkafka 2.12 decommissions every broker it knows
+///   (`rd_kafka_metadata_decommission_unavailable_brokers`), and the re-bootstrap it schedules
+///   when all brokers are down is cancelled by that same metadata response's success; with no
+///   broker left it sends no metadata request, so its time-based re-bootstrap never starts.
+///   The instance then sits without a broker for good, every delivery waits until
+///   `message.timeout.ms` and fails, and so does every retry (seen in `make test-crash`; the
+///   bridge never recovered; `tests/delivery.rs` `bridge_recovers_from_a_wedged_producer`).
+///
+/// So deliveries watch the instance: when some wait and none was confirmed for
+/// `kafka.stall_timeout` (doubling after each replacement that brought no delivery, up to 5
+/// min), the instance is replaced by a fresh one, which bootstraps from `kafka.brokers` again,
+/// and the waiting deliveries are sent again on it (at-least-once: the old instance may have
+/// written some, and the sink's natural key absorbs such copies). Nothing is acknowledged
+/// upstream before a confirmation, so a replacement never loses a message.
 pub struct Producer {
     config: KafkaConfig,
-    current: std::sync::Mutex<(u64, FutureProducer)>,
+    current: std::sync::Mutex<Current>,
+}
+
+/// Counts one delivery as waiting for as long as it lives.
+struct Waiting<'p>(&'p Producer);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut c = self.0.lock();
+        c.waiting = c.waiting.saturating_sub(1);
+    }
 }
 
 impl Producer {
     pub fn new(config: &KafkaConfig) -> Result<Producer, KafkaError> {
         Ok(Producer {
             config: config.clone(),
-            current: std::sync::Mutex::new((0, producer(config)?)),
+            current: std::sync::Mutex::new(Current {
+                generation: 0,
+                instance: std::sync::Arc::new(producer(config)?),
+                waiting: 0,
+                progress_at: std::time::Instant::now(),
+                confirmed_at: std::time::Instant::now(),
+                stall_replacements: 0,
+                replacements: 0,
+            }),
         })
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, Current> {
+        self.current.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The current instance and its generation.
-    fn get(&self) -> (u64, FutureProducer) {
-        let guard = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        (guard.0, guard.1.clone())
+    fn get(&self) -> (u64, std::sync::Arc<FutureProducer>) {
+        let c = self.lock();
+        (c.generation, c.instance.clone())
+    }
+
+    /// A delivery starts waiting; it stops when the guard is dropped.
+    fn waiting(&self) -> Waiting<'_> {
+        let mut c = self.lock();
+        if c.waiting == 0 {
+            // Nothing was asked of the instance until now: it has not failed to deliver.
+            c.progress_at = std::time::Instant::now();
+            c.confirmed_at = c.progress_at;
+        }
+        c.waiting += 1;
+        Waiting(self)
+    }
+
+    /// Kafka confirmed a delivery.
+    fn delivered(&self) {
+        let mut c = self.lock();
+        c.progress_at = std::time::Instant::now();
+        c.confirmed_at = c.progress_at;
+        c.stall_replacements = 0;
+    }
+
+    /// The generation of the current instance.
+    fn generation(&self) -> u64 {
+        self.lock().generation
+    }
+
+    /// How long deliveries may wait with none confirmed before the instance is replaced.
+    fn stall_wait(&self, c: &Current) -> Duration {
+        let doubled = self
+            .config
+            .stall_timeout
+            .saturating_mul(1 << c.stall_replacements.min(8));
+        doubled.min(MAX_STALL_WAIT.max(self.config.stall_timeout))
+    }
+
+    /// Health now.
+    pub fn health(&self) -> ProducerHealth {
+        let c = self.lock();
+        let waiting_for = if c.waiting > 0 {
+            c.confirmed_at.elapsed()
+        } else {
+            Duration::ZERO
+        };
+        ProducerHealth {
+            waiting: c.waiting,
+            waiting_for,
+            stalled: c.waiting > 0 && waiting_for >= self.config.stall_timeout,
+            replacements: c.replacements,
+        }
+    }
+
+    /// Replaces instance `generation` if it is still current and stalled. False when
+    /// `generation` is no longer current: its deliveries must be sent again.
+    fn watch(&self, generation: u64) -> bool {
+        let mut c = self.lock();
+        if c.generation != generation {
+            return false;
+        }
+        let waited = c.progress_at.elapsed();
+        if c.waiting == 0 || waited < self.stall_wait(&c) {
+            return true;
+        }
+        c.stall_replacements = c.stall_replacements.saturating_add(1);
+        let reason = format!(
+            "{} deliveries waiting, none confirmed for {:.0?}",
+            c.waiting, waited
+        );
+        self.replace(&mut c, "stalled", &reason);
+        c.generation == generation
     }
 
     /// Replaces instance `generation` if it is still current and has a fatal error.
@@ -319,27 +465,56 @@ impl Producer {
         let Some((code, reason)) = broken.client().fatal_error() else {
             return;
         };
-        let mut guard = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        if guard.0 != generation {
-            return;
+        let mut c = self.lock();
+        if c.generation == generation {
+            self.replace(&mut c, "fatal", &format!("{code:?}: {reason}"));
         }
-        match producer(&self.config) {
-            Ok(fresh) => {
-                tracing::error!(
-                    ?code,
-                    reason,
-                    "Kafka producer hit a fatal error; replaced it"
-                );
-                *guard = (generation + 1, fresh);
+    }
+
+    /// Puts a fresh instance in place of the current one (which is purged, so nothing waits on
+    /// it any more, and destroyed off the runtime once unused: `rd_kafka_destroy` may block).
+    fn replace(&self, c: &mut Current, kind: &'static str, reason: &str) {
+        // The next stall is measured from now, also when the new instance cannot be created.
+        c.progress_at = std::time::Instant::now();
+        let fresh = match producer(&self.config) {
+            Ok(p) => std::sync::Arc::new(p),
+            Err(e) => {
+                tracing::error!(error = %e, kind, reason, "cannot create a new Kafka producer");
+                return;
             }
-            Err(e) => tracing::error!(error = %e, "cannot create a new Kafka producer"),
+        };
+        let old = std::mem::replace(&mut c.instance, fresh);
+        c.generation += 1;
+        c.replacements += 1;
+        crate::metrics::kafka_producer_replaced(kind);
+        tracing::error!(
+            kind,
+            reason,
+            replacements = c.replacements,
+            next_after = ?self.stall_wait(c),
+            "Kafka producer replaced by a fresh one; waiting deliveries are sent again"
+        );
+        old.purge(PurgeConfig::default().queue().inflight().non_blocking());
+        let retired = std::thread::Builder::new()
+            .name("kafka-retire".into())
+            .spawn(move || {
+                // Deliveries still holding it drop it within a watch tick.
+                let deadline = std::time::Instant::now() + Duration::from_secs(60);
+                while std::sync::Arc::strong_count(&old) > 1 && std::time::Instant::now() < deadline
+                {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                drop(old);
+            });
+        if let Err(e) = retired {
+            tracing::warn!(error = %e, "cannot start a thread to destroy the old Kafka producer");
         }
     }
 
     /// Waits until every message handed to librdkafka is delivered or `timeout` passes.
     pub fn flush(&self, timeout: Duration) {
         let (_, p) = self.get();
-        if let Err(e) = rdkafka::producer::Producer::flush(&p, timeout) {
+        if let Err(e) = rdkafka::producer::Producer::flush(&*p, timeout) {
             tracing::warn!(error = %e, "Kafka producer flush incomplete");
         }
     }
@@ -372,6 +547,7 @@ pub async fn produce_until_delivered_at(
     timestamp_ms: Option<i64>,
     stop: &CancellationToken,
 ) -> bool {
+    let _waiting = producer.waiting();
     let mut backoff = Duration::from_millis(100);
     loop {
         let (generation, instance) = producer.get();
@@ -386,14 +562,30 @@ pub async fn produce_until_delivered_at(
             record = record.headers(headers.clone());
         }
         // Queue-full waits inside librdkafka count against this timeout; delivery itself is
-        // bounded by message.timeout.ms.
-        let sent = tokio::select! {
-            r = instance.send(record, Duration::from_secs(5)) => r,
-            _ = stop.cancelled() => return false,
+        // bounded by message.timeout.ms, and by the stall watch below.
+        let send = instance.send(record, Duration::from_secs(5));
+        tokio::pin!(send);
+        let mut watch =
+            tokio::time::interval_at(tokio::time::Instant::now() + WATCH_EVERY, WATCH_EVERY);
+        let sent = loop {
+            tokio::select! {
+                r = &mut send => break Some(r),
+                _ = stop.cancelled() => return false,
+                // Replaced (by this delivery's watch or another's): send it again at once.
+                _ = watch.tick() => if !producer.watch(generation) {
+                    break None;
+                },
+            }
         };
         match sent {
-            Ok(_) => return true,
-            Err((e, _)) => {
+            Some(Ok(_)) => {
+                producer.delivered();
+                return true;
+            }
+            None => {}
+            // Purged with the instance it was waiting on: send it again at once.
+            Some(Err(_)) if producer.generation() != generation => {}
+            Some(Err((e, _))) => {
                 producer.recover(generation, &instance);
                 tracing::warn!(topic, error = %e, retry_in = ?backoff, "Kafka delivery failed");
                 tokio::select! {
@@ -404,6 +596,35 @@ pub async fn produce_until_delivered_at(
             }
         }
     }
+}
+
+/// Whether librdkafka's statistics list any broker to talk to (one from `bootstrap.servers` or
+/// learned from metadata), as opposed to only its internal ones.
+pub fn has_brokers(stats: &rdkafka::statistics::Statistics) -> bool {
+    stats
+        .brokers
+        .values()
+        .any(|b| matches!(b.source.as_str(), "learned" | "configured"))
+}
+
+/// Gives a client that lost every broker (the wedge described at [`Producer`]) the brokers of
+/// `kafka.brokers` again, which is what librdkafka's own re-bootstrap does (its timer callback
+/// calls `rd_kafka_brokers_add0` with `bootstrap.servers`). For clients that cannot simply be
+/// replaced, like the sink's consumer in its group. True if a broker was added.
+pub fn re_add_brokers<C: rdkafka::ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    brokers: &str,
+) -> bool {
+    let Ok(list) = std::ffi::CString::new(brokers) else {
+        return false;
+    };
+    // SAFETY: `native_ptr` is the handle of `client`, alive for this borrow; librdkafka's
+    // `rd_kafka_brokers_add` may be called from any thread at any time, copies what it needs
+    // from the string (which outlives the call) and only reads it (rdkafka.h). rust-rdkafka has
+    // no safe wrapper for it.
+    let added =
+        unsafe { rdkafka::bindings::rd_kafka_brokers_add(client.native_ptr(), list.as_ptr()) };
+    added > 0
 }
 
 /// Headers of a dead letter.
@@ -424,4 +645,71 @@ pub fn dead_letter_headers(stage: &str, reason: &str, mqtt_topic: Option<&str>) 
         });
     }
     h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(stall: &str) -> KafkaConfig {
+        // Port 1 on loopback: nothing listens, so no delivery is ever confirmed.
+        let text = format!(
+            "[kafka]\nbrokers = \"127.0.0.1:1\"\nstall_timeout = \"{stall}\"\n\
+             [kafka.properties]\n\"reconnect.backoff.max.ms\" = \"100\"\n"
+        );
+        crate::Config::parse(&text, std::path::Path::new("t.toml"))
+            .unwrap()
+            .kafka()
+            .unwrap()
+            .clone()
+    }
+
+    /// Deliveries that wait with none confirmed make the producer replace its instance after
+    /// `stall_timeout`, then after twice that, and `health` says stalled meanwhile; nothing
+    /// waiting, nothing stalls.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_producer_that_confirms_nothing_is_replaced_with_backoff() {
+        let producer = std::sync::Arc::new(Producer::new(&config("1s")).unwrap());
+        assert_eq!(producer.health(), ProducerHealth::default());
+        let stop = CancellationToken::new();
+        let delivery = tokio::spawn({
+            let (producer, stop) = (producer.clone(), stop.clone());
+            async move { produce_until_delivered(&producer, "t", None, b"x", None, &stop).await }
+        });
+        // When each replacement happened (polled), and what health said just before the first.
+        let started = std::time::Instant::now();
+        let mut at = Vec::new();
+        let mut before_first = producer.health();
+        while at.len() < 2 && started.elapsed() < Duration::from_secs(15) {
+            let h = producer.health();
+            if h.replacements as usize > at.len() {
+                at.push(started.elapsed());
+            } else if at.is_empty() {
+                before_first = h;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(at.len(), 2, "replaced {} times in 15 s", at.len());
+        assert_eq!(before_first.waiting, 1, "{before_first:?}");
+        // Waits are lower bounds: 1 s before the first, 2 s (doubled) before the second.
+        assert!(at[0] >= Duration::from_millis(950), "{at:?}");
+        assert!(at[1] - at[0] >= Duration::from_millis(1950), "{at:?}");
+        // Stalled counts from the last confirmation, which a replacement does not reset.
+        let h = producer.health();
+        assert!(
+            h.stalled && h.waiting_for >= Duration::from_secs(3),
+            "{h:?}"
+        );
+        stop.cancel();
+        assert!(!delivery.await.unwrap(), "stopped, so not delivered");
+        let h = producer.health();
+        assert_eq!((h.waiting, h.stalled), (0, false), "{h:?}");
+    }
+
+    #[test]
+    fn stall_timeout_has_a_floor() {
+        let text = "[kafka]\nbrokers = \"127.0.0.1:9092\"\nstall_timeout = \"500ms\"\n";
+        let e = crate::Config::parse(text, std::path::Path::new("t.toml")).unwrap_err();
+        assert!(e.to_string().contains("kafka.stall_timeout"), "{e}");
+    }
 }

@@ -191,7 +191,7 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the tokio runtime")?;
-    runtime.block_on(async {
+    let outcome = runtime.block_on(async {
         match cli.command {
             Command::CheckConfig {
                 config: path,
@@ -384,7 +384,12 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Ok(())
-    })
+    });
+    // Dropping a runtime waits for its blocking tasks without a bound; a stage stopped while it
+    // waited for Kafka leaves one behind (a metadata request, up to 10 s). What a stage must
+    // finish it has finished when `run` returns, so the rest is cut off after a moment.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    outcome
 }
 
 /// A token cancelled on SIGINT or SIGTERM.

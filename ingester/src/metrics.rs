@@ -38,6 +38,12 @@ pub struct AgentLabel {
     pub agent: String,
 }
 
+/// Label of Kafka producer replacements: `stalled` or `fatal` (`kafka::Producer`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
 /// Label of the build info gauge.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabel {
@@ -68,6 +74,10 @@ pub struct BridgeMetrics {
     pub mqtt_connection_errors: Counter,
     /// 1 while connected to the MQTT broker.
     pub mqtt_connected: Gauge,
+    /// Deliveries waiting for Kafka's confirmation (`kafka::ProducerHealth`).
+    pub kafka_waiting: Gauge,
+    /// 1 while deliveries wait and none was confirmed for `kafka.stall_timeout`.
+    pub kafka_stalled: Gauge,
 }
 
 /// The sink's metrics.
@@ -172,6 +182,19 @@ pub struct Metrics {
     pub bridge: BridgeMetrics,
     pub sink: SinkMetrics,
     pub alert: AlertMetrics,
+    /// Kafka producer instances replaced, by kind; one family, exposed under each stage's name
+    /// (the bridge's producer and the sink's dead-letter producer are the same code).
+    pub producer_replacements: Family<KindLabel, Counter>,
+}
+
+/// A Kafka producer instance was replaced (`kind`: `stalled` or `fatal`).
+pub fn kafka_producer_replaced(kind: &str) {
+    METRICS
+        .producer_replacements
+        .get_or_create(&KindLabel {
+            kind: kind.to_owned(),
+        })
+        .inc();
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -232,7 +255,10 @@ impl Metrics {
             mqtt_connections: Counter::default(),
             mqtt_connection_errors: Counter::default(),
             mqtt_connected: Gauge::default(),
+            kafka_waiting: Gauge::default(),
+            kafka_stalled: Gauge::default(),
         };
+        let producer_replacements: Family<KindLabel, Counter> = Family::default();
         let r = &mut bridge_registry;
         r.register(
             "vantage_bridge_messages_received",
@@ -290,6 +316,21 @@ impl Metrics {
             "vantage_bridge_mqtt_connected",
             "1 while the bridge is connected to the MQTT broker",
             bridge.mqtt_connected.clone(),
+        );
+        r.register(
+            "vantage_bridge_kafka_waiting",
+            "Deliveries waiting for Kafka's confirmation, retries included",
+            bridge.kafka_waiting.clone(),
+        );
+        r.register(
+            "vantage_bridge_kafka_stalled",
+            "1 while deliveries wait and Kafka confirmed none for kafka.stall_timeout",
+            bridge.kafka_stalled.clone(),
+        );
+        r.register(
+            "vantage_bridge_kafka_producer_replacements",
+            "Kafka producer instances replaced by a fresh one, by kind (stalled, fatal)",
+            producer_replacements.clone(),
         );
 
         let sink = SinkMetrics {
@@ -387,6 +428,12 @@ impl Metrics {
              adopts (docs/sql.md)",
             sink.upkeep_default_rows.clone(),
         );
+        r.register(
+            "vantage_sink_kafka_producer_replacements",
+            "Kafka producer instances (dead letters) replaced by a fresh one, by kind (stalled, \
+             fatal)",
+            producer_replacements.clone(),
+        );
         let alert = AlertMetrics {
             evaluations: Counter::default(),
             evaluation_errors: Counter::default(),
@@ -441,6 +488,7 @@ impl Metrics {
             bridge,
             sink,
             alert,
+            producer_replacements,
         }
     }
 

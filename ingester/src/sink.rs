@@ -16,6 +16,7 @@
 //! (agent, boot id, seq) makes the replay a no-op.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -85,12 +86,18 @@ impl Durable {
 /// The consumer's context: commits durable offsets when partitions are revoked.
 struct SinkContext {
     durable: Arc<Mutex<Durable>>,
+    /// False once librdkafka's statistics show no broker left to talk to (the wedge described
+    /// at `kafka::Producer`); the batch loop then gives the consumer `kafka.brokers` again.
+    has_brokers: Arc<AtomicBool>,
 }
 
 impl ClientContext for SinkContext {
-    // librdkafka statistics (every `statistics.interval.ms`): consumer lag per partition.
+    // librdkafka statistics (every `statistics.interval.ms`): consumer lag per partition, and
+    // whether any broker is left.
     fn stats(&self, statistics: rdkafka::statistics::Statistics) {
         crate::metrics::sink().consumer_stats(&statistics);
+        self.has_brokers
+            .store(kafka::has_brokers(&statistics), Ordering::Release);
     }
 }
 
@@ -238,9 +245,10 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
     let pg_config = config.postgres()?.clone();
     let sink = config.sink.clone();
 
-    {
-        let mut client = connect_with_retry(&pg_config, &shutdown).await?;
-        db::migrate(&mut client, &pg_config.schema).await?;
+    // Shutdown may come while PostgreSQL or Kafka is still unreachable at start: nothing has
+    // been consumed yet, so there is nothing to commit; the stage stops cleanly (exit 0).
+    if !migrate_with_retry(&pg_config, &shutdown).await? {
+        return Ok(stopped_while_reconnecting("PostgreSQL (migrations)"));
     }
     // Partitions ahead of time and retention, on a connection of their own (opened again
     // whenever PostgreSQL drops it): DDL never waits behind (or holds up) a batch.
@@ -249,8 +257,14 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
         config.storage.clone(),
         shutdown.clone(),
     ));
-    let mut client = connect_with_retry(&pg_config, &shutdown).await?;
-    match kafka::ensure_topics(&kafka_config).await {
+    let Some(mut client) = connect_with_retry(&pg_config, &shutdown).await? else {
+        return Ok(stopped_while_reconnecting("PostgreSQL"));
+    };
+    let ensured = tokio::select! {
+        r = kafka::ensure_topics(&kafka_config) => r,
+        _ = shutdown.cancelled() => return Ok(stopped_while_reconnecting("Kafka")),
+    };
+    match ensured {
         Ok(()) => {}
         // The cluster cannot hold the configured replication: consuming on would let the
         // broker auto-create the dead-letter topic with its own defaults.
@@ -267,6 +281,9 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
     let producer = kafka::Producer::new(&kafka_config)?;
 
     let durable = Arc::new(Mutex::new(Durable::default()));
+    let has_brokers = Arc::new(AtomicBool::new(true));
+    // Checks now and then that the consumer still has a broker (see `SinkContext`).
+    let mut broker_check = tokio::time::interval(Duration::from_secs(5));
     let consumer: StreamConsumer<SinkContext> = kafka::consumer_config(&kafka_config)
         .set("group.id", &kafka_config.group_id)
         .set("enable.auto.commit", "false")
@@ -275,6 +292,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
         .set("statistics.interval.ms", "5000")
         .create_with_context(SinkContext {
             durable: durable.clone(),
+            has_brokers: has_brokers.clone(),
         })?;
     consumer.subscribe(&[&kafka_config.topic])?;
     tracing::info!(
@@ -308,6 +326,19 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
             let received = tokio::select! {
                 r = next => r,
                 _ = shutdown.cancelled() => None,
+                _ = broker_check.tick() => {
+                    if !has_brokers.load(Ordering::Acquire)
+                        && kafka::re_add_brokers(consumer.client(), &kafka_config.brokers)
+                    {
+                        tracing::error!(
+                            brokers = kafka_config.brokers,
+                            "Kafka consumer had no broker left (librdkafka lost them in a broker \
+                             restart); kafka.brokers added again"
+                        );
+                        has_brokers.store(true, Ordering::Release);
+                    }
+                    continue;
+                }
             };
             let message = match received {
                 None => break,
@@ -446,13 +477,12 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                     if client.is_closed() {
-                        client = match connect_with_retry(&pg_config, &shutdown).await {
-                            Ok(c) => c,
-                            Err(_) if shutdown.is_cancelled() => {
-                                tracing::warn!(rows = writes.rows.len(), "shutdown while PostgreSQL is unavailable; batch left for replay");
+                        client = match connect_with_retry(&pg_config, &shutdown).await? {
+                            Some(c) => c,
+                            None => {
+                                tracing::warn!(rows = writes.rows.len(), "shutdown while reconnecting to PostgreSQL; batch left for replay");
                                 break 'batches;
                             }
-                            Err(e) => return Err(e.into()),
                         };
                     }
                 }
@@ -615,20 +645,70 @@ async fn dead_letter(
     kafka::produce_until_delivered(producer, topic, key, payload, Some(&headers), shutdown).await
 }
 
-/// Connects to PostgreSQL, retrying with backoff while it is unreachable.
+/// Logs that the stage stopped before it consumed anything, and returns its (empty) counters.
+fn stopped_while_reconnecting(what: &str) -> SinkStats {
+    tracing::warn!(
+        waiting_for = what,
+        "shutdown while reconnecting; sink stopped before consuming (nothing to commit)"
+    );
+    let stats = SinkStats::default();
+    tracing::info!(?stats, "sink stopped");
+    stats
+}
+
+/// Connects to PostgreSQL for the batches, retrying with backoff while it is unreachable.
+/// `Ok(None)`: shutdown came first (during an attempt or a backoff wait). Issue #14: this used
+/// to return the last connect error, so a SIGTERM while PostgreSQL was restarting ended the
+/// stage with exit 1 although it had nothing to lose.
 async fn connect_with_retry(
     config: &PostgresConfig,
     shutdown: &CancellationToken,
-) -> Result<Client, DbError> {
+) -> Result<Option<Client>, DbError> {
     let mut backoff = Duration::from_millis(200);
     loop {
-        match db::connect_writer(config).await {
-            Ok(c) => return Ok(c),
-            Err(e) if e.is_transient() && !shutdown.is_cancelled() => {
+        // The attempt itself may take up to the connect timeout (a host that drops packets).
+        let attempt = tokio::select! {
+            r = db::connect_writer(config) => r,
+            _ = shutdown.cancelled() => return Ok(None),
+        };
+        match attempt {
+            Ok(c) => return Ok(Some(c)),
+            Err(e) if e.is_transient() => {
                 tracing::warn!(error = %e, retry_in = ?backoff, "cannot connect to PostgreSQL, retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
-                    _ = shutdown.cancelled() => return Err(e),
+                    _ = shutdown.cancelled() => return Ok(None),
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Applies the migrations on a connection of its own, retrying (on a new connection) while
+/// PostgreSQL is unreachable or restarts half-way: each migration is its own transaction under
+/// an advisory lock, so a retry goes on where the last one stopped. False: shutdown came first.
+async fn migrate_with_retry(
+    config: &PostgresConfig,
+    shutdown: &CancellationToken,
+) -> Result<bool, DbError> {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let Some(mut client) = connect_with_retry(config, shutdown).await? else {
+            return Ok(false);
+        };
+        let migrated = tokio::select! {
+            r = db::migrate(&mut client, &config.schema) => r,
+            _ = shutdown.cancelled() => return Ok(false),
+        };
+        match migrated {
+            Ok(_) => return Ok(true),
+            Err(e) if e.is_transient() => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "migrations interrupted, retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.cancelled() => return Ok(false),
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             }

@@ -38,6 +38,10 @@ pub struct IngesterOptions {
     pub max_in_flight: usize,
     pub sink_batch_max: usize,
     pub sink_batch_timeout_ms: u64,
+    /// Extra lines for the `[kafka]` section (TOML), e.g. `stall_timeout = "5s"`.
+    pub kafka_extra: String,
+    /// `[kafka.properties]`: librdkafka settings passed through.
+    pub kafka_properties: Vec<(String, String)>,
 }
 
 impl Default for IngesterOptions {
@@ -51,6 +55,8 @@ impl Default for IngesterOptions {
             max_in_flight: 100,
             sink_batch_max: 200,
             sink_batch_timeout_ms: 100,
+            kafka_extra: String::new(),
+            kafka_properties: Vec::new(),
         }
     }
 }
@@ -123,6 +129,7 @@ partitions = {partitions}
 # The single test broker: one replica (production: 3 and 2, docs/ingester.md).
 replication_factor = 1
 min_insync_replicas = 1
+{kafka_extra}
 
 [postgres]
 {pg}
@@ -136,6 +143,7 @@ batch_timeout = "{batch_timeout}ms"
 [http]
 bridge_listen = "127.0.0.1:0"
 sink_listen = "127.0.0.1:0"
+{kafka_properties}
 "#,
             mqtt_host = s.mqtt_host,
             mqtt_port = s.mqtt_port,
@@ -152,6 +160,17 @@ sink_listen = "127.0.0.1:0"
             schema = self.schema(),
             batch_max = o.sink_batch_max,
             batch_timeout = o.sink_batch_timeout_ms,
+            kafka_extra = o.kafka_extra,
+            kafka_properties = if o.kafka_properties.is_empty() {
+                String::new()
+            } else {
+                let lines: String = o
+                    .kafka_properties
+                    .iter()
+                    .map(|(k, v)| format!("{k:?} = {v:?}\n"))
+                    .collect();
+                format!("\n[kafka.properties]\n{lines}")
+            },
         );
         let path = self.dir.join(format!("ingester-{}.toml", o.client));
         std::fs::write(&path, &text).unwrap();
@@ -215,16 +234,32 @@ sink_listen = "127.0.0.1:0"
     }
 
     /// Committed offset of the sink group and end offset, per partition of the results topic.
+    ///
+    /// Right after Kafka was frozen or restarted, its partitions have no leader and its group
+    /// coordinator is still loading for a moment (the broker fences itself after a freeze
+    /// longer than its session timeout): the reading waits for those answers, up to 30 s,
+    /// instead of failing the test on what it merely observes. Any other error fails at once.
+    ///
+    /// # Panics
+    /// If Kafka is still settling after 30 s, or on any other error.
     pub fn committed_and_end(&self) -> Vec<(i32, i64, i64)> {
-        let consumer: BaseConsumer = self
-            .kafka_config()
-            .set("group.id", self.group())
-            .create()
-            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.try_committed_and_end() {
+                Ok(offsets) => return offsets,
+                Err(e) if std::time::Instant::now() < deadline && kafka_settling(&e) => {
+                    eprintln!("offsets not readable yet ({e}), waiting for Kafka");
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(e) => panic!("cannot read the offsets from Kafka for 30 s: {e}"),
+            }
+        }
+    }
+
+    fn try_committed_and_end(&self) -> Result<Vec<(i32, i64, i64)>, rdkafka::error::KafkaError> {
+        let consumer: BaseConsumer = self.kafka_config().set("group.id", self.group()).create()?;
         let topic = self.topic();
-        let metadata = consumer
-            .fetch_metadata(Some(&topic), Duration::from_secs(10))
-            .unwrap();
+        let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
         let partitions: Vec<i32> = metadata.topics()[0]
             .partitions()
             .iter()
@@ -234,20 +269,16 @@ sink_listen = "127.0.0.1:0"
         for p in &partitions {
             tpl.add_partition(&topic, *p);
         }
-        let committed = after_kafka_settles("committed offsets", || {
-            consumer.committed_offsets(tpl.clone(), Duration::from_secs(10))
-        });
+        let committed = consumer.committed_offsets(tpl, Duration::from_secs(10))?;
         partitions
             .iter()
             .map(|&p| {
-                let (_, high) = after_kafka_settles("watermarks", || {
-                    consumer.fetch_watermarks(&topic, p, Duration::from_secs(10))
-                });
+                let (_, high) = consumer.fetch_watermarks(&topic, p, Duration::from_secs(10))?;
                 let c = match committed.find_partition(&topic, p).map(|e| e.offset()) {
                     Some(Offset::Offset(o)) => o,
                     _ => 0,
                 };
-                (p, c, high)
+                Ok((p, c, high))
             })
             .collect()
     }
@@ -621,35 +652,23 @@ pub fn write_file(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap();
 }
 
-/// Runs a Kafka admin read, asking again for up to 30 s while the answer is one a broker gives
-/// right after it resumes from a freeze or restart (the group coordinator still loading or
-/// moving, the client's metadata not knowing the partition yet). librdkafka retries these itself
-/// inside a consumer's own work; a one-off read in a test has to. Any other error fails the test.
-fn after_kafka_settles<T>(
-    what: &str,
-    mut read: impl FnMut() -> rdkafka::error::KafkaResult<T>,
-) -> T {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        match read() {
-            Ok(value) => return value,
-            Err(e)
-                if std::time::Instant::now() < deadline
-                    && matches!(
-                        e.rdkafka_error_code(),
-                        Some(
-                            RDKafkaErrorCode::NotCoordinator
-                                | RDKafkaErrorCode::CoordinatorLoadInProgress
-                                | RDKafkaErrorCode::CoordinatorNotAvailable
-                                | RDKafkaErrorCode::UnknownPartition
-                                | RDKafkaErrorCode::LeaderNotAvailable
-                                | RDKafkaErrorCode::NotLeaderForPartition
-                        )
-                    ) =>
-            {
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            Err(e) => panic!("{what}: {e}"),
-        }
-    }
+/// True for the answers a broker gives right after it resumes from a freeze or restart (the
+/// group coordinator still loading or moving, a partition without a leader yet, the client's
+/// metadata not knowing the partition yet). librdkafka retries these itself inside a
+/// consumer's own work; a one-off read in a test has to.
+fn kafka_settling(e: &rdkafka::error::KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::NotCoordinator
+                | RDKafkaErrorCode::CoordinatorLoadInProgress
+                | RDKafkaErrorCode::CoordinatorNotAvailable
+                | RDKafkaErrorCode::UnknownPartition
+                | RDKafkaErrorCode::LeaderNotAvailable
+                | RDKafkaErrorCode::NotLeaderForPartition
+                | RDKafkaErrorCode::BrokerTransportFailure
+                | RDKafkaErrorCode::AllBrokersDown
+                | RDKafkaErrorCode::OperationTimedOut
+        )
+    )
 }

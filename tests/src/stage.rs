@@ -395,6 +395,33 @@ impl Drop for ServicesGuard {
     }
 }
 
+/// Unregisters the test Kafka's broker (id 1) from its KRaft controller with Kafka's own
+/// `kafka-cluster unregister`: the broker keeps running and serving requests, but its metadata
+/// answers list no broker, as a broker in controlled shutdown answers for a moment before it
+/// stops. It stays so until Kafka restarts (and cannot finish a graceful stop meanwhile:
+/// restart it with [`crash_service`]).
+pub fn kafka_unregister_broker() -> Result<(), String> {
+    let script = format!(
+        "set -euo pipefail; source '{}'; check_ports; find_java >/dev/null; \
+         kafka_tool org.apache.kafka.tools.ClusterTool unregister \
+         --bootstrap-server \"$HOST:$KAFKA_PORT\" --id 1",
+        services_dir().join("lib.sh").display(),
+    );
+    let out = Command::new("bash")
+        .args(["-c", &script])
+        .output()
+        .map_err(|e| format!("cannot run bash: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "kafka-cluster unregister failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
 /// The pid of the running Kafka of `tests/services` (`$VANTAGE_STATE_DIR/kafka/kafka.pid`).
 pub fn kafka_pid() -> Option<u32> {
     pid_in("kafka/kafka.pid")
