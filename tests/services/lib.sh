@@ -323,6 +323,9 @@ ensure_installed() {
     pkgs+=("$(java_package)")
   fi
   [[ -x $AM_BIN ]] || pkgs+=(prometheus-alertmanager)
+  # The dashboard's browser tests (tests/web.rs): Debian's headless Chromium and its WebDriver.
+  command -v chromium >/dev/null || pkgs+=(chromium)
+  command -v chromedriver >/dev/null || pkgs+=(chromium-driver)
   # Building the ingester: librdkafka's SSL/SASL support links the system OpenSSL (rdkafka `ssl`).
   dpkg -s libssl-dev >/dev/null 2>&1 || pkgs+=(libssl-dev)
   command -v pkg-config >/dev/null || pkgs+=(pkg-config)
