@@ -66,7 +66,7 @@ fn layout(site: &Site, page: &str, heading: &str, body: Markup) -> Markup {
 pub fn pct(v: Option<f64>) -> String {
     match v {
         None => "–".into(),
-        Some(v) if v >= 99.995 && v < 100.0 => "99.99%".into(),
+        Some(v) if (99.995..100.0).contains(&v) => "99.99%".into(),
         Some(v) if v >= 99.0 => format!("{v:.2}%"),
         Some(v) => format!("{v:.1}%"),
     }
