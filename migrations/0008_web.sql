@@ -1,7 +1,7 @@
 -- 0008 (issue #17): what the dashboard (`vantage-ingester web`, docs/web.md) reads that the SQL
 -- interface did not have yet: latency per bucket and region for a chart, phase medians and the
--- outcome mix per region over a window, availability without percentiles, and daily uptime for
--- the status page's bars.
+-- outcome mix per region over a window, and daily counts for the status page's bars and its 7-
+-- and 30-day availability.
 --
 -- These functions read only the documented interface (docs/sql.md): `results`, `rollup_1h` and
 -- `rollup_1d` by their column names (the same names whether they are tables, as here, or views
@@ -40,23 +40,42 @@ BEGIN
          WHERE r.target_id = target
            AND r.started_at >= date_bin(step, now() - since, timestamptz '2000-01-01 00:00:00+00')
          GROUP BY 1, 2 ORDER BY 1, 2;
-    ELSIF web_resolution(since) = '1h' THEN
-        RETURN QUERY
-        SELECT r.bucket, r.region, sum(r.probes)::bigint, sum(r.up)::bigint,
-               vantage_hist_quantile(vantage_hist_merge_agg(r.total_hist), 0.5) / 1000,
-               vantage_hist_quantile(vantage_hist_merge_agg(r.total_hist), 0.95) / 1000
-          FROM rollup_1h AS r
-         WHERE r.target_id = target AND r.bucket >= date_trunc('hour', now() - since, 'UTC')
-         GROUP BY 1, 2 ORDER BY 1, 2;
     ELSE
+        -- Percentiles from the histograms' entries with plain GROUP BY and running sums (as
+        -- region_comparison does): merging arrays with vantage_hist_merge_agg costs far more.
         RETURN QUERY
-        SELECT r.bucket, r.region, sum(r.probes)::bigint, sum(r.up)::bigint,
-               vantage_hist_quantile(vantage_hist_merge_agg(r.total_hist), 0.5) / 1000,
-               vantage_hist_quantile(vantage_hist_merge_agg(r.total_hist), 0.95) / 1000
-          FROM rollup_1d AS r
-         WHERE r.target_id = target
-           AND r.bucket >= date_trunc('day', now() - least(since, interval '400 days'), 'UTC')
-         GROUP BY 1, 2 ORDER BY 1, 2;
+        WITH rows AS MATERIALIZED (
+            SELECT h.bucket, h.region, h.probes, h.up, h.total_hist
+              FROM rollup_1h AS h
+             WHERE web_resolution(since) = '1h' AND h.target_id = target
+               AND h.bucket >= date_trunc('hour', now() - since, 'UTC')
+            UNION ALL
+            SELECT d.bucket, d.region, d.probes, d.up, d.total_hist
+              FROM rollup_1d AS d
+             WHERE web_resolution(since) = '1d' AND d.target_id = target
+               AND d.bucket >= date_trunc('day', now() - least(since, interval '400 days'), 'UTC')
+        ), totals AS (
+            SELECT r.bucket, r.region, sum(r.probes)::bigint AS probes, sum(r.up)::bigint AS up
+              FROM rows AS r GROUP BY 1, 2
+        ), entries AS (
+            SELECT r.bucket, r.region, e.bucket AS b, sum(e.n) AS n
+              FROM rows AS r CROSS JOIN LATERAL vantage_hist_entries(r.total_hist) AS e
+             GROUP BY 1, 2, 3
+        ), running AS (
+            SELECT e.bucket, e.region, e.b,
+                   sum(e.n) OVER (PARTITION BY e.bucket, e.region ORDER BY e.b) AS running,
+                   sum(e.n) OVER (PARTITION BY e.bucket, e.region) AS total
+              FROM entries AS e
+        ), q AS (
+            SELECT r.bucket, r.region,
+                   min(r.b) FILTER (WHERE r.running >= greatest(ceil(0.50 * r.total), 1)) AS p50,
+                   min(r.b) FILTER (WHERE r.running >= greatest(ceil(0.95 * r.total), 1)) AS p95
+              FROM running AS r GROUP BY 1, 2
+        )
+        SELECT t.bucket, t.region, t.probes, t.up, vantage_hist_value(q.p50) / 1000,
+               vantage_hist_value(q.p95) / 1000
+          FROM totals AS t LEFT JOIN q ON q.bucket = t.bucket AND q.region = t.region
+         ORDER BY 1, 2;
     END IF;
 END
 $$;
@@ -83,61 +102,77 @@ BEGIN
          GROUP BY 1 ORDER BY 1;
     ELSE
         RETURN QUERY
-        SELECT r.region, sum(r.probes)::bigint, sum(r.up)::bigint,
-               vantage_jsonb_sum_agg(r.outcomes),
-               vantage_hist_quantile(vantage_hist_merge_agg(r.dns_hist), 0.5) / 1000,
-               vantage_hist_quantile(vantage_hist_merge_agg(r.connect_hist), 0.5) / 1000,
-               vantage_hist_quantile(vantage_hist_merge_agg(r.tls_hist), 0.5) / 1000,
-               vantage_hist_quantile(vantage_hist_merge_agg(r.ttfb_hist), 0.5) / 1000,
-               vantage_hist_quantile(vantage_hist_merge_agg(r.transfer_hist), 0.5) / 1000
-          FROM (SELECT h.region, h.probes, h.up, h.outcomes, h.dns_hist, h.connect_hist,
-                       h.tls_hist, h.ttfb_hist, h.transfer_hist
-                  FROM rollup_1h AS h
-                 WHERE web_resolution(since) = '1h' AND h.target_id = target
-                   AND h.bucket >= date_trunc('hour', now() - since, 'UTC')
-                UNION ALL
-                SELECT d.region, d.probes, d.up, d.outcomes, d.dns_hist, d.connect_hist,
-                       d.tls_hist, d.ttfb_hist, d.transfer_hist
-                  FROM rollup_1d AS d
-                 WHERE web_resolution(since) = '1d' AND d.target_id = target
-                   AND d.bucket >= date_trunc('day', now() - least(since, interval '400 days'), 'UTC')
-               ) AS r
-         GROUP BY 1 ORDER BY 1;
+        WITH rows AS MATERIALIZED (
+            SELECT h.region, h.probes, h.up, h.outcomes, h.dns_hist, h.connect_hist, h.tls_hist,
+                   h.ttfb_hist, h.transfer_hist
+              FROM rollup_1h AS h
+             WHERE web_resolution(since) = '1h' AND h.target_id = target
+               AND h.bucket >= date_trunc('hour', now() - since, 'UTC')
+            UNION ALL
+            SELECT d.region, d.probes, d.up, d.outcomes, d.dns_hist, d.connect_hist, d.tls_hist,
+                   d.ttfb_hist, d.transfer_hist
+              FROM rollup_1d AS d
+             WHERE web_resolution(since) = '1d' AND d.target_id = target
+               AND d.bucket >= date_trunc('day', now() - least(since, interval '400 days'), 'UTC')
+        ), totals AS (
+            SELECT r.region, sum(r.probes)::bigint AS probes, sum(r.up)::bigint AS up
+              FROM rows AS r GROUP BY 1
+        ), mix AS (
+            SELECT o.region, jsonb_object_agg(o.k, o.n) AS outcomes
+              FROM (SELECT r.region, e.k, sum(e.n)::bigint AS n
+                      FROM rows AS r CROSS JOIN LATERAL vantage_count_entries(r.outcomes) AS e
+                     GROUP BY 1, 2) AS o
+             GROUP BY 1
+        ), entries AS (
+            SELECT r.region, p.phase, e.bucket AS b, sum(e.n) AS n
+              FROM rows AS r
+             CROSS JOIN LATERAL (VALUES (1, r.dns_hist), (2, r.connect_hist), (3, r.tls_hist),
+                                        (4, r.ttfb_hist), (5, r.transfer_hist)) AS p(phase, h)
+             CROSS JOIN LATERAL vantage_hist_entries(p.h) AS e
+             GROUP BY 1, 2, 3
+        ), running AS (
+            SELECT e.region, e.phase, e.b,
+                   sum(e.n) OVER (PARTITION BY e.region, e.phase ORDER BY e.b) AS running,
+                   sum(e.n) OVER (PARTITION BY e.region, e.phase) AS total
+              FROM entries AS e
+        ), q AS (
+            SELECT r.region, r.phase,
+                   min(r.b) FILTER (WHERE r.running >= greatest(ceil(0.5 * r.total), 1)) AS p50
+              FROM running AS r GROUP BY 1, 2
+        )
+        SELECT t.region, t.probes, t.up, coalesce(m.outcomes, '{}'::jsonb),
+               vantage_hist_value(max(q.p50) FILTER (WHERE q.phase = 1)) / 1000,
+               vantage_hist_value(max(q.p50) FILTER (WHERE q.phase = 2)) / 1000,
+               vantage_hist_value(max(q.p50) FILTER (WHERE q.phase = 3)) / 1000,
+               vantage_hist_value(max(q.p50) FILTER (WHERE q.phase = 4)) / 1000,
+               vantage_hist_value(max(q.p50) FILTER (WHERE q.phase = 5)) / 1000
+          FROM totals AS t
+          LEFT JOIN mix AS m ON m.region = t.region
+          LEFT JOIN q ON q.region = t.region
+         GROUP BY t.region, t.probes, t.up, m.outcomes
+         ORDER BY 1;
     END IF;
 END
 $$;
 
--- Availability per target and region over a window of whole UTC days (the window starts at the
--- day that contains now() - since, as region_comparison's does from 3 days on): probes and up,
--- no percentiles, so the status page's 7- and 30-day columns cost a sum over daily rows.
+-- Daily counts of each target from each region over the last `days` UTC days (today
+-- included; at most 400), as aligned arrays per target and region: the day, its probes, how many
+-- were up. One read of the daily rollups gives the status page its 90 uptime bars and its 7- and
+-- 30-day availability (the sums from the day that contains now() - 7 or 30 days, as
+-- region_comparison's windows of 3 days and more start). Days without a probe are absent.
 -- target NULL: every target.
-CREATE FUNCTION web_availability(since interval, target integer DEFAULT NULL)
-    RETURNS TABLE (target_id integer, region text, probes bigint, up bigint)
+CREATE FUNCTION web_daily(days integer, target integer DEFAULT NULL)
+    RETURNS TABLE (target_id integer, region text, day date[], probes bigint[], up bigint[])
     LANGUAGE sql STABLE AS $$
-    SELECT d.target_id, d.region, sum(d.probes)::bigint, sum(d.up)::bigint
-      FROM rollup_1d AS d
-     WHERE d.bucket >= date_trunc('day', now() - least(since, interval '400 days'), 'UTC')
-       AND (target IS NULL OR d.target_id = target)
-     GROUP BY 1, 2
-     ORDER BY 1, 2
-$$;
-
--- Daily uptime of each target (every region together) over the last `days` UTC days, today
--- included, as aligned arrays per target (one row per target, not one per day): the day, its
--- probes and how many were up. Days without a probe are absent (the page shows them as "no
--- data"). target NULL: every target.
-CREATE FUNCTION web_daily_uptime(days integer, target integer DEFAULT NULL)
-    RETURNS TABLE (target_id integer, day date[], probes bigint[], up bigint[])
-    LANGUAGE sql STABLE AS $$
-    SELECT t.target_id, array_agg(t.day ORDER BY t.day), array_agg(t.probes ORDER BY t.day),
-           array_agg(t.up ORDER BY t.day)
-      FROM (SELECT d.target_id, (d.bucket AT TIME ZONE 'UTC')::date AS day,
+    SELECT t.target_id, t.region, array_agg(t.day ORDER BY t.day),
+           array_agg(t.probes ORDER BY t.day), array_agg(t.up ORDER BY t.day)
+      FROM (SELECT d.target_id, d.region, (d.bucket AT TIME ZONE 'UTC')::date AS day,
                    sum(d.probes)::bigint AS probes, sum(d.up)::bigint AS up
               FROM rollup_1d AS d
              WHERE d.bucket >= date_trunc('day', now(), 'UTC')
                               - (least(greatest(days, 1), 400) - 1) * interval '1 day'
                AND (target IS NULL OR d.target_id = target)
-             GROUP BY 1, 2) AS t
-     GROUP BY 1
-     ORDER BY 1
+             GROUP BY 1, 2, 3) AS t
+     GROUP BY 1, 2
+     ORDER BY 1, 2
 $$;

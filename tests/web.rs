@@ -383,6 +383,38 @@ async fn dashboard_in_a_real_browser() {
         "{body}"
     );
 
+    // The same from the rollups (hourly for 24 h, daily for 30 d): the delay is in first byte.
+    for window in ["24h", "30d"] {
+        let (status, _, body) = http_with(
+            "GET",
+            &format!("{url}/api/targets/1?window={window}"),
+            &[],
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        let t: Value = serde_json::from_str(&body).unwrap();
+        let ttfb = |region: &str| {
+            t["regions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["region"] == region)
+                .and_then(|r| r["ttfb_ms"].as_f64())
+                .unwrap_or(0.0)
+        };
+        assert!(
+            ttfb("us-east") - ttfb("eu-north") >= DELAY_MS as f64 * 0.9,
+            "{window}: {}",
+            t["regions"]
+        );
+        assert_eq!(
+            t["latency"]["series"].as_array().map(Vec::len),
+            Some(3),
+            "{window}"
+        );
+    }
+
     // --- The target named <script>: its own page, its title. --------------------------------
     browser.goto(&format!("{url}/targets/2?window=1h")).await;
     let h1 = browser

@@ -351,23 +351,41 @@ async fn comparison(
         .collect())
 }
 
-/// (target, region) → (probes, up) over whole UTC days (`web_availability`).
-async fn availability(
-    client: &Client,
-    days: u32,
-    target: Option<i32>,
-) -> Result<BTreeMap<(i32, String), (i64, i64)>, DataError> {
+/// (target, region) → [(day number, probes, up)] oldest first, from `web_daily`.
+type Daily = BTreeMap<(i32, String), Vec<(i64, i64, i64)>>;
+
+async fn daily(client: &Client, target: Option<i32>) -> Result<Daily, DataError> {
     let rows = client
         .query(
-            "SELECT target_id, region, probes, up FROM web_availability($1::text::interval, $2)
-              LIMIT 100000",
-            &[&format!("{days} days"), &target],
+            "SELECT target_id, region,
+                    ARRAY(SELECT (d - date '1970-01-01')::int8 FROM unnest(day) AS d), probes, up
+               FROM web_daily($1, $2) LIMIT 100000",
+            &[&UPTIME_DAYS, &target],
         )
         .await?;
     Ok(rows
         .iter()
-        .map(|r| ((r.get(0), r.get(1)), (r.get(2), r.get(3))))
+        .map(|r| {
+            let days: Vec<i64> = r.get(2);
+            let probes: Vec<i64> = r.get(3);
+            let up: Vec<i64> = r.get(4);
+            let v = days
+                .into_iter()
+                .zip(probes)
+                .zip(up)
+                .map(|((d, p), u)| (d, p, u))
+                .collect();
+            ((r.get(0), r.get(1)), v)
+        })
         .collect())
+}
+
+/// (probes, up) of the days from `since_day` on.
+fn since(days: Option<&Vec<(i64, i64, i64)>>, since_day: i64) -> (i64, i64) {
+    days.into_iter()
+        .flatten()
+        .filter(|(d, _, _)| *d >= since_day)
+        .fold((0, 0), |(p, u), (_, pp, uu)| (p + pp, u + uu))
 }
 
 async fn open_incidents(client: &Client, public: bool) -> Result<Vec<Incident>, DataError> {
@@ -387,17 +405,20 @@ async fn open_incidents(client: &Client, public: bool) -> Result<Vec<Incident>, 
         .collect())
 }
 
-/// The overview / status page.
-pub async fn overview(client: &Client, j: &Judgement) -> Result<Overview, DataError> {
+/// The overview / status page. `other` is a second connection (or the same one): the region
+/// comparison runs there while the rest runs on `client`.
+pub async fn overview(
+    client: &Client,
+    other: &Client,
+    j: &Judgement,
+) -> Result<Overview, DataError> {
     // Pipelined on one connection: tokio-postgres sends them all before the first answer.
-    let (generated_at, names, latest, c24, a7, a30, bars, incidents) = futures::try_join!(
+    let (generated_at, names, latest, c24, days, incidents) = futures::try_join!(
         now(client),
         targets(client, j.public),
         latest(client, None),
-        comparison(client, Window::default_window(), None),
-        availability(client, 7, None),
-        availability(client, 30, None),
-        daily_uptime(client, None),
+        comparison(other, Window::default_window(), None),
+        daily(client, None),
         open_incidents(client, j.public),
     )?;
     let mut regions: Vec<String> = latest.keys().map(|(_, r)| r.clone()).collect();
@@ -422,17 +443,13 @@ pub async fn overview(client: &Client, j: &Judgement) -> Result<Overview, DataEr
         });
     }
     let today = (generated_at / 86_400.0).floor() as i64;
+    // The day that contains now() - 7 days (and 30): where region_comparison's windows of days start.
+    let day7 = ((generated_at - 7.0 * 86_400.0) / 86_400.0).floor() as i64;
+    let day30 = ((generated_at - 30.0 * 86_400.0) / 86_400.0).floor() as i64;
     let targets = all
         .into_values()
         .map(|target| {
             let id = target.id;
-            let sum = |m: &BTreeMap<(i32, String), (i64, i64)>| {
-                let (p, u) = regions
-                    .iter()
-                    .filter_map(|r| m.get(&(id, r.clone())))
-                    .fold((0, 0), |(p, u), (pp, uu)| (p + pp, u + uu));
-                pct(u, p)
-            };
             let cells: Vec<Cell> = regions
                 .iter()
                 .map(|region| {
@@ -440,14 +457,16 @@ pub async fn overview(client: &Client, j: &Judgement) -> Result<Overview, DataEr
                     let day = c24.get(&key);
                     let a24 = day.and_then(|c| c.availability_pct);
                     let l = latest.get(&key);
+                    let (p7, u7) = since(days.get(&key), day7);
+                    let (p30, u30) = since(days.get(&key), day30);
                     Cell {
                         region: region.clone(),
                         state: judge(j, l, a24),
                         outcome: l.map(|(o, _)| o.clone()),
                         age_s: l.map(|(_, a)| *a),
                         availability_24h: a24,
-                        availability_7d: a7.get(&key).and_then(|(p, u)| pct(*u, *p)),
-                        availability_30d: a30.get(&key).and_then(|(p, u)| pct(*u, *p)),
+                        availability_7d: pct(u7, p7),
+                        availability_30d: pct(u30, p30),
                         p95_ms_24h: day.and_then(|c| c.p95_ms),
                     }
                 })
@@ -461,11 +480,24 @@ pub async fn overview(client: &Client, j: &Judgement) -> Result<Overview, DataEr
                         u + c.availability_pct.unwrap_or(0.0) * c.probes as f64 / 100.0,
                     )
                 });
-            let by_day: BTreeMap<i64, (i64, i64)> = bars
-                .get(&id)
-                .map(|b| b.iter().map(|(d, p, u)| (*d, (*p, *u))).collect())
-                .unwrap_or_default();
-            let days = (0..i64::from(UPTIME_DAYS))
+            let mut by_day: BTreeMap<i64, (i64, i64)> = BTreeMap::new();
+            let (mut p7, mut u7, mut p30, mut u30) = (0, 0, 0, 0);
+            for r in &regions {
+                for (d, p, u) in days.get(&(id, r.clone())).into_iter().flatten() {
+                    let e = by_day.entry(*d).or_default();
+                    e.0 += p;
+                    e.1 += u;
+                    if *d >= day7 {
+                        p7 += p;
+                        u7 += u;
+                    }
+                    if *d >= day30 {
+                        p30 += p;
+                        u30 += u;
+                    }
+                }
+            }
+            let bars = (0..i64::from(UPTIME_DAYS))
                 .rev()
                 .map(|back| {
                     let d = today - back;
@@ -480,10 +512,10 @@ pub async fn overview(client: &Client, j: &Judgement) -> Result<Overview, DataEr
             OverviewTarget {
                 state: worst(cells.iter().map(|c| c.state)),
                 availability_24h: (p24 > 0).then(|| 100.0 * u24 / p24 as f64),
-                availability_7d: sum(&a7),
-                availability_30d: sum(&a30),
+                availability_7d: pct(u7, p7),
+                availability_30d: pct(u30, p30),
                 cells,
-                days,
+                days: bars,
                 target,
             }
         })
@@ -509,36 +541,6 @@ pub fn day_name(days: i64) -> String {
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
     format!("{y:04}-{m:02}-{d:02}")
-}
-
-/// target → (day number, probes, up), from `web_daily_uptime`.
-async fn daily_uptime(
-    client: &Client,
-    target: Option<i32>,
-) -> Result<BTreeMap<i32, Vec<(i64, i64, i64)>>, DataError> {
-    let rows = client
-        .query(
-            "SELECT target_id,
-                    ARRAY(SELECT (d - date '1970-01-01')::int8 FROM unnest(day) AS d), probes, up
-               FROM web_daily_uptime($1, $2) LIMIT $3",
-            &[&UPTIME_DAYS, &target, &MAX_TARGETS],
-        )
-        .await?;
-    Ok(rows
-        .iter()
-        .map(|r| {
-            let days: Vec<i64> = r.get(1);
-            let probes: Vec<i64> = r.get(2);
-            let up: Vec<i64> = r.get(3);
-            let v = days
-                .into_iter()
-                .zip(probes)
-                .zip(up)
-                .map(|((d, p), u)| (d, p, u))
-                .collect();
-            (r.get(0), v)
-        })
-        .collect())
 }
 
 /// Latency per region for the chart: aligned arrays, as uPlot takes them.

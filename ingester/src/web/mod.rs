@@ -275,6 +275,21 @@ struct Lease<'a> {
 impl Pool {
     async fn get(&self) -> Result<Lease<'_>, WebError> {
         let permit = self.slots.acquire().await.map_err(|_| WebError::Closed)?;
+        self.lease(permit).await
+    }
+
+    /// A connection if a slot is free now, else None.
+    async fn try_get(&self) -> Result<Option<Lease<'_>>, WebError> {
+        match self.slots.try_acquire() {
+            Ok(permit) => self.lease(permit).await.map(Some),
+            Err(_) => Ok(None),
+        }
+    }
+
+    async fn lease<'a>(
+        &'a self,
+        permit: tokio::sync::SemaphorePermit<'a>,
+    ) -> Result<Lease<'a>, WebError> {
         let idle = self.idle.lock().ok().and_then(|mut v| v.pop());
         let client = match idle {
             Some(c) if !c.is_closed() => c,
@@ -582,11 +597,25 @@ impl Server {
         let j = &self.judgement;
         let site = self.site();
         match page {
-            "/" => match data::overview(&client, j).await {
-                Ok(o) if api => Reply::json(&o),
-                Ok(o) => Reply::html(StatusCode::OK, pages::overview(&site, &o)),
-                Err(e) => self.unavailable(api, &e.to_string()),
-            },
+            "/" => {
+                // The region comparison on a second connection when the pool has one to give.
+                let second = if self.web.connections > 1 {
+                    // Only when free: waiting for it while holding one could deadlock
+                    // requests that each hold one.
+                    match self.pool.try_get().await {
+                        Ok(c) => c,
+                        Err(e) => return self.unavailable(api, &e.to_string()),
+                    }
+                } else {
+                    None
+                };
+                let other: &tokio_postgres::Client = second.as_deref().unwrap_or(&client);
+                match data::overview(&client, other, j).await {
+                    Ok(o) if api => Reply::json(&o),
+                    Ok(o) => Reply::html(StatusCode::OK, pages::overview(&site, &o)),
+                    Err(e) => self.unavailable(api, &e.to_string()),
+                }
+            }
             "/regions" => {
                 let metric = match param(query, "metric") {
                     Some("availability") => "availability",
