@@ -160,6 +160,51 @@ fn day_class(probes: i64, up: i64) -> &'static str {
     }
 }
 
+/// The 90 daily bars of a target as one SVG path per class (a rect per day with its own
+/// `<title>` made the status page of 200 targets 2 MB), titled with the days below 99.9 %.
+fn day_bars(t: &super::data::OverviewTarget) -> Markup {
+    let classes = ["d-ok", "d-warn", "d-bad", "d-none"];
+    let mut paths = vec![String::new(); classes.len()];
+    let mut notes = Vec::new();
+    let mut none = 0;
+    for (i, d) in t.days.iter().enumerate() {
+        let class = day_class(d.probes, d.up);
+        if let Some(k) = classes.iter().position(|c| *c == class) {
+            paths[k].push_str(&format!("M{} 0h3v20h-3z", i * 4));
+        }
+        match class {
+            "d-none" => none += 1,
+            "d-ok" => {}
+            _ => notes.push(format!(
+                "{}: {}",
+                d.day,
+                pct(Some(100.0 * d.up as f64 / d.probes.max(1) as f64))
+            )),
+        }
+    }
+    let shown = notes.len().min(10);
+    let mut title = if notes.is_empty() {
+        "every day with data at 99.9% or more".to_owned()
+    } else {
+        format!("below 99.9%: {}", notes[..shown].join(", "))
+    };
+    if notes.len() > shown {
+        title.push_str(&format!(" and {} more", notes.len() - shown));
+    }
+    if none > 0 {
+        title.push_str(&format!("; {none} days without data"));
+    }
+    html! {
+        svg.days width=(t.days.len() * 4) height="20" role="img"
+            aria-label={ "daily uptime of " (t.target.display()) ", last " (t.days.len()) " days" } {
+            title { (title) }
+            @for (k, d) in paths.iter().enumerate() {
+                @if !d.is_empty() { path class=(classes[k]) d=(d) {} }
+            }
+        }
+    }
+}
+
 pub fn overview(site: &Site, o: &Overview) -> Markup {
     let body = html! {
         @if !o.open_incidents.is_empty() {
@@ -198,16 +243,7 @@ pub fn overview(site: &Site, o: &Overview) -> Markup {
                         td.num { (pct(t.availability_24h)) }
                         td.num { (pct(t.availability_7d)) }
                         td.num { (pct(t.availability_30d)) }
-                        td {
-                            svg.days width=(t.days.len() * 4) height="20" role="img"
-                                aria-label={ "daily uptime of " (t.target.display()) } {
-                                @for (i, d) in t.days.iter().enumerate() {
-                                    rect x=(i * 4) y="0" width="3" height="20" class=(day_class(d.probes, d.up)) {
-                                        title { (d.day) ": " (if d.probes == 0 { "no data".to_owned() } else { pct(Some(100.0 * d.up as f64 / d.probes as f64)) }) }
-                                    }
-                                }
-                            }
-                        }
+                        td { (day_bars(t)) }
                     }
                 }
             }
