@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Test services for vantage: PostgreSQL, Mosquitto 2.x and a single-node KRaft
-# Kafka 4.x, all on 127.0.0.1, all owned by this script (never the system
-# services).
+# Test services for vantage: PostgreSQL, Mosquitto 2.x, a single-node KRaft Kafka 4.x and
+# Alertmanager, all on 127.0.0.1, all owned by this script (never the system services); it also
+# installs Debian's chromium and chromium-driver for the dashboard's browser tests (tests/web.rs).
 #
 #   tests/services/up [--fresh]   install what is missing, start, wait until each answers
 #   tests/services/down [--wipe]  stop our three processes (data is kept unless --wipe)
