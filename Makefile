@@ -1,5 +1,6 @@
 # The automation entry point. The two commands the README promises:
-#   make demo   services + ingester + two agents in two regions + a region table from SQL
+#   make demo   services + ingester + two agents in two regions + a region table from SQL, then
+#               the dashboard's URL; runs until Ctrl-C (DEMO_ONCE=1: stops there)
 #   make test   services + every test (unit, golden, end-to-end) + lint + the no_std build
 .PHONY: test demo services services-down lint embedded fmt bench-probe bench-memory bench-storage
 
@@ -43,6 +44,16 @@ fmt:
 .PHONY: bench-alerts
 bench-alerts: services
 	cargo run --release --locked -p vantage-tests --bin bench-alerts
+
+# Dashboard benchmark (not a test, issue #17): server time p50/p99 of 50 requests for the
+# overview and a target page at 24 h and 30 d, bytes per page, time to a rendered chart in
+# Chromium, on the storage benchmark's data (bench-storage --keep fills schema bench_web when it
+# is empty; BENCH_WEB_RESULTS results, default 10 million). Writes target/bench/web.txt.
+.PHONY: bench-web
+BENCH_WEB_RESULTS ?= 10000000
+bench-web: services
+	cargo build --release --locked -p vantage-tests --bin bench-storage --bin bench-web
+	target/release/bench-web --results $(BENCH_WEB_RESULTS)
 
 # Probe engine benchmark (not a test): timing accuracy, throughput at 1/64/1024 concurrent probes,
 # and blackbox_exporter in the same run. Writes target/bench/probe.txt.

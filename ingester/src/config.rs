@@ -42,6 +42,9 @@ pub struct RawConfig {
     /// `[alerts]`: the alert stage's rules and receivers (see `alert/rules.rs`).
     #[serde(default)]
     pub alerts: crate::alert::rules::RawAlerts,
+    /// `[web]`: the dashboard (`vantage-ingester web`, see `web/mod.rs`).
+    #[serde(default)]
+    pub web: crate::web::RawWeb,
 }
 
 /// The stages' HTTP endpoints: `/metrics`, `/healthz`, `/readyz` (see `http.rs`).
@@ -332,6 +335,7 @@ pub struct Config {
     pub storage: crate::storage::StorageConfig,
     pub http: HttpConfig,
     pub alerts: crate::alert::rules::AlertsConfig,
+    pub web: crate::web::WebConfig,
 }
 
 /// Where each stage serves `/metrics`, `/healthz` and `/readyz` (None: off).
@@ -722,6 +726,8 @@ impl Config {
         };
         let alerts = crate::alert::rules::AlertsConfig::try_from(raw.alerts)
             .map_err(|(key, reason)| invalid(&key, reason))?;
+        let web = crate::web::WebConfig::try_from(raw.web)
+            .map_err(|(key, reason)| invalid(&key, reason))?;
         if raw.sink.batch_max == 0 {
             return Err(invalid("sink.batch_max", "must be at least 1".into()));
         }
@@ -758,6 +764,7 @@ impl Config {
             postgres,
             http,
             alerts,
+            web,
             sink: SinkConfig {
                 batch_max: raw.sink.batch_max,
                 batch_timeout: raw.sink.batch_timeout,
@@ -817,6 +824,7 @@ pub const COMMAND_SECTIONS: &[(&str, &[&str])] = &[
     ("targets list", &["postgres"]),
     ("alert", &["postgres"]),
     ("alerts", &["postgres"]),
+    ("web", &["postgres"]),
     ("status", &[]),
 ];
 

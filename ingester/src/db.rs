@@ -47,6 +47,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0007_alerts.sql",
         include_str!("../../migrations/0007_alerts.sql"),
     ),
+    (
+        8,
+        "0008_web.sql",
+        include_str!("../../migrations/0008_web.sql"),
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]

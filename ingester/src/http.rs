@@ -205,7 +205,47 @@ pub async fn start(
 }
 
 async fn serve(listener: TcpListener, readiness: Arc<Readiness>, shutdown: CancellationToken) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let handler: Handler = Arc::new(move |req| {
+        let readiness = readiness.clone();
+        Box::pin(async move { respond(req, &readiness).await })
+    });
+    let limits = Limits {
+        max_connections: MAX_CONNECTIONS,
+        deadline: CONNECTION_DEADLINE,
+        keep_alive: false,
+    };
+    accept_loop(listener, limits, shutdown, handler).await;
+}
+
+/// A request handler of [`accept_loop`].
+pub type Handler = Arc<
+    dyn Fn(
+            Request<hyper::body::Incoming>,
+        ) -> futures::future::BoxFuture<'static, Response<Full<Bytes>>>
+        + Send
+        + Sync,
+>;
+
+/// How [`accept_loop`] bounds its connections.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// Longest life of one connection (keep-alive included).
+    pub deadline: Duration,
+    pub keep_alive: bool,
+}
+
+/// Accepts on `listener` until `shutdown`: each connection served by its own task, at most
+/// `limits.max_connections` at once and each for at most `limits.deadline`, so a client that
+/// never reads cannot pile up tasks. Shared by the stages' endpoint and the dashboard (`web`).
+pub async fn accept_loop(
+    listener: TcpListener,
+    limits: Limits,
+    shutdown: CancellationToken,
+    handler: Handler,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
@@ -223,16 +263,16 @@ async fn serve(listener: TcpListener, readiness: Arc<Readiness>, shutdown: Cance
                 continue;
             }
         };
-        let readiness = readiness.clone();
+        let handler = handler.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let readiness = readiness.clone();
-                async move { Ok::<_, Infallible>(respond(req, &readiness).await) }
+                let f = handler(req);
+                async move { Ok::<_, Infallible>(f.await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
-                .keep_alive(false)
+                .keep_alive(limits.keep_alive)
                 .serve_connection(TokioIo::new(stream), service);
-            let _ = tokio::time::timeout(CONNECTION_DEADLINE, conn).await;
+            let _ = tokio::time::timeout(limits.deadline, conn).await;
             drop(permit);
         });
     }

@@ -27,5 +27,6 @@ pub mod storage;
 pub mod table;
 pub mod targets;
 pub mod tls;
+pub mod web;
 
 pub use config::Config;

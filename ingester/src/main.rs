@@ -11,7 +11,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use vantage_ingester::{
-    alert, bridge, db, fleet, http, logging, report, sink, status, storage, targets, Config,
+    alert, bridge, db, fleet, http, logging, report, sink, status, storage, targets, web, Config,
 };
 
 #[derive(Parser)]
@@ -52,6 +52,13 @@ enum Command {
     ///
     /// Example: vantage-ingester alert --config /etc/vantage/ingester.toml
     Alert {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Serve the read-only dashboard and status page ([web] in the config, docs/web.md).
+    ///
+    /// Example: vantage-ingester web --config /etc/vantage/ingester.toml
+    Web {
         #[arg(long, short)]
         config: PathBuf,
     },
@@ -246,6 +253,10 @@ fn main() -> anyhow::Result<()> {
                     http::start(addr, ready, shutdown.clone()).await?;
                 }
                 alert::run(&config, shutdown).await?;
+            }
+            Command::Web { config } => {
+                let config = Config::load(&config)?;
+                web::run(&config, shutdown_on_signal()).await?;
             }
             Command::Alerts { config } => {
                 let config = Config::load(&config)?;

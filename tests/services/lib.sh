@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Test services for vantage: PostgreSQL, Mosquitto 2.x and a single-node KRaft
-# Kafka 4.x, all on 127.0.0.1, all owned by this script (never the system
-# services).
+# Test services for vantage: PostgreSQL, Mosquitto 2.x, a single-node KRaft Kafka 4.x and
+# Alertmanager, all on 127.0.0.1, all owned by this script (never the system services); it also
+# installs Debian's chromium and chromium-driver for the dashboard's browser tests (tests/web.rs).
 #
 #   tests/services/up [--fresh]   install what is missing, start, wait until each answers
 #   tests/services/down [--wipe]  stop our three processes (data is kept unless --wipe)
@@ -323,6 +323,9 @@ ensure_installed() {
     pkgs+=("$(java_package)")
   fi
   [[ -x $AM_BIN ]] || pkgs+=(prometheus-alertmanager)
+  # The dashboard's browser tests (tests/web.rs): Debian's headless Chromium and its WebDriver.
+  command -v chromium >/dev/null || pkgs+=(chromium)
+  command -v chromedriver >/dev/null || pkgs+=(chromium-driver)
   # Building the ingester: librdkafka's SSL/SASL support links the system OpenSSL (rdkafka `ssl`).
   dpkg -s libssl-dev >/dev/null 2>&1 || pkgs+=(libssl-dev)
   command -v pkg-config >/dev/null || pkgs+=(pkg-config)

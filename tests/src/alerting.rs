@@ -29,32 +29,116 @@ pub fn alertmanager_url() -> String {
 
 /// One plain HTTP/1.0 request to 127.0.0.1 (Alertmanager's API); returns (status, body).
 pub async fn http(method: &str, url: &str, body: Option<&Value>) -> (u16, String) {
+    let (status, _, body) = http_with(method, url, &[], body).await;
+    (status, body)
+}
+
+/// [`http`] with extra request headers; returns (status, response head, body). Also the
+/// browser tests' WebDriver client and their plain requests to the dashboard. HTTP/1.1 with
+/// `Connection: close`; the body is read by its Content-Length, chunked, or to the end
+/// (chromedriver answers HTTP/1.0 with nothing, and keeps the socket open after its answer).
+pub async fn http_with(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<&Value>,
+) -> (u16, String, String) {
+    // Boxed: callers with many requests in one test stay small on debug builds' stacks.
+    Box::pin(http_inner(method, url, headers, body)).await
+}
+
+async fn http_inner(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<&Value>,
+) -> (u16, String, String) {
     let rest = url.strip_prefix("http://").expect("an http:// URL");
     let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     let path = if path.is_empty() { "/" } else { path };
     let mut stream = tokio::net::TcpStream::connect(authority)
         .await
-        .unwrap_or_else(|e| panic!("{url}: {e} (is Alertmanager up? tests/services/up)"));
+        .unwrap_or_else(|e| panic!("{url}: {e} (is the service up? tests/services/up)"));
     let payload = body.map(|b| b.to_string()).unwrap_or_default();
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
     let req = format!(
-        "{method} {path} HTTP/1.0\r\nHost: {authority}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\n\r\n{payload}",
+        "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\n\
+         Connection: close\r\n{extra}Content-Length: {}\r\n\r\n{payload}",
         payload.len()
     );
     stream.write_all(req.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut out))
+    let read = async {
+        let mut buf = Vec::new();
+        let mut chunk = vec![0u8; 16 * 1024];
+        // The head.
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i;
+            }
+            let n = stream.read(&mut chunk).await.unwrap_or(0);
+            if n == 0 {
+                break buf.len();
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        let mut body: Vec<u8> = buf.get(head_end + 4..).unwrap_or_default().to_vec();
+        let header = |name: &str| {
+            head.lines()
+                .filter_map(|l| l.split_once(':'))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.trim().to_owned())
+        };
+        if let Some(len) = header("content-length").and_then(|v| v.parse::<usize>().ok()) {
+            while body.len() < len && read_more(&mut stream, &mut body).await > 0 {}
+            body.truncate(len);
+        } else if header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+            // Read to the last chunk, then decode.
+            while !body.windows(5).any(|w| w == b"0\r\n\r\n")
+                && read_more(&mut stream, &mut body).await > 0
+            {}
+            let mut out = Vec::new();
+            let mut at = 0;
+            while let Some(eol) = body[at..].windows(2).position(|w| w == b"\r\n") {
+                let size =
+                    usize::from_str_radix(String::from_utf8_lossy(&body[at..at + eol]).trim(), 16)
+                        .unwrap_or(0);
+                if size == 0 {
+                    break;
+                }
+                let start = at + eol + 2;
+                out.extend_from_slice(&body[start..(start + size).min(body.len())]);
+                at = start + size + 2;
+                if at >= body.len() {
+                    break;
+                }
+            }
+            body = out;
+        } else {
+            while read_more(&mut stream, &mut body).await > 0 {}
+        }
+        (head, body)
+    };
+    let (head, body) = tokio::time::timeout(Duration::from_secs(30), read)
         .await
-        .expect("Alertmanager answers within 10 s")
-        .unwrap();
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        .unwrap_or_else(|_| panic!("{method} {url}: no answer within 30 s"));
     let status = head
         .split(' ')
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    (status, body.to_owned())
+    (status, head, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Reads what arrives next onto `body`; 0 at the end (or on an error).
+async fn read_more(stream: &mut tokio::net::TcpStream, body: &mut Vec<u8>) -> usize {
+    let mut chunk = vec![0u8; 16 * 1024];
+    let n = stream.read(&mut chunk).await.unwrap_or(0);
+    body.extend_from_slice(&chunk[..n]);
+    n
 }
 
 /// Alerts Alertmanager holds whose label `name` is `value` (GET /api/v2/alerts, silenced and

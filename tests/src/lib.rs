@@ -2,6 +2,7 @@
 //! addresses of the real services started by `tests/services/up`.
 
 pub mod alerting;
+pub mod browser;
 pub mod harness;
 pub mod loadgen;
 pub mod proxy;
