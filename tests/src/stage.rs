@@ -333,14 +333,13 @@ pub fn kill9_service(service: Service) -> Result<Vec<u32>, String> {
             pids
         }
     };
-    let status = Command::new("kill")
+    // kill(1) exits 1 when any pid has already exited (a PostgreSQL backend ending between the
+    // listing above and the kill): that is not a failure. What counts is below: every pid gone.
+    Command::new("kill")
         .arg("-KILL")
         .args(pids.iter().map(u32::to_string))
         .status()
         .map_err(|e| format!("kill: {e}"))?;
-    if !status.success() {
-        return Err(format!("kill -9 {pids:?} failed"));
-    }
     let deadline = Instant::now() + Duration::from_secs(10);
     while !pids.iter().all(|&p| gone(p)) {
         if Instant::now() > deadline {
