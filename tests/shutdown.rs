@@ -95,25 +95,8 @@ async fn sink_exits_promptly_when_kafka_hangs_at_shutdown() {
 #[ignore = "stops the shared PostgreSQL: run alone with `make test-crash`"]
 async fn sink_stops_cleanly_while_reconnecting_to_postgres() {
     let _services = ServicesGuard;
-    let run = Run::new("pgdown");
-    let file = run.ingester_file(&IngesterOptions::default());
-    let mut sink = StageProcess::start("sink", "sink", &file, &run.dir);
-    let mut bridge = StageProcess::start("bridge", "bridge", &file, &run.dir);
-    assert!(
-        bridge
-            .wait_log("subscribed", 1, Duration::from_secs(60))
-            .await,
-        "{}",
-        bridge.log_text()
-    );
-    let agent = format!("{}-pi-p", run.prefix());
-    let topic = format!("{}/v1/results/eu-north/pi-p", run.prefix());
-    let frames: Vec<(String, Vec<u8>)> = result_frames(0x9d, 16, 4)
-        .into_iter()
-        .map(|f| (topic.clone(), f))
-        .collect();
-    publish_as_agent(&run.services, &agent, &frames[..8]).await;
-    assert_eq!(run.wait_rows(32, Duration::from_secs(60)).await, 32);
+    let (run, file, mut sink, mut bridge, agent, frames) =
+        half_delivered("pgdown", "pi-p", 0x9d).await;
 
     // 1. PostgreSQL goes away; the next batch fails and the writer waits to reconnect.
     tokio::task::spawn_blocking(|| stage::service_down(Service::Postgres))
@@ -237,25 +220,8 @@ async fn sink_stops_cleanly_while_reconnecting_to_postgres() {
 #[ignore = "stops the shared Kafka: run alone with `make test-crash`"]
 async fn bridge_stops_cleanly_while_kafka_is_down() {
     let _services = ServicesGuard;
-    let run = Run::new("kdown");
-    let file = run.ingester_file(&IngesterOptions::default());
-    let mut sink = StageProcess::start("sink", "sink", &file, &run.dir);
-    let mut bridge = StageProcess::start("bridge", "bridge", &file, &run.dir);
-    assert!(
-        bridge
-            .wait_log("subscribed", 1, Duration::from_secs(60))
-            .await,
-        "{}",
-        bridge.log_text()
-    );
-    let agent = format!("{}-pi-k", run.prefix());
-    let topic = format!("{}/v1/results/eu-north/pi-k", run.prefix());
-    let frames: Vec<(String, Vec<u8>)> = result_frames(0x7d, 16, 4)
-        .into_iter()
-        .map(|f| (topic.clone(), f))
-        .collect();
-    publish_as_agent(&run.services, &agent, &frames[..8]).await;
-    assert_eq!(run.wait_rows(32, Duration::from_secs(60)).await, 32);
+    let (run, file, mut sink, mut bridge, agent, frames) =
+        half_delivered("kdown", "pi-k", 0x7d).await;
 
     // 1. Kafka goes away; the next messages wait in the bridge for a delivery report.
     tokio::task::spawn_blocking(|| stage::service_down(Service::Kafka))
@@ -326,4 +292,41 @@ async fn bridge_stops_cleanly_while_kafka_is_down() {
     assert_eq!(again.terminate(Duration::from_secs(30)), Some(0));
     assert_eq!(sink.terminate(Duration::from_secs(30)), Some(0));
     run.cleanup(&[run.bridge_client_id("a"), agent]).await;
+}
+
+/// A sink and a bridge of a new run, and 16 frames (4 results each) of one agent in eu-north,
+/// the first 8 of them published and stored (32 rows), with the run's ingester file: where both stop-while-reconnecting tests
+/// start from.
+async fn half_delivered(
+    name: &str,
+    agent: &str,
+    seed: u64,
+) -> (
+    Run,
+    std::path::PathBuf,
+    StageProcess,
+    StageProcess,
+    String,
+    Vec<(String, Vec<u8>)>,
+) {
+    let run = Run::new(name);
+    let file = run.ingester_file(&IngesterOptions::default());
+    let sink = StageProcess::start("sink", "sink", &file, &run.dir);
+    let bridge = StageProcess::start("bridge", "bridge", &file, &run.dir);
+    assert!(
+        bridge
+            .wait_log("subscribed", 1, Duration::from_secs(60))
+            .await,
+        "{}",
+        bridge.log_text()
+    );
+    let client = format!("{}-{agent}", run.prefix());
+    let topic = format!("{}/v1/results/eu-north/{agent}", run.prefix());
+    let frames: Vec<(String, Vec<u8>)> = result_frames(seed, 16, 4)
+        .into_iter()
+        .map(|f| (topic.clone(), f))
+        .collect();
+    publish_as_agent(&run.services, &client, &frames[..8]).await;
+    assert_eq!(run.wait_rows(32, Duration::from_secs(60)).await, 32);
+    (run, file, sink, bridge, client, frames)
 }
