@@ -63,6 +63,25 @@ pub enum DbError {
         name: &'static str,
         source: tokio_postgres::Error,
     },
+    /// A migration this database applied has different contents in this binary: someone edited
+    /// a released file instead of adding a new one. Applying on top of an unknown schema is how
+    /// data gets lost, so the ingester refuses to start.
+    #[error(
+        "migration {name} was edited after it was applied (checksum in schema_migrations \
+         {applied}, in this binary {current}): migrations are never edited once released; \
+         restore the file and put the change in a new migration"
+    )]
+    MigrationEdited {
+        name: &'static str,
+        applied: String,
+        current: String,
+    },
+}
+
+/// SHA-256 of a migration's text, hex: what `schema_migrations.checksum` records.
+pub fn migration_checksum(sql: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, sql.as_bytes());
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl DbError {
@@ -72,6 +91,7 @@ impl DbError {
             DbError::Postgres(e) => e,
             // A migration cut off by a restart is retried; one PostgreSQL refuses is not.
             DbError::Migration { source, .. } => source,
+            DbError::MigrationEdited { .. } => return false,
         };
         if e.is_closed() {
             return true;
@@ -234,6 +254,10 @@ where
 /// Creates `schema` (the one [`connect`] put on the search path) if needed and applies the
 /// migrations not yet applied, each in its own transaction, under an advisory lock
 /// so that two sinks starting together do not race. Returns how many it applied.
+///
+/// Each applied migration's checksum is recorded; one that was applied with other contents is
+/// refused ([`DbError::MigrationEdited`]) before anything else is applied. Rows written by a
+/// binary from before checksums (checksum NULL) adopt the current file's checksum.
 pub async fn migrate(client: &mut Client, schema: &str) -> Result<usize, DbError> {
     client
         .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
@@ -244,9 +268,11 @@ pub async fn migrate(client: &mut Client, schema: &str) -> Result<usize, DbError
                 version    integer PRIMARY KEY,
                 name       text NOT NULL,
                 applied_at timestamptz NOT NULL DEFAULT now()
-            )",
+            );
+            ALTER TABLE schema_migrations ADD COLUMN IF NOT EXISTS checksum text",
         )
         .await?;
+    check_checksums(client).await?;
     let mut applied = 0;
     for &(version, name, sql) in MIGRATIONS {
         let tx = client.transaction().await?;
@@ -270,8 +296,8 @@ pub async fn migrate(client: &mut Client, schema: &str) -> Result<usize, DbError
             .await
             .map_err(|source| DbError::Migration { name, source })?;
         tx.execute(
-            "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-            &[&version, &name],
+            "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+            &[&version, &name, &migration_checksum(sql)],
         )
         .await?;
         tx.commit().await?;
@@ -279,6 +305,48 @@ pub async fn migrate(client: &mut Client, schema: &str) -> Result<usize, DbError
         applied += 1;
     }
     Ok(applied)
+}
+
+/// Refuses a migration applied with other contents than this binary's; records the checksum
+/// of those applied before checksums existed.
+async fn check_checksums(client: &mut Client) -> Result<(), DbError> {
+    let tx = client.transaction().await?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext(current_schema()))",
+        &[],
+    )
+    .await?;
+    let rows = tx
+        .query("SELECT version, checksum FROM schema_migrations", &[])
+        .await?;
+    for row in rows {
+        let version: i32 = row.get(0);
+        let applied: Option<String> = row.get(1);
+        // A version this binary does not know is a newer binary's: not ours to judge.
+        let Some(&(_, name, sql)) = MIGRATIONS.iter().find(|m| m.0 == version) else {
+            continue;
+        };
+        let current = migration_checksum(sql);
+        match applied {
+            Some(applied) if applied != current => {
+                return Err(DbError::MigrationEdited {
+                    name,
+                    applied,
+                    current,
+                })
+            }
+            Some(_) => {}
+            None => {
+                tx.execute(
+                    "UPDATE schema_migrations SET checksum = $2 WHERE version = $1",
+                    &[&version, &current],
+                )
+                .await?;
+            }
+        }
+    }
+    tx.commit().await?;
+    Ok(())
 }
 
 /// The migrations this binary has that the database does not (all of them when the schema or
