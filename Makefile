@@ -30,11 +30,18 @@ test: services
 	cargo build --bins --locked
 	cargo test --workspace --locked 2>&1 | tee target/test-output.log
 	$(MAKE) test-crash 2>&1 | tee -a target/test-output.log
-	$(MAKE) lint embedded
+	$(MAKE) lint embedded fuzz
 	@awk '/^test result:/ { p += $$4; f += $$6 } END { if (p == 0) { print "no tests ran"; exit 1 } printf "tests: %d passed, %d failed\n", p, f }' target/test-output.log
 
 demo:
 	tests/demo
+
+# Coverage-guided fuzzing of every wire-format decoder (libFuzzer via cargo-bolero, stable
+# toolchain): a short run in `make test`; the long one is FUZZ_RUNS=10000000 make fuzz.
+# Writes target/bench/fuzz.txt.
+.PHONY: fuzz
+fuzz:
+	tests/fuzz
 
 fmt:
 	cargo fmt --all

@@ -1,0 +1,58 @@
+//! Fuzz targets for every decoder of the wire format: any byte string gives a value or an error,
+//! never a panic, and whatever decodes re-encodes to bytes that decode to the same value.
+//!
+//! With bolero (https://github.com/camshaft/bolero) the same targets run two ways:
+//! - `cargo test -p vantage-proto --test fuzz` (stable, part of `make test`): bolero's random
+//!   engine, a few thousand inputs per target, plus the golden frames as seeds;
+//! - `make fuzz` (cargo-bolero, libFuzzer, coverage-guided, on the stable toolchain; `tests/fuzz`):
+//!   a short run in `make test`, the long one with `FUZZ_RUNS=10000000 make fuzz`; figures in
+//!   target/bench/fuzz.txt.
+
+use vantage_proto::control::{
+    decode_status, encode_status, TargetSetReader, MAX_STATUS_LEN, MAX_TARGETS,
+};
+use vantage_proto::{decode, encode, MAX_FRAME_LEN};
+
+/// Result frames of every version: decode is total, and canonical after one round trip.
+#[test]
+fn result_frames() {
+    bolero::check!().for_each(|bytes: &[u8]| {
+        if let Ok(batch) = decode(bytes) {
+            let mut buf = [0u8; MAX_FRAME_LEN];
+            let again = encode(&batch, &mut buf).expect("a decoded batch fits a frame");
+            assert_eq!(decode(again), Ok(batch));
+        }
+    });
+}
+
+/// Target set frames, read spec by spec as the agent does: never more specs than the header's
+/// count (itself at most `MAX_TARGETS`), and nothing after the first error.
+#[test]
+fn target_set_frames() {
+    bolero::check!().for_each(|bytes: &[u8]| {
+        if let Ok(reader) = TargetSetReader::new(bytes) {
+            let count = usize::from(reader.header().count);
+            assert!(count <= MAX_TARGETS);
+            let mut seen = 0;
+            for item in reader {
+                seen += 1;
+                assert!(seen <= count + 1, "more items than the header's count");
+                if item.is_err() {
+                    break;
+                }
+            }
+        }
+    });
+}
+
+/// Agent status frames: decode is total, and canonical after one round trip.
+#[test]
+fn status_frames() {
+    bolero::check!().for_each(|bytes: &[u8]| {
+        if let Ok(status) = decode_status(bytes) {
+            let mut buf = [0u8; MAX_STATUS_LEN];
+            let again = encode_status(&status, &mut buf).expect("a decoded status fits");
+            assert_eq!(decode_status(again), Ok(status));
+        }
+    });
+}
