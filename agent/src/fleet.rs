@@ -86,9 +86,4 @@ pub fn status_frame(
         .unwrap_or_default()
 }
 
-/// Wall clock in ms since the Unix epoch.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub use vantage_common::time::now_ms;

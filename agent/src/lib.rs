@@ -8,18 +8,19 @@
 pub mod budget;
 pub mod config;
 pub mod fleet;
-pub mod logging;
 pub mod metrics;
 pub mod mqtt_tls;
 pub mod netpolicy;
 pub mod oneshot;
 pub mod probe;
-pub mod ratelimit;
 pub mod scheduler;
 pub mod target;
 pub mod target_set;
 pub mod tls;
 pub mod uplink;
+
+// Shared with the ingester; re-exported so the agent's paths stay `crate::logging`, ...
+pub use vantage_common::{logging, ratelimit};
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -480,7 +480,7 @@ impl Config {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             file: path.to_owned(),
             // Values hidden: a secret typed into the file by mistake is not echoed.
-            message: vantage_agent::config::toml_error(text, &e),
+            message: vantage_common::config_text::toml_error(text, &e),
         })?;
         Config::from_raw(raw, path)
     }

@@ -63,7 +63,7 @@ impl StatusRow {
 
 /// Wall clock in ms since the epoch, signed as Kafka timestamps are (the agent's helper).
 pub(crate) fn now_ms() -> i64 {
-    i64::try_from(vantage_agent::fleet::now_ms()).unwrap_or(i64::MAX)
+    i64::try_from(vantage_common::time::now_ms()).unwrap_or(i64::MAX)
 }
 
 fn state_name(s: AgentState) -> &'static str {

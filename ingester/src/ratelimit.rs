@@ -1,4 +1,4 @@
-//! Rate-limited logging for input-driven warnings: the agent's helper, one copy for both
-//! binaries (see `vantage_agent::ratelimit`).
+//! Rate-limited logging for input-driven warnings: one copy for both binaries
+//! (`vantage_common::ratelimit`).
 
-pub use vantage_agent::ratelimit::RateLimit;
+pub use vantage_common::ratelimit::RateLimit;

@@ -19,7 +19,7 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde::Deserialize;
 use tokio_postgres::{Client, GenericClient};
 use toml::Spanned;
-use vantage_agent::target::RawTarget;
+use vantage_common::target::RawTarget;
 use vantage_proto::control::{
     encode_target_set, TargetSetHeader, TargetSpec, MAX_TARGETS, MAX_TARGET_SET_LEN,
 };
@@ -127,8 +127,9 @@ impl TargetsFile {
             let at = e.span().map_or(0, |s| s.start);
             // The location is ours (file:line); of toml's reason the first line, values hidden
             // (header values are often tokens).
-            let message =
-                vantage_agent::config::redact_toml_reason(e.message().lines().next().unwrap_or(""));
+            let message = vantage_common::config_text::redact_toml_reason(
+                e.message().lines().next().unwrap_or(""),
+            );
             invalid(at, "syntax", message)
         })?;
 
@@ -141,7 +142,7 @@ impl TargetsFile {
             ));
         }
         for r in shape.regions.get_ref() {
-            vantage_agent::config::check_name(r.get_ref())
+            vantage_common::config_text::check_name(r.get_ref())
                 .map_err(|reason| invalid(r.span().start, "regions", reason))?;
             if regions.contains(r.get_ref()) {
                 return Err(invalid(
@@ -273,7 +274,7 @@ impl TargetsFile {
                         if !regions.iter().any(|x| x == r) {
                             return Err(bad("agents", format!("{entry:?}: unknown region {r:?} (the file's `regions` are {regions:?})")));
                         }
-                        vantage_agent::config::check_name(a).map_err(|reason| bad("agents", format!("{entry:?}: {reason}")))?;
+                        vantage_common::config_text::check_name(a).map_err(|reason| bad("agents", format!("{entry:?}: {reason}")))?;
                         let pair = (r.to_owned(), a.to_owned());
                         if !out.contains(&pair) {
                             out.push(pair);
@@ -292,7 +293,7 @@ impl TargetsFile {
             }
             probe.insert("id".into(), toml::Value::Integer(0));
             let raw = RawTarget::deserialize(toml::Value::Table(probe)).map_err(|e| {
-                let message = vantage_agent::config::redact_toml_reason(e.message());
+                let message = vantage_common::config_text::redact_toml_reason(e.message());
                 // serde names the offending key in backticks: point at its line.
                 let key = message.split('`').nth(1).unwrap_or("").to_owned();
                 let k = if key.is_empty() { "" } else { key.as_str() };
@@ -302,7 +303,7 @@ impl TargetsFile {
                     message.clone(),
                 )
             })?;
-            let spec = vantage_agent::target_set::check_portable(&raw)
+            let spec = vantage_common::target_spec::check_portable(&raw)
                 .map_err(|e| bad(e.key, e.reason))?;
             targets.push(FileTarget {
                 line: line_of(text, at),

@@ -9,22 +9,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use rustls::ClientConfig;
-use serde::Deserialize;
 
-pub use vantage_agent::mqtt_tls::is_loopback_host;
+pub use vantage_common::tls_files::is_loopback_host;
 
 /// `[mqtt.tls]` / the TLS files of `[postgres]`: which CA to trust and, optionally, a client
-/// certificate.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawTls {
-    /// PEM file of the CA certificates to trust (default: the bundled Mozilla roots).
-    pub ca_file: Option<PathBuf>,
-    /// PEM client certificate chain, for servers that authenticate clients by certificate.
-    pub cert_file: Option<PathBuf>,
-    /// PEM private key of `cert_file` (a file named here, never the key itself).
-    pub key_file: Option<PathBuf>,
-}
+/// certificate (the same section type as the agent's `[mqtt.tls]`).
+pub type RawTls = vantage_common::tls_files::TlsFiles;
 
 /// A validated TLS client configuration. `Debug` shows only which files it came from.
 #[derive(Clone)]
@@ -44,14 +34,10 @@ impl std::fmt::Debug for TlsClient {
 }
 
 /// Builds the client configuration. On error: (key suffix, reason), e.g. `("ca_file", ...)`;
-/// reasons name files, never key material. The work is the agent's (`vantage_agent::mqtt_tls`),
-/// so both ends of the MQTT link load certificates and keys the same way.
+/// reasons name files, never key material. The work is `vantage_common::tls_files`', so both
+/// ends of the MQTT link load certificates and keys the same way.
 pub fn client(raw: &RawTls) -> Result<TlsClient, (&'static str, String)> {
-    let config = vantage_agent::mqtt_tls::client_config(&vantage_agent::mqtt_tls::RawMqttTls {
-        ca_file: raw.ca_file.clone(),
-        cert_file: raw.cert_file.clone(),
-        key_file: raw.key_file.clone(),
-    })?;
+    let config = vantage_common::tls_files::client_config(raw)?;
     Ok(TlsClient {
         config,
         ca_file: raw.ca_file.clone(),
