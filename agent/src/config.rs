@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use vantage_proto::topic::{Channel, Topic};
 
 use serde::Deserialize;
 
@@ -500,33 +501,35 @@ impl Config {
         })
     }
 
+    /// This agent's own topic on `channel` (layout: `vantage_proto::topic`).
+    fn own_topic(&self, channel: Channel) -> String {
+        Topic::agent(
+            &self.mqtt.topic_prefix,
+            channel,
+            &self.region,
+            &self.agent_id,
+        )
+        .to_string()
+    }
+
     /// The MQTT topic this agent publishes its result batches on.
     pub fn results_topic(&self) -> String {
-        format!(
-            "{}/v1/results/{}/{}",
-            self.mqtt.topic_prefix, self.region, self.agent_id
-        )
+        self.own_topic(Channel::Results)
     }
 
     /// Where this agent reports its status (and its last will).
     pub fn status_topic(&self) -> String {
-        format!(
-            "{}/v1/status/{}/{}",
-            self.mqtt.topic_prefix, self.region, self.agent_id
-        )
+        self.own_topic(Channel::Status)
     }
 
     /// The retained target set of this agent's region.
     pub fn region_targets_topic(&self) -> String {
-        format!("{}/v1/targets/{}", self.mqtt.topic_prefix, self.region)
+        Topic::region_targets(&self.mqtt.topic_prefix, &self.region).to_string()
     }
 
     /// The retained target set of targets pinned to this agent.
     pub fn agent_targets_topic(&self) -> String {
-        format!(
-            "{}/v1/targets/{}/{}",
-            self.mqtt.topic_prefix, self.region, self.agent_id
-        )
+        self.own_topic(Channel::Targets)
     }
 }
 

@@ -33,6 +33,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use vantage_proto::topic::{Channel, Topic};
 
 use futures::stream::{FuturesOrdered, StreamExt};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
@@ -146,24 +147,22 @@ pub enum Kind {
 pub const KIND_HEADER: &str = "vantage-kind";
 
 /// Region and agent from a results topic, or None if the topic is not one.
-pub fn parse_topic<'t>(prefix: &str, topic: &'t str) -> Option<(&'t str, &'t str)> {
+pub fn parse_topic<'t>(prefix: &'t str, topic: &'t str) -> Option<(&'t str, &'t str)> {
     match parse_any_topic(prefix, topic)? {
         (Kind::Results, region, agent) => Some((region, agent)),
         _ => None,
     }
 }
 
-/// Kind, region and agent of a topic the bridge subscribes to.
-pub fn parse_any_topic<'t>(prefix: &str, topic: &'t str) -> Option<(Kind, &'t str, &'t str)> {
-    let rest = topic.strip_prefix(prefix)?.strip_prefix("/v1/")?;
-    let (kind, rest) = if let Some(r) = rest.strip_prefix("results/") {
-        (Kind::Results, r)
-    } else {
-        (Kind::Status, rest.strip_prefix("status/")?)
+/// Kind, region and agent of a topic the bridge subscribes to (layout: `vantage_proto::topic`).
+pub fn parse_any_topic<'t>(prefix: &'t str, topic: &'t str) -> Option<(Kind, &'t str, &'t str)> {
+    let t = Topic::parse(prefix, topic)?;
+    let kind = match t.channel {
+        Channel::Results => Kind::Results,
+        Channel::Status => Kind::Status,
+        Channel::Targets => return None,
     };
-    let (region, agent) = rest.split_once('/')?;
-    (vantage_proto::is_valid_name(region) && vantage_proto::is_valid_name(agent))
-        .then_some((kind, region, agent))
+    Some((kind, t.region, t.agent?))
 }
 
 /// Checks one payload; on success returns the kind and the Kafka key `region/agent`.

@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use vantage_proto::topic::{Channel, EveryAgent};
 
 use serde::Deserialize;
 
@@ -381,7 +382,11 @@ impl std::fmt::Debug for MqttConfig {
 impl MqttConfig {
     /// The filter the bridge subscribes to: every region, every agent.
     pub fn results_filter(&self) -> String {
-        let filter = format!("{}/v1/results/+/+", self.topic_prefix);
+        let filter = EveryAgent {
+            prefix: &self.topic_prefix,
+            channel: Channel::Results,
+        }
+        .to_string();
         match &self.shared_group {
             Some(group) => format!("$share/{group}/{filter}"),
             None => filter,
@@ -390,7 +395,11 @@ impl MqttConfig {
 
     /// The filter for agent status messages (same sharing as the results).
     pub fn status_filter(&self) -> String {
-        let filter = format!("{}/v1/status/+/+", self.topic_prefix);
+        let filter = EveryAgent {
+            prefix: &self.topic_prefix,
+            channel: Channel::Status,
+        }
+        .to_string();
         match &self.shared_group {
             Some(group) => format!("$share/{group}/{filter}"),
             None => filter,

@@ -333,10 +333,11 @@ pub struct Scope {
 
 impl Scope {
     pub fn topic(&self, prefix: &str) -> String {
+        use vantage_proto::topic::{Channel, Topic};
         if self.agent.is_empty() {
-            format!("{prefix}/v1/targets/{}", self.region)
+            Topic::region_targets(prefix, &self.region).to_string()
         } else {
-            format!("{prefix}/v1/targets/{}/{}", self.region, self.agent)
+            Topic::agent(prefix, Channel::Targets, &self.region, &self.agent).to_string()
         }
     }
 }

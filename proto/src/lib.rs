@@ -18,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 pub mod control;
+pub mod topic;
 mod types;
 pub mod v1;
 

@@ -56,3 +56,16 @@ fn status_frames() {
         }
     });
 }
+
+/// Topics: parse is total over any UTF-8, and what parses formats back to the same text.
+#[test]
+fn topics() {
+    bolero::check!().for_each(|bytes: &[u8]| {
+        if let Ok(text) = core::str::from_utf8(bytes) {
+            let prefix = text.split('/').next().unwrap_or("");
+            if let Some(topic) = vantage_proto::topic::Topic::parse(prefix, text) {
+                assert_eq!(topic.to_string(), text);
+            }
+        }
+    });
+}
