@@ -1,5 +1,26 @@
 //! What the agent's and the ingester's config loading share: TOML errors that never echo a
-//! value, and the rule for names that become MQTT topic levels and SQL values.
+//! value, the rule for names that become MQTT topic levels and SQL values, and the error a
+//! configuration file gets (file, key, reason).
+
+use std::path::PathBuf;
+
+/// A configuration that cannot be used, with where and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{file}: {message}")]
+    Parse { file: PathBuf, message: String },
+    #[error("{file}: key `{key}`: {reason}")]
+    Invalid {
+        file: PathBuf,
+        key: String,
+        reason: String,
+    },
+}
 
 /// A TOML error for a message: toml's layout (location, the source line, a caret, the reason)
 /// with every value hidden. toml itself prints the whole source line, and serde's "invalid

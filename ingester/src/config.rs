@@ -11,22 +11,8 @@ use vantage_proto::topic::{Channel, EveryAgent};
 
 use serde::Deserialize;
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("{file}: cannot read: {source}")]
-    Read {
-        file: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{file}: {message}")]
-    Parse { file: PathBuf, message: String },
-    #[error("{file}: key `{key}`: {reason}")]
-    Invalid {
-        file: PathBuf,
-        key: String,
-        reason: String,
-    },
-}
+/// A configuration that cannot be used, with where and why (one type for both binaries).
+pub use vantage_common::config_text::ConfigError;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
