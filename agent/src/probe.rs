@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
@@ -206,9 +206,7 @@ impl Prober {
     }
 
     async fn measure(&self, target: &Target) -> (Measurement, Option<Leftover>) {
-        let started_at_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let started_at_ms = vantage_common::time::now_ms();
         let start = Instant::now();
         let deadline = tokio::time::Instant::from_std(start + target.timeout);
         let mut m = Measurement::new(target.id, started_at_ms);

@@ -561,10 +561,9 @@ impl SinkMetrics {
 
     /// A batch (rows and statuses) is durable in PostgreSQL.
     pub fn batch_durable(&self) {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
-        self.last_durable_batch.set(now);
+        let now = vantage_common::time::unix_secs(std::time::SystemTime::now());
+        self.last_durable_batch
+            .set(i64::try_from(now).unwrap_or(i64::MAX));
     }
 
     /// `results` results of `region/agent` were dead-lettered as `clock_skew`.
@@ -579,10 +578,9 @@ impl SinkMetrics {
 
     /// A storage upkeep round succeeded at `at`, leaving `default_rows` in `results_default`.
     pub fn upkeep_done(&self, at: std::time::SystemTime, default_rows: i64) {
-        let secs = at
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
-        self.upkeep_last_success.set(secs);
+        let secs = vantage_common::time::unix_secs(at);
+        self.upkeep_last_success
+            .set(i64::try_from(secs).unwrap_or(i64::MAX));
         self.upkeep_default_rows.set(default_rows);
     }
 

@@ -387,9 +387,7 @@ async fn webhook_session(
                                     "webhook event older than max_age, given up");
                     break;
                 }
-                let ts = now
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs());
+                let ts = vantage_common::time::unix_secs(now);
                 let mut headers = vec![
                     ("idempotency-key", e.idempotency_key.clone()),
                     ("x-vantage-event", e.event.clone()),
