@@ -92,7 +92,7 @@ pub struct RawMqtt {
     pub keep_alive: Duration,
     /// `[mqtt.tls]`: connect over TLS (see `mqtt_tls.rs`). Absent: plain TCP, which is refused
     /// for a broker that is not on this machine unless `allow_plaintext = true`.
-    pub tls: Option<crate::mqtt_tls::RawMqttTls>,
+    pub tls: Option<vantage_common::tls_files::TlsFiles>,
     /// Send the password, results and target sets in clear text to a remote broker (default
     /// false). Only for a network you fully trust.
     #[serde(default)]
@@ -320,7 +320,7 @@ impl Config {
         };
         if raw.mqtt.tls.is_none()
             && !raw.mqtt.allow_plaintext
-            && !crate::mqtt_tls::is_loopback_host(&raw.mqtt.host)
+            && !vantage_common::tls_files::is_loopback_host(&raw.mqtt.host)
         {
             return Err(invalid(
                 "mqtt.tls",
@@ -334,7 +334,7 @@ impl Config {
         let tls = match &raw.mqtt.tls {
             None => None,
             Some(t) => Some(
-                crate::mqtt_tls::client_config(t)
+                vantage_common::tls_files::client_config(t)
                     .map_err(|(key, r)| invalid(&format!("mqtt.tls.{key}"), r))?,
             ),
         };
