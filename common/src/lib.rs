@@ -5,10 +5,12 @@
 //! - [`target_spec`]: raw target ↔ wire `TargetSpec` (central target sets);
 //! - [`config_text`]: name rules and TOML errors that never echo a value;
 //! - [`tls_files`]: rustls client configurations from PEM files;
-//! - [`logging`], [`ratelimit`], [`time`]: logging set-up, rate-limited warnings, `now_ms`.
+//! - [`logging`], [`ratelimit`], [`time`], [`backoff`]: logging set-up, rate-limited warnings,
+//!   `now_ms`, the retry loops' exponential backoff.
 //!
 //! The wire format itself stays in `vantage-proto` (`no_std`, no alloc).
 
+pub mod backoff;
 pub mod config_text;
 pub mod logging;
 pub mod ratelimit;

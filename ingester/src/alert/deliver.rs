@@ -19,6 +19,7 @@
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
+use vantage_common::backoff::Backoff;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -333,7 +334,7 @@ pub async fn webhook_task(
     let metrics = crate::metrics::alert();
     let warn =
         crate::ratelimit::RateLimit::new("webhook PostgreSQL failure", Duration::from_secs(60));
-    let mut pause = Duration::from_secs(1);
+    let mut pause = Backoff::new(Duration::from_secs(1), MAX_BACKOFF);
     while !stop.is_cancelled() {
         let r = tokio::select! {
             _ = stop.cancelled() => return,
@@ -347,9 +348,8 @@ pub async fn webhook_task(
             metrics.delivered(&hook.name, "db_error");
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(pause) => {}
+                _ = tokio::time::sleep(pause.next_pause()) => {}
             }
-            pause = (pause * 2).min(MAX_BACKOFF);
         }
     }
 }
@@ -377,7 +377,7 @@ async fn webhook_session(
         }
         for e in events {
             let body = serde_json::to_vec(&webhook_body(config, &e)).unwrap_or_default();
-            let mut backoff = Duration::from_secs(1);
+            let mut backoff = Backoff::new(Duration::from_secs(1), MAX_BACKOFF);
             loop {
                 let now = SystemTime::now();
                 let too_old = now.duration_since(e.at).is_ok_and(|age| age > hook.max_age);
@@ -410,12 +410,12 @@ async fn webhook_session(
                     Err(err) => {
                         metrics.delivered(&hook.name, "error");
                         tracing::warn!(receiver = %hook.name, event_id = e.event_id,
-                                       error = %err, retry_in = ?backoff, "webhook delivery failed");
+                                       error = %err, retry_in = ?backoff.peek(),
+                                       "webhook delivery failed");
                         tokio::select! {
                             _ = stop.cancelled() => return Ok(()),
-                            _ = tokio::time::sleep(backoff) => {}
+                            _ = tokio::time::sleep(backoff.next_pause()) => {}
                         }
-                        backoff = (backoff * 2).min(MAX_BACKOFF);
                     }
                 }
             }

@@ -22,6 +22,7 @@ pub mod store;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
+use vantage_common::backoff::Backoff;
 
 use tokio::sync::watch;
 use tokio_postgres::Client;
@@ -300,7 +301,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<AlertSu
         tracing::info!("no [[alerts.rules]]: the default rule `down` watches every target");
     }
     let mut summary = AlertSummary::default();
-    let mut pause = Duration::from_secs(1);
+    let mut pause = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     let warn = crate::ratelimit::RateLimit::new("alert evaluator error", Duration::from_secs(30));
     while !shutdown.is_cancelled() {
         match session(&pg, &alerts, &shutdown, &mut summary).await {
@@ -309,14 +310,13 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<AlertSu
                 crate::metrics::alert().active.set(0);
                 crate::metrics::alert().evaluation_errors.inc();
                 if let Some(suppressed) = warn.allow() {
-                    tracing::warn!(error = %e, suppressed, retry_in = ?pause,
+                    tracing::warn!(error = %e, suppressed, retry_in = ?pause.peek(),
                                    "alert evaluator: PostgreSQL failed, starting over");
                 }
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(pause) => {}
+                    _ = tokio::time::sleep(pause.next_pause()) => {}
                 }
-                pause = (pause * 2).min(Duration::from_secs(30));
             }
         }
     }
