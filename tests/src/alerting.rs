@@ -206,10 +206,12 @@ impl AmReceiver {
     pub fn shared() -> &'static AmReceiver {
         static RECEIVER: OnceLock<AmReceiver> = OnceLock::new();
         RECEIVER.get_or_init(|| {
-            let port: u16 = std::env::var("VANTAGE_ALERTMANAGER_WEBHOOK_PORT")
-                .ok()
-                .and_then(|p| p.parse().ok())
-                .unwrap_or(9194);
+            // As tests/services/lib.sh derives it: the Alertmanager port + 1 unless set, so an
+            // instance on other ports (VANTAGE_ALERTMANAGER_PORT only) gets its own receiver.
+            let port_var = |k: &str| std::env::var(k).ok().and_then(|p| p.parse::<u16>().ok());
+            let port: u16 = port_var("VANTAGE_ALERTMANAGER_WEBHOOK_PORT").unwrap_or_else(|| {
+                port_var("VANTAGE_ALERTMANAGER_PORT").map_or(9194, |p| p.saturating_add(1))
+            });
             let seen: Arc<Mutex<Vec<Value>>> = Arc::default();
             let (ready_tx, ready_rx) = std::sync::mpsc::channel();
             let s = seen.clone();
