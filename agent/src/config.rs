@@ -284,40 +284,13 @@ impl Config {
         if raw.mqtt.host.is_empty() {
             return Err(invalid("mqtt.host", "must not be empty".into()));
         }
-        let password = match (
-            &raw.mqtt.password_env,
-            &raw.mqtt.password_file,
-            &raw.mqtt.password_credential,
-        ) {
-            (None, None, Some(name)) => {
-                Some(read_credential(name).map_err(|r| invalid("mqtt.password_credential", r))?)
-            }
-            (_, _, Some(_)) => {
-                return Err(invalid(
-                    "mqtt.password_credential",
-                    "set one of password_env, password_file, password_credential".into(),
-                ))
-            }
-            (Some(_), Some(_), None) => {
-                return Err(invalid(
-                    "mqtt.password_env",
-                    "set either password_env or password_file, not both".into(),
-                ))
-            }
-            (Some(var), None, None) => Some(std::env::var(var).map_err(|_| {
-                invalid(
-                    "mqtt.password_env",
-                    format!("environment variable {var} is not set"),
-                )
-            })?),
-            (None, Some(file), None) => Some(read_secret_file(file).map_err(|e| {
-                invalid(
-                    "mqtt.password_file",
-                    format!("cannot read {}: {e}", file.display()),
-                )
-            })?),
-            (None, None, None) => None,
-        };
+        let password = vantage_common::secret::password(
+            raw.mqtt.password_env.as_deref(),
+            raw.mqtt.password_file.as_deref(),
+            raw.mqtt.password_credential.as_deref(),
+        )
+        .map_err(|(key, reason)| invalid(&format!("mqtt.{key}"), reason))?
+        .map(|secret| secret.expose().to_owned());
         if raw.mqtt.tls.is_none()
             && !raw.mqtt.allow_plaintext
             && !vantage_common::tls_files::is_loopback_host(&raw.mqtt.host)
@@ -516,23 +489,6 @@ impl Config {
     pub fn agent_targets_topic(&self) -> String {
         self.own_topic(Channel::Targets)
     }
-}
-
-/// A systemd credential (`LoadCredential=name:/etc/vantage/...`): the file `name` in
-/// `$CREDENTIALS_DIRECTORY`, which systemd makes readable to the service's user only.
-fn read_credential(name: &str) -> Result<String, String> {
-    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
-        return Err(format!("{name:?} is not a credential name"));
-    }
-    let dir = std::env::var_os("CREDENTIALS_DIRECTORY")
-        .ok_or("CREDENTIALS_DIRECTORY is not set (not started by systemd with credentials?)")?;
-    let path = Path::new(&dir).join(name);
-    read_secret_file(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))
-}
-
-pub(crate) fn read_secret_file(path: &Path) -> std::io::Result<String> {
-    let text = std::fs::read_to_string(path)?;
-    Ok(text.lines().next().unwrap_or_default().to_owned())
 }
 
 pub use vantage_common::config_text::{check_name, redact_toml_reason, toml_error};

@@ -137,24 +137,17 @@ fn resolve_header_refs(
         }
         let (value, from) = match source {
             HeaderSource::Env(var) => (
-                std::env::var(var).map_err(|_| {
-                    err(format!(
-                        "environment variable {var} (header {name:?}) is not set"
-                    ))
-                })?,
+                vantage_common::secret::from_env(var)
+                    .map_err(|r| err(format!("{r} (header {name:?})")))?,
                 format!("environment variable {var}"),
             ),
             HeaderSource::File(path) => (
-                crate::config::read_secret_file(path).map_err(|e| {
-                    err(format!(
-                        "cannot read {} (header {name:?}): {e}",
-                        path.display()
-                    ))
-                })?,
+                vantage_common::secret::from_file(path)
+                    .map_err(|r| err(format!("{r} (header {name:?})")))?,
                 format!("file {}", path.display()),
             ),
         };
-        let mut value = hyper::header::HeaderValue::from_str(&value).map_err(|_| {
+        let mut value = hyper::header::HeaderValue::from_str(value.expose()).map_err(|_| {
             err(format!(
                 "the value in {from} (header {name:?}) is not a header value"
             ))

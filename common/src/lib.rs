@@ -4,7 +4,8 @@
 //! - [`target`]: raw target definitions and their checks, without file or environment I/O;
 //! - [`target_spec`]: raw target ↔ wire `TargetSpec` (central target sets);
 //! - [`config_text`]: name rules and TOML errors that never echo a value;
-//! - [`tls_files`]: rustls client configurations from PEM files;
+//! - [`tls_files`]: rustls client configurations from PEM files; [`secret`]: `Secret` and the
+//!   one way both read passwords (environment variable, file, systemd credential);
 //! - [`logging`], [`ratelimit`], [`time`], [`backoff`]: logging set-up, rate-limited warnings,
 //!   `now_ms`, the retry loops' exponential backoff.
 //!
@@ -14,6 +15,7 @@ pub mod backoff;
 pub mod config_text;
 pub mod logging;
 pub mod ratelimit;
+pub mod secret;
 pub mod target;
 pub mod target_spec;
 pub mod time;

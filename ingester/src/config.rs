@@ -125,6 +125,9 @@ pub struct RawMqtt {
     pub password_env: Option<String>,
     /// Path of a file whose first line is the broker password.
     pub password_file: Option<PathBuf>,
+    /// Name of a systemd credential holding the broker password (`LoadCredential=` in the unit;
+    /// read from `$CREDENTIALS_DIRECTORY/<name>`).
+    pub password_credential: Option<String>,
     /// MQTT client id; must be unique per bridge and stable across restarts, because the broker
     /// keeps the unacknowledged messages of a persistent session under this id.
     #[serde(default = "default_client_id")]
@@ -211,10 +214,12 @@ fn default_stall_timeout() -> Duration {
 #[serde(deny_unknown_fields)]
 pub struct RawPostgres {
     /// Connection string, key-value or URL form, e.g. `host=127.0.0.1 user=vantage dbname=vantage`.
-    /// Put no password here: use `password_env` or `password_file`.
+    /// Put no password here: use `password_env`, `password_file` or `password_credential`.
     pub url: String,
     pub password_env: Option<String>,
     pub password_file: Option<PathBuf>,
+    /// Name of a systemd credential holding the password (`$CREDENTIALS_DIRECTORY/<name>`).
+    pub password_credential: Option<String>,
     /// Schema that holds vantage's tables (default `vantage`); created by `migrate`.
     #[serde(default = "default_schema")]
     pub schema: String,
@@ -517,7 +522,13 @@ impl Config {
                 if m.max_in_flight == 0 || m.max_in_flight > 65_535 {
                     return Err(invalid("mqtt.max_in_flight", "must be 1..=65535".into()));
                 }
-                let password = secret(&m.password_env, &m.password_file, "mqtt", &invalid)?;
+                let password = secret(
+                    &m.password_env,
+                    &m.password_file,
+                    &m.password_credential,
+                    "mqtt",
+                    &invalid,
+                )?;
                 if m.tls.is_none() && !m.allow_plaintext && !crate::tls::is_loopback_host(&m.host) {
                     return Err(invalid(
                         "mqtt.tls",
@@ -696,7 +707,13 @@ impl Config {
                             .into(),
                     ));
                 }
-                let password = secret(&p.password_env, &p.password_file, "postgres", &invalid)?;
+                let password = secret(
+                    &p.password_env,
+                    &p.password_file,
+                    &p.password_credential,
+                    "postgres",
+                    &invalid,
+                )?;
                 Some(PostgresConfig {
                     url: p.url,
                     password,
@@ -865,33 +882,18 @@ pub fn render_stages(stages: &[StageCheck]) -> String {
     out
 }
 
+/// A section's password: at most one of `password_env`, `password_file`, `password_credential`
+/// (`vantage_common::secret::password`, the agent's rule too).
 fn secret(
     env: &Option<String>,
     file: &Option<PathBuf>,
+    credential: &Option<String>,
     section: &str,
     invalid: &dyn Fn(&str, String) -> ConfigError,
 ) -> Result<Option<String>, ConfigError> {
-    match (env, file) {
-        (Some(_), Some(_)) => Err(invalid(
-            &format!("{section}.password_env"),
-            "set either password_env or password_file, not both".into(),
-        )),
-        (Some(var), None) => std::env::var(var).map(Some).map_err(|_| {
-            invalid(
-                &format!("{section}.password_env"),
-                format!("environment variable {var} is not set"),
-            )
-        }),
-        (None, Some(path)) => std::fs::read_to_string(path)
-            .map(|t| Some(t.lines().next().unwrap_or_default().to_owned()))
-            .map_err(|e| {
-                invalid(
-                    &format!("{section}.password_file"),
-                    format!("cannot read {}: {e}", path.display()),
-                )
-            }),
-        (None, None) => Ok(None),
-    }
+    crate::secrets::password(env.as_deref(), file.as_deref(), credential.as_deref())
+        .map(|s| s.map(|s| s.expose().to_owned()))
+        .map_err(|(key, reason)| invalid(&format!("{section}.{key}"), reason))
 }
 
 /// Plaintext Kafka only to brokers on this machine, unless `kafka.allow_plaintext`: the rule

@@ -1,55 +1,16 @@
 //! Secrets (passwords, private keys) and the rules that keep them out of configuration files,
 //! logs and error messages.
 //!
-//! A secret comes from an environment variable or a file *named* in the configuration, never
-//! from the file itself. Once read it lives in a [`Secret`], whose `Debug` and `Display` print
-//! `<redacted>`; only [`Secret::expose`] gives the value, at the point where a client library
-//! needs it. Errors name the variable or the file, never the value.
+//! A secret comes from an environment variable, a file or a systemd credential *named* in the
+//! configuration, never from the file itself (`vantage_common::secret`, the same for the
+//! agent). Once read it lives in a [`Secret`], whose `Debug` and `Display` print `<redacted>`;
+//! only [`Secret::expose`] gives the value. Errors name the source, never the value. Here: which
+//! librdkafka properties are secrets, and reading them.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-/// A secret value. Formatting it never shows the value.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: String) -> Secret {
-        Secret(value)
-    }
-
-    /// The value, for handing to a client library. Never log it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-impl std::fmt::Display for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-/// The value of environment variable `var`; the error names the variable only.
-pub fn from_env(var: &str) -> Result<Secret, String> {
-    std::env::var(var)
-        .map(Secret)
-        .map_err(|_| format!("environment variable {var} is not set"))
-}
-
-/// The first line of the file at `path` (a trailing newline is not part of the secret); the
-/// error names the file and the I/O error only.
-pub fn from_file(path: &Path) -> Result<Secret, String> {
-    std::fs::read_to_string(path)
-        .map(|t| Secret(t.lines().next().unwrap_or_default().to_owned()))
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))
-}
+pub use vantage_common::secret::{from_credential, from_env, from_file, password, Secret};
 
 /// Whether a librdkafka property holds a secret, which must then come from
 /// `kafka.secret_env` / `kafka.secret_files` instead of `kafka.properties`. Errs on the side of
@@ -132,16 +93,6 @@ mod tests {
     }
 
     #[test]
-    fn secrets_do_not_format() {
-        let s = Secret::new("hunter2".into());
-        assert_eq!(
-            format!("{s} {s:?} {:?}", Some(&s)),
-            "<redacted> <redacted> Some(<redacted>)"
-        );
-        assert_eq!(s.expose(), "hunter2");
-    }
-
-    #[test]
     fn secret_kafka_properties_are_recognised() {
         for k in [
             "sasl.password",
@@ -161,17 +112,5 @@ mod tests {
         ] {
             assert!(!is_secret_kafka_property(k), "{k}");
         }
-    }
-
-    #[test]
-    fn file_errors_do_not_show_content() {
-        let dir = std::env::temp_dir().join(format!("vantage-secrets-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let f = dir.join("pw");
-        std::fs::write(&f, "s3cret\nsecond line\n").unwrap();
-        assert_eq!(from_file(&f).unwrap().expose(), "s3cret");
-        let e = from_file(&dir.join("missing")).unwrap_err();
-        assert!(e.contains("missing") && !e.contains("s3cret"), "{e}");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
