@@ -88,6 +88,11 @@ cross-build:
 deb:
 	cross/package
 
+# The vantage-ingester .deb for amd64 servers (profile `dist`) into target/deb.
+.PHONY: deb-ingester
+deb-ingester:
+	cross/package-ingester
+
 # What tests/arm.rs runs (part of `make test`): quick-profile arm64/armhf packages, and proto's
 # no_std example built and run for a Cortex-M0 and, with defmt, a Cortex-M4F.
 cross-test-build:

@@ -3,6 +3,7 @@
 
 pub mod alerting;
 pub mod browser;
+pub mod deb;
 pub mod harness;
 pub mod loadgen;
 pub mod proxy;
