@@ -6,7 +6,6 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +14,7 @@ use vantage_tests::alerting::{
     am_alerts, region_agent, silence, AgentTask, AmReceiver, Notified, WebhookReceiver, SERIAL,
 };
 use vantage_tests::harness::{write_file, IngesterOptions, Run};
+use vantage_tests::in_process::{start_sink_and_bridge, wait_for, SinkAndBridge};
 use vantage_tests::proxy::CuttableProxy;
 use vantage_tests::stage::StageProcess;
 use vantage_tests::target::TargetServer;
@@ -23,13 +23,7 @@ const REGIONS: [&str; 3] = ["ap-south", "eu-north", "us-east"];
 const LABEL: &str = "vantage_test";
 
 fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,vantage_ingester::alert=info".into()),
-        )
-        .with_test_writer()
-        .try_init();
+    vantage_tests::in_process::init_tracing("warn,vantage_ingester::alert=info");
 }
 
 struct Fixture {
@@ -38,7 +32,7 @@ struct Fixture {
     proxies: BTreeMap<&'static str, CuttableProxy>,
     agents: BTreeMap<&'static str, (CancellationToken, AgentTask)>,
     stop: CancellationToken,
-    stages: Vec<tokio::task::JoinHandle<()>>,
+    stages: Option<SinkAndBridge>,
     base: String,
     client: tokio_postgres::Client,
     options: IngesterOptions,
@@ -61,28 +55,7 @@ impl Fixture {
         let base = std::fs::read_to_string(&base_file).unwrap();
         let config = Arc::new(vantage_ingester::Config::load(&base_file).unwrap());
         let stop = CancellationToken::new();
-        let sink = tokio::spawn({
-            let (c, s) = (config.clone(), stop.clone());
-            async move {
-                vantage_ingester::sink::run(&c, s).await.unwrap();
-            }
-        });
-        let state = Arc::new(vantage_ingester::bridge::BridgeState::default());
-        let bridge = tokio::spawn({
-            let (c, s, st) = (config.clone(), stop.clone(), state.clone());
-            async move {
-                vantage_ingester::bridge::run_with_state(&c, s, st)
-                    .await
-                    .unwrap();
-            }
-        });
-        let subscribed = tokio::time::timeout(Duration::from_secs(60), async {
-            while !state.subscribed.load(Ordering::Acquire) {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-        .await;
-        assert!(subscribed.is_ok(), "bridge did not subscribe within 60 s");
+        let stages = start_sink_and_bridge(&config, &stop).await;
         let mut proxies = BTreeMap::new();
         let mut agents = BTreeMap::new();
         for region in REGIONS {
@@ -98,7 +71,7 @@ impl Fixture {
             proxies,
             agents,
             stop,
-            stages: vec![sink, bridge],
+            stages: Some(stages),
             base,
             client,
             options,
@@ -109,7 +82,7 @@ impl Fixture {
 
     /// Waits (60 s) until `n` regions have a result of target 1 younger than 2 s.
     async fn wait_reporting(&self, n: i64, what: &str) {
-        self.wait(what, Duration::from_secs(60), || async {
+        wait_for(what, Duration::from_secs(60), || async {
             let r = self
                 .client
                 .query_one(
@@ -121,24 +94,6 @@ impl Fixture {
             r.ok().and_then(|r| (r.get::<_, i64>(0) == n).then_some(()))
         })
         .await
-    }
-
-    async fn wait<T, F, Fut>(&self, what: &str, limit: Duration, mut check: F) -> T
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Option<T>>,
-    {
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            if let Some(v) = check().await {
-                return v;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "timed out after {limit:?} waiting for {what}"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
     }
 
     /// The ingester file of this run with `[alerts]` (`rules` and receivers as TOML) and the
@@ -226,8 +181,8 @@ impl Fixture {
             token.cancel();
             let _ = task.await;
         }
-        for s in std::mem::take(&mut self.stages) {
-            let _ = s.await;
+        if let Some(stages) = self.stages.take() {
+            stages.join().await;
         }
         let mut sessions = vec![self.run.bridge_client_id(&self.options.client)];
         sessions.extend(
@@ -256,7 +211,7 @@ async fn down_from_two_of_three_regions_fires_once_and_resolves_once() {
 
     // One region fails: a dead ISP is not a dead site.
     f.proxies["ap-south"].cut();
-    f.wait(
+    wait_for(
         "ap-south's failure in latest_status",
         Duration::from_secs(30),
         || async {
@@ -359,7 +314,7 @@ async fn a_silent_region_is_no_data_never_down() {
 
     // ap-south fails, then falls silent: its last word is a failure, and it must not count.
     f.proxies["ap-south"].cut();
-    f.wait(
+    wait_for(
         "ap-south's failure in latest_status",
         Duration::from_secs(30),
         || async {
@@ -416,13 +371,12 @@ async fn a_silence_suppresses_the_notification() {
     f.proxies["ap-south"].cut();
     f.proxies["us-east"].cut();
     // Alertmanager has the alert, and says a silence suppresses it.
-    let alert = f
-        .wait(
-            "Alertmanager to hold the suppressed alert",
-            Duration::from_secs(60),
-            || async { am_alerts(LABEL, &f.run.id).await.into_iter().next() },
-        )
-        .await;
+    let alert = wait_for(
+        "Alertmanager to hold the suppressed alert",
+        Duration::from_secs(60),
+        || async { am_alerts(LABEL, &f.run.id).await.into_iter().next() },
+    )
+    .await;
     assert_eq!(alert["status"]["state"], "suppressed", "{alert:#}");
     assert_eq!(alert["status"]["silencedBy"][0], id.as_str(), "{alert:#}");
     // group_wait is 1 s: a notification would have gone out by now.
@@ -546,11 +500,10 @@ async fn webhook_is_signed_and_survives_a_receiver_outage() {
     );
     f.proxies["eu-north"].cut();
     f.proxies["us-east"].cut();
-    let first = f
-        .wait("the firing webhook", Duration::from_secs(60), || async {
-            hook.requests().into_iter().next()
-        })
-        .await;
+    let first = wait_for("the firing webhook", Duration::from_secs(60), || async {
+        hook.requests().into_iter().next()
+    })
+    .await;
     let ts: u64 = first
         .header("x-vantage-timestamp")
         .unwrap()
@@ -582,7 +535,7 @@ async fn webhook_is_signed_and_survives_a_receiver_outage() {
     hook.stop();
     f.proxies["eu-north"].restore();
     f.proxies["us-east"].restore();
-    f.wait(
+    wait_for(
         "the incident resolved in PostgreSQL",
         Duration::from_secs(60),
         || async {
@@ -594,7 +547,7 @@ async fn webhook_is_signed_and_survives_a_receiver_outage() {
     tokio::time::sleep(Duration::from_secs(30)).await;
     assert_eq!(hook.requests().len(), 1);
     hook.start().await;
-    f.wait("the resolved webhook", Duration::from_secs(90), || async {
+    wait_for("the resolved webhook", Duration::from_secs(90), || async {
         (hook.requests().len() >= 2).then_some(())
     })
     .await;
@@ -638,7 +591,7 @@ async fn a_flapping_target_is_one_incident_marked_flapping() {
     let rules = "[[alerts.rules]]\nname = \"down\"\nkind = \"down\"\nfor = 3\nresolve_after = 3\n";
     let file = f.alert_file("alert.toml", &format!("{}{rules}", f.am()));
     let (_token, _stage) = f.alert_stage(&file);
-    f.wait("a flapping incident", Duration::from_secs(60), || async {
+    wait_for("a flapping incident", Duration::from_secs(60), || async {
         let i = f.incidents().await;
         i.first().is_some_and(|i| i.3).then_some(())
     })
@@ -652,7 +605,7 @@ async fn a_flapping_target_is_one_incident_marked_flapping() {
     for r in ["eu-north", "us-east"] {
         vantage_tests::target::stop_flipping(&format!("{r}-{flip_id}"));
     }
-    f.wait(
+    wait_for(
         "the flapping incident to resolve",
         Duration::from_secs(60),
         || async {

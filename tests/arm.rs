@@ -12,7 +12,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +19,7 @@ use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::ClientConfig;
 use tokio_util::sync::CancellationToken;
+use vantage_tests::in_process::{start_sink_and_bridge, SinkAndBridge};
 use vantage_tests::target::TargetServer;
 use vantage_tests::tls::TestCa;
 use vantage_tests::{unique_id, Services};
@@ -645,22 +645,7 @@ async fn arm_agents_under_qemu_reach_postgres_exactly_once() {
 
     let ingester = Arc::new(p.ingester_config());
     let stop = CancellationToken::new();
-    let sink = tokio::spawn({
-        let (c, s) = (ingester.clone(), stop.clone());
-        async move { vantage_ingester::sink::run(&c, s).await }
-    });
-    let bridge_state = Arc::new(vantage_ingester::bridge::BridgeState::default());
-    let bridge = tokio::spawn({
-        let (c, s, st) = (ingester.clone(), stop.clone(), bridge_state.clone());
-        async move { vantage_ingester::bridge::run_with_state(&c, s, st).await }
-    });
-    let subscribed = tokio::time::timeout(Duration::from_secs(60), async {
-        while !bridge_state.subscribed.load(Ordering::Acquire) {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
-    assert!(subscribed.is_ok(), "bridge did not subscribe within 60 s");
+    let SinkAndBridge { sink, bridge } = start_sink_and_bridge(&ingester, &stop).await;
 
     // Both emulated agents at once, each a child process: `qemu-… vantage-agent run --rounds`.
     let agents: Vec<_> = bins

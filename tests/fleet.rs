@@ -8,7 +8,6 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use vantage_agent::target_set::TargetBook;
 use vantage_proto::control::SetScope;
 use vantage_tests::harness::{publish_as_agent, write_file, IngesterOptions, Run};
+use vantage_tests::in_process::{start_sink_and_bridge, wait_for, SinkAndBridge};
 use vantage_tests::proxy::CuttableProxy;
 use vantage_tests::stage::workspace_bin;
 use vantage_tests::target::TargetServer;
@@ -23,13 +23,7 @@ use vantage_tests::target::TargetServer;
 const REGIONS: [&str; 2] = ["eu-north", "us-east"];
 
 fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,vantage_agent=info,vantage_ingester=info".into()),
-        )
-        .with_test_writer()
-        .try_init();
+    vantage_tests::in_process::init_tracing("warn,vantage_agent=info,vantage_ingester=info");
 }
 
 /// An agent with no local targets: it follows what `targets apply` pushes.
@@ -138,25 +132,6 @@ fn count(c: &BTreeMap<(String, String), i64>, name: &str, region: &str) -> i64 {
         .unwrap_or(0)
 }
 
-/// Polls `check` every 250 ms until it returns Some, for at most `limit`; panics with `what`.
-async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
 /// Waits (60 s at most) until `agent`'s row in `agents` meets the SQL `condition`.
 async fn wait_agent(client: &tokio_postgres::Client, agent: &str, condition: &str, what: &str) {
     let sql = format!("SELECT 1 FROM agents WHERE agent = $1 AND {condition}");
@@ -217,7 +192,7 @@ struct Fixture {
     ingester_config: Arc<vantage_ingester::Config>,
     client: tokio_postgres::Client,
     stop: CancellationToken,
-    stages: Vec<tokio::task::JoinHandle<()>>,
+    stages: Option<SinkAndBridge>,
 }
 
 impl Fixture {
@@ -234,32 +209,7 @@ impl Fixture {
         let ingester_file = run.ingester_file(&options);
         let ingester_config = Arc::new(vantage_ingester::Config::load(&ingester_file).unwrap());
         let stop = CancellationToken::new();
-        let sink = tokio::spawn({
-            let (c, s) = (ingester_config.clone(), stop.clone());
-            async move {
-                vantage_ingester::sink::run(&c, s).await.unwrap();
-            }
-        });
-        let bridge_state = Arc::new(vantage_ingester::bridge::BridgeState::default());
-        let bridge = tokio::spawn({
-            let (c, s, st) = (ingester_config.clone(), stop.clone(), bridge_state.clone());
-            async move {
-                vantage_ingester::bridge::run_with_state(&c, s, st)
-                    .await
-                    .unwrap();
-            }
-        });
-        wait_for(
-            "the bridge's subscription",
-            Duration::from_secs(60),
-            || async {
-                bridge_state
-                    .subscribed
-                    .load(Ordering::Acquire)
-                    .then_some(())
-            },
-        )
-        .await;
+        let stages = start_sink_and_bridge(&ingester_config, &stop).await;
         let client = run.pg().await;
         Fixture {
             run,
@@ -269,7 +219,7 @@ impl Fixture {
             ingester_config,
             client,
             stop,
-            stages: vec![sink, bridge],
+            stages: Some(stages),
         }
     }
 
@@ -280,8 +230,8 @@ impl Fixture {
     /// Stops the stages, clears the retained sets, ends the MQTT sessions, drops the names.
     async fn finish(mut self, agents: &[String]) {
         self.stop.cancel();
-        for stage in std::mem::take(&mut self.stages) {
-            let _ = stage.await;
+        if let Some(stages) = self.stages.take() {
+            stages.join().await;
         }
         let clear: Vec<(String, Vec<u8>)> = REGIONS
             .iter()

@@ -4,12 +4,12 @@
 //! Every run uses its own MQTT topic prefix, Kafka topics and group, and PostgreSQL schema, and
 //! removes them at the end, so runs can overlap and leave nothing behind.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use vantage_tests::harness::{publish_as_agent, write_file, IngesterOptions, Run};
+use vantage_tests::in_process::{start_sink_and_bridge, SinkAndBridge};
 use vantage_tests::target::TargetServer;
 
 /// (region, target, status, outcome, regex match, count): one group of result rows.
@@ -99,13 +99,7 @@ async fn count_rows(client: &tokio_postgres::Client) -> i64 {
 }
 
 fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,vantage_ingester=info".into()),
-        )
-        .with_test_writer()
-        .try_init();
+    vantage_tests::in_process::init_tracing("warn,vantage_ingester=info");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -124,22 +118,7 @@ async fn two_regions_reach_postgres_exactly_once() {
     // Sink first (it applies the migrations), then the bridge; agents start once the bridge's
     // subscription exists, because MQTT keeps nothing for a subscriber that never subscribed.
     let stop = CancellationToken::new();
-    let sink = tokio::spawn({
-        let (c, s) = (ingester.clone(), stop.clone());
-        async move { vantage_ingester::sink::run(&c, s).await }
-    });
-    let bridge_state = Arc::new(vantage_ingester::bridge::BridgeState::default());
-    let bridge = tokio::spawn({
-        let (c, s, st) = (ingester.clone(), stop.clone(), bridge_state.clone());
-        async move { vantage_ingester::bridge::run_with_state(&c, s, st).await }
-    });
-    let subscribed = tokio::time::timeout(Duration::from_secs(60), async {
-        while !bridge_state.subscribed.load(Ordering::Acquire) {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
-    assert!(subscribed.is_ok(), "bridge did not subscribe within 60 s");
+    let SinkAndBridge { sink, bridge } = start_sink_and_bridge(&ingester, &stop).await;
 
     publish_garbage(&run).await;
 

@@ -12,12 +12,12 @@ use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use vantage_tests::harness::{write_file, Run};
+use vantage_tests::in_process::{start_sink_and_bridge, SinkAndBridge};
 use vantage_tests::stage::services_dir;
 use vantage_tests::target::TargetServer;
 
@@ -629,25 +629,7 @@ batch_timeout = "100ms"
     tracing::debug!(config = ?ingester, "ingester configuration (Debug must not show secrets)");
 
     let stop = CancellationToken::new();
-    let sink = tokio::spawn({
-        let (c, s) = (ingester.clone(), stop.clone());
-        async move { vantage_ingester::sink::run(&c, s).await }
-    });
-    let bridge_state = Arc::new(vantage_ingester::bridge::BridgeState::default());
-    let bridge = tokio::spawn({
-        let (c, s, st) = (ingester.clone(), stop.clone(), bridge_state.clone());
-        async move { vantage_ingester::bridge::run_with_state(&c, s, st).await }
-    });
-    let subscribed = tokio::time::timeout(Duration::from_secs(60), async {
-        while !bridge_state.subscribed.load(Ordering::Acquire) {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
-    assert!(
-        subscribed.is_ok(),
-        "bridge did not subscribe over TLS within 60 s"
-    );
+    let SinkAndBridge { sink, bridge } = start_sink_and_bridge(&ingester, &stop).await;
 
     let mut runs = Vec::new();
     for ((region, agent), identity) in agents.iter().zip(&identities) {

@@ -423,12 +423,30 @@ pub fn region_agent(
     url: &str,
     interval: &str,
 ) -> (CancellationToken, AgentTask) {
-    let pw = run.dir.join("agent.pw");
-    crate::harness::write_file(&pw, "agent-secret");
     let timeout_ms = humantime::parse_duration(interval)
         .map(|d| d.as_millis() * 4 / 5)
         .unwrap_or(400);
-    let text = format!(
+    region_agent_probing(
+        run,
+        region,
+        &[(1, url)],
+        interval,
+        &format!("{timeout_ms}ms"),
+    )
+}
+
+/// Starts an agent `<region>-<run id>` in `region` probing each `(id, url)` of `targets` every
+/// `interval` with `timeout`, status heartbeats every second; cancel the token to stop it.
+pub fn region_agent_probing(
+    run: &crate::harness::Run,
+    region: &str,
+    targets: &[(u32, &str)],
+    interval: &str,
+    timeout: &str,
+) -> (CancellationToken, AgentTask) {
+    let pw = run.dir.join("agent.pw");
+    crate::harness::write_file(&pw, "agent-secret");
+    let mut text = format!(
         r#"
 agent_id = "{region}-{id}"
 region = "{region}"
@@ -447,12 +465,6 @@ drain_timeout = "2s"
 
 [fleet]
 heartbeat_interval = "1s"
-
-[[targets]]
-id = 1
-url = "{url}"
-interval = "{interval}"
-timeout = "{timeout_ms}ms"
 "#,
         id = run.id,
         host = run.services.mqtt_host,
@@ -460,6 +472,12 @@ timeout = "{timeout_ms}ms"
         pw = pw.display(),
         prefix = run.prefix(),
     );
+    for (target_id, url) in targets {
+        text.push_str(&format!(
+            "\n[[targets]]\nid = {target_id}\nurl = \"{url}\"\ninterval = \"{interval}\"\n\
+             timeout = \"{timeout}\"\n"
+        ));
+    }
     let path = run.dir.join(format!("agent-{region}.toml"));
     crate::harness::write_file(&path, &text);
     let config = vantage_agent::Config::load(&path).expect("agent config");

@@ -4,6 +4,7 @@
 pub mod alerting;
 pub mod browser;
 pub mod harness;
+pub mod in_process;
 pub mod loadgen;
 pub mod proxy;
 pub mod stage;

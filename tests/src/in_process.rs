@@ -1,0 +1,90 @@
+//! The ingester's sink and bridge in-process for end-to-end tests, started in the order the
+//! pipeline needs, and the tracing set-up and polling wait those tests share.
+
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use vantage_ingester::bridge::{BridgeError, BridgeState, BridgeStats};
+use vantage_ingester::sink::{SinkError, SinkStats};
+use vantage_ingester::Config;
+
+/// Test output through the test writer, filtered by `RUST_LOG` or else by `default_filter`
+/// (e.g. `"warn,vantage_ingester=info"`). Once per process; later calls change nothing.
+pub fn init_tracing(default_filter: &str) {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default_filter.into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// Polls `check` every 200 ms until it returns Some, for at most `limit`; panics naming `what`.
+pub async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The in-process sink and bridge tasks: each ends with its stage's stats once `stop` is
+/// cancelled.
+pub struct SinkAndBridge {
+    pub sink: JoinHandle<Result<SinkStats, SinkError>>,
+    pub bridge: JoinHandle<Result<BridgeStats, BridgeError>>,
+}
+
+impl SinkAndBridge {
+    /// Waits for both tasks after `stop` was cancelled, for the fixtures' tear-down: how they
+    /// ended goes to stderr and fails nothing (a test that checks the stats awaits the fields).
+    pub async fn join(self) {
+        if let Ok(Err(e)) = self.sink.await {
+            eprintln!("sink ended with an error: {e}");
+        }
+        if let Ok(Err(e)) = self.bridge.await {
+            eprintln!("bridge ended with an error: {e}");
+        }
+    }
+}
+
+/// Starts the sink (first: it applies the migrations), then the bridge, both on `config` and
+/// stopped by `stop`, and waits (60 s at most) for the bridge's subscription: agents start only
+/// after it exists, because MQTT keeps nothing for a subscriber that never subscribed.
+pub async fn start_sink_and_bridge(
+    config: &Arc<Config>,
+    stop: &CancellationToken,
+) -> SinkAndBridge {
+    let sink = tokio::spawn({
+        let (c, s) = (config.clone(), stop.clone());
+        async move { vantage_ingester::sink::run(&c, s).await }
+    });
+    let state = Arc::new(BridgeState::default());
+    let bridge = tokio::spawn({
+        let (c, s, st) = (config.clone(), stop.clone(), state.clone());
+        async move { vantage_ingester::bridge::run_with_state(&c, s, st).await }
+    });
+    let subscribed = tokio::time::timeout(Duration::from_secs(60), async {
+        while !state.subscribed.load(Ordering::Acquire) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(subscribed.is_ok(), "bridge did not subscribe within 60 s");
+    SinkAndBridge { sink, bridge }
+}
