@@ -6,7 +6,6 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -14,9 +13,11 @@ use vantage_tests::alerting::{
     am_alerts, region_agent, silence, AgentTask, AmReceiver, Notified, WebhookReceiver, SERIAL,
 };
 use vantage_tests::harness::{write_file, IngesterOptions, Run};
-use vantage_tests::in_process::{start_sink_and_bridge, wait_for, SinkAndBridge};
+use vantage_tests::in_process::{
+    ingester_base, start_sink_and_bridge, two_partitions, wait_for, SinkAndBridge,
+};
 use vantage_tests::proxy::CuttableProxy;
-use vantage_tests::stage::StageProcess;
+use vantage_tests::stage::{ingester_stdout, StageProcess};
 use vantage_tests::target::TargetServer;
 
 const REGIONS: [&str; 3] = ["ap-south", "eu-north", "us-east"];
@@ -45,15 +46,8 @@ impl Fixture {
         init_tracing();
         let run = Run::new(kind);
         let target = TargetServer::start("127.0.0.1:0").await.unwrap();
-        let options = IngesterOptions {
-            partitions: 2,
-            sink_batch_max: 100,
-            sink_batch_timeout_ms: 50,
-            ..IngesterOptions::default()
-        };
-        let base_file = run.ingester_file(&options);
-        let base = std::fs::read_to_string(&base_file).unwrap();
-        let config = Arc::new(vantage_ingester::Config::load(&base_file).unwrap());
+        let options = two_partitions(100, 50);
+        let (_, base, config) = ingester_base(&run, &options);
         let stop = CancellationToken::new();
         let stages = start_sink_and_bridge(&config, &stop).await;
         let mut proxies = BTreeMap::new();
@@ -175,6 +169,28 @@ impl Fixture {
             .unwrap_or_default()
     }
 
+    /// Restores the proxies of `regions` (sorted), which opened the one `down` incident: a
+    /// resolved notification arrives, and after `settle` (for a duplicate to show) there is still
+    /// one firing and one resolved, and the incident is resolved, opened by `regions`, not
+    /// flapping.
+    async fn restore_and_expect_resolved(&self, regions: [&str; 2], settle: Duration) {
+        for region in regions {
+            self.proxies[region].restore();
+        }
+        self.wait_notified("the resolved notification", |n| {
+            count(n, "resolved", "down") >= 1
+        })
+        .await;
+        tokio::time::sleep(settle).await;
+        let n = self.notified();
+        assert_eq!(count(&n, "firing", "down"), 1, "{n:#?}");
+        assert_eq!(count(&n, "resolved", "down"), 1, "{n:#?}");
+        assert_eq!(
+            self.incidents().await,
+            vec![("down".to_owned(), regions.join(","), true, false)]
+        );
+    }
+
     async fn finish(mut self) {
         self.stop.cancel();
         for (_, (token, task)) in std::mem::take(&mut self.agents) {
@@ -262,26 +278,9 @@ async fn down_from_two_of_three_regions_fires_once_and_resolves_once() {
         "https://vantage.example/targets/1"
     );
 
-    f.proxies["ap-south"].restore();
-    f.proxies["eu-north"].restore();
-    f.wait_notified("one resolved notification", |n| {
-        count(n, "resolved", "down") >= 1
-    })
-    .await;
     // Resends go on (every 2 s) and Alertmanager flushes every second: give a duplicate time.
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    let n = f.notified();
-    assert_eq!(count(&n, "firing", "down"), 1, "{n:#?}");
-    assert_eq!(count(&n, "resolved", "down"), 1, "{n:#?}");
-    assert_eq!(
-        f.incidents().await,
-        vec![(
-            "down".to_owned(),
-            "ap-south,eu-north".to_owned(),
-            true,
-            false
-        )]
-    );
+    f.restore_and_expect_resolved(["ap-south", "eu-north"], Duration::from_secs(6))
+        .await;
     let events: Vec<String> = f
         .client
         .query("SELECT event FROM alert_events ORDER BY event_id", &[])
@@ -437,38 +436,13 @@ async fn kill9_of_the_evaluator_neither_renotifies_nor_forgets() {
         f.notified()
     );
 
-    f.proxies["eu-north"].restore();
-    f.proxies["us-east"].restore();
-    f.wait_notified("the resolved notification", |n| {
-        count(n, "resolved", "down") >= 1
-    })
-    .await;
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    let n = f.notified();
-    assert_eq!(count(&n, "firing", "down"), 1, "{n:#?}");
-    assert_eq!(count(&n, "resolved", "down"), 1, "{n:#?}");
-    assert_eq!(
-        f.incidents().await,
-        vec![(
-            "down".to_owned(),
-            "eu-north,us-east".to_owned(),
-            true,
-            false
-        )]
-    );
+    f.restore_and_expect_resolved(["eu-north", "us-east"], Duration::from_secs(4))
+        .await;
     // `alerts` lists nothing open now (exit 0).
-    let out = std::process::Command::new(vantage_tests::stage::workspace_bin("vantage-ingester"))
-        .args(["alerts", "--config"])
-        .arg(&file)
-        .output()
-        .unwrap();
     assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ingester_stdout(&file, &["alerts"], &[], 0),
+        "no open incidents\n"
     );
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "no open incidents\n");
     drop(a);
     drop(b);
     f.finish().await;
@@ -778,18 +752,7 @@ async fn slow_cert_expiry_and_gaps_reach_every_receiver() {
         "vantage_alert_deliveries_total{receiver=\"dead\",result=\"error\"}",
     );
     assert!(failed.unwrap_or(0.0) >= 1.0, "{text}");
-    let out = std::process::Command::new(vantage_tests::stage::workspace_bin("vantage-ingester"))
-        .args(["alerts", "--config"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(3),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let listing = String::from_utf8_lossy(&out.stdout);
+    let listing = ingester_stdout(&file, &["alerts"], &[], 3);
     assert_eq!(listing.lines().count(), 4, "{listing}");
     assert!(
         listing.contains("results-dropped") && listing.contains("eu-north-a"),

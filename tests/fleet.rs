@@ -15,9 +15,11 @@ use tokio_util::sync::CancellationToken;
 use vantage_agent::target_set::TargetBook;
 use vantage_proto::control::SetScope;
 use vantage_tests::harness::{publish_as_agent, write_file, IngesterOptions, Run};
-use vantage_tests::in_process::{start_sink_and_bridge, wait_for, SinkAndBridge};
+use vantage_tests::in_process::{
+    ingester_base, start_sink_and_bridge, two_partitions, wait_for, SinkAndBridge,
+};
 use vantage_tests::proxy::CuttableProxy;
-use vantage_tests::stage::workspace_bin;
+use vantage_tests::stage::ingester_command as ingester;
 use vantage_tests::target::TargetServer;
 
 const REGIONS: [&str; 2] = ["eu-north", "us-east"];
@@ -81,17 +83,6 @@ fn book(run: &Run, region: &str) -> TargetBook {
 
 fn agent_id(run: &Run, region: &str) -> String {
     format!("{region}-{}", run.id)
-}
-
-/// `vantage-ingester <command> --config <config> <rest>`.
-fn ingester(config: &Path, command: &[&str], rest: &[&str]) -> Output {
-    std::process::Command::new(workspace_bin("vantage-ingester"))
-        .args(command)
-        .arg("--config")
-        .arg(config)
-        .args(rest)
-        .output()
-        .expect("run vantage-ingester")
 }
 
 /// `targets apply FILE`, which must succeed; its output.
@@ -200,14 +191,8 @@ impl Fixture {
         init_tracing();
         let run = Run::new(kind);
         let target = TargetServer::start("127.0.0.1:0").await.unwrap();
-        let options = IngesterOptions {
-            partitions: 2,
-            sink_batch_max: 100,
-            sink_batch_timeout_ms: 100,
-            ..IngesterOptions::default()
-        };
-        let ingester_file = run.ingester_file(&options);
-        let ingester_config = Arc::new(vantage_ingester::Config::load(&ingester_file).unwrap());
+        let options = two_partitions(100, 100);
+        let (ingester_file, _, ingester_config) = ingester_base(&run, &options);
         let stop = CancellationToken::new();
         let stages = start_sink_and_bridge(&ingester_config, &stop).await;
         let client = run.pg().await;

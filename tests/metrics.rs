@@ -3,7 +3,6 @@
 //! counters must move by exactly what was sent; `/healthz`, `/readyz` and `status` answer.
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::Duration;
 
 use vantage_ingester::metrics::sample;
@@ -239,13 +238,7 @@ async fn stage_metrics_move_by_what_flows_through() {
 
 /// `vantage-ingester status --config FILE`, which must succeed; its output.
 fn status(file: &std::path::Path) -> String {
-    let out = Command::new(stage::workspace_bin("vantage-ingester"))
-        .args(["status", "--config"])
-        .arg(file)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    stage::ingester_stdout(file, &["status"], &[], 0)
 }
 
 /// `status` exits 3 and names the service when one cannot be reached.
@@ -267,13 +260,7 @@ async fn status_reports_unreachable_services() {
         text.replace(&pg, "url = \"host=127.0.0.1 port=1 user=x dbname=x\""),
     )
     .unwrap();
-    let out = Command::new(stage::workspace_bin("vantage-ingester"))
-        .args(["status", "--config"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let stdout = stage::ingester_stdout(&file, &["status"], &[], 3);
     assert!(stdout.contains("postgres: UNREACHABLE"), "{stdout}");
     assert!(stdout.contains("kafka: UNREACHABLE"), "{stdout}");
     let _ = std::fs::remove_dir_all(&run.dir);

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use vantage_tests::harness::{publish_as_agent, write_file, IngesterOptions, Run};
-use vantage_tests::in_process::{start_sink_and_bridge, SinkAndBridge};
+use vantage_tests::harness::{publish_as_agent, write_file, Run};
+use vantage_tests::in_process::{start_sink_and_bridge, two_partitions, SinkAndBridge};
 use vantage_tests::target::TargetServer;
 
 /// (region, target, status, outcome, regex match, count): one group of result rows.
@@ -107,12 +107,7 @@ async fn two_regions_reach_postgres_exactly_once() {
     init_tracing();
     let run = Run::new("pipeline");
     let target = TargetServer::start("127.0.0.1:0").await.unwrap();
-    let options = IngesterOptions {
-        partitions: 2,
-        sink_batch_max: 50,
-        sink_batch_timeout_ms: 100,
-        ..IngesterOptions::default()
-    };
+    let options = two_partitions(50, 100);
     let ingester = Arc::new(run.ingester_config(&options));
 
     // Sink first (it applies the migrations), then the bridge; agents start once the bridge's

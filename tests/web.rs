@@ -6,15 +6,14 @@
 //! Screenshots of every page go to `target/web-screenshots/` on every run.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use vantage_tests::alerting::{http_with, region_agent_probing, AgentTask};
 use vantage_tests::browser::Browser;
-use vantage_tests::harness::{write_file, IngesterOptions, Run};
-use vantage_tests::in_process::{start_sink_and_bridge, wait_for};
+use vantage_tests::harness::{write_file, Run};
+use vantage_tests::in_process::{ingester_base, start_sink_and_bridge, two_partitions, wait_for};
 use vantage_tests::target::TargetServer;
 
 const REGIONS: [&str; 3] = ["ap-south", "eu-north", "us-east"];
@@ -73,15 +72,8 @@ async fn dashboard_in_a_real_browser() {
     init_tracing();
     let run = Run::new("web");
     let target = TargetServer::start("127.0.0.1:0").await.unwrap();
-    let options = IngesterOptions {
-        partitions: 2,
-        sink_batch_max: 100,
-        sink_batch_timeout_ms: 50,
-        ..IngesterOptions::default()
-    };
-    let base_file = run.ingester_file(&options);
-    let base = std::fs::read_to_string(&base_file).unwrap();
-    let config = Arc::new(vantage_ingester::Config::load(&base_file).unwrap());
+    let options = two_partitions(100, 50);
+    let (_, base, config) = ingester_base(&run, &options);
     // The schema first, then the targets' names as `targets apply` records them (name, url):
     // the agents below probe local targets 1 and 2, so no set is published.
     let mut pg = vantage_ingester::db::connect(config.postgres().unwrap())

@@ -2,6 +2,7 @@
 //! pipeline needs, and the tracing set-up and polling wait those tests share.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,6 +12,8 @@ use tokio_util::sync::CancellationToken;
 use vantage_ingester::bridge::{BridgeError, BridgeState, BridgeStats};
 use vantage_ingester::sink::{SinkError, SinkStats};
 use vantage_ingester::Config;
+
+use crate::harness::{IngesterOptions, Run};
 
 /// Test output through the test writer, filtered by `RUST_LOG` or else by `default_filter`
 /// (e.g. `"warn,vantage_ingester=info"`). Once per process; later calls change nothing.
@@ -87,4 +90,24 @@ pub async fn start_sink_and_bridge(
     .await;
     assert!(subscribed.is_ok(), "bridge did not subscribe within 60 s");
     SinkAndBridge { sink, bridge }
+}
+
+/// The options these tests run the stages with: two partitions, sink batches of at most
+/// `batch_max` rows closed after `batch_timeout_ms`.
+pub fn two_partitions(batch_max: usize, batch_timeout_ms: u64) -> IngesterOptions {
+    IngesterOptions {
+        partitions: 2,
+        sink_batch_max: batch_max,
+        sink_batch_timeout_ms: batch_timeout_ms,
+        ..IngesterOptions::default()
+    }
+}
+
+/// This run's ingester file for `options`, its text (a base other files append sections to)
+/// and its configuration, loaded.
+pub fn ingester_base(run: &Run, options: &IngesterOptions) -> (PathBuf, String, Arc<Config>) {
+    let file = run.ingester_file(options);
+    let text = std::fs::read_to_string(&file).unwrap();
+    let config = Arc::new(Config::load(&file).unwrap());
+    (file, text, config)
 }

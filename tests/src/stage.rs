@@ -31,6 +31,28 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     );
 }
 
+/// `vantage-ingester <command> --config <config> <rest>`, run to its end.
+pub fn ingester_command(config: &Path, command: &[&str], rest: &[&str]) -> std::process::Output {
+    Command::new(workspace_bin("vantage-ingester"))
+        .args(command)
+        .arg("--config")
+        .arg(config)
+        .args(rest)
+        .output()
+        .expect("run vantage-ingester")
+}
+
+/// [`ingester_command`], which must exit with `code`; its stdout.
+pub fn ingester_stdout(config: &Path, command: &[&str], rest: &[&str], code: i32) -> String {
+    let out = ingester_command(config, command, rest);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "vantage-ingester {command:?}: {out:?}"
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// One `vantage-ingester <stage>` process, its stderr in a log file.
 pub struct StageProcess {
     pub name: String,
