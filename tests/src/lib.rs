@@ -3,6 +3,7 @@
 
 pub mod alerting;
 pub mod browser;
+pub mod cli;
 pub mod harness;
 pub mod in_process;
 pub mod loadgen;
