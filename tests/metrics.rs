@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use vantage_ingester::metrics::sample;
+use vantage_tests::agent_toml::{agent_head, load_agent_config, target_entry};
 use vantage_tests::harness::{publish_as_agent, result_frames, IngesterOptions, Run};
 use vantage_tests::stage::{self, http_get, StageProcess};
 
@@ -274,45 +275,15 @@ async fn agent_metrics_match_the_run() {
     let target = vantage_tests::target::TargetServer::start("127.0.0.1:0")
         .await
         .unwrap();
-    let pw = run.dir.join("agent.pw");
-    vantage_tests::harness::write_file(&pw, "agent-secret");
-    let text = format!(
-        r#"
-agent_id = "metrics-{id}"
-region = "eu-north"
-[mqtt]
-host = "{host}"
-port = {port}
-username = "agent"
-password_file = "{pw}"
-topic_prefix = "{prefix}"
-[uplink]
-flush_interval = "100ms"
-buffer_capacity = 500
-[metrics]
-listen = "127.0.0.1:0"
-[[targets]]
-id = 1
-url = "{up}"
-interval = "200ms"
-timeout = "200ms"
-[[targets]]
-id = 2
-url = "{missing}"
-interval = "200ms"
-timeout = "200ms"
-"#,
-        id = run.id,
-        host = run.services.mqtt_host,
-        port = run.services.mqtt_port,
-        pw = pw.display(),
-        prefix = run.prefix(),
-        up = target.url("/"),
-        missing = target.url("/missing?status=404"),
+    let mut text = agent_head(&run, &format!("metrics-{}", run.id), "eu-north");
+    text.push_str(
+        "[uplink]\nflush_interval = \"100ms\"\nbuffer_capacity = 500\n\
+         [metrics]\nlisten = \"127.0.0.1:0\"\n",
     );
-    let path = run.dir.join("agent.toml");
-    vantage_tests::harness::write_file(&path, &text);
-    let config = vantage_agent::Config::load(&path).unwrap();
+    text.push_str(&target_entry(1, &target.url("/"), "200ms", "200ms", ""));
+    let missing = target.url("/missing?status=404");
+    text.push_str(&target_entry(2, &missing, "200ms", "200ms", ""));
+    let config = load_agent_config(&run, "agent.toml", &text);
     let listen = config.metrics_listen.expect("[metrics] listen");
     let http_stop = tokio_util::sync::CancellationToken::new();
     let addr = vantage_agent::metrics::serve(listen, http_stop.clone())

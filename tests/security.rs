@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use vantage_tests::harness::{write_file, Run};
-use vantage_tests::in_process::{start_sink_and_bridge, SinkAndBridge};
+use vantage_tests::in_process::start_sink_and_bridge;
 use vantage_tests::stage::services_dir;
 use vantage_tests::target::TargetServer;
 
@@ -629,7 +629,7 @@ batch_timeout = "100ms"
     tracing::debug!(config = ?ingester, "ingester configuration (Debug must not show secrets)");
 
     let stop = CancellationToken::new();
-    let SinkAndBridge { sink, bridge } = start_sink_and_bridge(&ingester, &stop).await;
+    let stages = start_sink_and_bridge(&ingester, &stop).await;
 
     let mut runs = Vec::new();
     for ((region, agent), identity) in agents.iter().zip(&identities) {
@@ -726,10 +726,8 @@ regex = "target: ok"
         "{tls_sessions} TLS, {plain_sessions} plain"
     );
 
-    stop.cancel();
-    let bridge_stats = bridge.await.unwrap().unwrap();
+    let (bridge_stats, _) = stages.stop(&stop).await;
     assert_eq!(bridge_stats.dead_lettered, 0, "{bridge_stats:?}");
-    sink.await.unwrap().unwrap();
 
     // Bad secrets: the errors name the variable or file, never a value.
     let bad = ingester_toml.replace(

@@ -66,6 +66,40 @@ impl SinkAndBridge {
     }
 }
 
+impl SinkAndBridge {
+    /// Cancels `stop` and waits for both stages, which must have ended well; (bridge, sink)
+    /// stats, printed.
+    pub async fn stop(self, stop: &CancellationToken) -> (BridgeStats, SinkStats) {
+        stop.cancel();
+        let bridge = self.bridge.await.unwrap().unwrap();
+        let sink = self.sink.await.unwrap().unwrap();
+        println!("bridge: {bridge:?}\nsink: {sink:?}");
+        (bridge, sink)
+    }
+}
+
+/// Rows in `results` (0 while the sink has not created the table yet).
+pub async fn count_results(client: &tokio_postgres::Client) -> i64 {
+    match client.query_one("SELECT count(*) FROM results", &[]).await {
+        Ok(row) => row.get(0),
+        Err(_) => 0,
+    }
+}
+
+/// Waits (90 s at most) until `results` has `expected` rows, then one second more for any
+/// duplicate to show up.
+pub async fn wait_results_then_settle(client: &tokio_postgres::Client, expected: i64) {
+    let arrived = tokio::time::timeout(Duration::from_secs(90), async {
+        while count_results(client).await < expected {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    let now = count_results(client).await;
+    assert!(arrived.is_ok(), "only {now} of {expected} rows arrived");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
 /// Starts the sink (first: it applies the migrations), then the bridge, both on `config` and
 /// stopped by `stop`, and waits (60 s at most) for the bridge's subscription: agents start only
 /// after it exists, because MQTT keeps nothing for a subscriber that never subscribed.

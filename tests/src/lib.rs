@@ -1,6 +1,7 @@
 //! Helpers for vantage's end-to-end tests and demo: a local HTTP target with knobs, and the
 //! addresses of the real services started by `tests/services/up`.
 
+pub mod agent_toml;
 pub mod alerting;
 pub mod browser;
 pub mod cli;
