@@ -74,6 +74,27 @@ impl Fixture {
         f
     }
 
+    /// Cuts `region`'s proxy and waits (30 s) until `latest_status` holds its failure of target
+    /// 1 (`fresh`: one younger than a second).
+    async fn cut_until_failing(&self, region: &str, fresh: bool) {
+        self.proxies[region].cut();
+        let age = if fresh {
+            " AND age < interval '1 second'"
+        } else {
+            ""
+        };
+        let sql = format!(
+            "SELECT count(*) FROM latest_status
+              WHERE target_id = 1 AND region = $1 AND outcome <> 'up'{age}"
+        );
+        let what = format!("{region}'s failure in latest_status");
+        wait_for(&what, Duration::from_secs(30), || async {
+            let r = self.client.query_one(&sql, &[&region]).await.ok()?;
+            (r.get::<_, i64>(0) == 1).then_some(())
+        })
+        .await
+    }
+
     /// Waits (60 s) until `n` regions have a result of target 1 younger than 2 s.
     async fn wait_reporting(&self, n: i64, what: &str) {
         wait_for(what, Duration::from_secs(60), || async {
@@ -226,25 +247,7 @@ async fn down_from_two_of_three_regions_fires_once_and_resolves_once() {
     let (_token, stage) = f.alert_stage(&file);
 
     // One region fails: a dead ISP is not a dead site.
-    f.proxies["ap-south"].cut();
-    wait_for(
-        "ap-south's failure in latest_status",
-        Duration::from_secs(30),
-        || async {
-            let r = f
-                .client
-                .query_one(
-                    "SELECT count(*) FROM latest_status
-                  WHERE target_id = 1 AND region = 'ap-south' AND outcome <> 'up'
-                    AND age < interval '1 second'",
-                    &[],
-                )
-                .await
-                .ok()?;
-            (r.get::<_, i64>(0) == 1).then_some(())
-        },
-    )
-    .await;
+    f.cut_until_failing("ap-south", true).await;
     // Ten evaluations (five times `for`) with one region failing.
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(
@@ -312,24 +315,7 @@ async fn a_silent_region_is_no_data_never_down() {
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // ap-south fails, then falls silent: its last word is a failure, and it must not count.
-    f.proxies["ap-south"].cut();
-    wait_for(
-        "ap-south's failure in latest_status",
-        Duration::from_secs(30),
-        || async {
-            let r = f
-                .client
-                .query_one(
-                    "SELECT count(*) FROM latest_status
-                  WHERE target_id = 1 AND region = 'ap-south' AND outcome <> 'up'",
-                    &[],
-                )
-                .await
-                .ok()?;
-            (r.get::<_, i64>(0) == 1).then_some(())
-        },
-    )
-    .await;
+    f.cut_until_failing("ap-south", false).await;
     let (token, task) = f.agents.remove("ap-south").unwrap();
     token.cancel();
     let _ = task.await;

@@ -16,7 +16,8 @@ use vantage_agent::target_set::TargetBook;
 use vantage_proto::control::SetScope;
 use vantage_tests::harness::{publish_as_agent, write_file, IngesterOptions, Run};
 use vantage_tests::in_process::{
-    ingester_base, start_sink_and_bridge, two_partitions, wait_for, SinkAndBridge,
+    ingester_base, query_scalar, query_triples, start_sink_and_bridge, two_partitions, wait_for,
+    SinkAndBridge,
 };
 use vantage_tests::proxy::CuttableProxy;
 use vantage_tests::stage::ingester_command as ingester;
@@ -337,11 +338,8 @@ async fn agents_follow_central_targets() {
         )),
         "{err}"
     );
-    let generation: i64 = client
-        .query_one("SELECT max(generation) FROM target_applies", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let generation: i64 =
+        query_scalar(&client, "SELECT max(generation) FROM target_applies", &[]).await;
     assert_eq!(generation, 1);
 
     // --- Second apply: rename alpha, remove beta, move gamma to eu-north, add delta. -------
@@ -378,14 +376,12 @@ async fn agents_follow_central_targets() {
     // Stable ids: the rename and the move kept theirs; beta is retired, not deleted.
     assert_eq!(target_id(client, "alpha-home").await, alpha_id);
     assert_eq!(target_id(client, "gamma").await, gamma_id);
-    let beta_retired: bool = client
-        .query_one(
-            "SELECT retired_at IS NOT NULL FROM targets WHERE name = 'beta'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let beta_retired: bool = query_scalar(
+        &client,
+        "SELECT retired_at IS NOT NULL FROM targets WHERE name = 'beta'",
+        &[],
+    )
+    .await;
     assert!(beta_retired);
     let out = ingester(ingester_file, &["targets", "list"], &[]);
     let list = text(&out.stdout);
@@ -460,11 +456,8 @@ async fn agents_follow_central_targets() {
     ));
     // Probing while the broker cannot be reached; results wait in the agent's buffer.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let restored_at: f64 = client
-        .query_one("SELECT extract(epoch FROM now())::float8", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let restored_at: f64 =
+        query_scalar(&client, "SELECT extract(epoch FROM now())::float8", &[]).await;
     proxy.restore();
     let second: Vec<(i32, f64)> = wait_for(
         "rows of the restarted agent",
@@ -612,11 +605,12 @@ async fn refused_target_set_keeps_the_old_one() {
         },
     )
     .await;
-    let evil: i64 = client
-        .query_one("SELECT count(*) FROM results WHERE target_id = 999", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let evil: i64 = query_scalar(
+        &client,
+        "SELECT count(*) FROM results WHERE target_id = 999",
+        &[],
+    )
+    .await;
     assert_eq!(evil, 0);
     drop(after);
 
@@ -879,15 +873,13 @@ async fn targets_diff_only_reads() {
         "{}",
         text(&out.stdout)
     );
-    let written: i64 = admin
-        .query_one(
-            "SELECT (SELECT count(*) FROM targets) + (SELECT count(*) FROM target_applies)
+    let written: i64 = query_scalar(
+        &admin,
+        "SELECT (SELECT count(*) FROM targets) + (SELECT count(*) FROM target_applies)
                   + (SELECT count(*) FROM target_sets)",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+        &[],
+    )
+    .await;
     assert_eq!(written, 0, "diff wrote to the database");
     run.cleanup(&[]).await;
 }
@@ -966,11 +958,12 @@ async fn results_for_targets_not_given_are_dead_lettered() {
     );
     let stranger = 99_999;
     let topic = |region: &str, agent: &str| format!("{}/v1/results/{region}/{agent}", run.prefix());
-    let now: i64 = client
-        .query_one("SELECT (extract(epoch FROM now()) * 1000)::int8", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let now: i64 = query_scalar(
+        &client,
+        "SELECT (extract(epoch FROM now()) * 1000)::int8",
+        &[],
+    )
+    .await;
     let publisher = format!("assign-{}", run.id);
     publish_as_agent(
         &run.services,
@@ -990,16 +983,8 @@ async fn results_for_targets_not_given_are_dead_lettered() {
     .await;
     let stored = |n: usize| async move {
         wait_for(&format!("{n} results"), Duration::from_secs(60), || async {
-            let rows: Vec<(String, i32, i64)> = client
-                .query(
-                    "SELECT agent, target_id, seq FROM results ORDER BY 1, 2, 3",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .iter()
-                .map(|r| (r.get(0), r.get(1), r.get(2)))
-                .collect();
+            let sql = "SELECT agent, target_id, seq FROM results ORDER BY 1, 2, 3";
+            let rows: Vec<(String, i32, i64)> = query_triples(client, sql).await;
             (rows.len() >= n).then_some(rows)
         })
         .await
@@ -1033,14 +1018,12 @@ async fn results_for_targets_not_given_are_dead_lettered() {
     let refused = vantage_proto::decode(&dead[0].payload).unwrap();
     let ids: Vec<u32> = refused.results.iter().map(|r| r.target_id).collect();
     assert_eq!(ids, [lab as u32, stranger as u32]);
-    let latest: i64 = client
-        .query_one(
-            "SELECT count(*) FROM latest_results WHERE region = 'us-east' AND target_id = $1",
-            &[&stranger],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let latest: i64 = query_scalar(
+        &client,
+        "SELECT count(*) FROM latest_results WHERE region = 'us-east' AND target_id = $1",
+        &[&stranger],
+    )
+    .await;
     assert_eq!(latest, 0);
 
     // alpha leaves us-east. A result probed before the apply (in flight) is still accepted...
@@ -1192,28 +1175,24 @@ async fn header_secrets_stay_on_the_agent() {
         "rows of the private target",
         Duration::from_secs(60),
         || async {
-            let n: i64 = client
-                .query_one(
-                    "SELECT count(*) FROM results WHERE target_id = $1 AND outcome = 'up'",
-                    &[&private],
-                )
-                .await
-                .unwrap()
-                .get(0);
+            let n: i64 = query_scalar(
+                &client,
+                "SELECT count(*) FROM results WHERE target_id = $1 AND outcome = 'up'",
+                &[&private],
+            )
+            .await;
             (n >= 1).then_some(())
         },
     )
     .await;
 
     // Centrally only the reference: targets.spec, the retained set, Debug of every raw type.
-    let spec: String = client
-        .query_one(
-            "SELECT spec::text FROM targets WHERE target_id = $1",
-            &[&private],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let spec: String = query_scalar(
+        &client,
+        "SELECT spec::text FROM targets WHERE target_id = $1",
+        &[&private],
+    )
+    .await;
     assert!(
         spec.contains(&token_file.display().to_string()) && !spec.contains(&token),
         "{spec}"

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use vantage_tests::harness::{write_file, Run};
-use vantage_tests::in_process::start_sink_and_bridge;
+use vantage_tests::in_process::{query_triples, start_sink_and_bridge};
 use vantage_tests::stage::services_dir;
 use vantage_tests::target::TargetServer;
 
@@ -685,16 +685,8 @@ regex = "target: ok"
     let stored = run.wait_rows(produced, Duration::from_secs(90)).await;
     assert_eq!(stored, produced, "rows in PostgreSQL vs results produced");
     let client = run.pg().await;
-    let by_region: Vec<(String, String, i64)> = client
-        .query(
-            "SELECT region, agent, count(*) FROM results GROUP BY 1, 2 ORDER BY 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect();
+    let sql = "SELECT region, agent, count(*) FROM results GROUP BY 1, 2 ORDER BY 1";
+    let by_region: Vec<(String, String, i64)> = query_triples(&client, sql).await;
     assert_eq!(
         by_region,
         [

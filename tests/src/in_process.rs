@@ -145,3 +145,32 @@ pub fn ingester_base(run: &Run, options: &IngesterOptions) -> (PathBuf, String, 
     let config = Arc::new(Config::load(&file).unwrap());
     (file, text, config)
 }
+
+/// The rows of `sql` (no parameters) as triples of its first three columns.
+pub async fn query_triples<A, B, C>(client: &tokio_postgres::Client, sql: &str) -> Vec<(A, B, C)>
+where
+    A: for<'a> tokio_postgres::types::FromSql<'a>,
+    B: for<'a> tokio_postgres::types::FromSql<'a>,
+    C: for<'a> tokio_postgres::types::FromSql<'a>,
+{
+    let rows = client
+        .query(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    rows.iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+/// The first column of the one row `sql` returns for `params`.
+pub async fn query_scalar<T: for<'a> tokio_postgres::types::FromSql<'a>>(
+    client: &tokio_postgres::Client,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> T {
+    client
+        .query_one(sql, params)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
+}
