@@ -339,7 +339,7 @@ async fn agents_follow_central_targets() {
         "{err}"
     );
     let generation: i64 =
-        query_scalar(&client, "SELECT max(generation) FROM target_applies", &[]).await;
+        query_scalar(client, "SELECT max(generation) FROM target_applies", &[]).await;
     assert_eq!(generation, 1);
 
     // --- Second apply: rename alpha, remove beta, move gamma to eu-north, add delta. -------
@@ -377,7 +377,7 @@ async fn agents_follow_central_targets() {
     assert_eq!(target_id(client, "alpha-home").await, alpha_id);
     assert_eq!(target_id(client, "gamma").await, gamma_id);
     let beta_retired: bool = query_scalar(
-        &client,
+        client,
         "SELECT retired_at IS NOT NULL FROM targets WHERE name = 'beta'",
         &[],
     )
@@ -457,7 +457,7 @@ async fn agents_follow_central_targets() {
     // Probing while the broker cannot be reached; results wait in the agent's buffer.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let restored_at: f64 =
-        query_scalar(&client, "SELECT extract(epoch FROM now())::float8", &[]).await;
+        query_scalar(client, "SELECT extract(epoch FROM now())::float8", &[]).await;
     proxy.restore();
     let second: Vec<(i32, f64)> = wait_for(
         "rows of the restarted agent",
@@ -606,7 +606,7 @@ async fn refused_target_set_keeps_the_old_one() {
     )
     .await;
     let evil: i64 = query_scalar(
-        &client,
+        client,
         "SELECT count(*) FROM results WHERE target_id = 999",
         &[],
     )
@@ -959,7 +959,7 @@ async fn results_for_targets_not_given_are_dead_lettered() {
     let stranger = 99_999;
     let topic = |region: &str, agent: &str| format!("{}/v1/results/{region}/{agent}", run.prefix());
     let now: i64 = query_scalar(
-        &client,
+        client,
         "SELECT (extract(epoch FROM now()) * 1000)::int8",
         &[],
     )
@@ -1019,7 +1019,7 @@ async fn results_for_targets_not_given_are_dead_lettered() {
     let ids: Vec<u32> = refused.results.iter().map(|r| r.target_id).collect();
     assert_eq!(ids, [lab as u32, stranger as u32]);
     let latest: i64 = query_scalar(
-        &client,
+        client,
         "SELECT count(*) FROM latest_results WHERE region = 'us-east' AND target_id = $1",
         &[&stranger],
     )
@@ -1176,7 +1176,7 @@ async fn header_secrets_stay_on_the_agent() {
         Duration::from_secs(60),
         || async {
             let n: i64 = query_scalar(
-                &client,
+                client,
                 "SELECT count(*) FROM results WHERE target_id = $1 AND outcome = 'up'",
                 &[&private],
             )
@@ -1188,7 +1188,7 @@ async fn header_secrets_stay_on_the_agent() {
 
     // Centrally only the reference: targets.spec, the retained set, Debug of every raw type.
     let spec: String = query_scalar(
-        &client,
+        client,
         "SELECT spec::text FROM targets WHERE target_id = $1",
         &[&private],
     )
