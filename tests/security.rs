@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use vantage_tests::harness::{write_file, Run};
-use vantage_tests::in_process::{query_triples, start_sink_and_bridge};
+use vantage_tests::in_process::{query_scalar, query_triples, start_sink_and_bridge};
 use vantage_tests::stage::services_dir;
 use vantage_tests::target::TargetServer;
 
@@ -192,14 +192,24 @@ fn verdicts(reasons: &[rumqttc::v5::mqttbytes::v5::PubAckReason]) -> Vec<String>
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_cannot_publish_as_another_agent() {
-    let sec = Secure::from_env();
-    let run = Run::new("acl");
+/// Whether this session's connection to PostgreSQL is TLS.
+const OWN_SSL: &str = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
+
+/// A new run (its topic prefix too) and two agents of it with their broker identities:
+/// `a-<run id>` in eu-north and `b-<run id>` in `region_b`.
+fn two_agents(kind: &str, region_b: &str) -> (Run, String, (String, Identity), (String, Identity)) {
+    let run = Run::new(kind);
     let prefix = run.prefix();
     let (a, b) = (format!("a-{}", run.id), format!("b-{}", run.id));
     let id_a = Identity::agent(&prefix, "eu-north", &a);
-    let _id_b = Identity::agent(&prefix, "us-east", &b);
+    let id_b = Identity::agent(&prefix, region_b, &b);
+    (run, prefix, (a, id_a), (b, id_b))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_cannot_publish_as_another_agent() {
+    let sec = Secure::from_env();
+    let (run, prefix, (a, id_a), (b, _id_b)) = two_agents("acl", "us-east");
     let own = format!("{prefix}/v1/results/eu-north/{a}");
     let own_status = format!("{prefix}/v1/status/eu-north/{a}");
     let as_b = format!("{prefix}/v1/results/us-east/{b}");
@@ -308,11 +318,7 @@ async fn connect_once(options: rumqttc::MqttOptions) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_cannot_take_over_another_agents_client_id() {
     let sec = Secure::from_env();
-    let run = Run::new("clientid");
-    let prefix = run.prefix();
-    let (a, b) = (format!("a-{}", run.id), format!("b-{}", run.id));
-    let id_a = Identity::agent(&prefix, "eu-north", &a);
-    let id_b = Identity::agent(&prefix, "eu-north", &b);
+    let (run, _, (a, id_a), (b, id_b)) = two_agents("clientid", "eu-north");
     let victim_id = format!("vantage-agent-{b}");
     let cert = |name: &str| {
         let paths = services(&["client-cert", name], "");
@@ -444,14 +450,7 @@ async fn postgres_tls_is_verified_and_never_downgraded() {
         let client = vantage_ingester::db::connect(&config(url(host), tls(Some(&sec.ca))))
             .await
             .unwrap_or_else(|e| panic!("TLS to {host}: {e}"));
-        let ssl: bool = client
-            .query_one(
-                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
+        let ssl: bool = query_scalar(&client, OWN_SSL, &[]).await;
         assert!(ssl, "connection to {host} is not TLS");
     }
     // Not signed by a trusted CA (the bundled public roots): refused.
@@ -476,14 +475,7 @@ async fn postgres_tls_is_verified_and_never_downgraded() {
     ))
     .await
     .unwrap();
-    let ssl: bool = client
-        .query_one(
-            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let ssl: bool = query_scalar(&client, OWN_SSL, &[]).await;
     assert!(
         ssl,
         "sslmode=disable in the URL downgraded a verify-full connection"
