@@ -1,7 +1,6 @@
 //! The binary refuses bad configuration before doing anything, naming file, key and problem;
 //! every subcommand explains itself with an example; `--version`; exit codes (issue #9).
 
-
 #[path = "../../tests/src/cli.rs"]
 mod cli;
 
