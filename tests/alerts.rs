@@ -6,8 +6,6 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -15,21 +13,18 @@ use vantage_tests::alerting::{
     am_alerts, region_agent, silence, AgentTask, AmReceiver, Notified, WebhookReceiver, SERIAL,
 };
 use vantage_tests::harness::{write_file, IngesterOptions, Run};
+use vantage_tests::in_process::{
+    ingester_base, start_sink_and_bridge, two_partitions, wait_for, SinkAndBridge,
+};
 use vantage_tests::proxy::CuttableProxy;
-use vantage_tests::stage::StageProcess;
+use vantage_tests::stage::{ingester_stdout, StageProcess};
 use vantage_tests::target::TargetServer;
 
 const REGIONS: [&str; 3] = ["ap-south", "eu-north", "us-east"];
 const LABEL: &str = "vantage_test";
 
 fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,vantage_ingester::alert=info".into()),
-        )
-        .with_test_writer()
-        .try_init();
+    vantage_tests::in_process::init_tracing("warn,vantage_ingester::alert=info");
 }
 
 struct Fixture {
@@ -38,7 +33,7 @@ struct Fixture {
     proxies: BTreeMap<&'static str, CuttableProxy>,
     agents: BTreeMap<&'static str, (CancellationToken, AgentTask)>,
     stop: CancellationToken,
-    stages: Vec<tokio::task::JoinHandle<()>>,
+    stages: Option<SinkAndBridge>,
     base: String,
     client: tokio_postgres::Client,
     options: IngesterOptions,
@@ -51,38 +46,10 @@ impl Fixture {
         init_tracing();
         let run = Run::new(kind);
         let target = TargetServer::start("127.0.0.1:0").await.unwrap();
-        let options = IngesterOptions {
-            partitions: 2,
-            sink_batch_max: 100,
-            sink_batch_timeout_ms: 50,
-            ..IngesterOptions::default()
-        };
-        let base_file = run.ingester_file(&options);
-        let base = std::fs::read_to_string(&base_file).unwrap();
-        let config = Arc::new(vantage_ingester::Config::load(&base_file).unwrap());
+        let options = two_partitions(100, 50);
+        let (_, base, config) = ingester_base(&run, &options);
         let stop = CancellationToken::new();
-        let sink = tokio::spawn({
-            let (c, s) = (config.clone(), stop.clone());
-            async move {
-                vantage_ingester::sink::run(&c, s).await.unwrap();
-            }
-        });
-        let state = Arc::new(vantage_ingester::bridge::BridgeState::default());
-        let bridge = tokio::spawn({
-            let (c, s, st) = (config.clone(), stop.clone(), state.clone());
-            async move {
-                vantage_ingester::bridge::run_with_state(&c, s, st)
-                    .await
-                    .unwrap();
-            }
-        });
-        let subscribed = tokio::time::timeout(Duration::from_secs(60), async {
-            while !state.subscribed.load(Ordering::Acquire) {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-        .await;
-        assert!(subscribed.is_ok(), "bridge did not subscribe within 60 s");
+        let stages = start_sink_and_bridge(&config, &stop).await;
         let mut proxies = BTreeMap::new();
         let mut agents = BTreeMap::new();
         for region in REGIONS {
@@ -98,7 +65,7 @@ impl Fixture {
             proxies,
             agents,
             stop,
-            stages: vec![sink, bridge],
+            stages: Some(stages),
             base,
             client,
             options,
@@ -107,9 +74,30 @@ impl Fixture {
         f
     }
 
+    /// Cuts `region`'s proxy and waits (30 s) until `latest_status` holds its failure of target
+    /// 1 (`fresh`: one younger than a second).
+    async fn cut_until_failing(&self, region: &str, fresh: bool) {
+        self.proxies[region].cut();
+        let age = if fresh {
+            " AND age < interval '1 second'"
+        } else {
+            ""
+        };
+        let sql = format!(
+            "SELECT count(*) FROM latest_status
+              WHERE target_id = 1 AND region = $1 AND outcome <> 'up'{age}"
+        );
+        let what = format!("{region}'s failure in latest_status");
+        wait_for(&what, Duration::from_secs(30), || async {
+            let r = self.client.query_one(&sql, &[&region]).await.ok()?;
+            (r.get::<_, i64>(0) == 1).then_some(())
+        })
+        .await
+    }
+
     /// Waits (60 s) until `n` regions have a result of target 1 younger than 2 s.
     async fn wait_reporting(&self, n: i64, what: &str) {
-        self.wait(what, Duration::from_secs(60), || async {
+        wait_for(what, Duration::from_secs(60), || async {
             let r = self
                 .client
                 .query_one(
@@ -121,24 +109,6 @@ impl Fixture {
             r.ok().and_then(|r| (r.get::<_, i64>(0) == n).then_some(()))
         })
         .await
-    }
-
-    async fn wait<T, F, Fut>(&self, what: &str, limit: Duration, mut check: F) -> T
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Option<T>>,
-    {
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            if let Some(v) = check().await {
-                return v;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "timed out after {limit:?} waiting for {what}"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
     }
 
     /// The ingester file of this run with `[alerts]` (`rules` and receivers as TOML) and the
@@ -220,14 +190,36 @@ impl Fixture {
             .unwrap_or_default()
     }
 
+    /// Restores the proxies of `regions` (sorted), which opened the one `down` incident: a
+    /// resolved notification arrives, and after `settle` (for a duplicate to show) there is still
+    /// one firing and one resolved, and the incident is resolved, opened by `regions`, not
+    /// flapping.
+    async fn restore_and_expect_resolved(&self, regions: [&str; 2], settle: Duration) {
+        for region in regions {
+            self.proxies[region].restore();
+        }
+        self.wait_notified("the resolved notification", |n| {
+            count(n, "resolved", "down") >= 1
+        })
+        .await;
+        tokio::time::sleep(settle).await;
+        let n = self.notified();
+        assert_eq!(count(&n, "firing", "down"), 1, "{n:#?}");
+        assert_eq!(count(&n, "resolved", "down"), 1, "{n:#?}");
+        assert_eq!(
+            self.incidents().await,
+            vec![("down".to_owned(), regions.join(","), true, false)]
+        );
+    }
+
     async fn finish(mut self) {
         self.stop.cancel();
         for (_, (token, task)) in std::mem::take(&mut self.agents) {
             token.cancel();
             let _ = task.await;
         }
-        for s in std::mem::take(&mut self.stages) {
-            let _ = s.await;
+        if let Some(stages) = self.stages.take() {
+            stages.join().await;
         }
         let mut sessions = vec![self.run.bridge_client_id(&self.options.client)];
         sessions.extend(
@@ -255,25 +247,7 @@ async fn down_from_two_of_three_regions_fires_once_and_resolves_once() {
     let (_token, stage) = f.alert_stage(&file);
 
     // One region fails: a dead ISP is not a dead site.
-    f.proxies["ap-south"].cut();
-    f.wait(
-        "ap-south's failure in latest_status",
-        Duration::from_secs(30),
-        || async {
-            let r = f
-                .client
-                .query_one(
-                    "SELECT count(*) FROM latest_status
-                  WHERE target_id = 1 AND region = 'ap-south' AND outcome <> 'up'
-                    AND age < interval '1 second'",
-                    &[],
-                )
-                .await
-                .ok()?;
-            (r.get::<_, i64>(0) == 1).then_some(())
-        },
-    )
-    .await;
+    f.cut_until_failing("ap-south", true).await;
     // Ten evaluations (five times `for`) with one region failing.
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(
@@ -307,26 +281,9 @@ async fn down_from_two_of_three_regions_fires_once_and_resolves_once() {
         "https://vantage.example/targets/1"
     );
 
-    f.proxies["ap-south"].restore();
-    f.proxies["eu-north"].restore();
-    f.wait_notified("one resolved notification", |n| {
-        count(n, "resolved", "down") >= 1
-    })
-    .await;
     // Resends go on (every 2 s) and Alertmanager flushes every second: give a duplicate time.
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    let n = f.notified();
-    assert_eq!(count(&n, "firing", "down"), 1, "{n:#?}");
-    assert_eq!(count(&n, "resolved", "down"), 1, "{n:#?}");
-    assert_eq!(
-        f.incidents().await,
-        vec![(
-            "down".to_owned(),
-            "ap-south,eu-north".to_owned(),
-            true,
-            false
-        )]
-    );
+    f.restore_and_expect_resolved(["ap-south", "eu-north"], Duration::from_secs(6))
+        .await;
     let events: Vec<String> = f
         .client
         .query("SELECT event FROM alert_events ORDER BY event_id", &[])
@@ -358,24 +315,7 @@ async fn a_silent_region_is_no_data_never_down() {
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // ap-south fails, then falls silent: its last word is a failure, and it must not count.
-    f.proxies["ap-south"].cut();
-    f.wait(
-        "ap-south's failure in latest_status",
-        Duration::from_secs(30),
-        || async {
-            let r = f
-                .client
-                .query_one(
-                    "SELECT count(*) FROM latest_status
-                  WHERE target_id = 1 AND region = 'ap-south' AND outcome <> 'up'",
-                    &[],
-                )
-                .await
-                .ok()?;
-            (r.get::<_, i64>(0) == 1).then_some(())
-        },
-    )
-    .await;
+    f.cut_until_failing("ap-south", false).await;
     let (token, task) = f.agents.remove("ap-south").unwrap();
     token.cancel();
     let _ = task.await;
@@ -416,13 +356,12 @@ async fn a_silence_suppresses_the_notification() {
     f.proxies["ap-south"].cut();
     f.proxies["us-east"].cut();
     // Alertmanager has the alert, and says a silence suppresses it.
-    let alert = f
-        .wait(
-            "Alertmanager to hold the suppressed alert",
-            Duration::from_secs(60),
-            || async { am_alerts(LABEL, &f.run.id).await.into_iter().next() },
-        )
-        .await;
+    let alert = wait_for(
+        "Alertmanager to hold the suppressed alert",
+        Duration::from_secs(60),
+        || async { am_alerts(LABEL, &f.run.id).await.into_iter().next() },
+    )
+    .await;
     assert_eq!(alert["status"]["state"], "suppressed", "{alert:#}");
     assert_eq!(alert["status"]["silencedBy"][0], id.as_str(), "{alert:#}");
     // group_wait is 1 s: a notification would have gone out by now.
@@ -483,38 +422,13 @@ async fn kill9_of_the_evaluator_neither_renotifies_nor_forgets() {
         f.notified()
     );
 
-    f.proxies["eu-north"].restore();
-    f.proxies["us-east"].restore();
-    f.wait_notified("the resolved notification", |n| {
-        count(n, "resolved", "down") >= 1
-    })
-    .await;
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    let n = f.notified();
-    assert_eq!(count(&n, "firing", "down"), 1, "{n:#?}");
-    assert_eq!(count(&n, "resolved", "down"), 1, "{n:#?}");
-    assert_eq!(
-        f.incidents().await,
-        vec![(
-            "down".to_owned(),
-            "eu-north,us-east".to_owned(),
-            true,
-            false
-        )]
-    );
+    f.restore_and_expect_resolved(["eu-north", "us-east"], Duration::from_secs(4))
+        .await;
     // `alerts` lists nothing open now (exit 0).
-    let out = std::process::Command::new(vantage_tests::stage::workspace_bin("vantage-ingester"))
-        .args(["alerts", "--config"])
-        .arg(&file)
-        .output()
-        .unwrap();
     assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ingester_stdout(&file, &["alerts"], &[], 0),
+        "no open incidents\n"
     );
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "no open incidents\n");
     drop(a);
     drop(b);
     f.finish().await;
@@ -546,11 +460,10 @@ async fn webhook_is_signed_and_survives_a_receiver_outage() {
     );
     f.proxies["eu-north"].cut();
     f.proxies["us-east"].cut();
-    let first = f
-        .wait("the firing webhook", Duration::from_secs(60), || async {
-            hook.requests().into_iter().next()
-        })
-        .await;
+    let first = wait_for("the firing webhook", Duration::from_secs(60), || async {
+        hook.requests().into_iter().next()
+    })
+    .await;
     let ts: u64 = first
         .header("x-vantage-timestamp")
         .unwrap()
@@ -582,7 +495,7 @@ async fn webhook_is_signed_and_survives_a_receiver_outage() {
     hook.stop();
     f.proxies["eu-north"].restore();
     f.proxies["us-east"].restore();
-    f.wait(
+    wait_for(
         "the incident resolved in PostgreSQL",
         Duration::from_secs(60),
         || async {
@@ -594,7 +507,7 @@ async fn webhook_is_signed_and_survives_a_receiver_outage() {
     tokio::time::sleep(Duration::from_secs(30)).await;
     assert_eq!(hook.requests().len(), 1);
     hook.start().await;
-    f.wait("the resolved webhook", Duration::from_secs(90), || async {
+    wait_for("the resolved webhook", Duration::from_secs(90), || async {
         (hook.requests().len() >= 2).then_some(())
     })
     .await;
@@ -638,7 +551,7 @@ async fn a_flapping_target_is_one_incident_marked_flapping() {
     let rules = "[[alerts.rules]]\nname = \"down\"\nkind = \"down\"\nfor = 3\nresolve_after = 3\n";
     let file = f.alert_file("alert.toml", &format!("{}{rules}", f.am()));
     let (_token, _stage) = f.alert_stage(&file);
-    f.wait("a flapping incident", Duration::from_secs(60), || async {
+    wait_for("a flapping incident", Duration::from_secs(60), || async {
         let i = f.incidents().await;
         i.first().is_some_and(|i| i.3).then_some(())
     })
@@ -652,7 +565,7 @@ async fn a_flapping_target_is_one_incident_marked_flapping() {
     for r in ["eu-north", "us-east"] {
         vantage_tests::target::stop_flipping(&format!("{r}-{flip_id}"));
     }
-    f.wait(
+    wait_for(
         "the flapping incident to resolve",
         Duration::from_secs(60),
         || async {
@@ -825,18 +738,7 @@ async fn slow_cert_expiry_and_gaps_reach_every_receiver() {
         "vantage_alert_deliveries_total{receiver=\"dead\",result=\"error\"}",
     );
     assert!(failed.unwrap_or(0.0) >= 1.0, "{text}");
-    let out = std::process::Command::new(vantage_tests::stage::workspace_bin("vantage-ingester"))
-        .args(["alerts", "--config"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(3),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let listing = String::from_utf8_lossy(&out.stdout);
+    let listing = ingester_stdout(&file, &["alerts"], &[], 3);
     assert_eq!(listing.lines().count(), 4, "{listing}");
     assert!(
         listing.contains("results-dropped") && listing.contains("eu-north-a"),

@@ -12,7 +12,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +19,7 @@ use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::ClientConfig;
 use tokio_util::sync::CancellationToken;
+use vantage_tests::in_process::{count_results, start_sink_and_bridge, wait_results_then_settle};
 use vantage_tests::target::TargetServer;
 use vantage_tests::tls::TestCa;
 use vantage_tests::{unique_id, Services};
@@ -592,13 +592,6 @@ async fn pg(p: &Pipeline) -> tokio_postgres::Client {
     client
 }
 
-async fn count_rows(client: &tokio_postgres::Client) -> i64 {
-    match client.query_one("SELECT count(*) FROM results", &[]).await {
-        Ok(row) => row.get(0),
-        Err(_) => 0, // table not created yet
-    }
-}
-
 async fn cleanup(p: &Pipeline) {
     let client = pg(p).await;
     let _ = client
@@ -645,22 +638,7 @@ async fn arm_agents_under_qemu_reach_postgres_exactly_once() {
 
     let ingester = Arc::new(p.ingester_config());
     let stop = CancellationToken::new();
-    let sink = tokio::spawn({
-        let (c, s) = (ingester.clone(), stop.clone());
-        async move { vantage_ingester::sink::run(&c, s).await }
-    });
-    let bridge_state = Arc::new(vantage_ingester::bridge::BridgeState::default());
-    let bridge = tokio::spawn({
-        let (c, s, st) = (ingester.clone(), stop.clone(), bridge_state.clone());
-        async move { vantage_ingester::bridge::run_with_state(&c, s, st).await }
-    });
-    let subscribed = tokio::time::timeout(Duration::from_secs(60), async {
-        while !bridge_state.subscribed.load(Ordering::Acquire) {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
-    assert!(subscribed.is_ok(), "bridge did not subscribe within 60 s");
+    let stages = start_sink_and_bridge(&ingester, &stop).await;
 
     // Both emulated agents at once, each a child process: `qemu-… vantage-agent run --rounds`.
     let agents: Vec<_> = bins
@@ -706,25 +684,10 @@ async fn arm_agents_under_qemu_reach_postgres_exactly_once() {
 
     let expected = (ARCHES.len() as u64 * TARGETS * ROUNDS) as i64;
     let client = pg(&p).await;
-    let arrived = tokio::time::timeout(Duration::from_secs(90), async {
-        while count_rows(&client).await < expected {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    })
-    .await;
-    assert!(
-        arrived.is_ok(),
-        "only {} of {expected} rows arrived",
-        count_rows(&client).await
-    );
-    // A little longer for any duplicate to show up.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    stop.cancel();
-    let bridge_stats = bridge.await.unwrap().unwrap();
-    let sink_stats = sink.await.unwrap().unwrap();
-    println!("bridge: {bridge_stats:?}\nsink: {sink_stats:?}");
+    wait_results_then_settle(&client, expected).await;
+    let (bridge_stats, _) = stages.stop(&stop).await;
 
-    assert_eq!(count_rows(&client).await, expected);
+    assert_eq!(count_results(&client).await, expected);
     assert_eq!(bridge_stats.dead_lettered, 0, "{bridge_stats:?}");
     let rows = client
         .query(

@@ -8,7 +8,6 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,20 +15,18 @@ use tokio_util::sync::CancellationToken;
 use vantage_agent::target_set::TargetBook;
 use vantage_proto::control::SetScope;
 use vantage_tests::harness::{publish_as_agent, write_file, IngesterOptions, Run};
+use vantage_tests::in_process::{
+    ingester_base, query_scalar, query_triples, start_sink_and_bridge, two_partitions, wait_for,
+    SinkAndBridge,
+};
 use vantage_tests::proxy::CuttableProxy;
-use vantage_tests::stage::workspace_bin;
+use vantage_tests::stage::ingester_command as ingester;
 use vantage_tests::target::TargetServer;
 
 const REGIONS: [&str; 2] = ["eu-north", "us-east"];
 
 fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,vantage_agent=info,vantage_ingester=info".into()),
-        )
-        .with_test_writer()
-        .try_init();
+    vantage_tests::in_process::init_tracing("warn,vantage_agent=info,vantage_ingester=info");
 }
 
 /// An agent with no local targets: it follows what `targets apply` pushes.
@@ -89,17 +86,6 @@ fn agent_id(run: &Run, region: &str) -> String {
     format!("{region}-{}", run.id)
 }
 
-/// `vantage-ingester <command> --config <config> <rest>`.
-fn ingester(config: &Path, command: &[&str], rest: &[&str]) -> Output {
-    std::process::Command::new(workspace_bin("vantage-ingester"))
-        .args(command)
-        .arg("--config")
-        .arg(config)
-        .args(rest)
-        .output()
-        .expect("run vantage-ingester")
-}
-
 /// `targets apply FILE`, which must succeed; its output.
 fn apply(config: &Path, file: &Path) -> Output {
     let out = ingester(config, &["targets", "apply"], &[file.to_str().unwrap()]);
@@ -136,25 +122,6 @@ fn count(c: &BTreeMap<(String, String), i64>, name: &str, region: &str) -> i64 {
     c.get(&(name.to_owned(), region.to_owned()))
         .copied()
         .unwrap_or(0)
-}
-
-/// Polls `check` every 250 ms until it returns Some, for at most `limit`; panics with `what`.
-async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
 }
 
 /// Waits (60 s at most) until `agent`'s row in `agents` meets the SQL `condition`.
@@ -217,7 +184,7 @@ struct Fixture {
     ingester_config: Arc<vantage_ingester::Config>,
     client: tokio_postgres::Client,
     stop: CancellationToken,
-    stages: Vec<tokio::task::JoinHandle<()>>,
+    stages: Option<SinkAndBridge>,
 }
 
 impl Fixture {
@@ -225,41 +192,10 @@ impl Fixture {
         init_tracing();
         let run = Run::new(kind);
         let target = TargetServer::start("127.0.0.1:0").await.unwrap();
-        let options = IngesterOptions {
-            partitions: 2,
-            sink_batch_max: 100,
-            sink_batch_timeout_ms: 100,
-            ..IngesterOptions::default()
-        };
-        let ingester_file = run.ingester_file(&options);
-        let ingester_config = Arc::new(vantage_ingester::Config::load(&ingester_file).unwrap());
+        let options = two_partitions(100, 100);
+        let (ingester_file, _, ingester_config) = ingester_base(&run, &options);
         let stop = CancellationToken::new();
-        let sink = tokio::spawn({
-            let (c, s) = (ingester_config.clone(), stop.clone());
-            async move {
-                vantage_ingester::sink::run(&c, s).await.unwrap();
-            }
-        });
-        let bridge_state = Arc::new(vantage_ingester::bridge::BridgeState::default());
-        let bridge = tokio::spawn({
-            let (c, s, st) = (ingester_config.clone(), stop.clone(), bridge_state.clone());
-            async move {
-                vantage_ingester::bridge::run_with_state(&c, s, st)
-                    .await
-                    .unwrap();
-            }
-        });
-        wait_for(
-            "the bridge's subscription",
-            Duration::from_secs(60),
-            || async {
-                bridge_state
-                    .subscribed
-                    .load(Ordering::Acquire)
-                    .then_some(())
-            },
-        )
-        .await;
+        let stages = start_sink_and_bridge(&ingester_config, &stop).await;
         let client = run.pg().await;
         Fixture {
             run,
@@ -269,7 +205,7 @@ impl Fixture {
             ingester_config,
             client,
             stop,
-            stages: vec![sink, bridge],
+            stages: Some(stages),
         }
     }
 
@@ -280,8 +216,8 @@ impl Fixture {
     /// Stops the stages, clears the retained sets, ends the MQTT sessions, drops the names.
     async fn finish(mut self, agents: &[String]) {
         self.stop.cancel();
-        for stage in std::mem::take(&mut self.stages) {
-            let _ = stage.await;
+        if let Some(stages) = self.stages.take() {
+            stages.join().await;
         }
         let clear: Vec<(String, Vec<u8>)> = REGIONS
             .iter()
@@ -402,11 +338,8 @@ async fn agents_follow_central_targets() {
         )),
         "{err}"
     );
-    let generation: i64 = client
-        .query_one("SELECT max(generation) FROM target_applies", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let generation: i64 =
+        query_scalar(client, "SELECT max(generation) FROM target_applies", &[]).await;
     assert_eq!(generation, 1);
 
     // --- Second apply: rename alpha, remove beta, move gamma to eu-north, add delta. -------
@@ -443,14 +376,12 @@ async fn agents_follow_central_targets() {
     // Stable ids: the rename and the move kept theirs; beta is retired, not deleted.
     assert_eq!(target_id(client, "alpha-home").await, alpha_id);
     assert_eq!(target_id(client, "gamma").await, gamma_id);
-    let beta_retired: bool = client
-        .query_one(
-            "SELECT retired_at IS NOT NULL FROM targets WHERE name = 'beta'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let beta_retired: bool = query_scalar(
+        client,
+        "SELECT retired_at IS NOT NULL FROM targets WHERE name = 'beta'",
+        &[],
+    )
+    .await;
     assert!(beta_retired);
     let out = ingester(ingester_file, &["targets", "list"], &[]);
     let list = text(&out.stdout);
@@ -525,11 +456,8 @@ async fn agents_follow_central_targets() {
     ));
     // Probing while the broker cannot be reached; results wait in the agent's buffer.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let restored_at: f64 = client
-        .query_one("SELECT extract(epoch FROM now())::float8", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let restored_at: f64 =
+        query_scalar(client, "SELECT extract(epoch FROM now())::float8", &[]).await;
     proxy.restore();
     let second: Vec<(i32, f64)> = wait_for(
         "rows of the restarted agent",
@@ -677,11 +605,12 @@ async fn refused_target_set_keeps_the_old_one() {
         },
     )
     .await;
-    let evil: i64 = client
-        .query_one("SELECT count(*) FROM results WHERE target_id = 999", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let evil: i64 = query_scalar(
+        client,
+        "SELECT count(*) FROM results WHERE target_id = 999",
+        &[],
+    )
+    .await;
     assert_eq!(evil, 0);
     drop(after);
 
@@ -944,15 +873,13 @@ async fn targets_diff_only_reads() {
         "{}",
         text(&out.stdout)
     );
-    let written: i64 = admin
-        .query_one(
-            "SELECT (SELECT count(*) FROM targets) + (SELECT count(*) FROM target_applies)
+    let written: i64 = query_scalar(
+        &admin,
+        "SELECT (SELECT count(*) FROM targets) + (SELECT count(*) FROM target_applies)
                   + (SELECT count(*) FROM target_sets)",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+        &[],
+    )
+    .await;
     assert_eq!(written, 0, "diff wrote to the database");
     run.cleanup(&[]).await;
 }
@@ -1031,11 +958,12 @@ async fn results_for_targets_not_given_are_dead_lettered() {
     );
     let stranger = 99_999;
     let topic = |region: &str, agent: &str| format!("{}/v1/results/{region}/{agent}", run.prefix());
-    let now: i64 = client
-        .query_one("SELECT (extract(epoch FROM now()) * 1000)::int8", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let now: i64 = query_scalar(
+        client,
+        "SELECT (extract(epoch FROM now()) * 1000)::int8",
+        &[],
+    )
+    .await;
     let publisher = format!("assign-{}", run.id);
     publish_as_agent(
         &run.services,
@@ -1055,16 +983,8 @@ async fn results_for_targets_not_given_are_dead_lettered() {
     .await;
     let stored = |n: usize| async move {
         wait_for(&format!("{n} results"), Duration::from_secs(60), || async {
-            let rows: Vec<(String, i32, i64)> = client
-                .query(
-                    "SELECT agent, target_id, seq FROM results ORDER BY 1, 2, 3",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .iter()
-                .map(|r| (r.get(0), r.get(1), r.get(2)))
-                .collect();
+            let sql = "SELECT agent, target_id, seq FROM results ORDER BY 1, 2, 3";
+            let rows: Vec<(String, i32, i64)> = query_triples(client, sql).await;
             (rows.len() >= n).then_some(rows)
         })
         .await
@@ -1098,14 +1018,12 @@ async fn results_for_targets_not_given_are_dead_lettered() {
     let refused = vantage_proto::decode(&dead[0].payload).unwrap();
     let ids: Vec<u32> = refused.results.iter().map(|r| r.target_id).collect();
     assert_eq!(ids, [lab as u32, stranger as u32]);
-    let latest: i64 = client
-        .query_one(
-            "SELECT count(*) FROM latest_results WHERE region = 'us-east' AND target_id = $1",
-            &[&stranger],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let latest: i64 = query_scalar(
+        client,
+        "SELECT count(*) FROM latest_results WHERE region = 'us-east' AND target_id = $1",
+        &[&stranger],
+    )
+    .await;
     assert_eq!(latest, 0);
 
     // alpha leaves us-east. A result probed before the apply (in flight) is still accepted...
@@ -1257,28 +1175,24 @@ async fn header_secrets_stay_on_the_agent() {
         "rows of the private target",
         Duration::from_secs(60),
         || async {
-            let n: i64 = client
-                .query_one(
-                    "SELECT count(*) FROM results WHERE target_id = $1 AND outcome = 'up'",
-                    &[&private],
-                )
-                .await
-                .unwrap()
-                .get(0);
+            let n: i64 = query_scalar(
+                client,
+                "SELECT count(*) FROM results WHERE target_id = $1 AND outcome = 'up'",
+                &[&private],
+            )
+            .await;
             (n >= 1).then_some(())
         },
     )
     .await;
 
     // Centrally only the reference: targets.spec, the retained set, Debug of every raw type.
-    let spec: String = client
-        .query_one(
-            "SELECT spec::text FROM targets WHERE target_id = $1",
-            &[&private],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let spec: String = query_scalar(
+        client,
+        "SELECT spec::text FROM targets WHERE target_id = $1",
+        &[&private],
+    )
+    .await;
     assert!(
         spec.contains(&token_file.display().to_string()) && !spec.contains(&token),
         "{spec}"

@@ -3,10 +3,10 @@
 //! counters must move by exactly what was sent; `/healthz`, `/readyz` and `status` answer.
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::Duration;
 
 use vantage_ingester::metrics::sample;
+use vantage_tests::agent_toml::{agent_head, load_agent_config, target_entry};
 use vantage_tests::harness::{publish_as_agent, result_frames, IngesterOptions, Run};
 use vantage_tests::stage::{self, http_get, StageProcess};
 
@@ -239,13 +239,7 @@ async fn stage_metrics_move_by_what_flows_through() {
 
 /// `vantage-ingester status --config FILE`, which must succeed; its output.
 fn status(file: &std::path::Path) -> String {
-    let out = Command::new(stage::workspace_bin("vantage-ingester"))
-        .args(["status", "--config"])
-        .arg(file)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    stage::ingester_stdout(file, &["status"], &[], 0)
 }
 
 /// `status` exits 3 and names the service when one cannot be reached.
@@ -267,13 +261,7 @@ async fn status_reports_unreachable_services() {
         text.replace(&pg, "url = \"host=127.0.0.1 port=1 user=x dbname=x\""),
     )
     .unwrap();
-    let out = Command::new(stage::workspace_bin("vantage-ingester"))
-        .args(["status", "--config"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let stdout = stage::ingester_stdout(&file, &["status"], &[], 3);
     assert!(stdout.contains("postgres: UNREACHABLE"), "{stdout}");
     assert!(stdout.contains("kafka: UNREACHABLE"), "{stdout}");
     let _ = std::fs::remove_dir_all(&run.dir);
@@ -287,45 +275,15 @@ async fn agent_metrics_match_the_run() {
     let target = vantage_tests::target::TargetServer::start("127.0.0.1:0")
         .await
         .unwrap();
-    let pw = run.dir.join("agent.pw");
-    vantage_tests::harness::write_file(&pw, "agent-secret");
-    let text = format!(
-        r#"
-agent_id = "metrics-{id}"
-region = "eu-north"
-[mqtt]
-host = "{host}"
-port = {port}
-username = "agent"
-password_file = "{pw}"
-topic_prefix = "{prefix}"
-[uplink]
-flush_interval = "100ms"
-buffer_capacity = 500
-[metrics]
-listen = "127.0.0.1:0"
-[[targets]]
-id = 1
-url = "{up}"
-interval = "200ms"
-timeout = "200ms"
-[[targets]]
-id = 2
-url = "{missing}"
-interval = "200ms"
-timeout = "200ms"
-"#,
-        id = run.id,
-        host = run.services.mqtt_host,
-        port = run.services.mqtt_port,
-        pw = pw.display(),
-        prefix = run.prefix(),
-        up = target.url("/"),
-        missing = target.url("/missing?status=404"),
+    let mut text = agent_head(&run, &format!("metrics-{}", run.id), "eu-north");
+    text.push_str(
+        "[uplink]\nflush_interval = \"100ms\"\nbuffer_capacity = 500\n\
+         [metrics]\nlisten = \"127.0.0.1:0\"\n",
     );
-    let path = run.dir.join("agent.toml");
-    vantage_tests::harness::write_file(&path, &text);
-    let config = vantage_agent::Config::load(&path).unwrap();
+    text.push_str(&target_entry(1, &target.url("/"), "200ms", "200ms", ""));
+    let missing = target.url("/missing?status=404");
+    text.push_str(&target_entry(2, &missing, "200ms", "200ms", ""));
+    let config = load_agent_config(&run, "agent.toml", &text);
     let listen = config.metrics_listen.expect("[metrics] listen");
     let http_stop = tokio_util::sync::CancellationToken::new();
     let addr = vantage_agent::metrics::serve(listen, http_stop.clone())

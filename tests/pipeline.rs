@@ -4,12 +4,15 @@
 //! Every run uses its own MQTT topic prefix, Kafka topics and group, and PostgreSQL schema, and
 //! removes them at the end, so runs can overlap and leave nothing behind.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use vantage_tests::harness::{publish_as_agent, write_file, IngesterOptions, Run};
+use vantage_tests::agent_toml::{agent_head, load_agent_config, target_entry};
+use vantage_tests::harness::{publish_as_agent, Run};
+use vantage_tests::in_process::{
+    count_results, start_sink_and_bridge, two_partitions, wait_results_then_settle,
+};
 use vantage_tests::target::TargetServer;
 
 /// (region, target, status, outcome, regex match, count): one group of result rows.
@@ -26,60 +29,29 @@ fn agent_config(
     delay_ms: u64,
     target: &TargetServer,
 ) -> vantage_agent::Config {
-    let s = &run.services;
-    let text = format!(
-        r#"
-agent_id = "{region}-{id}"
-region = "{region}"
-
-[mqtt]
-host = "{mqtt_host}"
-port = {mqtt_port}
-username = "agent"
-password_file = "{pw}"
-topic_prefix = "{prefix}"
-
-[uplink]
-batch_max = 4
-flush_interval = "200ms"
-
-# 1: up, regex matches. 2: a 404. 3: up, but the regex does not match.
-[[targets]]
-id = 1
-url = "{t1}"
-interval = "1s"
-timeout = "1s"
-regex = "target: ok"
-
-[[targets]]
-id = 2
-url = "{t2}"
-interval = "1s"
-timeout = "1s"
-
-[[targets]]
-id = 3
-url = "{t3}"
-interval = "1s"
-timeout = "1s"
-regex = "no such text"
-"#,
-        id = run.id,
-        mqtt_host = s.mqtt_host,
-        mqtt_port = s.mqtt_port,
-        pw = {
-            let pw = run.dir.join("agent.pw");
-            write_file(&pw, "agent-secret");
-            pw.display().to_string()
-        },
-        prefix = run.prefix(),
-        t1 = target.url(&format!("/?delay_ms={delay_ms}")),
-        t2 = target.url(&format!("/missing?status=404&delay_ms={delay_ms}")),
-        t3 = target.url(&format!("/?delay_ms={delay_ms}")),
+    let mut text = agent_head(run, &format!("{region}-{}", run.id), region);
+    text.push_str("\n[uplink]\nbatch_max = 4\nflush_interval = \"200ms\"\n");
+    // 1: up, regex matches. 2: a 404. 3: up, but the regex does not match.
+    let (up, missing) = (
+        target.url(&format!("/?delay_ms={delay_ms}")),
+        target.url(&format!("/missing?status=404&delay_ms={delay_ms}")),
     );
-    let path = run.dir.join(format!("agent-{region}.toml"));
-    write_file(&path, &text);
-    vantage_agent::Config::load(&path).unwrap()
+    text.push_str(&target_entry(
+        1,
+        &up,
+        "1s",
+        "1s",
+        "regex = \"target: ok\"\n",
+    ));
+    text.push_str(&target_entry(2, &missing, "1s", "1s", ""));
+    text.push_str(&target_entry(
+        3,
+        &up,
+        "1s",
+        "1s",
+        "regex = \"no such text\"\n",
+    ));
+    load_agent_config(run, &format!("agent-{region}.toml"), &text)
 }
 
 /// Publishes one undecodable payload on a results topic, as a broken agent would.
@@ -89,23 +61,8 @@ async fn publish_garbage(run: &Run) {
     publish_as_agent(&run.services, &client_id, &[(topic, vec![0xFF, 0, 1, 2])]).await;
 }
 
-/// Rows in `results`; errors fail the test (the harness's count treats them as "not yet").
-async fn count_rows(client: &tokio_postgres::Client) -> i64 {
-    client
-        .query_one("SELECT count(*) FROM results", &[])
-        .await
-        .expect("count rows")
-        .get(0)
-}
-
 fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,vantage_ingester=info".into()),
-        )
-        .with_test_writer()
-        .try_init();
+    vantage_tests::in_process::init_tracing("warn,vantage_ingester=info");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -113,33 +70,13 @@ async fn two_regions_reach_postgres_exactly_once() {
     init_tracing();
     let run = Run::new("pipeline");
     let target = TargetServer::start("127.0.0.1:0").await.unwrap();
-    let options = IngesterOptions {
-        partitions: 2,
-        sink_batch_max: 50,
-        sink_batch_timeout_ms: 100,
-        ..IngesterOptions::default()
-    };
+    let options = two_partitions(50, 100);
     let ingester = Arc::new(run.ingester_config(&options));
 
     // Sink first (it applies the migrations), then the bridge; agents start once the bridge's
     // subscription exists, because MQTT keeps nothing for a subscriber that never subscribed.
     let stop = CancellationToken::new();
-    let sink = tokio::spawn({
-        let (c, s) = (ingester.clone(), stop.clone());
-        async move { vantage_ingester::sink::run(&c, s).await }
-    });
-    let bridge_state = Arc::new(vantage_ingester::bridge::BridgeState::default());
-    let bridge = tokio::spawn({
-        let (c, s, st) = (ingester.clone(), stop.clone(), bridge_state.clone());
-        async move { vantage_ingester::bridge::run_with_state(&c, s, st).await }
-    });
-    let subscribed = tokio::time::timeout(Duration::from_secs(60), async {
-        while !bridge_state.subscribed.load(Ordering::Acquire) {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
-    assert!(subscribed.is_ok(), "bridge did not subscribe within 60 s");
+    let stages = start_sink_and_bridge(&ingester, &stop).await;
 
     publish_garbage(&run).await;
 
@@ -168,26 +105,11 @@ async fn two_regions_reach_postgres_exactly_once() {
 
     // Wait for the rows, then a little longer to give any duplicate a chance to show up.
     let client = run.pg().await;
-    let arrived = tokio::time::timeout(Duration::from_secs(90), async {
-        while count_rows(&client).await < expected {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    })
-    .await;
-    assert!(
-        arrived.is_ok(),
-        "only {} of {expected} rows arrived",
-        count_rows(&client).await
-    );
-    tokio::time::sleep(Duration::from_secs(1)).await;
-
-    stop.cancel();
-    let bridge_stats = bridge.await.unwrap().unwrap();
-    let sink_stats = sink.await.unwrap().unwrap();
-    println!("bridge: {bridge_stats:?}\nsink: {sink_stats:?}");
+    wait_results_then_settle(&client, expected).await;
+    let (bridge_stats, sink_stats) = stages.stop(&stop).await;
 
     // Exactly once: every (agent, boot, seq) once, nothing more.
-    assert_eq!(count_rows(&client).await, expected);
+    assert_eq!(count_results(&client).await, expected);
     assert_eq!(sink_stats.rows_inserted as i64, expected);
     // The garbage frame went to the dead-letter topic and the bridge carried on.
     assert_eq!(bridge_stats.dead_lettered, 1, "{bridge_stats:?}");

@@ -2,10 +2,10 @@
 //! the scheduler, is unit-tested in `agent/src/scheduler.rs`), and the hostile servers of
 //! cases 28–29 (issue 13). No services needed.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
-use vantage_agent::probe::Prober;
+use vantage_agent::probe::{Measurement, Prober};
 use vantage_agent::target::Target;
 use vantage_proto::{Outcome, Phase, RegexOutcome};
 use vantage_tests::target::{RawServer, Step, TargetServer};
@@ -18,16 +18,51 @@ fn target(url: &str, timeout_ms: u64, regex: Option<&str>) -> Target {
     t
 }
 
+/// The probe of `target(url, timeout_ms, regex)` by a new prober.
+async fn probe(url: &str, timeout_ms: u64, regex: Option<&str>) -> Measurement {
+    Prober::new().probe(&target(url, timeout_ms, regex)).await
+}
+
+/// A [`TargetServer`] on a free loopback port.
+async fn local_target() -> TargetServer {
+    TargetServer::start("127.0.0.1:0").await.unwrap()
+}
+
+/// A [`TargetServer`] speaking TLS with `config` on a free loopback port.
+async fn tls_target(config: Arc<rustls::ServerConfig>) -> TargetServer {
+    TargetServer::start_tls("127.0.0.1:0", config)
+        .await
+        .unwrap()
+}
+
+/// A [`RawServer`] playing `script` on a free loopback port.
+async fn raw(script: Vec<Step>) -> RawServer {
+    RawServer::start(script).await.unwrap()
+}
+
+/// A loopback port that was free a moment ago (bound, then dropped): (very likely) closed.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `m` failed with `outcome` in `phase`; `case` (may be empty) names the case in the message.
+#[track_caller]
+fn assert_failed(m: &Measurement, outcome: Outcome, phase: Phase, case: &str) {
+    assert_eq!(
+        (m.outcome, m.failed_phase),
+        (outcome, Some(phase)),
+        "{case}: {m:?}"
+    );
+}
+
 #[tokio::test]
 async fn ok_response_is_up_with_phases() {
-    let server = TargetServer::start("127.0.0.1:0").await.unwrap();
-    let m = Prober::new()
-        .probe(&target(
-            &server.url("/?delay_ms=20"),
-            2000,
-            Some("target: ok"),
-        ))
-        .await;
+    let server = local_target().await;
+    let m = probe(&server.url("/?delay_ms=20"), 2000, Some("target: ok")).await;
     assert_eq!(m.outcome, Outcome::Up);
     assert_eq!(m.status, 200);
     assert_eq!(m.regex, RegexOutcome::Matched);
@@ -44,7 +79,7 @@ async fn ok_response_is_up_with_phases() {
 
 #[tokio::test]
 async fn error_status_is_a_result_not_an_error() {
-    let server = TargetServer::start("127.0.0.1:0").await.unwrap();
+    let server = local_target().await;
     let prober = Prober::new();
     for status in [404u16, 500] {
         let m = prober
@@ -62,10 +97,8 @@ async fn error_status_is_a_result_not_an_error() {
 
 #[tokio::test]
 async fn regex_not_matched_is_its_own_outcome() {
-    let server = TargetServer::start("127.0.0.1:0").await.unwrap();
-    let m = Prober::new()
-        .probe(&target(&server.url("/"), 2000, Some("absent")))
-        .await;
+    let server = local_target().await;
+    let m = probe(&server.url("/"), 2000, Some("absent")).await;
     assert_eq!(
         (m.outcome, m.regex),
         (Outcome::RegexNotMatched, RegexOutcome::NotMatched)
@@ -75,15 +108,8 @@ async fn regex_not_matched_is_its_own_outcome() {
 #[tokio::test]
 async fn connection_refused() {
     // Bind then drop: the port is (very likely) closed now.
-    let port = TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let m = Prober::new()
-        .probe(&target(&format!("http://127.0.0.1:{port}/"), 2000, None))
-        .await;
+    let port = free_port();
+    let m = probe(&format!("http://127.0.0.1:{port}/"), 2000, None).await;
     assert_eq!(m.outcome, Outcome::ConnectRefused);
     assert_eq!(m.status, 0);
 }
@@ -91,9 +117,7 @@ async fn connection_refused() {
 #[tokio::test]
 async fn unresolvable_name_is_dns_failure() {
     // `.invalid` is reserved (RFC 2606) and never resolves.
-    let m = Prober::new()
-        .probe(&target("http://no-such-host.invalid/", 5000, None))
-        .await;
+    let m = probe("http://no-such-host.invalid/", 5000, None).await;
     assert_eq!(m.outcome, Outcome::DnsNoSuchName, "{m:?}");
     assert_eq!(m.failed_phase, Some(Phase::Dns));
 }
@@ -101,10 +125,8 @@ async fn unresolvable_name_is_dns_failure() {
 #[tokio::test]
 async fn silent_server_times_out_near_the_deadline() {
     // Accepts and never answers.
-    let server = RawServer::start(vec![Step::Hold]).await.unwrap();
-    let m = Prober::new()
-        .probe(&target(&server.url("/"), 300, None))
-        .await;
+    let server = raw(vec![Step::Hold]).await;
+    let m = probe(&server.url("/"), 300, None).await;
     assert_eq!(m.outcome, Outcome::Timeout);
     assert!(m.connect.is_some() && m.ttfb.is_none(), "{m:?}");
     // Generous margin: this checks the deadline is enforced, not the machine's speed.
@@ -117,14 +139,11 @@ async fn silent_server_times_out_near_the_deadline() {
 #[tokio::test]
 async fn reset_mid_response_is_connection_reset() {
     // Sends half a response, then closes.
-    let server = RawServer::start(vec![Step::text(
+    let server = raw(vec![Step::text(
         "HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\npartial",
     )])
-    .await
-    .unwrap();
-    let m = Prober::new()
-        .probe(&target(&server.url("/"), 2000, None))
-        .await;
+    .await;
+    let m = probe(&server.url("/"), 2000, None).await;
     assert_eq!(m.outcome, Outcome::ConnectionReset, "{m:?}");
     assert_eq!(m.status, 200);
     assert_eq!(m.body_bytes, 7, "\"partial\" arrived: {m:?}");
@@ -132,12 +151,8 @@ async fn reset_mid_response_is_connection_reset() {
 
 #[tokio::test]
 async fn garbage_response_is_protocol_error() {
-    let server = RawServer::start(vec![Step::text("SSH-2.0-OpenSSH_9.2\r\n\r\n")])
-        .await
-        .unwrap();
-    let m = Prober::new()
-        .probe(&target(&server.url("/"), 2000, None))
-        .await;
+    let server = raw(vec![Step::text("SSH-2.0-OpenSSH_9.2\r\n\r\n")]).await;
+    let m = probe(&server.url("/"), 2000, None).await;
     assert_eq!(m.outcome, Outcome::ProtocolError, "{m:?}");
 }
 
@@ -145,7 +160,7 @@ async fn garbage_response_is_protocol_error() {
 
 #[tokio::test]
 async fn accepted_status_is_configurable() {
-    let server = TargetServer::start("127.0.0.1:0").await.unwrap();
+    let server = local_target().await;
     let mut t = target(&server.url("/?status=404"), 2000, None);
     t.accepted_status = vec![200..=299, 404..=404];
     let m = Prober::new().probe(&t).await;
@@ -156,14 +171,8 @@ async fn accepted_status_is_configurable() {
 
 #[tokio::test]
 async fn redirects_are_followed_and_counted() {
-    let server = TargetServer::start("127.0.0.1:0").await.unwrap();
-    let m = Prober::new()
-        .probe(&target(
-            &server.url("/?redirect=3"),
-            2000,
-            Some("target: ok"),
-        ))
-        .await;
+    let server = local_target().await;
+    let m = probe(&server.url("/?redirect=3"), 2000, Some("target: ok")).await;
     assert_eq!(
         (m.status, m.redirects, m.outcome),
         (200, 3, Outcome::Up),
@@ -175,7 +184,7 @@ async fn redirects_are_followed_and_counted() {
 
 #[tokio::test]
 async fn redirect_loop_stops_at_the_limit() {
-    let server = TargetServer::start("127.0.0.1:0").await.unwrap();
+    let server = local_target().await;
     let mut t = target(&server.url("/?loop=1"), 2000, None);
     t.max_redirects = 4;
     let m = Prober::new().probe(&t).await;
@@ -187,7 +196,7 @@ async fn redirect_loop_stops_at_the_limit() {
 
 #[tokio::test]
 async fn dont_follow_records_the_redirect_itself() {
-    let server = TargetServer::start("127.0.0.1:0").await.unwrap();
+    let server = local_target().await;
     let mut t = target(&server.url("/?redirect=1"), 2000, None);
     t.max_redirects = 0;
     t.accepted_status = vec![200..=399];
@@ -203,15 +212,9 @@ async fn dont_follow_records_the_redirect_itself() {
 
 #[tokio::test]
 async fn stalled_body_times_out_in_the_body_phase() {
-    let server = TargetServer::start("127.0.0.1:0").await.unwrap();
-    let m = Prober::new()
-        .probe(&target(&server.url("/?stall=1"), 300, None))
-        .await;
-    assert_eq!(
-        (m.outcome, m.failed_phase),
-        (Outcome::Timeout, Some(Phase::Body)),
-        "{m:?}"
-    );
+    let server = local_target().await;
+    let m = probe(&server.url("/?stall=1"), 300, None).await;
+    assert_failed(&m, Outcome::Timeout, Phase::Body, "");
     assert_eq!(m.status, 200);
     assert!(m.ttfb.is_some());
     assert!(
@@ -222,20 +225,14 @@ async fn stalled_body_times_out_in_the_body_phase() {
 
 #[tokio::test]
 async fn slow_drip_times_out_in_the_body_phase() {
-    let server = TargetServer::start("127.0.0.1:0").await.unwrap();
-    let m = Prober::new()
-        .probe(&target(&server.url("/?drip_ms=50"), 400, None))
-        .await;
-    assert_eq!(
-        (m.outcome, m.failed_phase),
-        (Outcome::Timeout, Some(Phase::Body)),
-        "{m:?}"
-    );
+    let server = local_target().await;
+    let m = probe(&server.url("/?drip_ms=50"), 400, None).await;
+    assert_failed(&m, Outcome::Timeout, Phase::Body, "");
 }
 
 #[tokio::test]
 async fn a_hanging_target_does_not_delay_another() {
-    let server = TargetServer::start("127.0.0.1:0").await.unwrap();
+    let server = local_target().await;
     let prober = Prober::new();
     let hanging = target(&server.url("/?stall=1"), 2000, None);
     let fast = target(&server.url("/"), 2000, None);
@@ -262,26 +259,16 @@ fn ca_file(ca: &TestCa, name: &str) -> std::path::PathBuf {
 #[tokio::test]
 async fn self_signed_certificate_is_untrusted_by_default() {
     let leaf = vantage_tests::tls::self_signed(&["localhost"]);
-    let server = TargetServer::start_tls("127.0.0.1:0", leaf.server_config())
-        .await
-        .unwrap();
-    let m = Prober::new()
-        .probe(&target(&server.url_with_host("localhost", "/"), 2000, None))
-        .await;
-    assert_eq!(
-        (m.outcome, m.failed_phase),
-        (Outcome::TlsUntrusted, Some(Phase::Tls)),
-        "{m:?}"
-    );
+    let server = tls_target(leaf.server_config()).await;
+    let m = probe(&server.url_with_host("localhost", "/"), 2000, None).await;
+    assert_failed(&m, Outcome::TlsUntrusted, Phase::Tls, "");
 }
 
 #[tokio::test]
 async fn ca_file_makes_the_certificate_trusted_and_expiry_is_recorded() {
     let ca = TestCa::new();
     let leaf = ca.leaf(&["localhost"], (2020, 1, 1), (2099, 6, 30));
-    let server = TargetServer::start_tls("127.0.0.1:0", leaf.server_config())
-        .await
-        .unwrap();
+    let server = tls_target(leaf.server_config()).await;
     let mut t = target(
         &server.url_with_host("localhost", "/"),
         2000,
@@ -301,17 +288,13 @@ async fn expired_certificate_and_wrong_name_are_distinct_kinds() {
     let tls = vantage_agent::tls::config_with_ca_file(&ca_file(&ca, "kinds")).unwrap();
 
     let expired = ca.leaf(&["localhost"], (2020, 1, 1), (2021, 1, 1));
-    let server = TargetServer::start_tls("127.0.0.1:0", expired.server_config())
-        .await
-        .unwrap();
+    let server = tls_target(expired.server_config()).await;
     let mut t = target(&server.url_with_host("localhost", "/"), 2000, None);
     t.tls = Some(tls.clone());
     assert_eq!(Prober::new().probe(&t).await.outcome, Outcome::TlsExpired);
 
     let other_name = ca.leaf(&["example.internal"], (2020, 1, 1), (2099, 1, 1));
-    let server = TargetServer::start_tls("127.0.0.1:0", other_name.server_config())
-        .await
-        .unwrap();
+    let server = tls_target(other_name.server_config()).await;
     let mut t = target(&server.url_with_host("localhost", "/"), 2000, None);
     t.tls = Some(tls);
     assert_eq!(
@@ -323,9 +306,7 @@ async fn expired_certificate_and_wrong_name_are_distinct_kinds() {
 #[tokio::test]
 async fn skip_verify_is_an_explicit_opt_in() {
     let leaf = vantage_tests::tls::self_signed(&["localhost"]);
-    let server = TargetServer::start_tls("127.0.0.1:0", leaf.server_config())
-        .await
-        .unwrap();
+    let server = tls_target(leaf.server_config()).await;
     let mut t = target(&server.url_with_host("localhost", "/"), 2000, None);
     t.tls = Some(vantage_agent::tls::skip_verify_config());
     let m = Prober::new().probe(&t).await;
@@ -337,10 +318,8 @@ async fn skip_verify_is_an_explicit_opt_in() {
 
 #[tokio::test]
 async fn regex_finds_a_match_split_across_chunks() {
-    let server = TargetServer::start("127.0.0.1:0").await.unwrap();
-    let m = Prober::new()
-        .probe(&target(&server.url("/?split=1"), 2000, Some("target: ok")))
-        .await;
+    let server = local_target().await;
+    let m = probe(&server.url("/?split=1"), 2000, Some("target: ok")).await;
     assert_eq!(
         (m.outcome, m.regex),
         (Outcome::Up, RegexOutcome::Matched),
@@ -350,20 +329,14 @@ async fn regex_finds_a_match_split_across_chunks() {
 
 #[tokio::test]
 async fn invalid_utf8_does_not_hide_the_text() {
-    let server = TargetServer::start("127.0.0.1:0").await.unwrap();
-    let m = Prober::new()
-        .probe(&target(
-            &server.url("/?bad_utf8=1"),
-            2000,
-            Some("target: ok"),
-        ))
-        .await;
+    let server = local_target().await;
+    let m = probe(&server.url("/?bad_utf8=1"), 2000, Some("target: ok")).await;
     assert_eq!(m.regex, RegexOutcome::Matched, "{m:?}");
 }
 
 #[tokio::test]
 async fn body_over_the_cap_is_truncated() {
-    let server = TargetServer::start("127.0.0.1:0").await.unwrap();
+    let server = local_target().await;
     let mut t = target(&server.url("/?size=200000"), 2000, Some("no such text"));
     t.body_cap = 10_000;
     let m = Prober::new().probe(&t).await;
@@ -385,10 +358,8 @@ async fn body_over_the_cap_is_truncated() {
 
 #[tokio::test]
 async fn gzip_body_is_decoded_before_matching() {
-    let server = TargetServer::start("127.0.0.1:0").await.unwrap();
-    let m = Prober::new()
-        .probe(&target(&server.url("/?gzip=1"), 2000, Some("target: ok")))
-        .await;
+    let server = local_target().await;
+    let m = probe(&server.url("/?gzip=1"), 2000, Some("target: ok")).await;
     assert_eq!(m.regex, RegexOutcome::Matched, "{m:?}");
     // body_bytes counts what crossed the wire (compressed).
     assert!(m.body_bytes > 0 && (m.body_bytes as usize) != vantage_tests::target::BODY.len());
@@ -398,7 +369,7 @@ async fn gzip_body_is_decoded_before_matching() {
 
 #[tokio::test]
 async fn ip_family_filters_addresses_and_the_address_is_recorded() {
-    let server = TargetServer::start("127.0.0.1:0").await.unwrap();
+    let server = local_target().await;
     let mut t = target(&server.url_with_host("localhost", "/"), 2000, None);
     t.ip_family = vantage_agent::target::IpFamily::Ipv4;
     let m = Prober::new().probe(&t).await;
@@ -445,8 +416,8 @@ const SECRETS: [(&str, &str); 5] = [
 #[tokio::test]
 async fn cross_origin_redirect_drops_credentials_and_host() {
     // A (this port) → B (another port: another origin) → back to A.
-    let a = TargetServer::start("127.0.0.1:0").await.unwrap();
-    let b = TargetServer::start("127.0.0.1:0").await.unwrap();
+    let a = local_target().await;
+    let b = local_target().await;
     let back = a.url("/final");
     let to_b = b.url(&format!("/b?redirect_to={}", encode(&back)));
     let t = with_headers(
@@ -487,7 +458,7 @@ async fn cross_origin_redirect_drops_credentials_and_host() {
 
 #[tokio::test]
 async fn same_origin_redirect_keeps_the_headers() {
-    let a = TargetServer::start("127.0.0.1:0").await.unwrap();
+    let a = local_target().await;
     let t = with_headers(target(&a.url("/?redirect=1"), 2000, None), &SECRETS);
     let m = Prober::new().probe(&t).await;
     assert_eq!((m.outcome, m.redirects), (Outcome::Up, 1), "{m:?}");
@@ -500,11 +471,9 @@ async fn same_origin_redirect_keeps_the_headers() {
 
 #[tokio::test]
 async fn https_to_http_redirect_is_refused() {
-    let plain = TargetServer::start("127.0.0.1:0").await.unwrap();
+    let plain = local_target().await;
     let leaf = vantage_tests::tls::self_signed(&["localhost"]);
-    let secure = TargetServer::start_tls("127.0.0.1:0", leaf.server_config())
-        .await
-        .unwrap();
+    let secure = tls_target(leaf.server_config()).await;
     let url = secure.url_with_host(
         "localhost",
         &format!("/?redirect_to={}", encode(&plain.url("/"))),
@@ -536,7 +505,7 @@ async fn ipv6_literal_sends_a_valid_host_header() {
     let server = TargetServer::start("[::1]:0").await.unwrap();
     let url = server.url("/");
     assert!(url.starts_with("http://[::1]:"), "{url}");
-    let m = Prober::new().probe(&target(&url, 2000, None)).await;
+    let m = probe(&url, 2000, None).await;
     let host = format!("[::1]:{}", server.addr.port());
     let seen = server.seen();
     assert_eq!(seen[0].header("host"), Some(host.as_str()));
@@ -578,20 +547,14 @@ fn response(headers: &str, body: &[u8]) -> Vec<Step> {
 #[tokio::test]
 async fn gzip_bomb_ends_at_the_deadline_as_a_check_timeout() {
     let bomb = gzip_zeros(64 << 20);
-    let server = RawServer::start(response("content-encoding: gzip\r\n", &bomb))
-        .await
-        .unwrap();
+    let server = raw(response("content-encoding: gzip\r\n", &bomb)).await;
     // A regex that makes the scan of 64 MiB slow.
     let mut t = target(&server.url("/"), 1000, Some("(a|b|c|d|e)+z$"));
     t.body_cap = vantage_agent::target::MAX_BODY_CAP;
     let started = std::time::Instant::now();
     let m = Prober::new().probe(&t).await;
     let took = started.elapsed();
-    assert_eq!(
-        (m.outcome, m.failed_phase),
-        (Outcome::Timeout, Some(Phase::Check)),
-        "{m:?}"
-    );
+    assert_failed(&m, Outcome::Timeout, Phase::Check, "");
     // Generous margin: the deadline is what is checked, not the machine's speed.
     assert!(took < Duration::from_millis(1500), "took {took:?}: {m:?}");
     assert_eq!(m.body_bytes as usize, bomb.len());
@@ -599,7 +562,7 @@ async fn gzip_bomb_ends_at_the_deadline_as_a_check_timeout() {
 
 #[tokio::test]
 async fn gzip_decoded_past_the_cap_is_truncated() {
-    let server = TargetServer::start("127.0.0.1:0").await.unwrap();
+    let server = local_target().await;
     let mut t = target(
         &server.url("/?size=200000&gzip=1"),
         2000,
@@ -630,17 +593,9 @@ async fn corrupt_or_truncated_gzip_is_a_content_encoding_error() {
         }),
     ];
     for (case, body) in cases {
-        let server = RawServer::start(response("content-encoding: gzip\r\n", &body))
-            .await
-            .unwrap();
-        let m = Prober::new()
-            .probe(&target(&server.url("/"), 2000, Some("target: ok")))
-            .await;
-        assert_eq!(
-            (m.outcome, m.failed_phase),
-            (Outcome::BadContentEncoding, Some(Phase::Check)),
-            "{case}: {m:?}"
-        );
+        let server = raw(response("content-encoding: gzip\r\n", &body)).await;
+        let m = probe(&server.url("/"), 2000, Some("target: ok")).await;
+        assert_failed(&m, Outcome::BadContentEncoding, Phase::Check, case);
         assert!(m.detail.is_some(), "{case}");
         assert_eq!(m.status, 200, "{case}");
     }
@@ -650,17 +605,9 @@ async fn corrupt_or_truncated_gzip_is_a_content_encoding_error() {
 async fn self_signed_ca_certificate_is_untrusted() {
     // CA:TRUE, like `openssl req -x509`: webpki says CaUsedAsEndEntity, not UnknownIssuer.
     let cert = vantage_tests::tls::self_signed_ca(&["localhost"]);
-    let server = TargetServer::start_tls("127.0.0.1:0", cert.server_config())
-        .await
-        .unwrap();
-    let m = Prober::new()
-        .probe(&target(&server.url_with_host("localhost", "/"), 2000, None))
-        .await;
-    assert_eq!(
-        (m.outcome, m.failed_phase),
-        (Outcome::TlsUntrusted, Some(Phase::Tls)),
-        "{m:?}"
-    );
+    let server = tls_target(cert.server_config()).await;
+    let m = probe(&server.url_with_host("localhost", "/"), 2000, None).await;
+    assert_failed(&m, Outcome::TlsUntrusted, Phase::Tls, "");
 }
 
 #[tokio::test]
@@ -688,11 +635,7 @@ async fn openssl_self_signed_certificate_is_untrusted() {
         eprintln!("SKIPPED openssl_self_signed_certificate_is_untrusted: no working openssl");
         return;
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut server = tokio::process::Command::new("openssl")
         .args(["s_server", "-www", "-quiet", "-accept"])
         .arg(port.to_string())
@@ -717,33 +660,19 @@ async fn openssl_self_signed_certificate_is_untrusted() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(ready, "openssl s_server did not start on port {port}");
-    let m = Prober::new()
-        .probe(&target(&format!("https://localhost:{port}/"), 3000, None))
-        .await;
+    let m = probe(&format!("https://localhost:{port}/"), 3000, None).await;
     let _ = server.kill().await;
     let _ = std::fs::remove_dir_all(&dir);
-    assert_eq!(
-        (m.outcome, m.failed_phase),
-        (Outcome::TlsUntrusted, Some(Phase::Tls)),
-        "{m:?}"
-    );
+    assert_failed(&m, Outcome::TlsUntrusted, Phase::Tls, "");
 }
 
 #[tokio::test]
 async fn broken_chunked_encoding_is_protocol_error() {
-    let server = RawServer::start(vec![Step::text(
+    let server = raw(vec![Step::text(
         "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\nworld\r\n0\r\n\r\n",
-    )])
-    .await
-    .unwrap();
-    let m = Prober::new()
-        .probe(&target(&server.url("/"), 2000, None))
-        .await;
-    assert_eq!(
-        (m.outcome, m.failed_phase),
-        (Outcome::ProtocolError, Some(Phase::Body)),
-        "{m:?}"
-    );
+    )]).await;
+    let m = probe(&server.url("/"), 2000, None).await;
+    assert_failed(&m, Outcome::ProtocolError, Phase::Body, "");
     assert_eq!((m.status, m.body_bytes), (200, 5), "{m:?}");
     // Not a dead end: the detail says what was wrong.
     let detail = m.detail.unwrap();
@@ -780,15 +709,9 @@ async fn failures_while_reading_headers_name_the_headers_phase() {
         ),
     ];
     for (case, script, outcome) in cases {
-        let server = RawServer::start(script).await.unwrap();
-        let m = Prober::new()
-            .probe(&target(&server.url("/"), 500, None))
-            .await;
-        assert_eq!(
-            (m.outcome, m.failed_phase),
-            (outcome, Some(Phase::Headers)),
-            "{case}: {m:?}"
-        );
+        let server = raw(script).await;
+        let m = probe(&server.url("/"), 500, None).await;
+        assert_failed(&m, outcome, Phase::Headers, case);
         assert!(m.detail.is_some(), "{case}");
         assert!(m.ttfb.is_some(), "{case}: the first byte arrived: {m:?}");
         assert_eq!(m.status, 0, "{case}");
@@ -797,7 +720,7 @@ async fn failures_while_reading_headers_name_the_headers_phase() {
 
 #[tokio::test]
 async fn redirect_limit_has_its_own_outcome() {
-    let server = TargetServer::start("127.0.0.1:0").await.unwrap();
+    let server = local_target().await;
     for accepted in [200..=299, 200..=399] {
         let mut t = target(&server.url("/?redirect=20"), 2000, None);
         t.max_redirects = 10;
@@ -818,16 +741,13 @@ async fn ttfb_is_the_final_responses_first_byte_after_interim_responses() {
         "HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\r\n",
         "HTTP/1.1 100 Continue\r\n\r\n",
     ] {
-        let server = RawServer::start(vec![
+        let server = raw(vec![
             Step::text(interim),
             Step::Pause(Duration::from_millis(300)),
             Step::text("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"),
         ])
-        .await
-        .unwrap();
-        let m = Prober::new()
-            .probe(&target(&server.url("/"), 2000, None))
-            .await;
+        .await;
+        let m = probe(&server.url("/"), 2000, None).await;
         assert_eq!((m.outcome, m.status), (Outcome::Up, 200), "{m:?}");
         assert!(
             m.ttfb.unwrap() >= Duration::from_millis(300),
@@ -838,10 +758,8 @@ async fn ttfb_is_the_final_responses_first_byte_after_interim_responses() {
 
 #[tokio::test]
 async fn body_bytes_count_what_arrived_when_the_body_fails() {
-    let server = TargetServer::start("127.0.0.1:0").await.unwrap();
-    let m = Prober::new()
-        .probe(&target(&server.url("/?stall=1"), 300, None))
-        .await;
+    let server = local_target().await;
+    let m = probe(&server.url("/?stall=1"), 300, None).await;
     assert_eq!(m.outcome, Outcome::Timeout, "{m:?}");
     assert_eq!(
         m.body_bytes as usize,
@@ -852,13 +770,8 @@ async fn body_bytes_count_what_arrived_when_the_body_fails() {
 
 #[tokio::test]
 async fn every_failure_has_a_detail_and_up_has_none() {
-    let server = TargetServer::start("127.0.0.1:0").await.unwrap();
-    let closed = TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let server = local_target().await;
+    let closed = free_port();
     let prober = Prober::new();
     let cases = [
         (target(&server.url("/"), 2000, None), Outcome::Up, None),

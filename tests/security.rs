@@ -12,12 +12,12 @@ use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use vantage_tests::harness::{write_file, Run};
+use vantage_tests::in_process::{query_scalar, query_triples, start_sink_and_bridge};
 use vantage_tests::stage::services_dir;
 use vantage_tests::target::TargetServer;
 
@@ -192,14 +192,24 @@ fn verdicts(reasons: &[rumqttc::v5::mqttbytes::v5::PubAckReason]) -> Vec<String>
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_cannot_publish_as_another_agent() {
-    let sec = Secure::from_env();
-    let run = Run::new("acl");
+/// Whether this session's connection to PostgreSQL is TLS.
+const OWN_SSL: &str = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
+
+/// A new run (its topic prefix too) and two agents of it with their broker identities:
+/// `a-<run id>` in eu-north and `b-<run id>` in `region_b`.
+fn two_agents(kind: &str, region_b: &str) -> (Run, String, (String, Identity), (String, Identity)) {
+    let run = Run::new(kind);
     let prefix = run.prefix();
     let (a, b) = (format!("a-{}", run.id), format!("b-{}", run.id));
     let id_a = Identity::agent(&prefix, "eu-north", &a);
-    let _id_b = Identity::agent(&prefix, "us-east", &b);
+    let id_b = Identity::agent(&prefix, region_b, &b);
+    (run, prefix, (a, id_a), (b, id_b))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_cannot_publish_as_another_agent() {
+    let sec = Secure::from_env();
+    let (run, prefix, (a, id_a), (b, _id_b)) = two_agents("acl", "us-east");
     let own = format!("{prefix}/v1/results/eu-north/{a}");
     let own_status = format!("{prefix}/v1/status/eu-north/{a}");
     let as_b = format!("{prefix}/v1/results/us-east/{b}");
@@ -308,11 +318,7 @@ async fn connect_once(options: rumqttc::MqttOptions) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_cannot_take_over_another_agents_client_id() {
     let sec = Secure::from_env();
-    let run = Run::new("clientid");
-    let prefix = run.prefix();
-    let (a, b) = (format!("a-{}", run.id), format!("b-{}", run.id));
-    let id_a = Identity::agent(&prefix, "eu-north", &a);
-    let id_b = Identity::agent(&prefix, "eu-north", &b);
+    let (run, _, (a, id_a), (b, id_b)) = two_agents("clientid", "eu-north");
     let victim_id = format!("vantage-agent-{b}");
     let cert = |name: &str| {
         let paths = services(&["client-cert", name], "");
@@ -444,14 +450,7 @@ async fn postgres_tls_is_verified_and_never_downgraded() {
         let client = vantage_ingester::db::connect(&config(url(host), tls(Some(&sec.ca))))
             .await
             .unwrap_or_else(|e| panic!("TLS to {host}: {e}"));
-        let ssl: bool = client
-            .query_one(
-                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
+        let ssl: bool = query_scalar(&client, OWN_SSL, &[]).await;
         assert!(ssl, "connection to {host} is not TLS");
     }
     // Not signed by a trusted CA (the bundled public roots): refused.
@@ -476,14 +475,7 @@ async fn postgres_tls_is_verified_and_never_downgraded() {
     ))
     .await
     .unwrap();
-    let ssl: bool = client
-        .query_one(
-            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let ssl: bool = query_scalar(&client, OWN_SSL, &[]).await;
     assert!(
         ssl,
         "sslmode=disable in the URL downgraded a verify-full connection"
@@ -629,25 +621,7 @@ batch_timeout = "100ms"
     tracing::debug!(config = ?ingester, "ingester configuration (Debug must not show secrets)");
 
     let stop = CancellationToken::new();
-    let sink = tokio::spawn({
-        let (c, s) = (ingester.clone(), stop.clone());
-        async move { vantage_ingester::sink::run(&c, s).await }
-    });
-    let bridge_state = Arc::new(vantage_ingester::bridge::BridgeState::default());
-    let bridge = tokio::spawn({
-        let (c, s, st) = (ingester.clone(), stop.clone(), bridge_state.clone());
-        async move { vantage_ingester::bridge::run_with_state(&c, s, st).await }
-    });
-    let subscribed = tokio::time::timeout(Duration::from_secs(60), async {
-        while !bridge_state.subscribed.load(Ordering::Acquire) {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
-    assert!(
-        subscribed.is_ok(),
-        "bridge did not subscribe over TLS within 60 s"
-    );
+    let stages = start_sink_and_bridge(&ingester, &stop).await;
 
     let mut runs = Vec::new();
     for ((region, agent), identity) in agents.iter().zip(&identities) {
@@ -703,16 +677,8 @@ regex = "target: ok"
     let stored = run.wait_rows(produced, Duration::from_secs(90)).await;
     assert_eq!(stored, produced, "rows in PostgreSQL vs results produced");
     let client = run.pg().await;
-    let by_region: Vec<(String, String, i64)> = client
-        .query(
-            "SELECT region, agent, count(*) FROM results GROUP BY 1, 2 ORDER BY 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect();
+    let sql = "SELECT region, agent, count(*) FROM results GROUP BY 1, 2 ORDER BY 1";
+    let by_region: Vec<(String, String, i64)> = query_triples(&client, sql).await;
     assert_eq!(
         by_region,
         [
@@ -744,10 +710,8 @@ regex = "target: ok"
         "{tls_sessions} TLS, {plain_sessions} plain"
     );
 
-    stop.cancel();
-    let bridge_stats = bridge.await.unwrap().unwrap();
+    let (bridge_stats, _) = stages.stop(&stop).await;
     assert_eq!(bridge_stats.dead_lettered, 0, "{bridge_stats:?}");
-    sink.await.unwrap().unwrap();
 
     // Bad secrets: the errors name the variable or file, never a value.
     let bad = ingester_toml.replace(

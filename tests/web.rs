@@ -6,15 +6,14 @@
 //! Screenshots of every page go to `target/web-screenshots/` on every run.
 
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
-use vantage_tests::alerting::http_with;
+use vantage_tests::alerting::{http_with, region_agent_probing, AgentTask};
 use vantage_tests::browser::Browser;
-use vantage_tests::harness::{write_file, IngesterOptions, Run};
+use vantage_tests::harness::{write_file, Run};
+use vantage_tests::in_process::{ingester_base, start_sink_and_bridge, two_partitions, wait_for};
 use vantage_tests::target::TargetServer;
 
 const REGIONS: [&str; 3] = ["ap-south", "eu-north", "us-east"];
@@ -22,13 +21,7 @@ const DELAY_MS: u64 = 200;
 const XSS: &str = "<script>alert(1)</script>";
 
 fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,vantage_ingester::web=info".into()),
-        )
-        .with_test_writer()
-        .try_init();
+    vantage_tests::in_process::init_tracing("warn,vantage_ingester::web=info");
 }
 
 /// The query string each region's agent probes with: the delay or failure it sees.
@@ -41,81 +34,13 @@ fn region_query(region: &str) -> String {
 }
 
 /// An agent of `region` probing targets 1 and 2 every 500 ms.
-fn agent(
-    run: &Run,
-    region: &str,
-    target: &TargetServer,
-) -> (CancellationToken, tokio::task::JoinHandle<()>) {
-    let pw = run.dir.join("agent.pw");
-    write_file(&pw, "agent-secret");
+fn agent(run: &Run, region: &str, target: &TargetServer) -> (CancellationToken, AgentTask) {
     let q = region_query(region);
-    let text = format!(
-        r#"
-agent_id = "{region}-{id}"
-region = "{region}"
-
-[mqtt]
-host = "{host}"
-port = {port}
-username = "agent"
-password_file = "{pw}"
-topic_prefix = "{prefix}"
-
-[uplink]
-batch_max = 4
-flush_interval = "100ms"
-drain_timeout = "2s"
-
-[fleet]
-heartbeat_interval = "1s"
-
-[[targets]]
-id = 1
-url = "{url1}"
-interval = "500ms"
-timeout = "450ms"
-
-[[targets]]
-id = 2
-url = "{url2}"
-interval = "500ms"
-timeout = "450ms"
-"#,
-        id = run.id,
-        host = run.services.mqtt_host,
-        port = run.services.mqtt_port,
-        pw = pw.display(),
-        prefix = run.prefix(),
-        url1 = target.url(&format!("/shop{q}")),
-        url2 = target.url(&format!("/other{q}")),
+    let (shop, other) = (
+        target.url(&format!("/shop{q}")),
+        target.url(&format!("/other{q}")),
     );
-    let path = run.dir.join(format!("agent-{region}.toml"));
-    write_file(&path, &text);
-    let config = vantage_agent::Config::load(&path).expect("agent config");
-    let token = CancellationToken::new();
-    let t = token.clone();
-    let handle = tokio::spawn(async move {
-        let _ = vantage_agent::run(config, Default::default(), t).await;
-    });
-    (token, handle)
-}
-
-async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    region_agent_probing(run, region, &[(1, &shop), (2, &other)], "500ms", "450ms")
 }
 
 /// Where the screenshots go: `target/web-screenshots/` of the workspace.
@@ -147,15 +72,8 @@ async fn dashboard_in_a_real_browser() {
     init_tracing();
     let run = Run::new("web");
     let target = TargetServer::start("127.0.0.1:0").await.unwrap();
-    let options = IngesterOptions {
-        partitions: 2,
-        sink_batch_max: 100,
-        sink_batch_timeout_ms: 50,
-        ..IngesterOptions::default()
-    };
-    let base_file = run.ingester_file(&options);
-    let base = std::fs::read_to_string(&base_file).unwrap();
-    let config = Arc::new(vantage_ingester::Config::load(&base_file).unwrap());
+    let options = two_partitions(100, 50);
+    let (_, base, config) = ingester_base(&run, &options);
     // The schema first, then the targets' names as `targets apply` records them (name, url):
     // the agents below probe local targets 1 and 2, so no set is published.
     let mut pg = vantage_ingester::db::connect(config.postgres().unwrap())
@@ -173,25 +91,7 @@ async fn dashboard_in_a_real_browser() {
     .unwrap();
 
     let stop = CancellationToken::new();
-    let sink = tokio::spawn({
-        let (c, s) = (config.clone(), stop.clone());
-        async move { vantage_ingester::sink::run(&c, s).await.unwrap() }
-    });
-    let state = Arc::new(vantage_ingester::bridge::BridgeState::default());
-    let bridge = tokio::spawn({
-        let (c, s, st) = (config.clone(), stop.clone(), state.clone());
-        async move {
-            vantage_ingester::bridge::run_with_state(&c, s, st)
-                .await
-                .unwrap()
-        }
-    });
-    wait_for(
-        "the bridge's subscription",
-        Duration::from_secs(60),
-        || async { state.subscribed.load(Ordering::Acquire).then_some(()) },
-    )
-    .await;
+    let stages = start_sink_and_bridge(&config, &stop).await;
     let agents: Vec<_> = REGIONS.iter().map(|r| agent(&run, r, &target)).collect();
 
     // The alert stage on the same data: target 1 fails from ap-south, one region is enough.
@@ -549,7 +449,7 @@ async fn dashboard_in_a_real_browser() {
         token.cancel();
         let _ = handle.await;
     }
-    let _ = tokio::join!(sink, bridge, alert);
+    let _ = tokio::join!(stages.join(), alert);
     let mut sessions = vec![run.bridge_client_id(&options.client)];
     sessions.extend(
         REGIONS

@@ -1,15 +1,17 @@
 //! The binary refuses bad configuration before doing anything, naming file, key and problem;
 //! every subcommand explains itself with an example; `--version`; exit codes (issue #9).
 
-use std::process::Command;
+#[path = "../../tests/src/cli.rs"]
+mod cli;
+
+const BIN: &str = env!("CARGO_BIN_EXE_vantage-agent");
 
 fn write(name: &str, text: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("vantage-agent-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path
+    cli::scratch_file("vantage-agent", name, text)
 }
+
+/// The environment of a run whose logs are checked: everything logged.
+const TRACE: &[(&str, &str)] = &[("RUST_LOG", "trace")];
 
 const GOOD: &str = r#"
 agent_id = "pi-1"
@@ -23,15 +25,7 @@ url = "http://127.0.0.1:9/"
 
 /// (exit code, stdout, stderr) of `vantage-agent ARGS`.
 fn run_code(args: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_vantage-agent"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    cli::run_with_env(BIN, args, &[])
 }
 
 /// (succeeded, stdout, stderr) of `vantage-agent ARGS`.
@@ -122,13 +116,9 @@ fn probe_exits_3_when_the_target_is_down() {
         .local_addr()
         .unwrap()
         .port();
-    let out = Command::new(env!("CARGO_BIN_EXE_vantage-agent"))
-        .args(["probe", &format!("http://127.0.0.1:{port}/")])
-        .output()
-        .unwrap();
+    let (code, text, _) = run_code(&["probe", &format!("http://127.0.0.1:{port}/")]);
     // 3, not 2: 2 is a bad command line (issue #13 item 13).
-    assert_eq!(out.status.code(), Some(3));
-    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(code, Some(3));
     assert!(text.contains("outcome         connect_refused"), "{text}");
 }
 
@@ -298,15 +288,7 @@ fn exit_codes_of_every_class() {
         ("good file", &["check-config", good], 0),
         ("probe: not up", &["probe", "--timeout", "2s", url], 3),
     ];
-    let mut wrong = Vec::new();
-    for (what, args, want) in cases {
-        let (code, _, stderr) = run_code(args);
-        if code != Some(*want) {
-            wrong.push(format!(
-                "{what} {args:?}: exit {code:?}, want {want}\n{stderr}"
-            ));
-        }
-    }
+    let wrong = cli::wrong_exit_codes(BIN, cases);
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
 
@@ -393,16 +375,8 @@ fn url_credentials_are_basic_auth_and_never_printed() {
         if json {
             args.insert(1, "--json");
         }
-        let out = Command::new(env!("CARGO_BIN_EXE_vantage-agent"))
-            .args(&args)
-            .env("RUST_LOG", "trace")
-            .output()
-            .unwrap();
-        let (stdout, stderr) = (
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-        );
-        assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+        let (code, stdout, stderr) = cli::run_with_env(BIN, &args, TRACE);
+        assert_eq!(code, Some(0), "{stdout}{stderr}");
         leaks("probe output", &stdout);
         leaks("probe log", &stderr);
         let request = requests
@@ -444,19 +418,12 @@ fn url_credentials_are_basic_auth_and_never_printed() {
                 .replace("127.0.0.1\"", "127.0.0.1\"\nport = 1")
         ),
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_vantage-agent"))
-        .args(["check-config", config.to_str().unwrap()])
-        .env("RUST_LOG", "trace")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{out:?}");
-    leaks("check-config", &String::from_utf8_lossy(&out.stdout));
-    let out = Command::new(env!("CARGO_BIN_EXE_vantage-agent"))
-        .args(["run", "--rounds", "1", "--config", config.to_str().unwrap()])
-        .env("RUST_LOG", "trace")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let config = config.to_str().unwrap();
+    let (code, stdout, stderr) = cli::run_with_env(BIN, &["check-config", config], TRACE);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    leaks("check-config", &stdout);
+    let (_, _, stderr) =
+        cli::run_with_env(BIN, &["run", "--rounds", "1", "--config", config], TRACE);
     let request = requests
         .recv_timeout(std::time::Duration::from_secs(10))
         .unwrap_or_else(|_| panic!("the agent never probed:\n{stderr}"));

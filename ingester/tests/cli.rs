@@ -5,12 +5,13 @@
 use std::io::BufRead;
 use std::process::{Command, Stdio};
 
+#[path = "../../tests/src/cli.rs"]
+mod cli;
+
+const BIN: &str = env!("CARGO_BIN_EXE_vantage-ingester");
+
 fn write(name: &str, text: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("vantage-ingester-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path
+    cli::scratch_file("vantage-ingester", name, text)
 }
 
 /// Points at ports where nothing listens: check-config must not try to connect.
@@ -27,16 +28,9 @@ bridge_listen = "0.0.0.0:9464"
 sink_listen = "off"
 "#;
 
+/// (exit code, stdout, stderr) of `vantage-ingester ARGS`.
 fn run(args: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_vantage-ingester"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    cli::run_with_env(BIN, args, &[])
 }
 
 #[test]
@@ -49,13 +43,9 @@ fn check_config_accepts_good_files() {
     assert!(stdout.contains("  sink           can run\n"), "{stdout}");
     // The shipped example too (with its password variables set).
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/ingester.example.toml");
-    let out = Command::new(env!("CARGO_BIN_EXE_vantage-ingester"))
-        .args(["check-config", example])
-        .env("VANTAGE_MQTT_PASSWORD", "x")
-        .env("VANTAGE_PG_PASSWORD", "x")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    let passwords = [("VANTAGE_MQTT_PASSWORD", "x"), ("VANTAGE_PG_PASSWORD", "x")];
+    let (code, stdout, stderr) = cli::run_with_env(BIN, &["check-config", example], &passwords);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
 }
 
 /// Issue #14 item 13: a valid file that lacks a section some command needs is not "ok": the
@@ -279,14 +269,6 @@ fn exit_codes_of_every_class() {
             3,
         ),
     ];
-    let mut wrong = Vec::new();
-    for (what, args, want) in cases {
-        let (code, _, stderr) = run(args);
-        if code != Some(*want) {
-            wrong.push(format!(
-                "{what} {args:?}: exit {code:?}, want {want}\n{stderr}"
-            ));
-        }
-    }
+    let wrong = cli::wrong_exit_codes(BIN, cases);
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }

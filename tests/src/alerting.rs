@@ -16,6 +16,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::agent_toml::{agent_head, load_agent_config, target_entry};
+
 /// Tests of one binary that drive Alertmanager and agents take turns (two cores, real time).
 pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -425,46 +427,37 @@ pub fn region_agent(
     url: &str,
     interval: &str,
 ) -> (CancellationToken, AgentTask) {
-    let pw = run.dir.join("agent.pw");
-    crate::harness::write_file(&pw, "agent-secret");
     let timeout_ms = humantime::parse_duration(interval)
         .map(|d| d.as_millis() * 4 / 5)
         .unwrap_or(400);
-    let text = format!(
-        r#"
-agent_id = "{region}-{id}"
-region = "{region}"
+    region_agent_probing(
+        run,
+        region,
+        &[(1, url)],
+        interval,
+        &format!("{timeout_ms}ms"),
+    )
+}
 
-[mqtt]
-host = "{host}"
-port = {port}
-username = "agent"
-password_file = "{pw}"
-topic_prefix = "{prefix}"
-
-[uplink]
-batch_max = 4
-flush_interval = "100ms"
-drain_timeout = "2s"
-
-[fleet]
-heartbeat_interval = "1s"
-
-[[targets]]
-id = 1
-url = "{url}"
-interval = "{interval}"
-timeout = "{timeout_ms}ms"
-"#,
-        id = run.id,
-        host = run.services.mqtt_host,
-        port = run.services.mqtt_port,
-        pw = pw.display(),
-        prefix = run.prefix(),
+/// Starts an agent `<region>-<run id>` in `region` probing each `(id, url)` of `targets` every
+/// `interval` with `timeout`, status heartbeats every second; cancel the token to stop it.
+pub fn region_agent_probing(
+    run: &crate::harness::Run,
+    region: &str,
+    targets: &[(u32, &str)],
+    interval: &str,
+    timeout: &str,
+) -> (CancellationToken, AgentTask) {
+    let agent_id = format!("{region}-{}", run.id);
+    let mut text = agent_head(run, &agent_id, region);
+    text.push_str(
+        "\n[uplink]\nbatch_max = 4\nflush_interval = \"100ms\"\ndrain_timeout = \"2s\"\n\n\
+         [fleet]\nheartbeat_interval = \"1s\"\n",
     );
-    let path = run.dir.join(format!("agent-{region}.toml"));
-    crate::harness::write_file(&path, &text);
-    let config = vantage_agent::Config::load(&path).expect("agent config");
+    for (target_id, url) in targets {
+        text.push_str(&target_entry(*target_id, url, interval, timeout, ""));
+    }
+    let config = load_agent_config(run, &format!("agent-{region}.toml"), &text);
     let token = CancellationToken::new();
     let handle = tokio::spawn(vantage_agent::run(
         config,

@@ -1,10 +1,13 @@
 //! Helpers for vantage's end-to-end tests and demo: a local HTTP target with knobs, and the
 //! addresses of the real services started by `tests/services/up`.
 
+pub mod agent_toml;
 pub mod alerting;
 pub mod browser;
+pub mod cli;
 pub mod deb;
 pub mod harness;
+pub mod in_process;
 pub mod loadgen;
 pub mod proxy;
 pub mod stage;

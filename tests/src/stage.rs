@@ -31,6 +31,28 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     );
 }
 
+/// `vantage-ingester <command> --config <config> <rest>`, run to its end.
+pub fn ingester_command(config: &Path, command: &[&str], rest: &[&str]) -> std::process::Output {
+    Command::new(workspace_bin("vantage-ingester"))
+        .args(command)
+        .arg("--config")
+        .arg(config)
+        .args(rest)
+        .output()
+        .expect("run vantage-ingester")
+}
+
+/// [`ingester_command`], which must exit with `code`; its stdout.
+pub fn ingester_stdout(config: &Path, command: &[&str], rest: &[&str], code: i32) -> String {
+    let out = ingester_command(config, command, rest);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "vantage-ingester {command:?}: {out:?}"
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// One `vantage-ingester <stage>` process, its stderr in a log file.
 pub struct StageProcess {
     pub name: String,
@@ -206,15 +228,33 @@ pub fn services_dir() -> PathBuf {
 
 /// Runs `tests/services/up` (idempotent: starts whatever is down, waits until all answer).
 pub fn services_up() -> Result<(), String> {
-    let out = Command::new("bash")
-        .arg(services_dir().join("up"))
+    let mut up = Command::new("bash");
+    up.arg(services_dir().join("up"));
+    run_script(up, "tests/services/up")
+}
+
+/// Runs `commands` after sourcing `tests/services/lib.sh` (and its `check_ports`).
+fn lib_sh(commands: &str, what: &str) -> Result<(), String> {
+    let script = format!(
+        "set -euo pipefail; source '{}'; check_ports; {commands}",
+        services_dir().join("lib.sh").display(),
+    );
+    let mut bash = Command::new("bash");
+    bash.args(["-c", &script]);
+    run_script(bash, what)
+}
+
+/// Runs `script` to its end; an error naming `what` with its output unless it exits 0.
+fn run_script(mut script: Command, what: &str) -> Result<(), String> {
+    let out = script
         .output()
-        .map_err(|e| format!("cannot run tests/services/up: {e}"))?;
+        .map_err(|e| format!("cannot start the script for {what}: {e}"))?;
     if out.status.success() {
         Ok(())
     } else {
         Err(format!(
-            "tests/services/up failed:\n{}",
+            "{what} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         ))
     }
@@ -241,35 +281,47 @@ impl Service {
 /// Stops one service gracefully with the script's own function (PostgreSQL: `pg_ctl stop -m
 /// fast`; Mosquitto and Kafka: SIGTERM, so both write their state), under the script's lock.
 pub fn service_down(service: Service) -> Result<(), String> {
-    let script = format!(
-        "set -euo pipefail; source '{}'; check_ports; lock_state_dir; {}",
-        services_dir().join("lib.sh").display(),
-        service.lib_fn()
-    );
-    let out = Command::new("bash")
-        .args(["-c", &script])
-        .output()
-        .map_err(|e| format!("cannot run bash: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "stopping {service:?} failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
+    lib_sh(
+        &format!("lock_state_dir; {}", service.lib_fn()),
+        &format!("stopping {service:?}"),
+    )
 }
 
 /// Stops `service`, keeps it down for `down_for`, then brings everything up again.
 pub async fn restart_service(service: Service, down_for: Duration) -> Result<Duration, String> {
+    outage(service_down, service, down_for).await
+}
+
+/// [`service_down`] off the runtime's threads.
+pub async fn service_down_async(service: Service) -> Result<(), String> {
+    blocking(move || service_down(service)).await
+}
+
+/// [`services_up`] off the runtime's threads.
+pub async fn services_up_async() -> Result<(), String> {
+    blocking(services_up).await
+}
+
+/// Runs the blocking `f` (a `tests/services` script) on tokio's blocking threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| e.to_string())?
+}
+
+/// `stop` of `service` (a clean stop or `kill -9`), `down_for` of nothing, then everything up
+/// again; how long until everything answered.
+async fn outage<T: Send + 'static>(
+    stop: fn(Service) -> Result<T, String>,
+    service: Service,
+    down_for: Duration,
+) -> Result<Duration, String> {
     let t0 = Instant::now();
-    tokio::task::spawn_blocking(move || service_down(service))
-        .await
-        .map_err(|e| e.to_string())??;
+    blocking(move || stop(service)).await?;
     tokio::time::sleep(down_for).await;
-    tokio::task::spawn_blocking(services_up)
-        .await
-        .map_err(|e| e.to_string())??;
+    services_up_async().await?;
     Ok(t0.elapsed())
 }
 
@@ -356,15 +408,7 @@ pub fn kill9_service(service: Service) -> Result<Vec<u32>, String> {
 /// crash recovery, Kafka log recovery, Mosquitto reloads its last saved database). Returns how
 /// long until everything answered again.
 pub async fn crash_service(service: Service, down_for: Duration) -> Result<Duration, String> {
-    let t0 = Instant::now();
-    tokio::task::spawn_blocking(move || kill9_service(service))
-        .await
-        .map_err(|e| e.to_string())??;
-    tokio::time::sleep(down_for).await;
-    tokio::task::spawn_blocking(services_up)
-        .await
-        .map_err(|e| e.to_string())??;
-    Ok(t0.elapsed())
+    outage(kill9_service, service, down_for).await
 }
 
 /// Makes Mosquitto write its persistence database now (SIGUSR1), as its periodic autosave
@@ -400,25 +444,11 @@ impl Drop for ServicesGuard {
 /// stops. It stays so until Kafka restarts (and cannot finish a graceful stop meanwhile:
 /// restart it with [`crash_service`]).
 pub fn kafka_unregister_broker() -> Result<(), String> {
-    let script = format!(
-        "set -euo pipefail; source '{}'; check_ports; find_java >/dev/null; \
-         kafka_tool org.apache.kafka.tools.ClusterTool unregister \
+    lib_sh(
+        "find_java >/dev/null; kafka_tool org.apache.kafka.tools.ClusterTool unregister \
          --bootstrap-server \"$HOST:$KAFKA_PORT\" --id 1",
-        services_dir().join("lib.sh").display(),
-    );
-    let out = Command::new("bash")
-        .args(["-c", &script])
-        .output()
-        .map_err(|e| format!("cannot run bash: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "kafka-cluster unregister failed:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
+        "kafka-cluster unregister",
+    )
 }
 
 /// The pid of the running Kafka of `tests/services` (`$VANTAGE_STATE_DIR/kafka/kafka.pid`).

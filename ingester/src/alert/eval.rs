@@ -89,6 +89,54 @@ fn target_subject(id: i32, name: Option<String>) -> Subject {
     }
 }
 
+/// An agent of `region` (unknown for one only remembered), keyed by the agent.
+fn agent_subject(agent: &str, region: Option<&str>) -> Subject {
+    Subject {
+        key: agent.to_owned(),
+        region: region.map(str::to_owned),
+        agent: Some(agent.to_owned()),
+        ..Subject::default()
+    }
+}
+
+fn region_subject(region: &str) -> Subject {
+    Subject {
+        key: region.to_owned(),
+        region: Some(region.to_owned()),
+        ..Subject::default()
+    }
+}
+
+/// Bad in one region (or of one agent, in `region`), which saw `what`.
+fn bad_in(
+    region: &str,
+    what: String,
+    reporting: u32,
+    value: Option<f64>,
+    summary: String,
+) -> Verdict {
+    Verdict::Bad(Detail {
+        regions: BTreeMap::from([(region.to_owned(), what)]),
+        reporting,
+        value,
+        summary,
+    })
+}
+
+/// `verdict` for each key the evaluator tracks that this evaluation did not see (`subject`
+/// makes its subject): a subject that went quiet still gets an answer.
+fn unseen(
+    out: &mut Vec<Finding>,
+    tracked: &HashSet<String>,
+    seen: &BTreeSet<String>,
+    verdict: Verdict,
+    subject: impl Fn(&str) -> Subject,
+) {
+    for key in tracked.iter().filter(|k| !seen.contains(*k)) {
+        out.push((subject(key), verdict.clone()));
+    }
+}
+
 async fn down(
     client: &Client,
     rule: &Rule,
@@ -144,62 +192,48 @@ async fn down(
     Ok(out)
 }
 
+/// The rows of `sql`, a read of the rules about silence: `$1` the rule's `stale_after`, `$2`
+/// `forget_after` (older subjects are forgotten), `$3` its regions (NULL: every region).
+async fn silence_rows(
+    client: &Client,
+    sql: &str,
+    rule: &Rule,
+    forget_after: Duration,
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    let (stale, forget) = (interval(rule.stale_after), interval(forget_after));
+    client
+        .query(sql, &[&stale, &forget, &opt(&rule.regions)])
+        .await
+}
+
 async fn no_data(
     client: &Client,
     rule: &Rule,
     tracked: &HashSet<String>,
     forget_after: Duration,
 ) -> Result<Vec<Finding>, tokio_postgres::Error> {
-    let rows = client
-        .query(
-            "SELECT region, last_result, fresh_targets, targets
-               FROM vantage_alert_regions($1::text::interval, $2::text::interval, $3)",
-            &[
-                &interval(rule.stale_after),
-                &interval(forget_after),
-                &opt(&rule.regions),
-            ],
-        )
-        .await?;
-    let mut seen = BTreeSet::new();
-    let mut out = Vec::new();
-    for r in rows {
+    let sql = "SELECT region, last_result, fresh_targets, targets
+                 FROM vantage_alert_regions($1::text::interval, $2::text::interval, $3)";
+    let (mut seen, mut out) = (BTreeSet::new(), Vec::new());
+    for r in silence_rows(client, sql, rule, forget_after).await? {
         let region: String = r.get(0);
         let last: SystemTime = r.get(1);
         let fresh: i32 = r.get(2);
         let targets: i32 = r.get(3);
-        seen.insert(region.clone());
-        let subject = Subject {
-            key: region.clone(),
-            region: Some(region.clone()),
-            ..Subject::default()
-        };
         let verdict = if fresh == 0 {
-            let mut regions = BTreeMap::new();
-            regions.insert(region.clone(), format!("silent since {}", rfc3339(last)));
-            Verdict::Bad(Detail {
-                regions,
-                reporting: 0,
-                value: None,
-                summary: format!(
-                    "no data from region {region} since {} ({targets} targets not probed)",
-                    rfc3339(last)
-                ),
-            })
+            let since = rfc3339(last);
+            let summary = format!(
+                "no data from region {region} since {since} ({targets} targets not probed)"
+            );
+            bad_in(&region, format!("silent since {since}"), 0, None, summary)
         } else {
             Verdict::Good
         };
-        out.push((subject, verdict));
+        out.push((region_subject(&region), verdict));
+        seen.insert(region);
     }
     // A tracked region not heard of within forget_after is forgotten: its alert resolves.
-    for key in tracked.iter().filter(|k| !seen.contains(*k)) {
-        let subject = Subject {
-            key: key.clone(),
-            region: Some(key.clone()),
-            ..Subject::default()
-        };
-        out.push((subject, Verdict::Good));
-    }
+    unseen(&mut out, tracked, &seen, Verdict::Good, region_subject);
     Ok(out)
 }
 
@@ -209,61 +243,34 @@ async fn probe_stale(
     tracked: &HashSet<String>,
     forget_after: Duration,
 ) -> Result<Vec<Finding>, tokio_postgres::Error> {
-    let rows = client
-        .query(
-            "SELECT agent, region, status, last_seen, last_seen < now() - $1::text::interval
-               FROM fleet
-              WHERE last_seen >= now() - $2::text::interval
-                AND ($3::text[] IS NULL OR region = ANY ($3))",
-            &[
-                &interval(rule.stale_after),
-                &interval(forget_after),
-                &opt(&rule.regions),
-            ],
-        )
-        .await?;
-    let mut seen = BTreeSet::new();
-    let mut out = Vec::new();
-    for r in rows {
+    let sql = "SELECT agent, region, status, last_seen, last_seen < now() - $1::text::interval
+                 FROM fleet
+                WHERE last_seen >= now() - $2::text::interval
+                  AND ($3::text[] IS NULL OR region = ANY ($3))";
+    let (mut seen, mut out) = (BTreeSet::new(), Vec::new());
+    for r in silence_rows(client, sql, rule, forget_after).await? {
         let agent: String = r.get(0);
         let region: String = r.get(1);
         let status: Option<String> = r.get(2);
         let last_seen: SystemTime = r.get(3);
         let old: bool = r.get(4);
-        seen.insert(agent.clone());
         let status = status.unwrap_or_default();
-        let subject = Subject {
-            key: agent.clone(),
-            region: Some(region.clone()),
-            agent: Some(agent.clone()),
-            ..Subject::default()
-        };
         // An agent that said goodbye (offline) is as silent as one that died (stale).
         let verdict = if old || status == "offline" {
-            let mut regions = BTreeMap::new();
-            regions.insert(region.clone(), status.clone());
-            Verdict::Bad(Detail {
-                regions,
-                reporting: 0,
-                value: None,
-                summary: format!(
-                    "agent {agent} ({region}) silent since {} ({status})",
-                    rfc3339(last_seen)
-                ),
-            })
+            let summary = format!(
+                "agent {agent} ({region}) silent since {} ({status})",
+                rfc3339(last_seen)
+            );
+            bad_in(&region, status, 0, None, summary)
         } else {
             Verdict::Good
         };
-        out.push((subject, verdict));
+        out.push((agent_subject(&agent, Some(&region)), verdict));
+        seen.insert(agent);
     }
-    for key in tracked.iter().filter(|k| !seen.contains(*k)) {
-        let subject = Subject {
-            key: key.clone(),
-            agent: Some(key.clone()),
-            ..Subject::default()
-        };
-        out.push((subject, Verdict::Good));
-    }
+    unseen(&mut out, tracked, &seen, Verdict::Good, |a| {
+        agent_subject(a, None)
+    });
     Ok(out)
 }
 
@@ -293,36 +300,24 @@ async fn gaps(
         let dropped: i64 = r.get(2);
         let first: SystemTime = r.get(3);
         let last: SystemTime = r.get(4);
-        seen.insert(agent.clone());
-        let mut regions = BTreeMap::new();
-        regions.insert(region.clone(), format!("{dropped} dropped"));
-        out.push((
-            Subject {
-                key: agent.clone(),
-                region: Some(region.clone()),
-                agent: Some(agent.clone()),
-                ..Subject::default()
-            },
-            Verdict::Bad(Detail {
-                regions,
-                reporting: 1,
-                value: Some(dropped as f64),
-                summary: format!(
-                    "agent {agent} ({region}) dropped {dropped} results probed between {} and {}",
-                    rfc3339(first),
-                    rfc3339(last)
-                ),
-            }),
-        ));
+        let summary = format!(
+            "agent {agent} ({region}) dropped {dropped} results probed between {} and {}",
+            rfc3339(first),
+            rfc3339(last)
+        );
+        let verdict = bad_in(
+            &region,
+            format!("{dropped} dropped"),
+            1,
+            Some(dropped as f64),
+            summary,
+        );
+        out.push((agent_subject(&agent, Some(&region)), verdict));
+        seen.insert(agent);
     }
-    for key in tracked.iter().filter(|k| !seen.contains(*k)) {
-        let subject = Subject {
-            key: key.clone(),
-            agent: Some(key.clone()),
-            ..Subject::default()
-        };
-        out.push((subject, Verdict::Good));
-    }
+    unseen(&mut out, tracked, &seen, Verdict::Good, |a| {
+        agent_subject(a, None)
+    });
     Ok(out)
 }
 
@@ -340,9 +335,27 @@ fn region_selected(rule: &Rule, region: &str) -> bool {
 /// Per target: (name, reporting regions, bad regions with their value).
 type PerTarget = BTreeMap<i32, (Option<String>, u32, BTreeMap<String, (String, f64)>)>;
 
+/// Counts `region` as reporting on target `id` in `per`; the target's bad regions, to add to.
+/// None when `rule` selects neither the target (by id or by its name in `names`) nor the region.
+fn reporting<'p>(
+    rule: &Rule,
+    names: &BTreeMap<i32, String>,
+    per: &'p mut PerTarget,
+    id: i32,
+    region: &str,
+) -> Option<&'p mut BTreeMap<String, (String, f64)>> {
+    let name = names.get(&id).cloned();
+    if !selects(rule, id, name.as_deref()) || !region_selected(rule, region) {
+        return None;
+    }
+    let e = per.entry(id).or_insert_with(|| (name, 0, BTreeMap::new()));
+    e.1 += 1;
+    Some(&mut e.2)
+}
+
 fn verdicts(rule: &Rule, per: PerTarget, tracked: &HashSet<String>, what: &str) -> Vec<Finding> {
     let mut out = Vec::new();
-    let mut seen = HashSet::new();
+    let mut seen = BTreeSet::new();
     for (id, (name, reporting, bad)) in per {
         seen.insert(id.to_string());
         let failing = bad.len() as u32;
@@ -375,10 +388,9 @@ fn verdicts(rule: &Rule, per: PerTarget, tracked: &HashSet<String>, what: &str) 
         };
         out.push((subject, verdict));
     }
-    for key in tracked.iter().filter(|k| !seen.contains(*k)) {
-        let id = key.parse().unwrap_or(0);
-        out.push((target_subject(id, None), Verdict::Unknown));
-    }
+    unseen(&mut out, tracked, &seen, Verdict::Unknown, |key| {
+        target_subject(key.parse().unwrap_or(0), None)
+    });
     out
 }
 
@@ -413,14 +425,10 @@ async fn cert_expiry(
         let id: i32 = r.get(0);
         let region: String = r.get(1);
         let days: f64 = r.get(2);
-        let name = names.get(&id).cloned();
-        if !selects(rule, id, name.as_deref()) || !region_selected(rule, &region) {
-            continue;
-        }
-        let e = per.entry(id).or_insert_with(|| (name, 0, BTreeMap::new()));
-        e.1 += 1;
-        if days < f64::from(rule.days) {
-            e.2.insert(region, (format!("{days:.1} days left"), days));
+        if let Some(bad) = reporting(rule, &names, &mut per, id, &region) {
+            if days < f64::from(rule.days) {
+                bad.insert(region, (format!("{days:.1} days left"), days));
+            }
         }
     }
     Ok(verdicts(rule, per, tracked, "certificate expiring"))
@@ -457,14 +465,11 @@ async fn slow(
         let id: i32 = r.get(0);
         let region: String = r.get(1);
         let ms: Option<f64> = r.get(2);
-        let name = names.get(&id).cloned();
-        if !selects(rule, id, name.as_deref()) || !region_selected(rule, &region) {
+        let Some(bad) = reporting(rule, &names, &mut per, id, &region) else {
             continue;
-        }
-        let e = per.entry(id).or_insert_with(|| (name, 0, BTreeMap::new()));
-        e.1 += 1;
+        };
         if let Some(ms) = ms.filter(|ms| *ms > threshold_ms) {
-            e.2.insert(
+            bad.insert(
                 region,
                 (format!("{label} {ms:.0} ms > {threshold_ms:.0} ms"), ms),
             );
