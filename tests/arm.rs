@@ -11,7 +11,7 @@
 //! Kafka topics, group and schema, removed at the end.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,9 @@ use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::ClientConfig;
 use tokio_util::sync::CancellationToken;
+use vantage_tests::deb::{
+    add_system_units, exposure, run, stdout, verify_complaints, DpkgRoot, Scratch,
+};
 use vantage_tests::in_process::{count_results, start_sink_and_bridge, wait_results_then_settle};
 use vantage_tests::target::TargetServer;
 use vantage_tests::tls::TestCa;
@@ -97,41 +100,6 @@ fn deb(arch: &Arch) -> PathBuf {
             dir.display()
         )
     })
-}
-
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (cross/install installs it)"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn stdout(cmd: &mut Command) -> String {
-    String::from_utf8(run(cmd).stdout).unwrap()
-}
-
-/// A scratch directory removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(what: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("vantage-arm-{what}-{}", unique_id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// Unpacks the package's files into `dir` and returns the agent binary in it.
@@ -274,41 +242,15 @@ fn systemd_unit_is_valid_and_hardened() {
         );
     }
 
-    // verify needs the system's own units (sysinit.target, ...) under the same root.
-    let system_units = Path::new("/usr/lib/systemd/system");
-    let dest = root.join("usr/lib/systemd/system");
-    std::fs::create_dir_all(&dest).unwrap();
-    for entry in std::fs::read_dir(system_units).unwrap() {
-        let entry = entry.unwrap();
-        if entry.file_type().unwrap().is_file() {
-            std::fs::copy(entry.path(), dest.join(entry.file_name())).unwrap();
-        }
-    }
-    let out = run(Command::new("systemd-analyze")
-        .arg("verify")
-        .arg(format!("--root={}", root.display()))
-        .arg("/lib/systemd/system/vantage-agent.service"));
-    let complaints = String::from_utf8_lossy(&out.stderr);
+    add_system_units(root);
+    let complaints = verify_complaints(root, "/lib/systemd/system/vantage-agent.service");
     assert!(
         !complaints.contains("vantage-agent"),
         "systemd-analyze verify: {complaints}"
     );
-
-    let out = run(Command::new("systemd-analyze")
-        .arg("security")
-        .arg("--offline=yes")
-        .arg(format!("--root={}", root.display()))
-        .arg("--no-pager")
-        .arg("vantage-agent.service"));
-    let report = String::from_utf8_lossy(&out.stdout);
-    let exposure: f64 = report
-        .lines()
-        .find_map(|l| l.split("vantage-agent.service: ").nth(1))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no exposure level in:\n{report}"));
+    let exposure = exposure(root, "vantage-agent.service");
     println!("systemd-analyze security: exposure {exposure}");
-    assert!(exposure <= 2.0, "exposure {exposure}:\n{report}");
+    assert!(exposure <= 2.0, "exposure {exposure}");
 }
 
 /// `dpkg --root` into a scratch root: install, edit the config, upgrade twice (same and changed
@@ -317,28 +259,9 @@ fn systemd_unit_is_valid_and_hardened() {
 fn upgrade_keeps_the_edited_config_and_purge_removes_state() {
     let deb1 = deb(&ARCHES[0]);
     let scratch = Scratch::new("dpkg");
-    let root = scratch.0.join("root");
-    let admin = root.join("var/lib/dpkg");
-    for d in ["info", "updates", "triggers"] {
-        std::fs::create_dir_all(admin.join(d)).unwrap();
-    }
-    std::fs::write(admin.join("status"), "").unwrap();
-    std::fs::write(admin.join("available"), "").unwrap();
-    let dpkg = |args: &[&str]| {
-        // chrootless: the scratch root has no shell; DPKG_ROOT makes the scripts skip systemctl.
-        let mut c = Command::new("dpkg");
-        c.arg(format!("--root={}", root.display()))
-            .args([
-                "--force-architecture",
-                "--force-depends",
-                "--force-script-chrootless",
-                "--force-not-root",
-                "--log=/dev/null",
-            ])
-            .args(args)
-            .stdin(std::process::Stdio::null());
-        run(&mut c)
-    };
+    let db = DpkgRoot::new(scratch.0.join("root"));
+    let root = db.root.clone();
+    let dpkg = |args: &[&str]| db.dpkg(args);
     // A later version of the same package, optionally with a changed packaged config.
     let repack = |version: &str, new_config: Option<&str>| {
         let tree = scratch.0.join(format!("tree-{version}"));
@@ -398,11 +321,7 @@ fn upgrade_keeps_the_edited_config_and_purge_removes_state() {
     assert_eq!(std::fs::read_to_string(&conf).unwrap(), edited);
     let dist = std::fs::read_to_string(root.join("etc/vantage/agent.toml.dpkg-dist")).unwrap();
     assert!(dist.ends_with("# new in 99.0.1\n"));
-    let status = stdout(
-        Command::new("dpkg-query")
-            .arg(format!("--admindir={}", admin.display()))
-            .args(["-W", "-f", "${Version} ${Status}", "vantage-agent"]),
-    );
+    let status = db.status("vantage-agent");
     assert_eq!(status, "99.0.1-1 install ok installed");
 
     // Remove keeps the config; purge removes it and the state the service left behind.

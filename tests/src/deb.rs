@@ -43,11 +43,16 @@ impl Drop for Scratch {
     }
 }
 
-/// Unpacks the package's files into `dir`, plus this machine's own system units (verify needs
-/// sysinit.target and the like under the same root).
+/// Unpacks the package's files into `dir`, plus this machine's own system units.
 pub fn unpack_with_system_units(deb: &Path, dir: &Path) {
     run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(dir));
-    let dest = dir.join("usr/lib/systemd/system");
+    add_system_units(dir);
+}
+
+/// Copies this machine's own system units under `root` (verify needs sysinit.target and the
+/// like under the same root).
+pub fn add_system_units(root: &Path) {
+    let dest = root.join("usr/lib/systemd/system");
     std::fs::create_dir_all(&dest).unwrap();
     for entry in std::fs::read_dir("/usr/lib/systemd/system").unwrap() {
         let entry = entry.unwrap();
