@@ -168,10 +168,28 @@ fn batch(boot_id: u64, seqs: &[u64], gaps: &[Gap]) -> Batch {
 
 /// TESTING.md 11, 12, 13: broker unreachable at start, a cut mid-run, buffer overflow → gap
 /// records in SQL, in-order drain after reconnect, a restarted agent gets a new boot id.
+/// Memory only (`uplink.spool_max_bytes = 0`): the buffer of 300 overflows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uplink_rides_out_network_cuts_and_reports_overflow_as_gaps() {
+    rides_out_network_cuts(0).await;
+}
+
+/// The same with a spool of 16 KiB (about 300 results, frames in flight included) behind the
+/// 300-result cache: the cache evicts to the spool, the spool overflows, and every result it
+/// dropped is covered by exactly one gap row (issue #18: a spool and a cache that both dropped
+/// once made 7,052 drops with gap rows for 4,593).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spooled_uplink_rides_out_network_cuts_and_reports_overflow_as_gaps() {
+    rides_out_network_cuts(16 * 1024).await;
+}
+
+async fn rides_out_network_cuts(spool_max_bytes: u64) {
     init_tracing();
-    let run = Run::new("uplink");
+    let run = Run::new(if spool_max_bytes > 0 {
+        "spoolcut"
+    } else {
+        "uplink"
+    });
     let options = IngesterOptions {
         partitions: 2,
         ..IngesterOptions::default()
@@ -194,8 +212,12 @@ async fn uplink_rides_out_network_cuts_and_reports_overflow_as_gaps() {
     spec.batch_max = 8;
     spec.buffer_capacity = 300;
     spec.drain_timeout = Duration::from_secs(60);
+    spec.spool_max_bytes = spool_max_bytes;
+    spec.state_dir = run.dir.clone();
     let load = loadgen::start(spec.clone(), CancellationToken::new());
-    // ~1000 results while unreachable: 16 frames × 8 + 300 buffered survive, the rest is dropped.
+    // ~1000 results while unreachable: 16 frames × 8 + 300 buffered survive, the rest is dropped
+    // (with the spool: what fits 16 KiB, frames included, plus at most one flush interval of
+    // results, 200 ms × 1000/s, since the bound is enforced at each flush).
     while load.produced.load(Ordering::Relaxed) < 1000 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -220,7 +242,15 @@ async fn uplink_rides_out_network_cuts_and_reports_overflow_as_gaps() {
     assert_eq!(s1.undelivered, 0, "{s1:?}");
     // Nothing could leave before the restore at 1000 produced: at least 1000 − (16 frames × 8 +
     // 300 buffered) were dropped; reconnecting takes a backoff, so more may have been.
-    assert!(s1.dropped >= 572 && s1.dropped < 3800, "{s1:?}");
+    let floor = if spool_max_bytes == 0 {
+        572
+    } else {
+        1000 - 16 * 1024 / 40 - 200
+    };
+    assert!(s1.dropped >= floor && s1.dropped < 3800, "{s1:?}");
+    if spool_max_bytes > 0 {
+        assert!(s1.evicted > 0, "the cache evicted to the spool: {s1:?}");
+    }
     assert!(s1.reconnects >= 1, "{s1:?}");
 
     // The agent restarts: same id, new boot.
