@@ -237,6 +237,11 @@ impl Spool {
             let entry = entry.map_err(io(&config.dir))?;
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
+            if name.ends_with(".tmp") {
+                // A segment start that a crash interrupted before its rename: never used.
+                let _ = std::fs::remove_file(entry.path());
+                continue;
+            }
             if let Some(n) = name
                 .strip_suffix(".seg")
                 .and_then(|n| n.parse::<u64>().ok())
@@ -534,9 +539,13 @@ impl Spool {
         self.gaps_done.clear();
     }
 
-    /// Starts a segment at the tail; its first write restates every pending marker.
+    /// Starts a segment at the tail, its first write restating every pending marker (the
+    /// watermark, drops above it, open gaps; delivered gaps need no marker in a segment that no
+    /// longer holds them). Written to a temporary file and renamed into place, so a crash
+    /// never leaves a segment without them, even when it replaces one of the same name (a
+    /// segment that holds no record: it began at the tail and nothing was added since).
     fn new_segment(&mut self) -> Result<(), SpoolError> {
-        // Records collected but not written go into the new segment's first write.
+        // Records collected but not written go into the new segment's first flush.
         let first_pos = self.pending.map_or(self.tail, |g| g.first_pos);
         let path = self.config.dir.join(format!("{first_pos:020}.seg"));
         if self
@@ -544,36 +553,43 @@ impl Spool {
             .back()
             .is_some_and(|s| s.first_pos == first_pos)
         {
-            // Nothing was added since that segment began: keep writing there.
             if self.file.is_some() {
+                // Nothing was added since that segment began: keep writing there.
                 return Ok(());
             }
-            // A failed write left it in an unknown state: replace it (it holds no record).
-            let _ = std::fs::remove_file(&path);
             self.segments.pop_back();
         }
-        let mut file = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .open(&path)
-            .map_err(io(&path))?;
-        file.write_all(MAGIC).map_err(io(&path))?;
-        self.stats.writes += 1;
-        self.stats.bytes_written += MAGIC.len() as u64;
-        self.segments.push_back(Segment {
-            first_pos,
-            path,
-            bytes: MAGIC.len() as u64,
-        });
-        self.file = Some(file);
-        // Restate: the watermark, drops above it, open gaps (their delivery markers are
-        // not needed in a segment that no longer holds the gaps).
         self.ack_dirty = true;
         self.drops_dirty = self.drops.clone();
         for (k, g) in &self.gaps_open {
             self.gaps_dirty.insert(*k, *g);
         }
+        let mut buf = MAGIC.to_vec();
+        self.put_markers(&mut buf);
+        let tmp = self.config.dir.join(format!("{first_pos:020}.tmp"));
+        let write = || -> std::io::Result<File> {
+            let mut f = OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .open(&tmp)?;
+            f.write_all(&buf)?;
+            if self.config.fsync != FsyncPolicy::Never {
+                f.sync_data()?;
+            }
+            std::fs::rename(&tmp, &path)?;
+            Ok(f)
+        };
+        let file = write().map_err(io(&path))?;
+        self.stats.writes += 1;
+        self.stats.bytes_written += buf.len() as u64;
+        self.segments.push_back(Segment {
+            first_pos,
+            path,
+            bytes: buf.len() as u64,
+        });
+        self.file = Some(file);
+        self.clear_markers();
         self.sync_dir();
         Ok(())
     }
@@ -1127,6 +1143,33 @@ pub(crate) mod tests {
             "the latest version, the delivered one gone"
         );
         assert_eq!(all(&mut s), (4..10).map(|q| (3, q)).collect::<Vec<_>>());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Starts that die before their first flush (a crash loop) keep every marker: the new
+    /// segment that replaces an empty one of the same name restates them in its first write.
+    #[test]
+    fn markers_survive_starts_that_never_flush() {
+        let dir = temp_dir("crashloop");
+        let (mut s, _) = Spool::open(config(&dir, 1 << 20)).unwrap();
+        let sizes: Vec<_> = (0..6).map(|q| s.append(4, &result(q))).collect();
+        s.flush().unwrap();
+        s.dropped(sizes[0].0, sizes[0].1);
+        let gap = Gap {
+            first_seq: 0,
+            count: 1,
+            first_started_at_ms: 1,
+            last_started_at_ms: 1,
+        };
+        s.gap_changed(4, &gap);
+        s.ack(0, 0, 0);
+        s.flush().unwrap();
+        drop(s);
+        for _ in 0..3 {
+            let (_, replay) = Spool::open(config(&dir, 1 << 20)).unwrap();
+            assert_eq!(replay.records, 5);
+            assert_eq!(replay.gaps, vec![(4, gap)]);
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 
