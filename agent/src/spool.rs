@@ -594,35 +594,52 @@ impl Spool {
         Ok(())
     }
 
-    /// Deletes leading segments whose every position is done, never the current one.
-    fn delete_done_segments(&mut self) {
-        while self.segments.len() > 1 {
-            let next_first = self.segments[1].first_pos;
-            if next_first > self.watermark {
-                break;
+    /// Whether every position in `from..to` is done: below the watermark, or dropped.
+    fn all_done(&self, from: u64, to: u64) -> bool {
+        let mut at = from.max(self.watermark);
+        while at < to {
+            match self.drops.iter().find(|&&(f, t)| f <= at && at < t) {
+                Some(&(_, t)) => at = t,
+                None => return false,
             }
-            // Markers in it are restated in later segments (see `new_segment`).
-            if let Some(s) = self.segments.pop_front() {
+        }
+        true
+    }
+
+    /// Deletes every segment but the current one whose positions are all done: acknowledged,
+    /// or dropped (so a long outage behind a frame still in flight cannot fill the card with
+    /// dropped records). Markers in them are restated in later segments (see `new_segment`),
+    /// so only their records go, and those are done.
+    fn delete_done_segments(&mut self) {
+        let mut i = 0;
+        while i + 1 < self.segments.len() {
+            let (from, to) = (self.segments[i].first_pos, self.segments[i + 1].first_pos);
+            if !self.all_done(from, to) {
+                i += 1;
+                continue;
+            }
+            if let Some(s) = self.segments.remove(i) {
                 if let Err(e) = std::fs::remove_file(&s.path) {
                     tracing::warn!(path = %s.path.display(), error = %e, "cannot delete spool segment");
                 }
                 self.stats.segments_deleted += 1;
+                self.groups.retain(|g| g.segment != s.first_pos);
+                if self
+                    .reader
+                    .as_ref()
+                    .is_some_and(|r| r.index.segment == s.first_pos)
+                {
+                    self.reader = None;
+                }
+                self.sync_dir();
             }
-            while self
-                .groups
-                .front()
-                .is_some_and(|g| g.first_pos + u64::from(g.valid) <= self.watermark)
-            {
-                self.groups.pop_front();
-            }
-            self.sync_dir();
         }
-        if self
-            .reader
-            .as_ref()
-            .is_some_and(|r| !self.segments.iter().any(|s| s.first_pos == r.index.segment))
+        while self
+            .groups
+            .front()
+            .is_some_and(|g| g.first_pos + u64::from(g.valid) <= self.watermark)
         {
-            self.reader = None;
+            self.groups.pop_front();
         }
     }
 

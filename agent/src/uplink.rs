@@ -1277,7 +1277,7 @@ mod tests {
             p.spool().unwrap().live_bytes()
         };
         let room = 64 * 1024 / per;
-        let produced = 3 * room;
+        let produced = 10 * room;
         // Broker down: frames fill (16 × 4), everything else waits in the spool.
         for i in 0..produced {
             o.push(result(1000 + i));
@@ -1291,6 +1291,14 @@ mod tests {
         assert!(s.dropped > 0 && s.dropped < produced, "{s:?}");
         assert_eq!(s.gaps, 1, "one gap for one outage: {s:?}");
         assert!(o.spool().unwrap().live_bytes() <= 64 * 1024);
+        // On disk too: segments of dropped records go although the first one (frames in
+        // flight) stays; at most the limit plus the current and the first segment.
+        let disk = o.spool().unwrap().disk_bytes();
+        assert!(
+            disk <= 64 * 1024 + 2 * crate::spool::segment_bytes(64 * 1024),
+            "{disk} bytes on disk"
+        );
+        assert!(o.spool().unwrap().stats().segments_deleted > 0);
         // Broker back.
         let batches = deliver_all(&mut o);
         let delivered = seqs(&batches);
