@@ -751,10 +751,13 @@ async fn agent_shutdown_delivers_results_of_probes_in_flight() {
         .unwrap();
     let pw = run.dir.join("agent.pw");
     std::fs::write(&pw, "agent-secret").unwrap();
+    // The spool (uplink.spool_max_bytes) lives in state_dir: this run's folder.
+    let spool_state_dir = run.dir.display();
     let mut text = format!(
         r#"
 agent_id = "stop-{id}"
 region = "eu-north"
+state_dir = "{spool_state_dir}"
 [mqtt]
 host = "{host}"
 port = {port}

@@ -289,10 +289,13 @@ async fn agent_metrics_match_the_run() {
         .unwrap();
     let pw = run.dir.join("agent.pw");
     vantage_tests::harness::write_file(&pw, "agent-secret");
+    // The spool (uplink.spool_max_bytes) lives in state_dir: this run's folder.
+    let spool_state_dir = run.dir.display();
     let text = format!(
         r#"
 agent_id = "metrics-{id}"
 region = "eu-north"
+state_dir = "{spool_state_dir}"
 [mqtt]
 host = "{host}"
 port = {port}

@@ -27,10 +27,13 @@ fn agent_config(
     target: &TargetServer,
 ) -> vantage_agent::Config {
     let s = &run.services;
+    // The spool (uplink.spool_max_bytes) lives in state_dir: this run's folder.
+    let spool_state_dir = run.dir.display();
     let text = format!(
         r#"
 agent_id = "{region}-{id}"
 region = "{region}"
+state_dir = "{spool_state_dir}"
 
 [mqtt]
 host = "{mqtt_host}"

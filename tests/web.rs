@@ -49,10 +49,13 @@ fn agent(
     let pw = run.dir.join("agent.pw");
     write_file(&pw, "agent-secret");
     let q = region_query(region);
+    // The spool (uplink.spool_max_bytes) lives in state_dir: this run's folder.
+    let spool_state_dir = run.dir.display();
     let text = format!(
         r#"
 agent_id = "{region}-{id}"
 region = "{region}"
+state_dir = "{spool_state_dir}"
 
 [mqtt]
 host = "{host}"

@@ -428,10 +428,13 @@ pub fn region_agent(
     let timeout_ms = humantime::parse_duration(interval)
         .map(|d| d.as_millis() * 4 / 5)
         .unwrap_or(400);
+    // The spool (uplink.spool_max_bytes) lives in state_dir: this run's folder.
+    let spool_state_dir = run.dir.display();
     let text = format!(
         r#"
 agent_id = "{region}-{id}"
 region = "{region}"
+state_dir = "{spool_state_dir}"
 
 [mqtt]
 host = "{host}"
