@@ -34,12 +34,12 @@
 //! Data is written (one `write` per flush) before a frame holding it is sealed: a `kill -9`
 //! loses nothing that was written. `uplink.spool_fsync` decides when the data also reaches the
 //! card (`always`: after every flush; a duration: at most that often; `never`: when the kernel
-//! decides). The fsync runs on a thread of its own, so an SD card's slow sync never blocks the
-//! probes' runtime.
+//! decides). The fsync runs on tokio's blocking pool, so an SD card's slow sync never blocks
+//! the probes' runtime.
 //!
 //! CRC-32 (IEEE) from crc32fast, which flate2 already links into the agent.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -194,10 +194,10 @@ pub struct Spool {
     drops: Vec<(u64, u64)>,
     drops_dirty: Vec<(u64, u64)>,
     /// Gap versions and deliveries to persist at the next write.
-    gaps_dirty: BTreeMap<(u64, u64), Gap>,
+    gaps_dirty: GapMap,
     gaps_done: Vec<GapKey>,
     /// Gaps not yet delivered (restated at each new segment).
-    gaps_open: BTreeMap<(u64, u64), Gap>,
+    gaps_open: GapMap,
     /// The group being collected: its header and encoded entries.
     pending: Option<GroupHeader>,
     pending_bytes: Vec<u8>,
@@ -206,7 +206,8 @@ pub struct Spool {
     live_bytes: u64,
     live_records: u64,
     reader: Option<OpenGroup>,
-    syncer: Option<Syncer>,
+    /// Set while a sync runs (at most one at a time; a flush meanwhile asks again later).
+    syncing: std::sync::Arc<std::sync::atomic::AtomicBool>,
     last_sync: Option<Instant>,
     sync_wanted: bool,
     stats: SpoolStats,
@@ -249,7 +250,7 @@ impl Spool {
                 found.push((n, entry.path()));
             }
         }
-        found.sort();
+        found.sort_unstable_by_key(|(n, _)| *n);
         let mut scan = Scan::default();
         let mut segments = VecDeque::new();
         for (first_pos, path) in found {
@@ -268,16 +269,16 @@ impl Spool {
             ack_dirty: false,
             drops: Vec::new(),
             drops_dirty: Vec::new(),
-            gaps_dirty: BTreeMap::new(),
+            gaps_dirty: GapMap::default(),
             gaps_done: Vec::new(),
-            gaps_open: BTreeMap::new(),
+            gaps_open: GapMap::default(),
             pending: None,
             pending_bytes: Vec::new(),
             groups: VecDeque::new(),
             live_bytes: 0,
             live_records: 0,
             reader: None,
-            syncer: None,
+            syncing: Default::default(),
             last_sync: None,
             sync_wanted: false,
             stats: SpoolStats::default(),
@@ -309,14 +310,14 @@ impl Spool {
                 last_started_at_ms: lost.max_ms,
             };
             replay.lost += count;
-            scan.gaps
-                .entry((lost.boot_id, gap.first_seq))
-                .or_insert(gap);
+            if !scan.gaps.contains(&(lost.boot_id, gap.first_seq)) {
+                scan.gaps.insert((lost.boot_id, gap.first_seq), gap);
+            }
         }
         for key in &scan.gaps_done {
             scan.gaps.remove(&(key.boot_id, key.first_seq));
         }
-        for (&(boot, seq), gap) in &scan.gaps {
+        for &((boot, seq), ref gap) in scan.gaps.iter() {
             spool.gaps_open.insert((boot, seq), *gap);
             spool.gaps_dirty.insert((boot, seq), *gap);
             replay.gaps.push((boot, *gap));
@@ -524,7 +525,7 @@ impl Spool {
         for r in &self.drops_dirty {
             put_entry(buf, KIND_DROP, r);
         }
-        for (&(boot_id, _), gap) in &self.gaps_dirty {
+        for &((boot_id, _), ref gap) in self.gaps_dirty.iter() {
             put_entry(buf, KIND_GAP, &GapEntry { boot_id, gap: *gap });
         }
         for key in &self.gaps_done {
@@ -561,8 +562,8 @@ impl Spool {
         }
         self.ack_dirty = true;
         self.drops_dirty = self.drops.clone();
-        for (k, g) in &self.gaps_open {
-            self.gaps_dirty.insert(*k, *g);
+        for &(k, g) in self.gaps_open.iter() {
+            self.gaps_dirty.insert(k, g);
         }
         let mut buf = MAGIC.to_vec();
         self.put_markers(&mut buf);
@@ -590,7 +591,14 @@ impl Spool {
         });
         self.file = Some(file);
         self.clear_markers();
-        self.sync_dir();
+        // The new name must survive a power cut with the data synced into it later: the
+        // directory is synced here, inline (a start or a rotation every sixteenth of the
+        // spool, rare enough not to matter to the probes).
+        if self.config.fsync != FsyncPolicy::Never {
+            if let Err(e) = File::open(&self.config.dir).and_then(|d| d.sync_all()) {
+                tracing::warn!(error = %e, "spool directory sync failed");
+            }
+        }
         Ok(())
     }
 
@@ -643,11 +651,29 @@ impl Spool {
         }
     }
 
-    fn syncer(&mut self) -> Option<&Syncer> {
-        if self.syncer.is_none() {
-            self.syncer = Syncer::start();
+    /// Runs `job` (an fsync) on tokio's blocking pool, so a slow card never blocks the runtime
+    /// the probes share; inline outside a runtime (tests, the benchmark). False if a sync is
+    /// still running. (A thread of the spool's own with a channel cost 4 KiB of binary more.)
+    fn sync_off_thread(
+        &mut self,
+        job: impl FnOnce() -> std::io::Result<()> + Send + 'static,
+    ) -> bool {
+        use std::sync::atomic::Ordering;
+        if self.syncing.swap(true, Ordering::AcqRel) {
+            return false;
         }
-        self.syncer.as_ref()
+        let busy = self.syncing.clone();
+        let run = move || {
+            if let Err(e) = job() {
+                tracing::warn!(error = %e, "spool fsync failed");
+            }
+            busy.store(false, Ordering::Release);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => drop(h.spawn_blocking(run)),
+            Err(_) => run(),
+        }
+        true
     }
 
     fn maybe_sync(&mut self) {
@@ -665,24 +691,22 @@ impl Spool {
         let Some(file) = self.file.as_ref().and_then(|f| f.try_clone().ok()) else {
             return;
         };
-        let sent = self
-            .syncer()
-            .is_some_and(|s| s.tx.try_send(SyncJob::File(file)).is_ok());
-        if sent {
+        if self.sync_off_thread(move || file.sync_data()) {
             self.sync_wanted = false;
             self.last_sync = Some(Instant::now());
             self.stats.syncs += 1;
         }
     }
 
+    /// Syncs the directory after a segment was deleted, unless a sync is running (then it is
+    /// skipped: a deleted segment that reappears after a power cut holds only records that are
+    /// done, and markers that later segments restate).
     fn sync_dir(&mut self) {
         if self.config.fsync == FsyncPolicy::Never {
             return;
         }
         let dir = self.config.dir.clone();
-        if let Some(s) = self.syncer() {
-            let _ = s.tx.try_send(SyncJob::Dir(dir));
-        }
+        self.sync_off_thread(move || File::open(dir).and_then(|f| f.sync_all()));
     }
 
     /// The next live record at or after `from` and below `limit`, read from disk (positions
@@ -778,14 +802,55 @@ impl Spool {
 }
 
 fn merge_range(ranges: &mut Vec<(u64, u64)>, from: u64, to: u64) {
-    if let Some(last) = ranges.last_mut() {
-        if last.1 == from {
-            last.1 = to;
-            return;
+    // Kept sorted by insertion (no sort: it costs the Pi's binary more than this loop).
+    let i = ranges.partition_point(|r| r.0 < from);
+    ranges.insert(i, (from, to));
+    // Merge with the neighbours it touches or overlaps.
+    let mut j = i.saturating_sub(1);
+    while j + 1 < ranges.len() {
+        if ranges[j].1 >= ranges[j + 1].0 {
+            ranges[j].1 = ranges[j].1.max(ranges[j + 1].1);
+            ranges.remove(j + 1);
+        } else if j > i {
+            break;
+        } else {
+            j += 1;
         }
     }
-    ranges.push((from, to));
-    ranges.sort_unstable();
+}
+
+/// Gap records by `(boot_id, first_seq)`, sorted: a few entries, so a vector (a `BTreeMap`
+/// of this key and value added kilobytes to the agent's binary).
+#[derive(Debug, Default, Clone)]
+struct GapMap(Vec<((u64, u64), Gap)>);
+
+impl GapMap {
+    fn find(&self, key: &(u64, u64)) -> Result<usize, usize> {
+        self.0.binary_search_by(|(k, _)| k.cmp(key))
+    }
+    fn contains(&self, key: &(u64, u64)) -> bool {
+        self.find(key).is_ok()
+    }
+    fn insert(&mut self, key: (u64, u64), gap: Gap) {
+        match self.find(&key) {
+            Ok(i) => self.0[i].1 = gap,
+            Err(i) => self.0.insert(i, (key, gap)),
+        }
+    }
+    fn remove(&mut self, key: &(u64, u64)) {
+        if let Ok(i) = self.find(key) {
+            self.0.remove(i);
+        }
+    }
+    fn iter(&self) -> std::slice::Iter<'_, ((u64, u64), Gap)> {
+        self.0.iter()
+    }
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    fn clear(&mut self) {
+        self.0.clear();
+    }
 }
 
 /// Appends one entry: length, CRC, kind, postcard payload.
@@ -856,7 +921,7 @@ struct Scan {
     tail: u64,
     watermark: u64,
     drops: Vec<(u64, u64)>,
-    gaps: BTreeMap<(u64, u64), Gap>,
+    gaps: GapMap,
     gaps_done: Vec<GapKey>,
     groups: Vec<GroupIndex>,
     lost: Vec<Lost>,
@@ -960,44 +1025,6 @@ impl Scan {
     }
 }
 
-/// What the sync thread is asked to do.
-enum SyncJob {
-    File(File),
-    Dir(PathBuf),
-}
-
-/// A thread that runs `fsync`s, so a slow card never blocks the runtime the probes share. Its
-/// queue holds one job: while a sync runs, later requests are merged into the next one.
-struct Syncer {
-    tx: std::sync::mpsc::SyncSender<SyncJob>,
-}
-
-impl Syncer {
-    fn start() -> Option<Syncer> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<SyncJob>(1);
-        let spawned = std::thread::Builder::new()
-            .name("spool-sync".into())
-            .spawn(move || {
-                while let Ok(job) = rx.recv() {
-                    let r = match &job {
-                        SyncJob::File(f) => f.sync_data(),
-                        SyncJob::Dir(d) => File::open(d).and_then(|f| f.sync_all()),
-                    };
-                    if let Err(e) = r {
-                        tracing::warn!(error = %e, "spool fsync failed");
-                    }
-                }
-            });
-        match spawned {
-            Ok(_) => Some(Syncer { tx }),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot start the spool's sync thread; not syncing");
-                None
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -1050,6 +1077,25 @@ pub(crate) mod tests {
             at = r.pos + 1;
         }
         out
+    }
+
+    #[test]
+    fn ranges_stay_sorted_and_merged() {
+        let mut r = Vec::new();
+        for (f, t) in [
+            (10, 12),
+            (2, 4),
+            (4, 6),
+            (20, 21),
+            (12, 15),
+            (0, 1),
+            (5, 11),
+        ] {
+            merge_range(&mut r, f, t);
+        }
+        assert_eq!(r, vec![(0, 1), (2, 15), (20, 21)]);
+        merge_range(&mut r, 1, 2);
+        assert_eq!(r, vec![(0, 15), (20, 21)]);
     }
 
     #[test]
