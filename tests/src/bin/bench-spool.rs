@@ -179,7 +179,7 @@ fn main() {
     }
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     lines.push(format!(
-        "writes: write calls (one per flush; the first includes the new segment's start). \
+        "writes: write calls during the run (the segment was started at open, before it). \
          B/result: bytes the spool wrote per result; × enc: that over the postcard size of the \
          result alone. dev B/res: bytes the process sent to the block device per result \
          (/proc/self/io write_bytes: page writeback, what the card sees). wire B/res: frame \
