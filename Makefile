@@ -72,6 +72,13 @@ bench-probe:
 bench-memory:
 	bench/memory
 
+# Spool benchmark (not a test, issue #18): bytes written to disk per result, write calls per
+# flush and fsyncs at 100 targets / 10 s, per uplink.spool_fsync policy (30 s each, real time).
+# Writes target/bench/spool.txt. A dev build: the figures are counts of bytes and calls, not CPU.
+.PHONY: bench-spool
+bench-spool:
+	cargo run --locked -p vantage-tests --bin bench-spool
+
 # --- Raspberry Pi and microcontrollers (cross/README.md) --------------------------------------
 .PHONY: cross-install cross-build deb cross-test-build embedded-run cross-build-zig bench-size \
 	bench-footprint

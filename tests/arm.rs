@@ -441,10 +441,13 @@ batch_timeout = "100ms"
         ca_pem: &Path,
     ) -> PathBuf {
         let s = &self.services;
+        // The spool (uplink.spool_max_bytes) lives in state_dir: this run's folder.
+        let spool_state_dir = self.dir.0.display();
         let text = format!(
             r#"
 agent_id = "{region}-{id}"
 region = "{region}"
+state_dir = "{spool_state_dir}"
 
 [mqtt]
 host = "{mqtt_host}"

@@ -168,10 +168,28 @@ fn batch(boot_id: u64, seqs: &[u64], gaps: &[Gap]) -> Batch {
 
 /// TESTING.md 11, 12, 13: broker unreachable at start, a cut mid-run, buffer overflow → gap
 /// records in SQL, in-order drain after reconnect, a restarted agent gets a new boot id.
+/// Memory only (`uplink.spool_max_bytes = 0`): the buffer of 300 overflows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uplink_rides_out_network_cuts_and_reports_overflow_as_gaps() {
+    rides_out_network_cuts(0).await;
+}
+
+/// The same with a spool of 16 KiB (about 300 results, frames in flight included) behind the
+/// 300-result cache: the cache evicts to the spool, the spool overflows, and every result it
+/// dropped is covered by exactly one gap row (issue #18: a spool and a cache that both dropped
+/// once made 7,052 drops with gap rows for 4,593).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spooled_uplink_rides_out_network_cuts_and_reports_overflow_as_gaps() {
+    rides_out_network_cuts(16 * 1024).await;
+}
+
+async fn rides_out_network_cuts(spool_max_bytes: u64) {
     init_tracing();
-    let run = Run::new("uplink");
+    let run = Run::new(if spool_max_bytes > 0 {
+        "spoolcut"
+    } else {
+        "uplink"
+    });
     let options = IngesterOptions {
         partitions: 2,
         ..IngesterOptions::default()
@@ -194,8 +212,12 @@ async fn uplink_rides_out_network_cuts_and_reports_overflow_as_gaps() {
     spec.batch_max = 8;
     spec.buffer_capacity = 300;
     spec.drain_timeout = Duration::from_secs(60);
+    spec.spool_max_bytes = spool_max_bytes;
+    spec.state_dir = run.dir.clone();
     let load = loadgen::start(spec.clone(), CancellationToken::new());
-    // ~1000 results while unreachable: 16 frames × 8 + 300 buffered survive, the rest is dropped.
+    // ~1000 results while unreachable: 16 frames × 8 + 300 buffered survive, the rest is dropped
+    // (with the spool: what fits 16 KiB, frames included, plus at most one flush interval of
+    // results, 200 ms × 1000/s, since the bound is enforced at each flush).
     while load.produced.load(Ordering::Relaxed) < 1000 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -220,7 +242,15 @@ async fn uplink_rides_out_network_cuts_and_reports_overflow_as_gaps() {
     assert_eq!(s1.undelivered, 0, "{s1:?}");
     // Nothing could leave before the restore at 1000 produced: at least 1000 − (16 frames × 8 +
     // 300 buffered) were dropped; reconnecting takes a backoff, so more may have been.
-    assert!(s1.dropped >= 572 && s1.dropped < 3800, "{s1:?}");
+    let floor = if spool_max_bytes == 0 {
+        572
+    } else {
+        1000 - 16 * 1024 / 40 - 200
+    };
+    assert!(s1.dropped >= floor && s1.dropped < 3800, "{s1:?}");
+    if spool_max_bytes > 0 {
+        assert!(s1.evicted > 0, "the cache evicted to the spool: {s1:?}");
+    }
     assert!(s1.reconnects >= 1, "{s1:?}");
 
     // The agent restarts: same id, new boot.
@@ -278,6 +308,436 @@ async fn uplink_rides_out_network_cuts_and_reports_overflow_as_gaps() {
     run.cleanup(&clients).await;
 }
 
+/// Rows per boot of `agent` in this run's schema: (boot_id, count, min seq, max seq).
+async fn boots_of(run: &Run, agent: &str) -> Vec<(i64, i64, i64, i64)> {
+    let client = run.pg().await;
+    let mut boots: Vec<(i64, i64, i64, i64)> = client
+        .query(
+            "SELECT boot_id, count(*), min(seq), max(seq) FROM results WHERE agent = $1 \
+             GROUP BY boot_id",
+            &[&agent],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    boots.sort_by_key(|b| b.2);
+    boots
+}
+
+/// Gap rows of `agent`: (boot_id, first_seq, dropped).
+async fn gaps_of(run: &Run, agent: &str) -> Vec<(i64, i64, i32)> {
+    let client = run.pg().await;
+    client
+        .query(
+            "SELECT boot_id, first_seq, dropped FROM gaps WHERE agent = $1 ORDER BY boot_id, first_seq",
+            &[&agent],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+/// Waits until the target server has seen no request for `quiet` (every result of the round
+/// is then written to the spool: the probes answer at once and the agent flushes every 200 ms),
+/// and returns the number of requests seen.
+async fn quiet_after_round(target: &vantage_tests::target::TargetServer, quiet: Duration) -> usize {
+    let mut last = target.seen().len();
+    let mut since = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let n = target.seen().len();
+        if n != last {
+            last = n;
+            since = Instant::now();
+        } else if n > 0 && since.elapsed() >= quiet {
+            return n;
+        }
+    }
+}
+
+/// Issue #18 must-show: `kill -9` of the agent (the real binary) during a broker outage,
+/// restart, broker back → rows in PostgreSQL = every result of both boots, 0 gap rows. On main
+/// 15 of 35 arrived (the killed boot's buffer died with it). Needs `cargo build --bins`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_of_the_agent_during_a_broker_outage_loses_nothing() {
+    init_tracing();
+    let run = Run::new("agentkill");
+    let stages = InProcess::start(&run, &IngesterOptions::default(), true, true).await;
+    let target = vantage_tests::target::TargetServer::start("127.0.0.1:0")
+        .await
+        .unwrap();
+    let broker = format!("{}:{}", run.services.mqtt_host, run.services.mqtt_port)
+        .to_socket_addrs()
+        .unwrap()
+        .next()
+        .unwrap();
+    let proxy = CuttableProxy::start(broker, false).await.unwrap();
+    let pw = run.dir.join("agent.pw");
+    std::fs::write(&pw, "agent-secret").unwrap();
+    let agent_id = format!("kill-{}", run.id);
+    // Five targets due at the same moment of a 2 s period (phases within 100 ms), so rounds
+    // are short and the agent can be killed between two of them.
+    let interval = Duration::from_secs(2);
+    let ids: Vec<u32> = (1..100_000)
+        .filter(|&id| vantage_agent::scheduler::phase(id, interval) < Duration::from_millis(100))
+        .take(5)
+        .collect();
+    let mut text = format!(
+        "agent_id = \"{agent_id}\"\nregion = \"eu-north\"\nstate_dir = \"{dir}\"\n\
+         [mqtt]\nhost = \"{host}\"\nport = {port}\nusername = \"agent\"\npassword_file = \"{pw}\"\n\
+         topic_prefix = \"{prefix}\"\n\
+         [uplink]\nflush_interval = \"200ms\"\n",
+        dir = run.dir.display(),
+        host = proxy.addr.ip(),
+        port = proxy.addr.port(),
+        pw = pw.display(),
+        prefix = run.prefix(),
+    );
+    for id in &ids {
+        text.push_str(&format!(
+            "[[targets]]\nid = {id}\nurl = \"{}\"\ninterval = \"2s\"\ntimeout = \"1s\"\n",
+            target.url("/")
+        ));
+    }
+    let config = run.dir.join("agent.toml");
+    std::fs::write(&config, text).unwrap();
+    let start = || {
+        std::process::Command::new(stage::workspace_bin("vantage-agent"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(run.dir.join("agent.log")).unwrap())
+            .spawn()
+            .expect("start vantage-agent (cargo build --bins first)")
+    };
+
+    // Boot 1: the broker is unreachable the whole time; seven rounds, then kill -9.
+    let mut agent = start();
+    while target.seen().len() < 35 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let produced1 = quiet_after_round(&target, Duration::from_millis(700)).await;
+    let status = Command::new("kill")
+        .args(["-9", &agent.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let _ = agent.wait();
+    assert_eq!(
+        target.seen().len(),
+        produced1,
+        "no probe between the check and the kill"
+    );
+    assert_eq!(run.count_rows().await, 0, "nothing could be delivered yet");
+
+    // Boot 2: still no broker for a round, then the broker is back.
+    let mut agent = start();
+    while target.seen().len() < produced1 + 5 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    proxy.restore();
+    // Rows of both boots arrive; stop the agent between two rounds (SIGTERM: it drains).
+    run.wait_rows(produced1 as i64 + 5, Duration::from_secs(60))
+        .await;
+    let produced = quiet_after_round(&target, Duration::from_millis(700)).await;
+    let _ = Command::new("kill")
+        .args(["-TERM", &agent.id().to_string()])
+        .status();
+    let exit = agent.wait().unwrap();
+    assert_eq!(exit.code(), Some(0));
+    assert_eq!(target.seen().len(), produced);
+    let rows = run
+        .wait_rows(produced as i64, Duration::from_secs(60))
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let boots = boots_of(&run, &agent_id).await;
+    let gaps = gaps_of(&run, &agent_id).await;
+    println!(
+        "kill -9 of the agent: produced {produced1} + {} results, rows {rows}, boots {boots:?}, gaps {gaps:?}",
+        produced - produced1
+    );
+    assert_eq!(rows, produced as i64, "rows = every result of both boots");
+    assert_eq!(boots.len(), 2, "{boots:?}");
+    let count = |b: &(i64, i64, i64, i64)| b.1;
+    let mut counts: Vec<i64> = boots.iter().map(count).collect();
+    counts.sort_unstable();
+    let mut want = vec![produced1 as i64, (produced - produced1) as i64];
+    want.sort_unstable();
+    assert_eq!(counts, want, "{boots:?}");
+    for b in &boots {
+        assert_eq!(
+            (b.2, b.3),
+            (0, b.1 - 1),
+            "each boot's seqs 0..n, no hole: {boots:?}"
+        );
+    }
+    assert!(gaps.is_empty(), "0 gap rows: {gaps:?}");
+    stages.stop().await;
+    run.cleanup(&[
+        run.bridge_client_id("a"),
+        format!("vantage-agent-{agent_id}"),
+    ])
+    .await;
+}
+
+/// Issue #18 must-show: the spool full during a long outage → the oldest results not yet sent
+/// are dropped, and exactly one gap row covers them; everything else arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spool_full_during_a_long_outage_drops_the_oldest_into_one_gap() {
+    init_tracing();
+    let run = Run::new("spoolfull");
+    let stages = InProcess::start(&run, &IngesterOptions::default(), true, true).await;
+    let broker = format!("{}:{}", run.services.mqtt_host, run.services.mqtt_port)
+        .to_socket_addrs()
+        .unwrap()
+        .next()
+        .unwrap();
+    let proxy = CuttableProxy::start(broker, false).await.unwrap();
+    let mut spec = LoadSpec::new(&run.services, &run.prefix(), &format!("full-{}", run.id));
+    spec.mqtt_host = proxy.addr.ip().to_string();
+    spec.mqtt_port = proxy.addr.port();
+    spec.agents = 1;
+    spec.rate = 2000.0;
+    spec.results_per_agent = 6000;
+    spec.buffer_capacity = 200;
+    spec.spool_max_bytes = 64 * 1024;
+    spec.state_dir = run.dir.clone();
+    spec.drain_timeout = Duration::from_secs(60);
+    let load = loadgen::start(spec, CancellationToken::new());
+    // The whole production happens during the outage (~3 s); ~1,150 results fit the spool.
+    while load.produced.load(Ordering::Relaxed) < 6000 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.restore();
+    let reports = load.finish().await;
+    let s = &reports[0].stats;
+    println!("spool full: {s:?}");
+    assert_eq!(s.results, 6000);
+    assert_eq!(s.undelivered, 0, "{s:?}");
+    assert!(s.dropped >= 4000 && s.dropped < 6000, "{s:?}");
+    assert!(s.evicted > 0, "{s:?}");
+    let expected = (s.results - s.dropped) as i64;
+    assert_eq!(
+        run.wait_rows(expected, Duration::from_secs(90)).await,
+        expected
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cmp = harness::compare(&run.pg().await, &reports).await;
+    println!("spool full: {cmp}");
+    assert!(cmp.exact(), "{cmp}");
+    assert_eq!(cmp.gap_rows, 1, "exactly one gap record: {cmp}");
+    assert_eq!(cmp.gap_results, s.dropped);
+    // The oldest went: the gap starts right after what the frames in flight held.
+    let gaps = gaps_of(&run, &reports[0].agent_id).await;
+    assert!(gaps[0].1 <= 16 * 32, "{gaps:?}");
+    stages.stop().await;
+    let mut clients = agent_client_ids(&reports);
+    clients.push(run.bridge_client_id("a"));
+    run.cleanup(&clients).await;
+}
+
+/// The entries of a spool segment file (docs/agent.md "The spool"): (offset, kind, length with
+/// header). Read by the test itself, from the documented format.
+fn spool_entries(data: &[u8]) -> Vec<(usize, u8, usize)> {
+    let mut out = Vec::new();
+    let mut at = vantage_agent::spool::MAGIC.len();
+    while at + 7 <= data.len() {
+        let len = u16::from_le_bytes([data[at], data[at + 1]]) as usize;
+        if at + 6 + len > data.len() {
+            break;
+        }
+        out.push((at, data[at + 6], 6 + len));
+        at += 6 + len;
+    }
+    out
+}
+
+/// Issue #18 must-show, a power cut: the spool's last segment truncated at 24 random offsets.
+/// Each truncated copy is the spool of its own agent, which starts (no panic), sends what
+/// survived under the old boot id, and reports what the cut tore as a gap: for each copy, rows
+/// + gap-covered results of the old boot = the results of every write whose group header is
+/// intact (a write cut before its header leaves no trace: its results were never sent, like
+/// results still in memory), and the rows are exactly the first ones, without a hole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn power_cut_torn_spool_tail_is_replayed_or_reported_as_a_gap() {
+    init_tracing();
+    let run = Run::new("powercut");
+    let stages = InProcess::start(&run, &IngesterOptions::default(), true, true).await;
+    let broker = format!("{}:{}", run.services.mqtt_host, run.services.mqtt_port)
+        .to_socket_addrs()
+        .unwrap()
+        .next()
+        .unwrap();
+    // Boot 1: the broker unreachable; 600 results over ~3 s (a write every 200 ms).
+    let proxy = CuttableProxy::start(broker, false).await.unwrap();
+    let first_dir = run.dir.join("first");
+    let mut spec = LoadSpec::new(&run.services, &run.prefix(), &format!("cut-{}", run.id));
+    spec.mqtt_host = proxy.addr.ip().to_string();
+    spec.mqtt_port = proxy.addr.port();
+    spec.agents = 1;
+    spec.rate = 200.0;
+    spec.results_per_agent = 600;
+    spec.spool_max_bytes = 1 << 20;
+    spec.state_dir = first_dir.clone();
+    spec.drain_timeout = Duration::from_millis(500);
+    let first = loadgen::start(spec.clone(), CancellationToken::new())
+        .finish()
+        .await;
+    let s1 = first[0].stats.clone();
+    assert_eq!((s1.results, s1.undelivered), (600, 600), "{s1:?}");
+    let spool = first_dir.join("spool").join(&first[0].agent_id);
+    let mut segments: Vec<_> = std::fs::read_dir(&spool)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    segments.sort();
+    assert_eq!(segments.len(), 1, "{segments:?}");
+    let data = std::fs::read(&segments[0]).unwrap();
+    let entries = spool_entries(&data);
+    // Group headers (kind 1) and the results after each: (header end, results in the write).
+    let mut groups: Vec<(usize, u64)> = Vec::new();
+    for &(at, kind, len) in &entries {
+        match kind {
+            1 => groups.push((at + len, 0)),
+            2 => groups.last_mut().unwrap().1 += 1,
+            _ => {}
+        }
+    }
+    assert_eq!(groups.iter().map(|g| g.1).sum::<u64>(), 600);
+    assert!(groups.len() >= 10, "{} writes", groups.len());
+
+    // 24 cuts: random offsets in the whole segment, half of them in its last 5 writes.
+    let mut rng = s1.boot_id | 1;
+    let mut rand = |n: usize| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        (rng % n as u64) as usize
+    };
+    let tail_start = groups[groups.len() - 5].0 - 40;
+    let cuts: Vec<usize> = (0..24)
+        .map(|i| {
+            if i % 2 == 0 {
+                rand(data.len())
+            } else {
+                tail_start + rand(data.len() - tail_start)
+            }
+        })
+        .collect();
+    let second_dir = run.dir.join("second");
+    let mut spec2 = spec.clone();
+    spec2.mqtt_host = run.services.mqtt_host.clone();
+    spec2.mqtt_port = run.services.mqtt_port;
+    spec2.agent_prefix = format!("cuts-{}", run.id);
+    spec2.agents = cuts.len();
+    spec2.results_per_agent = 5;
+    spec2.rate = 50.0 * cuts.len() as f64;
+    spec2.state_dir = second_dir.clone();
+    spec2.drain_timeout = Duration::from_secs(60);
+    let mut known = Vec::new();
+    for (i, &cut) in cuts.iter().enumerate() {
+        let dir = second_dir.join("spool").join(spec2.agent(i).0);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(segments[0].file_name().unwrap()), &data[..cut]).unwrap();
+        // Results the restarted agent can know of: every write whose header is whole.
+        known.push(
+            groups
+                .iter()
+                .filter(|g| g.0 <= cut)
+                .map(|g| g.1)
+                .sum::<u64>(),
+        );
+    }
+    let second = loadgen::start(spec2.clone(), CancellationToken::new())
+        .finish()
+        .await;
+    let expected: i64 = known.iter().sum::<u64>() as i64 + 5 * cuts.len() as i64;
+    let client = run.pg().await;
+    // Rows plus gap-covered results: wait for rows, then compare per agent.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut total = 0;
+    while Instant::now() < deadline {
+        let rows: i64 = client
+            .query_one("SELECT count(*) FROM results", &[])
+            .await
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+        let gapped: i64 = client
+            .query_one("SELECT coalesce(sum(dropped), 0)::bigint FROM gaps", &[])
+            .await
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+        total = rows + gapped;
+        if total >= expected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut torn = 0;
+    let mut in_tail = 0;
+    for (i, rep) in second.iter().enumerate() {
+        let i = cuts
+            .iter()
+            .enumerate()
+            .position(|(j, _)| spec2.agent(j).0 == rep.agent_id)
+            .unwrap_or(i);
+        let cut = cuts[i];
+        assert_eq!(rep.stats.undelivered, 0, "{rep:?}");
+        assert_eq!(
+            rep.stats.replayed + rep.stats.replay_lost,
+            known[i],
+            "cut {cut}: {rep:?}"
+        );
+        let boots = boots_of(&run, &rep.agent_id).await;
+        let old: Vec<_> = boots.iter().filter(|b| b.0 == s1.boot_id as i64).collect();
+        let new: Vec<_> = boots
+            .iter()
+            .filter(|b| b.0 == rep.stats.boot_id as i64)
+            .collect();
+        let rows_old = old.first().map_or(0, |b| b.1);
+        assert_eq!(new.first().map(|b| b.1), Some(5), "cut {cut}: {boots:?}");
+        if let Some(b) = old.first() {
+            assert_eq!(
+                (b.2, b.3),
+                (0, b.1 - 1),
+                "cut {cut}: the first rows, no hole"
+            );
+        }
+        let gaps = gaps_of(&run, &rep.agent_id).await;
+        let gapped: i64 = gaps.iter().map(|g| i64::from(g.2)).sum();
+        assert!(gaps
+            .iter()
+            .all(|g| g.0 == s1.boot_id as i64 && g.1 == rows_old));
+        assert!(gaps.len() <= 1, "cut {cut}: {gaps:?}");
+        assert_eq!(
+            rows_old + gapped,
+            known[i] as i64,
+            "cut {cut}: rows + gap-covered = results of the intact writes"
+        );
+        torn += u64::from(gapped > 0);
+        in_tail += u64::from(cut >= tail_start);
+    }
+    println!(
+        "power cut: {} cuts ({in_tail} in the last 5 writes, {torn} tore a write: gap rows), \
+         rows + gap-covered {total} of {expected} expected",
+        cuts.len()
+    );
+    assert_eq!(total, expected);
+    assert!(torn > 0, "some cut must tear a write");
+    stages.stop().await;
+    let mut clients = agent_client_ids(&first);
+    clients.extend(agent_client_ids(&second));
+    clients.push(run.bridge_client_id("a"));
+    run.cleanup(&clients).await;
+}
+
 /// Issue: "SIGTERM: flush what can be sent within a deadline". The real agent (`run`) is shut
 /// down while probes are in flight (the target answers after 400 ms): every result produced,
 /// including those of the probes in flight, reaches PostgreSQL, and none is left undelivered.
@@ -291,10 +751,13 @@ async fn agent_shutdown_delivers_results_of_probes_in_flight() {
         .unwrap();
     let pw = run.dir.join("agent.pw");
     std::fs::write(&pw, "agent-secret").unwrap();
+    // The spool (uplink.spool_max_bytes) lives in state_dir: this run's folder.
+    let spool_state_dir = run.dir.display();
     let mut text = format!(
         r#"
 agent_id = "stop-{id}"
 region = "eu-north"
+state_dir = "{spool_state_dir}"
 [mqtt]
 host = "{host}"
 port = {port}

@@ -319,6 +319,24 @@ async fn agent_metrics_match_the_run() {
         sample(&text, "vantage_agent_buffer_capacity_results"),
         Some(500.0)
     );
+    // The spool (on by default, issue #18): written once per flush, in one segment so far.
+    assert_eq!(
+        sample(&text, "vantage_agent_spool_max_bytes"),
+        Some(64.0 * 1024.0 * 1024.0),
+        "{text}"
+    );
+    assert_eq!(sample(&text, "vantage_agent_spool_segments"), Some(1.0));
+    assert!(sample(&text, "vantage_agent_spool_writes_total") >= Some(2.0));
+    assert!(sample(&text, "vantage_agent_spool_written_bytes_total") > Some(100.0));
+    assert!(sample(&text, "vantage_agent_spool_bytes").is_some());
+    assert!(sample(&text, "vantage_agent_spool_disk_bytes") > Some(8.0));
+    let age = sample(&text, "vantage_agent_spool_oldest_unacked_age_seconds");
+    assert!(age.is_some_and(|a| (0.0..60.0).contains(&a)), "{age:?}");
+    assert_eq!(
+        sample(&text, "vantage_agent_spool_replayed_total"),
+        Some(0.0)
+    );
+    assert_eq!(sample(&text, "vantage_agent_spool_lost_total"), Some(0.0));
 
     shutdown.cancel();
     let summary = agent.await.unwrap().unwrap();

@@ -625,10 +625,13 @@ batch_timeout = "100ms"
 
     let mut runs = Vec::new();
     for ((region, agent), identity) in agents.iter().zip(&identities) {
+        // The spool (uplink.spool_max_bytes) lives in state_dir: this run's folder.
+        let spool_state_dir = run.dir.display();
         let text = format!(
             r#"
 agent_id = "{agent}"
 region = "{region}"
+state_dir = "{spool_state_dir}"
 [mqtt]
 host = "{host}"
 port = {port}

@@ -118,6 +118,17 @@ pub struct RawUplink {
     /// counted; results still unacknowledged are counted as undelivered.
     #[serde(default = "default_drain_timeout", with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Bytes of unacknowledged results kept on disk in `state_dir/spool/<agent_id>/` (default
+    /// 64MiB, about a million results; 0: no spool, results live in memory only). When full,
+    /// the oldest results not yet sent are dropped into a gap record. A number of bytes or a
+    /// string like `"64MiB"`; at least 64KiB unless 0.
+    #[serde(default = "default_spool_max_bytes")]
+    pub spool_max_bytes: crate::budget::RawSize,
+    /// When spooled data is synced to the card: `"always"` (default: after every flush, so a
+    /// power cut tears at most the flush being written), a duration such as `"10s"` (at most
+    /// that often: fewer card writes, more to lose), or `"never"` (the kernel decides).
+    #[serde(default = "default_spool_fsync")]
+    pub spool_fsync: String,
 }
 
 impl Default for RawUplink {
@@ -127,6 +138,8 @@ impl Default for RawUplink {
             flush_interval: default_flush_interval(),
             buffer_capacity: default_buffer_capacity(),
             drain_timeout: default_drain_timeout(),
+            spool_max_bytes: default_spool_max_bytes(),
+            spool_fsync: default_spool_fsync(),
         }
     }
 }
@@ -153,6 +166,14 @@ pub struct RawProbes {
 /// Largest `uplink.buffer_capacity`: about 100 MB of results.
 pub const MAX_BUFFER_CAPACITY: usize = 1_000_000;
 
+/// Default `uplink.spool_max_bytes`: 64 MiB, about a million results (a day of 100 targets
+/// every 10 s is 864,000), a small share of the smallest SD card.
+pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 64 * crate::budget::MIB;
+/// Smallest `uplink.spool_max_bytes` other than 0 (one segment).
+pub const MIN_SPOOL_MAX_BYTES: u64 = 64 * crate::budget::KIB;
+/// Largest `uplink.spool_max_bytes` (a typing error of a unit should not fill the card).
+pub const MAX_SPOOL_MAX_BYTES: u64 = 64 * crate::budget::GIB;
+
 /// Longest `uplink.drain_timeout`. A stop takes at most this long (probes still in flight are
 /// aborted at the same deadline), and the packaged unit's `TimeoutStopSec` (90 s) covers it
 /// with room for the goodbye to the broker: systemd never kills an agent mid-count.
@@ -176,6 +197,12 @@ fn default_flush_interval() -> Duration {
 fn default_buffer_capacity() -> usize {
     10_000
 }
+fn default_spool_max_bytes() -> crate::budget::RawSize {
+    crate::budget::RawSize::Bytes(DEFAULT_SPOOL_MAX_BYTES)
+}
+fn default_spool_fsync() -> String {
+    "always".to_owned()
+}
 fn default_drain_timeout() -> Duration {
     Duration::from_secs(10)
 }
@@ -184,6 +211,22 @@ fn default_heartbeat_interval() -> Duration {
 }
 fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/lib/vantage")
+}
+
+/// `uplink.spool_fsync`: `always`, `never` or a duration of at least 100ms.
+fn parse_fsync(text: &str) -> Result<crate::spool::FsyncPolicy, String> {
+    use crate::spool::FsyncPolicy;
+    match text.trim() {
+        "always" => Ok(FsyncPolicy::Always),
+        "never" => Ok(FsyncPolicy::Never),
+        t => match humantime::parse_duration(t) {
+            Ok(d) if d >= Duration::from_millis(100) => Ok(FsyncPolicy::Every(d)),
+            Ok(_) => Err("a sync interval must be at least 100ms (or \"always\")".into()),
+            Err(_) => Err(format!(
+                "{text:?} is not \"always\", \"never\" or a duration like \"10s\""
+            )),
+        },
+    }
 }
 
 /// Where an agent's targets come from.
@@ -250,6 +293,9 @@ pub struct UplinkConfig {
     pub flush_interval: Duration,
     pub buffer_capacity: usize,
     pub drain_timeout: Duration,
+    /// `uplink.spool_max_bytes`; 0: no spool.
+    pub spool_max_bytes: u64,
+    pub spool_fsync: crate::spool::FsyncPolicy,
 }
 
 impl Config {
@@ -389,6 +435,25 @@ impl Config {
                 ),
             ));
         }
+        let spool_max_bytes = raw
+            .uplink
+            .spool_max_bytes
+            .bytes()
+            .map_err(|r| invalid("uplink.spool_max_bytes", r))?;
+        if spool_max_bytes != 0
+            && !(MIN_SPOOL_MAX_BYTES..=MAX_SPOOL_MAX_BYTES).contains(&spool_max_bytes)
+        {
+            return Err(invalid(
+                "uplink.spool_max_bytes",
+                format!(
+                    "must be 0 (no spool) or {} to {}",
+                    crate::budget::show(MIN_SPOOL_MAX_BYTES),
+                    crate::budget::show(MAX_SPOOL_MAX_BYTES)
+                ),
+            ));
+        }
+        let spool_fsync =
+            parse_fsync(&raw.uplink.spool_fsync).map_err(|r| invalid("uplink.spool_fsync", r))?;
         let mut targets = Vec::with_capacity(raw.targets.len());
         for (i, t) in raw.targets.into_iter().enumerate() {
             if !vantage_proto::is_valid_target_id(t.id) {
@@ -443,6 +508,8 @@ impl Config {
                 flush_interval: raw.uplink.flush_interval,
                 buffer_capacity: raw.uplink.buffer_capacity,
                 drain_timeout: raw.uplink.drain_timeout,
+                spool_max_bytes,
+                spool_fsync,
             },
             max_concurrency: raw.probes.max_concurrency,
             memory_budget,
@@ -468,6 +535,16 @@ impl Config {
             &self.agent_id,
         )
         .to_string()
+    }
+
+    /// The spool's directory, `state_dir/spool/<agent_id>` (per agent id, so a renamed agent
+    /// never sends another's results under its name), or None without a spool.
+    pub fn spool_config(&self) -> Option<crate::spool::SpoolConfig> {
+        (self.uplink.spool_max_bytes > 0).then(|| crate::spool::SpoolConfig {
+            dir: self.state_dir.join("spool").join(&self.agent_id),
+            max_bytes: self.uplink.spool_max_bytes,
+            fsync: self.uplink.spool_fsync,
+        })
     }
 
     /// The MQTT topic this agent publishes its result batches on.
@@ -524,6 +601,45 @@ regex = "ok"
         assert_eq!(c.mqtt.port, 1883);
         assert_eq!(c.uplink.batch_max, 32);
         assert_eq!(c.results_topic(), "vantage/v1/results/eu-north/pi-1");
+    }
+
+    #[test]
+    fn the_spool_is_on_by_default_and_its_keys_are_checked() {
+        let c = Config::parse(GOOD, Path::new("agent.toml")).unwrap();
+        let spool = c.spool_config().unwrap();
+        assert_eq!(spool.max_bytes, 64 * 1024 * 1024);
+        assert_eq!(spool.fsync, crate::spool::FsyncPolicy::Always);
+        assert!(spool.dir.ends_with("spool/pi-1"), "{:?}", spool.dir);
+        let with = |uplink: &str| {
+            Config::parse(
+                &GOOD.replace("[[targets]]", &format!("[uplink]\n{uplink}\n[[targets]]")),
+                Path::new("agent.toml"),
+            )
+        };
+        assert!(with("spool_max_bytes = 0")
+            .unwrap()
+            .spool_config()
+            .is_none());
+        let c = with("spool_max_bytes = \"1MiB\"\nspool_fsync = \"10s\"").unwrap();
+        assert_eq!(c.uplink.spool_max_bytes, 1 << 20);
+        assert_eq!(
+            c.uplink.spool_fsync,
+            crate::spool::FsyncPolicy::Every(Duration::from_secs(10))
+        );
+        assert_eq!(
+            with("spool_fsync = \"never\"").unwrap().uplink.spool_fsync,
+            crate::spool::FsyncPolicy::Never
+        );
+        for (bad, key) in [
+            ("spool_max_bytes = 1000", "`uplink.spool_max_bytes`"),
+            ("spool_max_bytes = \"65GiB\"", "`uplink.spool_max_bytes`"),
+            ("spool_max_bytes = \"lots\"", "`uplink.spool_max_bytes`"),
+            ("spool_fsync = \"sometimes\"", "`uplink.spool_fsync`"),
+            ("spool_fsync = \"1ms\"", "`uplink.spool_fsync`"),
+        ] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(e.contains(key), "{bad}: {e}");
+        }
     }
 
     #[test]

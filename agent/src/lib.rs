@@ -14,6 +14,7 @@ pub mod netpolicy;
 pub mod oneshot;
 pub mod probe;
 pub mod scheduler;
+pub mod spool;
 pub mod target;
 pub mod target_set;
 pub mod tls;
@@ -72,6 +73,11 @@ pub enum RunError {
     Uplink(#[from] tokio::task::JoinError),
     #[error("--rounds needs local targets ([[targets]] in the config file)")]
     RoundsNeedLocalTargets,
+    #[error("state_dir: cannot use the spool directory {dir}: {source} (set uplink.spool_max_bytes = 0 to run without a spool)")]
+    Spool {
+        dir: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Runs the agent until `shutdown` fires (or the rounds are done), then drains the uplink.
@@ -83,6 +89,16 @@ pub async fn run(
     let config = Arc::new(config);
     if options.rounds.is_some() && config.targets_source == TargetsSource::Central {
         return Err(RunError::RoundsNeedLocalTargets);
+    }
+    // A spool that cannot be created is a setup error: refuse to start rather than run
+    // without the durability the configuration asks for.
+    if let Some(spool) = config.spool_config() {
+        std::fs::create_dir_all(&spool.dir)
+            .and_then(|()| tempfile_probe(&spool.dir))
+            .map_err(|source| RunError::Spool {
+                dir: spool.dir.clone(),
+                source,
+            })?;
     }
     let prober = probe::Prober::new().with_address_policy(config.address_policy);
     // A new boot id at every start keeps (agent, boot, seq) unique across restarts.
@@ -435,6 +451,13 @@ async fn apply_set(
         }
     }
     board.set(board_of(Some(book), targets, schedule));
+}
+
+/// Creates and removes a file in `dir`: the spool can be written there.
+fn tempfile_probe(dir: &std::path::Path) -> std::io::Result<()> {
+    let path = dir.join(".write-test");
+    std::fs::write(&path, b"")?;
+    std::fs::remove_file(&path)
 }
 
 /// Used only if the OS has no entropy source: time-based, still distinct across restarts.

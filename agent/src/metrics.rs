@@ -18,6 +18,8 @@ use crate::uplink::UplinkStats;
 #[derive(Debug, Clone, Copy)]
 pub struct UplinkSnapshot<'a> {
     pub stats: &'a UplinkStats,
+    /// The spool's figures (None without a spool).
+    pub spool: Option<&'a crate::uplink::SpoolState>,
     /// Results buffered, not yet acknowledged by the broker.
     pub buffered: usize,
     pub capacity: usize,
@@ -100,6 +102,16 @@ mod imp {
         capacity: Gauge,
         connections: Counter,
         connected: Gauge,
+        spool_bytes: Gauge,
+        spool_max_bytes: Gauge,
+        spool_disk_bytes: Gauge,
+        spool_segments: Gauge,
+        spool_oldest: Gauge<f64, std::sync::atomic::AtomicU64>,
+        spool_writes: Counter,
+        spool_bytes_written: Counter,
+        spool_syncs: Counter,
+        spool_replayed: Counter,
+        spool_lost: Counter,
     }
 
     static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -119,6 +131,16 @@ mod imp {
             capacity: Gauge::default(),
             connections: Counter::default(),
             connected: Gauge::default(),
+            spool_bytes: Gauge::default(),
+            spool_max_bytes: Gauge::default(),
+            spool_disk_bytes: Gauge::default(),
+            spool_segments: Gauge::default(),
+            spool_oldest: Gauge::default(),
+            spool_writes: Counter::default(),
+            spool_bytes_written: Counter::default(),
+            spool_syncs: Counter::default(),
+            spool_replayed: Counter::default(),
+            spool_lost: Counter::default(),
         };
         m.registry = register(&m);
         m
@@ -201,6 +223,58 @@ mod imp {
                 "1 while connected to the MQTT broker",
                 m.connected.clone(),
             );
+            r.register(
+                "vantage_agent_spool_bytes",
+                "Bytes of results in the spool not yet acknowledged",
+                m.spool_bytes.clone(),
+            );
+            r.register(
+                "vantage_agent_spool_max_bytes",
+                "uplink.spool_max_bytes: past it the oldest unsent results are dropped into a gap",
+                m.spool_max_bytes.clone(),
+            );
+            r.register(
+                "vantage_agent_spool_disk_bytes",
+                "Bytes of the spool's segment files (acknowledged data lingers until its segment is deleted)",
+                m.spool_disk_bytes.clone(),
+            );
+            r.register(
+                "vantage_agent_spool_segments",
+                "Segment files in the spool",
+                m.spool_segments.clone(),
+            );
+            r.register_with_unit(
+                "vantage_agent_spool_oldest_unacked_age",
+                "Age of the oldest result not yet acknowledged (from its probe start; 0 when none)",
+                Unit::Seconds,
+                m.spool_oldest.clone(),
+            );
+            r.register(
+                "vantage_agent_spool_writes",
+                "write calls to the spool (one per flush, plus one per new segment)",
+                m.spool_writes.clone(),
+            );
+            r.register_with_unit(
+                "vantage_agent_spool_written",
+                "Bytes written to the spool",
+                Unit::Bytes,
+                m.spool_bytes_written.clone(),
+            );
+            r.register(
+                "vantage_agent_spool_syncs",
+                "fsyncs of the spool (uplink.spool_fsync)",
+                m.spool_syncs.clone(),
+            );
+            r.register(
+                "vantage_agent_spool_replayed",
+                "Results of earlier boots found in the spool at start",
+                m.spool_replayed.clone(),
+            );
+            r.register(
+                "vantage_agent_spool_lost",
+                "Results the spool found torn or corrupt at start (reported as gap records)",
+                m.spool_lost.clone(),
+            );
             r
         }
     }
@@ -235,6 +309,19 @@ mod imp {
         m.buffered.set(s.buffered as i64);
         m.capacity.set(s.capacity as i64);
         m.connected.set(i64::from(s.connected));
+        set(&m.spool_replayed, s.stats.replayed);
+        set(&m.spool_lost, s.stats.replay_lost);
+        if let Some(sp) = s.spool {
+            m.spool_bytes.set(sp.live_bytes as i64);
+            m.spool_max_bytes.set(sp.max_bytes as i64);
+            m.spool_disk_bytes.set(sp.disk_bytes as i64);
+            m.spool_segments.set(sp.segments as i64);
+            m.spool_oldest
+                .set(sp.oldest_unacked_age_ms.unwrap_or(0) as f64 / 1000.0);
+            set(&m.spool_writes, sp.io.writes);
+            set(&m.spool_bytes_written, sp.io.bytes_written);
+            set(&m.spool_syncs, sp.io.syncs);
+        }
     }
 
     /// The registry in OpenMetrics text.

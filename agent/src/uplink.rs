@@ -42,6 +42,7 @@ use vantage_proto::{Batch, Gap, ProbeResult, MAX_FRAME_LEN, MAX_GAPS};
 use crate::config::Config;
 use crate::fleet::{self, StatusBoard};
 use crate::probe::Measurement;
+use crate::spool::{Replay, Spool, SpoolStats};
 
 /// Where the uplink delivers received target sets (only for an agent that follows them).
 pub struct SetSenders {
@@ -59,9 +60,10 @@ pub struct Control {
 /// (16 × [`MAX_FRAME_LEN`] ≈ 33 KB) and the number of QoS 1 publishes in flight.
 pub const MAX_FRAMES: usize = 16;
 
-/// Gap records waiting for a frame. Between two frames only one gap can form (drops between
-/// two frames are contiguous), and each frame carries up to [`MAX_GAPS`], so this never fills.
-const MAX_PENDING_GAPS: usize = 8;
+/// Gap records waiting for a frame. Between two frames only one gap per boot can form (drops
+/// between two frames are contiguous), each frame carries up to [`MAX_GAPS`], and a replay
+/// brings the open gaps of earlier boots (a few each), so this does not fill.
+const MAX_PENDING_GAPS: usize = 32;
 
 /// Requests rumqttc may queue between this loop and its event loop (more than [`MAX_FRAMES`],
 /// so `try_publish` of a frame fails only if rumqttc itself is stuck).
@@ -90,32 +92,74 @@ pub struct UplinkStats {
     pub reconnects: u64,
     /// Reconnects after which the broker no longer had the session (frames were re-sent).
     pub sessions_lost: u64,
-    /// Results not acknowledged by the broker when the drain deadline passed (lost with the
-    /// process; not covered by a gap record).
+    /// Results not acknowledged by the broker when the drain deadline passed (without a spool
+    /// lost with the process, not covered by a gap record; with one they stay in the spool and
+    /// the next start sends them).
     pub undelivered: u64,
+    /// Records of earlier boots found in the spool at start (sent again with their own boot id
+    /// and sequence numbers).
+    pub replayed: u64,
+    /// Records the spool found torn or corrupt at start (each covered by a gap record).
+    pub replay_lost: u64,
+    /// Records of earlier boots dropped because the spool was full (covered by gap records).
+    pub dropped_replayed: u64,
+    /// Results the full memory cache left on disk only (read back later; not a loss).
+    pub evicted: u64,
+    /// Spool writes that failed (retried at the next flush).
+    pub spool_write_errors: u64,
 }
 
 /// One encoded frame and what it carries.
 struct Frame {
     bytes: heapless::Vec<u8, MAX_FRAME_LEN>,
     results: usize,
+    /// Spool positions below this are done once the frame is acknowledged.
+    end_pos: u64,
+    /// Spool bytes of its results.
+    spool_bytes: u64,
+    /// Its gap records (boot, first_seq), marked delivered in the spool at the acknowledgement.
+    gaps: heapless::Vec<(u64, u64), MAX_GAPS>,
+    /// Earliest probe start among its results (for the oldest-unacknowledged age).
+    oldest_ms: Option<u64>,
 }
 
-/// The uplink's state, without I/O: a bounded buffer of numbered results, the pending gap
-/// records, and the encoded frames in order (the first `handed` of them are with the MQTT client,
-/// waiting for the broker's PUBACK).
+/// A result in the memory cache, with its place in the spool (0 without a spool).
+#[derive(Clone, Copy)]
+struct Cached {
+    result: ProbeResult,
+    pos: u64,
+    bytes: u64,
+}
+
+/// The uplink's state: numbering, the spool (if configured) with a bounded memory cache in
+/// front of it, the pending gap records, and the encoded frames in order (the first `handed`
+/// of them are with the MQTT client, waiting for the broker's PUBACK). The only I/O is the
+/// spool's files ([`crate::spool`]); there is none without one, and unit tests give it a
+/// temporary directory.
 ///
-/// Memory is fixed at start: the result buffer is allocated once with the configured capacity and
-/// never grows (its capacity is a runtime setting, so it cannot be a `heapless::Deque`, whose
-/// capacity is a type parameter); gaps and frames live in `heapless` containers.
+/// Without a spool (`uplink.spool_max_bytes = 0`) the cache is the whole buffer: when it is
+/// full the oldest result not yet in a frame is dropped into a gap record. With a spool, a
+/// result evicted from the full cache is only on disk and read back when its turn comes; results
+/// are dropped (oldest not in a frame first) only when the spool holds `spool_max_bytes` of
+/// unacknowledged records. Either way exactly one place drops, so each dropped result is
+/// counted once and covered by exactly one gap record.
+///
+/// Order of sending: records read back from disk (earlier boots, then evicted ones of this
+/// boot) before the cache; a frame holds one boot's records. Memory is fixed at start: the cache
+/// is allocated once with the configured capacity and never grows (its capacity is a runtime
+/// setting, so it cannot be a `heapless::Deque`); gaps and frames live in `heapless` containers.
 pub struct Outbox {
     boot_id: u64,
     batch_max: usize,
     capacity: usize,
     next_seq: u64,
-    /// Results not yet in a frame, in sequence order.
-    results: VecDeque<ProbeResult>,
-    gaps: heapless::Deque<Gap, MAX_PENDING_GAPS>,
+    /// Results not yet in a frame, in sequence order (the newest ones when a spool is used).
+    results: VecDeque<Cached>,
+    spool: Option<Spool>,
+    /// Next spool position to consider reading back (positions below are in frames, dropped
+    /// or done). Records in `disk_next .. cache start` are only on disk.
+    disk_next: u64,
+    gaps: heapless::Deque<(u64, Gap), MAX_PENDING_GAPS>,
     frames: heapless::Deque<Frame, MAX_FRAMES>,
     handed: usize,
     stats: UplinkStats,
@@ -132,6 +176,8 @@ impl Outbox {
             capacity,
             next_seq: 0,
             results: VecDeque::with_capacity(capacity),
+            spool: None,
+            disk_next: 0,
             gaps: heapless::Deque::new(),
             frames: heapless::Deque::new(),
             handed: 0,
@@ -142,28 +188,109 @@ impl Outbox {
         }
     }
 
-    /// Numbers `result` (its `seq` is overwritten) and buffers it. When the buffer is full, the
-    /// oldest result not yet in a frame is dropped and recorded in a gap. Returns the sequence
-    /// number given.
+    /// An outbox in front of an opened spool: what the spool replayed is sent first, with its
+    /// own boot ids and sequence numbers, and its gap records too.
+    pub fn with_spool(
+        boot_id: u64,
+        batch_max: usize,
+        capacity: usize,
+        spool: Spool,
+        replay: &Replay,
+    ) -> Outbox {
+        let mut o = Outbox::new(boot_id, batch_max, capacity);
+        o.stats.replayed = replay.records;
+        o.stats.replay_lost = replay.lost;
+        o.disk_next = 0;
+        for &(boot, gap) in &replay.gaps {
+            if o.gaps.push_back((boot, gap)).is_err() {
+                // More than MAX_PENDING_GAPS open gaps across old boots: rare (each boot's
+                // drops make at most a few). The spool still has it; the next start sends it.
+                tracing::warn!(
+                    boot_id = boot,
+                    first_seq = gap.first_seq,
+                    "too many replayed gap records; this one waits for the next start"
+                );
+            }
+        }
+        o.spool = Some(spool);
+        o
+    }
+
+    /// Numbers `result` (its `seq` is overwritten) and buffers it (and appends it to the spool,
+    /// written at the next flush). Returns the sequence number given.
     pub fn push(&mut self, mut result: ProbeResult) -> u64 {
         if self.results.len() == self.capacity {
-            if let Some(old) = self.results.pop_front() {
-                self.record_drop(&old);
-            }
+            self.evict();
         }
         result.seq = self.next_seq;
         self.next_seq += 1;
         self.stats.results += 1;
-        self.results.push_back(result);
+        let (pos, bytes) = match &mut self.spool {
+            Some(s) => s.append(self.boot_id, &result),
+            None => (0, 0),
+        };
+        self.results.push_back(Cached { result, pos, bytes });
         result.seq
     }
 
-    fn record_drop(&mut self, r: &ProbeResult) {
-        self.stats.dropped += 1;
-        if let Some(last) = self.gaps.back_mut() {
-            if last.first_seq + u64::from(last.count) == r.seq && last.count < u32::MAX {
+    /// The cache is full: its oldest result leaves memory. With a spool it stays on disk (and
+    /// is read back when its turn comes); it must be written first. Without one (or if the
+    /// write fails) it is dropped into a gap record.
+    fn evict(&mut self) {
+        let on_disk = match (&mut self.spool, self.results.front()) {
+            (Some(s), Some(front)) => {
+                if front.pos >= s.written() {
+                    if let Err(e) = s.flush() {
+                        tracing::error!(error = %e, "spool write failed");
+                    }
+                }
+                front.pos < s.written()
+            }
+            _ => false,
+        };
+        if on_disk {
+            self.results.pop_front();
+            self.stats.evicted += 1;
+        } else if let Some(old) = self.results.pop_front() {
+            self.drop_cached(old);
+        }
+    }
+
+    fn drop_cached(&mut self, c: Cached) {
+        if let Some(s) = &mut self.spool {
+            s.dropped(c.pos, c.bytes);
+            self.disk_next = self.disk_next.max(c.pos + 1);
+        }
+        self.record_drop(self.boot_id, &c.result);
+    }
+
+    /// First spool position held by the cache (the tail when it is empty).
+    fn cache_start(&self) -> u64 {
+        match (self.results.front(), &self.spool) {
+            (Some(c), _) => c.pos,
+            (None, Some(s)) => s.tail(),
+            (None, None) => 0,
+        }
+    }
+
+    fn record_drop(&mut self, boot: u64, r: &ProbeResult) {
+        if boot == self.boot_id {
+            self.stats.dropped += 1;
+        } else {
+            self.stats.dropped_replayed += 1;
+        }
+        if let Some((b, last)) = self.gaps.back_mut() {
+            if *b == boot
+                && last.first_seq + u64::from(last.count) == r.seq
+                && last.count < u32::MAX
+            {
                 last.count += 1;
-                last.last_started_at_ms = r.started_at_ms;
+                last.first_started_at_ms = last.first_started_at_ms.min(r.started_at_ms);
+                last.last_started_at_ms = last.last_started_at_ms.max(r.started_at_ms);
+                let gap = *last;
+                if let Some(s) = &mut self.spool {
+                    s.gap_changed(boot, &gap);
+                }
                 return;
             }
         }
@@ -174,63 +301,208 @@ impl Outbox {
             last_started_at_ms: r.started_at_ms,
         };
         self.stats.gaps += 1;
-        if let Err(gap) = self.gaps.push_back(gap) {
+        if let Some(s) = &mut self.spool {
+            s.gap_changed(boot, &gap);
+        }
+        if let Err((_, gap)) = self.gaps.push_back((boot, gap)) {
             // Unreachable (see MAX_PENDING_GAPS). Keep the count exact rather than lose it: fold
             // into the last record, whose range then also spans results that were sent.
             tracing::error!(
                 first_seq = gap.first_seq,
                 "gap list full, merging gap records"
             );
-            if let Some(last) = self.gaps.back_mut() {
+            if let Some((b, last)) = self.gaps.back_mut() {
                 last.count = last.count.saturating_add(1);
                 last.last_started_at_ms = r.started_at_ms;
+                let (b, last) = (*b, *last);
+                if let Some(s) = &mut self.spool {
+                    s.gap_changed(b, &last);
+                }
             }
         }
     }
 
-    /// Encodes buffered results into frames while there is room: every full batch, and when
-    /// `partial` also a last partial one (or a frame with only gap records).
-    pub fn seal(&mut self, partial: bool) {
-        while !self.frames.is_full() {
-            let full = self.results.len() >= self.batch_max;
-            let any = !self.results.is_empty() || !self.gaps.is_empty();
-            if !(full || (partial && any)) {
+    /// Writes the spool (one write), then drops the oldest records not in a frame while the
+    /// spool holds more than `spool_max_bytes`. Does nothing without a spool.
+    pub fn flush_spool(&mut self) {
+        let Some(s) = &mut self.spool else { return };
+        if let Err(e) = s.flush() {
+            self.stats.spool_write_errors += 1;
+            tracing::error!(error = %e, "spool write failed; retried at the next flush");
+        }
+        loop {
+            let Some(s) = &mut self.spool else { return };
+            if s.live_bytes() <= s.max_bytes() {
                 return;
             }
-            let n = self.results.len().min(self.batch_max);
-            let mut batch = Batch {
-                boot_id: self.boot_id,
-                results: heapless::Vec::new(),
-                gaps: heapless::Vec::new(),
+            let limit = match self.results.front() {
+                Some(c) => c.pos,
+                None => s.tail(),
             };
-            for r in self.results.drain(..n) {
-                // Cannot fail: n <= batch_max <= MAX_RESULTS.
-                let _ = batch.results.push(r);
+            if let Some(r) = s.read_next(self.disk_next, limit) {
+                s.dropped(r.pos, r.bytes);
+                self.disk_next = r.pos + 1;
+                self.record_drop(r.boot_id, &r.result);
+            } else if let Some(c) = self.results.pop_front() {
+                self.drop_cached(c);
+            } else {
+                // Everything left is in frames: those are never dropped.
+                return;
             }
-            while batch.gaps.len() < MAX_GAPS {
-                match self.gaps.pop_front() {
-                    Some(g) => {
-                        let _ = batch.gaps.push(g);
-                    }
-                    None => break,
-                }
-            }
-            let mut bytes = heapless::Vec::new();
-            // Cannot fail: a full buffer of MAX_FRAME_LEN holds any batch (proto's bound).
-            let _ = bytes.resize_default(MAX_FRAME_LEN);
-            let len = match vantage_proto::encode(&batch, &mut bytes) {
-                Ok(frame) => frame.len(),
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot encode batch, dropping it");
-                    self.stats.undelivered += n as u64;
-                    continue;
-                }
-            };
-            bytes.truncate(len);
-            self.stats.frames += 1;
-            // Cannot fail: checked `is_full` above.
-            let _ = self.frames.push_back(Frame { bytes, results: n });
         }
+    }
+
+    /// Encodes buffered results into frames while there is room: records read back from disk
+    /// first, then every full batch of the cache, and when `partial` also a last partial one
+    /// (or a frame with only gap records). With a spool, only results already written are
+    /// sealed (it is flushed first when needed).
+    pub fn seal(&mut self, partial: bool) {
+        if self.spool.as_ref().is_some_and(|s| s.dirty()) {
+            let written = self.spool.as_ref().map_or(0, |s| s.written());
+            let written_cached = self.results.partition_point(|c| c.pos < written);
+            // Flush when a frame would need unwritten results (and at every partial seal: the
+            // flush tick, which also persists acknowledgements).
+            if partial || (written_cached < self.batch_max && self.results.len() >= self.batch_max)
+            {
+                self.flush_spool();
+            }
+        }
+        while !self.frames.is_full() {
+            if self.seal_from_disk() {
+                continue;
+            }
+            // Gaps of earlier boots whose records are all in frames: gap-only frames.
+            if let Some(boot) = self
+                .gaps
+                .iter()
+                .map(|(b, _)| *b)
+                .find(|b| *b != self.boot_id)
+            {
+                self.push_frame(boot, heapless::Vec::new(), None, 0);
+                continue;
+            }
+            let written = self.spool.as_ref().map_or(u64::MAX, |s| s.written());
+            let ready = self
+                .results
+                .iter()
+                .take(self.batch_max)
+                .take_while(|c| self.spool.is_none() || c.pos < written)
+                .count();
+            let full = ready >= self.batch_max;
+            let current_gaps = self.gaps.iter().any(|(b, _)| *b == self.boot_id);
+            if !(full || (partial && (ready > 0 || current_gaps))) {
+                return;
+            }
+            let mut results = heapless::Vec::new();
+            let mut bytes = 0;
+            let mut end = None;
+            for c in self.results.drain(..ready) {
+                // Cannot fail: ready <= batch_max <= MAX_RESULTS.
+                let _ = results.push(c.result);
+                bytes += c.bytes;
+                end = Some(c.pos + 1);
+            }
+            if let Some(end) = end {
+                if self.spool.is_some() {
+                    self.disk_next = self.disk_next.max(end);
+                }
+            }
+            self.push_frame(self.boot_id, results, end, bytes);
+        }
+    }
+
+    /// Seals one frame of records read back from the spool; false when there is none.
+    fn seal_from_disk(&mut self) -> bool {
+        let limit = self.cache_start();
+        let Some(s) = &mut self.spool else {
+            return false;
+        };
+        let Some(first) = s.peek(self.disk_next, limit) else {
+            return false;
+        };
+        let boot = first.boot_id;
+        let mut results = heapless::Vec::new();
+        let mut bytes = 0;
+        let mut end = first.pos;
+        while results.len() < self.batch_max {
+            match s.peek(self.disk_next, limit) {
+                Some(r) if r.boot_id == boot => {
+                    let _ = s.read_next(self.disk_next, limit);
+                    let _ = results.push(r.result);
+                    bytes += r.bytes;
+                    end = r.pos + 1;
+                    self.disk_next = end;
+                }
+                _ => break,
+            }
+        }
+        self.push_frame(boot, results, Some(end), bytes);
+        true
+    }
+
+    /// Encodes one frame of `boot`'s `results` with that boot's pending gaps (up to
+    /// [`MAX_GAPS`]).
+    fn push_frame(
+        &mut self,
+        boot: u64,
+        results: heapless::Vec<ProbeResult, { vantage_proto::MAX_RESULTS }>,
+        end: Option<u64>,
+        spool_bytes: u64,
+    ) {
+        let n = results.len();
+        let oldest_ms = results.iter().map(|r| r.started_at_ms).min();
+        let mut batch = Batch {
+            boot_id: boot,
+            results,
+            gaps: heapless::Vec::new(),
+        };
+        let mut frame_gaps = heapless::Vec::new();
+        let mut i = 0;
+        while batch.gaps.len() < MAX_GAPS && i < self.gaps.len() {
+            let mine = self.gaps.iter().nth(i).is_some_and(|(b, _)| *b == boot);
+            if !mine {
+                i += 1;
+                continue;
+            }
+            // Remove the i-th entry, keeping the order of the rest.
+            let mut kept: heapless::Deque<(u64, Gap), MAX_PENDING_GAPS> = heapless::Deque::new();
+            let mut taken = None;
+            for (j, g) in self.gaps.iter().enumerate() {
+                if j == i {
+                    taken = Some(*g);
+                } else {
+                    let _ = kept.push_back(*g);
+                }
+            }
+            self.gaps = kept;
+            if let Some((_, g)) = taken {
+                let _ = batch.gaps.push(g);
+                let _ = frame_gaps.push((boot, g.first_seq));
+            }
+        }
+        let mut bytes = heapless::Vec::new();
+        // Cannot fail: a full buffer of MAX_FRAME_LEN holds any batch (proto's bound).
+        let _ = bytes.resize_default(MAX_FRAME_LEN);
+        let len = match vantage_proto::encode(&batch, &mut bytes) {
+            Ok(frame) => frame.len(),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode batch, dropping it");
+                self.stats.undelivered += n as u64;
+                return;
+            }
+        };
+        bytes.truncate(len);
+        self.stats.frames += 1;
+        let end_pos = end.unwrap_or(self.disk_next.min(self.cache_start()));
+        // Cannot fail: callers check `is_full` first.
+        let _ = self.frames.push_back(Frame {
+            bytes,
+            results: n,
+            end_pos,
+            spool_bytes,
+            gaps: frame_gaps,
+            oldest_ms,
+        });
     }
 
     /// The next frame to hand to the MQTT client, if any is waiting.
@@ -246,14 +518,22 @@ impl Outbox {
         }
     }
 
-    /// The broker acknowledged the oldest `n` handed frames: they are durable, forget them.
+    /// The broker acknowledged the oldest `n` handed frames: they are durable, forget them
+    /// (and free their spool space, persisted at the next flush).
     pub fn acked(&mut self, n: u64) {
         for _ in 0..n {
             if self.handed == 0 {
                 tracing::warn!("PUBACK without a frame in flight, ignored");
                 return;
             }
-            self.frames.pop_front();
+            if let Some(f) = self.frames.pop_front() {
+                if let Some(s) = &mut self.spool {
+                    s.ack(f.end_pos, f.results as u64, f.spool_bytes);
+                    for &(boot, seq) in &f.gaps {
+                        s.gap_done(boot, seq);
+                    }
+                }
+            }
             self.handed -= 1;
             self.stats.frames_acked += 1;
         }
@@ -266,19 +546,68 @@ impl Outbox {
         self.stats.sessions_lost += 1;
     }
 
-    /// Results not yet acknowledged by the broker (buffered or in frames).
+    /// Results not yet acknowledged by the broker (in memory, in frames, or only on disk).
     pub fn pending_results(&self) -> usize {
-        self.results.len() + self.frames.iter().map(|f| f.results).sum::<usize>()
+        match &self.spool {
+            Some(s) => s.live_records() as usize,
+            None => self.results.len() + self.frames.iter().map(|f| f.results).sum::<usize>(),
+        }
     }
 
     /// Nothing left to deliver: no result, gap or frame waits.
     pub fn is_empty(&self) -> bool {
-        self.results.is_empty() && self.gaps.is_empty() && self.frames.is_empty()
+        self.results.is_empty()
+            && self.gaps.is_empty()
+            && self.frames.is_empty()
+            && self.spool.as_ref().is_none_or(|s| s.live_records() == 0)
     }
 
     pub fn stats(&self) -> &UplinkStats {
         &self.stats
     }
+
+    /// The spool's state for metrics (None without a spool).
+    pub fn spool_state(&mut self, now_ms: u64) -> Option<SpoolState> {
+        let oldest = self
+            .frames
+            .front()
+            .and_then(|f| f.oldest_ms)
+            .or_else(|| {
+                let limit = self.cache_start();
+                let from = self.disk_next;
+                self.spool
+                    .as_mut()
+                    .and_then(|s| s.peek(from, limit))
+                    .map(|r| r.result.started_at_ms)
+            })
+            .or_else(|| self.results.front().map(|c| c.result.started_at_ms));
+        let s = self.spool.as_ref()?;
+        Some(SpoolState {
+            live_bytes: s.live_bytes(),
+            max_bytes: s.max_bytes(),
+            disk_bytes: s.disk_bytes(),
+            segments: s.segments(),
+            oldest_unacked_age_ms: oldest.map(|t| now_ms.saturating_sub(t)),
+            io: s.stats().clone(),
+        })
+    }
+
+    /// The spool, for tests and the benchmark.
+    pub fn spool(&self) -> Option<&Spool> {
+        self.spool.as_ref()
+    }
+}
+
+/// The spool's figures at one moment (metrics).
+#[derive(Debug, Clone)]
+pub struct SpoolState {
+    pub live_bytes: u64,
+    pub max_bytes: u64,
+    pub disk_bytes: u64,
+    pub segments: usize,
+    /// Age of the oldest result not yet acknowledged (from its probe start).
+    pub oldest_unacked_age_ms: Option<u64>,
+    pub io: SpoolStats,
 }
 
 /// What the event-loop task tells the uplink loop.
@@ -407,11 +736,60 @@ pub async fn run(
     };
 
     let topic = config.results_topic();
-    let mut outbox = Outbox::new(
-        boot_id,
-        config.uplink.batch_max,
-        config.uplink.buffer_capacity,
-    );
+    let mut outbox = match config.spool_config() {
+        None => Outbox::new(
+            boot_id,
+            config.uplink.batch_max,
+            config.uplink.buffer_capacity,
+        ),
+        // Reading a spool of many megabytes takes a while on an SD card: off the runtime the
+        // probes share (they queue their results in the channel meanwhile).
+        Some(spool_config) => {
+            let dir = spool_config.dir.clone();
+            match tokio::task::spawn_blocking(move || Spool::open(spool_config)).await {
+                Ok(Ok((spool, replay))) => {
+                    if replay.records > 0 || replay.lost > 0 || !replay.gaps.is_empty() {
+                        tracing::info!(
+                            dir = %dir.display(),
+                            records = replay.records,
+                            lost = replay.lost,
+                            gaps = replay.gaps.len(),
+                            corrupt = replay.corrupt,
+                            "spool replayed: sending results of earlier boots first"
+                        );
+                    }
+                    if replay.lost > 0 {
+                        tracing::warn!(
+                            lost = replay.lost,
+                            "spool had a torn or corrupt tail (power cut?); its lost results are reported as a gap"
+                        );
+                    }
+                    Outbox::with_spool(
+                        boot_id,
+                        config.uplink.batch_max,
+                        config.uplink.buffer_capacity,
+                        spool,
+                        &replay,
+                    )
+                }
+                failed => {
+                    let error = match failed {
+                        Ok(Err(e)) => e.to_string(),
+                        Err(e) => e.to_string(),
+                        Ok(Ok(_)) => String::new(),
+                    };
+                    // The run already checked the directory (lib.rs); this is a disk gone bad
+                    // meanwhile. Results still flow, in memory only.
+                    tracing::error!(dir = %dir.display(), %error, "cannot open the spool; results are kept in memory only");
+                    Outbox::new(
+                        boot_id,
+                        config.uplink.batch_max,
+                        config.uplink.buffer_capacity,
+                    )
+                }
+            }
+        }
+    };
     let mut seen = Seen::default();
     let mut flush = tokio::time::interval(config.uplink.flush_interval);
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -497,7 +875,9 @@ pub async fn run(
             }
         }
         pump(&client, &topic, &link, &mut seen, &mut outbox);
+        let spool = outbox.spool_state(fleet::now_ms());
         crate::metrics::uplink(crate::metrics::UplinkSnapshot {
+            spool: spool.as_ref(),
             stats: outbox.stats(),
             buffered: outbox.pending_results(),
             capacity: config.uplink.buffer_capacity,
@@ -516,6 +896,8 @@ pub async fn run(
     while let Some(r) = results.recv().await {
         outbox.push(r);
     }
+    // What is still pending stays in the spool for the next start.
+    outbox.flush_spool();
 
     let mut stats = outbox.stats().clone();
     stats.undelivered += outbox.pending_results() as u64;
@@ -850,6 +1232,183 @@ mod tests {
         let b = hand_all(&mut o);
         assert_eq!(b[0].gaps.len(), 1);
         assert_eq!(seqs(&b), vec![1]);
+    }
+
+    fn spooled(name: &str, boot: u64, batch: usize, cache: usize, max_bytes: u64) -> Outbox {
+        let dir = crate::spool::tests::temp_dir(name);
+        reopen(&dir, boot, batch, cache, max_bytes)
+    }
+
+    fn reopen(dir: &std::path::Path, boot: u64, batch: usize, cache: usize, max: u64) -> Outbox {
+        let (spool, replay) = Spool::open(crate::spool::tests::config(dir, max)).unwrap();
+        Outbox::with_spool(boot, batch, cache, spool, &replay)
+    }
+
+    /// Delivers everything: seal, hand, acknowledge, until empty.
+    fn deliver_all(o: &mut Outbox) -> Vec<Batch> {
+        let mut out = Vec::new();
+        for _ in 0..10_000 {
+            o.seal(true);
+            let b = hand_all(o);
+            if b.is_empty() && o.is_empty() {
+                break;
+            }
+            let n = b.len() as u64;
+            out.extend(b);
+            o.acked(n);
+        }
+        out
+    }
+
+    fn gaps_of(batches: &[Batch]) -> Vec<(u64, Gap)> {
+        batches
+            .iter()
+            .flat_map(|b| b.gaps.iter().map(move |g| (b.boot_id, *g)))
+            .collect()
+    }
+
+    #[test]
+    fn spool_full_during_an_outage_drops_the_oldest_into_exactly_one_gap() {
+        // Room for about 40 results of ~55 bytes; the cache (10) in front of it.
+        let mut o = spooled("full", 1, 4, 10, 64 * 1024);
+        let per = {
+            let mut p = spooled("full-size", 2, 4, 10, 64 * 1024);
+            p.push(result(0));
+            p.spool().unwrap().live_bytes()
+        };
+        let room = 64 * 1024 / per;
+        let produced = 10 * room;
+        // Broker down: frames fill (16 × 4), everything else waits in the spool.
+        for i in 0..produced {
+            o.push(result(1000 + i));
+            o.seal(false);
+            if i % 50 == 49 {
+                o.seal(true); // the flush tick
+            }
+        }
+        o.seal(true);
+        let s = o.stats().clone();
+        assert!(s.dropped > 0 && s.dropped < produced, "{s:?}");
+        assert_eq!(s.gaps, 1, "one gap for one outage: {s:?}");
+        assert!(o.spool().unwrap().live_bytes() <= 64 * 1024);
+        // On disk too: segments of dropped records go although the first one (frames in
+        // flight) stays; at most the limit plus the current and the first segment.
+        let disk = o.spool().unwrap().disk_bytes();
+        assert!(
+            disk <= 64 * 1024 + 2 * crate::spool::segment_bytes(64 * 1024),
+            "{disk} bytes on disk"
+        );
+        assert!(o.spool().unwrap().stats().segments_deleted > 0);
+        // Broker back.
+        let batches = deliver_all(&mut o);
+        let delivered = seqs(&batches);
+        let gaps = gaps_of(&batches);
+        assert_eq!(gaps.len(), 1, "{gaps:?}");
+        let g = gaps[0].1;
+        assert_eq!(u64::from(g.count), s.dropped);
+        // The frames in flight (16, of up to 4: the flush ticks seal partial ones) went
+        // first; the gap covers the oldest results after them.
+        assert!(g.first_seq > MAX_FRAMES as u64 && g.first_seq <= MAX_FRAMES as u64 * 4);
+        assert_eq!(
+            delivered.iter().take_while(|&&q| q < g.first_seq).count() as u64,
+            g.first_seq
+        );
+        assert_eq!(delivered.len() as u64 + s.dropped, produced);
+        let mut all: Vec<u64> = delivered.clone();
+        all.extend(g.first_seq..g.first_seq + u64::from(g.count));
+        all.sort_unstable();
+        assert_eq!(all, (0..produced).collect::<Vec<_>>(), "each result once");
+        assert!(o.is_empty());
+    }
+
+    #[test]
+    fn a_full_cache_evicts_to_the_spool_without_losing_anything() {
+        let mut o = spooled("evict", 1, 8, 20, 1 << 20);
+        for i in 0..1000 {
+            o.push(result(i));
+            o.seal(false);
+            if i % 100 == 99 {
+                o.seal(true);
+            }
+        }
+        let s = o.stats().clone();
+        assert_eq!(s.dropped, 0, "{s:?}");
+        assert!(s.evicted > 800, "{s:?}");
+        let batches = deliver_all(&mut o);
+        assert_eq!(
+            seqs(&batches),
+            (0..1000).collect::<Vec<_>>(),
+            "all, in order"
+        );
+        assert!(gaps_of(&batches).is_empty());
+        assert!(o.spool().unwrap().stats().read_back > 800);
+    }
+
+    #[test]
+    fn a_restart_sends_the_earlier_boot_first_with_its_own_ids() {
+        let dir = crate::spool::tests::temp_dir("restart");
+        let mut o = reopen(&dir, 11, 8, 100, 1 << 20);
+        for i in 0..30 {
+            o.push(result(i));
+        }
+        o.seal(true); // written, frames sealed, broker down: nothing acknowledged
+        hand_all(&mut o);
+        o.acked(1); // only the first frame made it
+        o.flush_spool();
+        drop(o); // kill -9: no drain
+        let mut o = reopen(&dir, 12, 8, 100, 1 << 20);
+        assert_eq!(o.stats().replayed, 22);
+        for i in 0..5 {
+            o.push(result(100 + i));
+        }
+        let batches = deliver_all(&mut o);
+        let boots: Vec<(u64, Vec<u64>)> = batches
+            .iter()
+            .map(|b| (b.boot_id, b.results.iter().map(|r| r.seq).collect()))
+            .collect();
+        assert_eq!(
+            boots,
+            vec![
+                (11, (8..16).collect()),
+                (11, (16..24).collect()),
+                (11, (24..30).collect()),
+                (12, (0..5).collect()),
+            ]
+        );
+        o.flush_spool();
+        drop(o);
+        let o = reopen(&dir, 13, 8, 100, 1 << 20);
+        assert_eq!(o.stats().replayed, 0, "all acknowledged");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn gaps_of_an_earlier_boot_survive_a_restart_and_are_sent_once() {
+        let dir = crate::spool::tests::temp_dir("gap-restart");
+        let mut o = reopen(&dir, 21, 4, 4, 64 * 1024);
+        for i in 0..3000 {
+            o.push(result(i));
+            o.seal(false);
+            if i % 50 == 49 {
+                o.seal(true);
+            }
+        }
+        o.seal(true);
+        let dropped = o.stats().dropped;
+        assert!(dropped > 0);
+        o.flush_spool();
+        drop(o);
+        let mut o = reopen(&dir, 22, 4, 4, 64 * 1024);
+        let batches = deliver_all(&mut o);
+        let gaps = gaps_of(&batches);
+        assert_eq!(gaps.len(), 1, "{gaps:?}");
+        assert_eq!((gaps[0].0, u64::from(gaps[0].1.count)), (21, dropped));
+        assert_eq!(seqs(&batches).len() as u64 + dropped, 3000);
+        o.flush_spool();
+        drop(o);
+        let mut o = reopen(&dir, 23, 4, 4, 64 * 1024);
+        assert!(deliver_all(&mut o).is_empty(), "nothing sent twice");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

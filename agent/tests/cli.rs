@@ -436,3 +436,26 @@ fn url_credentials_are_basic_auth_and_never_printed() {
     assert!(stderr.contains("agent stopped"), "{stderr}");
     leaks("run log", &stderr);
 }
+
+/// A spool directory that cannot be created stops `run` at once with exit code 1, naming the
+/// directory and the way out (issue #18; docs/agent.md "The spool").
+#[test]
+fn run_refuses_a_spool_it_cannot_create() {
+    // Under a regular file: no directory can be made there, not even by root.
+    let blocker = write("not-a-dir", "a file");
+    let config = write(
+        "spool-blocked.toml",
+        &GOOD.replace(
+            "region = \"eu-north\"",
+            &format!(
+                "region = \"eu-north\"\nstate_dir = \"{}\"",
+                blocker.display()
+            ),
+        ),
+    );
+    let (code, _, stderr) = run_code(&["run", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("spool"), "{stderr}");
+    assert!(stderr.contains("not-a-dir"), "{stderr}");
+    assert!(stderr.contains("spool_max_bytes = 0"), "{stderr}");
+}

@@ -46,7 +46,14 @@ async fn stop_during_a_probe(answer_after: Option<Duration>) -> vantage_agent::R
          [mqtt]\nhost = \"127.0.0.1\"\nport = 1\n\
          [uplink]\ndrain_timeout = \"500ms\"\n\
          [[targets]]\nid = {id}\nurl = \"http://{addr}/\"\ninterval = \"20s\"\ntimeout = \"20s\"\n",
-        dir = std::env::temp_dir().display(),
+        // Its own state_dir (the spool lives there): the tests of this file run at once.
+        dir = std::env::temp_dir()
+            .join(format!(
+                "vantage-drain-{}-{}",
+                std::process::id(),
+                answer_after.map_or(0, |d| d.as_millis())
+            ))
+            .display(),
     );
     let config = vantage_agent::Config::parse(&text, Path::new("drain.toml")).unwrap();
     let shutdown = CancellationToken::new();

@@ -3,16 +3,19 @@
 
 use crate::harness::{write_file, Run};
 
-/// `agent_id`, `region` and the `[mqtt]` section for `run`'s broker: user `agent` with its
+/// `agent_id`, `region`, `state_dir` (the run's folder: the spool, `uplink.spool_max_bytes`,
+/// lives there, per agent id) and the `[mqtt]` section for `run`'s broker: user `agent` with its
 /// password in the run's `agent.pw` (written here), topics under the run's prefix. The caller
 /// appends `[uplink]`, `[[targets]]` and so on.
 pub fn agent_head(run: &Run, agent_id: &str, region: &str) -> String {
     let pw = run.dir.join("agent.pw");
     write_file(&pw, "agent-secret");
     format!(
-        "agent_id = \"{agent_id}\"\nregion = \"{region}\"\n\n[mqtt]\nhost = \"{host}\"\n\
+        "agent_id = \"{agent_id}\"\nregion = \"{region}\"\nstate_dir = \"{state_dir}\"\n\n\
+         [mqtt]\nhost = \"{host}\"\n\
          port = {port}\nusername = \"agent\"\npassword_file = \"{pw}\"\n\
          topic_prefix = \"{prefix}\"\n",
+        state_dir = run.dir.display(),
         host = run.services.mqtt_host,
         port = run.services.mqtt_port,
         pw = pw.display(),

@@ -39,6 +39,13 @@ pub struct LoadSpec {
     pub drain_timeout: Duration,
     /// OS threads (each a current-thread runtime) the agents are spread over.
     pub threads: usize,
+    /// `uplink.spool_max_bytes` of each agent (default 0: no spool, memory only, as the ingest
+    /// benchmark has always measured).
+    pub spool_max_bytes: u64,
+    /// `uplink.spool_fsync`.
+    pub spool_fsync: vantage_agent::spool::FsyncPolicy,
+    /// The agents' `state_dir` (their spools are `state_dir/spool/<agent_id>`).
+    pub state_dir: std::path::PathBuf,
 }
 
 impl LoadSpec {
@@ -60,6 +67,9 @@ impl LoadSpec {
             buffer_capacity: 100_000,
             drain_timeout: Duration::from_secs(120),
             threads: 1,
+            spool_max_bytes: 0,
+            spool_fsync: vantage_agent::spool::FsyncPolicy::Always,
+            state_dir: std::env::temp_dir(),
         }
     }
 
@@ -90,12 +100,14 @@ impl LoadSpec {
                 flush_interval: self.flush_interval,
                 buffer_capacity: self.buffer_capacity,
                 drain_timeout: self.drain_timeout,
+                spool_max_bytes: self.spool_max_bytes,
+                spool_fsync: self.spool_fsync,
             },
             max_concurrency: Some(1),
             memory_budget: vantage_agent::budget::DEFAULT_MEMORY_BUDGET,
             metrics_listen: None,
             heartbeat_interval: Duration::from_secs(30),
-            state_dir: std::env::temp_dir(),
+            state_dir: self.state_dir.clone(),
             // Synthetic results: no target sets to follow.
             targets_source: vantage_agent::TargetsSource::Local,
             address_policy: Default::default(),
