@@ -168,7 +168,7 @@ fn decoding_is_total() {
             }
         }
     }
-    // Random and coverage-guided inputs: the fuzz targets in tests/fuzz.rs.
+    // Random and coverage-guided inputs: the fuzz targets in fuzz/tests/decoders.rs.
     assert_eq!(decode_status(&[]), Err(Error::Empty));
     assert_eq!(decode_status(&[9]), Err(Error::UnknownVersion(9)));
     assert!(matches!(

@@ -351,7 +351,7 @@ fn bad_frames_are_errors() {
 
 /// Every truncation of the golden frames and every byte of them set to a few telling values
 /// decodes or fails cleanly. Random and coverage-guided inputs: the fuzz targets in
-/// `tests/fuzz.rs`.
+/// `fuzz/tests/decoders.rs`.
 #[test]
 fn decode_is_total_on_mutated_golden_frames() {
     for golden in [GOLDEN_V1, GOLDEN_V2] {

@@ -2,8 +2,8 @@
 //! never a panic, and whatever decodes re-encodes to bytes that decode to the same value.
 //!
 //! With bolero (https://github.com/camshaft/bolero) the same targets run two ways:
-//! - `cargo test -p vantage-proto --test fuzz` (stable, part of `make test`): bolero's random
-//!   engine, a few thousand inputs per target, plus the golden frames as seeds;
+//! - `cargo test -p vantage-fuzz` (stable, part of `make test`): bolero's random
+//!   engine, a few thousand random inputs per target;
 //! - `make fuzz` (cargo-bolero, libFuzzer, coverage-guided, on the stable toolchain; `tests/fuzz`):
 //!   a short run in `make test`, the long one with `FUZZ_RUNS=10000000 make fuzz`; figures in
 //!   target/bench/fuzz.txt.
