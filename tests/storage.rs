@@ -1092,3 +1092,168 @@ async fn migration_from_0008_moves_data_in_batches() {
     );
     s.drop().await;
 }
+
+/// Issue #15, item 3: the real functions read only what their window needs (EXPLAIN ANALYZE of
+/// the calls themselves, so partitions pruned at run time by the watermark do not show):
+/// `region_comparison` over 24 h reads hourly rollups and raw rows from the watermark on only,
+/// over 30 days daily rollups (never the hourly ones); one target is read by index;
+/// `latest_status` and `failing_targets` read `latest_results` and the pending writes, never
+/// the history.
+#[tokio::test]
+async fn explain_functions_read_only_their_window() {
+    let s = Schema::new("window").await;
+    let mut writer = db::connect_writer(&s.config).await.unwrap();
+    let now = now_ms();
+    // Three days of 20 targets × 3 regions every 5 minutes (51,840 results).
+    let mut rows = Vec::new();
+    let mut seq = 0;
+    for step in 0..864u64 {
+        for target in 0..20u32 {
+            for region in ["a", "b", "c"] {
+                let outcome = if seq % 13 == 0 {
+                    Outcome::Timeout
+                } else {
+                    Outcome::Up
+                };
+                rows.push(row(
+                    seq,
+                    target,
+                    region,
+                    now - step * 300_000 - u64::from(target),
+                    1000 + (seq % 900) as u32,
+                    outcome,
+                ));
+                seq += 1;
+            }
+        }
+    }
+    for chunk in rows.chunks(5_000) {
+        db::write_batch(&mut writer, chunk, &[]).await.unwrap();
+    }
+    round(&s).await;
+    // Writes after the round: pending again.
+    db::write_batch(&mut writer, &rows[..600], &[])
+        .await
+        .unwrap();
+    s.client.batch_execute("ANALYZE").await.unwrap();
+    let wm_day: String = s
+        .client
+        .query_one(
+            "SELECT to_char(hour_through AT TIME ZONE 'UTC', 'YYYYMMDD') FROM rollup_state",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let plan = |sql: String| {
+        let client = &s.client;
+        async move {
+            client
+                .query(
+                    &format!("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) {sql}"),
+                    &[],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect::<Vec<_>>()
+                .join("\n")
+        }
+    };
+    // Raw partitions a plan scans, with whether each scan used an index.
+    let raw_scans = |p: &str| -> Vec<(String, bool)> {
+        p.lines()
+            .filter_map(|l| {
+                let at = l.find(" on results_p")?;
+                let day = l[at + " on results_p".len()..].get(..8)?.to_owned();
+                Some((day, !l.contains("Seq Scan")))
+            })
+            .collect()
+    };
+    for (since, target) in [
+        ("24 hours", Some(3)),
+        ("24 hours", None),
+        ("30 days", Some(3)),
+        ("30 days", None),
+    ] {
+        let call = match target {
+            Some(t) => format!("SELECT * FROM region_comparison(interval '{since}', {t})"),
+            None => format!("SELECT * FROM region_comparison(interval '{since}')"),
+        };
+        let p = plan(call.clone()).await;
+        println!("{call}:\n{p}\n");
+        assert!(
+            !p.contains("Function Scan on region_comparison"),
+            "not inlined: {p}"
+        );
+        // Raw rows: only from the watermark's day on (the hours before are rollups).
+        for (day, _) in raw_scans(&p) {
+            assert!(day >= wm_day, "{call} read raw rows of {day}:\n{p}");
+        }
+        if since == "24 hours" {
+            assert!(!p.contains("rollup_1d"), "{call} read daily rollups:\n{p}");
+            assert!(p.contains("rollup_1h_p"), "{call}:\n{p}");
+        } else {
+            assert!(!p.contains("rollup_1h"), "{call} read hourly rollups:\n{p}");
+            assert!(p.contains("rollup_1d_p"), "{call}:\n{p}");
+        }
+        if target.is_some() {
+            // One target: by index, in every table that holds rows.
+            for (day, indexed) in raw_scans(&p) {
+                assert!(
+                    indexed || day > wm_day,
+                    "{call}: partition {day} read without an index:\n{p}"
+                );
+            }
+            assert!(
+                !p.contains("Seq Scan on rollup_1h_p") && !p.contains("Seq Scan on rollup_1d_p"),
+                "{call}:\n{p}"
+            );
+        }
+        // Same answer as from raw rows, within the histogram bound (probes exactly).
+        let probes: i64 = s
+            .client
+            .query_one(&format!("SELECT sum(probes)::int8 FROM ({call}) AS x"), &[])
+            .await
+            .unwrap()
+            .get(0);
+        let start = if since == "24 hours" {
+            "date_trunc('hour', now() - interval '24 hours', 'UTC')"
+        } else {
+            "date_trunc('day', now() - interval '30 days', 'UTC')"
+        };
+        let raw: i64 = s
+            .scalar_i64(&format!(
+                "SELECT count(*) FROM results WHERE started_at >= {start} {}",
+                target
+                    .map(|t| format!("AND target_id = {t}"))
+                    .unwrap_or_default()
+            ))
+            .await;
+        assert_eq!(probes, raw, "{call}");
+    }
+    for call in [
+        "SELECT * FROM latest_status",
+        "SELECT * FROM failing_targets(1, interval '1 hour')",
+        "SELECT * FROM cert_expiry",
+    ] {
+        let p = plan(call.to_owned()).await;
+        println!("{call}:\n{p}\n");
+        assert!(
+            p.contains("on latest_results") && p.contains("on rollup_pending d"),
+            "{call}:\n{p}"
+        );
+        for (day, indexed) in raw_scans(&p) {
+            assert!(
+                indexed || day > wm_day,
+                "{call}: partition {day} read without an index:\n{p}"
+            );
+        }
+    }
+    let failing = s
+        .scalar_i64("SELECT count(*) FROM failing_targets(1, interval '1 day')")
+        .await;
+    assert!(failing > 0);
+    s.drop().await;
+}
