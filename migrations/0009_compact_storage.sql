@@ -154,8 +154,10 @@ CREATE TABLE results_raw (
     body_truncated  boolean     NOT NULL DEFAULT false,
     remote_ip       inet
 ) PARTITION BY RANGE (started_at);
--- The natural key (a replay conflicts and is skipped), plus the partition column.
-ALTER TABLE results_raw ADD PRIMARY KEY (agent_id, boot_id, seq, started_at);
+-- The natural key (a replay conflicts and is skipped) with the partition column first: rows
+-- arrive in time order, so the index grows at its right edge and its pages stay full (with the
+-- agent first it grew at one place per agent, and split pages stayed half empty).
+ALTER TABLE results_raw ADD PRIMARY KEY (started_at, agent_id, boot_id, seq);
 -- One target over a window (the rollup round, raw reads of the SQL interface, latest lookups).
 CREATE INDEX results_raw_target_time ON results_raw (target_id, started_at);
 CREATE TABLE results_default PARTITION OF results_raw DEFAULT;
@@ -289,27 +291,29 @@ CREATE FUNCTION vantage_agg_sql(unit text, source text, filter text DEFAULT 'tru
 CREATE FUNCTION vantage_merge_sql(unit text, source text) RETURNS text
     LANGUAGE sql IMMUTABLE
     RETURN format($q$
-    WITH s AS MATERIALIZED (SELECT target_id, region_id, date_trunc(%1$L, bucket, 'UTC') AS bucket,
+    WITH s AS MATERIALIZED (SELECT sign, target_id, region_id, date_trunc(%1$L, bucket, 'UTC') AS bucket,
                                    probes, up, outcomes, total_hist, dns_hist, connect_hist,
                                    tls_hist, ttfb_hist, transfer_hist FROM %2$s),
     counts AS (
-        SELECT target_id, region_id, bucket, sum(probes)::integer AS probes, sum(up)::integer AS up
+        SELECT target_id, region_id, bucket, sum(sign * probes)::integer AS probes,
+               sum(sign * up)::integer AS up
           FROM s GROUP BY 1, 2, 3
     ), mix AS (
         SELECT target_id, region_id, bucket, jsonb_object_agg(k, n) AS outcomes
-          FROM (SELECT s.target_id, s.region_id, s.bucket, e.k, sum(e.n) AS n
-                  FROM s CROSS JOIN LATERAL vantage_count_entries(s.outcomes) AS e
-                 GROUP BY 1, 2, 3, 4) AS o
+          FROM (SELECT s.target_id, s.region_id, s.bucket, e.key AS k, sum(s.sign * e.value::bigint) AS n
+                  FROM s CROSS JOIN LATERAL jsonb_each_text(s.outcomes) AS e
+                 GROUP BY 1, 2, 3, 4 HAVING sum(s.sign * e.value::bigint) <> 0) AS o
          GROUP BY 1, 2, 3
     ), hist AS (
         SELECT target_id, region_id, bucket, phase,
                array_agg(vantage_hist_entry(b, n) ORDER BY b) AS h
-          FROM (SELECT s.target_id, s.region_id, s.bucket, p.phase, e.bucket AS b, sum(e.n)::int8 AS n
+          FROM (SELECT s.target_id, s.region_id, s.bucket, p.phase, e.bucket AS b,
+                       sum(s.sign * e.n)::int8 AS n
                   FROM s CROSS JOIN LATERAL (VALUES (1, s.total_hist), (2, s.dns_hist),
                                                     (3, s.connect_hist), (4, s.tls_hist),
                                                     (5, s.ttfb_hist), (6, s.transfer_hist)) AS p(phase, h)
                   CROSS JOIN LATERAL vantage_hist_entries(p.h) AS e
-                 GROUP BY 1, 2, 3, 4, 5) AS x
+                 GROUP BY 1, 2, 3, 4, 5 HAVING sum(s.sign * e.n) <> 0) AS x
          GROUP BY 1, 2, 3, 4
     )
     SELECT c.target_id, c.region_id, c.bucket, c.probes, c.up, coalesce(m.outcomes, '{}'),
@@ -324,6 +328,15 @@ CREATE FUNCTION vantage_merge_sql(unit text, source text) RETURNS text
       LEFT JOIN hist AS h USING (target_id, region_id, bucket)
      GROUP BY c.target_id, c.region_id, c.bucket, c.probes, c.up, m.outcomes
     $q$, unit, source);
+
+-- The upsert clause of the rollup tables: a row of a bucket is replaced, never added to.
+CREATE FUNCTION vantage_upsert_sql() RETURNS text
+    LANGUAGE sql IMMUTABLE
+    RETURN 'ON CONFLICT (target_id, bucket, region_id) DO UPDATE SET
+                probes = excluded.probes, up = excluded.up, outcomes = excluded.outcomes,
+                total_hist = excluded.total_hist, dns_hist = excluded.dns_hist,
+                connect_hist = excluded.connect_hist, tls_hist = excluded.tls_hist,
+                ttfb_hist = excluded.ttfb_hist, transfer_hist = excluded.transfer_hist';
 
 -- The rollup round -----------------------------------------------------------------------------------
 -- Consumes the pending rows, materialises the hours that ended at least `grace` ago (and
@@ -366,68 +379,57 @@ BEGIN
     d_t := coalesce(d_t, '{}');
     d_h := coalesce(d_h, '{}');
 
-    -- 2. Hours between the watermarks, every target; then the late buckets below the old one.
-    EXECUTE format(
-        'INSERT INTO rollup_1h_data AS x (target_id, region_id, bucket, probes, up, outcomes,
-                                          total_hist, dns_hist, connect_hist, tls_hist, ttfb_hist,
-                                          transfer_hist) %s
-         ON CONFLICT (target_id, bucket, region_id) DO UPDATE SET
-             probes = excluded.probes, up = excluded.up, outcomes = excluded.outcomes,
-             total_hist = excluded.total_hist, dns_hist = excluded.dns_hist,
-             connect_hist = excluded.connect_hist, tls_hist = excluded.tls_hist,
-             ttfb_hist = excluded.ttfb_hist, transfer_hist = excluded.transfer_hist',
-        vantage_agg_sql('hour', 'results_raw AS r', 'r.started_at >= $1 AND r.started_at < $2'))
-        USING w_old, w_new;
-    GET DIAGNOSTICS hours = ROW_COUNT;
-    late_hours := 0;
-    IF cardinality(d_t) > 0 THEN
-        EXECUTE format(
-            'INSERT INTO rollup_1h_data AS x (target_id, region_id, bucket, probes, up, outcomes,
-                                              total_hist, dns_hist, connect_hist, tls_hist,
-                                              ttfb_hist, transfer_hist) %s
-             ON CONFLICT (target_id, bucket, region_id) DO UPDATE SET
-                 probes = excluded.probes, up = excluded.up, outcomes = excluded.outcomes,
-                 total_hist = excluded.total_hist, dns_hist = excluded.dns_hist,
-                 connect_hist = excluded.connect_hist, tls_hist = excluded.tls_hist,
-                 ttfb_hist = excluded.ttfb_hist, transfer_hist = excluded.transfer_hist',
-            vantage_agg_sql('hour',
-                'unnest($1, $2) AS k(t, h) JOIN results_raw AS r ON r.target_id = k.t
-                   AND r.started_at >= k.h AND r.started_at < k.h + interval ''1 hour'''))
-            USING d_t, d_h;
-        GET DIAGNOSTICS late_hours = ROW_COUNT;
-    END IF;
-
-    -- 3. Days: those with late hours recomputed from all their hours; the others add the hours
-    --    that just closed to their row.
-    EXECUTE format(
-        'WITH full_days AS (SELECT DISTINCT t, date_trunc(''day'', h, ''UTC'') AS d FROM unnest($1, $2) AS k(t, h)),
-              src AS (
-                SELECT h.* FROM rollup_1h_data AS h JOIN full_days AS f
-                    ON h.target_id = f.t AND h.bucket >= f.d AND h.bucket < f.d + interval ''1 day''
-                 WHERE h.bucket < $4
-                UNION ALL
-                SELECT h.* FROM rollup_1h_data AS h
-                 WHERE h.bucket >= $3 AND h.bucket < $4
-                   AND NOT EXISTS (SELECT 1 FROM full_days AS f WHERE f.t = h.target_id
-                                      AND f.d = date_trunc(''day'', h.bucket, ''UTC''))
-                UNION ALL
-                SELECT d.* FROM rollup_1d_data AS d
-                 WHERE d.bucket >= date_trunc(''day'', $3, ''UTC'') AND d.bucket < $4
-                   AND EXISTS (SELECT 1 FROM rollup_1h_data AS h
-                                WHERE h.target_id = d.target_id AND h.bucket >= $3 AND h.bucket < $4
-                                  AND date_trunc(''day'', h.bucket, ''UTC'') = d.bucket)
-                   AND NOT EXISTS (SELECT 1 FROM full_days AS f WHERE f.t = d.target_id AND f.d = d.bucket))
-         INSERT INTO rollup_1d_data AS x (target_id, region_id, bucket, probes, up, outcomes,
-                                          total_hist, dns_hist, connect_hist, tls_hist, ttfb_hist,
-                                          transfer_hist) %s
-         ON CONFLICT (target_id, bucket, region_id) DO UPDATE SET
-             probes = excluded.probes, up = excluded.up, outcomes = excluded.outcomes,
-             total_hist = excluded.total_hist, dns_hist = excluded.dns_hist,
-             connect_hist = excluded.connect_hist, tls_hist = excluded.tls_hist,
-             ttfb_hist = excluded.ttfb_hist, transfer_hist = excluded.transfer_hist',
+    -- 2. One statement: the hours between the watermarks (every target) and the late buckets
+    --    below the old one, recounted from raw rows (`new`); they replace their hourly rows, and
+    --    each day they belong to becomes its row + the new hours − the rows they replace (exact:
+    --    counts and histogram entries subtract). A day row stays the sum of its materialised
+    --    hours without reading the other hours of the day.
+    PERFORM set_config('jit', 'off', true);
+    EXECUTE format($q$
+        WITH new AS MATERIALIZED (%1$s),
+        old AS MATERIALIZED (
+            SELECT -1 AS sign, h.* FROM rollup_1h_data AS h
+              JOIN new AS n ON n.target_id = h.target_id AND n.bucket = h.bucket AND n.region_id = h.region_id
+             WHERE h.bucket < $1),
+        hours_up AS (
+            INSERT INTO rollup_1h_data AS x (target_id, region_id, bucket, probes, up, outcomes,
+                                             total_hist, dns_hist, connect_hist, tls_hist,
+                                             ttfb_hist, transfer_hist)
+            SELECT * FROM new %2$s
+            RETURNING x.bucket),
+        day_keys AS (SELECT DISTINCT target_id, region_id, date_trunc('day', bucket, 'UTC') AS d FROM new),
+        src AS (
+            SELECT 1 AS sign, d.bucket, d.target_id, d.probes, d.up, d.region_id, d.outcomes,
+                   d.total_hist, d.dns_hist, d.connect_hist, d.tls_hist, d.ttfb_hist, d.transfer_hist
+              FROM rollup_1d_data AS d
+              JOIN day_keys AS k ON k.target_id = d.target_id AND k.region_id = d.region_id AND k.d = d.bucket
+            UNION ALL
+            SELECT 1, n.bucket, n.target_id, n.probes, n.up, n.region_id, n.outcomes, n.total_hist,
+                   n.dns_hist, n.connect_hist, n.tls_hist, n.ttfb_hist, n.transfer_hist FROM new AS n
+            UNION ALL
+            SELECT o.sign, o.bucket, o.target_id, o.probes, o.up, o.region_id, o.outcomes,
+                   o.total_hist, o.dns_hist, o.connect_hist, o.tls_hist, o.ttfb_hist, o.transfer_hist
+              FROM old AS o),
+        days_up AS (
+            INSERT INTO rollup_1d_data AS x (target_id, region_id, bucket, probes, up, outcomes,
+                                             total_hist, dns_hist, connect_hist, tls_hist,
+                                             ttfb_hist, transfer_hist)
+            %3$s %2$s
+            RETURNING 1)
+        SELECT (SELECT count(*) FILTER (WHERE bucket >= $1) FROM hours_up),
+               (SELECT count(*) FILTER (WHERE bucket < $1) FROM hours_up),
+               (SELECT count(*) FROM days_up)
+        $q$,
+        vantage_agg_sql('hour',
+            '(SELECT r.* FROM results_raw AS r WHERE r.started_at >= $1 AND r.started_at < $2
+              UNION ALL
+              SELECT r.* FROM unnest($3::integer[], $4::timestamptz[]) AS k(t, h)
+                JOIN results_raw AS r ON r.target_id = k.t AND r.started_at >= k.h
+                                     AND r.started_at < k.h + interval ''1 hour'') AS r'),
+        vantage_upsert_sql(),
         vantage_merge_sql('day', 'src'))
-        USING d_t, d_h, w_old, w_new;
-    GET DIAGNOSTICS days = ROW_COUNT;
+        USING w_old, w_new, d_t, d_h
+        INTO hours, late_hours, days;
 
     -- 4. Latest result per target and region.
     latest := 0;
@@ -672,6 +674,7 @@ CREATE OR REPLACE FUNCTION region_comparison(since interval, target integer DEFA
           FROM (SELECT target_id, region_id, k, sum(n) AS n
                   FROM (SELECT target_id, region_id, e.k, e.n
                           FROM rolled CROSS JOIN LATERAL vantage_count_entries(outcomes) AS e
+                         WHERE rolled.up < rolled.probes   -- rows with an error only
                         UNION ALL
                         SELECT raw.target_id, raw.region_id, o.outcome, raw.n
                           FROM raw JOIN outcomes AS o USING (outcome_id)) AS x
@@ -944,7 +947,7 @@ BEGIN
         IF b0 IS NOT NULL THEN
             EXECUTE format(
                 'WITH moved AS (DELETE FROM rollup_1h_v8 WHERE bucket >= $1 AND bucket < $2 RETURNING *),
-                 src AS (SELECT m.*, g.region_id FROM moved AS m JOIN regions AS g USING (region))
+                 src AS (SELECT 1 AS sign, m.*, g.region_id FROM moved AS m JOIN regions AS g USING (region))
                  INSERT INTO rollup_1h_data (target_id, region_id, bucket, probes, up, outcomes,
                                              total_hist, dns_hist, connect_hist, tls_hist,
                                              ttfb_hist, transfer_hist) %s',
@@ -961,7 +964,7 @@ BEGIN
         IF b0 IS NOT NULL THEN
             EXECUTE format(
                 'WITH moved AS (DELETE FROM rollup_1d_v8 WHERE bucket >= $1 AND bucket < $2 RETURNING *),
-                 src AS (SELECT m.*, g.region_id FROM moved AS m JOIN regions AS g USING (region))
+                 src AS (SELECT 1 AS sign, m.*, g.region_id FROM moved AS m JOIN regions AS g USING (region))
                  INSERT INTO rollup_1d_data (target_id, region_id, bucket, probes, up, outcomes,
                                              total_hist, dns_hist, connect_hist, tls_hist,
                                              ttfb_hist, transfer_hist) %s',
