@@ -446,8 +446,9 @@ async fn psql_copy(run: &Run) -> anyhow::Result<(u64, f64)> {
         .output()?;
     let secs = t0.elapsed().as_secs_f64();
     anyhow::ensure!(out.status.success(), "psql \\copy failed: {out:?}");
+    // results_raw itself: the `results` view joins dimension rows this schema does not have.
     let n: i64 = client
-        .query_one("SELECT count(*) FROM results", &[])
+        .query_one("SELECT count(*) FROM results_raw", &[])
         .await?
         .get(0);
     drop(client);
