@@ -31,6 +31,10 @@ impl Schema {
             .await
             .expect("PostgreSQL must be running");
         db::migrate(&mut client, &config.schema).await.unwrap();
+        // The (empty) pre-0009 tables are gone after the sink's first upkeep.
+        vantage_ingester::storage::migrate_v8(&client, 50_000, Duration::from_secs(60))
+            .await
+            .unwrap();
         Schema { config, client }
     }
 
@@ -68,7 +72,7 @@ impl Schema {
     async fn partition_of(&self, seq: i64) -> String {
         self.client
             .query_one(
-                "SELECT tableoid::regclass::text FROM results WHERE seq = $1",
+                "SELECT tableoid::regclass::text FROM results_raw WHERE seq = $1",
                 &[&seq],
             )
             .await
@@ -163,37 +167,35 @@ async fn rows_at_day_month_and_leap_day_boundaries_land_in_their_partitions() {
         s.scalar_i64("SELECT count(*) FROM results_default").await,
         0
     );
-    // Rollups followed: 1-minute buckets in daily partitions, 1-hour buckets in monthly ones.
-    let rollup_parts: Vec<String> = s
-        .client
-        .query(
-            "SELECT DISTINCT tableoid::regclass::text FROM rollup_1h ORDER BY 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert_eq!(
-        rollup_parts,
-        [
-            "rollup_1h_p202802",
-            "rollup_1h_p202803",
-            "rollup_1h_p202812",
-            "rollup_1h_p202901"
-        ]
-    );
+    // Rollups follow the UTC boundaries: 1-minute, hourly and daily buckets of these rows.
+    round(&s).await;
     assert_eq!(
         s.scalar_i64("SELECT sum(probes)::int8 FROM rollup_1m")
             .await,
         7
     );
     assert_eq!(
-        s.scalar_i64("SELECT count(*) FROM rollup_1m_default").await,
-        0
+        s.scalar_i64("SELECT count(DISTINCT bucket) FROM rollup_1h")
+            .await,
+        7
+    );
+    assert_eq!(
+        s.scalar_i64(
+            "SELECT sum(probes)::int8 FROM rollup_1d WHERE bucket = '2028-02-29 00:00:00+00'"
+        )
+        .await,
+        3
     );
     s.drop().await;
+}
+
+/// One rollup round, which must not be skipped (no other round runs on a test's schema).
+async fn round(s: &Schema) -> vantage_ingester::storage::Round {
+    let r = vantage_ingester::storage::rollup_round(&s.client)
+        .await
+        .unwrap();
+    assert!(!r.skipped);
+    r
 }
 
 #[tokio::test]
@@ -204,7 +206,8 @@ async fn partitions_exist_ahead_of_time() {
         .scalar_i64(
             "SELECT count(*) FROM generate_series(0, 7) AS d
               WHERE to_regclass('results_p' || to_char((now() AT TIME ZONE 'UTC')::date + d, 'YYYYMMDD')) IS NULL
-                 OR to_regclass('rollup_1m_p' || to_char((now() AT TIME ZONE 'UTC')::date + d, 'YYYYMMDD')) IS NULL",
+                 OR to_regclass('rollup_1h_p' || to_char((now() AT TIME ZONE 'UTC')::date + d, 'YYYYMM')) IS NULL
+                 OR to_regclass('rollup_1d_p' || to_char((now() AT TIME ZONE 'UTC')::date + d, 'YYYYMM')) IS NULL",
         )
         .await;
     assert_eq!(missing, 0);
@@ -240,14 +243,12 @@ async fn retention_drops_exactly_the_expired_days() {
         s.scalar_i64("SELECT count(*) FROM results_default").await,
         0
     );
-    let dropped = vantage_ingester::storage::apply_retention(
-        &s.client,
-        Duration::from_secs(30 * 86_400),
-        Duration::from_secs(400 * 86_400),
-        false,
-    )
-    .await
-    .unwrap();
+    // The rollup round materialises the hours before raw rows go (upkeep runs it first).
+    round(&s).await;
+    let dropped =
+        vantage_ingester::storage::apply_retention(&s.client, &StorageConfig::default(), false)
+            .await
+            .unwrap();
     // A daily partition goes when its whole day ended at or before now() - 30 days.
     let expected: Vec<String> = s
         .client
@@ -291,6 +292,63 @@ async fn retention_drops_exactly_the_expired_days() {
     s.drop().await;
 }
 
+/// Buckets of `rollup_1m`, `rollup_1h` and `rollup_1d` (summed by bucket, as docs/sql.md asks)
+/// that differ from a recount of the raw rows, and (target, region) pairs whose latest status is
+/// not the newest raw row: (level, mismatches) for each.
+async fn recount(s: &Schema) -> Vec<(&'static str, i64)> {
+    let mut out = Vec::new();
+    for (table, unit) in [
+        ("rollup_1m", "minute"),
+        ("rollup_1h", "hour"),
+        ("rollup_1d", "day"),
+    ] {
+        let mismatches = s
+            .scalar_i64(&format!(
+                "WITH raw AS (
+                    SELECT target_id, region, date_trunc('{unit}', started_at, 'UTC') AS bucket,
+                           count(*) AS probes, count(*) FILTER (WHERE outcome = 'up') AS up,
+                           vantage_hist_agg(total_us) AS total_hist,
+                           vantage_hist_agg(dns_us) AS dns_hist,
+                           vantage_hist_agg(transfer_us) AS transfer_hist,
+                           vantage_count_agg(outcome) AS outcomes
+                      FROM results GROUP BY 1, 2, 3),
+                 r AS (
+                    SELECT target_id, region, bucket, sum(probes) AS probes, sum(up) AS up,
+                           vantage_hist_merge_agg(total_hist) AS total_hist,
+                           vantage_hist_merge_agg(dns_hist) AS dns_hist,
+                           vantage_hist_merge_agg(transfer_hist) AS transfer_hist,
+                           vantage_jsonb_sum_agg(outcomes) AS outcomes
+                      FROM {table} GROUP BY 1, 2, 3)
+                 SELECT count(*) FROM raw FULL JOIN r USING (target_id, region, bucket)
+                  WHERE raw.probes IS DISTINCT FROM r.probes OR raw.up IS DISTINCT FROM r.up
+                     OR raw.total_hist IS DISTINCT FROM r.total_hist
+                     OR raw.dns_hist IS DISTINCT FROM r.dns_hist
+                     OR raw.transfer_hist IS DISTINCT FROM r.transfer_hist
+                     OR raw.outcomes IS DISTINCT FROM r.outcomes"
+            ))
+            .await;
+        out.push((table, mismatches));
+    }
+    let latest = s
+        .scalar_i64(
+            "WITH raw AS (SELECT DISTINCT ON (target_id, region) target_id, region, started_at
+                            FROM results ORDER BY target_id, region, started_at DESC)
+             SELECT count(*) FROM raw FULL JOIN latest_status AS l USING (target_id, region)
+              WHERE raw.started_at IS DISTINCT FROM l.started_at",
+        )
+        .await;
+    out.push(("latest_status", latest));
+    out
+}
+
+fn exact(levels: &[(&'static str, i64)]) -> bool {
+    levels.iter().all(|(_, n)| *n == 0)
+}
+
+/// Issue #15, exactness: rollups equal a recount from raw rows after replays, duplicates inside
+/// a batch, data hours late (for buckets already materialised), a write that commits while a
+/// round runs (its snapshot cannot see it), and a round that dies half-way (a sink crash: its
+/// transaction never commits). Before and after each round.
 #[tokio::test]
 async fn rollups_survive_replays_and_late_data() {
     let s = Schema::new("rollup").await;
@@ -313,14 +371,14 @@ async fn rollups_survive_replays_and_late_data() {
             )
         })
         .collect();
-    // In two statements, so minute buckets get partial rows from both (compaction merges them).
+    // In two statements, then the whole batch again (a Kafka replay), and a duplicate inside
+    // one batch.
     db::write_batch(&mut writer, &batch[..100], &[])
         .await
         .unwrap();
     db::write_batch(&mut writer, &batch[100..], &[])
         .await
         .unwrap();
-    // The whole batch again (a Kafka replay), and a duplicate inside one batch.
     db::write_batch(&mut writer, &batch, &[]).await.unwrap();
     db::write_batch(&mut writer, &[batch[0].clone(), batch[0].clone()], &[])
         .await
@@ -330,61 +388,121 @@ async fn rollups_survive_replays_and_late_data() {
         .map(|i| row(i, 1, "eu-north", now - 5 * 3_600_000 - i, 5000, Outcome::Up))
         .collect();
     db::write_batch(&mut writer, &late, &[]).await.unwrap();
-
     assert_eq!(s.scalar_i64("SELECT count(*) FROM results").await, 210);
-    // Every rollup bucket equals a recount from the raw rows: nothing counted twice, late rows
-    // in their own (5-hour-old) bucket.
-    // Before and after compaction (which merges the partial rows inserts append).
-    for round in ["appended", "compacted"] {
-        if round == "compacted" {
-            let removed = vantage_ingester::storage::compact_rollups(&s.client)
-                .await
-                .unwrap();
-            assert!(removed > 0, "nothing to compact");
-            // Every finished bucket is one row now.
-            let split = s
-                .scalar_i64(
-                    "SELECT count(*) FROM (SELECT 1 FROM rollup_1h
-                      WHERE bucket < date_trunc('hour', now())
-                      GROUP BY target_id, region, bucket HAVING count(*) > 1) AS x",
-                )
-                .await;
-            assert_eq!(split, 0);
-        }
-        for (table, unit) in [
-            ("rollup_1m", "minute"),
-            ("rollup_1h", "hour"),
-            ("rollup_1d", "day"),
-        ] {
-            let mismatches = s
-                .scalar_i64(&format!(
-                    "WITH raw AS (
-                        SELECT target_id, region, date_trunc('{unit}', started_at, 'UTC') AS bucket,
-                               count(*) AS probes, count(*) FILTER (WHERE outcome = 'up') AS up,
-                               vantage_hist_agg(total_us) AS total_hist,
-                               vantage_count_agg(outcome) AS outcomes
-                          FROM results GROUP BY 1, 2, 3),
-                     r AS (
-                        SELECT target_id, region, bucket, sum(probes) AS probes, sum(up) AS up,
-                               vantage_hist_merge_agg(total_hist) AS total_hist,
-                               vantage_jsonb_sum_agg(outcomes) AS outcomes
-                          FROM {table} GROUP BY 1, 2, 3)
-                     SELECT count(*) FROM raw FULL JOIN r USING (target_id, region, bucket)
-                      WHERE raw.probes IS DISTINCT FROM r.probes OR raw.up IS DISTINCT FROM r.up
-                         OR raw.total_hist IS DISTINCT FROM r.total_hist
-                         OR raw.outcomes IS DISTINCT FROM r.outcomes"
-                ))
-                .await;
-            assert_eq!(mismatches, 0, "{table} ({round}) differs from the raw rows");
-        }
-    }
-    let late_bucket = s
-        .scalar_i64(
-            "SELECT sum(probes)::int8 FROM rollup_1h
-              WHERE bucket < now() - interval '4 hours'",
+    // Nothing materialised yet: every level is read from raw rows, exactly.
+    let before = recount(&s).await;
+    assert!(exact(&before), "before the first round: {before:?}");
+
+    // The first round materialises every hour that ended; a round that also closes the current
+    // hour (negative grace) makes every later write "late".
+    let r = round(&s).await;
+    assert!(r.hours > 0 && r.consumed == 5, "{r:?}");
+    let after = recount(&s).await;
+    assert!(exact(&after), "after the first round: {after:?}");
+    s.client
+        .query_one("SELECT vantage_rollup_round(interval '-1 hour')", &[])
+        .await
+        .unwrap();
+    assert!(
+        s.scalar_i64(
+            "SELECT count(*) FROM rollup_1h_data WHERE bucket = date_trunc('hour', now(), 'UTC')"
         )
-        .await;
-    assert_eq!(late_bucket, 10);
+        .await
+            > 0,
+        "the current hour is materialised"
+    );
+    let after = recount(&s).await;
+    assert!(exact(&after), "after closing the current hour: {after:?}");
+
+    // Late rows for materialised buckets (the current hour, and 3 hours back), replays of old
+    // rows, and a duplicate inside the batch.
+    let mut more: Vec<Row> = (2000..2040)
+        .map(|i| {
+            let back = if i % 2 == 0 { 3 * 3_600_000 } else { 0 };
+            let outcome = if i % 7 == 0 {
+                Outcome::ConnectRefused
+            } else {
+                Outcome::Up
+            };
+            row(
+                i,
+                1 + (i % 3) as u32,
+                "ap-south",
+                now - back - i,
+                700 + i as u32,
+                outcome,
+            )
+        })
+        .collect();
+    more.push(more[3].clone());
+    more.extend_from_slice(&batch[..20]);
+    db::write_batch(&mut writer, &more, &[]).await.unwrap();
+    // Until the next round the materialised hours do not have them (read as they were) ...
+    let stale = recount(&s).await;
+    assert!(
+        stale[1].1 > 0,
+        "late rows showed in materialised hours before a round: {stale:?}"
+    );
+    assert_eq!(
+        stale[3],
+        ("latest_status", 0),
+        "latest status is never behind"
+    );
+    // ... the round recounts exactly their buckets.
+    let r = round(&s).await;
+    assert!(r.late_hours > 0 && r.consumed == 1, "{r:?}");
+    let after = recount(&s).await;
+    assert!(exact(&after), "after late data: {after:?}");
+
+    // A write that commits after a round took its snapshot: its pending row is still there for
+    // the next round.
+    let other = db::connect(&s.config).await.unwrap();
+    other.batch_execute("BEGIN").await.unwrap();
+    other
+        .batch_execute(&format!(
+            "INSERT INTO results (region, agent, boot_id, seq, target_id, started_at, outcome,
+                                  total_us, body_bytes)
+             VALUES ('eu-north', 'eu-north-pi', 42, 5000, 2,
+                     to_timestamp({}) , 'timeout', 4321, 0)",
+            (now - 3_600_000) as f64 / 1000.0
+        ))
+        .await
+        .unwrap();
+    let r = round(&s).await;
+    assert_eq!(r.consumed, 0, "{r:?}");
+    other.batch_execute("COMMIT").await.unwrap();
+    assert!(!exact(&recount(&s).await));
+    // A round that dies half-way (the sink killed during it): nothing of it stays, and the
+    // pending row waits for the next one.
+    let crashing = db::connect(&s.config).await.unwrap();
+    crashing.batch_execute("BEGIN").await.unwrap();
+    crashing
+        .query_one("SELECT consumed FROM vantage_rollup_round()", &[])
+        .await
+        .unwrap();
+    drop(crashing);
+    // (the connection is gone: its transaction is rolled back)
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(s.scalar_i64("SELECT count(*) FROM rollup_pending").await, 1);
+    let r = round(&s).await;
+    assert!(r.consumed == 1 && r.late_hours > 0, "{r:?}");
+    let after = recount(&s).await;
+    assert!(
+        exact(&after),
+        "after a late commit and a crashed round: {after:?}"
+    );
+    assert_eq!(s.scalar_i64("SELECT count(*) FROM results").await, 251);
+    // latest_results itself (not only the view over it) is exact once the round ran.
+    assert_eq!(
+        s.scalar_i64(
+            "SELECT count(*) FROM latest_results AS l
+               FULL JOIN (SELECT target_id, region, max(started_at) AS started_at
+                            FROM results GROUP BY 1, 2) AS r USING (target_id, region)
+              WHERE l.started_at IS DISTINCT FROM r.started_at"
+        )
+        .await,
+        0
+    );
     s.drop().await;
 }
 
@@ -491,10 +609,7 @@ async fn explain_shows_indexes_and_partition_pruning() {
     )
     .await;
     println!("{p}");
-    assert!(
-        p.contains("results_target_region_time") || p.contains("_target_id_region_started_at_idx"),
-        "{p}"
-    );
+    assert!(p.contains("_target_id_started_at_idx"), "{p}");
     // Pruned: no partition of a day before yesterday is read. The empty partitions made ahead
     // for future days match `>= now() - 24 h`; having no statistics, they are planned as
     // (free) sequential scans. Every partition that holds rows is read by index.
@@ -523,13 +638,23 @@ async fn explain_shows_indexes_and_partition_pruning() {
         );
     }
     // Latest status per target and region reads `latest_results`, one row per pair kept by the
-    // insert trigger, never the history (115,200 rows here).
+    // rollup round, and reaches raw rows only by index, for the writes not consumed yet: never
+    // the history (115,200 rows here).
+    round(&s).await;
+    s.client.batch_execute("ANALYZE").await.unwrap();
     let p = plan("SELECT * FROM latest_status").await;
     println!("{p}");
-    assert!(
-        p.contains("on latest_results") && !p.contains("results_p"),
-        "{p}"
-    );
+    assert!(p.contains("on latest_results"), "{p}");
+    for day in p
+        .split("Seq Scan on results_p")
+        .skip(1)
+        .map(|rest| &rest[..8])
+    {
+        assert!(
+            day > today,
+            "latest_status read the partition of {day} without an index:\n{p}"
+        );
+    }
     assert_eq!(
         s.scalar_i64("SELECT count(*) FROM latest_results").await,
         200
@@ -695,10 +820,10 @@ async fn upkeep_adopts_default_rows_only_inside_a_bounded_window() {
         .await
         .unwrap();
     let created = s.scalar_i64(partitions).await - before;
-    // The day 3 days ago: its results and 1-minute partitions (its month's rollup partitions
-    // exist already, or one more month each).
+    // The day 3 days ago: its results partition (its month's rollup partitions exist already:
+    // upkeep keeps them for the whole raw retention back).
     assert!(
-        (2..=4).contains(&created),
+        created == 1,
         "upkeep created {created} partitions for rows from broken clocks"
     );
     assert!(s.partition_of(1000).await.starts_with("results_p"));
@@ -859,5 +984,276 @@ async fn cert_expiry_is_per_region_and_needs_two_regions() {
         .scalar_i64("SELECT count(*) FROM cert_expiry_by_region WHERE target_id = 5")
         .await;
     assert_eq!(by_region, 3);
+    s.drop().await;
+}
+
+/// Issue #15: the move from the pre-0009 schema. Data written by the old insert trigger (raw
+/// rows in daily partitions and the default one, partial rollup rows) is moved in batches, each
+/// its own short transaction, while the sink goes on writing through the new path; the views
+/// show every row all along; afterwards the old tables are gone and every rollup level equals a
+/// recount from raw rows.
+#[tokio::test]
+async fn migration_from_0008_moves_data_in_batches() {
+    let config = PostgresConfig {
+        url: Services::from_env().pg_url,
+        password: None,
+        tls: vantage_ingester::config::PgTls::Disable,
+        schema: format!("st_v8_{}", unique_id()),
+    };
+    let mut client = db::connect(&config).await.unwrap();
+    db::migrate_to(&mut client, &config.schema, 8)
+        .await
+        .unwrap();
+    // 8,000 results over ~3.4 days in four statements (partial rollup rows from each), some in
+    // the default partition (days before upkeep's window).
+    for part in 0..4 {
+        client
+            .batch_execute(&format!(
+                "INSERT INTO results (region, agent, boot_id, seq, target_id, started_at, outcome,
+                                      total_us, dns_us, body_bytes)
+                 SELECT (ARRAY['eu', 'us', 'ap'])[1 + i % 3], 'pi-' || (i % 3), 7, i, 1 + i % 4,
+                        now() - i * interval '37 seconds',
+                        CASE WHEN i % 11 = 0 THEN 'timeout' ELSE 'up' END, 1000 + i % 5000,
+                        100 + i % 300, 0
+                   FROM generate_series({}, {}) AS i",
+                part * 2000 + 1,
+                part * 2000 + 2000
+            ))
+            .await
+            .unwrap();
+    }
+    let s = Schema {
+        config: config.clone(),
+        client,
+    };
+    s.client
+        .query_one("SELECT vantage_compact_rollups()", &[])
+        .await
+        .unwrap();
+    let mut client = db::connect(&config).await.unwrap();
+    db::migrate(&mut client, &config.schema).await.unwrap();
+    assert_eq!(s.scalar_i64("SELECT count(*) FROM results").await, 8000);
+    assert_eq!(s.scalar_i64("SELECT count(*) FROM results_raw").await, 0);
+
+    // Batches of 1,000 rows, with the sink writing in between.
+    let mut writer = db::connect_writer(&config).await.unwrap();
+    let now = now_ms();
+    let mut steps = 0;
+    let mut seq = 100_000;
+    loop {
+        let moved: i64 = s
+            .client
+            .query_one("SELECT vantage_migrate_v8(1000)", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if moved == 0 {
+            break;
+        }
+        steps += 1;
+        assert!(steps < 100, "the migration does not end");
+        let batch: Vec<Row> = (0..50)
+            .map(|i| {
+                seq += 1;
+                row(
+                    seq,
+                    1 + (i % 4) as u32,
+                    "eu",
+                    now - i * 997,
+                    2000,
+                    Outcome::Up,
+                )
+            })
+            .collect();
+        db::write_batch(&mut writer, &batch, &[]).await.unwrap();
+        let visible = s.scalar_i64("SELECT count(*) FROM results").await;
+        assert_eq!(
+            visible,
+            8000 + 50 * steps,
+            "rows hidden during the migration"
+        );
+    }
+    assert!(steps >= 8, "moved in {steps} steps: not batched");
+    assert_eq!(
+        s.scalar_i64(
+            "SELECT count(*) FROM pg_class WHERE relnamespace = current_schema()::regnamespace
+                AND relname LIKE '%\\_v8%'"
+        )
+        .await,
+        0,
+        "old tables left"
+    );
+    round(&s).await;
+    let after = recount(&s).await;
+    assert!(exact(&after), "after the migration: {after:?}");
+    assert_eq!(
+        s.scalar_i64("SELECT count(*) FROM results").await,
+        8000 + 50 * steps
+    );
+    s.drop().await;
+}
+
+/// Issue #15, item 3: the real functions read only what their window needs (EXPLAIN ANALYZE of
+/// the calls themselves, so partitions pruned at run time by the watermark do not show):
+/// `region_comparison` over 24 h reads hourly rollups and raw rows from the watermark on only,
+/// over 30 days daily rollups (never the hourly ones); one target is read by index;
+/// `latest_status` and `failing_targets` read `latest_results` and the pending writes, never
+/// the history.
+#[tokio::test]
+async fn explain_functions_read_only_their_window() {
+    let s = Schema::new("window").await;
+    let mut writer = db::connect_writer(&s.config).await.unwrap();
+    let now = now_ms();
+    // Three days of 20 targets × 3 regions every 5 minutes (51,840 results).
+    let mut rows = Vec::new();
+    let mut seq = 0;
+    for step in 0..864u64 {
+        for target in 0..20u32 {
+            for region in ["a", "b", "c"] {
+                let outcome = if seq % 13 == 0 {
+                    Outcome::Timeout
+                } else {
+                    Outcome::Up
+                };
+                rows.push(row(
+                    seq,
+                    target,
+                    region,
+                    now - step * 300_000 - u64::from(target),
+                    1000 + (seq % 900) as u32,
+                    outcome,
+                ));
+                seq += 1;
+            }
+        }
+    }
+    for chunk in rows.chunks(5_000) {
+        db::write_batch(&mut writer, chunk, &[]).await.unwrap();
+    }
+    round(&s).await;
+    // Writes after the round: pending again.
+    db::write_batch(&mut writer, &rows[..600], &[])
+        .await
+        .unwrap();
+    s.client.batch_execute("ANALYZE").await.unwrap();
+    let wm_day: String = s
+        .client
+        .query_one(
+            "SELECT to_char(hour_through AT TIME ZONE 'UTC', 'YYYYMMDD') FROM rollup_state",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let plan = |sql: String| {
+        let client = &s.client;
+        async move {
+            client
+                .query(
+                    &format!("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) {sql}"),
+                    &[],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect::<Vec<_>>()
+                .join("\n")
+        }
+    };
+    // Raw partitions a plan scans, with whether each scan used an index.
+    let raw_scans = |p: &str| -> Vec<(String, bool)> {
+        p.lines()
+            .filter_map(|l| {
+                let at = l.find(" on results_p")?;
+                let day = l[at + " on results_p".len()..].get(..8)?.to_owned();
+                Some((day, !l.contains("Seq Scan")))
+            })
+            .collect()
+    };
+    for (since, target) in [
+        ("24 hours", Some(3)),
+        ("24 hours", None),
+        ("30 days", Some(3)),
+        ("30 days", None),
+    ] {
+        let call = match target {
+            Some(t) => format!("SELECT * FROM region_comparison(interval '{since}', {t})"),
+            None => format!("SELECT * FROM region_comparison(interval '{since}')"),
+        };
+        let p = plan(call.clone()).await;
+        println!("{call}:\n{p}\n");
+        assert!(
+            !p.contains("Function Scan on region_comparison"),
+            "not inlined: {p}"
+        );
+        // Raw rows: only from the watermark's day on (the hours before are rollups).
+        for (day, _) in raw_scans(&p) {
+            assert!(day >= wm_day, "{call} read raw rows of {day}:\n{p}");
+        }
+        if since == "24 hours" {
+            assert!(!p.contains("rollup_1d"), "{call} read daily rollups:\n{p}");
+            assert!(p.contains("rollup_1h_p"), "{call}:\n{p}");
+        } else {
+            assert!(!p.contains("rollup_1h"), "{call} read hourly rollups:\n{p}");
+            assert!(p.contains("rollup_1d_p"), "{call}:\n{p}");
+        }
+        if target.is_some() {
+            // One target: by index, in every table that holds rows.
+            for (day, indexed) in raw_scans(&p) {
+                assert!(
+                    indexed || day > wm_day,
+                    "{call}: partition {day} read without an index:\n{p}"
+                );
+            }
+            assert!(
+                !p.contains("Seq Scan on rollup_1h_p") && !p.contains("Seq Scan on rollup_1d_p"),
+                "{call}:\n{p}"
+            );
+        }
+        // Same answer as from raw rows, within the histogram bound (probes exactly).
+        let probes: i64 = s
+            .client
+            .query_one(&format!("SELECT sum(probes)::int8 FROM ({call}) AS x"), &[])
+            .await
+            .unwrap()
+            .get(0);
+        let start = if since == "24 hours" {
+            "date_trunc('hour', now() - interval '24 hours', 'UTC')"
+        } else {
+            "date_trunc('day', now() - interval '30 days', 'UTC')"
+        };
+        let raw: i64 = s
+            .scalar_i64(&format!(
+                "SELECT count(*) FROM results WHERE started_at >= {start} {}",
+                target
+                    .map(|t| format!("AND target_id = {t}"))
+                    .unwrap_or_default()
+            ))
+            .await;
+        assert_eq!(probes, raw, "{call}");
+    }
+    for call in [
+        "SELECT * FROM latest_status",
+        "SELECT * FROM failing_targets(1, interval '1 hour')",
+        "SELECT * FROM cert_expiry",
+    ] {
+        let p = plan(call.to_owned()).await;
+        println!("{call}:\n{p}\n");
+        assert!(
+            p.contains("on latest_results") && p.contains("on rollup_pending d"),
+            "{call}:\n{p}"
+        );
+        for (day, indexed) in raw_scans(&p) {
+            assert!(
+                indexed || day > wm_day,
+                "{call}: partition {day} read without an index:\n{p}"
+            );
+        }
+    }
+    let failing = s
+        .scalar_i64("SELECT count(*) FROM failing_targets(1, interval '1 day')")
+        .await;
+    assert!(failing > 0);
     s.drop().await;
 }

@@ -80,6 +80,12 @@ pub struct RawStorage {
     /// 1-hour rollups are kept this long (default 400d).
     #[serde(default = "default_rollup_retention", with = "humantime_serde")]
     pub rollup_retention: Duration,
+    /// 1-day rollups are kept this long (default 1826d, 5 years).
+    #[serde(default = "default_daily_retention", with = "humantime_serde")]
+    pub daily_retention: Duration,
+    /// How often the sink runs a rollup round (default 10s).
+    #[serde(default = "default_rollup_interval", with = "humantime_serde")]
+    pub rollup_interval: Duration,
     /// Days of partitions created ahead (default 7).
     #[serde(default = "default_partitions_ahead")]
     pub partitions_ahead: u32,
@@ -93,6 +99,8 @@ impl Default for RawStorage {
         RawStorage {
             raw_retention: default_raw_retention(),
             rollup_retention: default_rollup_retention(),
+            daily_retention: default_daily_retention(),
+            rollup_interval: default_rollup_interval(),
             partitions_ahead: default_partitions_ahead(),
             upkeep_interval: default_upkeep_interval(),
         }
@@ -104,6 +112,12 @@ fn default_raw_retention() -> Duration {
 }
 fn default_rollup_retention() -> Duration {
     crate::storage::StorageConfig::default().rollup_retention
+}
+fn default_daily_retention() -> Duration {
+    crate::storage::StorageConfig::default().daily_retention
+}
+fn default_rollup_interval() -> Duration {
+    crate::storage::StorageConfig::default().rollup_interval
 }
 fn default_partitions_ahead() -> u32 {
     crate::storage::StorageConfig::default().partitions_ahead
@@ -747,6 +761,8 @@ impl Config {
         let storage = crate::storage::StorageConfig {
             raw_retention: st.raw_retention,
             rollup_retention: st.rollup_retention,
+            daily_retention: st.daily_retention,
+            rollup_interval: st.rollup_interval,
             partitions_ahead: st.partitions_ahead,
             interval: st.upkeep_interval,
         };

@@ -2,6 +2,7 @@
 //!
 //! Raw SQL through tokio-postgres, no ORM. Only this module contains SQL that writes results.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime};
 
 use tokio_postgres::{Client, NoTls};
@@ -51,6 +52,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         8,
         "0008_web.sql",
         include_str!("../../migrations/0008_web.sql"),
+    ),
+    (
+        9,
+        "0009_compact_storage.sql",
+        include_str!("../../migrations/0009_compact_storage.sql"),
     ),
 ];
 
@@ -259,6 +265,12 @@ where
 /// refused ([`DbError::MigrationEdited`]) before anything else is applied. Rows written by a
 /// binary from before checksums (checksum NULL) adopt the current file's checksum.
 pub async fn migrate(client: &mut Client, schema: &str) -> Result<usize, DbError> {
+    migrate_to(client, schema, i32::MAX).await
+}
+
+/// [`migrate`], but only up to migration `last` (tests of a migration start from the schema
+/// before it).
+pub async fn migrate_to(client: &mut Client, schema: &str, last: i32) -> Result<usize, DbError> {
     client
         .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
         .await?;
@@ -274,7 +286,7 @@ pub async fn migrate(client: &mut Client, schema: &str) -> Result<usize, DbError
         .await?;
     check_checksums(client).await?;
     let mut applied = 0;
-    for &(version, name, sql) in MIGRATIONS {
+    for &(version, name, sql) in MIGRATIONS.iter().filter(|m| m.0 <= last) {
         let tx = client.transaction().await?;
         // Lock key: the schema name, so tests in separate schemas do not wait on each other.
         tx.execute(
@@ -409,7 +421,7 @@ const CREATE_STAGING: &str = "CREATE TEMP TABLE IF NOT EXISTS results_staging (
     body_truncated bool, redirects int2, cert_not_after timestamptz, remote_ip inet
 ) ON COMMIT DELETE ROWS";
 
-/// The written columns of `results`, in staging order (binary COPY writers use [`COLUMN_TYPES`]).
+/// The written columns of the `results` view (names, not ids), in staging order (binary COPY writers use [`COLUMN_TYPES`]).
 pub const COLUMNS: &str = "region, agent, boot_id, seq, target_id, started_at, status, outcome,
     regex_match, total_us, dns_us, connect_us, tls_us, ttfb_us, body_bytes, failed_phase,
     transfer_us, body_truncated, redirects, cert_not_after, remote_ip";
@@ -487,17 +499,11 @@ pub async fn copy_batch(
             writer.as_mut().write(&v.params(row)).await?;
         }
         writer.as_mut().finish().await?;
+        ensure_dims(&tx, rows).await?;
         inserted.results = tx
-            .execute(
-                &format!(
-                    "INSERT INTO results ({COLUMNS}, ingested_at)
-                     SELECT {COLUMNS}, t.now FROM results_staging
-                      CROSS JOIN (SELECT clock_timestamp() AS now) t
-                     ON CONFLICT DO NOTHING"
-                ),
-                &[],
-            )
+            .execute(&insert_raw_from("results_staging AS s"), &[])
             .await?;
+        insert_pending(&tx, rows).await?;
     }
     inserted.gaps = insert_gaps(&tx, gaps).await?;
     tx.commit().await?;
@@ -697,19 +703,17 @@ pub async fn insert_batch(
     let tx = client.transaction().await?;
     let mut inserted = Inserted::default();
     if !rows.is_empty() {
+        ensure_dims(&tx, rows).await?;
         inserted.results = tx
             .execute(
-                &format!(
-                    "INSERT INTO results ({COLUMNS}, ingested_at)
-                     SELECT u.*, t.now
-                       FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int4[],
-                                   $6::timestamptz[], $7::int2[], $8::text[], $9::bool[],
-                                   $10::int4[], $11::int4[], $12::int4[], $13::int4[],
-                                   $14::int4[], $15::int4[], $16::text[], $17::int4[],
-                                   $18::bool[], $19::int2[], $20::timestamptz[], $21::inet[]) u
-                      CROSS JOIN (SELECT clock_timestamp() AS now) t
-                     ON CONFLICT DO NOTHING"
-                ),
+                &insert_raw_from(&format!(
+                    "unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int4[],
+                            $6::timestamptz[], $7::int2[], $8::text[], $9::bool[],
+                            $10::int4[], $11::int4[], $12::int4[], $13::int4[],
+                            $14::int4[], $15::int4[], $16::text[], $17::int4[],
+                            $18::bool[], $19::int2[], $20::timestamptz[], $21::inet[])
+                     AS s({COLUMNS})"
+                )),
                 &[
                     &region,
                     &agent,
@@ -735,10 +739,124 @@ pub async fn insert_batch(
                 ],
             )
             .await?;
+        insert_pending(&tx, rows).await?;
     }
     inserted.gaps = insert_gaps(&tx, gaps).await?;
     tx.commit().await?;
     Ok(inserted)
+}
+
+/// `INSERT INTO results_raw … SELECT … FROM source … ON CONFLICT DO NOTHING`: `source` yields
+/// [`COLUMNS`] (names, as the sink has them) as `s`; names become ids by joins with the
+/// dimension tables ([`ensure_dims`] made sure they exist). `ingested_at` is the time the
+/// statement runs, just before COMMIT.
+fn insert_raw_from(source: &str) -> String {
+    format!(
+        "INSERT INTO results_raw (boot_id, seq, started_at, ingested_at, cert_not_after, agent_id,
+                                  target_id, total_us, body_bytes, dns_us, connect_us, tls_us,
+                                  ttfb_us, transfer_us, region_id, outcome_id, failed_phase_id,
+                                  status, redirects, regex_match, body_truncated, remote_ip)
+         SELECT s.boot_id, s.seq, s.started_at, t.now, s.cert_not_after, a.agent_id, s.target_id,
+                s.total_us, s.body_bytes, s.dns_us, s.connect_us, s.tls_us, s.ttfb_us,
+                s.transfer_us, g.region_id, o.outcome_id, p.phase_id, s.status, s.redirects,
+                s.regex_match, s.body_truncated, s.remote_ip
+           FROM {source}
+           JOIN agents AS a ON a.agent = s.agent
+           JOIN regions AS g ON g.region = s.region
+           JOIN outcomes AS o ON o.outcome = s.outcome
+           LEFT JOIN phases AS p ON p.phase = s.failed_phase
+          CROSS JOIN (SELECT clock_timestamp() AS now) AS t
+         ON CONFLICT DO NOTHING"
+    )
+}
+
+/// Adds the regions, agents, outcomes and phases of `rows` that the dimension tables do not
+/// have yet (one statement; existing rows are not locked).
+async fn ensure_dims(tx: &tokio_postgres::Transaction<'_>, rows: &[Row]) -> Result<(), DbError> {
+    let mut agents: BTreeMap<&str, &str> = BTreeMap::new();
+    let mut outcomes: BTreeSet<&'static str> = BTreeSet::new();
+    let mut phases: BTreeSet<&'static str> = BTreeSet::new();
+    for row in rows {
+        agents.entry(&row.agent).or_insert(&row.region);
+        outcomes.insert(row.result.outcome.as_str());
+        if let Some(p) = row.result.failed_phase {
+            phases.insert(p.as_str());
+        }
+    }
+    // Every region, also one whose agents are known under another region.
+    let mut regions: Vec<&str> = agents.values().copied().collect();
+    let mut names: Vec<&str> = agents.keys().copied().collect();
+    for row in rows {
+        if !regions.contains(&row.region.as_str()) {
+            regions.push(&row.region);
+            names.push(&row.agent);
+        }
+    }
+    let outcomes: Vec<&str> = outcomes.into_iter().collect();
+    let phases: Vec<&str> = phases.into_iter().collect();
+    tx.execute(
+        "SELECT vantage_ensure_dims($1, $2, $3, $4)",
+        &[&regions, &names, &outcomes, &phases],
+    )
+    .await?;
+    Ok(())
+}
+
+/// What a write touched, for the rollup round (migration 0009): the (target, UTC hour) buckets
+/// of `rows` and, per target and region, the newest probe time. Computed here, so the
+/// transaction adds one row to `rollup_pending`, not one per result.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Touched {
+    pub targets: Vec<i32>,
+    pub hours: Vec<SystemTime>,
+    pub latest_targets: Vec<i32>,
+    pub latest_regions: Vec<String>,
+    pub latest_started: Vec<SystemTime>,
+}
+
+impl Touched {
+    pub fn of(rows: &[Row]) -> Touched {
+        const HOUR_MS: u64 = 3_600_000;
+        let mut hours: BTreeSet<(i32, u64)> = BTreeSet::new();
+        let mut latest: BTreeMap<(i32, &str), u64> = BTreeMap::new();
+        for row in rows {
+            let r = &row.result;
+            let target = r.target_id as i32;
+            // UTC hours are whole multiples of an hour since the epoch.
+            hours.insert((target, r.started_at_ms - r.started_at_ms % HOUR_MS));
+            let newest = latest.entry((target, row.region.as_str())).or_insert(0);
+            *newest = (*newest).max(r.started_at_ms);
+        }
+        let mut t = Touched::default();
+        for (target, hour) in hours {
+            t.targets.push(target);
+            t.hours.push(unix_ms(hour));
+        }
+        for ((target, region), ms) in latest {
+            t.latest_targets.push(target);
+            t.latest_regions.push(region.to_owned());
+            t.latest_started.push(unix_ms(ms));
+        }
+        t
+    }
+}
+
+/// Adds the pending row of a write (see [`Touched`]) inside its transaction.
+async fn insert_pending(tx: &tokio_postgres::Transaction<'_>, rows: &[Row]) -> Result<(), DbError> {
+    let t = Touched::of(rows);
+    tx.execute(
+        "INSERT INTO rollup_pending (targets, hours, l_targets, l_regions, l_started)
+         VALUES ($1, $2, $3, $4, $5)",
+        &[
+            &t.targets,
+            &t.hours,
+            &t.latest_targets,
+            &t.latest_regions,
+            &t.latest_started,
+        ],
+    )
+    .await?;
+    Ok(())
 }
 
 /// Latest time stored: 9999-12-31T23:59:59.999Z. Later values (a broken clock, a forged frame)

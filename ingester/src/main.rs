@@ -91,7 +91,7 @@ enum Command {
         #[arg(long, value_enum, default_value_t = report::Format::Table)]
         format: report::Format,
     },
-    /// Create missing partitions, drop expired ones and compact rollups now, as the sink does
+    /// Create missing partitions, drop expired ones and run a rollup round now, as the sink does
     /// every `storage.upkeep_interval`, with the retention of the config's `[storage]`. Prints
     /// what it removed, with row counts.
     ///
@@ -99,14 +99,15 @@ enum Command {
     Maintain {
         #[arg(long, short)]
         config: PathBuf,
-        /// Override `storage.raw_retention`: raw results, gaps and 1-minute rollups older than
-        /// this are dropped.
+        /// Override `storage.raw_retention`: raw results and gaps older than this are dropped.
         #[arg(long, value_parser = humantime::parse_duration)]
         raw_retention: Option<Duration>,
-        /// Override `storage.rollup_retention`: 1-hour and 1-day rollups older than this are
-        /// dropped.
+        /// Override `storage.rollup_retention`: 1-hour rollups older than this are dropped.
         #[arg(long, value_parser = humantime::parse_duration)]
         rollup_retention: Option<Duration>,
+        /// Override `storage.daily_retention`: 1-day rollups older than this are dropped.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        daily_retention: Option<Duration>,
         /// Override `storage.partitions_ahead`: days of partitions to create ahead.
         #[arg(long)]
         ahead: Option<u32>,
@@ -338,6 +339,7 @@ fn main() -> anyhow::Result<()> {
                 config,
                 raw_retention,
                 rollup_retention,
+                daily_retention,
                 ahead,
                 dry_run,
             } => {
@@ -347,13 +349,15 @@ fn main() -> anyhow::Result<()> {
                 let mut storage = config.storage.clone();
                 storage.raw_retention = raw_retention.unwrap_or(storage.raw_retention);
                 storage.rollup_retention = rollup_retention.unwrap_or(storage.rollup_retention);
+                storage.daily_retention = daily_retention.unwrap_or(storage.daily_retention);
                 storage.partitions_ahead = ahead.unwrap_or(storage.partitions_ahead);
                 if let Err((setting, reason)) = storage.check() {
                     let given = match setting {
                         storage::Setting::RawRetention => raw_retention.is_some(),
                         storage::Setting::RollupRetention => rollup_retention.is_some(),
+                        storage::Setting::DailyRetention => daily_retention.is_some(),
                         storage::Setting::PartitionsAhead => ahead.is_some(),
-                        storage::Setting::Interval => false,
+                        storage::Setting::Interval | storage::Setting::RollupInterval => false,
                     };
                     match setting.flag().filter(|_| given) {
                         Some(flag) => anyhow::bail!("{flag}: {reason}"),

@@ -413,7 +413,7 @@ impl Metrics {
         );
         r.register(
             "vantage_sink_upkeep_last_success_timestamp_seconds",
-            "Unix time of the last storage upkeep round (partitions ahead, retention, compaction) \
+            "Unix time of the last storage upkeep round (partitions ahead, rollup round, retention) \
              that succeeded",
             sink.upkeep_last_success.clone(),
         );

@@ -257,6 +257,12 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
         config.storage.clone(),
         shutdown.clone(),
     ));
+    // Rollups materialised behind a watermark, off the insert path (migration 0009).
+    tokio::spawn(crate::storage::run_rollups(
+        pg_config.clone(),
+        config.storage.clone(),
+        shutdown.clone(),
+    ));
     let Some(mut client) = connect_with_retry(&pg_config, &shutdown).await? else {
         return Ok(stopped_while_reconnecting("PostgreSQL"));
     };

@@ -24,7 +24,7 @@ pub struct PgStatus {
     pub schema_version: Option<i32>,
     /// The latest migration this binary carries.
     pub latest_version: i32,
-    /// Partitions of `results` (e.g. `results_p20261128`), sorted.
+    /// Partitions of `results_raw` (e.g. `results_p20261128`), sorted.
     pub partitions: Vec<String>,
 }
 
@@ -106,7 +106,7 @@ async fn postgres(config: &PostgresConfig) -> Result<PgStatus, String> {
                JOIN pg_class c ON c.oid = i.inhrelid
                JOIN pg_class p ON p.oid = i.inhparent
                JOIN pg_namespace n ON n.oid = p.relnamespace
-              WHERE p.relname = 'results' AND n.nspname = current_schema()
+              WHERE p.relname = 'results_raw' AND n.nspname = current_schema()
               ORDER BY 1",
             &[],
         )

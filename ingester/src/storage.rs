@@ -1,10 +1,12 @@
-//! Storage upkeep: partitions ahead of time, retention by dropping whole partitions, and
-//! compaction of the partial rollup rows the insert trigger appends.
+//! Storage upkeep: partitions ahead of time, retention by dropping whole partitions, the rollup
+//! round that materialises rollups behind a watermark, and the batched move of pre-0009 data.
 //!
 //! The work itself is in SQL (`vantage_ensure_partitions`, `vantage_apply_retention`,
-//! `vantage_compact_rollups`; migrations 0003 and 0005), so it can also be run by hand or from
-//! cron with psql; this module calls it, runs it periodically next to the sink on a connection
-//! of its own (reconnecting with backoff when PostgreSQL restarts), and reports what it removed.
+//! `vantage_rollup_round`, `vantage_migrate_v8`; migrations 0003, 0005 and 0009), so it can also
+//! be run by hand or from cron with psql; this module calls it, runs it periodically next to the
+//! sink on connections of its own (reconnecting with backoff when PostgreSQL restarts), and
+//! reports what it did. Rollup rounds run every `storage.rollup_interval` (they read only what
+//! was written since the last round); partitions and retention every `storage.upkeep_interval`.
 
 use std::time::{Duration, SystemTime};
 
@@ -23,6 +25,10 @@ pub struct StorageConfig {
     pub raw_retention: Duration,
     /// 1-hour rollups older than this are dropped (default 400 days).
     pub rollup_retention: Duration,
+    /// 1-day rollups older than this are dropped (default 5 years).
+    pub daily_retention: Duration,
+    /// How often the rollup round runs (default 10 s).
+    pub rollup_interval: Duration,
     /// Days of partitions created ahead of today (default 7): an insert never waits for DDL.
     pub partitions_ahead: u32,
     /// How often upkeep runs (default 10 minutes).
@@ -34,6 +40,8 @@ impl Default for StorageConfig {
         StorageConfig {
             raw_retention: 30 * DAY,
             rollup_retention: 400 * DAY,
+            daily_retention: 1826 * DAY,
+            rollup_interval: Duration::from_secs(10),
             partitions_ahead: 7,
             interval: Duration::from_secs(600),
         }
@@ -45,8 +53,10 @@ impl Default for StorageConfig {
 pub enum Setting {
     RawRetention,
     RollupRetention,
+    DailyRetention,
     PartitionsAhead,
     Interval,
+    RollupInterval,
 }
 
 impl Setting {
@@ -55,8 +65,10 @@ impl Setting {
         match self {
             Setting::RawRetention => "storage.raw_retention",
             Setting::RollupRetention => "storage.rollup_retention",
+            Setting::DailyRetention => "storage.daily_retention",
             Setting::PartitionsAhead => "storage.partitions_ahead",
             Setting::Interval => "storage.upkeep_interval",
+            Setting::RollupInterval => "storage.rollup_interval",
         }
     }
 
@@ -65,8 +77,9 @@ impl Setting {
         match self {
             Setting::RawRetention => Some("--raw-retention"),
             Setting::RollupRetention => Some("--rollup-retention"),
+            Setting::DailyRetention => Some("--daily-retention"),
             Setting::PartitionsAhead => Some("--ahead"),
-            Setting::Interval => None,
+            Setting::Interval | Setting::RollupInterval => None,
         }
     }
 }
@@ -90,6 +103,19 @@ impl StorageConfig {
                     show(self.raw_retention)
                 ),
             ));
+        }
+        if self.daily_retention < self.raw_retention {
+            return Err((
+                Setting::DailyRetention,
+                format!(
+                    "{} must not be shorter than raw_retention ({})",
+                    show(self.daily_retention),
+                    show(self.raw_retention)
+                ),
+            ));
+        }
+        if self.rollup_interval < Duration::from_millis(100) {
+            return Err((Setting::RollupInterval, "must be at least 100ms".into()));
         }
         if self.partitions_ahead == 0 || self.partitions_ahead > 366 {
             return Err((Setting::PartitionsAhead, "must be 1..=366".into()));
@@ -131,8 +157,10 @@ pub struct Upkeep {
     /// Partitions created (ahead, and for default-partition rows inside the window).
     pub created: i32,
     pub removed: Vec<Removed>,
-    /// Partial rollup rows merged away.
-    pub compacted: i64,
+    /// The rollup round of this upkeep.
+    pub round: Round,
+    /// Rows of pre-0009 tables moved into the new ones by this upkeep.
+    pub migrated: i64,
     /// Rows left in `results_default` after adoption: times outside the window upkeep adopts
     /// (written by something other than the sink, whose clock check refuses such times).
     pub waiting: i64,
@@ -171,8 +199,16 @@ impl Upkeep {
                 let _ = writeln!(out, "{verb} partition {} ({} rows)", r.relation, r.rows);
             }
         }
-        if !dry_run && self.compacted > 0 {
-            let _ = writeln!(out, "{} partial rollup rows compacted", self.compacted);
+        if !dry_run {
+            let r = &self.round;
+            let _ = writeln!(
+                out,
+                "rollup round: {} writes consumed, {} hourly rows ({} late), {} daily rows, {} latest, materialised through {}",
+                r.consumed, r.hours, r.late_hours, r.days, r.latest, r.hour_through
+            );
+            if self.migrated > 0 {
+                let _ = writeln!(out, "{} rows moved from the pre-0009 tables", self.migrated);
+            }
         }
         if self.waiting > 0 {
             let _ = writeln!(
@@ -208,18 +244,19 @@ pub async fn ensure_partitions(client: &Client, config: &StorageConfig) -> Resul
 /// (with `dry_run`, only says what it would remove).
 pub async fn apply_retention(
     client: &Client,
-    raw_keep: Duration,
-    hourly_keep: Duration,
+    config: &StorageConfig,
     dry_run: bool,
 ) -> Result<Vec<Removed>, DbError> {
     let rows = client
         .query(
             "SELECT relation, removed_rows FROM vantage_apply_retention(
-                 make_interval(secs => $1), make_interval(secs => $2), $3)",
+                 make_interval(secs => $1), make_interval(secs => $2), $3,
+                 make_interval(secs => $4))",
             &[
-                &raw_keep.as_secs_f64(),
-                &hourly_keep.as_secs_f64(),
+                &config.raw_retention.as_secs_f64(),
+                &config.rollup_retention.as_secs_f64(),
                 &dry_run,
+                &config.daily_retention.as_secs_f64(),
             ],
         )
         .await?;
@@ -232,16 +269,69 @@ pub async fn apply_retention(
         .collect())
 }
 
-/// Merges the partial rollup rows of finished buckets; returns how many rows it removed.
-pub async fn compact_rollups(client: &Client) -> Result<i64, DbError> {
-    Ok(client
-        .query_one("SELECT vantage_compact_rollups()", &[])
-        .await?
-        .get(0))
+/// What one rollup round did (`vantage_rollup_round`, migration 0009).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Round {
+    /// Another round was running (another sink's upkeep): this one did nothing.
+    pub skipped: bool,
+    /// Pending rows (one per write transaction) consumed.
+    pub consumed: i64,
+    /// Hourly rows materialised for the hours that closed.
+    pub hours: i64,
+    /// Hourly rows recomputed because late data arrived for them.
+    pub late_hours: i64,
+    /// Daily rows written.
+    pub days: i64,
+    /// `latest_results` rows changed.
+    pub latest: i64,
+    /// The watermark after the round (hourly rows exist for the hours before it).
+    pub hour_through: String,
 }
 
-/// One round of upkeep: partitions first, then retention, then rollup compaction. With
-/// `dry_run`, only retention runs, reporting what it would remove; nothing changes.
+/// Hours that ended this long ago are materialised (results still on their way count as late
+/// data, which costs a recount of their bucket).
+const ROUND_GRACE_SECS: f64 = 120.0;
+
+/// Runs one rollup round (its own transaction when `client` is not in one).
+pub async fn rollup_round(client: &Client) -> Result<Round, DbError> {
+    let r = client
+        .query_one(
+            "SELECT skipped, consumed, hours, late_hours, days, latest, hour_through::text
+               FROM vantage_rollup_round(make_interval(secs => $1))",
+            &[&ROUND_GRACE_SECS],
+        )
+        .await?;
+    Ok(Round {
+        skipped: r.get(0),
+        consumed: r.get(1),
+        hours: r.get(2),
+        late_hours: r.get(3),
+        days: r.get(4),
+        latest: r.get(5),
+        hour_through: r.get(6),
+    })
+}
+
+/// Moves pre-0009 data in batches of `batch` rows, each its own transaction, for at most
+/// `budget`; returns the rows moved (the rest waits for the next upkeep).
+pub async fn migrate_v8(client: &Client, batch: i32, budget: Duration) -> Result<i64, DbError> {
+    let started = std::time::Instant::now();
+    let mut moved = 0;
+    loop {
+        let n: i64 = client
+            .query_one("SELECT vantage_migrate_v8($1)", &[&batch])
+            .await?
+            .get(0);
+        moved += n;
+        if n == 0 || started.elapsed() >= budget {
+            return Ok(moved);
+        }
+    }
+}
+
+/// One round of upkeep: partitions first, then the move of pre-0009 data, retention, and a
+/// rollup round. With `dry_run`, only retention runs, reporting what it would remove; nothing
+/// changes.
 pub async fn maintain(
     client: &Client,
     config: &StorageConfig,
@@ -250,17 +340,13 @@ pub async fn maintain(
     let mut upkeep = Upkeep::default();
     if !dry_run {
         upkeep.created = ensure_partitions(client, config).await?;
+        upkeep.migrated = migrate_v8(client, 50_000, Duration::from_secs(60)).await?;
     }
-    upkeep.removed = apply_retention(
-        client,
-        config.raw_retention,
-        config.rollup_retention,
-        dry_run,
-    )
-    .await?;
     if !dry_run {
-        upkeep.compacted = compact_rollups(client).await?;
+        // Before retention: the hours of raw rows about to go are materialised first.
+        upkeep.round = rollup_round(client).await?;
     }
+    upkeep.removed = apply_retention(client, config, dry_run).await?;
     upkeep.waiting = client
         .query_one("SELECT count(*) FROM results_default", &[])
         .await?
@@ -297,11 +383,11 @@ pub async fn run(pg: PostgresConfig, config: StorageConfig, shutdown: Cancellati
             Ok(upkeep) => {
                 backoff = FIRST_RETRY;
                 crate::metrics::sink().upkeep_done(SystemTime::now(), upkeep.waiting);
-                if upkeep.created > 0 || !upkeep.removed.is_empty() || upkeep.compacted > 0 {
+                if upkeep.created > 0 || !upkeep.removed.is_empty() || upkeep.migrated > 0 {
                     tracing::info!(
                         created = upkeep.created,
                         removed = ?upkeep.removed,
-                        compacted = upkeep.compacted,
+                        migrated = upkeep.migrated,
                         "storage upkeep"
                     );
                 }
@@ -326,6 +412,51 @@ pub async fn run(pg: PostgresConfig, config: StorageConfig, shutdown: Cancellati
                 } else {
                     config.interval
                 }
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// Runs [`rollup_round`] every `config.rollup_interval` until `shutdown`, on a connection of its
+/// own (opened again, with backoff, whenever it is lost). A failed round changes nothing (it is
+/// one transaction): the next one does its work.
+pub async fn run_rollups(pg: PostgresConfig, config: StorageConfig, shutdown: CancellationToken) {
+    let mut client: Option<Client> = None;
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        if client.as_ref().is_none_or(Client::is_closed) {
+            client = match db::connect(&pg).await {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "rollup round cannot connect to PostgreSQL");
+                    None
+                }
+            };
+        }
+        let wait = match &client {
+            Some(c) => match rollup_round(c).await {
+                Ok(round) => {
+                    backoff = Duration::from_secs(1);
+                    if round.hours > 0 || round.late_hours > 0 {
+                        tracing::info!(?round, "rollup round");
+                    } else {
+                        tracing::debug!(?round, "rollup round");
+                    }
+                    config.rollup_interval
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "rollup round failed");
+                    backoff = (backoff * 2).min(Duration::from_secs(60));
+                    backoff.max(config.rollup_interval)
+                }
+            },
+            None => {
+                backoff = (backoff * 2).min(Duration::from_secs(60));
+                backoff
             }
         };
         tokio::select! {

@@ -197,7 +197,7 @@ async fn write_methods(r: &mut Report) -> anyhow::Result<()> {
     );
     r.line("##    DO NOTHING, vs one INSERT … SELECT FROM unnest(…) ON CONFLICT DO NOTHING");
     r.line("   same rows, emptied table per round, one transaction per batch, median of 3 rounds (alternating);
-   results has the rollup trigger of migrations/0003 (one statement-level run per INSERT)");
+   rows go to results_raw with their ids and one rollup_pending row per batch (migration 0009; no trigger)");
     r.line(format!(
         "{:>12} {:>10} {:>14} {:>14} {:>8}",
         "rows/batch", "rows", "COPY rows/s", "unnest rows/s", "COPY/unnest"
@@ -209,7 +209,7 @@ async fn write_methods(r: &mut Report) -> anyhow::Result<()> {
     let mut client = db::connect_writer(&pg).await?;
     db::migrate(&mut client, &pg.schema).await?;
     for batch_rows in [100usize, 1_000, 4_000, 16_000] {
-        // Small batches are slow (a statement-level trigger keeps the rollups): fewer rows.
+        // Small batches are slow (a round trip and a transaction each): fewer rows.
         let total = (batch_rows * 60).clamp(6_000, 96_000);
         let mut copy = Vec::new();
         let mut unnest = Vec::new();
@@ -217,7 +217,8 @@ async fn write_methods(r: &mut Report) -> anyhow::Result<()> {
             for method in [db::WriteMethod::Copy, db::WriteMethod::Unnest] {
                 client
                     .batch_execute(
-                        "TRUNCATE results, rollup_1m, rollup_1h, rollup_1d, latest_results",
+                        "TRUNCATE results_raw, rollup_1h_data, rollup_1d_data, latest_results,
+                                  rollup_pending",
                     )
                     .await?;
                 let rows = synthetic_rows(total, 1000 + round);
@@ -340,7 +341,7 @@ async fn throughput(r: &mut Report, args: &Args) -> anyhow::Result<()> {
     let (copied, secs) = psql_copy(&run).await?;
     let ceiling = copied as f64 / secs;
     r.line(format!(
-        "   ceiling, psql \\copy of the same {copied} rows from a CSV file into an empty results table: {ceiling:>8.0} rows/s ({secs:.2} s)"
+        "   ceiling, psql \\copy of the same {copied} rows from a CSV file into an empty results_raw (the sink's table, no triggers): {ceiling:>8.0} rows/s ({secs:.2} s)"
     ));
     r.line(format!(
         "   ratios: pipeline / row-per-INSERT = {:.1}x; pipeline / psql COPY = {:.2} ({:.0}% of the ceiling)",
@@ -413,12 +414,14 @@ async fn row_per_insert(run: &Run, seconds: u64) -> anyhow::Result<(u64, Duratio
 async fn psql_copy(run: &Run) -> anyhow::Result<(u64, f64)> {
     let psql = psql_binary();
     let file = run.dir.join("rows.csv");
-    let cols = "region, agent, boot_id, seq, target_id, started_at, status, outcome, regex_match, total_us, dns_us, connect_us, tls_us, ttfb_us, body_bytes, failed_phase, transfer_us, body_truncated, redirects, cert_not_after, remote_ip";
+    // The table the sink writes (migration 0009: ids, not names), without triggers: the
+    // physical limit of the write path.
+    let cols = "boot_id, seq, started_at, ingested_at, cert_not_after, agent_id, target_id, total_us, body_bytes, dns_us, connect_us, tls_us, ttfb_us, transfer_us, region_id, outcome_id, failed_phase_id, status, redirects, regex_match, body_truncated, remote_ip";
     let export = Command::new(&psql)
         .arg(&run.services.pg_url)
         .args(["-qAtX", "-v", "ON_ERROR_STOP=1", "-c"])
         .arg(format!(
-            "\\copy (SELECT {cols} FROM {}.results) TO '{}' (FORMAT csv)",
+            "\\copy (SELECT {cols} FROM {}.results_raw) TO '{}' (FORMAT csv)",
             run.schema(),
             file.display()
         ))
@@ -436,15 +439,16 @@ async fn psql_copy(run: &Run) -> anyhow::Result<(u64, f64)> {
         .arg(&run.services.pg_url)
         .args(["-qAtX", "-v", "ON_ERROR_STOP=1", "-c"])
         .arg(format!(
-            "\\copy {}.results ({cols}) FROM '{}' (FORMAT csv)",
+            "\\copy {}.results_raw ({cols}) FROM '{}' (FORMAT csv)",
             target.schema(),
             file.display()
         ))
         .output()?;
     let secs = t0.elapsed().as_secs_f64();
     anyhow::ensure!(out.status.success(), "psql \\copy failed: {out:?}");
+    // results_raw itself: the `results` view joins dimension rows this schema does not have.
     let n: i64 = client
-        .query_one("SELECT count(*) FROM results", &[])
+        .query_one("SELECT count(*) FROM results_raw", &[])
         .await?
         .get(0);
     drop(client);

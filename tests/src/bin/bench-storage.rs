@@ -2,8 +2,9 @@
 //! writes them to a file. Run with `make bench-storage` (needs the services).
 //!
 //! Loads synthetic results (default 10 million: 200 targets × 5 regions, spread over the last 30
-//! days) by binary COPY into the partitioned `results` table (the insert trigger keeps the
-//! rollups), then reports storage bytes per result, the 24-hour and 30-day region comparison of
+//! days) through the sink's own writer (`db::write_batch`) in statements of the sink's size
+//! (`--chunk`, default 500), runs the rollup round, then reports storage bytes per result after
+//! upkeep, the cost of the same rollup round at 1 day and at the full history, the 24-hour and 30-day region comparison of
 //! one target and of all targets from rollups and from raw rows, the same raw queries on a naive
 //! single table with one B-tree on time (the shape public solutions use), and the time to apply
 //! retention to one expired partition.
@@ -12,12 +13,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
 use clap::Parser;
-use futures::pin_mut;
-use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::ToSql;
 use tokio_postgres::Client;
 use vantage_ingester::config::PostgresConfig;
 use vantage_ingester::db;
+use vantage_proto::{IpAddress, Outcome, Phase, ProbeResult, RegexOutcome};
 
 #[derive(Parser)]
 #[command(about = "Storage benchmark: partitioned results and rollups vs a naive table")]
@@ -31,8 +30,8 @@ struct Args {
     regions: u32,
     #[arg(long, default_value_t = 30)]
     days: u32,
-    /// Rows per COPY statement (one trigger run per statement).
-    #[arg(long, default_value_t = 100_000)]
+    /// Rows per write statement (the sink's batch: unnest below 2,000 rows, COPY from there).
+    #[arg(long, default_value_t = 500)]
     chunk: u64,
     /// Schema to (re)create for the run.
     #[arg(long, default_value = "bench_storage")]
@@ -61,80 +60,141 @@ impl Rng {
     }
 }
 
-async fn load(client: &mut Client, args: &Args) -> Result<(), tokio_postgres::Error> {
-    let regions: Vec<String> = (0..args.regions).map(|r| format!("region-{r}")).collect();
-    let series = u64::from(args.targets) * u64::from(args.regions);
-    let per_series = args.results / series;
-    let span_ms = u64::from(args.days) * 86_400_000 - 60_000;
-    let step_ms = span_ms / per_series.max(1);
-    let now_ms = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    let start_ms = now_ms - span_ms;
-    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
-    let total = per_series * series;
-    let mut written = 0u64;
-    let ip: std::net::IpAddr = "192.0.2.10".parse().expect("ip");
-    let cert = SystemTime::UNIX_EPOCH + Duration::from_secs(1_900_000_000);
-    while written < total {
-        let n = args.chunk.min(total - written);
-        let tx = client.transaction().await?;
-        let sink = tx
-            .copy_in(&format!(
-                "COPY results ({}) FROM STDIN (FORMAT binary)",
-                db::COLUMNS
-            ))
-            .await?;
-        let writer = BinaryCopyInWriter::new(sink, &db::COLUMN_TYPES);
-        pin_mut!(writer);
-        for i in written..written + n {
-            // Time-major order, as agents deliver: step k of every series, then step k + 1.
-            let step = i / series;
-            let s = i % series;
-            let target = (s / u64::from(args.regions)) as i32;
-            let region_ix = (s % u64::from(args.regions)) as usize;
-            let started = SystemTime::UNIX_EPOCH
-                + Duration::from_millis(start_ms + step * step_ms + (s * 997) % step_ms.max(1));
-            // Latency: per-target base, slower far regions, log-normal-ish spread.
-            let base = 20_000.0 + f64::from(target) * 500.0;
-            let region_factor = 1.0 + region_ix as f64 * 0.6;
-            let total_us = (base * region_factor * (0.5 + rng.unit()).powi(2) * 1.6) as i32;
-            let fail = rng.next() % 100 == 0;
-            let outcome = if fail { "timeout" } else { "up" };
-            let agent = format!("{}-pi", regions[region_ix]);
-            let row: [&(dyn ToSql + Sync); 21] = [
-                &regions[region_ix],
-                &agent,
-                &1i64,
-                &(step as i64),
-                &target,
-                &started,
-                &(if fail { None } else { Some(200i16) }),
-                &outcome,
-                &None::<bool>,
-                &total_us,
-                &Some(total_us / 20),
-                &Some(total_us / 10),
-                &Some(total_us / 5),
-                &Some(total_us / 2),
-                &5120i32,
-                &(if fail { Some("first_byte") } else { None }),
-                &Some(total_us / 10),
-                &false,
-                &0i16,
-                &Some(cert),
-                &Some(ip),
-            ];
-            writer.as_mut().write(&row).await?;
+/// The synthetic results, time-major (step k of every series, then step k + 1), as agents
+/// deliver them: result `i` of `total`.
+struct Synth {
+    regions: Vec<String>,
+    series: u64,
+    step_ms: u64,
+    start_ms: u64,
+    total: u64,
+    targets_regions: u64,
+    rng: Rng,
+}
+
+impl Synth {
+    fn new(args: &Args) -> Synth {
+        let regions: Vec<String> = (0..args.regions).map(|r| format!("region-{r}")).collect();
+        let series = u64::from(args.targets) * u64::from(args.regions);
+        let per_series = args.results / series;
+        let span_ms = u64::from(args.days) * 86_400_000 - 60_000;
+        let step_ms = span_ms / per_series.max(1);
+        let now_ms = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        Synth {
+            regions,
+            series,
+            step_ms,
+            start_ms: now_ms - span_ms,
+            total: per_series * series,
+            targets_regions: u64::from(args.regions),
+            rng: Rng(0x9E37_79B9_7F4A_7C15),
         }
-        writer.finish().await?;
-        tx.commit().await?;
+    }
+
+    /// Result `i`; `seq_offset` moves it to another sequence number (a distinct result).
+    fn row(&mut self, i: u64, at_ms: Option<u64>, seq_offset: u64) -> db::Row {
+        let step = i / self.series;
+        let s = i % self.series;
+        let target = (s / self.targets_regions) as u32;
+        let region_ix = (s % self.targets_regions) as usize;
+        let started_ms =
+            at_ms.unwrap_or(self.start_ms + step * self.step_ms + (s * 997) % self.step_ms.max(1));
+        // Latency: per-target base, slower far regions, log-normal-ish spread.
+        let base = 20_000.0 + f64::from(target) * 500.0;
+        let region_factor = 1.0 + region_ix as f64 * 0.6;
+        let total_us = (base * region_factor * (0.5 + self.rng.unit()).powi(2) * 1.6) as u32;
+        let fail = self.rng.next() % 100 == 0;
+        db::Row {
+            region: self.regions[region_ix].clone(),
+            agent: format!("{}-pi", self.regions[region_ix]),
+            boot_id: 1,
+            result: ProbeResult {
+                seq: step + seq_offset,
+                target_id: target,
+                started_at_ms: started_ms,
+                status: if fail { 0 } else { 200 },
+                outcome: if fail { Outcome::Timeout } else { Outcome::Up },
+                failed_phase: fail.then_some(Phase::FirstByte),
+                regex: RegexOutcome::NotConfigured,
+                total_us,
+                dns_us: Some(total_us / 20),
+                connect_us: Some(total_us / 10),
+                tls_us: Some(total_us / 5),
+                ttfb_us: Some(total_us / 2),
+                transfer_us: Some(total_us / 10),
+                body_bytes: 5120,
+                body_truncated: false,
+                redirects: 0,
+                cert_not_after_s: Some(1_900_000_000),
+                remote_ip: Some(IpAddress::V4([192, 0, 2, 10])),
+            },
+        }
+    }
+}
+
+/// Loads results `from..to` through the sink's writer (`db::write_batch`: unnest below 2,000
+/// rows, COPY from there, the dimension ids and the pending row in the same transaction), in
+/// statements of `chunk` rows.
+async fn load(
+    client: &mut Client,
+    synth: &mut Synth,
+    chunk: u64,
+    from: u64,
+    to: u64,
+) -> Result<(), db::DbError> {
+    let mut written = from;
+    while written < to {
+        let n = chunk.min(to - written);
+        let rows: Vec<db::Row> = (written..written + n)
+            .map(|i| synth.row(i, None, 0))
+            .collect();
+        db::write_batch(client, &rows, &[]).await?;
         written += n;
-        if written % (args.chunk * 10) == 0 || written == total {
-            eprintln!("bench-storage: loaded {written} / {total}");
+        if (written - from) % (chunk * 200) == 0 || written == to {
+            eprintln!("bench-storage: loaded {written} / {}", synth.total);
         }
     }
     Ok(())
+}
+
+/// The same rollup round at any history length: 10 results of every series for an hour that is
+/// already materialised (late data, distinct results each time), written in statements of
+/// `chunk` rows, then one round. Median of 3 (ms of the round alone).
+async fn standard_round(
+    client: &Client,
+    writer: &mut Client,
+    synth: &mut Synth,
+    chunk: u64,
+    loaded: u64,
+    salt: u64,
+) -> Result<(f64, i64), Box<dyn std::error::Error>> {
+    let last_ms = synth.start_ms + (loaded / synth.series) * synth.step_ms;
+    let hour_ms = (last_ms / 3_600_000).saturating_sub(3) * 3_600_000;
+    let mut times = Vec::new();
+    let mut late_hours = 0;
+    for k in 0..3u64 {
+        let rows: Vec<db::Row> = (0..synth.series * 10)
+            .map(|i| {
+                let at = hour_ms + (i / synth.series) * 300_000 + (i % synth.series);
+                synth.row(
+                    i % synth.series,
+                    Some(at),
+                    1_000_000_000 + salt * 1_000_000 + k * 100_000 + i,
+                )
+            })
+            .collect();
+        for c in rows.chunks(chunk as usize) {
+            db::write_batch(writer, c, &[]).await?;
+        }
+        let t = Instant::now();
+        let r = vantage_ingester::storage::rollup_round(client).await?;
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+        late_hours = r.late_hours;
+    }
+    times.sort_by(f64::total_cmp);
+    Ok((times[1], late_hours))
 }
 
 /// Median wall time of `runs` executions of `sql` (after one warm-up).
@@ -169,17 +229,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", args.schema))
             .await?;
         db::migrate(&mut client, &args.schema).await?;
+        vantage_ingester::storage::migrate_v8(&client, 50_000, Duration::from_secs(60)).await?;
         client
             .query_one(
-                "SELECT vantage_ensure_partitions(7, $1)",
+                "SELECT vantage_ensure_partitions(7, $1, $1)",
                 &[&(args.days as i32 + 1)],
             )
             .await?;
     }
-
-    // The same planner settings for every query compared below: JIT compilation (on by default)
-    // costs ~0.6 s on these plans and would dominate all of them.
-    client.batch_execute("SET jit = off").await?;
+    let mut writer = db::connect_writer(&config).await?;
 
     let mut report = String::new();
     let mut line = |s: String| {
@@ -188,23 +246,52 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         report.push('\n');
     };
 
+    let mut synth = Synth::new(&args);
     let mut load_s = f64::NAN;
+    let mut rounds = None;
     if !args.skip_load {
+        // The first day, its round, the standard round at 1 day of history; then the rest, its
+        // round, the standard round at the full history.
+        let total = synth.total;
+        let first = (total / u64::from(args.days.max(1))).min(total);
         let t = Instant::now();
-        load(&mut client, &args).await?;
-        load_s = t.elapsed().as_secs_f64();
-        client.batch_execute("ANALYZE").await?;
+        load(&mut writer, &mut synth, args.chunk, 0, first).await?;
+        let mut elapsed = t.elapsed().as_secs_f64();
+        vantage_ingester::storage::rollup_round(&client).await?;
+        let day1 = standard_round(&client, &mut writer, &mut synth, args.chunk, first, 1).await?;
+        let t = Instant::now();
+        load(&mut writer, &mut synth, args.chunk, first, total).await?;
+        elapsed += t.elapsed().as_secs_f64();
+        load_s = elapsed;
+        let t = Instant::now();
+        let catch_up = vantage_ingester::storage::rollup_round(&client).await?;
+        let catch_up_ms = t.elapsed().as_secs_f64() * 1000.0;
+        let full = standard_round(&client, &mut writer, &mut synth, args.chunk, total, 2).await?;
+        rounds = Some((day1, full, catch_up_ms, catch_up));
+        client.batch_execute("VACUUM ANALYZE").await?;
     }
     let n = scalar(&client, "SELECT count(*) FROM results").await?;
     line(format!(
         "vantage storage benchmark — {n} results ({} targets × {} regions over {} days)",
         args.targets, args.regions, args.days
     ));
+    let loaded = synth.total;
     line(format!(
-        "load: {load_s:.1} s by binary COPY in statements of {} rows, rollups by trigger: {:.0} results/s",
+        "load: {loaded} results in {load_s:.1} s through the sink's writer (db::write_batch) in statements of {} rows: {:.0} results/s",
         args.chunk,
-        n as f64 / load_s
+        loaded as f64 / load_s
     ));
+    if let Some(((d1, h1), (d30, h30), catch_up_ms, catch_up)) = rounds {
+        line(format!(
+            "rollup round with the same late data ({h1} / {h30} hourly buckets recounted), median of 3: {d1:.1} ms at 1 day of history, {d30:.1} ms at {} days: ratio {:.2}",
+            args.days,
+            d30 / d1
+        ));
+        line(format!(
+            "round after the load (late data: {} hourly rows recounted, {} new; {} daily rows): {catch_up_ms:.0} ms",
+            catch_up.late_hours, catch_up.hours, catch_up.days
+        ));
+    }
 
     // Naive baseline: one table, one B-tree on time.
     let t = Instant::now();
@@ -225,42 +312,52 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let c = &client;
         async move { scalar(c, sql).await }
     };
-    let raw =
-        size("SELECT sum(pg_total_relation_size(relid))::int8 FROM pg_partition_tree('results')")
-            .await?;
-    let raw_heap =
-        size("SELECT sum(pg_relation_size(relid))::int8 FROM pg_partition_tree('results')").await?;
-    let r1m =
-        size("SELECT sum(pg_total_relation_size(relid))::int8 FROM pg_partition_tree('rollup_1m')")
-            .await?;
-    let r1h =
-        size("SELECT sum(pg_total_relation_size(relid))::int8 FROM pg_partition_tree('rollup_1h')")
-            .await?;
-    let r1d =
-        size("SELECT sum(pg_total_relation_size(relid))::int8 FROM pg_partition_tree('rollup_1d')")
-            .await?;
+    let tree = |t: &'static str, f: &'static str| {
+        let c = &client;
+        async move {
+            scalar(
+                c,
+                &format!("SELECT coalesce(sum({f}(relid)), 0)::int8 FROM pg_partition_tree('{t}')"),
+            )
+            .await
+        }
+    };
+    let raw = tree("results_raw", "pg_total_relation_size").await?;
+    let raw_heap = tree("results_raw", "pg_relation_size").await?;
+    let r1h = tree("rollup_1h_data", "pg_total_relation_size").await?;
+    let r1d = tree("rollup_1d_data", "pg_total_relation_size").await?;
     let latest = size("SELECT pg_total_relation_size('latest_results')").await?;
+    let other = size(
+        "SELECT (pg_total_relation_size('rollup_pending') + pg_total_relation_size('regions')
+                 + pg_total_relation_size('agents') + pg_total_relation_size('outcomes')
+                 + pg_total_relation_size('phases') + pg_total_relation_size('rollup_state'))::int8",
+    )
+    .await?;
     let naive = size("SELECT pg_total_relation_size('naive_results')").await?;
     let per = |b: i64| b as f64 / n as f64;
     line(String::new());
-    line("storage, bytes per result:".into());
+    line("storage after upkeep, bytes per result:".into());
     line(format!(
-        "  results heap              {:>8.1}",
+        "  results_raw heap          {:>8.1}",
         per(raw_heap)
     ));
     line(format!(
-        "  results indexes           {:>8.1}",
+        "  results_raw indexes       {:>8.1}",
         per(raw - raw_heap)
     ));
-    line(format!("  rollup_1m (+ indexes)     {:>8.1}", per(r1m)));
-    line(format!("  rollup_1h (+ indexes)     {:>8.1}", per(r1h)));
-    line(format!("  rollup_1d (+ indexes)     {:>8.1}", per(r1d)));
+    line(format!("  rollup_1h_data (+ idx)    {:>8.1}", per(r1h)));
+    line(format!("  rollup_1d_data (+ idx)    {:>8.1}", per(r1d)));
     line(format!("  latest_results            {:>8.1}", per(latest)));
+    line(format!("  dimensions, pending, state{:>8.1}", per(other)));
     line(format!(
         "  total                     {:>8.1}",
-        per(raw + r1m + r1h + r1d + latest)
+        per(raw + r1h + r1d + latest + other)
     ));
     line(format!("  naive table + time index  {:>8.1}", per(naive)));
+    line(format!(
+        "  naive / total             {:>8.2}",
+        naive as f64 / (raw + r1h + r1d + latest + other) as f64
+    ));
 
     let raw_query = |table: &str, since: &str, target: Option<i32>| {
         format!(
@@ -274,36 +371,38 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             target.map_or(String::new(), |t| format!("AND target_id = {t}"))
         )
     };
-    line(String::new());
-    line("region comparison, median of 5 runs (ms):".into());
-    line(format!(
-        "  {:<26} {:>10} {:>14} {:>12} {:>10} {:>10}",
-        "query", "rollups", "raw partitioned", "raw naive", "naive/rollup", "naive/raw"
-    ));
-    for (label, since, target) in [
-        ("one target, 24 hours", "24 hours", Some(17)),
-        ("one target, 30 days", "30 days", Some(17)),
-        ("all targets, 24 hours", "24 hours", None),
-        ("all targets, 30 days", "30 days", None),
-    ] {
-        let rollup_sql = format!(
-            "SELECT * FROM region_comparison(interval '{since}'{})",
-            target.map_or(String::new(), |t| format!(", {t}"))
-        );
-        let runs = if target.is_none() && since == "30 days" {
-            3
-        } else {
-            5
-        };
-        let r = time_query(&client, &rollup_sql, runs).await?;
-        let p = time_query(&client, &raw_query("results", since, target), runs).await?;
-        let q = time_query(&client, &raw_query("naive_results", since, target), runs).await?;
+    for jit in ["off", "on"] {
+        client.batch_execute(&format!("SET jit = {jit}")).await?;
+        line(String::new());
         line(format!(
-            "  {label:<26} {r:>10.1} {p:>14.1} {q:>12.1} {:>9.0}x {:>9.1}x",
-            q / r,
-            q / p
+            "region comparison, JIT {jit}, median of 5 runs (ms):"
         ));
+        line(format!(
+            "  {:<26} {:>10} {:>14} {:>12} {:>10} {:>10}",
+            "query", "rollups", "raw partitioned", "raw naive", "naive/rollup", "naive/raw"
+        ));
+        for (label, since, target) in [
+            ("one target, 24 hours", "24 hours", Some(17)),
+            ("one target, 30 days", "30 days", Some(17)),
+            ("all targets, 24 hours", "24 hours", None),
+            ("all targets, 30 days", "30 days", None),
+        ] {
+            let rollup_sql = format!(
+                "SELECT * FROM region_comparison(interval '{since}'{})",
+                target.map_or(String::new(), |t| format!(", {t}"))
+            );
+            let runs = 5;
+            let r = time_query(&client, &rollup_sql, runs).await?;
+            let p = time_query(&client, &raw_query("results", since, target), runs).await?;
+            let q = time_query(&client, &raw_query("naive_results", since, target), runs).await?;
+            line(format!(
+                "  {label:<26} {r:>10.1} {p:>14.1} {q:>12.1} {:>9.0}x {:>9.1}x",
+                q / r,
+                q / p
+            ));
+        }
     }
+    client.batch_execute("SET jit = off").await?;
 
     // Retention of one expired day: drop the oldest partition.
     let oldest_keep = format!("{} days", args.days - 1);
@@ -311,7 +410,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dropped: Vec<String> = client
         .query(
             &format!(
-                "SELECT vantage_apply_retention(interval '{oldest_keep}', interval '400 days')"
+                "SELECT relation FROM vantage_apply_retention(interval '{oldest_keep}', interval '400 days')"
             ),
             &[],
         )
