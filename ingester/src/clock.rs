@@ -42,7 +42,7 @@ impl Default for ClockWindow {
         ClockWindow {
             max_behind: Duration::from_secs(3600),
             max_ahead: Duration::from_secs(300),
-            retention: crate::storage::StorageConfig::default().raw_retention,
+            retention: crate::storage_config::StorageConfig::default().raw_retention,
         }
     }
 }

@@ -108,22 +108,22 @@ impl Default for RawStorage {
 }
 
 fn default_raw_retention() -> Duration {
-    crate::storage::StorageConfig::default().raw_retention
+    crate::storage_config::StorageConfig::default().raw_retention
 }
 fn default_rollup_retention() -> Duration {
-    crate::storage::StorageConfig::default().rollup_retention
+    crate::storage_config::StorageConfig::default().rollup_retention
 }
 fn default_daily_retention() -> Duration {
-    crate::storage::StorageConfig::default().daily_retention
+    crate::storage_config::StorageConfig::default().daily_retention
 }
 fn default_rollup_interval() -> Duration {
-    crate::storage::StorageConfig::default().rollup_interval
+    crate::storage_config::StorageConfig::default().rollup_interval
 }
 fn default_partitions_ahead() -> u32 {
-    crate::storage::StorageConfig::default().partitions_ahead
+    crate::storage_config::StorageConfig::default().partitions_ahead
 }
 fn default_upkeep_interval() -> Duration {
-    crate::storage::StorageConfig::default().interval
+    crate::storage_config::StorageConfig::default().interval
 }
 
 #[derive(Debug, Deserialize)]
@@ -338,7 +338,7 @@ pub struct Config {
     kafka: Option<KafkaConfig>,
     postgres: Option<PostgresConfig>,
     pub sink: SinkConfig,
-    pub storage: crate::storage::StorageConfig,
+    pub storage: crate::storage_config::StorageConfig,
     pub http: HttpConfig,
     pub alerts: crate::alert::rules::AlertsConfig,
     pub web: crate::web::WebConfig,
@@ -758,7 +758,7 @@ impl Config {
             return Err(invalid("sink.batch_max", "must be at least 1".into()));
         }
         let st = &raw.storage;
-        let storage = crate::storage::StorageConfig {
+        let storage = crate::storage_config::StorageConfig {
             raw_retention: st.raw_retention,
             rollup_retention: st.rollup_retention,
             daily_retention: st.daily_retention,
