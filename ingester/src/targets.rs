@@ -835,7 +835,7 @@ mod tests {
         TargetsFile::parse(text, Path::new("targets.toml")).map_err(|e| e.to_string())
     }
 
-    const GOOD: &str = r#"
+    pub(super) const GOOD: &str = r#"
 regions = ["eu-north", "us-east"]
 
 [[targets]]

@@ -433,24 +433,8 @@ mod tests {
     use super::*;
     use std::path::Path;
 
-    const FILE: &str = r#"
-regions = ["eu-north", "us-east"]
-
-[[targets]]
-name = "shop"
-url = "https://shop.example/"
-
-[[targets]]
-name = "api"
-id = 40
-url = "http://api.example/health"
-regions = ["us-east"]
-
-[[targets]]
-name = "lab"
-url = "http://10.0.0.1/"
-agents = ["eu-north/pi-lab"]
-"#;
+    // The targets file of targets.rs's own tests: shop (both regions), api (id 40), lab (pinned).
+    use super::super::tests::GOOD as FILE;
 
     fn file(text: &str) -> TargetsFile {
         TargetsFile::parse(text, Path::new("targets.toml")).unwrap()
