@@ -19,6 +19,7 @@ pub mod target;
 pub mod target_set;
 pub mod tls;
 pub mod uplink;
+pub mod uplink_stats;
 
 // Shared with the ingester; re-exported so the agent's paths stay `crate::logging`, ...
 pub use vantage_common::{logging, ratelimit};

@@ -12,14 +12,14 @@ use std::net::SocketAddr;
 use tokio_util::sync::CancellationToken;
 
 use crate::probe::Measurement;
-use crate::uplink::UplinkStats;
+use crate::uplink_stats::UplinkStats;
 
 /// The uplink's state at one moment.
 #[derive(Debug, Clone, Copy)]
 pub struct UplinkSnapshot<'a> {
     pub stats: &'a UplinkStats,
     /// The spool's figures (None without a spool).
-    pub spool: Option<&'a crate::uplink::SpoolState>,
+    pub spool: Option<&'a crate::uplink_stats::SpoolState>,
     /// Results buffered, not yet acknowledged by the broker.
     pub buffered: usize,
     pub capacity: usize,

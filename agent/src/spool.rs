@@ -3,7 +3,7 @@
 //!
 //! # Model
 //! A FIFO of *records* (probe results), each with a *position*: a counter over every record
-//! ever appended, across boots. The uplink's [`crate::uplink::Outbox`] appends the results of
+//! ever appended, across boots. The uplink's `Outbox` (uplink.rs) appends the results of
 //! this boot, reads old ones back (those of earlier boots at start, and those its memory cache
 //! evicted), and tells the spool what happened to them with *markers*:
 //! - `Ack { upto }`: every position below `upto` is done (acknowledged, or dropped);
