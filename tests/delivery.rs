@@ -1158,7 +1158,7 @@ async fn results_from_broken_clocks_are_dead_lettered_not_stored() {
 }
 
 /// Issue #14, item 5 (TESTING.md 20): a record PostgreSQL refuses (here a CHECK constraint the
-/// test adds; in the field, any value a trigger or constraint refuses) no longer stops the sink
+/// test adds to the sink's table, `results_raw` since 0009; in the field, any value a trigger or constraint refuses) no longer stops the sink
 /// and every restart after it. The batch is bisected: the refused result and the refused gap
 /// go to the dead-letter topic with their SQLSTATE, the rest of the batch is written, offsets
 /// move on, and the sink keeps consuming.
@@ -1180,7 +1180,7 @@ async fn sink_dead_letters_what_postgres_refuses_and_moves_on() {
         .unwrap();
     client
         .batch_execute(
-            "ALTER TABLE results ADD CONSTRAINT test_poison CHECK (target_id <> 666);
+            "ALTER TABLE results_raw ADD CONSTRAINT test_poison CHECK (target_id <> 666);
              ALTER TABLE gaps ADD CONSTRAINT test_poison_gap CHECK (dropped <> 666);",
         )
         .await
