@@ -932,6 +932,33 @@ async fn upkeep_recovers_after_a_postgres_restart() {
 /// Issue #14 item 7: `cert_expiry` reports per region, and one region never decides alone: the
 /// target-level `not_after` is the soonest expiry two regions see (a single region's when it is
 /// the only one reporting); the lone early claim shows as `soonest` / `soonest_from`.
+/// Target ids seen only in results (a standalone agent's local targets) get a `targets` row,
+/// as the insert trigger gave them before 0009: alert rules with `targets = [...]` and the
+/// dashboard select targets there. Without it the demo's down alert on its local target never
+/// fired (migration 0010).
+#[tokio::test]
+async fn targets_seen_in_results_are_recorded() {
+    let s = Schema::new("seen").await;
+    let now = now_ms();
+    let rows: Vec<_> = [(41, "eu-north"), (41, "us-east"), (42, "eu-north")]
+        .into_iter()
+        .enumerate()
+        .map(|(i, (target, region))| row(i as u64, target, region, now, 1000, Outcome::Up))
+        .collect();
+    let mut client = db::connect_writer(&s.config).await.unwrap();
+    db::write_batch(&mut client, &rows, &[]).await.unwrap();
+    // Written again: no error, no second row.
+    db::write_batch(&mut client, &rows, &[]).await.unwrap();
+    let ids: Vec<i32> = s
+        .client
+        .query("SELECT target_id FROM targets ORDER BY 1", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids, [41, 42]);
+}
 #[tokio::test]
 async fn cert_expiry_is_per_region_and_needs_two_regions() {
     let s = Schema::new("cert").await;

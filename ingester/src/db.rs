@@ -58,6 +58,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0009_compact_storage.sql",
         include_str!("../../migrations/0009_compact_storage.sql"),
     ),
+    (
+        10,
+        "0010_seen_targets.sql",
+        include_str!("../../migrations/0010_seen_targets.sql"),
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -770,8 +775,8 @@ fn insert_raw_from(source: &str) -> String {
     )
 }
 
-/// Adds the regions, agents, outcomes and phases of `rows` that the dimension tables do not
-/// have yet (one statement; existing rows are not locked).
+/// Adds the regions, agents, outcomes, phases and target ids of `rows` that the dimension tables
+/// and `targets` do not have yet (one statement; existing rows are not locked).
 async fn ensure_dims(tx: &tokio_postgres::Transaction<'_>, rows: &[Row]) -> Result<(), DbError> {
     let mut agents: BTreeMap<&str, &str> = BTreeMap::new();
     let mut outcomes: BTreeSet<&'static str> = BTreeSet::new();
@@ -794,9 +799,17 @@ async fn ensure_dims(tx: &tokio_postgres::Transaction<'_>, rows: &[Row]) -> Resu
     }
     let outcomes: Vec<&str> = outcomes.into_iter().collect();
     let phases: Vec<&str> = phases.into_iter().collect();
+    // Target ids seen in results get a `targets` row (migration 0010): alert rules and the
+    // dashboard select targets there, also standalone agents' local ones.
+    let targets: Vec<i32> = rows
+        .iter()
+        .map(|r| r.result.target_id as i32)
+        .collect::<BTreeSet<i32>>()
+        .into_iter()
+        .collect();
     tx.execute(
-        "SELECT vantage_ensure_dims($1, $2, $3, $4)",
-        &[&regions, &names, &outcomes, &phases],
+        "SELECT vantage_ensure_dims($1, $2, $3, $4), vantage_ensure_targets($5)",
+        &[&regions, &names, &outcomes, &phases, &targets],
     )
     .await?;
     Ok(())
