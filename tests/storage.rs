@@ -120,6 +120,36 @@ fn row(
     }
 }
 
+/// `steps` rounds, 5 minutes apart going back from `now_ms`, of `targets` targets × `regions`;
+/// `shape(seq)` gives each result's total time (µs) and outcome.
+fn every_five_minutes(
+    steps: u64,
+    targets: u32,
+    regions: &[&str],
+    now_ms: u64,
+    shape: impl Fn(u64) -> (u32, Outcome),
+) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let mut seq = 0;
+    for step in 0..steps {
+        for target in 0..targets {
+            for region in regions {
+                let (total_us, outcome) = shape(seq);
+                rows.push(row(
+                    seq,
+                    target,
+                    region,
+                    now_ms - step * 300_000 - u64::from(target),
+                    total_us,
+                    outcome,
+                ));
+                seq += 1;
+            }
+        }
+    }
+    rows
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -570,23 +600,7 @@ async fn explain_shows_indexes_and_partition_pruning() {
     let mut writer = db::connect_writer(&s.config).await.unwrap();
     let now = now_ms();
     // Two days of 50 targets × 4 regions every ~5 minutes.
-    let mut rows = Vec::new();
-    let mut seq = 0;
-    for step in 0..576u64 {
-        for target in 0..50u32 {
-            for region in ["a", "b", "c", "d"] {
-                rows.push(row(
-                    seq,
-                    target,
-                    region,
-                    now - step * 300_000 - u64::from(target),
-                    1000,
-                    Outcome::Up,
-                ));
-                seq += 1;
-            }
-        }
-    }
+    let rows = every_five_minutes(576, 50, &["a", "b", "c", "d"], now, |_| (1000, Outcome::Up));
     for chunk in rows.chunks(5_000) {
         db::write_batch(&mut writer, chunk, &[]).await.unwrap();
     }
@@ -1132,28 +1146,14 @@ async fn explain_functions_read_only_their_window() {
     let mut writer = db::connect_writer(&s.config).await.unwrap();
     let now = now_ms();
     // Three days of 20 targets × 3 regions every 5 minutes (51,840 results).
-    let mut rows = Vec::new();
-    let mut seq = 0;
-    for step in 0..864u64 {
-        for target in 0..20u32 {
-            for region in ["a", "b", "c"] {
-                let outcome = if seq % 13 == 0 {
-                    Outcome::Timeout
-                } else {
-                    Outcome::Up
-                };
-                rows.push(row(
-                    seq,
-                    target,
-                    region,
-                    now - step * 300_000 - u64::from(target),
-                    1000 + (seq % 900) as u32,
-                    outcome,
-                ));
-                seq += 1;
-            }
-        }
-    }
+    let rows = every_five_minutes(864, 20, &["a", "b", "c"], now, |seq| {
+        let outcome = if seq % 13 == 0 {
+            Outcome::Timeout
+        } else {
+            Outcome::Up
+        };
+        (1000 + (seq % 900) as u32, outcome)
+    });
     for chunk in rows.chunks(5_000) {
         db::write_batch(&mut writer, chunk, &[]).await.unwrap();
     }
