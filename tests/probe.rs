@@ -274,7 +274,7 @@ async fn ca_file_makes_the_certificate_trusted_and_expiry_is_recorded() {
         2000,
         Some("target: ok"),
     );
-    t.tls = Some(vantage_agent::tls::config_with_ca_file(&ca_file(&ca, "trusted")).unwrap());
+    t.tls = Some(vantage_agent::probe_tls::config_with_ca_file(&ca_file(&ca, "trusted")).unwrap());
     let m = Prober::new().probe(&t).await;
     assert_eq!(m.outcome, Outcome::Up, "{m:?}");
     assert!(m.tls.is_some() && m.dns.is_some());
@@ -285,7 +285,7 @@ async fn ca_file_makes_the_certificate_trusted_and_expiry_is_recorded() {
 #[tokio::test]
 async fn expired_certificate_and_wrong_name_are_distinct_kinds() {
     let ca = TestCa::new();
-    let tls = vantage_agent::tls::config_with_ca_file(&ca_file(&ca, "kinds")).unwrap();
+    let tls = vantage_agent::probe_tls::config_with_ca_file(&ca_file(&ca, "kinds")).unwrap();
 
     let expired = ca.leaf(&["localhost"], (2020, 1, 1), (2021, 1, 1));
     let server = tls_target(expired.server_config()).await;
@@ -308,7 +308,7 @@ async fn skip_verify_is_an_explicit_opt_in() {
     let leaf = vantage_tests::tls::self_signed(&["localhost"]);
     let server = tls_target(leaf.server_config()).await;
     let mut t = target(&server.url_with_host("localhost", "/"), 2000, None);
-    t.tls = Some(vantage_agent::tls::skip_verify_config());
+    t.tls = Some(vantage_agent::probe_tls::skip_verify_config());
     let m = Prober::new().probe(&t).await;
     assert_eq!(m.outcome, Outcome::Up, "{m:?}");
     assert_eq!(m.cert_not_after_s, Some(leaf.not_after_unix));
@@ -479,7 +479,7 @@ async fn https_to_http_redirect_is_refused() {
         &format!("/?redirect_to={}", encode(&plain.url("/"))),
     );
     let mut t = with_headers(target(&url, 2000, None), &SECRETS[..1]);
-    t.tls = Some(vantage_agent::tls::skip_verify_config());
+    t.tls = Some(vantage_agent::probe_tls::skip_verify_config());
     let m = Prober::new().probe(&t).await;
     assert_eq!(m.outcome, Outcome::DowngradeRefused, "{m:?}");
     assert_eq!((m.status, m.redirects), (302, 0), "{m:?}");

@@ -13,11 +13,11 @@ pub mod mqtt_tls;
 pub mod netpolicy;
 pub mod oneshot;
 pub mod probe;
+pub mod probe_tls;
 pub mod scheduler;
 pub mod spool;
 pub mod target;
 pub mod target_set;
-pub mod tls;
 pub mod uplink;
 pub mod uplink_stats;
 

@@ -58,22 +58,21 @@ pub async fn serve(
 
 #[cfg(feature = "metrics")]
 mod imp {
-    use std::convert::Infallible;
     use std::sync::atomic::Ordering;
     use std::sync::{Arc, LazyLock};
     use std::time::Duration;
 
-    use bytes::Bytes;
-    use http_body_util::Full;
-    use hyper::{Response, StatusCode};
-    use hyper_util::rt::TokioIo;
+    use hyper::StatusCode;
     use prometheus_client::encoding::EncodeLabelSet;
     use prometheus_client::metrics::counter::Counter;
     use prometheus_client::metrics::family::Family;
     use prometheus_client::metrics::gauge::Gauge;
     use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
     use prometheus_client::registry::{Registry, Unit};
-    use tokio::sync::Semaphore;
+
+    use vantage_common::http_server::{
+        accept_loop, text_response, Handler, Limits, OPENMETRICS, PLAIN,
+    };
 
     use super::*;
 
@@ -332,7 +331,7 @@ mod imp {
     }
 
     /// Binds `addr` and serves `/metrics` and `/healthz` until `shutdown`, on a task of the
-    /// current runtime (after hyper's `server/hello` example); at most 8 connections at once,
+    /// current runtime (the shared `vantage_common::http_server`); at most 8 connections at once,
     /// each for at most 10 s. Returns the bound address (port 0 picks one; it is logged).
     pub async fn serve(
         addr: SocketAddr,
@@ -343,49 +342,21 @@ mod imp {
             .map_err(|source| MetricsError::Bind { addr, source })?;
         let bound = listener.local_addr().unwrap_or(addr);
         tracing::info!(addr = %bound, "metrics listening (/metrics, /healthz)");
-        tokio::spawn(async move {
-            let slots = Arc::new(Semaphore::new(8));
-            loop {
-                let Ok(permit) = slots.clone().acquire_owned().await else {
-                    return;
-                };
-                let stream = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    a = listener.accept() => match a {
-                        Ok((s, _)) => s,
-                        Err(_) => {
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                            continue;
-                        }
-                    },
-                };
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(|req: hyper::Request<_>| async move {
-                        let (status, body) = match req.uri().path() {
-                            "/metrics" => (StatusCode::OK, encode()),
-                            "/healthz" => (StatusCode::OK, "ok\n".to_owned()),
-                            _ => (StatusCode::NOT_FOUND, "try /metrics\n".to_owned()),
-                        };
-                        let mut r = Response::new(Full::new(Bytes::from(body)));
-                        *r.status_mut() = status;
-                        if status == StatusCode::OK && req.uri().path() == "/metrics" {
-                            r.headers_mut().insert(
-                                hyper::header::CONTENT_TYPE,
-                                hyper::header::HeaderValue::from_static(
-                                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                                ),
-                            );
-                        }
-                        Ok::<_, Infallible>(r)
-                    });
-                    let conn = hyper::server::conn::http1::Builder::new()
-                        .keep_alive(false)
-                        .serve_connection(TokioIo::new(stream), service);
-                    let _ = tokio::time::timeout(Duration::from_secs(10), conn).await;
-                    drop(permit);
-                });
-            }
+        let handler: Handler = Arc::new(|req: hyper::Request<_>| {
+            Box::pin(async move {
+                match req.uri().path() {
+                    "/metrics" => text_response(StatusCode::OK, OPENMETRICS, encode()),
+                    "/healthz" => text_response(StatusCode::OK, PLAIN, "ok\n".to_owned()),
+                    _ => text_response(StatusCode::NOT_FOUND, PLAIN, "try /metrics\n".to_owned()),
+                }
+            })
         });
+        let limits = Limits {
+            max_connections: 8,
+            deadline: Duration::from_secs(10),
+            keep_alive: false,
+        };
+        tokio::spawn(accept_loop(listener, limits, shutdown, handler));
         Ok(bound)
     }
 }

@@ -35,8 +35,8 @@ use tokio::net::TcpStream;
 use tokio::time::timeout_at;
 use vantage_proto::{Outcome, Phase, RegexOutcome};
 
+use crate::probe_tls as tls;
 use crate::target::{IpFamily, Target};
-use crate::tls;
 
 /// Sent with every request so target owners can recognise (and allow-list) the monitor.
 pub const USER_AGENT_VALUE: &str = concat!("vantage-agent/", env!("CARGO_PKG_VERSION"));

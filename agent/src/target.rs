@@ -73,9 +73,9 @@ impl Target {
         let err = |key: &'static str, reason: String| TargetError { key, reason };
         let checked = check(&raw, resolve_header_refs)?;
         let tls = if raw.tls_skip_verify {
-            Some(crate::tls::skip_verify_config())
+            Some(crate::probe_tls::skip_verify_config())
         } else if let Some(path) = &raw.ca_file {
-            Some(crate::tls::config_with_ca_file(path).map_err(|r| err("ca_file", r))?)
+            Some(crate::probe_tls::config_with_ca_file(path).map_err(|r| err("ca_file", r))?)
         } else {
             None
         };

@@ -6,6 +6,7 @@
 //! - [`config_text`]: name rules and TOML errors that never echo a value;
 //! - [`tls_files`]: rustls client configurations from PEM files; [`secret`]: `Secret` and the
 //!   one way both read passwords (environment variable, file, systemd credential);
+//! - [`http_server`]: the bounded HTTP/1 server of every operator endpoint;
 //! - [`logging`], [`ratelimit`], [`time`], [`backoff`]: logging set-up, rate-limited warnings,
 //!   `now_ms`, the retry loops' exponential backoff.
 //!
@@ -13,6 +14,7 @@
 
 pub mod backoff;
 pub mod config_text;
+pub mod http_server;
 pub mod logging;
 pub mod ratelimit;
 pub mod secret;

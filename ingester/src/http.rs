@@ -2,11 +2,9 @@
 //! `/healthz` (the process is alive and serving) and `/readyz` (connected to what the stage
 //! needs: 200 when every check passes, 503 naming the failing ones).
 //!
-//! A small hyper 1.x server (after hyper's `server/hello` example): one task accepts, each
-//! connection is served by its own task, at most [`MAX_CONNECTIONS`] at once and each for at
-//! most [`CONNECTION_DEADLINE`], so a scraper that never reads cannot pile up tasks.
+//! Served by the shared bounded server (`vantage_common::http_server`): at most
+//! [`MAX_CONNECTIONS`] connections at once, each for at most [`CONNECTION_DEADLINE`].
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -15,10 +13,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::bridge::BridgeState;
@@ -217,88 +213,21 @@ async fn serve(listener: TcpListener, readiness: Arc<Readiness>, shutdown: Cance
     accept_loop(listener, limits, shutdown, handler).await;
 }
 
-/// A request handler of [`accept_loop`].
-pub type Handler = Arc<
-    dyn Fn(
-            Request<hyper::body::Incoming>,
-        ) -> futures::future::BoxFuture<'static, Response<Full<Bytes>>>
-        + Send
-        + Sync,
->;
-
-/// How [`accept_loop`] bounds its connections.
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    /// Connections served at once; more wait in the listen backlog.
-    pub max_connections: usize,
-    /// Longest life of one connection (keep-alive included).
-    pub deadline: Duration,
-    pub keep_alive: bool,
-}
-
-/// Accepts on `listener` until `shutdown`: each connection served by its own task, at most
-/// `limits.max_connections` at once and each for at most `limits.deadline`, so a client that
-/// never reads cannot pile up tasks. Shared by the stages' endpoint and the dashboard (`web`).
-pub async fn accept_loop(
-    listener: TcpListener,
-    limits: Limits,
-    shutdown: CancellationToken,
-    handler: Handler,
-) {
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
-    loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            a = listener.accept() => a,
-        };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                // Out of file descriptors and the like: wait instead of spinning.
-                tracing::warn!(error = %e, "http accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let handler = handler.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let f = handler(req);
-                async move { Ok::<_, Infallible>(f.await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .keep_alive(limits.keep_alive)
-                .serve_connection(TokioIo::new(stream), service);
-            let _ = tokio::time::timeout(limits.deadline, conn).await;
-            drop(permit);
-        });
-    }
-}
+// The server itself is shared with the agent's metrics endpoint and the dashboard.
+pub use vantage_common::http_server::{accept_loop, Handler, Limits};
 
 async fn respond(
     req: Request<hyper::body::Incoming>,
     readiness: &Readiness,
 ) -> Response<Full<Bytes>> {
-    let text = |status: StatusCode, content_type: &'static str, body: String| {
-        let mut r = Response::new(Full::new(Bytes::from(body)));
-        *r.status_mut() = status;
-        r.headers_mut().insert(
-            hyper::header::CONTENT_TYPE,
-            hyper::header::HeaderValue::from_static(content_type),
-        );
-        r
-    };
-    const PLAIN: &str = "text/plain; charset=utf-8";
+    use vantage_common::http_server::{text_response as text, OPENMETRICS, PLAIN};
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, PLAIN, "GET only\n".into());
     }
     match req.uri().path() {
         "/metrics" => text(
             StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            OPENMETRICS,
             crate::metrics::global().encode(readiness.stage),
         ),
         "/healthz" => text(StatusCode::OK, PLAIN, "ok\n".into()),

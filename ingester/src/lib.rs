@@ -10,6 +10,7 @@ pub mod assign;
 pub mod batch;
 pub mod bridge;
 pub mod clock;
+pub mod commands;
 pub mod config;
 pub mod db;
 pub mod fleet;

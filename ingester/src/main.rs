@@ -1,4 +1,5 @@
-//! The `vantage-ingester` binary: command line, config, tracing, then a stage's `run`.
+//! The `vantage-ingester` binary: the command line, then one call per command (what a command
+//! does beyond that lives in `vantage_ingester::commands`, one module each).
 //!
 //! Exit codes (docs/ingester.md): 0 success; 1 failure (bad configuration, a stage or command
 //! failed); 2 bad command line; 3 `status` could not reach a configured service, or `agents`
@@ -9,10 +10,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use tokio_util::sync::CancellationToken;
-use vantage_ingester::{
-    alert, bridge, db, fleet, http, logging, report, sink, status, storage, targets, web, Config,
-};
+use vantage_ingester::commands::{self, Outcome};
+use vantage_ingester::{alert, db, fleet, logging, report, status, targets, Config};
 
 #[derive(Parser)]
 #[command(
@@ -199,233 +198,111 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the tokio runtime")?;
-    let outcome = runtime.block_on(async {
-        match cli.command {
-            Command::CheckConfig {
-                config: path,
-                stages,
-            } => {
-                let config = Config::load(&path)?;
-                let checks = config.stages();
-                println!("{}: valid", path.display());
-                print!("{}", vantage_ingester::config::render_stages(&checks));
-                let unable: Vec<&str> = checks
-                    .iter()
-                    .filter(|c| !c.missing.is_empty() && stages.iter().any(|s| s == c.command))
-                    .map(|c| c.command)
-                    .collect();
-                if !unable.is_empty() {
-                    anyhow::bail!(
-                        "{}: cannot run {} (see above)",
-                        path.display(),
-                        unable.join(", ")
-                    );
-                }
-            }
-            Command::Bridge { config } => {
-                let config = Config::load(&config)?;
-                let shutdown = shutdown_on_signal();
-                let state = std::sync::Arc::<bridge::BridgeState>::default();
-                if let Some(addr) = config.http.bridge_listen {
-                    let ready = http::Readiness::new(vantage_ingester::metrics::Stage::Bridge)
-                        .mqtt(state.clone())
-                        .kafka(config.kafka()?)?;
-                    http::start(addr, ready, shutdown.clone()).await?;
-                }
-                bridge::run_with_state(&config, shutdown, state).await?;
-            }
-            Command::Sink { config } => {
-                let config = Config::load(&config)?;
-                let shutdown = shutdown_on_signal();
-                if let Some(addr) = config.http.sink_listen {
-                    let ready = http::Readiness::new(vantage_ingester::metrics::Stage::Sink)
-                        .kafka(config.kafka()?)?
-                        .postgres(config.postgres()?);
-                    http::start(addr, ready, shutdown.clone()).await?;
-                }
-                sink::run(&config, shutdown).await?;
-            }
-            Command::Alert { config } => {
-                let config = Config::load(&config)?;
-                let shutdown = shutdown_on_signal();
-                if let Some(addr) = config.http.alert_listen {
-                    let ready = http::Readiness::new(vantage_ingester::metrics::Stage::Alert)
-                        .postgres(config.postgres()?);
-                    http::start(addr, ready, shutdown.clone()).await?;
-                }
-                alert::run(&config, shutdown).await?;
-            }
-            Command::Web { config } => {
-                let config = Config::load(&config)?;
-                web::run(&config, shutdown_on_signal()).await?;
-            }
-            Command::Alerts { config } => {
-                let config = Config::load(&config)?;
-                let client = db::connect(config.postgres()?).await?;
-                let open = alert::list(&client).await?;
-                print!("{}", alert::render(&open));
-                if !open.is_empty() {
-                    std::process::exit(3);
-                }
-            }
-            Command::Status { config } => {
-                let config = Config::load(&config)?;
-                let status = status::gather(&config).await;
-                print!("{}", status::render(&status));
-                if !status.reachable() {
-                    std::process::exit(3);
-                }
-            }
-            Command::Migrate { config } => {
-                let config = Config::load(&config)?;
-                let pg = config.postgres()?;
-                let mut client = db::connect(pg).await?;
-                let applied = db::migrate(&mut client, &pg.schema).await?;
-                println!("{applied} migrations applied");
-            }
-            Command::Report {
-                config,
-                since,
-                target,
-                format,
-            } => {
-                let config = Config::load(&config)?;
-                let client = db::connect(config.postgres()?).await?;
-                let rows = report::query(&client, since, target).await?;
-                print!("{}", report::render(&rows, format));
-            }
-            Command::Targets(TargetsCommand::Check { file }) => {
-                let f = targets::TargetsFile::load(&file)?;
-                println!(
-                    "{}: ok ({} targets, {} regions)",
-                    file.display(),
-                    f.targets.len(),
-                    f.regions.len()
-                );
-            }
-            Command::Targets(TargetsCommand::Diff { config, file }) => {
-                let f = targets::TargetsFile::load(&file)?;
-                let config = Config::load(&config)?;
-                let mut client = db::connect(config.postgres()?).await?;
-                print!("{}", targets::diff(&mut client, &f).await?.render());
-            }
-            Command::Targets(TargetsCommand::Apply { config, file }) => {
-                let f = targets::TargetsFile::load(&file)?;
-                let config = Config::load(&config)?;
-                let mut client = db::connect(config.postgres()?).await?;
-                db::migrate(&mut client, &config.postgres()?.schema).await?;
-                let applied = targets::apply(&mut client, config.mqtt()?, &f).await?;
-                print!("{}", applied.plan.render());
-                println!("{} retained messages published", applied.published);
-            }
-            Command::Targets(TargetsCommand::List { config, all }) => {
-                let config = Config::load(&config)?;
-                let client = db::connect(config.postgres()?).await?;
-                print!("{}", targets::render_list(&client, all).await?);
-            }
-            Command::Agents {
-                config,
-                stale_after,
-            } => {
-                let config = Config::load(&config)?;
-                let client = db::connect(config.postgres()?).await?;
-                let lines = fleet::list(&client, stale_after).await?;
-                print!("{}", fleet::render(&lines));
-                if lines.iter().any(|l| l.stale) {
-                    std::process::exit(3);
-                }
-            }
-            Command::Maintain {
-                config,
-                raw_retention,
-                rollup_retention,
-                daily_retention,
-                ahead,
-                dry_run,
-            } => {
-                let config = Config::load(&config)?;
-                // The file's [storage] (its defaults when absent), then the flags, checked the
-                // same way: a flag cannot do what the file may not.
-                let mut storage = config.storage.clone();
-                storage.raw_retention = raw_retention.unwrap_or(storage.raw_retention);
-                storage.rollup_retention = rollup_retention.unwrap_or(storage.rollup_retention);
-                storage.daily_retention = daily_retention.unwrap_or(storage.daily_retention);
-                storage.partitions_ahead = ahead.unwrap_or(storage.partitions_ahead);
-                if let Err((setting, reason)) = storage.check() {
-                    let given = match setting {
-                        storage::Setting::RawRetention => raw_retention.is_some(),
-                        storage::Setting::RollupRetention => rollup_retention.is_some(),
-                        storage::Setting::DailyRetention => daily_retention.is_some(),
-                        storage::Setting::PartitionsAhead => ahead.is_some(),
-                        storage::Setting::Interval | storage::Setting::RollupInterval => false,
-                    };
-                    match setting.flag().filter(|_| given) {
-                        Some(flag) => anyhow::bail!("{flag}: {reason}"),
-                        None => {
-                            return Err(vantage_ingester::config::ConfigError::Invalid {
-                                file: config.file.clone(),
-                                key: setting.key().into(),
-                                reason,
-                            }
-                            .into())
-                        }
-                    }
-                }
-                let pg = config.postgres()?;
-                let mut client = db::connect(pg).await?;
-                if dry_run {
-                    // Changes nothing, migrations included: an older schema is reported.
-                    let version: i32 = client
-                        .query_one(
-                            "SELECT coalesce(max(version), 0) FROM schema_migrations",
-                            &[],
-                        )
-                        .await
-                        .map(|r| r.get(0))
-                        .unwrap_or(0);
-                    let latest = db::MIGRATIONS.len() as i32;
-                    if version < latest {
-                        anyhow::bail!(
-                            "schema {} is at version {version}, this maintain needs {latest}: run \
-                             `vantage-ingester migrate` first (a dry run changes nothing)",
-                            pg.schema
-                        );
-                    }
-                } else {
-                    db::migrate(&mut client, &pg.schema).await?;
-                }
-                let upkeep = storage::maintain(&client, &storage, dry_run).await?;
-                print!("{}", upkeep.render(dry_run));
-            }
-        }
-        Ok(())
-    });
+    let outcome = runtime.block_on(dispatch(cli.command));
     // Dropping a runtime waits for its blocking tasks without a bound; a stage stopped while it
     // waited for Kafka leaves one behind (a metadata request, up to 10 s). What a stage must
     // finish it has finished when `run` returns, so the rest is cut off after a moment.
     runtime.shutdown_timeout(Duration::from_secs(1));
-    outcome
+    match outcome? {
+        Outcome::Fine => Ok(()),
+        Outcome::Attention => std::process::exit(3),
+    }
 }
 
-/// A token cancelled on SIGINT or SIGTERM.
-fn shutdown_on_signal() -> CancellationToken {
-    let token = CancellationToken::new();
-    let t = token.clone();
-    tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot install SIGTERM handler");
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+/// Runs one command; what a command does beyond one call lives in `vantage_ingester::commands`.
+async fn dispatch(command: Command) -> anyhow::Result<Outcome> {
+    match command {
+        Command::CheckConfig { config, stages } => commands::check_config::run(&config, &stages)?,
+        Command::Bridge { config } => commands::stage::bridge(&config).await?,
+        Command::Sink { config } => commands::stage::sink(&config).await?,
+        Command::Alert { config } => commands::stage::alert(&config).await?,
+        Command::Web { config } => commands::stage::web(&config).await?,
+        Command::Alerts { config } => {
+            let config = Config::load(&config)?;
+            let client = db::connect(config.postgres()?).await?;
+            let open = alert::list(&client).await?;
+            print!("{}", alert::render(&open));
+            return Ok(Outcome::attention_if(!open.is_empty()));
         }
-        tracing::info!("shutdown requested");
-        t.cancel();
-    });
-    token
+        Command::Status { config } => {
+            let config = Config::load(&config)?;
+            let status = status::gather(&config).await;
+            print!("{}", status::render(&status));
+            return Ok(Outcome::attention_if(!status.reachable()));
+        }
+        Command::Migrate { config } => {
+            let config = Config::load(&config)?;
+            let pg = config.postgres()?;
+            let mut client = db::connect(pg).await?;
+            let applied = db::migrate(&mut client, &pg.schema).await?;
+            println!("{applied} migrations applied");
+        }
+        Command::Report {
+            config,
+            since,
+            target,
+            format,
+        } => {
+            let config = Config::load(&config)?;
+            let client = db::connect(config.postgres()?).await?;
+            let rows = report::query(&client, since, target).await?;
+            print!("{}", report::render(&rows, format));
+        }
+        Command::Targets(TargetsCommand::Check { file }) => {
+            let f = targets::TargetsFile::load(&file)?;
+            println!(
+                "{}: ok ({} targets, {} regions)",
+                file.display(),
+                f.targets.len(),
+                f.regions.len()
+            );
+        }
+        Command::Targets(TargetsCommand::Diff { config, file }) => {
+            let f = targets::TargetsFile::load(&file)?;
+            let config = Config::load(&config)?;
+            let mut client = db::connect(config.postgres()?).await?;
+            print!("{}", targets::diff(&mut client, &f).await?.render());
+        }
+        Command::Targets(TargetsCommand::Apply { config, file }) => {
+            let f = targets::TargetsFile::load(&file)?;
+            let config = Config::load(&config)?;
+            let mut client = db::connect(config.postgres()?).await?;
+            db::migrate(&mut client, &config.postgres()?.schema).await?;
+            let applied = targets::apply(&mut client, config.mqtt()?, &f).await?;
+            print!("{}", applied.plan.render());
+            println!("{} retained messages published", applied.published);
+        }
+        Command::Targets(TargetsCommand::List { config, all }) => {
+            let config = Config::load(&config)?;
+            let client = db::connect(config.postgres()?).await?;
+            print!("{}", targets::render_list(&client, all).await?);
+        }
+        Command::Agents {
+            config,
+            stale_after,
+        } => {
+            let config = Config::load(&config)?;
+            let client = db::connect(config.postgres()?).await?;
+            let lines = fleet::list(&client, stale_after).await?;
+            print!("{}", fleet::render(&lines));
+            return Ok(Outcome::attention_if(lines.iter().any(|l| l.stale)));
+        }
+        Command::Maintain {
+            config,
+            raw_retention,
+            rollup_retention,
+            daily_retention,
+            ahead,
+            dry_run,
+        } => {
+            let flags = commands::maintain::Overrides {
+                raw_retention,
+                rollup_retention,
+                daily_retention,
+                ahead,
+            };
+            commands::maintain::run(&config, flags, dry_run).await?
+        }
+    }
+    Ok(Outcome::Fine)
 }

@@ -156,7 +156,7 @@ where
     let rows = client
         .query(sql, &[])
         .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
     rows.iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect()
@@ -171,6 +171,6 @@ pub async fn query_scalar<T: for<'a> tokio_postgres::types::FromSql<'a>>(
     client
         .query_one(sql, params)
         .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
         .get(0)
 }
