@@ -6,6 +6,7 @@
 //! receives target sets and sends [`fleet`] status).
 
 pub mod budget;
+pub mod cert_expiry;
 pub mod config;
 pub mod fleet;
 pub mod metrics;

@@ -8,6 +8,7 @@
 //!   a short run in `make test`, the long one with `FUZZ_RUNS=10000000 make fuzz`; figures in
 //!   target/bench/fuzz.txt.
 
+use vantage_fuzz::cert_expiry::not_after_unix;
 use vantage_proto::control::{
     decode_status, encode_status, TargetSetReader, MAX_STATUS_LEN, MAX_TARGETS,
 };
@@ -68,4 +69,62 @@ fn topics() {
             }
         }
     });
+}
+
+/// The agent's certificate expiry walk (a server's certificate is input from anyone): total
+/// over any bytes, and equal to `x509-cert`'s notAfter on every certificate that parses.
+#[test]
+fn certificate_expiry() {
+    use x509_cert::der::Decode;
+    bolero::check!().for_each(|bytes: &[u8]| {
+        let walked = not_after_unix(bytes);
+        if let Ok(cert) = x509_cert::Certificate::from_der(bytes) {
+            let reference = cert.tbs_certificate.validity.not_after.to_unix_duration();
+            assert_eq!(walked, Some(reference.as_secs()), "{cert:?}");
+        }
+    });
+}
+
+/// The same comparison on real certificates (rcgen, UTCTime before 2050 and GeneralizedTime
+/// from 2050) and on every one-byte change of them: random bytes are almost never a certificate
+/// that `x509-cert` accepts, these are.
+#[test]
+fn certificate_expiry_matches_x509_cert_on_real_certificates() {
+    use x509_cert::der::Decode;
+    let mut compared = 0;
+    for (year, month, day) in [
+        (1999, 12, 31),
+        (2027, 2, 28),
+        (2049, 12, 31),
+        (2050, 1, 1),
+        (2100, 6, 15),
+    ] {
+        let mut params =
+            rcgen::CertificateParams::new(vec!["example.test".to_owned()]).expect("a name");
+        params.not_after = rcgen::date_time_ymd(year, month, day);
+        let expected = params.not_after.unix_timestamp() as u64;
+        let key = rcgen::KeyPair::generate().expect("a key");
+        let der = params
+            .self_signed(&key)
+            .expect("a certificate")
+            .der()
+            .to_vec();
+        assert_eq!(not_after_unix(&der), Some(expected), "{year}-{month}-{day}");
+        for i in 0..der.len() {
+            for flip in [0x01u8, 0x80] {
+                let mut bytes = der.clone();
+                bytes[i] ^= flip;
+                let walked = not_after_unix(&bytes);
+                if let Ok(cert) = x509_cert::Certificate::from_der(&bytes) {
+                    let reference = cert.tbs_certificate.validity.not_after.to_unix_duration();
+                    assert_eq!(walked, Some(reference.as_secs()), "byte {i} ^ {flip:#x}");
+                    compared += 1;
+                }
+            }
+        }
+    }
+    assert!(
+        compared > 100,
+        "only {compared} changed certificates parsed"
+    );
 }
