@@ -191,7 +191,7 @@ fn main() -> anyhow::Result<()> {
                 .context("cannot start the tokio runtime")?;
             runtime.block_on(async {
                 let shutdown = CancellationToken::new();
-                tokio::spawn(signal_to(shutdown.clone()));
+                tokio::spawn(vantage_common::signal::cancel_on_signal(shutdown.clone()));
                 if let Some(addr) = config.metrics_listen {
                     vantage_agent::metrics::serve(addr, shutdown.clone()).await?;
                 }
@@ -237,21 +237,4 @@ fn usage_error(subcommand: &str, message: impl std::fmt::Display) -> ! {
             .error(clap::error::ErrorKind::ValueValidation, message)
             .exit(),
     }
-}
-
-/// Cancels `token` on SIGINT or SIGTERM.
-async fn signal_to(token: CancellationToken) {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot install SIGTERM handler");
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("shutdown requested");
-    token.cancel();
 }

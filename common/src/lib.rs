@@ -7,8 +7,8 @@
 //! - [`tls_files`]: rustls client configurations from PEM files; [`secret`]: `Secret` and the
 //!   one way both read passwords (environment variable, file, systemd credential);
 //! - [`http_server`]: the bounded HTTP/1 server of every operator endpoint;
-//! - [`logging`], [`ratelimit`], [`time`], [`backoff`]: logging set-up, rate-limited warnings,
-//!   `now_ms`, the retry loops' exponential backoff.
+//! - [`logging`], [`ratelimit`], [`time`], [`backoff`], [`signal`]: logging set-up, rate-limited
+//!   warnings, `now_ms`, the retry loops' exponential backoff, shutdown on SIGINT/SIGTERM.
 //!
 //! The wire format itself stays in `vantage-proto` (`no_std`, no alloc).
 
@@ -18,6 +18,7 @@ pub mod http_server;
 pub mod logging;
 pub mod ratelimit;
 pub mod secret;
+pub mod signal;
 pub mod target;
 pub mod target_spec;
 pub mod time;

@@ -262,6 +262,26 @@ where
     });
 }
 
+/// The newest migration applied to the schema on `client`'s search path; 0 when none was
+/// (no `schema_migrations` table yet). Commands that must not migrate (`web`, `maintain
+/// --dry-run`) compare it with what they need.
+pub async fn schema_version(client: &Client) -> Result<i32, DbError> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    if !exists {
+        return Ok(0);
+    }
+    Ok(client
+        .query_one(
+            "SELECT coalesce(max(version), 0) FROM schema_migrations",
+            &[],
+        )
+        .await?
+        .get(0))
+}
+
 /// Creates `schema` (the one [`connect`] put on the search path) if needed and applies the
 /// migrations not yet applied, each in its own transaction, under an advisory lock
 /// so that two sinks starting together do not race. Returns how many it applied.

@@ -83,23 +83,17 @@ pub async fn gather(config: &Config) -> Status {
 async fn postgres(config: &PostgresConfig) -> Result<PgStatus, String> {
     let client = db::connect(config).await.map_err(|e| e.to_string())?;
     let latest_version = MIGRATIONS.iter().map(|m| m.0).max().unwrap_or(0);
-    let migrated = client
-        .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
+    let version = db::schema_version(&client)
         .await
-        .map_err(|e| e.to_string())?
-        .get::<_, bool>(0);
-    if !migrated {
+        .map_err(|e| e.to_string())?;
+    if version == 0 {
         return Ok(PgStatus {
             schema_version: None,
             latest_version,
             partitions: Vec::new(),
         });
     }
-    let schema_version: Option<i32> = client
-        .query_one("SELECT max(version) FROM schema_migrations", &[])
-        .await
-        .map_err(|e| e.to_string())?
-        .get(0);
+    let schema_version = Some(version);
     let partitions = client
         .query(
             "SELECT c.relname::text FROM pg_inherits i

@@ -55,14 +55,7 @@ pub async fn run(path: &Path, flags: Overrides, dry_run: bool) -> anyhow::Result
     let mut client = db::connect(pg).await?;
     if dry_run {
         // Changes nothing, migrations included: an older schema is reported.
-        let version: i32 = client
-            .query_one(
-                "SELECT coalesce(max(version), 0) FROM schema_migrations",
-                &[],
-            )
-            .await
-            .map(|r| r.get(0))
-            .unwrap_or(0);
+        let version = db::schema_version(&client).await?;
         let latest = db::MIGRATIONS.len() as i32;
         if version < latest {
             anyhow::bail!(

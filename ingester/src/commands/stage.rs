@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use tokio_util::sync::CancellationToken;
+use vantage_common::signal::shutdown_on_signal;
 
 use crate::http::{self, Readiness};
 use crate::metrics::Stage;
@@ -56,27 +56,4 @@ pub async fn web(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
     web::run(&config, shutdown_on_signal()).await?;
     Ok(())
-}
-
-/// A token cancelled on SIGINT or SIGTERM.
-pub fn shutdown_on_signal() -> CancellationToken {
-    let token = CancellationToken::new();
-    let t = token.clone();
-    tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot install SIGTERM handler");
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        tracing::info!("shutdown requested");
-        t.cancel();
-    });
-    token
 }

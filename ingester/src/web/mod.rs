@@ -348,14 +348,7 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), WebError> {
     let client = crate::db::connect(postgres).await?;
-    let have: i32 = client
-        .query_one(
-            "SELECT coalesce(max(version), 0) FROM schema_migrations",
-            &[],
-        )
-        .await
-        .map(|r| r.get(0))
-        .unwrap_or(0);
+    let have = crate::db::schema_version(&client).await?;
     if have < NEEDS_SCHEMA {
         return Err(WebError::Schema {
             schema: postgres.schema.clone(),
