@@ -38,6 +38,26 @@ impl Schema {
         Schema { config, client }
     }
 
+    /// ANALYZE of this schema's tables only: a bare ANALYZE walks every schema of the database
+    /// and so deadlocked with tests dropping theirs at the same time.
+    async fn analyze(&self) {
+        self.client
+            .batch_execute(
+                "DO $$
+                 DECLARE t regclass;
+                 BEGIN
+                     FOR t IN SELECT c.oid FROM pg_class AS c
+                               WHERE c.relnamespace = current_schema()::regnamespace
+                                 AND c.relkind IN ('r', 'p') AND NOT c.relispartition
+                     LOOP
+                         EXECUTE format('ANALYZE %s', t);
+                     END LOOP;
+                 END $$",
+            )
+            .await
+            .unwrap();
+    }
+
     async fn drop(self) {
         let _ = self
             .client
@@ -604,7 +624,7 @@ async fn explain_shows_indexes_and_partition_pruning() {
     for chunk in rows.chunks(5_000) {
         db::write_batch(&mut writer, chunk, &[]).await.unwrap();
     }
-    s.client.batch_execute("ANALYZE").await.unwrap();
+    s.analyze().await;
     let client = &s.client;
     let plan = |sql: &'static str| async move {
         client
@@ -655,7 +675,7 @@ async fn explain_shows_indexes_and_partition_pruning() {
     // rollup round, and reaches raw rows only by index, for the writes not consumed yet: never
     // the history (115,200 rows here).
     round(&s).await;
-    s.client.batch_execute("ANALYZE").await.unwrap();
+    s.analyze().await;
     let p = plan("SELECT * FROM latest_status").await;
     println!("{p}");
     assert!(p.contains("on latest_results"), "{p}");
@@ -1162,7 +1182,7 @@ async fn explain_functions_read_only_their_window() {
     db::write_batch(&mut writer, &rows[..600], &[])
         .await
         .unwrap();
-    s.client.batch_execute("ANALYZE").await.unwrap();
+    s.analyze().await;
     let wm_day: String = s
         .client
         .query_one(
@@ -1283,4 +1303,119 @@ async fn explain_functions_read_only_their_window() {
         .await;
     assert!(failing > 0);
     s.drop().await;
+}
+
+/// The backend process id of `client`'s connection.
+async fn backend_pid(client: &Client) -> i32 {
+    client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Waits (30 s at most) until the backend `pid` waits for a heavyweight lock.
+async fn wait_until_blocked(observer: &Client, pid: i32, who: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let blocked: bool = observer
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+                                 WHERE pid = $1 AND wait_event_type = 'Lock')",
+                &[&pid],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if blocked {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{who} never waited for a lock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// CI failure of 2026-12-02 (tests/fleet.rs, "deadlock detected"): the sink's first upkeep
+/// finished the move of the (empty) pre-0009 tables while a test read the `results` view. A
+/// reader locks the view, then the tables under it in order; the move dropped the `_v8`
+/// partitions first and asked for the view last, so each held what the other wanted next.
+/// Here the interleaving is forced: a third session holds `outcomes` (read through the view
+/// before `results_v8`), so the reader stops between the view and `results_v8`; the move
+/// starts; the third session lets go. The reader must never fail, and upkeep may only yield
+/// (lock timeout, retried at its next round), never deadlock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finishing_the_pre_0009_move_never_deadlocks_a_reader() {
+    let config = PostgresConfig {
+        url: Services::from_env().pg_url,
+        password: None,
+        tls: vantage_ingester::config::PgTls::Disable,
+        schema: format!("st_lock_{}", unique_id()),
+    };
+    let mut setup = db::connect(&config).await.unwrap();
+    db::migrate(&mut setup, &config.schema).await.unwrap();
+    assert!(
+        setup
+            .query_one("SELECT to_regclass('results_v8') IS NOT NULL", &[])
+            .await
+            .unwrap()
+            .get::<_, bool>(0),
+        "a fresh schema has the (empty) pre-0009 tables until the first upkeep"
+    );
+
+    let mut holder = db::connect(&config).await.unwrap();
+    let hold = holder.transaction().await.unwrap();
+    hold.batch_execute("LOCK TABLE outcomes IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+
+    let reader_client = db::connect(&config).await.unwrap();
+    let reader_pid = backend_pid(&reader_client).await;
+    let reader = tokio::spawn(async move {
+        reader_client
+            .query_one("SELECT count(*) FROM results", &[])
+            .await
+            .map(|r| r.get::<_, i64>(0))
+    });
+    wait_until_blocked(&setup, reader_pid, "the reader").await;
+
+    let upkeep_client = db::connect(&config).await.unwrap();
+    let upkeep_pid = backend_pid(&upkeep_client).await;
+    let upkeep = tokio::spawn(async move {
+        let first = upkeep_client
+            .query_one("SELECT vantage_migrate_v8(50000)", &[])
+            .await
+            .map(|r| r.get::<_, i64>(0));
+        (upkeep_client, first)
+    });
+    wait_until_blocked(&setup, upkeep_pid, "upkeep").await;
+    hold.commit().await.unwrap();
+
+    let read = reader.await.unwrap();
+    assert!(matches!(read, Ok(0)), "the reader failed: {read:?}");
+    let (upkeep_client, first) = upkeep.await.unwrap();
+    match first {
+        Ok(n) => assert_eq!(n, 0, "nothing was left to move"),
+        // Yielding to the reader is allowed; the next round finishes the move.
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
+            let again: i64 = upkeep_client
+                .query_one("SELECT vantage_migrate_v8(50000)", &[])
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(again, 0);
+        }
+        Err(e) => panic!("upkeep failed otherwise than by yielding: {e:?}"),
+    }
+    let gone: bool = setup
+        .query_one("SELECT to_regclass('results_v8') IS NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(gone, "the pre-0009 tables are dropped");
+    let _ = setup
+        .batch_execute(&format!("DROP SCHEMA {} CASCADE", config.schema))
+        .await;
 }

@@ -63,6 +63,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0010_seen_targets.sql",
         include_str!("../../migrations/0010_seen_targets.sql"),
     ),
+    (
+        11,
+        "0011_upkeep_yields.sql",
+        include_str!("../../migrations/0011_upkeep_yields.sql"),
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -114,11 +119,13 @@ impl DbError {
                 let c = code.code();
                 // 08: connection exception, 53: insufficient resources, 57P: operator
                 // intervention (shutdown, restart), 40: transaction rollback (serialization,
-                // deadlock).
+                // deadlock), 55P03: a lock not granted within lock_timeout (upkeep yielding to
+                // readers, migration 0011).
                 c.starts_with("08")
                     || c.starts_with("53")
                     || c.starts_with("57P")
                     || c.starts_with("40")
+                    || c == "55P03"
             }
         }
     }

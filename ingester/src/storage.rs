@@ -2,7 +2,7 @@
 //! round that materialises rollups behind a watermark, and the batched move of pre-0009 data.
 //!
 //! The work itself is in SQL (`vantage_ensure_partitions`, `vantage_apply_retention`,
-//! `vantage_rollup_round`, `vantage_migrate_v8`; migrations 0003, 0005 and 0009), so it can also
+//! `vantage_rollup_round`, `vantage_migrate_v8`; migrations 0003, 0005, 0009 and 0011), so it can also
 //! be run by hand or from cron with psql; this module calls it, runs it periodically next to the
 //! sink on connections of its own (reconnecting with backoff when PostgreSQL restarts), and
 //! reports what it did. Rollup rounds run every `storage.rollup_interval` (they read only what
