@@ -25,6 +25,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
+use vantage_common::backoff::Backoff;
 
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
@@ -133,7 +134,7 @@ impl Assignments {
 
     /// Reads the version and, if it changed, the assignments; retries transient errors.
     async fn revalidate(&mut self, shutdown: &CancellationToken) -> Result<(), AssignError> {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         loop {
             match self.try_revalidate().await {
                 Ok(()) => {
@@ -141,15 +142,15 @@ impl Assignments {
                     return Ok(());
                 }
                 Err(e) if e.is_transient() => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "cannot read target assignments, retrying");
+                    let pause = backoff.next_pause();
+                    tracing::warn!(error = %e, retry_in = ?pause, "cannot read target assignments, retrying");
                     if self.client.as_ref().is_some_and(Client::is_closed) {
                         self.client = None;
                     }
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(pause) => {}
                         _ = shutdown.cancelled() => return Err(AssignError::Stopped),
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
                 Err(e) => return Err(e.into()),
             }

@@ -1,6 +1,7 @@
 //! Kafka plumbing shared by the stages: client settings, topic creation, and the dead-letter path.
 
 use std::time::Duration;
+use vantage_common::backoff::Backoff;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -548,7 +549,7 @@ pub async fn produce_until_delivered_at(
     stop: &CancellationToken,
 ) -> bool {
     let _waiting = producer.waiting();
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
     loop {
         let (generation, instance) = producer.get();
         let mut record = FutureRecord::<[u8], [u8]>::to(topic).payload(payload);
@@ -587,12 +588,12 @@ pub async fn produce_until_delivered_at(
             Some(Err(_)) if producer.generation() != generation => {}
             Some(Err((e, _))) => {
                 producer.recover(generation, &instance);
-                tracing::warn!(topic, error = %e, retry_in = ?backoff, "Kafka delivery failed");
+                let pause = backoff.next_pause();
+                tracing::warn!(topic, error = %e, retry_in = ?pause, "Kafka delivery failed");
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(pause) => {}
                     _ = stop.cancelled() => return false,
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(10));
             }
         }
     }

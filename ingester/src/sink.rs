@@ -19,6 +19,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use vantage_common::backoff::Backoff;
 
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
@@ -466,22 +467,22 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
         // so the batch is replayed by whoever consumes next). `Writes` remembers what is done
         // (each step is its own transaction), so a retry neither redoes nor recounts it.
         let started = std::time::Instant::now();
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         loop {
             match writes.run(&mut client).await {
                 Ok(()) => break,
                 Err(e) if e.is_transient() => {
                     stats.write_retries += 1;
                     crate::metrics::sink().write_retries.inc();
-                    tracing::warn!(error = %e, retry_in = ?backoff, "PostgreSQL write failed, retrying");
+                    let pause = backoff.next_pause();
+                    tracing::warn!(error = %e, retry_in = ?pause, "PostgreSQL write failed, retrying");
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(pause) => {}
                         _ = shutdown.cancelled() => {
                             tracing::warn!(rows = writes.rows.len(), "shutdown while PostgreSQL is unavailable; batch left for replay");
                             break 'batches;
                         }
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
                     if client.is_closed() {
                         client = match connect_with_retry(&pg_config, &shutdown).await? {
                             Some(c) => c,
@@ -670,7 +671,7 @@ async fn connect_with_retry(
     config: &PostgresConfig,
     shutdown: &CancellationToken,
 ) -> Result<Option<Client>, DbError> {
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     loop {
         // The attempt itself may take up to the connect timeout (a host that drops packets).
         let attempt = tokio::select! {
@@ -680,12 +681,12 @@ async fn connect_with_retry(
         match attempt {
             Ok(c) => return Ok(Some(c)),
             Err(e) if e.is_transient() => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "cannot connect to PostgreSQL, retrying");
+                let pause = backoff.next_pause();
+                tracing::warn!(error = %e, retry_in = ?pause, "cannot connect to PostgreSQL, retrying");
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(pause) => {}
                     _ = shutdown.cancelled() => return Ok(None),
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(10));
             }
             Err(e) => return Err(e),
         }
@@ -699,7 +700,7 @@ async fn migrate_with_retry(
     config: &PostgresConfig,
     shutdown: &CancellationToken,
 ) -> Result<bool, DbError> {
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     loop {
         let Some(mut client) = connect_with_retry(config, shutdown).await? else {
             return Ok(false);
@@ -711,12 +712,12 @@ async fn migrate_with_retry(
         match migrated {
             Ok(_) => return Ok(true),
             Err(e) if e.is_transient() => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "migrations interrupted, retrying");
+                let pause = backoff.next_pause();
+                tracing::warn!(error = %e, retry_in = ?pause, "migrations interrupted, retrying");
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(pause) => {}
                     _ = shutdown.cancelled() => return Ok(false),
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(10));
             }
             Err(e) => return Err(e),
         }

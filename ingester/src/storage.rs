@@ -13,6 +13,8 @@ use std::time::{Duration, SystemTime};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
+use vantage_common::backoff::Backoff;
+
 use crate::config::PostgresConfig;
 use crate::db::{self, DbError};
 
@@ -238,15 +240,14 @@ pub async fn maintain(
 /// the next round otherwise. Upkeep running late never blocks writes: rows without a partition
 /// go to the default partition and are moved later.
 pub async fn run(pg: PostgresConfig, config: StorageConfig, shutdown: CancellationToken) {
-    const FIRST_RETRY: Duration = Duration::from_secs(1);
     let mut client: Option<Client> = None;
-    let mut backoff = FIRST_RETRY;
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
     loop {
         if client.as_ref().is_none_or(Client::is_closed) {
             client = match db::connect(&pg).await {
                 Ok(c) => Some(c),
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "storage upkeep cannot connect to PostgreSQL");
+                    tracing::warn!(error = %e, retry_in = ?backoff.peek().min(config.interval), "storage upkeep cannot connect to PostgreSQL");
                     None
                 }
             };
@@ -257,7 +258,7 @@ pub async fn run(pg: PostgresConfig, config: StorageConfig, shutdown: Cancellati
         };
         let wait = match outcome {
             Ok(upkeep) => {
-                backoff = FIRST_RETRY;
+                backoff.reset();
                 crate::metrics::sink().upkeep_done(SystemTime::now(), upkeep.waiting);
                 if upkeep.created > 0 || !upkeep.removed.is_empty() || upkeep.migrated > 0 {
                     tracing::info!(
@@ -282,9 +283,7 @@ pub async fn run(pg: PostgresConfig, config: StorageConfig, shutdown: Cancellati
                     tracing::warn!(error = %e, transient, "storage upkeep failed");
                 }
                 if transient {
-                    let wait = backoff.min(config.interval);
-                    backoff = (backoff * 2).min(Duration::from_secs(60));
-                    wait
+                    backoff.next_pause().min(config.interval)
                 } else {
                     config.interval
                 }
@@ -302,13 +301,13 @@ pub async fn run(pg: PostgresConfig, config: StorageConfig, shutdown: Cancellati
 /// one transaction): the next one does its work.
 pub async fn run_rollups(pg: PostgresConfig, config: StorageConfig, shutdown: CancellationToken) {
     let mut client: Option<Client> = None;
-    let mut backoff = Duration::from_secs(1);
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
     loop {
         if client.as_ref().is_none_or(Client::is_closed) {
             client = match db::connect(&pg).await {
                 Ok(c) => Some(c),
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "rollup round cannot connect to PostgreSQL");
+                    tracing::warn!(error = %e, retry_in = ?backoff.peek(), "rollup round cannot connect to PostgreSQL");
                     None
                 }
             };
@@ -316,7 +315,7 @@ pub async fn run_rollups(pg: PostgresConfig, config: StorageConfig, shutdown: Ca
         let wait = match &client {
             Some(c) => match rollup_round(c).await {
                 Ok(round) => {
-                    backoff = Duration::from_secs(1);
+                    backoff.reset();
                     if round.hours > 0 || round.late_hours > 0 {
                         tracing::info!(?round, "rollup round");
                     } else {
@@ -326,14 +325,10 @@ pub async fn run_rollups(pg: PostgresConfig, config: StorageConfig, shutdown: Ca
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "rollup round failed");
-                    backoff = (backoff * 2).min(Duration::from_secs(60));
-                    backoff.max(config.rollup_interval)
+                    backoff.next_pause().max(config.rollup_interval)
                 }
             },
-            None => {
-                backoff = (backoff * 2).min(Duration::from_secs(60));
-                backoff
-            }
+            None => backoff.next_pause(),
         };
         tokio::select! {
             _ = shutdown.cancelled() => return,
