@@ -247,9 +247,9 @@ pub async fn run(
                 }
                 Action::Skipped {
                     target,
+                    due_at,
                     reason,
                     count,
-                    ..
                 } => {
                     summary.probes_skipped += count;
                     *match reason {
@@ -267,6 +267,32 @@ pub async fn run(
                             "probe skipped"
                         );
                     }
+                    // Silence becomes data: each period that went unmeasured is a result with
+                    // outcome `missed` at its due time (no timings), so availability and SQL
+                    // tell "not measured" from "measured up" (issue #18 item 4).
+                    let every = targets
+                        .iter()
+                        .find(|t| t.id == target)
+                        .map_or(Duration::ZERO, |t| t.interval);
+                    let behind = Instant::now().saturating_duration_since(due_at);
+                    let first_due_ms = fleet::now_ms()
+                        .saturating_sub(u64::try_from(behind.as_millis()).unwrap_or(u64::MAX));
+                    let missed: Vec<_> = scheduler::missed_due_times(first_due_ms, every, count)
+                        .into_iter()
+                        .map(|at| {
+                            let mut m = probe::Measurement::new(target, at);
+                            m.outcome = Outcome::Missed;
+                            uplink::to_wire(&m)
+                        })
+                        .collect();
+                    let tx = tx.clone();
+                    // Not in `running`: it holds no slot.
+                    probes.spawn(async move {
+                        for result in missed {
+                            let _ = tx.send(result).await;
+                        }
+                        true
+                    });
                 }
                 Action::Refused { target, need, .. } => {
                     summary.probes_refused += 1;

@@ -151,6 +151,22 @@ impl SkipReason {
     }
 }
 
+/// The most `missed` results one skip reports for a target: the newest periods. An agent
+/// suspended for a day must not fill its outbox with them and push real results out; the log
+/// line and `vantage_agent_probes_skipped_total` count every period.
+pub const MAX_MISSED_PER_SKIP: u64 = 60;
+
+/// The due times (ms since the epoch) of the periods one skip covers: `count` periods from
+/// `first_due_ms` on, `every` apart (a late poll skips whole periods; other skips are one
+/// period), the newest [`MAX_MISSED_PER_SKIP`] of them, oldest first.
+pub fn missed_due_times(first_due_ms: u64, every: Duration, count: u64) -> Vec<u64> {
+    let every_ms = u64::try_from(every.as_millis()).unwrap_or(u64::MAX);
+    let kept = count.min(MAX_MISSED_PER_SKIP);
+    (count - kept..count)
+        .map(|k| first_due_ms.saturating_add(k.saturating_mul(every_ms)))
+        .collect()
+}
+
 /// What the caller must do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -570,6 +586,19 @@ mod tests {
         }));
         assert_eq!(started(&a).len(), 1);
         assert_eq!(s.next_wake().unwrap(), first + interval * 4);
+    }
+
+    #[test]
+    fn missed_due_times_are_the_newest_periods() {
+        let every = Duration::from_secs(10);
+        assert_eq!(missed_due_times(1_000, every, 1), [1_000]);
+        assert_eq!(missed_due_times(1_000, every, 3), [1_000, 11_000, 21_000]);
+        // A day suspended at 10 s: the newest 60 periods, the last one at the right time.
+        let day = missed_due_times(1_000, every, 8_640);
+        assert_eq!(day.len() as u64, MAX_MISSED_PER_SKIP);
+        assert_eq!(day.last(), Some(&(1_000 + 8_639 * 10_000)));
+        assert_eq!(day[0], 1_000 + (8_640 - 60) * 10_000);
+        assert!(missed_due_times(1_000, every, 0).is_empty());
     }
 
     #[test]

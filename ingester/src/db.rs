@@ -864,6 +864,12 @@ impl Touched {
             let target = r.target_id as i32;
             // UTC hours are whole multiples of an hour since the epoch.
             hours.insert((target, r.started_at_ms - r.started_at_ms % HOUR_MS));
+            // `latest_results` holds the latest *measurement*: a missed period (the agent did
+            // not probe) counts in the rollups, but leaves the last real result in place and
+            // lets it age, so a stalled agent reads as no data, not as a target down.
+            if r.outcome == vantage_proto::Outcome::Missed {
+                continue;
+            }
             let newest = latest.entry((target, row.region.as_str())).or_insert(0);
             *newest = (*newest).max(r.started_at_ms);
         }
@@ -951,6 +957,31 @@ mod tests {
             }
         }
         assert_eq!(Bisect::new(0).next(), None);
+    }
+
+    /// A missed period counts in the rollups (its hour is touched) but is not the latest
+    /// measurement of its target and region (issue #18 item 4).
+    #[test]
+    fn missed_results_are_not_the_latest_measurement() {
+        use vantage_proto::{Outcome, ProbeResult};
+        let row = |seq, started_at_ms, outcome| Row {
+            region: "eu".into(),
+            agent: "pi".into(),
+            boot_id: 1,
+            result: ProbeResult::without_response(seq, 7, started_at_ms, outcome),
+        };
+        let hour = 3_600_000;
+        let t = Touched::of(&[
+            row(0, 10 * hour, Outcome::Timeout),
+            row(1, 11 * hour + 5, Outcome::Missed),
+        ]);
+        assert_eq!(t.hours, [unix_ms(10 * hour), unix_ms(11 * hour)]);
+        assert_eq!(t.latest_targets, [7]);
+        assert_eq!(t.latest_started, [unix_ms(10 * hour)]);
+        // Only missed periods: nothing for latest_results.
+        let t = Touched::of(&[row(2, 12 * hour, Outcome::Missed)]);
+        assert_eq!(t.targets, [7]);
+        assert!(t.latest_targets.is_empty());
     }
 
     #[test]

@@ -69,11 +69,17 @@ pub enum Outcome {
     /// agent-side limit, not the target's failure. No phase.
     MemoryRefused,
     // ---- end of the issue 13 block ----
+    // ---- appended within version 2 for issue 18 (an agent that forgets nothing) ----
+    /// The probe was due but did not run: the agent was suspended or late (whole periods went
+    /// by), its previous probe of the target was still running, no probe slot was free, or no
+    /// body memory freed within the probe's timeout. Nothing was sent; no timings, no phase.
+    /// Not measured, as opposed to measured up: an agent-side fact, not the target's failure.
+    Missed,
 }
 
 impl Outcome {
     /// Every variant, in wire order.
-    pub const ALL: [Outcome; 24] = [
+    pub const ALL: [Outcome; 25] = [
         Outcome::Up,
         Outcome::StatusNotAccepted,
         Outcome::RegexNotMatched,
@@ -99,6 +105,8 @@ impl Outcome {
         Outcome::DowngradeRefused,
         Outcome::BadContentEncoding,
         Outcome::MemoryRefused,
+        // issue 18
+        Outcome::Missed,
     ];
 
     /// The stable snake_case name used in logs and in PostgreSQL.
@@ -129,6 +137,8 @@ impl Outcome {
             Outcome::DowngradeRefused => "downgrade_refused",
             Outcome::BadContentEncoding => "bad_content_encoding",
             Outcome::MemoryRefused => "memory_refused",
+            // issue 18
+            Outcome::Missed => "missed",
         }
     }
 }
@@ -254,6 +264,39 @@ pub struct ProbeResult {
     pub cert_not_after_s: Option<u64>,
     /// The address actually connected to (final hop).
     pub remote_ip: Option<IpAddress>,
+}
+
+impl ProbeResult {
+    /// A result without a response: status 0, no phase, no regex, no timings, no body, no
+    /// certificate, no address (what an agent reports for `missed` and `memory_refused`, and
+    /// the base of tests that set the fields they are about).
+    pub const fn without_response(
+        seq: u64,
+        target_id: u32,
+        started_at_ms: u64,
+        outcome: Outcome,
+    ) -> ProbeResult {
+        ProbeResult {
+            seq,
+            target_id,
+            started_at_ms,
+            status: 0,
+            outcome,
+            failed_phase: None,
+            regex: RegexOutcome::NotConfigured,
+            total_us: 0,
+            dns_us: None,
+            connect_us: None,
+            tls_us: None,
+            ttfb_us: None,
+            transfer_us: None,
+            body_bytes: 0,
+            body_truncated: false,
+            redirects: 0,
+            cert_not_after_s: None,
+            remote_ip: None,
+        }
+    }
 }
 
 /// Results an agent had to drop (its buffer overflowed during a long outage): loss made explicit.

@@ -214,6 +214,57 @@ fn v2_memory_refused_is_golden() {
 
 // --- End of issue #13 items 3/12. ---
 
+// --- Issue #18 item 4: `Missed` appended within version 2 (outcome byte 24). ---
+
+/// A probe that was due and did not run: no response, no phase, no timings.
+const GOLDEN_V2_MISSED: &[u8] = &[
+    2, // format version
+    1, // boot id 1
+    1, // one result
+    // seq 0, target 42, started_at (its due time), status 0, Missed (24), no phase, no regex,
+    // total 0
+    0, 42, 128, 208, 223, 180, 171, 51, 0, 24, 0, 0, 0,
+    // dns .. transfer None, body 0, not truncated, 0 redirects, no cert, no address
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, //
+    0, // no gaps
+];
+
+#[test]
+fn v2_missed_is_golden() {
+    let mut results = heapless::Vec::new();
+    results
+        .push(ProbeResult {
+            seq: 0,
+            target_id: 42,
+            started_at_ms: 1_764_000_000_000,
+            status: 0,
+            outcome: Outcome::Missed,
+            failed_phase: None,
+            regex: RegexOutcome::NotConfigured,
+            total_us: 0,
+            dns_us: None,
+            connect_us: None,
+            tls_us: None,
+            ttfb_us: None,
+            transfer_us: None,
+            body_bytes: 0,
+            body_truncated: false,
+            redirects: 0,
+            cert_not_after_s: None,
+            remote_ip: None,
+        })
+        .unwrap();
+    let batch = Batch {
+        boot_id: 1,
+        results,
+        gaps: heapless::Vec::new(),
+    };
+    let mut buf = [0u8; MAX_FRAME_LEN];
+    let bytes = encode(&batch, &mut buf).unwrap();
+    assert_eq!(&bytes[..], GOLDEN_V2_MISSED, "{bytes:?}");
+    assert_eq!(decode(GOLDEN_V2_MISSED).unwrap(), batch);
+}
+
 #[test]
 fn phase_wire_order_is_frozen() {
     let mut buf = [0u8; 8];
@@ -275,6 +326,8 @@ fn outcome_wire_order_is_frozen() {
             "downgrade_refused",
             "bad_content_encoding",
             "memory_refused",
+            // issue 18
+            "missed",
         ]
     );
 }
