@@ -1419,3 +1419,154 @@ async fn finishing_the_pre_0009_move_never_deadlocks_a_reader() {
         .batch_execute(&format!("DROP SCHEMA {} CASCADE", config.schema))
         .await;
 }
+
+/// Migration 0012: the alert stage's two reads answer exactly what 0007's did, on latest rows
+/// kept by a round and pending writes of the real write path: failures that recovered, recoveries
+/// that failed again, a pair known only from pending writes, two agents of a region at the same
+/// time, stale rows, missed periods, and rows written by a sink from before 0012 (no up flags).
+#[tokio::test]
+async fn alert_reads_answer_as_0007_did() {
+    let config = PostgresConfig {
+        url: Services::from_env().pg_url,
+        password: None,
+        tls: vantage_ingester::config::PgTls::Disable,
+        schema: format!("st_alertreads_{}", unique_id()),
+    };
+    let mut client = db::connect(&config).await.unwrap();
+    db::migrate_to(&mut client, &config.schema, 11)
+        .await
+        .unwrap();
+    // 0007's functions, kept under other names.
+    for f in ["vantage_alert_down", "vantage_alert_regions"] {
+        let def: String = client
+            .query_one("SELECT pg_get_functiondef($1::text::regproc)", &[&f])
+            .await
+            .unwrap()
+            .get(0);
+        let def = def.replacen(&format!(".{f}("), &format!(".old_{f}("), 1);
+        client.batch_execute(&def).await.unwrap();
+    }
+    db::migrate(&mut client, &config.schema).await.unwrap();
+    vantage_ingester::storage::migrate_v8(&client, 50_000, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let s = Schema { config, client };
+    let mut writer = db::connect_writer(&s.config).await.unwrap();
+    let regions = ["a", "b", "c", "d"];
+    let now = now_ms();
+    // Round 1 (into latest_results): 60 targets, 10 of them failing in 2 or 3 regions; one
+    // region of target 59 last heard of an hour ago.
+    let mut seq = 0;
+    let mut first = Vec::new();
+    for target in 1..=60u32 {
+        for (i, region) in regions.iter().enumerate() {
+            seq += 1;
+            let failing = target % 6 == 0 && i < 2 + (target as usize % 2);
+            let at = if target == 59 && *region == "d" {
+                now - 3_600_000
+            } else {
+                now - 20_000
+            };
+            let outcome = if failing {
+                Outcome::Timeout
+            } else {
+                Outcome::Up
+            };
+            first.push(row(seq, target, region, at, 1000, outcome));
+        }
+    }
+    db::write_batch(&mut writer, &first, &[]).await.unwrap();
+    round(&s).await;
+    // Pending writes: recoveries (6, 12), new failures (1, 2), a pending-only pair (target 70),
+    // missed periods (target 3), and two agents of region a at one time for target 4.
+    let mut second = Vec::new();
+    for (target, region, outcome) in [
+        (6, "a", Outcome::Up),
+        (6, "b", Outcome::Up),
+        (12, "a", Outcome::Up),
+        (1, "a", Outcome::ConnectRefused),
+        (1, "b", Outcome::ConnectRefused),
+        (2, "c", Outcome::Timeout),
+        (70, "a", Outcome::Timeout),
+        (70, "b", Outcome::Timeout),
+        (3, "a", Outcome::Missed),
+        (3, "b", Outcome::Missed),
+    ] {
+        seq += 1;
+        second.push(row(seq, target, region, now - 5_000, 1000, outcome));
+    }
+    for (agent, outcome) in [("a-pi", Outcome::Up), ("a-pi2", Outcome::Timeout)] {
+        seq += 1;
+        let mut r = row(seq, 4, "a", now - 4_000, 1000, outcome);
+        r.agent = agent.into();
+        second.push(r);
+        seq += 1;
+        let mut r = row(seq, 4, "b", now - 4_000, 1000, Outcome::Timeout);
+        r.agent = agent.into();
+        second.push(r);
+    }
+    db::write_batch(&mut writer, &second, &[]).await.unwrap();
+    // As a sink from before 0012 writes: no up flags (target 5 fails in c and d).
+    s.client
+        .batch_execute(&format!(
+            "INSERT INTO results (region, agent, boot_id, seq, target_id, started_at, outcome,
+                                  total_us, body_bytes)
+             VALUES ('c', 'c-pi', 42, {a}, 5, now() - interval '3 seconds', 'timeout', 1000, 0),
+                    ('d', 'd-pi', 42, {b}, 5, now() - interval '3 seconds', 'timeout', 1000, 0)",
+            a = seq + 1,
+            b = seq + 2
+        ))
+        .await
+        .unwrap();
+    let unflagged = s
+        .scalar_i64("SELECT count(*) FROM rollup_pending WHERE l_up IS NULL")
+        .await;
+    assert!(
+        unflagged > 0,
+        "the old write path's pending rows have no flags"
+    );
+
+    let differ = |sql_old: String, sql_new: String| {
+        let client = &s.client;
+        async move {
+            let q = format!(
+                "SELECT (SELECT count(*) FROM ({sql_old} EXCEPT ALL {sql_new}) AS x),
+                        (SELECT count(*) FROM ({sql_new} EXCEPT ALL {sql_old}) AS y),
+                        (SELECT count(*) FROM ({sql_new}) AS z)"
+            );
+            let r = client.query_one(&q, &[]).await.unwrap();
+            (r.get::<_, i64>(0), r.get::<_, i64>(1), r.get::<_, i64>(2))
+        }
+    };
+    for args in [
+        "'5 minutes', NULL, NULL, NULL, '{}'",
+        "'5 minutes', NULL, NULL, NULL, '{6, 59, 99}'",
+        "'10 seconds', NULL, NULL, NULL, '{}'",
+        "'5 minutes', '{1, 4, 70}', NULL, '{a, b}', '{}'",
+        "'5 minutes', NULL, '{nothing}', NULL, '{12}'",
+    ] {
+        let (only_old, only_new, rows) = differ(
+            format!("SELECT * FROM old_vantage_alert_down({args})"),
+            format!("SELECT * FROM vantage_alert_down({args})"),
+        )
+        .await;
+        assert_eq!((only_old, only_new), (0, 0), "down({args}): {rows} rows");
+        if args.starts_with("'5 minutes', NULL, NULL, NULL") {
+            assert!(rows > 5, "down({args}) found the failing targets: {rows}");
+        }
+    }
+    for args in [
+        "'5 minutes', '1 day', NULL",
+        "'10 minutes', '2 hours', '{a, d}'",
+        "'1 second', '1 day', NULL",
+    ] {
+        let (only_old, only_new, rows) = differ(
+            format!("SELECT * FROM old_vantage_alert_regions({args})"),
+            format!("SELECT * FROM vantage_alert_regions({args})"),
+        )
+        .await;
+        assert_eq!((only_old, only_new), (0, 0), "regions({args}): {rows} rows");
+        assert!(rows > 0);
+    }
+    s.drop().await;
+}

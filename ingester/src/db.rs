@@ -68,6 +68,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0011_upkeep_yields.sql",
         include_str!("../../migrations/0011_upkeep_yields.sql"),
     ),
+    (
+        12,
+        "0012_alert_reads.sql",
+        include_str!("../../migrations/0012_alert_reads.sql"),
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -852,13 +857,16 @@ pub struct Touched {
     pub latest_targets: Vec<i32>,
     pub latest_regions: Vec<String>,
     pub latest_started: Vec<SystemTime>,
+    /// Whether the result at `latest_started[i]` was up (with two at that time: both were).
+    /// Lets the alert reads skip pairs that are up without a lookup (migration 0012).
+    pub latest_up: Vec<bool>,
 }
 
 impl Touched {
     pub fn of(rows: &[Row]) -> Touched {
         const HOUR_MS: u64 = 3_600_000;
         let mut hours: BTreeSet<(i32, u64)> = BTreeSet::new();
-        let mut latest: BTreeMap<(i32, &str), u64> = BTreeMap::new();
+        let mut latest: BTreeMap<(i32, &str), (u64, bool)> = BTreeMap::new();
         for row in rows {
             let r = &row.result;
             let target = r.target_id as i32;
@@ -870,18 +878,26 @@ impl Touched {
             if r.outcome == vantage_proto::Outcome::Missed {
                 continue;
             }
-            let newest = latest.entry((target, row.region.as_str())).or_insert(0);
-            *newest = (*newest).max(r.started_at_ms);
+            let up = r.outcome == vantage_proto::Outcome::Up;
+            let newest = latest
+                .entry((target, row.region.as_str()))
+                .or_insert((r.started_at_ms, up));
+            if r.started_at_ms > newest.0 {
+                *newest = (r.started_at_ms, up);
+            } else if r.started_at_ms == newest.0 {
+                newest.1 &= up;
+            }
         }
         let mut t = Touched::default();
         for (target, hour) in hours {
             t.targets.push(target);
             t.hours.push(unix_ms(hour));
         }
-        for ((target, region), ms) in latest {
+        for ((target, region), (ms, up)) in latest {
             t.latest_targets.push(target);
             t.latest_regions.push(region.to_owned());
             t.latest_started.push(unix_ms(ms));
+            t.latest_up.push(up);
         }
         t
     }
@@ -891,14 +907,15 @@ impl Touched {
 async fn insert_pending(tx: &tokio_postgres::Transaction<'_>, rows: &[Row]) -> Result<(), DbError> {
     let t = Touched::of(rows);
     tx.execute(
-        "INSERT INTO rollup_pending (targets, hours, l_targets, l_regions, l_started)
-         VALUES ($1, $2, $3, $4, $5)",
+        "INSERT INTO rollup_pending (targets, hours, l_targets, l_regions, l_started, l_up)
+         VALUES ($1, $2, $3, $4, $5, $6)",
         &[
             &t.targets,
             &t.hours,
             &t.latest_targets,
             &t.latest_regions,
             &t.latest_started,
+            &t.latest_up,
         ],
     )
     .await?;
@@ -978,6 +995,7 @@ mod tests {
         assert_eq!(t.hours, [unix_ms(10 * hour), unix_ms(11 * hour)]);
         assert_eq!(t.latest_targets, [7]);
         assert_eq!(t.latest_started, [unix_ms(10 * hour)]);
+        assert_eq!(t.latest_up, [false]);
         // Only missed periods: nothing for latest_results.
         let t = Touched::of(&[row(2, 12 * hour, Outcome::Missed)]);
         assert_eq!(t.targets, [7]);

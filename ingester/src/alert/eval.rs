@@ -1,7 +1,8 @@
 //! One rule's reads: the query of each kind and the verdict per subject it yields.
 //!
 //! Every read goes through the public SQL interface by column name: `vantage_alert_down` and
-//! `vantage_alert_regions` (migration 0007, over `latest_status` and `targets`),
+//! `vantage_alert_regions` (migration 0007, over `latest_status` and `targets`; since 0012 over
+//! a partial index of failing rows and the pending writes' up flags, same answers),
 //! `cert_expiry_by_region`, `region_comparison(window)`, `fleet` and `gaps`. Each is bounded by
 //! the number of targets × regions (latest values) or by the rule's window, never by the length
 //! of the history.
