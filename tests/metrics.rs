@@ -369,7 +369,10 @@ async fn agent_metrics_match_the_run() {
             "{name}\n{text}\n{summary:?}"
         );
     }
-    assert_eq!(u.results, summary.probes_started);
+    assert_eq!(
+        u.results,
+        summary.probes_started + summary.probes_refused + summary.missed_reported
+    );
     assert_eq!(
         sample(&text, "vantage_agent_buffer_results"),
         Some(0.0),

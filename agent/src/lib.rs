@@ -63,6 +63,9 @@ pub struct RunSummary {
     pub skipped_no_memory: u64,
     /// Probes that could never fit the memory budget, reported as `memory_refused` results.
     pub probes_refused: u64,
+    /// Skipped periods reported as `missed` results (the newest
+    /// [`scheduler::MAX_MISSED_PER_SKIP`] of each skip).
+    pub missed_reported: u64,
     /// Probes still running at the drain deadline, aborted: no result exists for them, so they
     /// are neither numbered nor `undelivered`; counted here and in the stop warning.
     pub probes_aborted: u64,
@@ -285,6 +288,7 @@ pub async fn run(
                             uplink::to_wire(&m)
                         })
                         .collect();
+                    summary.missed_reported += missed.len() as u64;
                     let tx = tx.clone();
                     // Not in `running`: it holds no slot.
                     probes.spawn(async move {

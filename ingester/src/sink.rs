@@ -264,7 +264,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
         config.storage.clone(),
         shutdown.clone(),
     ));
-    let Some(mut client) = connect_with_retry(&pg_config, &shutdown).await? else {
+    let Some(client) = connect_with_retry(&pg_config, &shutdown).await? else {
         return Ok(stopped_while_reconnecting("PostgreSQL"));
     };
     let ensured = tokio::select! {
@@ -290,7 +290,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
     let durable = Arc::new(Mutex::new(Durable::default()));
     let has_brokers = Arc::new(AtomicBool::new(true));
     // Checks now and then that the consumer still has a broker (see `SinkContext`).
-    let mut broker_check = tokio::time::interval(Duration::from_secs(5));
+    let broker_check = tokio::time::interval(Duration::from_secs(5));
     let consumer: StreamConsumer<SinkContext> = kafka::consumer_config(&kafka_config)
         .set("group.id", &kafka_config.group_id)
         .set("enable.auto.commit", "false")
@@ -308,22 +308,109 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
         "sink running"
     );
 
-    let mut stats = SinkStats::default();
-    // Which targets each agent was given (assign.rs), on a connection of its own.
-    let mut assignments = crate::assign::Assignments::new(&pg_config, config.storage.raw_retention);
-    // Poison messages can arrive at the input's rate: one log line per second at most.
-    let poison_log = crate::ratelimit::RateLimit::new("poison message", Duration::from_secs(1));
-    // The batches, in a block of their own: however it ends (shutdown, or an error that stops
-    // the stage), the bounded commit-and-close below runs (shutdown.rs).
-    let outcome: Result<(), SinkError> = async {
-    'batches: while !shutdown.is_cancelled() {
-        // Collect: wait for a first message, then fill until full or the batch timeout.
-        let mut writes = Writes::default();
-        let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
-        let mut count = 0usize;
+    let mut stage = Stage {
+        // Which targets each agent was given (assign.rs), on a connection of its own.
+        assignments: crate::assign::Assignments::new(&pg_config, config.storage.raw_retention),
+        kafka: kafka_config,
+        pg: pg_config,
+        sink,
+        client,
+        producer,
+        durable: durable.clone(),
+        has_brokers,
+        broker_check,
+        // Poison messages can arrive at the input's rate: one log line per second at most.
+        poison_log: crate::ratelimit::RateLimit::new("poison message", Duration::from_secs(1)),
+        stats: SinkStats::default(),
+        shutdown,
+    };
+    // The batches in a function of their own: however they end (shutdown, or an error that
+    // stops the stage), the bounded commit-and-close below runs (shutdown.rs).
+    let outcome = stage.batches(&consumer).await;
+    let Stage {
+        mut stats,
+        producer,
+        ..
+    } = stage;
+    // Final synchronous commit of everything durable, then leave the group, each bounded
+    // (shutdown.rs: after a Kafka restart librdkafka could block here for ever). Once committed,
+    // the revocation during close has nothing left to commit again.
+    let tpl = lock(&durable).list()?;
+    stats.revocation_commits = lock(&durable).revocation_commits;
+    let on_committed = move || lock(&durable).next.clear();
+    crate::shutdown::commit_and_close(
+        consumer,
+        (tpl.count() > 0).then_some(tpl),
+        on_committed,
+        producer,
+    )
+    .await;
+    outcome?;
+    tracing::info!(?stats, "sink stopped");
+    Ok(stats)
+}
+
+/// What the batch loop works with, besides the consumer (whose messages borrow it).
+struct Stage {
+    kafka: crate::config::KafkaConfig,
+    pg: PostgresConfig,
+    sink: crate::config::SinkConfig,
+    client: Client,
+    producer: kafka::Producer,
+    durable: Arc<Mutex<Durable>>,
+    has_brokers: Arc<AtomicBool>,
+    /// Checks now and then that the consumer still has a broker (see `SinkContext`).
+    broker_check: tokio::time::Interval,
+    assignments: crate::assign::Assignments,
+    poison_log: crate::ratelimit::RateLimit,
+    stats: SinkStats,
+    shutdown: CancellationToken,
+}
+
+/// One batch on its way from Kafka to PostgreSQL.
+#[derive(Default)]
+struct Batch {
+    writes: Writes,
+    /// (topic, partition) → the offset after the batch's last message there.
+    offsets: BTreeMap<(String, i32), i64>,
+    /// Messages taken (decoded, or dead-lettered).
+    count: usize,
+    /// The rebalance generation when the first message came; the offsets are committed only if
+    /// no revocation happened since.
+    generation: Option<u64>,
+}
+
+impl Stage {
+    /// The loop of named steps: collect, write, dead-letter what PostgreSQL refused, commit;
+    /// until shutdown, or until a batch has to be left for replay (shutdown while a write or a
+    /// dead letter was pending: nothing of it is committed, whoever consumes next replays it).
+    async fn batches(&mut self, consumer: &StreamConsumer<SinkContext>) -> Result<(), SinkError> {
+        while !self.shutdown.is_cancelled() {
+            let Some(mut batch) = self.collect(consumer).await? else {
+                return Ok(());
+            };
+            if batch.count == 0 {
+                continue;
+            }
+            self.stats.messages += batch.count as u64;
+            crate::metrics::sink().consumed.inc_by(batch.count as u64);
+            if !self.write(&mut batch).await? || !self.dead_letter_refused(&mut batch).await {
+                return Ok(());
+            }
+            self.commit(consumer, batch)?;
+        }
+        Ok(())
+    }
+
+    /// Collect: waits for a first message, then fills until `sink.batch_max` messages or
+    /// `sink.batch_timeout` after the first. None: leave it for replay.
+    async fn collect(
+        &mut self,
+        consumer: &StreamConsumer<SinkContext>,
+    ) -> Result<Option<Batch>, SinkError> {
+        let mut batch = Batch::default();
         let mut batch_deadline = None;
-        let mut generation = None;
-        while count < sink.batch_max {
+        while batch.count < self.sink.batch_max {
             let next = async {
                 match batch_deadline {
                     Some(d) => tokio::time::timeout_at(d, consumer.recv()).await.ok(),
@@ -332,17 +419,17 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
             };
             let received = tokio::select! {
                 r = next => r,
-                _ = shutdown.cancelled() => None,
-                _ = broker_check.tick() => {
-                    if !has_brokers.load(Ordering::Acquire)
-                        && kafka::re_add_brokers(consumer.client(), &kafka_config.brokers)
+                _ = self.shutdown.cancelled() => None,
+                _ = self.broker_check.tick() => {
+                    if !self.has_brokers.load(Ordering::Acquire)
+                        && kafka::re_add_brokers(consumer.client(), &self.kafka.brokers)
                     {
                         tracing::error!(
-                            brokers = kafka_config.brokers,
+                            brokers = self.kafka.brokers,
                             "Kafka consumer had no broker left (librdkafka lost them in a broker \
                              restart); kafka.brokers added again"
                         );
-                        has_brokers.store(true, Ordering::Release);
+                        self.has_brokers.store(true, Ordering::Release);
                     }
                     continue;
                 }
@@ -358,137 +445,160 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
                     continue;
                 }
             };
-            batch_deadline.get_or_insert_with(|| tokio::time::Instant::now() + sink.batch_timeout);
+            batch_deadline
+                .get_or_insert_with(|| tokio::time::Instant::now() + self.sink.batch_timeout);
             // Read after the message: a revocation before it was served in this recv().
-            generation.get_or_insert_with(|| lock(&durable).generation);
-            count += 1;
-            offsets.insert(
+            batch
+                .generation
+                .get_or_insert_with(|| lock(&self.durable).generation);
+            batch.count += 1;
+            batch.offsets.insert(
                 (message.topic().to_owned(), message.partition()),
                 message.offset() + 1,
             );
-            let decoded = if is_status(&message) {
-                decode_status_message(
-                    message.key(),
-                    message.payload(),
-                    message.timestamp().to_millis(),
-                )
-            } else {
-                decode_message(message.key(), message.payload())
-            };
-            match decoded {
-                Decoded::Rows(mut r, g) => {
-                    let delivered = drop_unassigned(
-                        &mut assignments,
-                        &mut r,
-                        message.key(),
-                        (&producer, &kafka_config.dead_letter_topic),
-                        &shutdown,
-                        &mut stats,
-                        &poison_log,
-                    )
-                    .await?;
-                    if !delivered {
-                        tracing::warn!("shutdown before a dead letter was delivered; batch left for replay");
-                        break 'batches;
-                    }
-                    // Agent clocks are not trusted (clock.rs): what falls outside the window
-                    // around the bridge's clock is dead-lettered here, the rest is written.
-                    let letters = writes.add_frame(&sink.clock, r, g, &message);
-                    for letter in letters {
-                        if let Some(suppressed) = poison_log.allow() {
-                            tracing::warn!(
-                                key = %String::from_utf8_lossy(message.key().unwrap_or_default()),
-                                reason = letter.reason,
-                                results = letter.results,
-                                skew_ms = letter.skew_ms,
-                                suppressed,
-                                "results refused: agent clock"
-                            );
-                        }
-                        let bridge_ms = letter.bridge_ms.to_string();
-                        if !dead_letter(
-                            &producer,
-                            &kafka_config.dead_letter_topic,
-                            message.key(),
-                            &letter.payload,
-                            letter.reason,
-                            &[(kafka::BRIDGE_TIME_HEADER, &bridge_ms)],
-                            &shutdown,
-                        )
-                        .await
-                        {
-                            tracing::warn!("shutdown before a dead letter was delivered; batch left for replay");
-                            break 'batches;
-                        }
-                        stats.dead_lettered += 1;
-                        crate::metrics::sink().dead_lettered(letter.reason);
-                        writes.count_skew(&letter);
-                    }
-                }
-                Decoded::Status(s) => writes.add_status(*s, &message),
-                Decoded::Poison(reason) => {
-                    if let Some(suppressed) = poison_log.allow() {
-                        tracing::warn!(
-                            partition = message.partition(),
-                            offset = message.offset(),
-                            reason,
-                            suppressed,
-                            "poison message"
-                        );
-                    }
-                    let durable_letter = dead_letter(
-                        &producer,
-                        &kafka_config.dead_letter_topic,
-                        message.key(),
-                        message.payload().unwrap_or_default(),
-                        reason,
-                        &[],
-                        &shutdown,
-                    )
-                    .await;
-                    if !durable_letter {
-                        // Its offset must not be committed: leave the whole batch for replay.
-                        tracing::warn!("shutdown before a dead letter was delivered; batch left for replay");
-                        break 'batches;
-                    }
-                    stats.dead_lettered += 1;
-                    crate::metrics::sink().dead_lettered(reason);
-                }
+            if !self.take(&mut batch, &message).await? {
+                return Ok(None);
             }
         }
-        if count == 0 {
-            continue;
-        }
-        stats.messages += count as u64;
-        crate::metrics::sink().consumed.inc_by(count as u64);
+        Ok(Some(batch))
+    }
 
-        // Write, retrying transient failures for as long as it takes: offsets must not move
-        // past rows that are not durable. At shutdown, give up instead (nothing is committed,
-        // so the batch is replayed by whoever consumes next). `Writes` remembers what is done
-        // (each step is its own transaction), so a retry neither redoes nor recounts it.
+    /// Decode: one message into the batch's writes, or to the dead-letter topic (poison,
+    /// unassigned targets, agent clocks out of bounds). False: shutdown before a dead letter
+    /// was delivered.
+    async fn take(
+        &mut self,
+        batch: &mut Batch,
+        message: &rdkafka::message::BorrowedMessage<'_>,
+    ) -> Result<bool, SinkError> {
+        let decoded = if is_status(message) {
+            decode_status_message(
+                message.key(),
+                message.payload(),
+                message.timestamp().to_millis(),
+            )
+        } else {
+            decode_message(message.key(), message.payload())
+        };
+        let dead_letter_topic = &self.kafka.dead_letter_topic;
+        match decoded {
+            Decoded::Rows(mut r, g) => {
+                let delivered = drop_unassigned(
+                    &mut self.assignments,
+                    &mut r,
+                    message.key(),
+                    (&self.producer, dead_letter_topic),
+                    &self.shutdown,
+                    &mut self.stats,
+                    &self.poison_log,
+                )
+                .await?;
+                if !delivered {
+                    tracing::warn!(
+                        "shutdown before a dead letter was delivered; batch left for replay"
+                    );
+                    return Ok(false);
+                }
+                // Agent clocks are not trusted (clock.rs): what falls outside the window
+                // around the bridge's clock is dead-lettered here, the rest is written.
+                let letters = batch.writes.add_frame(&self.sink.clock, r, g, message);
+                for letter in letters {
+                    if let Some(suppressed) = self.poison_log.allow() {
+                        tracing::warn!(
+                            key = %String::from_utf8_lossy(message.key().unwrap_or_default()),
+                            reason = letter.reason,
+                            results = letter.results,
+                            skew_ms = letter.skew_ms,
+                            suppressed,
+                            "results refused: agent clock"
+                        );
+                    }
+                    let bridge_ms = letter.bridge_ms.to_string();
+                    if !dead_letter(
+                        &self.producer,
+                        dead_letter_topic,
+                        message.key(),
+                        &letter.payload,
+                        letter.reason,
+                        &[(kafka::BRIDGE_TIME_HEADER, &bridge_ms)],
+                        &self.shutdown,
+                    )
+                    .await
+                    {
+                        tracing::warn!(
+                            "shutdown before a dead letter was delivered; batch left for replay"
+                        );
+                        return Ok(false);
+                    }
+                    self.stats.dead_lettered += 1;
+                    crate::metrics::sink().dead_lettered(letter.reason);
+                    batch.writes.count_skew(&letter);
+                }
+            }
+            Decoded::Status(s) => batch.writes.add_status(*s, message),
+            Decoded::Poison(reason) => {
+                if let Some(suppressed) = self.poison_log.allow() {
+                    tracing::warn!(
+                        partition = message.partition(),
+                        offset = message.offset(),
+                        reason,
+                        suppressed,
+                        "poison message"
+                    );
+                }
+                let durable_letter = dead_letter(
+                    &self.producer,
+                    dead_letter_topic,
+                    message.key(),
+                    message.payload().unwrap_or_default(),
+                    reason,
+                    &[],
+                    &self.shutdown,
+                )
+                .await;
+                if !durable_letter {
+                    // Its offset must not be committed: leave the whole batch for replay.
+                    tracing::warn!(
+                        "shutdown before a dead letter was delivered; batch left for replay"
+                    );
+                    return Ok(false);
+                }
+                self.stats.dead_lettered += 1;
+                crate::metrics::sink().dead_lettered(reason);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Write, retrying transient failures for as long as it takes: offsets must not move past
+    /// rows that are not durable. At shutdown, give up instead (false: nothing is committed, so
+    /// the batch is replayed by whoever consumes next). `Writes` remembers what is done (each
+    /// step is its own transaction), so a retry neither redoes nor recounts it.
+    async fn write(&mut self, batch: &mut Batch) -> Result<bool, SinkError> {
+        let writes = &mut batch.writes;
         let started = std::time::Instant::now();
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         loop {
-            match writes.run(&mut client).await {
+            match writes.run(&mut self.client).await {
                 Ok(()) => break,
                 Err(e) if e.is_transient() => {
-                    stats.write_retries += 1;
+                    self.stats.write_retries += 1;
                     crate::metrics::sink().write_retries.inc();
                     let pause = backoff.next_pause();
                     tracing::warn!(error = %e, retry_in = ?pause, "PostgreSQL write failed, retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(pause) => {}
-                        _ = shutdown.cancelled() => {
+                        _ = self.shutdown.cancelled() => {
                             tracing::warn!(rows = writes.rows.len(), "shutdown while PostgreSQL is unavailable; batch left for replay");
-                            break 'batches;
+                            return Ok(false);
                         }
                     }
-                    if client.is_closed() {
-                        client = match connect_with_retry(&pg_config, &shutdown).await? {
+                    if self.client.is_closed() {
+                        self.client = match connect_with_retry(&self.pg, &self.shutdown).await? {
                             Some(c) => c,
                             None => {
                                 tracing::warn!(rows = writes.rows.len(), "shutdown while reconnecting to PostgreSQL; batch left for replay");
-                                break 'batches;
+                                return Ok(false);
                             }
                         };
                     }
@@ -506,14 +616,19 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
                 writes.inserted.gaps,
                 started.elapsed(),
             );
-            stats.rows_inserted += writes.inserted.results;
-            stats.rows_duplicate += written as u64 - writes.inserted.results;
-            stats.gaps_inserted += writes.inserted.gaps;
+            self.stats.rows_inserted += writes.inserted.results;
+            self.stats.rows_duplicate += written as u64 - writes.inserted.results;
+            self.stats.gaps_inserted += writes.inserted.gaps;
             tracing::debug!(rows = written, inserted = ?writes.inserted, "batch written");
         }
-        // What PostgreSQL refused goes to the dead-letter topic before any offset moves.
-        for refused in std::mem::take(&mut writes.refused) {
-            if let Some(suppressed) = poison_log.allow() {
+        Ok(true)
+    }
+
+    /// What PostgreSQL refused goes to the dead-letter topic before any offset moves. False:
+    /// shutdown before a dead letter was delivered.
+    async fn dead_letter_refused(&mut self, batch: &mut Batch) -> bool {
+        for refused in std::mem::take(&mut batch.writes.refused) {
+            if let Some(suppressed) = self.poison_log.allow() {
                 tracing::warn!(
                     key = %String::from_utf8_lossy(refused.key.as_deref().unwrap_or_default()),
                     sqlstate = refused.sqlstate,
@@ -523,8 +638,8 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
                 );
             }
             let durable_letter = dead_letter(
-                &producer,
-                &kafka_config.dead_letter_topic,
+                &self.producer,
+                &self.kafka.dead_letter_topic,
                 refused.key.as_deref(),
                 &refused.payload,
                 REFUSED,
@@ -532,27 +647,37 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
                     (kafka::SQLSTATE_HEADER, &refused.sqlstate),
                     (kafka::ERROR_HEADER, &refused.error),
                 ],
-                &shutdown,
+                &self.shutdown,
             )
             .await;
             if !durable_letter {
-                tracing::warn!("shutdown before a dead letter was delivered; batch left for replay");
-                break 'batches;
+                tracing::warn!(
+                    "shutdown before a dead letter was delivered; batch left for replay"
+                );
+                return false;
             }
-            stats.dead_lettered += 1;
+            self.stats.dead_lettered += 1;
             crate::metrics::sink().dead_lettered(REFUSED);
         }
+        true
+    }
 
-        // The rows are committed: now, and only now, the offsets may advance.
-        stats.batches += 1;
+    /// Commit: the rows are committed, so now, and only now, the offsets may advance (not if a
+    /// revocation came since the batch's first message: the next owner replays it).
+    fn commit(
+        &mut self,
+        consumer: &StreamConsumer<SinkContext>,
+        batch: Batch,
+    ) -> Result<(), SinkError> {
+        self.stats.batches += 1;
         crate::metrics::sink().batch_durable();
         let commit = {
-            let mut d = lock(&durable);
-            if generation != Some(d.generation) {
-                stats.batches_uncommitted += 1;
+            let mut d = lock(&self.durable);
+            if batch.generation != Some(d.generation) {
+                self.stats.batches_uncommitted += 1;
                 None
             } else {
-                d.next.extend(offsets);
+                d.next.extend(batch.offsets);
                 Some(d.list()?)
             }
         };
@@ -563,26 +688,8 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<SinkSta
                 tracing::warn!(error = %e, "offset commit failed; messages will be replayed");
             }
         }
+        Ok(())
     }
-    Ok(())
-    }
-    .await;
-    // Final synchronous commit of everything durable, then leave the group, each bounded
-    // (shutdown.rs: after a Kafka restart librdkafka could block here for ever). Once committed,
-    // the revocation during close has nothing left to commit again.
-    let tpl = lock(&durable).list()?;
-    stats.revocation_commits = lock(&durable).revocation_commits;
-    let on_committed = move || lock(&durable).next.clear();
-    crate::shutdown::commit_and_close(
-        consumer,
-        (tpl.count() > 0).then_some(tpl),
-        on_committed,
-        producer,
-    )
-    .await;
-    outcome?;
-    tracing::info!(?stats, "sink stopped");
-    Ok(stats)
 }
 
 fn lock(durable: &Mutex<Durable>) -> std::sync::MutexGuard<'_, Durable> {
