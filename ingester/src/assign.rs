@@ -253,24 +253,9 @@ pub fn refused_frame(refused: &[Row]) -> Option<Vec<u8>> {
 pub(crate) mod tests_support {
     pub fn result() -> vantage_proto::ProbeResult {
         vantage_proto::ProbeResult {
-            seq: 0,
-            target_id: 1,
-            started_at_ms: 1,
             status: 200,
-            outcome: vantage_proto::Outcome::Up,
-            failed_phase: None,
-            regex: vantage_proto::RegexOutcome::NotConfigured,
             total_us: 1,
-            dns_us: None,
-            connect_us: None,
-            tls_us: None,
-            ttfb_us: None,
-            transfer_us: None,
-            body_bytes: 0,
-            body_truncated: false,
-            redirects: 0,
-            cert_not_after_s: None,
-            remote_ip: None,
+            ..vantage_proto::ProbeResult::without_response(0, 1, 1, vantage_proto::Outcome::Up)
         }
     }
 }

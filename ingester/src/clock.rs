@@ -234,31 +234,16 @@ pub async fn record(client: &mut Client, counts: &SkewCounts) -> Result<(), DbEr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vantage_proto::{Outcome, RegexOutcome};
+    use vantage_proto::Outcome;
 
     const NOW: i64 = 1_800_000_000_000;
     const DAY: u64 = 86_400_000;
 
     fn result(seq: u64, started_at_ms: u64) -> ProbeResult {
         ProbeResult {
-            seq,
-            target_id: 1,
-            started_at_ms,
             status: 200,
-            outcome: Outcome::Up,
-            failed_phase: None,
-            regex: RegexOutcome::NotConfigured,
             total_us: 1000,
-            dns_us: None,
-            connect_us: None,
-            tls_us: None,
-            ttfb_us: None,
-            transfer_us: None,
-            body_bytes: 0,
-            body_truncated: false,
-            redirects: 0,
-            cert_not_after_s: None,
-            remote_ip: None,
+            ..ProbeResult::without_response(seq, 1, started_at_ms, Outcome::Up)
         }
     }
 
