@@ -4,7 +4,10 @@
 //! 1. Evaluation cost: `latest_results` filled with `targets` × `regions` fresh rows (1% of the
 //!    targets failing in 3 regions), the alert stage in-process with the default `down` rule plus
 //!    `no_data` and `probe_stale`; the time of each rule's read (p50/p99) and of whole
-//!    evaluations (the stage's own histogram: mean).
+//!    evaluations (the stage's own histogram: mean). The same run times migration 0007's
+//!    `down` and `no_data` reads (kept as `baseline_*` before 0012 replaces them) against
+//!    0012's, with everything consumed by the rollup round and with `targets x regions / 5`
+//!    results pending (written through the sink's path in its batch size), as ratios.
 //! 2. Detection latency: three agents (three regions) probing every second through a proxy each,
 //!    bridge, sink and the alert stage evaluating every second; per outage, the time from cutting
 //!    two regions' proxies to Alertmanager holding the alert (GET /api/v2/alerts every 20 ms).
@@ -53,6 +56,48 @@ fn alerts_section(run: &Run, extra: &str) -> String {
     )
 }
 
+/// The two reads 0012 replaced against 0007's (kept as `baseline_*`), in SQL as the evaluator
+/// calls them: p50/p99 of `evaluations` calls each, alternating, and the ratio.
+async fn compare_reads(client: &tokio_postgres::Client, label: &str, evaluations: usize) -> String {
+    let mut out = String::new();
+    for (name, call) in [
+        (
+            "down",
+            "vantage_alert_down('10 minutes', NULL, NULL, NULL, '{}')",
+        ),
+        (
+            "no_data",
+            "vantage_alert_regions('10 minutes', '1 day', NULL)",
+        ),
+    ] {
+        let mut times = [Vec::new(), Vec::new()];
+        for _ in 0..evaluations {
+            for (i, prefix) in ["baseline_", ""].iter().enumerate() {
+                let t0 = Instant::now();
+                let rows = client
+                    .query(&format!("SELECT * FROM {prefix}{call}"), &[])
+                    .await
+                    .unwrap();
+                times[i].push(t0.elapsed().as_secs_f64() * 1000.0);
+                std::hint::black_box(rows);
+            }
+        }
+        for t in &mut times {
+            t.sort_by(f64::total_cmp);
+        }
+        let (old, new) = (percentile(&times[0], 0.5), percentile(&times[1], 0.5));
+        let _ = writeln!(
+            out,
+            "  {label}: {name:<7} 0007 p50 {old:7.1} ms, 0012 p50 {new:7.1} ms \
+             (p99 {:.1} / {:.1}): {:.1}x",
+            percentile(&times[0], 0.99),
+            percentile(&times[1], 0.99),
+            old / new
+        );
+    }
+    out
+}
+
 async fn evaluation_cost(args: &Args, report: &mut String) {
     let run = Run::new("bench-alerts-cost");
     let base = std::fs::read_to_string(run.ingester_file(&IngesterOptions::default())).unwrap();
@@ -66,7 +111,22 @@ async fn evaluation_cost(args: &Args, report: &mut String) {
     let mut client = vantage_ingester::db::connect(config.postgres().unwrap())
         .await
         .unwrap();
-    vantage_ingester::db::migrate(&mut client, &config.postgres().unwrap().schema)
+    // The baseline of the same run: 0007's two reads, kept under other names before 0012
+    // replaces them.
+    let schema = config.postgres().unwrap().schema.clone();
+    vantage_ingester::db::migrate_to(&mut client, &schema, 11)
+        .await
+        .unwrap();
+    for f in ["vantage_alert_down", "vantage_alert_regions"] {
+        let def: String = client
+            .query_one("SELECT pg_get_functiondef($1::text::regproc)", &[&f])
+            .await
+            .unwrap()
+            .get(0);
+        let def = def.replacen(&format!(".{f}("), &format!(".baseline_{f}("), 1);
+        client.batch_execute(&def).await.unwrap();
+    }
+    vantage_ingester::db::migrate(&mut client, &schema)
         .await
         .unwrap();
     let failing = (args.targets / 100).max(1);
@@ -115,7 +175,56 @@ async fn evaluation_cost(args: &Args, report: &mut String) {
         );
     }
 
-    // Whole evaluations by the stage (state machine, writes of the incidents it opens).
+    // The two reads 0012 replaced against 0007's, in SQL as the evaluator calls them: first
+    // with every result consumed by the rollup round, then with `pending` results written
+    // through the sink's path and not yet consumed (10 s of writes at 10,000 targets x 10
+    // regions every 50 s; 2% of them failing).
+    lines.push_str(&compare_reads(&client, "consumed", args.evaluations).await);
+    let pending = args.targets as usize * args.regions as usize / 5;
+    {
+        let mut writer = vantage_ingester::db::connect_writer(config.postgres().unwrap())
+            .await
+            .unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let rows: Vec<vantage_ingester::db::Row> = (0..pending)
+            .map(|i| {
+                let region = 1 + i as i32 % args.regions;
+                let outcome = if i % 50 == 0 {
+                    vantage_proto::Outcome::Timeout
+                } else {
+                    vantage_proto::Outcome::Up
+                };
+                vantage_ingester::db::Row {
+                    region: format!("region-{region}"),
+                    agent: format!("agent-{region}"),
+                    boot_id: 7,
+                    result: vantage_proto::ProbeResult {
+                        status: 200,
+                        total_us: 20_000,
+                        ..vantage_proto::ProbeResult::without_response(
+                            i as u64,
+                            1 + (i as u32 / args.regions as u32) % args.targets as u32,
+                            now - (i as u64 % 10_000),
+                            outcome,
+                        )
+                    },
+                }
+            })
+            .collect();
+        // In the sink's batch size.
+        for chunk in rows.chunks(500) {
+            vantage_ingester::db::write_batch(&mut writer, chunk, &[])
+                .await
+                .unwrap();
+        }
+    }
+    lines.push_str(&compare_reads(&client, &format!("{pending} pending"), args.evaluations).await);
+
+    // Whole evaluations by the stage (state machine, writes of the incidents it opens), with
+    // the pending results still there.
     let stop = CancellationToken::new();
     let stage = tokio::spawn({
         let s = stop.clone();
