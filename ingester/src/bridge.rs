@@ -160,7 +160,7 @@ pub fn parse_any_topic<'t>(prefix: &'t str, topic: &'t str) -> Option<(Kind, &'t
     let kind = match t.channel {
         Channel::Results => Kind::Results,
         Channel::Status => Kind::Status,
-        Channel::Targets => return None,
+        Channel::Targets | Channel::Acks => return None,
     };
     Some((kind, t.region, t.agent?))
 }
