@@ -94,9 +94,17 @@ impl AckBook {
             .map(|(k, _)| k.clone())
             .collect();
         if keys.len() < over {
-            let mut oldest: Vec<_> = self.waiting.iter().map(|(k, e)| (e.since, k.clone())).collect();
+            let mut oldest: Vec<_> = self
+                .waiting
+                .iter()
+                .map(|(k, e)| (e.since, k.clone()))
+                .collect();
             oldest.sort();
-            keys = oldest.into_iter().take(over.max(keys.len())).map(|(_, k)| k).collect();
+            keys = oldest
+                .into_iter()
+                .take(over.max(keys.len()))
+                .map(|(_, k)| k)
+                .collect();
         }
         let mut out = Vec::new();
         for key in keys {

@@ -285,7 +285,8 @@ pub async fn run_with_state(
     loop {
         let ack_due = book.as_ref().and_then(|b| b.next_due());
         let far = tokio::time::Instant::now() + Duration::from_secs(3600);
-        let ack_timer = tokio::time::sleep_until(ack_due.map_or(far, tokio::time::Instant::from_std));
+        let ack_timer =
+            tokio::time::sleep_until(ack_due.map_or(far, tokio::time::Instant::from_std));
         tokio::select! {
             _ = progress.tick() => {
                 tracing::debug!(?stats, pending = pending.len(), queued = rx.len(), acks = acks.len(), "bridge progress");
@@ -377,7 +378,13 @@ fn note_delivered(book: &mut crate::ack_book::AckBook, prefix: &str, publish: &P
     // the batch through the delivery future.
     if let Ok(batch) = vantage_proto::decode(&publish.payload) {
         let ranges = vantage_proto::ack::frame_ranges(&batch);
-        book.delivered(region, agent, batch.boot_id, &ranges, std::time::Instant::now());
+        book.delivered(
+            region,
+            agent,
+            batch.boot_id,
+            &ranges,
+            std::time::Instant::now(),
+        );
     }
 }
 

@@ -86,7 +86,9 @@ pub fn frame_ranges(batch: &Batch) -> Vec<SeqRange, MAX_FRAME_RANGES> {
 
 /// Merges ranges sorted by `first` (overlapping or adjacent ones become one) into at most `N`;
 /// what does not fit is left out (callers size `N` so that nothing is).
-pub fn merge_sorted<const N: usize>(sorted: impl IntoIterator<Item = SeqRange>) -> Vec<SeqRange, N> {
+pub fn merge_sorted<const N: usize>(
+    sorted: impl IntoIterator<Item = SeqRange>,
+) -> Vec<SeqRange, N> {
     let mut out: Vec<SeqRange, N> = Vec::new();
     for r in sorted {
         if let Some(last) = out.last_mut() {

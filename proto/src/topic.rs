@@ -48,8 +48,8 @@ impl Channel {
             Channel::Targets,
             Channel::Acks,
         ]
-            .into_iter()
-            .find(|c| c.as_str() == s)
+        .into_iter()
+        .find(|c| c.as_str() == s)
     }
 }
 

@@ -9,7 +9,12 @@ use vantage_proto::{Batch, Error, Gap, Outcome, ProbeResult};
 fn ack() -> Ack {
     let mut ranges = heapless::Vec::new();
     ranges.push(SeqRange { first: 0, last: 31 }).unwrap();
-    ranges.push(SeqRange { first: 300, last: 300 }).unwrap();
+    ranges
+        .push(SeqRange {
+            first: 300,
+            last: 300,
+        })
+        .unwrap();
     Ack {
         boot_id: 0x0102_0304_0506_0708,
         ranges,
@@ -111,14 +116,25 @@ fn frame_ranges_merge_results_and_gaps() {
     assert_eq!(
         &ranges[..],
         &[
-            SeqRange { first: 10, last: 15 },
-            SeqRange { first: 20, last: 21 }
+            SeqRange {
+                first: 10,
+                last: 15
+            },
+            SeqRange {
+                first: 20,
+                last: 21
+            }
         ]
     );
     let mut a = ack();
     a.ranges.clear();
     a.ranges.push(SeqRange { first: 0, last: 17 }).unwrap();
     assert!(!a.covers_all(&ranges));
-    a.ranges.push(SeqRange { first: 19, last: 25 }).unwrap();
+    a.ranges
+        .push(SeqRange {
+            first: 19,
+            last: 25,
+        })
+        .unwrap();
     assert!(a.covers_all(&ranges));
 }
