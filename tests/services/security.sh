@@ -159,7 +159,8 @@ ingester_acl() {
   printf '%s\n' \
     "topic read $1/v1/results/#" \
     "topic read $1/v1/status/#" \
-    "topic readwrite $1/v1/targets/#"
+    "topic readwrite $1/v1/targets/#" \
+    "topic write $1/v1/acks/#"
 }
 
 agent_acl() {
@@ -168,7 +169,8 @@ agent_acl() {
     "topic write $prefix/v1/results/$region/$agent" \
     "topic write $prefix/v1/status/$region/$agent" \
     "topic read $prefix/v1/targets/$region" \
-    "topic read $prefix/v1/targets/$region/$agent"
+    "topic read $prefix/v1/targets/$region/$agent" \
+    "topic read $prefix/v1/acks/$region/$agent"
 }
 
 # mq_reload: make the running broker read the password file and ACL again
