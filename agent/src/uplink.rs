@@ -72,7 +72,7 @@ pub const MAX_FRAMES: usize = 256;
 /// brings the open gaps of earlier boots (a few each), so this does not fill.
 const MAX_PENDING_GAPS: usize = 32;
 
-/// Requests rumqttc may queue between this loop and its event loop (more than [`MAX_FRAMES`],
+/// Requests rumqttc may queue between this loop and its event loop (more than [`MAX_IN_FLIGHT`],
 /// so `try_publish` of a frame fails only if rumqttc itself is stuck).
 const CLIENT_QUEUE: usize = 64;
 
@@ -398,7 +398,12 @@ impl Outbox {
                 self.flush_spool();
             }
         }
-        while self.frames.len() < MAX_FRAMES {
+        // At most MAX_IN_FLIGHT frames not yet with the broker (as before end-to-end acks): what
+        // waits for the broker stays in the cache and the spool, where the bounds and the gap
+        // accounting apply; only frames the broker has may pile up to MAX_FRAMES.
+        let mut unpublished = self.unpublished();
+        while self.frames.len() < MAX_FRAMES && unpublished < MAX_IN_FLIGHT {
+            unpublished += 1;
             if self.seal_from_disk() {
                 continue;
             }
@@ -539,6 +544,14 @@ impl Outbox {
             gaps: frame_gaps,
             oldest_ms,
         });
+    }
+
+    /// Frames sealed and not yet acknowledged by the broker (queued or in flight).
+    fn unpublished(&self) -> usize {
+        self.frames
+            .iter()
+            .filter(|f| matches!(f.state, FrameState::Queued | FrameState::Handed))
+            .count()
     }
 
     fn frame_mut(&mut self, id: u64) -> Option<&mut Frame> {
@@ -1142,6 +1155,11 @@ fn pump(client: &AsyncClient, topic: &str, link: &Link, seen: &mut Seen, outbox:
     let fresh = link.fresh_sessions.load(Ordering::Acquire);
     let acks = link.acks.load(Ordering::Acquire);
     outbox.acked(acks - seen.acks);
+    if acks != seen.acks {
+        // PUBACKs opened the window: seal what waits (full batches only; the flush tick seals
+        // partial ones).
+        outbox.seal(false);
+    }
     seen.acks = acks;
     if fresh != seen.fresh_sessions {
         // The first connection is fresh too; there is nothing handed then, so this is a no-op.
@@ -1380,28 +1398,21 @@ mod tests {
     fn results_in_frames_are_never_dropped() {
         // Frames full (broker down), buffer overflows: only buffered results go.
         let mut o = Outbox::new(1, 1, 3);
-        for i in 0..(MAX_FRAMES as u64 + 10) {
+        for i in 0..(MAX_IN_FLIGHT as u64 + 10) {
             o.push(result(i));
             o.seal(false);
         }
-        assert_eq!(o.frames.len(), MAX_FRAMES);
-        // Frames hold 0..256; the buffer keeps the newest 3 (263..=265); 256..=262 dropped.
+        // While nothing reaches the broker, at most MAX_IN_FLIGHT frames are sealed.
+        assert_eq!(o.frames.len(), MAX_IN_FLIGHT);
+        // Frames hold 0..16; the buffer keeps the newest 3 (23..=25); 16..=22 dropped.
         assert_eq!(o.stats().dropped, 7);
-        let mut b = Vec::new();
-        loop {
-            let window = hand_all(&mut o);
-            if window.is_empty() {
-                break;
-            }
-            assert!(window.len() <= MAX_IN_FLIGHT);
-            o.acked(window.len() as u64);
-            b.extend(window);
-        }
-        assert_eq!(seqs(&b), (0..MAX_FRAMES as u64).collect::<Vec<_>>());
+        let b = hand_all(&mut o);
+        assert_eq!(seqs(&b), (0..MAX_IN_FLIGHT as u64).collect::<Vec<_>>());
+        o.acked(MAX_IN_FLIGHT as u64);
         o.seal(true);
         let b = hand_all(&mut o);
-        assert_eq!(seqs(&b), vec![263, 264, 265]);
-        assert_eq!(b[0].gaps[0].first_seq, MAX_FRAMES as u64);
+        assert_eq!(seqs(&b), vec![23, 24, 25]);
+        assert_eq!(b[0].gaps[0].first_seq, 16);
         assert_eq!(b[0].gaps[0].count, 7);
     }
 
@@ -1494,6 +1505,7 @@ mod tests {
         o.seal(false);
         assert_eq!(hand_all(&mut o).len(), MAX_IN_FLIGHT);
         o.acked(MAX_IN_FLIGHT as u64);
+        o.seal(false);
         // PUBACKs reopen the window although nothing is acknowledged end to end.
         assert_eq!(hand_all(&mut o).len(), MAX_IN_FLIGHT);
     }
@@ -1658,7 +1670,7 @@ mod tests {
         assert_eq!(u64::from(g.count), s.dropped);
         // The frames in flight (16, of up to 4: the flush ticks seal partial ones) went
         // first; the gap covers the oldest results after them.
-        assert!(g.first_seq > MAX_FRAMES as u64 && g.first_seq <= MAX_FRAMES as u64 * 4);
+        assert!(g.first_seq > MAX_IN_FLIGHT as u64 && g.first_seq <= MAX_IN_FLIGHT as u64 * 4);
         assert_eq!(
             delivered.iter().take_while(|&&q| q < g.first_seq).count() as u64,
             g.first_seq
