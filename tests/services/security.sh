@@ -138,6 +138,10 @@ mq_secure_files() {
   write_secret "$MQ_INGESTER_PW"
   if [[ ! -f $MQ_SECURE/users/ingester.pw ]]; then
     mq_identity ingester "$(ingester_acl +)" "$(cat "$MQ_INGESTER_PW")"
+  else
+    # The ingester's grants follow this script (an instance set up before the ack topics got
+    # them at its next `up`); the password stays.
+    printf 'user %s\n%s\n\n' ingester "$(ingester_acl +)" >"$MQ_SECURE/users/ingester.acl"
   fi
   local tmp changed=1
   tmp=$(mktemp)
