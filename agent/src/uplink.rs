@@ -219,6 +219,15 @@ impl Outbox {
         self
     }
 
+    /// The drain at a stop started: waits for end-to-end acks (a re-send, or the PUBACK
+    /// fallback when no ack ever came) are cut to `limit` so that they happen before the drain
+    /// deadline (`uplink.drain_timeout / 2`).
+    pub fn draining(&mut self, limit: Duration) {
+        if let Some(e2e) = &mut self.e2e {
+            e2e.ack_timeout_ms = e2e.ack_timeout_ms.min(limit.as_millis().max(1) as u64);
+        }
+    }
+
     /// An outbox in front of an opened spool: what the spool replayed is sent first, with its
     /// own boot ids and sequence numbers, and its gap records too.
     pub fn with_spool(
@@ -1068,6 +1077,7 @@ pub async fn run(
             drain_deadline
                 .as_mut()
                 .reset(tokio::time::Instant::now() + config.uplink.drain_timeout);
+            outbox.draining(config.uplink.drain_timeout / 2);
         }
         if draining {
             outbox.seal(true);
@@ -1572,6 +1582,24 @@ mod tests {
         assert!(!o.is_empty());
         o.e2e_ack(&ack_of(&more));
         assert!(o.is_empty());
+    }
+
+    #[test]
+    fn the_drain_cuts_the_ack_timeout() {
+        let mut o = Outbox::new(1, 2, 100).with_e2e_acks(Duration::from_secs(30));
+        o.tick(1);
+        o.push(result(0));
+        o.seal(true);
+        let _ = hand_all(&mut o);
+        o.acked(1);
+        o.draining(Duration::from_secs(5));
+        o.tick(4_000);
+        assert!(!o.is_empty());
+        o.tick(5_001);
+        assert!(
+            o.is_empty(),
+            "no ack ever: the fallback comes within the drain"
+        );
     }
 
     #[test]
