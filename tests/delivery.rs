@@ -1622,6 +1622,47 @@ async fn a_new_agent_against_an_ackless_bridge_falls_back_to_puback() {
     run.cleanup(&clients).await;
 }
 
+/// Issue #18 item 2, upgrade the other way: an agent that does not use end-to-end
+/// acknowledgements (an older one, or `uplink.end_to_end_acks = "off"`) against bridges that
+/// send them: it frees at PUBACK, ignores nothing it needs, and delivers everything once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_without_acks_against_an_acking_bridge_delivers() {
+    init_tracing();
+    let run = Run::new("oldagent");
+    let ingester = InProcess::start(
+        &run,
+        &IngesterOptions {
+            end_to_end_acks: true,
+            ..IngesterOptions::default()
+        },
+        true,
+        true,
+    )
+    .await;
+    let mut spec = LoadSpec::new(&run.services, &run.prefix(), &format!("oa-{}", run.id));
+    spec.agents = 2;
+    spec.rate = 500.0;
+    spec.results_per_agent = 1000;
+    spec.end_to_end_acks = false;
+    let reports = loadgen::start(spec, CancellationToken::new())
+        .finish()
+        .await;
+    assert_eq!(run.wait_rows(2000, Duration::from_secs(60)).await, 2000);
+    let (bridge, _) = ingester.stop().await;
+    assert!(bridge.unwrap().e2e_acks > 0, "the bridge acknowledged");
+    for r in &reports {
+        assert!(r.stats.puback_fallback, "{:?}", r.stats);
+        assert_eq!(r.stats.frames_e2e_acked, 0, "{:?}", r.stats);
+        assert_eq!(r.stats.undelivered, 0, "{:?}", r.stats);
+    }
+    let cmp = harness::compare(&run.pg().await, &reports).await;
+    println!("compared (agents without acks, acking bridge): {cmp}");
+    assert!(cmp.exact(), "{cmp}");
+    let mut clients = agent_client_ids(&reports);
+    clients.push(run.bridge_client_id("a"));
+    run.cleanup(&clients).await;
+}
+
 /// TESTING.md 17: two bridges on a shared subscription split the stream; each result reaches
 /// PostgreSQL once in total.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1678,6 +1719,13 @@ async fn two_bridges_on_a_shared_subscription_split_the_stream() {
         for r in &reports {
             assert!(!r.stats.puback_fallback, "{}: {:?}", r.agent_id, r.stats);
             assert_eq!(r.stats.frames_e2e_acked, r.stats.frames, "{:?}", r.stats);
+            println!(
+                "{}: {} frames acknowledged end to end, mean latency {} ms, {} re-sent",
+                r.agent_id,
+                r.stats.frames_e2e_acked,
+                r.stats.e2e_latency_ms_total / r.stats.frames_e2e_acked.max(1),
+                r.stats.resends
+            );
         }
     }
     let mut clients = agent_client_ids(&reports);
