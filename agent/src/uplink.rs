@@ -1,5 +1,6 @@
 //! The uplink: numbers results, buffers them, batches them into frames, and publishes the frames
-//! over MQTT QoS 1, keeping each frame until the broker acknowledged it.
+//! over MQTT QoS 1, keeping each frame until a bridge acknowledged it end to end (Kafka holds it;
+//! docs/delivery.md). The broker's PUBACK governs only the MQTT window ([`MAX_IN_FLIGHT`]).
 //!
 //! Flow: probe tasks → bounded channel → [`run`] → [`Outbox`] (numbering, bounded buffer, gap
 //! records, frames awaiting PUBACK) → rumqttc `AsyncClient` → the event-loop task, which alone
@@ -20,6 +21,13 @@
 //! order it receives them, and frames are handed only while connected, so an acknowledgement can
 //! never belong to a frame rumqttc dropped. For the same reason status messages go out at QoS 0
 //! (no PUBACK to tell apart); they repeat every heartbeat, so one lost status costs nothing.
+//!
+//! # End-to-end acknowledgements
+//! Bridges publish ack frames (`vantage_proto::ack`) on `<prefix>/v1/acks/<region>/<agent>`,
+//! which the agent subscribes to at QoS 0. The event-loop task hands them over with `try_send`;
+//! [`Outbox::e2e_ack`] marks the frames they cover, [`Outbox::tick`] re-queues frames left
+//! without one for `uplink.ack_timeout`, or (no ack ever seen in this boot) switches to the
+//! PUBACK fallback for an ingester without acknowledgements.
 //!
 //! # Control topics
 //! An agent that follows the ingester's target sets subscribes, on every (re)connect, to its own
