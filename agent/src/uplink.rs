@@ -149,7 +149,9 @@ struct Cached {
 /// Order of sending: records read back from disk (earlier boots, then evicted ones of this
 /// boot) before the cache; a frame holds one boot's records. Memory is fixed at start: the cache
 /// is allocated once with the configured capacity and never grows (its capacity is a runtime
-/// setting, so it cannot be a `heapless::Deque`); gaps live in a `heapless` container; the frame queues are allocated once with [`MAX_FRAMES`] slots, each frame's bytes boxed at its exact size (at most [`MAX_FRAMES`] × [`MAX_FRAME_LEN`]).
+/// setting, so it cannot be a `heapless::Deque`); gaps live in a `heapless` container; the
+/// frame queues are allocated once with [`MAX_FRAMES`] slots, each frame's bytes boxed at its
+/// exact size (at most [`MAX_FRAMES`] × [`MAX_FRAME_LEN`]).
 pub struct Outbox {
     boot_id: u64,
     batch_max: usize,
