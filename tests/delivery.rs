@@ -1518,6 +1518,152 @@ async fn bridge_acknowledges_nothing_while_kafka_is_unreachable() {
     run.cleanup(&[run.bridge_client_id("k")]).await;
 }
 
+/// Issue #18 item 2: a frame whose end-to-end acknowledgement is lost is sent again after
+/// `uplink.ack_timeout` and lands once. The agent first sees acknowledgements (an acking
+/// bridge), then the bridge is replaced by one that delivers to Kafka but acknowledges nothing
+/// (the acks of those frames are "lost"), then by an acking one again: the agent re-sends what
+/// waited, Kafka gets duplicates, PostgreSQL holds each result once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_whose_ack_is_lost_is_sent_again_and_lands_once() {
+    init_tracing();
+    let run = Run::new("acklost");
+    let sink = InProcess::start(&run, &IngesterOptions::default(), false, true).await;
+    let acking = IngesterOptions {
+        end_to_end_acks: true,
+        ..IngesterOptions::default()
+    };
+    let silent = IngesterOptions {
+        end_to_end_acks: false,
+        ..IngesterOptions::default()
+    };
+    let mut spec = LoadSpec::new(&run.services, &run.prefix(), &format!("al-{}", run.id));
+    spec.agents = 1;
+    spec.rate = 200.0;
+    spec.results_per_agent = 2400;
+    spec.batch_max = 8;
+    spec.end_to_end_acks = true;
+    spec.ack_timeout = Duration::from_secs(2);
+    let bridge = InProcess::start(&run, &acking, true, false).await;
+    let load = loadgen::start(spec, CancellationToken::new());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (b1, _) = bridge.stop().await;
+    let bridge = InProcess::start(&run, &silent, true, false).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (b2, _) = bridge.stop().await;
+    let bridge = InProcess::start(&run, &acking, true, false).await;
+    let reports = load.finish().await;
+    assert_eq!(run.wait_rows(2400, Duration::from_secs(60)).await, 2400);
+    let (b3, _) = bridge.stop().await;
+    let (b1, b2, b3) = (b1.unwrap(), b2.unwrap(), b3.unwrap());
+    println!("bridges: {b1:?}\n{b2:?}\n{b3:?}");
+    let stats = &reports[0].stats;
+    println!("agent: {stats:?}");
+    assert_eq!(b2.e2e_acks, 0, "the middle bridge acknowledges nothing");
+    assert!(b2.produced > 0, "the middle bridge delivered frames");
+    assert!(
+        stats.resends > 0,
+        "frames without ack were sent again: {stats:?}"
+    );
+    assert!(!stats.puback_fallback, "{stats:?}");
+    assert_eq!(stats.undelivered, 0, "{stats:?}");
+    let copies = run.read_topic(&run.topic()).len() as u64;
+    assert!(
+        copies > b1.produced + b2.produced.min(1),
+        "Kafka holds the re-sent duplicates"
+    );
+    let cmp = harness::compare(&run.pg().await, &reports).await;
+    println!("compared (lost acks): {cmp}; resends {}", stats.resends);
+    assert!(cmp.exact(), "{cmp}");
+    let _ = sink.stop().await;
+    let mut clients = agent_client_ids(&reports);
+    clients.push(run.bridge_client_id("a"));
+    run.cleanup(&clients).await;
+}
+
+/// Issue #18 item 2, upgrade: a new agent against a bridge that sends no end-to-end
+/// acknowledgements (an older ingester, `mqtt.end_to_end_acks = false`) still delivers
+/// everything: after one `ack_timeout` without any ack it frees frames at PUBACK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_agent_against_an_ackless_bridge_falls_back_to_puback() {
+    init_tracing();
+    let run = Run::new("ackless");
+    let ingester = InProcess::start(
+        &run,
+        &IngesterOptions {
+            end_to_end_acks: false,
+            ..IngesterOptions::default()
+        },
+        true,
+        true,
+    )
+    .await;
+    let mut spec = LoadSpec::new(&run.services, &run.prefix(), &format!("nl-{}", run.id));
+    spec.agents = 2;
+    spec.rate = 500.0;
+    spec.results_per_agent = 1000;
+    spec.end_to_end_acks = true;
+    spec.ack_timeout = Duration::from_secs(1);
+    let reports = loadgen::start(spec, CancellationToken::new())
+        .finish()
+        .await;
+    assert_eq!(run.wait_rows(2000, Duration::from_secs(60)).await, 2000);
+    let (bridge, _) = ingester.stop().await;
+    assert_eq!(bridge.unwrap().e2e_acks, 0);
+    for r in &reports {
+        assert!(r.stats.puback_fallback, "{}: {:?}", r.agent_id, r.stats);
+        assert_eq!(r.stats.resends, 0, "{:?}", r.stats);
+        assert_eq!(r.stats.frames_e2e_acked, 0, "{:?}", r.stats);
+        assert_eq!(r.stats.undelivered, 0, "{:?}", r.stats);
+    }
+    let cmp = harness::compare(&run.pg().await, &reports).await;
+    println!("compared (new agents, ackless bridge): {cmp}");
+    assert!(cmp.exact(), "{cmp}");
+    let mut clients = agent_client_ids(&reports);
+    clients.push(run.bridge_client_id("a"));
+    run.cleanup(&clients).await;
+}
+
+/// Issue #18 item 2, upgrade the other way: an agent that does not use end-to-end
+/// acknowledgements (an older one, or `uplink.end_to_end_acks = "off"`) against bridges that
+/// send them: it frees at PUBACK, ignores nothing it needs, and delivers everything once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_without_acks_against_an_acking_bridge_delivers() {
+    init_tracing();
+    let run = Run::new("oldagent");
+    let ingester = InProcess::start(
+        &run,
+        &IngesterOptions {
+            end_to_end_acks: true,
+            ..IngesterOptions::default()
+        },
+        true,
+        true,
+    )
+    .await;
+    let mut spec = LoadSpec::new(&run.services, &run.prefix(), &format!("oa-{}", run.id));
+    spec.agents = 2;
+    spec.rate = 500.0;
+    spec.results_per_agent = 1000;
+    spec.end_to_end_acks = false;
+    let reports = loadgen::start(spec, CancellationToken::new())
+        .finish()
+        .await;
+    assert_eq!(run.wait_rows(2000, Duration::from_secs(60)).await, 2000);
+    let (bridge, _) = ingester.stop().await;
+    assert!(bridge.unwrap().e2e_acks > 0, "the bridge acknowledged");
+    for r in &reports {
+        assert!(r.stats.puback_fallback, "{:?}", r.stats);
+        assert_eq!(r.stats.frames_e2e_acked, 0, "{:?}", r.stats);
+        assert_eq!(r.stats.undelivered, 0, "{:?}", r.stats);
+    }
+    let cmp = harness::compare(&run.pg().await, &reports).await;
+    println!("compared (agents without acks, acking bridge): {cmp}");
+    assert!(cmp.exact(), "{cmp}");
+    let mut clients = agent_client_ids(&reports);
+    clients.push(run.bridge_client_id("a"));
+    run.cleanup(&clients).await;
+}
+
 /// TESTING.md 17: two bridges on a shared subscription split the stream; each result reaches
 /// PostgreSQL once in total.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1565,6 +1711,24 @@ async fn two_bridges_on_a_shared_subscription_split_the_stream() {
     );
     let cmp = harness::compare(&run.pg().await, &reports).await;
     assert!(cmp.exact(), "{cmp}");
+    if vantage_tests::loadgen::e2e_acks_from_env() {
+        // Each bridge acknowledges what it delivered; the agents free frames only at those.
+        assert!(
+            ba.e2e_acks > 0 && bb.e2e_acks > 0,
+            "both bridges acknowledge"
+        );
+        for r in &reports {
+            assert!(!r.stats.puback_fallback, "{}: {:?}", r.agent_id, r.stats);
+            assert_eq!(r.stats.frames_e2e_acked, r.stats.frames, "{:?}", r.stats);
+            println!(
+                "{}: {} frames acknowledged end to end, mean latency {} ms, {} re-sent",
+                r.agent_id,
+                r.stats.frames_e2e_acked,
+                r.stats.e2e_latency_ms_total / r.stats.frames_e2e_acked.max(1),
+                r.stats.resends
+            );
+        }
+    }
     let mut clients = agent_client_ids(&reports);
     clients.push(run.bridge_client_id("a"));
     clients.push(run.bridge_client_id("b"));
@@ -2017,47 +2181,50 @@ async fn kill9_kafka_during_load_loses_nothing() {
 }
 
 /// `kill -9` of Mosquitto during load. Mosquitto acknowledges a QoS 1 PUBLISH before it writes
-/// it anywhere: its database goes to disk only every `autosave_interval` and at a clean stop.
-/// So a crash loses the messages it had acknowledged to agents and not yet handed to the bridge
-/// (what it handed over, the bridge still produces; README "Delivery" says so exactly). This
-/// test asserts that the loss stays within what was in flight around the kill, that nothing is
-/// stored twice or invented, and reports the count; the end-to-end acknowledgements of "An
-/// agent that forgets nothing" will close it.
+/// it anywhere: its database goes to disk only every `autosave_interval` and at a clean stop, so
+/// a crash loses the messages it had acknowledged to agents and not yet handed to the bridge.
+/// With end-to-end acknowledgements (issue #18 item 2) an agent keeps every frame until a bridge
+/// says Kafka holds it, and re-sends what no bridge acknowledged within `uplink.ack_timeout`:
+/// nothing is lost. The control run `VANTAGE_E2E_ACKS=off` (agents and bridge as before them)
+/// shows what the acknowledgements save: there the loss only has to stay within what was in
+/// flight around the kill, and its count is printed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "kills the shared Mosquitto: run alone with `make test-crash`"]
-async fn kill9_mosquitto_during_load_loses_only_what_it_had_not_saved() {
+async fn kill9_mosquitto_during_load_loses_nothing() {
     let k = kill9_during_load(Service::Mosquitto, false).await;
-    assert_kill9_clean(&k);
-    assert!(
-        k.cmp.missing <= k.produced_around_kill,
-        "{} results lost, more than the {} produced around the kill",
-        k.cmp.missing,
-        k.produced_around_kill
-    );
-    println!(
-        "Mosquitto kill -9: {} of {} results lost ({} produced around the kill)",
-        k.cmp.missing, k.cmp.produced, k.produced_around_kill
-    );
+    assert_kill9_mosquitto(&k, "");
 }
 
 /// The same with the bridge lagging (frozen for the 2 s before the kill): what the broker
-/// acknowledged to agents meanwhile and held for the bridge is what a `kill -9` loses; the loss
-/// stays within it, and the rest arrives exactly once. The count is README "Delivery"'s figure.
+/// acknowledged to agents meanwhile and held for the bridge is what a `kill -9` loses without
+/// end-to-end acknowledgements; with them the agents send it again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "kills the shared Mosquitto: run alone with `make test-crash`"]
-async fn kill9_mosquitto_with_a_lagging_bridge_loses_only_what_it_held() {
+async fn kill9_mosquitto_with_a_lagging_bridge_loses_nothing() {
     let k = kill9_during_load(Service::Mosquitto, true).await;
-    assert_kill9_clean(&k);
-    assert!(
-        k.cmp.missing <= k.produced_around_kill,
-        "{} results lost, more than the {} produced from the freeze on",
+    assert_kill9_mosquitto(&k, ", lagging bridge");
+}
+
+fn assert_kill9_mosquitto(k: &Kill9, what: &str) {
+    assert_kill9_clean(k);
+    let e2e = vantage_tests::loadgen::e2e_acks_from_env();
+    println!(
+        "Mosquitto kill -9{what} (end-to-end acks {}): {} of {} results lost ({} produced around the kill)",
+        if e2e { "on" } else { "off: control" },
         k.cmp.missing,
+        k.cmp.produced,
         k.produced_around_kill
     );
-    println!(
-        "Mosquitto kill -9, lagging bridge: {} of {} results lost ({} produced from the freeze on)",
-        k.cmp.missing, k.cmp.produced, k.produced_around_kill
-    );
+    if e2e {
+        assert!(k.cmp.exact(), "{}", k.cmp);
+    } else {
+        assert!(
+            k.cmp.missing <= k.produced_around_kill,
+            "{} results lost, more than the {} produced around the kill",
+            k.cmp.missing,
+            k.produced_around_kill
+        );
+    }
 }
 
 fn tail(text: &str, n: usize) -> String {

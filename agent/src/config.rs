@@ -129,6 +129,17 @@ pub struct RawUplink {
     /// that often: fewer card writes, more to lose), or `"never"` (the kernel decides).
     #[serde(default = "default_spool_fsync")]
     pub spool_fsync: String,
+    /// How long a frame the broker acknowledged waits for the ingester's end-to-end
+    /// acknowledgement (Kafka holds it) before it is sent again (default 30s; re-sends back off
+    /// up to 8 times this). Duplicates are removed by the ingester.
+    #[serde(default = "default_ack_timeout", with = "humantime_serde")]
+    pub ack_timeout: Duration,
+    /// `"auto"` (default): free results only at the ingester's end-to-end acknowledgement, but
+    /// fall back to the broker's PUBACK while no acknowledgement has ever arrived (an ingester
+    /// from before them; docs/delivery.md). `"off"`: the broker's PUBACK frees them (the
+    /// behaviour before end-to-end acknowledgements).
+    #[serde(default = "default_end_to_end_acks")]
+    pub end_to_end_acks: String,
 }
 
 impl Default for RawUplink {
@@ -140,6 +151,8 @@ impl Default for RawUplink {
             drain_timeout: default_drain_timeout(),
             spool_max_bytes: default_spool_max_bytes(),
             spool_fsync: default_spool_fsync(),
+            ack_timeout: default_ack_timeout(),
+            end_to_end_acks: default_end_to_end_acks(),
         }
     }
 }
@@ -202,6 +215,12 @@ fn default_spool_max_bytes() -> crate::budget::RawSize {
 }
 fn default_spool_fsync() -> String {
     "always".to_owned()
+}
+fn default_ack_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_end_to_end_acks() -> String {
+    "auto".to_owned()
 }
 fn default_drain_timeout() -> Duration {
     Duration::from_secs(10)
@@ -296,6 +315,9 @@ pub struct UplinkConfig {
     /// `uplink.spool_max_bytes`; 0: no spool.
     pub spool_max_bytes: u64,
     pub spool_fsync: crate::spool::FsyncPolicy,
+    pub ack_timeout: Duration,
+    /// `uplink.end_to_end_acks = "auto"`; false: `"off"`.
+    pub end_to_end_acks: bool,
 }
 
 impl Config {
@@ -426,6 +448,22 @@ impl Config {
                 ),
             ));
         }
+        if raw.uplink.ack_timeout < Duration::from_millis(100) {
+            return Err(invalid(
+                "uplink.ack_timeout",
+                "must be at least 100ms".into(),
+            ));
+        }
+        let end_to_end_acks = match raw.uplink.end_to_end_acks.as_str() {
+            "auto" => true,
+            "off" => false,
+            other => {
+                return Err(invalid(
+                    "uplink.end_to_end_acks",
+                    format!("{other:?} is not \"auto\" or \"off\""),
+                ))
+            }
+        };
         if raw.uplink.drain_timeout > MAX_DRAIN_TIMEOUT {
             return Err(invalid(
                 "uplink.drain_timeout",
@@ -510,6 +548,8 @@ impl Config {
                 drain_timeout: raw.uplink.drain_timeout,
                 spool_max_bytes,
                 spool_fsync,
+                ack_timeout: raw.uplink.ack_timeout,
+                end_to_end_acks,
             },
             max_concurrency: raw.probes.max_concurrency,
             memory_budget,
@@ -550,6 +590,11 @@ impl Config {
     /// The MQTT topic this agent publishes its result batches on.
     pub fn results_topic(&self) -> String {
         self.own_topic(Channel::Results)
+    }
+
+    /// Where the ingester's bridges acknowledge this agent's results end to end.
+    pub fn acks_topic(&self) -> String {
+        self.own_topic(Channel::Acks)
     }
 
     /// Where this agent reports its status (and its last will).

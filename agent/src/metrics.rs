@@ -40,7 +40,7 @@ pub enum MetricsError {
 }
 
 #[cfg(feature = "metrics")]
-pub use imp::{encode, probe_done, probes_skipped, serve, uplink};
+pub use imp::{e2e_ack_latency, encode, probe_done, probes_skipped, serve, uplink};
 
 #[cfg(not(feature = "metrics"))]
 pub fn probe_done(_m: &Measurement) {}
@@ -48,6 +48,8 @@ pub fn probe_done(_m: &Measurement) {}
 pub fn probes_skipped(_total: u64) {}
 #[cfg(not(feature = "metrics"))]
 pub fn uplink(_s: UplinkSnapshot<'_>) {}
+#[cfg(not(feature = "metrics"))]
+pub fn e2e_ack_latency(_ms: u64) {}
 #[cfg(not(feature = "metrics"))]
 pub async fn serve(
     _addr: SocketAddr,
@@ -97,6 +99,11 @@ mod imp {
         frames_published: Counter,
         frames_acked: Counter,
         sessions_lost: Counter,
+        e2e_acked: Counter,
+        e2e_latency: Histogram,
+        resends: Counter,
+        unacked_frames: Gauge,
+        puback_fallback: Gauge,
         buffered: Gauge,
         capacity: Gauge,
         connections: Counter,
@@ -126,6 +133,12 @@ mod imp {
             frames_published: Counter::default(),
             frames_acked: Counter::default(),
             sessions_lost: Counter::default(),
+            e2e_acked: Counter::default(),
+            // 1 ms .. ~65 s
+            e2e_latency: Histogram::new(exponential_buckets(0.001, 2.0, 17)),
+            resends: Counter::default(),
+            unacked_frames: Gauge::default(),
+            puback_fallback: Gauge::default(),
             buffered: Gauge::default(),
             capacity: Gauge::default(),
             connections: Counter::default(),
@@ -201,6 +214,32 @@ mod imp {
                 "vantage_agent_mqtt_sessions_lost",
                 "Reconnects after which the broker no longer had the session",
                 m.sessions_lost.clone(),
+            );
+            r.register(
+                "vantage_agent_frames_e2e_acked",
+                "Frames the ingester acknowledged end to end (Kafka holds them)",
+                m.e2e_acked.clone(),
+            );
+            r.register_with_unit(
+                "vantage_agent_e2e_ack_latency",
+                "First hand of a frame to the MQTT client to the ingester's end-to-end acknowledgement",
+                Unit::Seconds,
+                m.e2e_latency.clone(),
+            );
+            r.register(
+                "vantage_agent_frames_resent",
+                "Frames sent again because no end-to-end acknowledgement came within uplink.ack_timeout",
+                m.resends.clone(),
+            );
+            r.register(
+                "vantage_agent_frames_unacked",
+                "Frames the broker acknowledged and the ingester not yet",
+                m.unacked_frames.clone(),
+            );
+            r.register(
+                "vantage_agent_puback_fallback",
+                "1 while results are freed at the broker's PUBACK (no end-to-end acknowledgements from the ingester, or uplink.end_to_end_acks = off)",
+                m.puback_fallback.clone(),
             );
             r.register(
                 "vantage_agent_buffer_results",
@@ -304,6 +343,10 @@ mod imp {
         set(&m.frames_published, s.stats.frames_published);
         set(&m.frames_acked, s.stats.frames_acked);
         set(&m.sessions_lost, s.stats.sessions_lost);
+        set(&m.e2e_acked, s.stats.frames_e2e_acked);
+        set(&m.resends, s.stats.resends);
+        m.unacked_frames.set(s.stats.unacked_frames as i64);
+        m.puback_fallback.set(i64::from(s.stats.puback_fallback));
         set(&m.connections, s.connects);
         m.buffered.set(s.buffered as i64);
         m.capacity.set(s.capacity as i64);
@@ -321,6 +364,11 @@ mod imp {
             set(&m.spool_bytes_written, sp.io.bytes_written);
             set(&m.spool_syncs, sp.io.syncs);
         }
+    }
+
+    /// A frame was acknowledged end to end `ms` after it was first handed to the MQTT client.
+    pub fn e2e_ack_latency(ms: u64) {
+        METRICS.e2e_latency.observe(ms as f64 / 1000.0);
     }
 
     /// The registry in OpenMetrics text.

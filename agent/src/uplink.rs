@@ -1,5 +1,6 @@
 //! The uplink: numbers results, buffers them, batches them into frames, and publishes the frames
-//! over MQTT QoS 1, keeping each frame until the broker acknowledged it.
+//! over MQTT QoS 1, keeping each frame until a bridge acknowledged it end to end (Kafka holds it;
+//! docs/delivery.md). The broker's PUBACK governs only the MQTT window ([`MAX_IN_FLIGHT`]).
 //!
 //! Flow: probe tasks → bounded channel → [`run`] → [`Outbox`] (numbering, bounded buffer, gap
 //! records, frames awaiting PUBACK) → rumqttc `AsyncClient` → the event-loop task, which alone
@@ -21,6 +22,13 @@
 //! never belong to a frame rumqttc dropped. For the same reason status messages go out at QoS 0
 //! (no PUBACK to tell apart); they repeat every heartbeat, so one lost status costs nothing.
 //!
+//! # End-to-end acknowledgements
+//! Bridges publish ack frames (`vantage_proto::ack`) on `<prefix>/v1/acks/<region>/<agent>`,
+//! which the agent subscribes to at QoS 0. The event-loop task hands them over with `try_send`;
+//! [`Outbox::e2e_ack`] marks the frames they cover, [`Outbox::tick`] re-queues frames left
+//! without one for `uplink.ack_timeout`, or (no ack ever seen in this boot) switches to the
+//! PUBACK fallback for an ingester without acknowledgements.
+//!
 //! # Control topics
 //! An agent that follows the ingester's target sets subscribes, on every (re)connect, to its own
 //! set topic and then its region's (in that order: `targets apply` publishes agent sets first, and
@@ -36,6 +44,7 @@ use std::time::Duration;
 use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
+use vantage_proto::ack::{Ack, SeqRange, MAX_FRAME_RANGES};
 use vantage_proto::control::{AgentState, MAX_TARGET_SET_LEN};
 use vantage_proto::{Batch, Gap, ProbeResult, MAX_FRAME_LEN, MAX_GAPS};
 
@@ -57,25 +66,54 @@ pub struct Control {
     pub sets: Option<SetSenders>,
 }
 
-/// Frames encoded and not yet acknowledged, at most. Bounds the memory outside the result buffer
-/// (16 × [`MAX_FRAME_LEN`] ≈ 33 KB) and the number of QoS 1 publishes in flight.
-pub const MAX_FRAMES: usize = 16;
+/// QoS 1 publishes in flight (handed to rumqttc, no PUBACK yet), at most: the MQTT window.
+pub const MAX_IN_FLIGHT: usize = 16;
+
+/// Frames encoded and not yet acknowledged end to end, at most (each is kept with its exact
+/// size, ≤ [`MAX_FRAME_LEN`]; typically ~1.3 KB at 32 results, so ~330 KB when full). Much
+/// larger than the MQTT window so that throughput is bound by PUBACKs, not by the longer round
+/// trip through Kafka: 256 frames of 32 results cover 8,192 results per end-to-end round trip.
+pub const MAX_FRAMES: usize = 256;
 
 /// Gap records waiting for a frame. Between two frames only one gap per boot can form (drops
 /// between two frames are contiguous), each frame carries up to [`MAX_GAPS`], and a replay
 /// brings the open gaps of earlier boots (a few each), so this does not fill.
 const MAX_PENDING_GAPS: usize = 32;
 
-/// Requests rumqttc may queue between this loop and its event loop (more than [`MAX_FRAMES`],
+/// Requests rumqttc may queue between this loop and its event loop (more than [`MAX_IN_FLIGHT`],
 /// so `try_publish` of a frame fails only if rumqttc itself is stuck).
 const CLIENT_QUEUE: usize = 64;
 
 /// Longest wait between reconnect attempts (before jitter).
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
+/// Where a frame is on its way to Kafka.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FrameState {
+    /// In the send queue (new, or to be sent again).
+    Queued,
+    /// With rumqttc, waiting for the broker's PUBACK.
+    Handed,
+    /// The broker has it (PUBACK at `at`, ms); waiting for the ingester's end-to-end ack.
+    Published { at: u64 },
+    /// Done: acknowledged end to end (or by PUBACK without end-to-end acks). Released from the
+    /// front in order.
+    Acked,
+}
+
 /// One encoded frame and what it carries.
 struct Frame {
-    bytes: heapless::Vec<u8, MAX_FRAME_LEN>,
+    /// Numbers frames in seal order; `frames[i].id == frames[0].id + i`.
+    id: u64,
+    state: FrameState,
+    /// Times sent again after an ack timeout (the backoff's exponent).
+    resends: u32,
+    /// When it was first handed to rumqttc (ms; 0: not yet), for the end-to-end latency.
+    first_handed_ms: u64,
+    boot: u64,
+    /// What an end-to-end acknowledgement of this frame must cover.
+    ranges: heapless::Vec<SeqRange, MAX_FRAME_RANGES>,
+    bytes: Box<[u8]>,
     results: usize,
     /// Spool positions below this are done once the frame is acknowledged.
     end_pos: u64,
@@ -111,7 +149,9 @@ struct Cached {
 /// Order of sending: records read back from disk (earlier boots, then evicted ones of this
 /// boot) before the cache; a frame holds one boot's records. Memory is fixed at start: the cache
 /// is allocated once with the configured capacity and never grows (its capacity is a runtime
-/// setting, so it cannot be a `heapless::Deque`); gaps and frames live in `heapless` containers.
+/// setting, so it cannot be a `heapless::Deque`); gaps live in a `heapless` container; the
+/// frame queues are allocated once with [`MAX_FRAMES`] slots, each frame's bytes boxed at its
+/// exact size (at most [`MAX_FRAMES`] × [`MAX_FRAME_LEN`]).
 pub struct Outbox {
     boot_id: u64,
     batch_max: usize,
@@ -124,9 +164,28 @@ pub struct Outbox {
     /// or done). Records in `disk_next .. cache start` are only on disk.
     disk_next: u64,
     gaps: heapless::Deque<(u64, Gap), MAX_PENDING_GAPS>,
-    frames: heapless::Deque<Frame, MAX_FRAMES>,
-    handed: usize,
+    /// Sealed frames not yet released, in seal order (see [`FrameState`]).
+    frames: VecDeque<Frame>,
+    next_frame_id: u64,
+    /// Ids of frames to hand to rumqttc, in order (new frames and re-sends).
+    send_queue: VecDeque<u64>,
+    /// Ids of frames handed and waiting for PUBACK, in hand order (PUBACKs come in this order).
+    in_flight: VecDeque<u64>,
+    /// End-to-end acknowledgements: None when off (`uplink.end_to_end_acks = "off"`).
+    e2e: Option<E2e>,
+    /// The clock of the last [`Outbox::tick`] (ms).
+    now_ms: u64,
     stats: UplinkStats,
+}
+
+/// The end-to-end acknowledgement state of an outbox.
+struct E2e {
+    ack_timeout_ms: u64,
+    /// An acknowledgement arrived in this boot: the ingester sends them, never fall back.
+    seen: bool,
+    /// No acknowledgement ever came within `ack_timeout` of a PUBACK: the ingester is older
+    /// than end-to-end acknowledgements, so PUBACK frees frames (until an ack arrives).
+    fallback: bool,
 }
 
 impl Outbox {
@@ -143,12 +202,39 @@ impl Outbox {
             spool: None,
             disk_next: 0,
             gaps: heapless::Deque::new(),
-            frames: heapless::Deque::new(),
-            handed: 0,
+            frames: VecDeque::with_capacity(MAX_FRAMES),
+            next_frame_id: 0,
+            send_queue: VecDeque::with_capacity(MAX_FRAMES),
+            in_flight: VecDeque::with_capacity(MAX_IN_FLIGHT),
+            e2e: None,
+            now_ms: 0,
             stats: UplinkStats {
                 boot_id,
+                puback_fallback: true,
                 ..UplinkStats::default()
             },
+        }
+    }
+
+    /// Frees frames only at the ingester's end-to-end acknowledgement ([`Outbox::e2e_ack`]),
+    /// re-sending a frame the broker acknowledged when none came within `ack_timeout`; falls
+    /// back to PUBACK while no acknowledgement at all has come (see [`Outbox::tick`]).
+    pub fn with_e2e_acks(mut self, ack_timeout: Duration) -> Outbox {
+        self.e2e = Some(E2e {
+            ack_timeout_ms: ack_timeout.as_millis().max(1) as u64,
+            seen: false,
+            fallback: false,
+        });
+        self.stats.puback_fallback = false;
+        self
+    }
+
+    /// The drain at a stop started: waits for end-to-end acks (a re-send, or the PUBACK
+    /// fallback when no ack ever came) are cut to `limit` so that they happen before the drain
+    /// deadline (`uplink.drain_timeout / 2`).
+    pub fn draining(&mut self, limit: Duration) {
+        if let Some(e2e) = &mut self.e2e {
+            e2e.ack_timeout_ms = e2e.ack_timeout_ms.min(limit.as_millis().max(1) as u64);
         }
     }
 
@@ -331,7 +417,12 @@ impl Outbox {
                 self.flush_spool();
             }
         }
-        while !self.frames.is_full() {
+        // At most MAX_IN_FLIGHT frames not yet with the broker (as before end-to-end acks): what
+        // waits for the broker stays in the cache and the spool, where the bounds and the gap
+        // accounting apply; only frames the broker has may pile up to MAX_FRAMES.
+        let mut unpublished = self.unpublished();
+        while self.frames.len() < MAX_FRAMES && unpublished < MAX_IN_FLIGHT {
+            unpublished += 1;
             if self.seal_from_disk() {
                 continue;
             }
@@ -444,22 +535,27 @@ impl Outbox {
                 let _ = frame_gaps.push((boot, g.first_seq));
             }
         }
-        let mut bytes = heapless::Vec::new();
-        // Cannot fail: a full buffer of MAX_FRAME_LEN holds any batch (proto's bound).
-        let _ = bytes.resize_default(MAX_FRAME_LEN);
-        let len = match vantage_proto::encode(&batch, &mut bytes) {
-            Ok(frame) => frame.len(),
+        let mut buf = [0u8; MAX_FRAME_LEN];
+        let bytes: Box<[u8]> = match vantage_proto::encode(&batch, &mut buf) {
+            Ok(frame) => Box::from(&frame[..]),
             Err(e) => {
                 tracing::error!(error = %e, "cannot encode batch, dropping it");
                 self.stats.undelivered += n as u64;
                 return;
             }
         };
-        bytes.truncate(len);
         self.stats.frames += 1;
         let end_pos = end.unwrap_or(self.disk_next.min(self.cache_start()));
-        // Cannot fail: callers check `is_full` first.
-        let _ = self.frames.push_back(Frame {
+        let id = self.next_frame_id;
+        self.next_frame_id += 1;
+        self.send_queue.push_back(id);
+        self.frames.push_back(Frame {
+            id,
+            state: FrameState::Queued,
+            resends: 0,
+            first_handed_ms: 0,
+            boot,
+            ranges: vantage_proto::ack::frame_ranges(&batch),
             bytes,
             results: n,
             end_pos,
@@ -469,27 +565,180 @@ impl Outbox {
         });
     }
 
-    /// The next frame to hand to the MQTT client, if any is waiting.
-    pub fn next_unhanded(&self) -> Option<&[u8]> {
-        self.frames.iter().nth(self.handed).map(|f| &f.bytes[..])
+    /// Frames sealed and not yet acknowledged by the broker (queued or in flight).
+    fn unpublished(&self) -> usize {
+        self.frames
+            .iter()
+            .filter(|f| matches!(f.state, FrameState::Queued | FrameState::Handed))
+            .count()
+    }
+
+    fn frame_mut(&mut self, id: u64) -> Option<&mut Frame> {
+        let first = self.frames.front()?.id;
+        let i = usize::try_from(id.checked_sub(first)?).ok()?;
+        self.frames.get_mut(i)
+    }
+
+    /// The next frame to hand to the MQTT client, if any is waiting and the MQTT window
+    /// ([`MAX_IN_FLIGHT`] publishes without PUBACK) has room.
+    pub fn next_unhanded(&mut self) -> Option<&[u8]> {
+        if self.in_flight.len() >= MAX_IN_FLIGHT {
+            return None;
+        }
+        // Skip ids released or acknowledged meanwhile (an ack can overtake a re-send).
+        while let Some(&id) = self.send_queue.front() {
+            match self.frame_mut(id) {
+                Some(f) if f.state == FrameState::Queued => break,
+                _ => {
+                    self.send_queue.pop_front();
+                }
+            }
+        }
+        let id = *self.send_queue.front()?;
+        let first = self.frames.front()?.id;
+        self.frames.get((id - first) as usize).map(|f| &f.bytes[..])
     }
 
     /// The frame returned by [`Outbox::next_unhanded`] is now with the MQTT client.
     pub fn mark_handed(&mut self) {
-        if self.handed < self.frames.len() {
-            self.handed += 1;
+        let Some(id) = self.send_queue.pop_front() else {
+            return;
+        };
+        let now = self.now_ms;
+        if let Some(f) = self.frame_mut(id) {
+            f.state = FrameState::Handed;
+            if f.first_handed_ms == 0 {
+                f.first_handed_ms = now.max(1);
+            }
+            self.in_flight.push_back(id);
             self.stats.frames_published += 1;
         }
     }
 
-    /// The broker acknowledged the oldest `n` handed frames: they are durable, forget them
-    /// (and free their spool space, persisted at the next flush).
+    /// Frames handed to rumqttc and not yet acknowledged by the broker.
+    pub fn handed(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Whether the broker's PUBACK frees a frame (no end-to-end acks, or the fallback).
+    fn puback_frees(&self) -> bool {
+        self.e2e.as_ref().is_none_or(|e| e.fallback)
+    }
+
+    /// The broker acknowledged the oldest `n` handed frames. Without end-to-end acks (or in
+    /// the fallback) they are done: forget them and free their spool space (persisted at the
+    /// next flush); otherwise they wait for the ingester's acknowledgement. Either way the
+    /// MQTT window has room again.
     pub fn acked(&mut self, n: u64) {
         for _ in 0..n {
-            if self.handed == 0 {
+            let Some(id) = self.in_flight.pop_front() else {
                 tracing::warn!("PUBACK without a frame in flight, ignored");
-                return;
+                break;
+            };
+            self.stats.frames_acked += 1;
+            let frees = self.puback_frees();
+            let now = self.now_ms;
+            if let Some(f) = self.frame_mut(id) {
+                if f.state == FrameState::Handed {
+                    f.state = if frees {
+                        FrameState::Acked
+                    } else {
+                        FrameState::Published { at: now }
+                    };
+                }
             }
+        }
+        self.release();
+    }
+
+    /// An end-to-end acknowledgement arrived: every frame of its boot whose ranges it covers
+    /// is done (in whatever state: one overtaken by its own re-send is done too).
+    pub fn e2e_ack(&mut self, ack: &Ack) {
+        let Some(e2e) = &mut self.e2e else { return };
+        if !e2e.seen || e2e.fallback {
+            tracing::info!(
+                "end-to-end acknowledgements from the ingester: results are freed only once Kafka holds them"
+            );
+        }
+        e2e.seen = true;
+        e2e.fallback = false;
+        let now = self.now_ms;
+        for f in self.frames.iter_mut() {
+            if f.boot == ack.boot_id
+                && f.state != FrameState::Acked
+                && !f.ranges.is_empty()
+                && ack.covers_all(&f.ranges)
+            {
+                f.state = FrameState::Acked;
+                self.stats.frames_e2e_acked += 1;
+                if f.first_handed_ms > 0 {
+                    let latency = now.saturating_sub(f.first_handed_ms);
+                    self.stats.e2e_latency_ms_total += latency;
+                    crate::metrics::e2e_ack_latency(latency);
+                }
+            }
+        }
+        self.release();
+    }
+
+    /// Advances the outbox's clock: frames the broker acknowledged that waited longer than
+    /// the ack timeout (doubling per re-send, at most 8 times) are queued again. While no
+    /// end-to-end acknowledgement has ever come in this boot, the first such timeout instead
+    /// switches to the PUBACK fallback: the ingester is one from before end-to-end acks (or
+    /// the ACL does not let it write the ack topic), so PUBACK frees frames, as before.
+    pub fn tick(&mut self, now_ms: u64) {
+        self.now_ms = now_ms;
+        let Some(e2e) = &mut self.e2e else { return };
+        if e2e.fallback {
+            return;
+        }
+        let timeout = e2e.ack_timeout_ms;
+        let seen = e2e.seen;
+        let mut expired = Vec::new();
+        for f in &self.frames {
+            if let FrameState::Published { at } = f.state {
+                let wait = timeout.saturating_mul(1 << f.resends.min(3));
+                if now_ms.saturating_sub(at) >= wait {
+                    expired.push(f.id);
+                }
+            }
+        }
+        if expired.is_empty() {
+            return;
+        }
+        if !seen {
+            tracing::warn!(
+                timeout_ms = timeout,
+                "no end-to-end acknowledgement from the ingester within uplink.ack_timeout: \
+                 assuming an ingester without them, results are freed at the broker's PUBACK"
+            );
+            e2e.fallback = true;
+            for f in self.frames.iter_mut() {
+                if matches!(f.state, FrameState::Published { .. }) {
+                    f.state = FrameState::Acked;
+                }
+            }
+            self.release();
+            return;
+        }
+        for id in expired {
+            if let Some(f) = self.frame_mut(id) {
+                f.state = FrameState::Queued;
+                f.resends += 1;
+                self.stats.resends += 1;
+                self.send_queue.push_back(id);
+            }
+        }
+    }
+
+    /// Releases done frames from the front, in order (the spool's acknowledged-up-to marker
+    /// only moves forward).
+    fn release(&mut self) {
+        while self
+            .frames
+            .front()
+            .is_some_and(|f| f.state == FrameState::Acked)
+        {
             if let Some(f) = self.frames.pop_front() {
                 if let Some(s) = &mut self.spool {
                     s.ack(f.end_pos, f.results as u64, f.spool_bytes);
@@ -498,15 +747,26 @@ impl Outbox {
                     }
                 }
             }
-            self.handed -= 1;
-            self.stats.frames_acked += 1;
         }
+        self.stats.unacked_frames = self
+            .frames
+            .iter()
+            .filter(|f| matches!(f.state, FrameState::Published { .. }))
+            .count() as u64;
+        self.stats.puback_fallback = self.puback_frees();
     }
 
     /// The broker lost the session, and rumqttc dropped what it had not delivered: every frame
-    /// not yet acknowledged must be handed again, in order.
+    /// handed and not yet acknowledged by the broker must be handed again, first, in order.
     pub fn session_lost(&mut self) {
-        self.handed = 0;
+        while let Some(id) = self.in_flight.pop_back() {
+            if let Some(f) = self.frame_mut(id) {
+                if f.state == FrameState::Handed {
+                    f.state = FrameState::Queued;
+                    self.send_queue.push_front(id);
+                }
+            }
+        }
         self.stats.sessions_lost += 1;
     }
 
@@ -657,10 +917,23 @@ pub async fn run(
         region_topic: config.region_targets_topic(),
         senders,
     });
-    let filters: Vec<String> = subscriptions
+    let mut filters: Vec<(String, QoS)> = subscriptions
         .as_ref()
-        .map(|s| vec![s.agent_topic.clone(), s.region_topic.clone()])
+        .map(|s| {
+            vec![
+                (s.agent_topic.clone(), QoS::AtLeastOnce),
+                (s.region_topic.clone(), QoS::AtLeastOnce),
+            ]
+        })
         .unwrap_or_default();
+    // End-to-end acknowledgements: the event loop hands them over through a small bounded
+    // channel with `try_send` (it never waits); one lost here costs a re-send after the ack
+    // timeout, like one lost by the broker (they travel at QoS 0).
+    let (ack_tx, mut ack_rx) = mpsc::channel::<Vec<u8>>(ACK_QUEUE);
+    let acks_topic = config.uplink.end_to_end_acks.then(|| config.acks_topic());
+    if let Some(t) = &acks_topic {
+        filters.insert(0, (t.clone(), QoS::AtMostOnce));
+    }
     let board = control.board;
     let event_task = tokio::spawn(poll_events(
         eventloop,
@@ -668,6 +941,7 @@ pub async fn run(
         loop_stop.clone(),
         boot_id,
         subscriptions,
+        acks_topic.map(|topic| AckRoute { topic, tx: ack_tx }),
     ));
     let mut seen_connects = 0u64;
     let mut need_subscribe = false;
@@ -742,6 +1016,10 @@ pub async fn run(
             }
         }
     };
+    if config.uplink.end_to_end_acks {
+        outbox = outbox.with_e2e_acks(config.uplink.ack_timeout);
+    }
+    outbox.tick(fleet::now_ms());
     let mut seen = Seen::default();
     let mut flush = tokio::time::interval(config.uplink.flush_interval);
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -778,6 +1056,13 @@ pub async fn run(
             },
             _ = flush.tick() => outbox.seal(true),
             _ = link.wake.notified() => {}
+            Some(frame) = ack_rx.recv() => match vantage_proto::ack::decode_ack(&frame) {
+                Ok(ack) => {
+                    outbox.tick(fleet::now_ms());
+                    outbox.e2e_ack(&ack);
+                }
+                Err(e) => tracing::warn!(error = %e, "end-to-end acknowledgement not understood, ignored"),
+            },
             _ = heartbeat.tick() => {
                 if link.connected.load(Ordering::Acquire) {
                     send_status(AgentState::Heartbeat, outbox.pending_results());
@@ -802,6 +1087,7 @@ pub async fn run(
             drain_deadline
                 .as_mut()
                 .reset(tokio::time::Instant::now() + config.uplink.drain_timeout);
+            outbox.draining(config.uplink.drain_timeout / 2);
         }
         if draining {
             outbox.seal(true);
@@ -820,12 +1106,13 @@ pub async fn run(
         if need_subscribe && connected {
             let subscriptions = filters
                 .iter()
-                .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+                .map(|(f, qos)| rumqttc::SubscribeFilter::new(f.clone(), *qos));
             match client.try_subscribe_many(subscriptions) {
                 Ok(()) => need_subscribe = false,
                 Err(e) => tracing::debug!(error = %e, "subscribe to target sets not queued yet"),
             }
         }
+        outbox.tick(fleet::now_ms());
         pump(&client, &topic, &link, &mut seen, &mut outbox);
         let spool = outbox.spool_state(fleet::now_ms());
         crate::metrics::uplink(crate::metrics::UplinkSnapshot {
@@ -888,12 +1175,17 @@ fn pump(client: &AsyncClient, topic: &str, link: &Link, seen: &mut Seen, outbox:
     let fresh = link.fresh_sessions.load(Ordering::Acquire);
     let acks = link.acks.load(Ordering::Acquire);
     outbox.acked(acks - seen.acks);
+    if acks != seen.acks {
+        // PUBACKs opened the window: seal what waits (full batches only; the flush tick seals
+        // partial ones).
+        outbox.seal(false);
+    }
     seen.acks = acks;
     if fresh != seen.fresh_sessions {
         // The first connection is fresh too; there is nothing handed then, so this is a no-op.
-        if outbox.handed > 0 {
+        if outbox.handed() > 0 {
             tracing::warn!(
-                frames = outbox.handed,
+                frames = outbox.handed(),
                 "broker lost the MQTT session, re-sending unacknowledged frames"
             );
             outbox.session_lost();
@@ -914,6 +1206,15 @@ fn pump(client: &AsyncClient, topic: &str, link: &Link, seen: &mut Seen, outbox:
 
 /// The only task that touches the MQTT socket. Reconnects with capped exponential backoff and
 /// jitter (so a fleet does not reconnect in lockstep after a broker restart).
+/// End-to-end acknowledgements waiting for the uplink loop, at most.
+const ACK_QUEUE: usize = 256;
+
+/// The agent's ack topic and where its payloads go.
+struct AckRoute {
+    topic: String,
+    tx: mpsc::Sender<Vec<u8>>,
+}
+
 /// The target set topics and where their payloads go.
 struct Subscriptions {
     agent_topic: String,
@@ -927,6 +1228,7 @@ async fn poll_events(
     stop: CancellationToken,
     seed: u64,
     subscriptions: Option<Subscriptions>,
+    acks: Option<AckRoute>,
 ) {
     let mut backoff = Duration::from_millis(100);
     let mut rng = seed | 1;
@@ -954,7 +1256,15 @@ async fn poll_events(
                 backoff = Duration::from_millis(100);
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                // Only the two target set topics are subscribed to.
+                if let Some(route) = acks.as_ref().filter(|r| p.topic == r.topic) {
+                    if route.tx.try_send(p.payload.to_vec()).is_err() {
+                        tracing::debug!("end-to-end acknowledgement dropped: uplink busy");
+                    } else {
+                        link.wake.notify_one();
+                    }
+                    continue;
+                }
+                // Otherwise only the two target set topics are subscribed to.
                 if let Some(s) = &subscriptions {
                     let sender = if p.topic == s.agent_topic {
                         Some(&s.senders.agent)
@@ -980,7 +1290,7 @@ async fn poll_events(
                 {
                     // Retrying cannot help: the broker's ACL does not let this identity read its
                     // target sets. Loud, because the agent keeps probing its last set forever.
-                    tracing::error!(codes = ?ack.return_codes, "broker refused the subscription to this agent's target sets (check the ACL)");
+                    tracing::error!(codes = ?ack.return_codes, "broker refused a subscription of this agent (its target sets or its end-to-end acknowledgements: check the ACL)");
                 }
             }
             Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
@@ -1108,16 +1418,17 @@ mod tests {
     fn results_in_frames_are_never_dropped() {
         // Frames full (broker down), buffer overflows: only buffered results go.
         let mut o = Outbox::new(1, 1, 3);
-        for i in 0..(MAX_FRAMES as u64 + 10) {
+        for i in 0..(MAX_IN_FLIGHT as u64 + 10) {
             o.push(result(i));
             o.seal(false);
         }
-        assert_eq!(o.frames.len(), MAX_FRAMES);
+        // While nothing reaches the broker, at most MAX_IN_FLIGHT frames are sealed.
+        assert_eq!(o.frames.len(), MAX_IN_FLIGHT);
         // Frames hold 0..16; the buffer keeps the newest 3 (23..=25); 16..=22 dropped.
         assert_eq!(o.stats().dropped, 7);
         let b = hand_all(&mut o);
-        assert_eq!(seqs(&b), (0..MAX_FRAMES as u64).collect::<Vec<_>>());
-        o.acked(MAX_FRAMES as u64);
+        assert_eq!(seqs(&b), (0..MAX_IN_FLIGHT as u64).collect::<Vec<_>>());
+        o.acked(MAX_IN_FLIGHT as u64);
         o.seal(true);
         let b = hand_all(&mut o);
         assert_eq!(seqs(&b), vec![23, 24, 25]);
@@ -1162,6 +1473,143 @@ mod tests {
         assert_eq!(o.stats().frames_published, 7);
         o.acked(3);
         assert!(o.is_empty());
+    }
+
+    fn ack_of(batches: &[Batch]) -> Ack {
+        let mut ack = Ack {
+            boot_id: batches[0].boot_id,
+            ranges: heapless::Vec::new(),
+        };
+        for b in batches {
+            for r in vantage_proto::ack::frame_ranges(b) {
+                ack.ranges.push(r).unwrap();
+            }
+        }
+        ack
+    }
+
+    #[test]
+    fn with_e2e_acks_puback_does_not_free_and_the_ack_does() {
+        let mut o = Outbox::new(1, 2, 100).with_e2e_acks(Duration::from_secs(30));
+        o.tick(1_000);
+        for i in 0..4 {
+            o.push(result(i));
+        }
+        o.seal(false);
+        let sent = hand_all(&mut o);
+        assert_eq!(sent.len(), 2);
+        o.acked(2);
+        assert!(!o.is_empty(), "PUBACK alone frees nothing");
+        assert_eq!(o.stats().unacked_frames, 2);
+        assert_eq!(o.pending_results(), 4);
+        // The second frame's ack first: the first still holds the front.
+        o.tick(1_050);
+        o.e2e_ack(&ack_of(&sent[1..]));
+        assert_eq!(o.pending_results(), 4);
+        o.e2e_ack(&ack_of(&sent[..1]));
+        assert!(o.is_empty());
+        assert_eq!(o.stats().frames_e2e_acked, 2);
+        assert_eq!(o.stats().e2e_latency_ms_total, 100);
+        // An ack of another boot or of nothing in flight changes nothing.
+        let mut other = ack_of(&sent);
+        other.boot_id = 2;
+        o.e2e_ack(&other);
+    }
+
+    #[test]
+    fn the_mqtt_window_stays_16_while_many_frames_wait_for_e2e_acks() {
+        let mut o = Outbox::new(1, 1, 1000).with_e2e_acks(Duration::from_secs(30));
+        for i in 0..100 {
+            o.push(result(i));
+        }
+        o.seal(false);
+        assert_eq!(hand_all(&mut o).len(), MAX_IN_FLIGHT);
+        o.acked(MAX_IN_FLIGHT as u64);
+        o.seal(false);
+        // PUBACKs reopen the window although nothing is acknowledged end to end.
+        assert_eq!(hand_all(&mut o).len(), MAX_IN_FLIGHT);
+    }
+
+    #[test]
+    fn a_frame_whose_ack_is_lost_is_sent_again_with_backoff() {
+        let mut o = Outbox::new(1, 2, 100).with_e2e_acks(Duration::from_secs(30));
+        o.tick(1);
+        for i in 0..4 {
+            o.push(result(i));
+        }
+        o.seal(false);
+        let sent = hand_all(&mut o);
+        o.acked(2);
+        // An ack proves the ingester sends them: from now on timeouts re-send.
+        o.e2e_ack(&ack_of(&sent[1..]));
+        o.tick(29_000);
+        assert!(hand_all(&mut o).is_empty());
+        o.tick(30_001);
+        let again = hand_all(&mut o);
+        assert_eq!(seqs(&again), vec![0, 1]);
+        assert_eq!(o.stats().resends, 1);
+        o.acked(1);
+        // The second wait is twice as long.
+        o.tick(30_001 + 59_000);
+        assert!(hand_all(&mut o).is_empty());
+        o.tick(30_001 + 60_000);
+        assert_eq!(seqs(&hand_all(&mut o)), vec![0, 1]);
+        o.acked(1);
+        o.e2e_ack(&ack_of(&sent[..1]));
+        assert!(o.is_empty());
+    }
+
+    #[test]
+    fn without_any_ack_it_falls_back_to_puback_after_the_timeout() {
+        let mut o = Outbox::new(1, 2, 100).with_e2e_acks(Duration::from_secs(30));
+        o.tick(1);
+        for i in 0..4 {
+            o.push(result(i));
+        }
+        o.seal(false);
+        let _ = hand_all(&mut o);
+        o.acked(2);
+        assert!(!o.stats().puback_fallback);
+        o.tick(30_001);
+        assert!(o.is_empty(), "an old ingester: PUBACK frees");
+        assert!(o.stats().puback_fallback);
+        assert_eq!(o.stats().resends, 0);
+        for i in 0..2 {
+            o.push(result(i));
+        }
+        o.seal(false);
+        let sent = hand_all(&mut o);
+        o.acked(1);
+        assert!(o.is_empty());
+        // An ack arriving later switches end-to-end acknowledgements on again.
+        for i in 0..2 {
+            o.push(result(i));
+        }
+        o.seal(false);
+        let more = hand_all(&mut o);
+        o.e2e_ack(&ack_of(&sent));
+        o.acked(1);
+        assert!(!o.is_empty());
+        o.e2e_ack(&ack_of(&more));
+        assert!(o.is_empty());
+    }
+
+    #[test]
+    fn the_drain_cuts_the_ack_timeout() {
+        let mut o = Outbox::new(1, 2, 100).with_e2e_acks(Duration::from_secs(30));
+        o.tick(1);
+        o.push(result(0));
+        o.seal(true);
+        let _ = hand_all(&mut o);
+        o.acked(1);
+        o.draining(Duration::from_secs(5));
+        o.tick(4_000);
+        assert!(!o.is_empty());
+        o.tick(5_001);
+        assert!(
+            o.is_empty(),
+            "no ack ever: the fallback comes within the drain"
+        );
     }
 
     #[test]
@@ -1260,7 +1708,7 @@ mod tests {
         assert_eq!(u64::from(g.count), s.dropped);
         // The frames in flight (16, of up to 4: the flush ticks seal partial ones) went
         // first; the gap covers the oldest results after them.
-        assert!(g.first_seq > MAX_FRAMES as u64 && g.first_seq <= MAX_FRAMES as u64 * 4);
+        assert!(g.first_seq > MAX_IN_FLIGHT as u64 && g.first_seq <= MAX_IN_FLIGHT as u64 * 4);
         assert_eq!(
             delivered.iter().take_while(|&&q| q < g.first_seq).count() as u64,
             g.first_seq
@@ -1276,7 +1724,7 @@ mod tests {
     #[test]
     fn a_full_cache_evicts_to_the_spool_without_losing_anything() {
         let mut o = spooled("evict", 1, 8, 20, 1 << 20);
-        for i in 0..1000 {
+        for i in 0..4000 {
             o.push(result(i));
             o.seal(false);
             if i % 100 == 99 {
@@ -1289,7 +1737,7 @@ mod tests {
         let batches = deliver_all(&mut o);
         assert_eq!(
             seqs(&batches),
-            (0..1000).collect::<Vec<_>>(),
+            (0..4000).collect::<Vec<_>>(),
             "all, in order"
         );
         assert!(gaps_of(&batches).is_empty());

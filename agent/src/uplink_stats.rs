@@ -39,6 +39,19 @@ pub struct UplinkStats {
     pub evicted: u64,
     /// Spool writes that failed (retried at the next flush).
     pub spool_write_errors: u64,
+    /// Frames the ingester acknowledged end to end (Kafka holds them).
+    pub frames_e2e_acked: u64,
+    /// Sum of the end-to-end latencies of those frames (first hand to the MQTT client → the
+    /// ingester's acknowledgement), in milliseconds.
+    pub e2e_latency_ms_total: u64,
+    /// Frames sent again because no end-to-end acknowledgement came within
+    /// `uplink.ack_timeout`.
+    pub resends: u64,
+    /// Frames the broker acknowledged and the ingester not yet (now, not a counter).
+    pub unacked_frames: u64,
+    /// Whether results are freed at the broker's PUBACK because no end-to-end acknowledgement
+    /// ever came (`uplink.end_to_end_acks = "auto"` against an older ingester), or by config.
+    pub puback_fallback: bool,
 }
 
 /// The spool's figures at one moment (metrics).

@@ -9,6 +9,7 @@
 //!   target/bench/fuzz.txt.
 
 use vantage_fuzz::cert_expiry::not_after_unix;
+use vantage_proto::ack::{decode_ack, encode_ack, MAX_ACK_LEN, MAX_ACK_RANGES};
 use vantage_proto::control::{
     decode_status, encode_status, TargetSetReader, MAX_STATUS_LEN, MAX_TARGETS,
 };
@@ -127,4 +128,19 @@ fn certificate_expiry_matches_x509_cert_on_real_certificates() {
         compared > 100,
         "only {compared} changed certificates parsed"
     );
+}
+
+/// End-to-end acknowledgement frames: decode is total, never more than `MAX_ACK_RANGES` ranges,
+/// each with `first <= last`, and canonical after one round trip.
+#[test]
+fn ack_frames() {
+    bolero::check!().for_each(|bytes: &[u8]| {
+        if let Ok(ack) = decode_ack(bytes) {
+            assert!(ack.ranges.len() <= MAX_ACK_RANGES);
+            assert!(ack.ranges.iter().all(|r| r.first <= r.last));
+            let mut buf = [0u8; MAX_ACK_LEN];
+            let again = encode_ack(&ack, &mut buf).expect("a decoded ack fits");
+            assert_eq!(decode_ack(again), Ok(ack));
+        }
+    });
 }

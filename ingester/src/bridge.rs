@@ -72,6 +72,10 @@ pub struct BridgeStats {
     pub stale: u64,
     /// Acknowledged without producing: another bridge's slot (`mqtt.partition`).
     pub skipped: u64,
+    /// End-to-end ack frames published to agents (`mqtt.end_to_end_acks`).
+    pub e2e_acks: u64,
+    /// End-to-end ack frames rumqttc's queue had no room for (the agent re-sends those frames).
+    pub e2e_acks_dropped: u64,
 }
 
 /// Live state other tasks (tests, a future health endpoint) can watch while the bridge runs.
@@ -160,7 +164,7 @@ pub fn parse_any_topic<'t>(prefix: &'t str, topic: &'t str) -> Option<(Kind, &'t
     let kind = match t.channel {
         Channel::Results => Kind::Results,
         Channel::Status => Kind::Status,
-        Channel::Targets => return None,
+        Channel::Targets | Channel::Acks => return None,
     };
     Some((kind, t.region, t.agent?))
 }
@@ -274,12 +278,21 @@ pub async fn run_with_state(
     let mut progress = tokio::time::interval(Duration::from_secs(5));
     let mut health = tokio::time::interval(Duration::from_secs(1));
     let mut retry_acks = tokio::time::interval(Duration::from_millis(5));
+    // End-to-end acknowledgements (`mqtt.end_to_end_acks`): what Kafka confirmed, per agent.
+    let mut book = mqtt
+        .end_to_end_acks
+        .then(|| crate::ack_book::AckBook::new(&mqtt.topic_prefix, crate::ack_book::LINGER));
     loop {
+        let ack_due = book.as_ref().and_then(|b| b.next_due());
+        let far = tokio::time::Instant::now() + Duration::from_secs(3600);
+        let ack_timer =
+            tokio::time::sleep_until(ack_due.map_or(far, tokio::time::Instant::from_std));
         tokio::select! {
             _ = progress.tick() => {
                 tracing::debug!(?stats, pending = pending.len(), queued = rx.len(), acks = acks.len(), "bridge progress");
             }
             _ = retry_acks.tick(), if !acks.is_empty() => {}
+            _ = ack_timer, if ack_due.is_some() => {}
             _ = health.tick() => {
                 let h = producer.health();
                 let m = crate::metrics::bridge();
@@ -310,7 +323,12 @@ pub async fn run_with_state(
             }
             Some((epoch, publish, disposition)) = pending.next(), if !pending.is_empty() => {
                 match disposition {
-                    Disposition::Produced => stats.produced += 1,
+                    Disposition::Produced => {
+                        stats.produced += 1;
+                        if let Some(book) = &mut book {
+                            note_delivered(book, &mqtt.topic_prefix, &publish);
+                        }
+                    }
                     Disposition::Skipped => stats.skipped += 1,
                     Disposition::DeadLettered => {
                         stats.dead_lettered += 1;
@@ -325,6 +343,10 @@ pub async fn run_with_state(
             }
         }
         send_acks(&client, &state, &mut acks, &mut stats);
+        if let Some(book) = &mut book {
+            let done = !taking && pending.is_empty();
+            publish_e2e_acks(&client, book, std::time::Instant::now(), done, &mut stats);
+        }
         if !taking && pending.is_empty() && acks.is_empty() {
             break;
         }
@@ -345,6 +367,48 @@ pub async fn run_with_state(
     }
     tracing::info!(?stats, "bridge stopped");
     Ok(stats)
+}
+
+/// Enters a delivered results frame into the book (status frames carry no sequence numbers).
+fn note_delivered(book: &mut crate::ack_book::AckBook, prefix: &str, publish: &Publish) {
+    let Some((Kind::Results, region, agent)) = parse_any_topic(prefix, &publish.topic) else {
+        return;
+    };
+    // It decoded in `validate` before it was produced; decoding twice is cheaper than carrying
+    // the batch through the delivery future.
+    if let Ok(batch) = vantage_proto::decode(&publish.payload) {
+        let ranges = vantage_proto::ack::frame_ranges(&batch);
+        book.delivered(
+            region,
+            agent,
+            batch.boot_id,
+            &ranges,
+            std::time::Instant::now(),
+        );
+    }
+}
+
+/// Publishes the ack frames that are due (QoS 0, not retained), without waiting: a frame that
+/// finds rumqttc's queue full is dropped and counted; its agent re-sends after its ack timeout.
+fn publish_e2e_acks(
+    client: &AsyncClient,
+    book: &mut crate::ack_book::AckBook,
+    now: std::time::Instant,
+    all: bool,
+    stats: &mut BridgeStats,
+) {
+    for due in book.due(now, all) {
+        match client.try_publish(due.topic, QoS::AtMostOnce, false, due.frame) {
+            Ok(()) => {
+                stats.e2e_acks += 1;
+                crate::metrics::bridge().e2e_acks.inc();
+            }
+            Err(_) => {
+                stats.e2e_acks_dropped += 1;
+                crate::metrics::bridge().e2e_acks_dropped.inc();
+            }
+        }
+    }
 }
 
 /// rumqttc's request queue: room for many acknowledgements, so `try_ack` rarely has to leave one

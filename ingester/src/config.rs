@@ -165,6 +165,12 @@ pub struct RawMqtt {
     /// Most MQTT messages received but not yet acknowledged (waiting for Kafka), default 100.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
+    /// After Kafka confirmed a result frame, tell its agent on `<prefix>/v1/acks/<region>/<agent>`
+    /// (default true), so the agent frees its spool only for what Kafka holds. The broker's ACL
+    /// must let the ingester write those topics (docs/ingester.md); turn off only to act like an
+    /// ingester from before end-to-end acknowledgements.
+    #[serde(default = "default_true")]
+    pub end_to_end_acks: bool,
     /// `[mqtt.tls]`: connect over TLS (certificate and host name verified). Absent: plain TCP,
     /// which is refused for a broker that is not on this machine unless `allow_plaintext`.
     pub tls: Option<crate::tls::RawTls>,
@@ -296,6 +302,9 @@ fn default_client_id() -> String {
 fn default_topic_prefix() -> String {
     "vantage".into()
 }
+fn default_true() -> bool {
+    true
+}
 fn default_max_in_flight() -> usize {
     100
 }
@@ -364,6 +373,8 @@ pub struct MqttConfig {
     /// (this member, members), see [`RawMqtt::partition`].
     pub partition: Option<(u32, u32)>,
     pub max_in_flight: usize,
+    /// See [`RawMqtt::end_to_end_acks`].
+    pub end_to_end_acks: bool,
     /// TLS to the broker; None: plain TCP.
     pub tls: Option<crate::tls::TlsClient>,
 }
@@ -379,6 +390,7 @@ impl std::fmt::Debug for MqttConfig {
             .field("topic_prefix", &self.topic_prefix)
             .field("shared_group", &self.shared_group)
             .field("partition", &self.partition)
+            .field("end_to_end_acks", &self.end_to_end_acks)
             .field("tls", &self.tls)
             .finish()
     }
@@ -570,6 +582,7 @@ impl Config {
                     shared_group: m.shared_group,
                     partition,
                     max_in_flight: m.max_in_flight,
+                    end_to_end_acks: m.end_to_end_acks,
                     tls,
                 })
             }

@@ -5,6 +5,7 @@
 //! agents). Each stage's `run(config, shutdown)` returns
 //! when `shutdown` fires and its in-flight work is durable.
 
+pub mod ack_book;
 pub mod alert;
 pub mod assign;
 pub mod batch;

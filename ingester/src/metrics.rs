@@ -66,6 +66,10 @@ pub struct BridgeMetrics {
     pub skipped: Counter,
     /// Delivered to Kafka but not acknowledged: received on an earlier MQTT connection.
     pub stale: Counter,
+    /// End-to-end ack frames published to agents.
+    pub e2e_acks: Counter,
+    /// End-to-end ack frames dropped because rumqttc's queue was full.
+    pub e2e_acks_dropped: Counter,
     /// Time from taking a message to Kafka's delivery report, retries included.
     pub delivery_seconds: Histogram,
     /// Connections to the MQTT broker (the first one and every reconnect).
@@ -250,6 +254,8 @@ impl Metrics {
             acked: Counter::default(),
             skipped: Counter::default(),
             stale: Counter::default(),
+            e2e_acks: Counter::default(),
+            e2e_acks_dropped: Counter::default(),
             // 1 ms .. ~33 s
             delivery_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             mqtt_connections: Counter::default(),
@@ -295,6 +301,16 @@ impl Metrics {
             "vantage_bridge_messages_stale",
             "Messages delivered to Kafka but received on an earlier MQTT connection (redelivered)",
             bridge.stale.clone(),
+        );
+        r.register(
+            "vantage_bridge_e2e_acks",
+            "End-to-end ack frames published to agents after Kafka's delivery reports",
+            bridge.e2e_acks.clone(),
+        );
+        r.register(
+            "vantage_bridge_e2e_acks_dropped",
+            "End-to-end ack frames dropped because the MQTT client's queue was full",
+            bridge.e2e_acks_dropped.clone(),
         );
         r.register_with_unit(
             "vantage_bridge_kafka_delivery",

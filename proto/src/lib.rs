@@ -17,6 +17,7 @@
 #![no_std]
 #![forbid(unsafe_code)]
 
+pub mod ack;
 pub mod control;
 pub mod topic;
 mod types;

@@ -7,6 +7,7 @@
 //! | `status`  | `<prefix>/v1/status/<region>/<agent>`   | the agent  | bridges          |
 //! | `targets` | `<prefix>/v1/targets/<region>`          | ingester   | the region's agents (retained) |
 //! | `targets` | `<prefix>/v1/targets/<region>/<agent>`  | ingester   | that agent (retained) |
+//! | `acks`    | `<prefix>/v1/acks/<region>/<agent>`     | bridges    | that agent       |
 //!
 //! Formatting is [`Topic`]'s `Display` (no allocation, `no_std`); [`Topic::parse`] is its
 //! inverse and checks region and agent with [`crate::is_valid_name`]. The `v1` level versions
@@ -26,6 +27,8 @@ pub enum Channel {
     Status,
     /// Retained target sets ([`crate::control::TargetSetReader`]).
     Targets,
+    /// End-to-end acknowledgements to one agent ([`crate::ack::decode_ack`]).
+    Acks,
 }
 
 impl Channel {
@@ -34,13 +37,19 @@ impl Channel {
             Channel::Results => "results",
             Channel::Status => "status",
             Channel::Targets => "targets",
+            Channel::Acks => "acks",
         }
     }
 
     fn from_str(s: &str) -> Option<Channel> {
-        [Channel::Results, Channel::Status, Channel::Targets]
-            .into_iter()
-            .find(|c| c.as_str() == s)
+        [
+            Channel::Results,
+            Channel::Status,
+            Channel::Targets,
+            Channel::Acks,
+        ]
+        .into_iter()
+        .find(|c| c.as_str() == s)
     }
 }
 
@@ -75,7 +84,7 @@ impl<'a> Topic<'a> {
     }
 
     /// The inverse of `Display` for topics under `prefix`: None for anything else, for names that
-    /// [`crate::is_valid_name`] refuses, and for a results or status topic without an agent.
+    /// [`crate::is_valid_name`] refuses, and for a results, status or acks topic without an agent.
     pub fn parse(prefix: &'a str, topic: &'a str) -> Option<Topic<'a>> {
         let rest = topic.strip_prefix(prefix)?.strip_prefix('/')?;
         let rest = rest.strip_prefix(LAYOUT)?.strip_prefix('/')?;

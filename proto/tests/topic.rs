@@ -18,6 +18,10 @@ fn every_channel_formats_and_parses_back() {
             "vantage/v1/targets/eu-north/pi-1",
         ),
         (
+            Topic::agent("vantage", Channel::Acks, "eu-north", "pi-1"),
+            "vantage/v1/acks/eu-north/pi-1",
+        ),
+        (
             Topic::region_targets("a/b", "us-east"),
             "a/b/v1/targets/us-east",
         ),
@@ -42,7 +46,8 @@ fn parse_refuses_what_is_not_a_vantage_topic() {
         "other/v1/results/eu/pi",     // another prefix
         "vantagex/v1/results/eu/pi",  // a longer prefix
         "vantage/v2/results/eu/pi",   // another layout
-        "vantage/v1/acks/eu/pi",      // an unknown channel
+        "vantage/v1/nacks/eu/pi",     // an unknown channel
+        "vantage/v1/acks/eu",         // acks need an agent
         "vantage/v1/results/eu",      // results need an agent
         "vantage/v1/status/eu",       // status too
         "vantage/v1/results/eu/pi/x", // one level too many

@@ -138,6 +138,10 @@ mq_secure_files() {
   write_secret "$MQ_INGESTER_PW"
   if [[ ! -f $MQ_SECURE/users/ingester.pw ]]; then
     mq_identity ingester "$(ingester_acl +)" "$(cat "$MQ_INGESTER_PW")"
+  else
+    # The ingester's grants follow this script (an instance set up before the ack topics got
+    # them at its next `up`); the password stays.
+    printf 'user %s\n%s\n\n' ingester "$(ingester_acl +)" >"$MQ_SECURE/users/ingester.acl"
   fi
   local tmp changed=1
   tmp=$(mktemp)
@@ -159,7 +163,8 @@ ingester_acl() {
   printf '%s\n' \
     "topic read $1/v1/results/#" \
     "topic read $1/v1/status/#" \
-    "topic readwrite $1/v1/targets/#"
+    "topic readwrite $1/v1/targets/#" \
+    "topic write $1/v1/acks/#"
 }
 
 agent_acl() {
@@ -168,7 +173,8 @@ agent_acl() {
     "topic write $prefix/v1/results/$region/$agent" \
     "topic write $prefix/v1/status/$region/$agent" \
     "topic read $prefix/v1/targets/$region" \
-    "topic read $prefix/v1/targets/$region/$agent"
+    "topic read $prefix/v1/targets/$region/$agent" \
+    "topic read $prefix/v1/acks/$region/$agent"
 }
 
 # mq_reload: make the running broker read the password file and ACL again

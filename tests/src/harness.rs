@@ -42,6 +42,9 @@ pub struct IngesterOptions {
     pub kafka_extra: String,
     /// `[kafka.properties]`: librdkafka settings passed through.
     pub kafka_properties: Vec<(String, String)>,
+    /// `mqtt.end_to_end_acks` (default: on unless `VANTAGE_E2E_ACKS=off`; false acts like an
+    /// ingester from before end-to-end acknowledgements).
+    pub end_to_end_acks: bool,
 }
 
 impl Default for IngesterOptions {
@@ -53,6 +56,7 @@ impl Default for IngesterOptions {
             brokers: None,
             partitions: 4,
             max_in_flight: 100,
+            end_to_end_acks: crate::loadgen::e2e_acks_from_env(),
             sink_batch_max: 200,
             sink_batch_timeout_ms: 100,
             kafka_extra: String::new(),
@@ -118,6 +122,7 @@ password_file = "{mqtt_pw}"
 client_id = "{client_id}"
 topic_prefix = "{prefix}"
 max_in_flight = {max_in_flight}
+end_to_end_acks = {e2e}
 {shared}
 
 [kafka]
@@ -151,6 +156,7 @@ sink_listen = "127.0.0.1:0"
             client_id = self.bridge_client_id(&o.client),
             prefix = self.prefix(),
             max_in_flight = o.max_in_flight,
+            e2e = o.end_to_end_acks,
             brokers = o.brokers.as_deref().unwrap_or(&s.kafka_brokers),
             topic = self.topic(),
             dlq = self.dead_letter_topic(),

@@ -46,6 +46,18 @@ pub struct LoadSpec {
     pub spool_fsync: vantage_agent::spool::FsyncPolicy,
     /// The agents' `state_dir` (their spools are `state_dir/spool/<agent_id>`).
     pub state_dir: std::path::PathBuf,
+    /// `uplink.end_to_end_acks = "auto"` (true) or `"off"`. Default: on, unless the environment
+    /// says `VANTAGE_E2E_ACKS=off` (the control run of the crash tests: without end-to-end
+    /// acknowledgements a `kill -9` of Mosquitto loses what it had acknowledged).
+    pub end_to_end_acks: bool,
+    /// `uplink.ack_timeout` (default 5 s here, shorter than the agent's 30 s so that tests
+    /// see re-sends within their time).
+    pub ack_timeout: Duration,
+}
+
+/// Whether the environment turns end-to-end acknowledgements off (`VANTAGE_E2E_ACKS=off`).
+pub fn e2e_acks_from_env() -> bool {
+    std::env::var("VANTAGE_E2E_ACKS").map_or(true, |v| v != "off")
 }
 
 impl LoadSpec {
@@ -70,6 +82,8 @@ impl LoadSpec {
             spool_max_bytes: 0,
             spool_fsync: vantage_agent::spool::FsyncPolicy::Always,
             state_dir: std::env::temp_dir(),
+            end_to_end_acks: e2e_acks_from_env(),
+            ack_timeout: Duration::from_secs(5),
         }
     }
 
@@ -102,6 +116,8 @@ impl LoadSpec {
                 drain_timeout: self.drain_timeout,
                 spool_max_bytes: self.spool_max_bytes,
                 spool_fsync: self.spool_fsync,
+                ack_timeout: self.ack_timeout,
+                end_to_end_acks: self.end_to_end_acks,
             },
             max_concurrency: Some(1),
             memory_budget: vantage_agent::budget::DEFAULT_MEMORY_BUDGET,
