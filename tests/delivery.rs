@@ -613,13 +613,8 @@ async fn power_cut_torn_spool_tail_is_replayed_or_reported_as_a_gap() {
     assert!(groups.len() >= 10, "{} writes", groups.len());
 
     // 24 cuts: random offsets in the whole segment, half of them in its last 5 writes.
-    let mut rng = s1.boot_id | 1;
-    let mut rand = |n: usize| {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        (rng % n as u64) as usize
-    };
+    let mut rng = fastrand::Rng::with_seed(s1.boot_id);
+    let mut rand = |n: usize| rng.usize(..n);
     let tail_start = groups[groups.len() - 5].0 - 40;
     let cuts: Vec<usize> = (0..24)
         .map(|i| {

@@ -44,6 +44,7 @@ use std::time::Duration;
 use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
+use vantage_common::backoff::Backoff;
 use vantage_proto::ack::{Ack, SeqRange, MAX_FRAME_RANGES};
 use vantage_proto::control::{AgentState, MAX_TARGET_SET_LEN};
 use vantage_proto::{Batch, Gap, ProbeResult, MAX_FRAME_LEN, MAX_GAPS};
@@ -1230,8 +1231,8 @@ async fn poll_events(
     subscriptions: Option<Subscriptions>,
     acks: Option<AckRoute>,
 ) {
-    let mut backoff = Duration::from_millis(100);
-    let mut rng = seed | 1;
+    let mut backoff = Backoff::new(Duration::from_millis(100), MAX_BACKOFF);
+    let mut rng = fastrand::Rng::with_seed(seed);
     loop {
         let event = tokio::select! {
             _ = stop.cancelled() => return,
@@ -1253,7 +1254,7 @@ async fn poll_events(
                 link.connects.fetch_add(1, Ordering::AcqRel);
                 link.connected.store(true, Ordering::Release);
                 link.wake.notify_one();
-                backoff = Duration::from_millis(100);
+                backoff.reset();
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 if let Some(route) = acks.as_ref().filter(|r| p.topic == r.topic) {
@@ -1300,28 +1301,15 @@ async fn poll_events(
             Ok(_) => {}
             Err(e) => {
                 link.connected.store(false, Ordering::Release);
-                let wait = jittered(backoff, &mut rng);
+                let wait = backoff.next_jittered_pause(&mut rng);
                 tracing::warn!(error = %e, retry_in = ?wait, "MQTT connection error");
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(wait) => {}
                 }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
     }
-}
-
-/// "Equal jitter": half the backoff plus a random part of the other half, as named in Marc
-/// Brooker's "Exponential Backoff And Jitter" (AWS Architecture Blog, 2015); random numbers from
-/// Marsaglia's xorshift64 (2003), enough to spread a fleet's reconnects.
-fn jittered(backoff: Duration, rng: &mut u64) -> Duration {
-    *rng ^= *rng << 13;
-    *rng ^= *rng >> 7;
-    *rng ^= *rng << 17;
-    let half = backoff / 2;
-    let nanos = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX).max(1);
-    half + Duration::from_nanos(*rng % nanos)
 }
 
 #[cfg(test)]
@@ -1809,17 +1797,5 @@ mod tests {
         let mut o = reopen(&dir, 23, 4, 4, 64 * 1024);
         assert!(deliver_all(&mut o).is_empty(), "nothing sent twice");
         let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn jitter_stays_within_half_and_full_backoff() {
-        let mut rng = 12345;
-        for _ in 0..1000 {
-            let d = jittered(Duration::from_secs(2), &mut rng);
-            assert!(
-                d >= Duration::from_secs(1) && d < Duration::from_secs(2),
-                "{d:?}"
-            );
-        }
     }
 }

@@ -27,6 +27,16 @@ impl Backoff {
         pause
     }
 
+    /// [`Backoff::next_pause`] with "equal jitter": half the pause plus a random part of the
+    /// other half (Marc Brooker, "Exponential Backoff And Jitter", AWS Architecture Blog, 2015),
+    /// so that a fleet (or a set of bridges) does not reconnect in lockstep after a broker
+    /// restart. In `[pause / 2, pause)`.
+    pub fn next_jittered_pause(&mut self, rng: &mut fastrand::Rng) -> Duration {
+        let half = self.next_pause() / 2;
+        let nanos = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX).max(1);
+        half + Duration::from_nanos(rng.u64(..nanos))
+    }
+
     /// What [`Backoff::next_pause`] would return, without moving on (for log lines).
     pub fn peek(&self) -> Duration {
         self.next.min(self.max)
@@ -51,6 +61,21 @@ mod tests {
         assert_eq!(b.peek(), ms(500));
         b.reset();
         assert_eq!(b.next_pause(), ms(100));
+    }
+
+    #[test]
+    fn jitter_stays_within_half_and_full_pause() {
+        let mut rng = fastrand::Rng::with_seed(12345);
+        let mut b = Backoff::new(Duration::from_secs(2), Duration::from_secs(2));
+        let pauses: Vec<Duration> = (0..1000).map(|_| b.next_jittered_pause(&mut rng)).collect();
+        assert!(pauses
+            .iter()
+            .all(|d| *d >= Duration::from_secs(1) && *d < Duration::from_secs(2)));
+        // Spread, not one value.
+        assert!(
+            *pauses.iter().max().unwrap() - *pauses.iter().min().unwrap()
+                > Duration::from_millis(500)
+        );
     }
 
     #[test]

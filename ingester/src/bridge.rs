@@ -33,6 +33,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use vantage_common::backoff::Backoff;
 use vantage_proto::topic::{Channel, Topic};
 
 use futures::stream::{FuturesOrdered, StreamExt};
@@ -532,8 +533,8 @@ async fn poll_events(
     state: Arc<BridgeState>,
     stop: CancellationToken,
 ) {
-    let mut backoff = Duration::from_millis(100);
-    let mut rng = u64::from(std::process::id()) | 1;
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
+    let mut rng = fastrand::Rng::new();
     loop {
         let event = tokio::select! {
             _ = stop.cancelled() => return,
@@ -560,7 +561,7 @@ async fn poll_events(
                     session_present = ack.session_present,
                     "connected to MQTT broker"
                 );
-                backoff = Duration::from_millis(100);
+                backoff.reset();
                 state.epoch.fetch_add(1, Ordering::AcqRel);
                 state.connected.store(true, Ordering::Release);
                 crate::metrics::bridge().connected(true);
@@ -592,19 +593,13 @@ async fn poll_events(
                 // Not subscribed again until the next connection's SUBACK (what /readyz reports).
                 state.subscribed.store(false, Ordering::Release);
                 crate::metrics::bridge().connected(false);
-                // Equal jitter (see agent/src/uplink.rs `jittered`, after Marc Brooker's
-                // "Exponential Backoff And Jitter"), so bridges do not reconnect in lockstep.
-                rng ^= rng << 13;
-                rng ^= rng >> 7;
-                rng ^= rng << 17;
-                let half = backoff / 2;
-                let wait = half + Duration::from_millis(rng % (half.as_millis() as u64).max(1));
+                // Jittered, so that bridges do not reconnect in lockstep.
+                let wait = backoff.next_jittered_pause(&mut rng);
                 tracing::warn!(error = %e, retry_in = ?wait, "MQTT connection error");
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(wait) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
             }
         }
     }

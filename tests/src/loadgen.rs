@@ -254,19 +254,18 @@ async fn agent(
 /// Deterministic synthetic probe results with a realistic mix: 20 targets, mostly `up` over
 /// HTTPS, some 404/500, timeouts and refused connections; probe finished "now".
 pub struct Synth {
-    rng: u64,
+    rng: fastrand::Rng,
 }
 
 impl Synth {
     pub fn new(seed: u64) -> Synth {
-        Synth { rng: seed | 1 }
+        Synth {
+            rng: fastrand::Rng::with_seed(seed),
+        }
     }
 
     fn rand(&mut self, n: u64) -> u64 {
-        self.rng ^= self.rng << 13;
-        self.rng ^= self.rng >> 7;
-        self.rng ^= self.rng << 17;
-        self.rng % n.max(1)
+        self.rng.u64(..n.max(1))
     }
 
     /// The next result (`seq` 0: the uplink numbers it).
