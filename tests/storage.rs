@@ -561,13 +561,8 @@ async fn histogram_percentiles_are_within_one_percent_of_exact() {
     let s = Schema::new("hist").await;
     let mut writer = db::connect_writer(&s.config).await.unwrap();
     // 20,000 latencies, log-uniform between 100 us and 20 s, in one hour of one target.
-    let mut x = 0x2545_F491_4F6C_DD1Du64;
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        (x >> 11) as f64 / (1u64 << 53) as f64
-    };
+    let mut rng = fastrand::Rng::with_seed(0x2545_F491_4F6C_DD1D);
+    let mut next = move || rng.f64();
     let hour_start = (now_ms() / 3_600_000 - 2) * 3_600_000;
     let rows: Vec<Row> = (0..20_000)
         .map(|i| {

@@ -204,9 +204,12 @@ async fn evaluation_cost(args: &Args, report: &mut String) {
                     result: vantage_proto::ProbeResult {
                         status: 200,
                         total_us: 20_000,
+                        // Targets after the failing ones, which stay failing.
                         ..vantage_proto::ProbeResult::without_response(
                             i as u64,
-                            1 + (i as u32 / args.regions as u32) % args.targets as u32,
+                            (failing + 1) as u32
+                                + (i as u32 / args.regions as u32)
+                                    % (args.targets - failing).max(1) as u32,
                             now - (i as u64 % 10_000),
                             outcome,
                         )

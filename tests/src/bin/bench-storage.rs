@@ -46,20 +46,6 @@ struct Args {
     out: PathBuf,
 }
 
-/// xorshift64*: deterministic synthetic data.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 /// The synthetic results, time-major (step k of every series, then step k + 1), as agents
 /// deliver them: result `i` of `total`.
 struct Synth {
@@ -69,7 +55,8 @@ struct Synth {
     start_ms: u64,
     total: u64,
     targets_regions: u64,
-    rng: Rng,
+    /// Deterministic synthetic data.
+    rng: fastrand::Rng,
 }
 
 impl Synth {
@@ -89,7 +76,7 @@ impl Synth {
             start_ms: now_ms - span_ms,
             total: per_series * series,
             targets_regions: u64::from(args.regions),
-            rng: Rng(0x9E37_79B9_7F4A_7C15),
+            rng: fastrand::Rng::with_seed(0x9E37_79B9_7F4A_7C15),
         }
     }
 
@@ -104,8 +91,8 @@ impl Synth {
         // Latency: per-target base, slower far regions, log-normal-ish spread.
         let base = 20_000.0 + f64::from(target) * 500.0;
         let region_factor = 1.0 + region_ix as f64 * 0.6;
-        let total_us = (base * region_factor * (0.5 + self.rng.unit()).powi(2) * 1.6) as u32;
-        let fail = self.rng.next() % 100 == 0;
+        let total_us = (base * region_factor * (0.5 + self.rng.f64()).powi(2) * 1.6) as u32;
+        let fail = self.rng.u32(..100) == 0;
         db::Row {
             region: self.regions[region_ix].clone(),
             agent: format!("{}-pi", self.regions[region_ix]),
