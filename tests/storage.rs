@@ -1433,13 +1433,7 @@ async fn alert_reads_answer_as_0007_did() {
         .unwrap();
     // 0007's functions, kept under other names.
     for f in ["vantage_alert_down", "vantage_alert_regions"] {
-        let def: String = client
-            .query_one("SELECT pg_get_functiondef($1::text::regproc)", &[&f])
-            .await
-            .unwrap()
-            .get(0);
-        let def = def.replacen(&format!(".{f}("), &format!(".old_{f}("), 1);
-        client.batch_execute(&def).await.unwrap();
+        vantage_tests::harness::keep_function_as(&client, f, "old_").await;
     }
     db::migrate(&mut client, &config.schema).await.unwrap();
     vantage_ingester::storage::migrate_v8(&client, 50_000, Duration::from_secs(60))

@@ -71,24 +71,9 @@ fn decoding_refuses_what_is_not_an_ack() {
 
 fn result(seq: u64) -> ProbeResult {
     ProbeResult {
-        seq,
-        target_id: 1,
-        started_at_ms: 1_764_000_000_000,
         status: 200,
-        outcome: Outcome::Up,
-        failed_phase: None,
-        regex: vantage_proto::RegexOutcome::NotConfigured,
         total_us: 1,
-        dns_us: None,
-        connect_us: None,
-        tls_us: None,
-        ttfb_us: None,
-        transfer_us: None,
-        body_bytes: 0,
-        body_truncated: false,
-        redirects: 0,
-        cert_not_after_s: None,
-        remote_ip: None,
+        ..ProbeResult::without_response(seq, 1, 1_764_000_000_000, Outcome::Up)
     }
 }
 

@@ -678,3 +678,16 @@ fn kafka_settling(e: &rdkafka::error::KafkaError) -> bool {
         )
     )
 }
+
+/// Keeps today's definition of the SQL function `name` (in `client`'s schema) under the name
+/// `prefix` + `name`: the same-run baseline of a migration that replaces it (tests and
+/// benchmarks compare the two).
+pub async fn keep_function_as(client: &tokio_postgres::Client, name: &str, prefix: &str) {
+    let def: String = client
+        .query_one("SELECT pg_get_functiondef($1::text::regproc)", &[&name])
+        .await
+        .unwrap_or_else(|e| panic!("function {name}: {e:?}"))
+        .get(0);
+    let def = def.replacen(&format!(".{name}("), &format!(".{prefix}{name}("), 1);
+    client.batch_execute(&def).await.unwrap();
+}

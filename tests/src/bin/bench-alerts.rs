@@ -118,13 +118,7 @@ async fn evaluation_cost(args: &Args, report: &mut String) {
         .await
         .unwrap();
     for f in ["vantage_alert_down", "vantage_alert_regions"] {
-        let def: String = client
-            .query_one("SELECT pg_get_functiondef($1::text::regproc)", &[&f])
-            .await
-            .unwrap()
-            .get(0);
-        let def = def.replacen(&format!(".{f}("), &format!(".baseline_{f}("), 1);
-        client.batch_execute(&def).await.unwrap();
+        vantage_tests::harness::keep_function_as(&client, f, "baseline_").await;
     }
     vantage_ingester::db::migrate(&mut client, &schema)
         .await
