@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod mqtt_tls;
 pub mod netpolicy;
 pub mod oneshot;
+pub mod outbox;
 pub mod probe;
 pub mod probe_tls;
 pub mod scheduler;
