@@ -34,7 +34,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use vantage_proto::control::SetScope;
-use vantage_proto::Outcome;
+use vantage_proto::{Outcome, ProbeResult};
 
 use scheduler::{Action, SkipReason};
 
@@ -84,6 +84,23 @@ pub enum RunError {
         dir: std::path::PathBuf,
         source: std::io::Error,
     },
+}
+
+/// Sends results no probe produced (`memory_refused`, `missed`) to the uplink from a task of
+/// their own, so the schedule never waits on a full channel. The task is not in `running`: it
+/// holds no slot.
+fn hand_to_uplink(
+    probes: &mut JoinSet<bool>,
+    tx: &mpsc::Sender<ProbeResult>,
+    results: Vec<ProbeResult>,
+) {
+    let tx = tx.clone();
+    probes.spawn(async move {
+        for result in results {
+            let _ = tx.send(result).await;
+        }
+        true
+    });
 }
 
 /// Runs the agent until `shutdown` fires (or the rounds are done), then drains the uplink.
@@ -283,21 +300,10 @@ pub async fn run(
                         .saturating_sub(u64::try_from(behind.as_millis()).unwrap_or(u64::MAX));
                     let missed: Vec<_> = scheduler::missed_due_times(first_due_ms, every, count)
                         .into_iter()
-                        .map(|at| {
-                            let mut m = probe::Measurement::new(target, at);
-                            m.outcome = Outcome::Missed;
-                            uplink::to_wire(&m)
-                        })
+                        .map(|at| ProbeResult::without_response(0, target, at, Outcome::Missed))
                         .collect();
                     summary.missed_reported += missed.len() as u64;
-                    let tx = tx.clone();
-                    // Not in `running`: it holds no slot.
-                    probes.spawn(async move {
-                        for result in missed {
-                            let _ = tx.send(result).await;
-                        }
-                        true
-                    });
+                    hand_to_uplink(&mut probes, &tx, missed);
                 }
                 Action::Refused { target, need, .. } => {
                     summary.probes_refused += 1;
@@ -319,12 +325,7 @@ pub async fn run(
                         budget::show(config.memory_budget)
                     ));
                     metrics::probe_done(&m);
-                    let tx = tx.clone();
-                    // Not in `running`: it holds no slot.
-                    probes.spawn(async move {
-                        let _ = tx.send(uplink::to_wire(&m)).await;
-                        true
-                    });
+                    hand_to_uplink(&mut probes, &tx, vec![uplink::to_wire(&m)]);
                 }
             }
         }
