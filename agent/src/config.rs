@@ -140,6 +140,10 @@ pub struct RawUplink {
     /// behaviour before end-to-end acknowledgements).
     #[serde(default = "default_end_to_end_acks")]
     pub end_to_end_acks: String,
+    /// Frame format version: 3 (default, packed: about 30 bytes per result) or 2 (for an
+    /// ingester older than version 3 frames; docs/delivery.md "Upgrading").
+    #[serde(default = "default_wire_format")]
+    pub wire_format: u8,
 }
 
 impl Default for RawUplink {
@@ -153,6 +157,7 @@ impl Default for RawUplink {
             spool_fsync: default_spool_fsync(),
             ack_timeout: default_ack_timeout(),
             end_to_end_acks: default_end_to_end_acks(),
+            wire_format: default_wire_format(),
         }
     }
 }
@@ -221,6 +226,9 @@ fn default_ack_timeout() -> Duration {
 }
 fn default_end_to_end_acks() -> String {
     "auto".to_owned()
+}
+fn default_wire_format() -> u8 {
+    vantage_proto::FORMAT_VERSION
 }
 fn default_drain_timeout() -> Duration {
     Duration::from_secs(10)
@@ -318,6 +326,25 @@ pub struct UplinkConfig {
     pub ack_timeout: Duration,
     /// `uplink.end_to_end_acks = "auto"`; false: `"off"`.
     pub end_to_end_acks: bool,
+    pub wire_format: WireFormat,
+}
+
+/// `uplink.wire_format`: the frame version the agent writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WireFormat {
+    /// Version 2: plain postcard, read by every ingester since version 2.
+    V2,
+    /// Version 3: packed (`vantage_proto::v3`).
+    V3,
+}
+
+impl WireFormat {
+    pub fn encoder(self) -> crate::outbox::Encoder {
+        match self {
+            WireFormat::V2 => vantage_proto::encode_v2,
+            WireFormat::V3 => vantage_proto::encode,
+        }
+    }
 }
 
 impl Config {
@@ -454,6 +481,16 @@ impl Config {
                 "must be at least 100ms".into(),
             ));
         }
+        let wire_format = match raw.uplink.wire_format {
+            2 => WireFormat::V2,
+            3 => WireFormat::V3,
+            other => {
+                return Err(invalid(
+                    "uplink.wire_format",
+                    format!("{other} is not 2 or 3"),
+                ))
+            }
+        };
         let end_to_end_acks = match raw.uplink.end_to_end_acks.as_str() {
             "auto" => true,
             "off" => false,
@@ -550,6 +587,7 @@ impl Config {
                 spool_fsync,
                 ack_timeout: raw.uplink.ack_timeout,
                 end_to_end_acks,
+                wire_format,
             },
             max_concurrency: raw.probes.max_concurrency,
             memory_budget,
@@ -729,6 +767,11 @@ regex = "ok"
         assert!(with("buffer_capacity = 1000001").contains("`uplink.buffer_capacity`"));
         assert!(with("batch_max = 33").contains("`uplink.batch_max`"));
         assert!(with("flush_interval = \"0s\"").contains("`uplink.flush_interval`"));
+        let e = with("wire_format = 4");
+        assert!(
+            e.contains("`uplink.wire_format`") && e.contains("4 is not 2 or 3"),
+            "{e}"
+        );
         let e = err(&GOOD.replace(
             "host = \"127.0.0.1\"",
             "host = \"127.0.0.1\"\nkeep_alive = \"500ms\"",
@@ -745,6 +788,7 @@ regex = "ok"
             )
         };
         let c = Config::parse(GOOD, Path::new("agent.toml")).unwrap();
+        assert_eq!(c.uplink.wire_format, WireFormat::V3);
         assert_eq!(c.max_concurrency, None);
         assert_eq!(c.memory_budget, 128 << 20);
         assert_eq!(

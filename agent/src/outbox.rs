@@ -118,8 +118,13 @@ pub struct Outbox {
     e2e: Option<E2e>,
     /// The clock of the last [`Outbox::tick`] (ms).
     now_ms: u64,
+    /// The frame encoder (`uplink.wire_format`): version 3 unless the ingester is older.
+    encode: Encoder,
     stats: UplinkStats,
 }
+
+/// Writes a batch as a frame of one format version (`vantage_proto::encode` or `encode_v2`).
+pub type Encoder = for<'b> fn(&Batch, &'b mut [u8]) -> Result<&'b mut [u8], vantage_proto::Error>;
 
 /// The end-to-end acknowledgement state of an outbox.
 struct E2e {
@@ -151,6 +156,7 @@ impl Outbox {
             in_flight: VecDeque::with_capacity(MAX_IN_FLIGHT),
             e2e: None,
             now_ms: 0,
+            encode: vantage_proto::encode,
             stats: UplinkStats {
                 boot_id,
                 puback_fallback: true,
@@ -169,6 +175,13 @@ impl Outbox {
             fallback: false,
         });
         self.stats.puback_fallback = false;
+        self
+    }
+
+    /// Frames in another format version than the current one (`uplink.wire_format = 2` for an
+    /// ingester older than version 3 frames).
+    pub fn with_encoder(mut self, encode: Encoder) -> Outbox {
+        self.encode = encode;
         self
     }
 
@@ -479,7 +492,7 @@ impl Outbox {
             }
         }
         let mut buf = [0u8; MAX_FRAME_LEN];
-        let bytes: Box<[u8]> = match vantage_proto::encode(&batch, &mut buf) {
+        let bytes: Box<[u8]> = match (self.encode)(&batch, &mut buf) {
             Ok(frame) => Box::from(&frame[..]),
             Err(e) => {
                 tracing::error!(error = %e, "cannot encode batch, dropping it");

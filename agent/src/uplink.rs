@@ -270,6 +270,7 @@ pub async fn run(
     if config.uplink.end_to_end_acks {
         outbox = outbox.with_e2e_acks(config.uplink.ack_timeout);
     }
+    outbox = outbox.with_encoder(config.uplink.wire_format.encoder());
     outbox.tick(fleet::now_ms());
     let mut seen = Seen::default();
     let mut flush = tokio::time::interval(config.uplink.flush_interval);

@@ -22,11 +22,13 @@ pub mod control;
 pub mod topic;
 mod types;
 pub mod v1;
+pub mod v3;
 
 pub use types::*;
 
-/// The version byte of frames this crate writes. Version 1 is still read.
-pub const FORMAT_VERSION: u8 = 2;
+/// The version byte of frames [`encode`] writes ([`v3`], packed). Versions 1 and 2 are still
+/// read, and [`encode_v2`] still writes version 2 for ingesters that predate version 3.
+pub const FORMAT_VERSION: u8 = v3::VERSION;
 
 /// Most results in one batch (the capacity of [`Batch::results`]).
 pub const MAX_RESULTS: usize = 32;
@@ -132,7 +134,13 @@ pub fn is_valid_target_id(id: u32) -> bool {
 
 /// Writes `batch` as a current-version frame into `buf` and returns the used prefix.
 pub fn encode<'b>(batch: &Batch, buf: &'b mut [u8]) -> Result<&'b mut [u8], Error> {
-    encode_versioned(FORMAT_VERSION, batch, buf)
+    v3::encode(batch, buf)
+}
+
+/// Writes `batch` as a version 2 frame (plain postcard of [`Batch`]), which every ingester since
+/// version 2 reads: what an agent sends while its ingester is older than version 3.
+pub fn encode_v2<'b>(batch: &Batch, buf: &'b mut [u8]) -> Result<&'b mut [u8], Error> {
+    encode_versioned(2, batch, buf)
 }
 
 /// Writes a version byte and a postcard body.
@@ -165,6 +173,7 @@ pub fn decode(frame: &[u8]) -> Result<Batch, Error> {
     match version {
         1 => decode_body::<v1::Batch>(body).map(Batch::from),
         2 => decode_body::<Batch>(body),
+        v3::VERSION => v3::decode_body(body),
         v => Err(Error::UnknownVersion(v)),
     }
 }

@@ -152,7 +152,7 @@ fn v1_golden_bytes_decode_into_the_current_batch() {
 #[test]
 fn v2_encodes_to_golden_bytes() {
     let mut buf = [0u8; MAX_FRAME_LEN];
-    let bytes = encode(&sample_v2(), &mut buf).unwrap();
+    let bytes = vantage_proto::encode_v2(&sample_v2(), &mut buf).unwrap();
     assert_eq!(&bytes[..], GOLDEN_V2, "{bytes:?}");
 }
 
@@ -214,7 +214,7 @@ fn assert_no_response_golden(outcome: Outcome, golden: &[u8]) {
         ProbeResult::without_response(0, 42, 1_764_000_000_000, outcome)
     );
     let mut buf = [0u8; MAX_FRAME_LEN];
-    let bytes = encode(&batch, &mut buf).unwrap();
+    let bytes = vantage_proto::encode_v2(&batch, &mut buf).unwrap();
     assert_eq!(&bytes[..], golden, "{bytes:?}");
     assert_eq!(decode(golden).unwrap(), batch);
 }
@@ -355,10 +355,13 @@ fn largest_batch_fits_max_frame_len() {
         gaps,
     };
     let mut buf = [0u8; MAX_FRAME_LEN];
+    let v2 = vantage_proto::encode_v2(&batch, &mut buf).unwrap().len();
+    assert!(v2 <= MAX_FRAME_LEN);
+    assert_eq!(decode(&buf[..v2]).unwrap(), batch);
     let bytes = encode(&batch, &mut buf).unwrap();
     assert!(bytes.len() <= MAX_FRAME_LEN);
     println!(
-        "largest frame: {} bytes (MAX_FRAME_LEN {MAX_FRAME_LEN})",
+        "largest frame: version 3 {} bytes, version 2 {v2} (MAX_FRAME_LEN {MAX_FRAME_LEN})",
         bytes.len()
     );
     assert_eq!(decode(bytes).unwrap(), batch);
@@ -388,7 +391,7 @@ fn bad_frames_are_errors() {
 /// `fuzz/tests/decoders.rs`.
 #[test]
 fn decode_is_total_on_mutated_golden_frames() {
-    for golden in [GOLDEN_V1, GOLDEN_V2] {
+    for golden in [GOLDEN_V1, GOLDEN_V2, GOLDEN_V3] {
         for cut in 0..golden.len() {
             let _ = decode(&golden[..cut]);
         }
@@ -435,7 +438,210 @@ fn issue_13_outcomes_and_phases_encode_as_appended_indexes() {
         gaps: heapless::Vec::new(),
     };
     let mut buf = [0u8; MAX_FRAME_LEN];
-    let bytes = encode(&batch, &mut buf).unwrap();
+    let bytes = vantage_proto::encode_v2(&batch, &mut buf).unwrap();
     assert_eq!(&bytes[..], GOLDEN_V2_ISSUE_13, "{bytes:?}");
     assert_eq!(decode(bytes).unwrap(), batch);
 }
+
+// ---- version 3 (issue 18 item 6): the same batch, packed ------------------------------------
+
+const GOLDEN_V3: &[u8] = &[
+    3, // format version
+    239, 205, 171, 137, 103, 69, 35, 1, // boot id, 8 bytes little-endian
+    2, // two results
+    // head: regex Matched, status 200, redirects; presence: all five phases, IPv4, certificate
+    50, 191, //
+    0, 7, 1, // Up, seq 7 (the first result names its seq), target 1
+    128, 160, 191, 233, 214, 102, // start: ms since 0 (zigzag)
+    132, 7, 150, 1, 160, 31, 168, 70, 172,
+    2, // dns 900, connect 150, tls 4000, ttfb 9000, transfer 300
+    164, 204, 4, // total 52000 = the phases' 14350 + 37650 (zigzag)
+    128, 4, 1, // body 512, 1 redirect
+    128, 196, 170, 34, // certificate: 36,000,000 s after the start (zigzag)
+    127, 0, 0, 1, // address
+    // head: seq = previous + 1, failed phase; presence: connect, IPv6
+    65, 66, //
+    7, 3, 2, // Timeout in FirstByte, target 2
+    200, 1, // start: 100 ms after the previous result's
+    0, 100, // status 0, connect 100
+    184, 135, 122, // total 1,000,000 = 100 + 999,900 (zigzag)
+    0,   // body 0
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, // ::1
+    1, // one gap, as in version 2
+    2, 5, 240, 129, 223, 180, 171, 51, 152, 200, 223, 180, 171, 51,
+];
+
+#[test]
+fn v3_encodes_to_golden_bytes() {
+    let mut buf = [0u8; MAX_FRAME_LEN];
+    let bytes = encode(&sample_v2(), &mut buf).unwrap();
+    assert_eq!(&bytes[..], GOLDEN_V3, "{bytes:?}");
+    assert!(GOLDEN_V3.len() < GOLDEN_V2.len());
+}
+
+#[test]
+fn v3_golden_bytes_decode() {
+    assert_eq!(decode(GOLDEN_V3).unwrap(), sample_v2());
+}
+
+/// Results that exercise every branch of the packing: each optional field absent and present,
+/// statuses other than 200, sequence gaps and wraps, start times going backwards, the same
+/// target again with the same and with another certificate and address, extreme values.
+fn varied_results() -> heapless::Vec<ProbeResult, MAX_RESULTS> {
+    let base = sample_v2().results[0];
+    let mut out = heapless::Vec::new();
+    let mut push = |r: ProbeResult| out.push(r).unwrap();
+    push(base);
+    push(ProbeResult {
+        seq: 8,
+        started_at_ms: base.started_at_ms - 5_000,
+        ..base
+    }); // earlier start
+    push(ProbeResult {
+        seq: 20,
+        cert_not_after_s: Some(1_700_000_000),
+        ..base
+    }); // seq gap, older cert
+    push(ProbeResult {
+        seq: 21,
+        remote_ip: Some(IpAddress::V4([10, 0, 0, 9])),
+        ..base
+    });
+    push(ProbeResult {
+        seq: 22,
+        remote_ip: None,
+        cert_not_after_s: None,
+        ..base
+    });
+    push(ProbeResult {
+        seq: 23,
+        target_id: 9,
+        remote_ip: Some(IpAddress::V6([7; 16])),
+        ..base
+    });
+    push(ProbeResult {
+        seq: 24,
+        target_id: 9,
+        ..base
+    }); // V4 after V6 for target 9
+    push(ProbeResult {
+        seq: 25,
+        status: 503,
+        outcome: Outcome::StatusNotAccepted,
+        regex: RegexOutcome::NotMatched,
+        body_truncated: true,
+        redirects: u8::MAX,
+        ..base
+    });
+    push(ProbeResult {
+        seq: 26,
+        total_us: 10, // less than the phases: a negative remainder
+        ..base
+    });
+    push(ProbeResult::without_response(
+        27,
+        3,
+        base.started_at_ms,
+        Outcome::Missed,
+    ));
+    push(ProbeResult {
+        seq: u64::MAX,
+        target_id: u32::MAX,
+        started_at_ms: u64::MAX,
+        status: u16::MAX,
+        total_us: u32::MAX,
+        dns_us: Some(u32::MAX),
+        connect_us: Some(0),
+        tls_us: None,
+        ttfb_us: Some(u32::MAX),
+        transfer_us: None,
+        body_bytes: u32::MAX,
+        cert_not_after_s: Some(u64::MAX),
+        failed_phase: Some(Phase::Check),
+        ..base
+    });
+    push(ProbeResult {
+        seq: 0,
+        started_at_ms: 0,
+        cert_not_after_s: Some(0),
+        ..base
+    }); // seq wraps
+    push(ProbeResult {
+        seq: 1,
+        target_id: u32::MAX,
+        cert_not_after_s: Some(u64::MAX),
+        ..base
+    });
+    out
+}
+
+#[test]
+fn v3_round_trips_every_field_combination() {
+    let results = varied_results();
+    // Every prefix and every suffix, so each result is seen first and after each other one.
+    for from in 0..results.len() {
+        for to in from + 1..=results.len() {
+            let batch = Batch {
+                boot_id: u64::MAX - from as u64,
+                results: results[from..to].iter().copied().collect(),
+                gaps: sample_v2().gaps,
+            };
+            let mut buf = [0u8; MAX_FRAME_LEN];
+            let bytes = encode(&batch, &mut buf).unwrap();
+            assert_eq!(bytes[0], 3);
+            assert_eq!(decode(bytes), Ok(batch), "results {from}..{to}");
+        }
+    }
+}
+
+#[test]
+fn v3_bad_frames_are_errors() {
+    assert_eq!(
+        decode(&GOLDEN_V3[..GOLDEN_V3.len() - 1]),
+        Err(Error::Malformed)
+    );
+    let mut long = GOLDEN_V3.to_vec();
+    long.push(0);
+    assert_eq!(decode(&long), Err(Error::TrailingBytes));
+    // More results or gaps than a batch holds.
+    let header = &GOLDEN_V3[..9];
+    assert_eq!(decode(&[header, &[33]].concat()), Err(Error::Malformed));
+    assert_eq!(decode(&[header, &[0, 5]].concat()), Err(Error::Malformed));
+    // One result (Up, seq 0, target 1, start 0), then `tail` from the total on; head and
+    // presence bytes varied.
+    let frame = |head: u8, presence: u8, tail: &[u8]| {
+        [header, &[1, head, presence, 0, 0, 1, 0], tail, &[0]].concat()
+    };
+    let ok = frame(STATUS_200, 0, &[0, 0]);
+    assert!(decode(&ok).is_ok());
+    assert_eq!(
+        decode(&frame(STATUS_200 | 0x80, 0, &[0, 0])),
+        Err(Error::Malformed),
+        "reserved bit"
+    );
+    assert_eq!(
+        decode(&frame(STATUS_200 | 0b110, 0, &[0, 0])),
+        Err(Error::Malformed),
+        "regex 3"
+    );
+    // "Same address as this target's previous result" with no previous result.
+    assert_eq!(
+        decode(&frame(STATUS_200, 0b0110_0000, &[0, 0])),
+        Err(Error::Malformed)
+    );
+    // A total of u32::MAX + 1 (zigzag 2^33): does not fit.
+    assert_eq!(
+        decode(&frame(STATUS_200, 0, &[0x80, 0x80, 0x80, 0x80, 0x20, 0])),
+        Err(Error::Malformed)
+    );
+    // A redirect count of 0 under the "redirects" bit is not canonical.
+    assert_eq!(
+        decode(&frame(STATUS_200 | (1 << 5), 0, &[0, 0, 0])),
+        Err(Error::Malformed)
+    );
+    // "seq = previous + 1" on the first result.
+    let first_next = [header, &[1, STATUS_200 | 1, 0, 0, 1, 0, 0, 0], &[0]].concat();
+    assert_eq!(decode(&first_next), Err(Error::Malformed));
+}
+
+const STATUS_200: u8 = 1 << 4;

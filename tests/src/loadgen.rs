@@ -53,6 +53,16 @@ pub struct LoadSpec {
     /// `uplink.ack_timeout` (default 5 s here, shorter than the agent's 30 s so that tests
     /// see re-sends within their time).
     pub ack_timeout: Duration,
+    /// `uplink.wire_format`: version 3 unless the environment says `VANTAGE_WIRE_FORMAT=2`.
+    pub wire_format: vantage_agent::config::WireFormat,
+}
+
+/// The frame version the environment asks for (`VANTAGE_WIRE_FORMAT=2`: version 2, else 3).
+pub fn wire_format_from_env() -> vantage_agent::config::WireFormat {
+    match std::env::var("VANTAGE_WIRE_FORMAT").as_deref() {
+        Ok("2") => vantage_agent::config::WireFormat::V2,
+        _ => vantage_agent::config::WireFormat::V3,
+    }
 }
 
 /// Whether the environment turns end-to-end acknowledgements off (`VANTAGE_E2E_ACKS=off`).
@@ -84,6 +94,7 @@ impl LoadSpec {
             state_dir: std::env::temp_dir(),
             end_to_end_acks: e2e_acks_from_env(),
             ack_timeout: Duration::from_secs(5),
+            wire_format: wire_format_from_env(),
         }
     }
 
@@ -118,6 +129,7 @@ impl LoadSpec {
                 spool_fsync: self.spool_fsync,
                 ack_timeout: self.ack_timeout,
                 end_to_end_acks: self.end_to_end_acks,
+                wire_format: self.wire_format,
             },
             max_concurrency: Some(1),
             memory_budget: vantage_agent::budget::DEFAULT_MEMORY_BUDGET,

@@ -123,13 +123,23 @@ fn bytes_per_result(r: &mut Report) -> anyhow::Result<()> {
         "   on the wire = payload + MQTT PUBLISH header (fixed header, topic \"{topic}\", packet id)"
     ));
     r.line(format!(
-        "{:>6} {:>16} {:>16} {:>16} {:>16} {:>8}",
-        "batch", "postcard B/res", "+MQTT B/res", "JSON B/res", "+MQTT B/res", "ratio"
+        "{:>6} {:>13} {:>13} {:>13} {:>13} {:>13} {:>13} {:>8} {:>8}",
+        "batch",
+        "v3 B/res",
+        "+MQTT B/res",
+        "v2 B/res",
+        "+MQTT B/res",
+        "JSON B/res",
+        "+MQTT B/res",
+        "v2/v3",
+        "JSON/v3"
     ));
     let mut synth = Synth::new(0x5eed);
     for n in [1usize, 8, 32] {
         let frames = 3200 / n;
-        let (mut pc, mut js) = (0usize, 0usize);
+        // Payload bytes of each frame: version 3 (what agents send), version 2 (before issue
+        // #18 item 6) and JSON, of the same batches.
+        let (mut v3, mut v2, mut js) = (Vec::new(), Vec::new(), Vec::new());
         for f in 0..frames {
             let mut batch = Batch {
                 boot_id: 0x1234_5678_9abc_def0,
@@ -142,8 +152,9 @@ fn bytes_per_result(r: &mut Report) -> anyhow::Result<()> {
                 let _ = batch.results.push(res);
             }
             let mut buf = [0u8; MAX_FRAME_LEN];
-            pc += vantage_proto::encode(&batch, &mut buf)?.len();
-            js += serde_json::to_vec(&batch)?.len();
+            v3.push(vantage_proto::encode(&batch, &mut buf)?.len());
+            v2.push(vantage_proto::encode_v2(&batch, &mut buf)?.len());
+            js.push(serde_json::to_vec(&batch)?.len());
         }
         let mqtt = |payload: usize| {
             let remaining = 2 + topic.len() + 2 + payload;
@@ -157,18 +168,21 @@ fn bytes_per_result(r: &mut Report) -> anyhow::Result<()> {
             1 + len_bytes + remaining
         };
         let per = |total: usize| total as f64 / (frames * n) as f64;
-        let pc_wire = per((0..frames).map(|_| mqtt(pc / frames)).sum());
-        let js_wire = per((0..frames).map(|_| mqtt(js / frames)).sum());
+        let payload = |sizes: &[usize]| per(sizes.iter().sum());
+        let wire = |sizes: &[usize]| per(sizes.iter().map(|&p| mqtt(p)).sum());
         r.line(format!(
-            "{n:>6} {:>16.1} {:>16.1} {:>16.1} {:>16.1} {:>7.1}x",
-            per(pc),
-            pc_wire,
-            per(js),
-            js_wire,
-            js_wire / pc_wire
+            "{n:>6} {:>13.1} {:>13.1} {:>13.1} {:>13.1} {:>13.1} {:>13.1} {:>7.2}x {:>7.1}x",
+            payload(&v3),
+            wire(&v3),
+            payload(&v2),
+            wire(&v2),
+            payload(&js),
+            wire(&js),
+            wire(&v2) / wire(&v3),
+            wire(&js) / wire(&v3)
         ));
     }
-    r.line("   JSON: serde_json of the same Batch (field names, enums as strings); ratio = JSON / postcard on the wire");
+    r.line("   v3: the packed frame agents send (vantage_proto::v3); v2: the plain postcard frame before it; JSON: serde_json of the same Batch (field names, enums as strings); ratios on the wire");
     r.line("");
     Ok(())
 }
