@@ -846,7 +846,7 @@ mod tests {
             Decoded::Poison("bad_key")
         ));
         assert!(matches!(
-            decode_message(Some(b"eu/pi"), Some(&[3])),
+            decode_message(Some(b"eu/pi"), Some(&[9])),
             Decoded::Poison("unknown_version")
         ));
         match decode_message(Some(b"eu/pi"), Some(&[1, 7, 0])) {
