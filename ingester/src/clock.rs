@@ -26,26 +26,7 @@ use vantage_proto::{Gap, ProbeResult};
 
 use crate::db::{DbError, GapRow, Row};
 
-/// The window a result's time must fall into, around the bridge's clock.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClockWindow {
-    /// Longest a result may have started before the bridge received it.
-    pub max_behind: Duration,
-    /// Longest a result may have started after the bridge received it (clocks of two machines).
-    pub max_ahead: Duration,
-    /// `storage.raw_retention`: nothing older (by the sink's clock) is stored.
-    pub retention: Duration,
-}
-
-impl Default for ClockWindow {
-    fn default() -> Self {
-        ClockWindow {
-            max_behind: Duration::from_secs(3600),
-            max_ahead: Duration::from_secs(300),
-            retention: crate::storage_config::StorageConfig::default().raw_retention,
-        }
-    }
-}
+pub use crate::config::ClockWindow;
 
 /// Why a record's time is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

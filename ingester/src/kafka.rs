@@ -12,6 +12,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _, PurgeConfig
 use rdkafka::ClientConfig;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::config::kafka::DEFAULT_STALL_TIMEOUT;
 use crate::config::KafkaConfig;
 
 /// Header that carries why a message was dead-lettered.
@@ -26,44 +27,6 @@ pub const BRIDGE_TIME_HEADER: &str = "vantage-bridge-time-ms";
 /// Headers of a `postgres_refused` dead letter: the SQLSTATE and the server's message.
 pub const SQLSTATE_HEADER: &str = "vantage-sqlstate";
 pub const ERROR_HEADER: &str = "vantage-error";
-
-/// librdkafka properties `kafka.properties` may not set, with the reason (refused at config
-/// load). Each one would silently break "acknowledge only what is durable" or the sink's
-/// commit protocol; the ingester sets them itself:
-///
-/// - `acks` / `request.required.acks` (producers: `all`, or a broker failure loses what the
-///   bridge already acknowledged to MQTT) and `enable.idempotence` (`true`: retries neither
-///   duplicate nor reorder a partition's messages).
-/// - `enable.auto.commit` (the sink commits only offsets whose rows are committed in
-///   PostgreSQL; librdkafka's auto-commit would commit what it merely fetched),
-///   `enable.auto.offset.store` (with it on, closing the consumer or a later auto-commit
-///   commits the position of fetched messages) and `auto.offset.reset` (`earliest`: a new
-///   group, or offsets expired by the broker, must replay from the start; `latest` skips
-///   everything not yet written).
-///
-/// `isolation.level` stays allowed: nothing writes these topics transactionally, so it changes
-/// nothing. `group.id` is `kafka.group_id`.
-pub fn refused_property(key: &str) -> Option<&'static str> {
-    Some(match key {
-        "acks" | "request.required.acks" => {
-            "is fixed to \"all\": the bridge acknowledges MQTT only for messages every in-sync \
-             replica has (set kafka.min_insync_replicas instead)"
-        }
-        "enable.idempotence" => {
-            "is fixed to true: producer retries must not duplicate or reorder messages"
-        }
-        "enable.auto.commit" | "enable.auto.offset.store" => {
-            "is fixed to false: the sink commits an offset only after its rows are committed in \
-             PostgreSQL"
-        }
-        "auto.offset.reset" => {
-            "is fixed to \"earliest\": a new consumer group (or one whose offsets expired) must \
-             replay the topic, never skip to its end"
-        }
-        "group.id" => "set kafka.group_id instead",
-        _ => return None,
-    })
-}
 
 /// librdkafka settings common to every client: brokers, then the pass-through properties (which
 /// may override anything, e.g. for SASL/SSL).
@@ -82,27 +45,6 @@ fn pass_through(c: &mut ClientConfig, config: &KafkaConfig) {
     for (k, v) in &config.secrets {
         c.set(k, v.expose());
     }
-}
-
-/// Checks each pass-through property with librdkafka itself (known name, valid value) without
-/// creating a client, so a bad one is refused at config load naming its key, instead of failing
-/// a stage later with librdkafka's message alone. On error: (property, librdkafka's reason).
-/// Only for `kafka.properties`, which hold no secrets (librdkafka's reason repeats the value).
-pub fn check_properties(
-    properties: &std::collections::BTreeMap<String, String>,
-) -> Result<(), (String, String)> {
-    for (key, value) in properties {
-        let mut one = ClientConfig::new();
-        one.set(key, value);
-        if let Err(e) = one.create_native_config() {
-            let reason = match e {
-                KafkaError::ClientConfig(_, description, _, _) => description,
-                other => other.to_string(),
-            };
-            return Err((key.clone(), reason));
-        }
-    }
-    Ok(())
 }
 
 /// Settings of the sink's consumer before its fixed ones: a crashed sink's partitions move to
@@ -125,7 +67,7 @@ pub fn producer(config: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
         .set("linger.ms", "5")
         .set("compression.type", "lz4");
     pass_through(&mut c, config);
-    // After the pass-through: these two are the durability contract (`refused_property`).
+    // After the pass-through: these two are the durability contract (`config::kafka::refused_property`).
     c.set("enable.idempotence", "true").set("acks", "all");
     c.create()
 }
@@ -289,9 +231,6 @@ async fn check_existing(
         }
     }
 }
-
-/// Default of `kafka.stall_timeout`.
-pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How often a waiting delivery checks whether the producer stalled.
 const WATCH_EVERY: Duration = Duration::from_secs(1);

@@ -26,7 +26,6 @@ pub mod shutdown;
 pub mod sink;
 pub mod status;
 pub mod storage;
-pub mod storage_config;
 pub mod table;
 pub mod targets;
 pub mod tls;

@@ -18,7 +18,7 @@ use vantage_common::backoff::Backoff;
 use crate::config::PostgresConfig;
 use crate::db::{self, DbError};
 
-pub use crate::storage_config::{Setting, StorageConfig};
+pub use crate::config::storage::{Setting, StorageConfig};
 
 /// Something retention removed (or, in a dry run, would remove).
 #[derive(Debug, Clone, PartialEq, Eq)]

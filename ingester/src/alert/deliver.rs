@@ -28,8 +28,8 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::rules::{Alertmanager, AlertsConfig, Endpoint, Webhook};
 use super::store::{Event, Incident};
+use crate::config::alerts::{Alertmanager, AlertsConfig, Endpoint, Webhook};
 
 /// Longest wait for one HTTP request (connect, send, response head).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);

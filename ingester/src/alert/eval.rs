@@ -12,8 +12,8 @@ use std::time::{Duration, SystemTime};
 
 use tokio_postgres::Client;
 
-use super::rules::{Kind, Rule};
 use super::state::{Detail, Verdict};
+use crate::config::alerts::{Kind, Rule};
 
 /// What an incident is about, for its labels and its row.
 #[derive(Debug, Clone, Default, PartialEq)]

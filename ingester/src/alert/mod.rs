@@ -7,7 +7,7 @@
 //! over when the holder's connection dies. State (counters, open incidents) is read back from
 //! PostgreSQL at every takeover, so a restart neither re-notifies nor forgets.
 //!
-//! - `rules.rs`: the `[alerts]` section, validated.
+//! - `../config/alerts.rs`: the `[alerts]` section, validated (rules and receivers).
 //! - `state.rs`: the per-subject state machine (for, resolve_after, flapping), no I/O.
 //! - `eval.rs`: each kind's query and verdicts.
 //! - `store.rs`: incidents, events, counters, cursors.
@@ -15,7 +15,6 @@
 
 pub mod deliver;
 pub mod eval;
-pub mod rules;
 pub mod state;
 pub mod store;
 
@@ -28,10 +27,10 @@ use tokio::sync::watch;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::alerts::{AlertsConfig, Rule};
 use crate::config::{Config, ConfigError, PostgresConfig};
 use crate::db::DbError;
 use deliver::Snapshot;
-use rules::{AlertsConfig, Rule};
 use state::{Change, Flap, Open, Track, Verdict};
 use store::{Incident, Write};
 

@@ -9,8 +9,8 @@ use std::time::SystemTime;
 use tokio_postgres::{Client, GenericClient, Row};
 
 use super::eval::Subject;
-use super::rules::Kind;
 use super::state::{Detail, Track};
+use crate::config::alerts::Kind;
 
 /// An incident as delivered: what the Alertmanager labels, annotations and webhook bodies are
 /// made of.

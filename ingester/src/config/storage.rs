@@ -4,6 +4,10 @@
 
 use std::time::Duration;
 
+use serde::Deserialize;
+
+use super::Invalid;
+
 pub(crate) const DAY: Duration = Duration::from_secs(86_400);
 
 /// How partitions and retention are kept.
@@ -33,6 +37,81 @@ impl Default for StorageConfig {
             partitions_ahead: 7,
             interval: Duration::from_secs(600),
         }
+    }
+}
+
+/// Partition upkeep and retention, run by the sink (see `storage.rs`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStorage {
+    /// Raw results, gap records and 1-minute rollups are kept this long (default 30d).
+    #[serde(default = "default_raw_retention", with = "humantime_serde")]
+    pub raw_retention: Duration,
+    /// 1-hour rollups are kept this long (default 400d).
+    #[serde(default = "default_rollup_retention", with = "humantime_serde")]
+    pub rollup_retention: Duration,
+    /// 1-day rollups are kept this long (default 1826d, 5 years).
+    #[serde(default = "default_daily_retention", with = "humantime_serde")]
+    pub daily_retention: Duration,
+    /// How often the sink runs a rollup round (default 10s).
+    #[serde(default = "default_rollup_interval", with = "humantime_serde")]
+    pub rollup_interval: Duration,
+    /// Days of partitions created ahead (default 7).
+    #[serde(default = "default_partitions_ahead")]
+    pub partitions_ahead: u32,
+    /// How often the sink runs upkeep (default 10m).
+    #[serde(default = "default_upkeep_interval", with = "humantime_serde")]
+    pub upkeep_interval: Duration,
+}
+
+impl Default for RawStorage {
+    fn default() -> Self {
+        RawStorage {
+            raw_retention: default_raw_retention(),
+            rollup_retention: default_rollup_retention(),
+            daily_retention: default_daily_retention(),
+            rollup_interval: default_rollup_interval(),
+            partitions_ahead: default_partitions_ahead(),
+            upkeep_interval: default_upkeep_interval(),
+        }
+    }
+}
+
+fn default_raw_retention() -> Duration {
+    StorageConfig::default().raw_retention
+}
+fn default_rollup_retention() -> Duration {
+    StorageConfig::default().rollup_retention
+}
+fn default_daily_retention() -> Duration {
+    StorageConfig::default().daily_retention
+}
+fn default_rollup_interval() -> Duration {
+    StorageConfig::default().rollup_interval
+}
+fn default_partitions_ahead() -> u32 {
+    StorageConfig::default().partitions_ahead
+}
+fn default_upkeep_interval() -> Duration {
+    StorageConfig::default().interval
+}
+
+impl TryFrom<RawStorage> for StorageConfig {
+    type Error = Invalid;
+
+    fn try_from(st: RawStorage) -> Result<StorageConfig, Invalid> {
+        let storage = StorageConfig {
+            raw_retention: st.raw_retention,
+            rollup_retention: st.rollup_retention,
+            daily_retention: st.daily_retention,
+            rollup_interval: st.rollup_interval,
+            partitions_ahead: st.partitions_ahead,
+            interval: st.upkeep_interval,
+        };
+        storage
+            .check()
+            .map_err(|(setting, reason)| (setting.key().to_owned(), reason))?;
+        Ok(storage)
     }
 }
 

@@ -3,7 +3,7 @@
 //!
 //! Validation happens at load, like every other section: a rule with a key its kind does not
 //! use, a threshold out of range or a duplicate name is refused with the key (e.g.
-//! `alerts.rules[2].min_share`) and the reason; `config.rs` adds the file name.
+//! `alerts.rules[2].min_share`) and the reason; `mod.rs` adds the file name.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -293,8 +293,7 @@ impl Default for AlertsConfig {
     }
 }
 
-/// (key, reason) of a refused `[alerts]` section.
-pub type Invalid = (String, String);
+use super::Invalid;
 
 fn is_name(s: &str) -> bool {
     !s.is_empty()
