@@ -14,6 +14,7 @@ use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use vantage_tests::now_ms;
 
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
@@ -991,13 +992,6 @@ async fn both_write_methods_skip_duplicates_inside_and_across_batches() {
     assert_eq!(run.count_rows().await, 6);
     drop(client);
     run.cleanup(&[]).await;
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
 }
 
 /// Issue #14, item 3 (TESTING.md 32): agent clocks are not trusted. Through the real bridge and

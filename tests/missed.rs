@@ -9,6 +9,7 @@
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
+use vantage_tests::now_ms;
 
 use tokio_util::sync::CancellationToken;
 use vantage_tests::agent_toml::{agent_head, target_entry};
@@ -42,13 +43,6 @@ fn signal(pid: u32, sig: &str) {
         .status()
         .unwrap();
     assert!(status.success(), "kill {sig} {pid}");
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -93,11 +87,11 @@ async fn a_stopped_agent_reports_the_periods_it_missed() {
     .await;
 
     // Suspended: no probe runs, no timer fires.
-    let stopped_at = now_ms();
+    let stopped_at = now_ms() as i64;
     signal(pid, "-STOP");
     tokio::time::sleep(STOPPED).await;
     signal(pid, "-CONT");
-    let resumed_at = now_ms();
+    let resumed_at = now_ms() as i64;
 
     let measured_before = rows(&client).await.iter().filter(|x| x.0 == "up").count();
     let all = wait_for(

@@ -4,7 +4,8 @@
 //!
 //! Each test migrates its own schema and drops it at the end.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+use vantage_tests::now_ms;
 
 use tokio_postgres::Client;
 use vantage_ingester::config::PostgresConfig;
@@ -168,13 +169,6 @@ fn every_five_minutes(
         }
     }
     rows
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
 }
 
 #[tokio::test]
@@ -927,10 +921,7 @@ async fn upkeep_recovers_after_a_postgres_restart() {
     let took = stage::restart_service(Service::Postgres, Duration::from_secs(2))
         .await
         .unwrap();
-    let restarted = std::time::SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64();
+    let restarted = now_ms() as f64 / 1000.0;
     println!("PostgreSQL restarted in {took:.1?}");
     // Upkeep must notice it has work again: drop the partition it made ahead.
     run.pg()

@@ -65,6 +65,9 @@ impl Services {
     }
 }
 
+/// Wall clock in ms since the Unix epoch (the one copy both binaries use).
+pub use vantage_common::time::now_ms;
+
 /// A name unique to this process and moment, for topics, schemas and groups of one test run.
 pub fn unique_id() -> String {
     let nanos = std::time::SystemTime::now()

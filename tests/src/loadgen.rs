@@ -7,7 +7,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -307,9 +307,7 @@ impl Synth {
             _ => (Outcome::ConnectRefused, 0, Some(Phase::Connect), dns + 300),
         };
         let responded = status != 0;
-        let now_ms = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let now_ms = crate::now_ms();
         ProbeResult {
             seq: 0,
             target_id,

@@ -179,10 +179,7 @@ async fn evaluation_cost(args: &Args, report: &mut String) {
         let mut writer = vantage_ingester::db::connect_writer(config.postgres().unwrap())
             .await
             .unwrap();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as u64;
+        let now = vantage_tests::now_ms();
         let rows: Vec<vantage_ingester::db::Row> = (0..pending)
             .map(|i| {
                 let region = 1 + i as i32 % args.regions;
