@@ -241,6 +241,7 @@ async fn rides_out_network_cuts(spool_max_bytes: u64) {
     println!("first boot: {s1:?}");
     assert_eq!(s1.results, 4000);
     assert_eq!(s1.undelivered, 0, "{s1:?}");
+    assert_eq!(s1.pubacks_out_of_order, 0, "{s1:?}");
     // Nothing could leave before the restore at 1000 produced: at least 1000 − (16 frames × 8 +
     // 300 buffered) were dropped; reconnecting takes a backoff, so more may have been.
     let floor = if spool_max_bytes == 0 {
@@ -262,6 +263,7 @@ async fn rides_out_network_cuts(spool_max_bytes: u64) {
     let s2 = &second[0].stats;
     assert_ne!(s1.boot_id, s2.boot_id, "a restart must get a new boot id");
     assert_eq!(s2.undelivered, 0, "{s2:?}");
+    assert_eq!(s2.pubacks_out_of_order, 0, "{s2:?}");
 
     let reports: Vec<_> = first.iter().chain(&second).cloned().collect();
     let expected = (s1.results - s1.dropped + s2.results) as i64;
@@ -521,6 +523,7 @@ async fn spool_full_during_a_long_outage_drops_the_oldest_into_one_gap() {
     println!("spool full: {s:?}");
     assert_eq!(s.results, 6000);
     assert_eq!(s.undelivered, 0, "{s:?}");
+    assert_eq!(s.pubacks_out_of_order, 0, "{s:?}");
     assert!(s.dropped >= 4000 && s.dropped < 6000, "{s:?}");
     assert!(s.evicted > 0, "{s:?}");
     let expected = (s.results - s.dropped) as i64;
@@ -802,6 +805,7 @@ drain_timeout = "10s"
         "every probe's result (and every missed period's) was numbered"
     );
     assert_eq!(u.undelivered, 0, "{u:?}");
+    assert_eq!(u.pubacks_out_of_order, 0, "{u:?}");
     assert_eq!(
         run.wait_rows(u.results as i64, Duration::from_secs(60))
             .await,
@@ -1555,6 +1559,7 @@ async fn a_frame_whose_ack_is_lost_is_sent_again_and_lands_once() {
     );
     assert!(!stats.puback_fallback, "{stats:?}");
     assert_eq!(stats.undelivered, 0, "{stats:?}");
+    assert_eq!(stats.pubacks_out_of_order, 0, "{stats:?}");
     let copies = run.read_topic(&run.topic()).len() as u64;
     assert!(
         copies > b1.produced + b2.produced.min(1),
@@ -1603,6 +1608,7 @@ async fn a_new_agent_against_an_ackless_bridge_falls_back_to_puback() {
         assert_eq!(r.stats.resends, 0, "{:?}", r.stats);
         assert_eq!(r.stats.frames_e2e_acked, 0, "{:?}", r.stats);
         assert_eq!(r.stats.undelivered, 0, "{:?}", r.stats);
+        assert_eq!(r.stats.pubacks_out_of_order, 0, "{:?}", r.stats);
     }
     let cmp = harness::compare(&run.pg().await, &reports).await;
     println!("compared (new agents, ackless bridge): {cmp}");
@@ -1644,6 +1650,7 @@ async fn an_agent_without_acks_against_an_acking_bridge_delivers() {
         assert!(r.stats.puback_fallback, "{:?}", r.stats);
         assert_eq!(r.stats.frames_e2e_acked, 0, "{:?}", r.stats);
         assert_eq!(r.stats.undelivered, 0, "{:?}", r.stats);
+        assert_eq!(r.stats.pubacks_out_of_order, 0, "{:?}", r.stats);
     }
     let cmp = harness::compare(&run.pg().await, &reports).await;
     println!("compared (agents without acks, acking bridge): {cmp}");
@@ -1877,6 +1884,11 @@ async fn crash_and_restart_everything_exactly_once() {
     for r in &reports {
         println!("  {} {}: {:?}", r.agent_id, r.region, r.stats);
         assert_eq!(r.stats.undelivered, 0, "{}: {:?}", r.agent_id, r.stats);
+        assert_eq!(
+            r.stats.pubacks_out_of_order, 0,
+            "{}: {:?}",
+            r.agent_id, r.stats
+        );
     }
     let produced_total: u64 = reports.iter().map(|r| r.stats.results).sum();
     let dropped: u64 = reports.iter().map(|r| r.stats.dropped).sum();
@@ -2075,6 +2087,11 @@ async fn kill9_during_load(service: Service, lagging_bridge: bool) -> Kill9 {
     let reports = load.finish().await;
     for r in &reports {
         assert_eq!(r.stats.undelivered, 0, "{}: {:?}", r.agent_id, r.stats);
+        assert_eq!(
+            r.stats.pubacks_out_of_order, 0,
+            "{}: {:?}",
+            r.agent_id, r.stats
+        );
     }
     let produced_total: u64 = reports.iter().map(|r| r.stats.results).sum();
     let dropped: u64 = reports.iter().map(|r| r.stats.dropped).sum();
@@ -2349,6 +2366,11 @@ async fn bridge_recovers_from_a_wedged_producer() {
     let reports = load.finish().await;
     for r in &reports {
         assert_eq!(r.stats.undelivered, 0, "{}: {:?}", r.agent_id, r.stats);
+        assert_eq!(
+            r.stats.pubacks_out_of_order, 0,
+            "{}: {:?}",
+            r.agent_id, r.stats
+        );
     }
     let produced_total: u64 = reports.iter().map(|r| r.stats.results).sum();
     let dropped: u64 = reports.iter().map(|r| r.stats.dropped).sum();

@@ -99,6 +99,7 @@ async fn two_regions_reach_postgres_exactly_once() {
         assert_eq!(s.probes_started, 3 * ROUNDS, "{s:?}");
         assert_eq!(s.uplink.results, 3 * ROUNDS, "{s:?}");
         assert_eq!(s.uplink.undelivered, 0, "{s:?}");
+        assert_eq!(s.uplink.pubacks_out_of_order, 0, "{s:?}");
         assert_eq!(s.uplink.dropped, 0, "{s:?}");
     }
     let expected = (2 * 3 * ROUNDS) as i64;

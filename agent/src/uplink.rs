@@ -18,8 +18,12 @@
 //! `EventLoop::poll`; see bytebeamio/rumqtt#923). So the [`Outbox`] keeps every frame until its
 //! PUBACK, and when a reconnect reports a lost session it hands all unacknowledged frames to
 //! rumqttc again. PUBACKs are matched to frames by order: the broker acknowledges QoS 1 in the
-//! order it receives them, and frames are handed only while connected, so an acknowledgement can
-//! never belong to a frame rumqttc dropped. For the same reason status messages go out at QoS 0
+//! order it receives them (MQTT 3.1.1 §4.6), and frames are handed only while connected, so an
+//! acknowledgement can never belong to a frame rumqttc dropped (rumqttc's `try_publish` does not
+//! return the packet id, so the uplink cannot match by id). The event-loop task checks this
+//! invariant on the wire ([`PubackOrder`]: each PUBACK must carry the packet id of the oldest
+//! publish it saw go out on this connection); a breach is logged and counted
+//! ([`UplinkStats::pubacks_out_of_order`]), never silent. For the same reason status messages go out at QoS 0
 //! (no PUBACK to tell apart); they repeat every heartbeat, so one lost status costs nothing.
 //!
 //! # End-to-end acknowledgements
@@ -85,7 +89,49 @@ struct Link {
     fresh_sessions: AtomicU64,
     /// CONNACKs in total.
     connects: AtomicU64,
+    /// PUBACKs that did not answer the oldest unacknowledged publish (see [`PubackOrder`]).
+    pubacks_out_of_order: AtomicU64,
     wake: Notify,
+}
+
+/// The packet ids of QoS 1 publishes as they went out on this connection (rumqttc's
+/// `Outgoing::Publish` events, which follow the wire order, replays after a reconnect
+/// included), so that each PUBACK can be checked against the oldest. Owned by the event-loop
+/// task, the only one that sees both.
+#[derive(Debug, Default)]
+struct PubackOrder {
+    sent: std::collections::VecDeque<u16>,
+}
+
+impl PubackOrder {
+    fn sent(&mut self, pkid: u16) {
+        // 0: a QoS 0 publish (status messages), never acknowledged.
+        if pkid != 0 {
+            self.sent.push_back(pkid);
+        }
+    }
+
+    /// Whether `pkid` acknowledges the oldest publish in flight. A later one is taken out with
+    /// the ones before it (so one breach is reported once, not at every PUBACK after it); an
+    /// unknown one changes nothing.
+    fn acked(&mut self, pkid: u16) -> bool {
+        match self.sent.iter().position(|&p| p == pkid) {
+            Some(0) => {
+                self.sent.pop_front();
+                true
+            }
+            Some(i) => {
+                self.sent.drain(..=i);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// A new connection: rumqttc sends what was in flight again, as new `Outgoing` events.
+    fn reset(&mut self) {
+        self.sent.clear();
+    }
 }
 
 /// Converts a probe measurement into a wire result. `seq` is left 0: the uplink numbers results
@@ -393,6 +439,7 @@ pub async fn run(
     let mut stats = outbox.stats().clone();
     stats.undelivered += outbox.pending_results() as u64;
     stats.reconnects = link.connects.load(Ordering::Acquire).saturating_sub(1);
+    stats.pubacks_out_of_order = link.pubacks_out_of_order.load(Ordering::Acquire);
     // A clean goodbye (the broker drops the last will on DISCONNECT); requests go out in order.
     if link.connected.load(Ordering::Acquire) {
         send_status(AgentState::Offline, outbox.pending_results());
@@ -484,13 +531,23 @@ async fn poll_events(
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(100), MAX_BACKOFF);
     let mut rng = fastrand::Rng::with_seed(seed);
+    let mut order = PubackOrder::default();
     loop {
         let event = tokio::select! {
             _ = stop.cancelled() => return,
             event = eventloop.poll() => event,
         };
         match event {
-            Ok(Event::Incoming(Packet::PubAck(_))) => {
+            Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => order.sent(pkid),
+            Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                if !order.acked(ack.pkid) {
+                    link.pubacks_out_of_order.fetch_add(1, Ordering::AcqRel);
+                    tracing::error!(
+                        pkid = ack.pkid,
+                        "PUBACK out of order: the uplink frees frames in send order, so a frame \
+                         may be counted as with the broker before it is (please report this)"
+                    );
+                }
                 link.acks.fetch_add(1, Ordering::AcqRel);
                 link.wake.notify_one();
             }
@@ -499,6 +556,7 @@ async fn poll_events(
                     session_present = ack.session_present,
                     "connected to MQTT broker"
                 );
+                order.reset();
                 if !ack.session_present {
                     link.fresh_sessions.fetch_add(1, Ordering::AcqRel);
                 }
@@ -552,6 +610,7 @@ async fn poll_events(
             Ok(_) => {}
             Err(e) => {
                 link.connected.store(false, Ordering::Release);
+                order.reset();
                 let wait = backoff.next_jittered_pause(&mut rng);
                 tracing::warn!(error = %e, retry_in = ?wait, "MQTT connection error");
                 tokio::select! {
@@ -560,5 +619,43 @@ async fn poll_events(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PubackOrder;
+
+    #[test]
+    fn pubacks_in_send_order_keep_the_invariant() {
+        let mut o = PubackOrder::default();
+        for pkid in [1, 0, 2, 3] {
+            o.sent(pkid);
+        }
+        assert!(o.acked(1) && o.acked(2) && o.acked(3));
+        // Nothing in flight: a PUBACK for nothing breaks it.
+        assert!(!o.acked(4));
+    }
+
+    #[test]
+    fn a_puback_out_of_order_is_reported_once() {
+        let mut o = PubackOrder::default();
+        for pkid in [1, 2, 3, 4] {
+            o.sent(pkid);
+        }
+        assert!(!o.acked(3), "3 answered before 1 and 2");
+        assert!(o.acked(4), "after the breach, 4 is the oldest again");
+    }
+
+    #[test]
+    fn a_new_connection_starts_over() {
+        let mut o = PubackOrder::default();
+        o.sent(7);
+        o.sent(8);
+        o.reset();
+        // rumqttc replays 7 and 8 on the new connection.
+        o.sent(7);
+        o.sent(8);
+        assert!(o.acked(7) && o.acked(8));
     }
 }

@@ -52,6 +52,9 @@ pub struct UplinkStats {
     /// Whether results are freed at the broker's PUBACK because no end-to-end acknowledgement
     /// ever came (`uplink.end_to_end_acks = "auto"` against an older ingester), or by config.
     pub puback_fallback: bool,
+    /// PUBACKs that did not acknowledge the oldest publish in flight: the order the outbox
+    /// relies on was broken (0 is the invariant; see `uplink.rs`).
+    pub pubacks_out_of_order: u64,
 }
 
 /// The spool's figures at one moment (metrics).
