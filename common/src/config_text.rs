@@ -2,7 +2,7 @@
 //! value, the rule for names that become MQTT topic levels and SQL values, and the error a
 //! configuration file gets (file, key, reason).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// A configuration that cannot be used, with where and why.
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +20,23 @@ pub enum ConfigError {
         key: String,
         reason: String,
     },
+}
+
+/// The text of a configuration file.
+pub fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        file: path.to_owned(),
+        source,
+    })
+}
+
+/// `text` as the raw (serde) form `T` of a configuration; `path` is only used in the error,
+/// whose message hides every value ([`toml_error`]).
+pub fn parse<T: serde::de::DeserializeOwned>(text: &str, path: &Path) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        file: path.to_owned(),
+        message: toml_error(text, &e),
+    })
 }
 
 /// A TOML error for a message: toml's layout (location, the source line, a caret, the reason)

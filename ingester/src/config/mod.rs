@@ -69,21 +69,15 @@ pub struct Config {
 }
 
 impl Config {
+    /// Reads and validates a TOML file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            file: path.to_owned(),
-            source,
-        })?;
-        Config::parse(&text, path)
+        Config::parse(&vantage_common::config_text::read(path)?, path)
     }
 
+    /// Parses and validates TOML text; `path` is only used in error messages (which hide
+    /// values: a secret typed into the file by mistake is not echoed).
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            file: path.to_owned(),
-            // Values hidden: a secret typed into the file by mistake is not echoed.
-            message: vantage_common::config_text::toml_error(text, &e),
-        })?;
-        Config::from_raw(raw, path)
+        Config::from_raw(vantage_common::config_text::parse(text, path)?, path)
     }
 
     /// Each section checks itself (`TryFrom` of its raw form, errors keyed from the section
