@@ -1579,30 +1579,55 @@ async fn a_frame_whose_ack_is_lost_is_sent_again_and_lands_once() {
 /// everything: after one `ack_timeout` without any ack it frees frames at PUBACK.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_agent_against_an_ackless_bridge_falls_back_to_puback() {
+    let bridge_acks = agents_and_bridge_of_two_versions("ackless", "nl", false, true).await;
+    assert_eq!(bridge_acks, 0);
+}
+
+/// Issue #18 item 2, upgrade the other way: an agent that does not use end-to-end
+/// acknowledgements (an older one, or `uplink.end_to_end_acks = "off"`) against bridges that
+/// send them: it frees at PUBACK, ignores nothing it needs, and delivers everything once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_without_acks_against_an_acking_bridge_delivers() {
+    let bridge_acks = agents_and_bridge_of_two_versions("oldagent", "oa", true, false).await;
+    assert!(bridge_acks > 0, "the bridge acknowledged");
+}
+
+/// Two agents (1,000 results each) against a bridge, one side with end-to-end acks and the
+/// other without: every result lands once, the agents free at PUBACK and re-send nothing.
+/// Returns the acks the bridge sent.
+async fn agents_and_bridge_of_two_versions(
+    name: &str,
+    agent_prefix: &str,
+    bridge_acks: bool,
+    agent_acks: bool,
+) -> u64 {
     init_tracing();
-    let run = Run::new("ackless");
+    let run = Run::new(name);
     let ingester = InProcess::start(
         &run,
         &IngesterOptions {
-            end_to_end_acks: false,
+            end_to_end_acks: bridge_acks,
             ..IngesterOptions::default()
         },
         true,
         true,
     )
     .await;
-    let mut spec = LoadSpec::new(&run.services, &run.prefix(), &format!("nl-{}", run.id));
+    let mut spec = LoadSpec::new(
+        &run.services,
+        &run.prefix(),
+        &format!("{agent_prefix}-{}", run.id),
+    );
     spec.agents = 2;
     spec.rate = 500.0;
     spec.results_per_agent = 1000;
-    spec.end_to_end_acks = true;
+    spec.end_to_end_acks = agent_acks;
     spec.ack_timeout = Duration::from_secs(1);
     let reports = loadgen::start(spec, CancellationToken::new())
         .finish()
         .await;
     assert_eq!(run.wait_rows(2000, Duration::from_secs(60)).await, 2000);
     let (bridge, _) = ingester.stop().await;
-    assert_eq!(bridge.unwrap().e2e_acks, 0);
     for r in &reports {
         assert!(r.stats.puback_fallback, "{}: {:?}", r.agent_id, r.stats);
         assert_eq!(r.stats.resends, 0, "{:?}", r.stats);
@@ -1611,53 +1636,12 @@ async fn a_new_agent_against_an_ackless_bridge_falls_back_to_puback() {
         assert_eq!(r.stats.pubacks_out_of_order, 0, "{:?}", r.stats);
     }
     let cmp = harness::compare(&run.pg().await, &reports).await;
-    println!("compared (new agents, ackless bridge): {cmp}");
+    println!("compared (bridge acks {bridge_acks}, agent acks {agent_acks}): {cmp}");
     assert!(cmp.exact(), "{cmp}");
     let mut clients = agent_client_ids(&reports);
     clients.push(run.bridge_client_id("a"));
     run.cleanup(&clients).await;
-}
-
-/// Issue #18 item 2, upgrade the other way: an agent that does not use end-to-end
-/// acknowledgements (an older one, or `uplink.end_to_end_acks = "off"`) against bridges that
-/// send them: it frees at PUBACK, ignores nothing it needs, and delivers everything once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_without_acks_against_an_acking_bridge_delivers() {
-    init_tracing();
-    let run = Run::new("oldagent");
-    let ingester = InProcess::start(
-        &run,
-        &IngesterOptions {
-            end_to_end_acks: true,
-            ..IngesterOptions::default()
-        },
-        true,
-        true,
-    )
-    .await;
-    let mut spec = LoadSpec::new(&run.services, &run.prefix(), &format!("oa-{}", run.id));
-    spec.agents = 2;
-    spec.rate = 500.0;
-    spec.results_per_agent = 1000;
-    spec.end_to_end_acks = false;
-    let reports = loadgen::start(spec, CancellationToken::new())
-        .finish()
-        .await;
-    assert_eq!(run.wait_rows(2000, Duration::from_secs(60)).await, 2000);
-    let (bridge, _) = ingester.stop().await;
-    assert!(bridge.unwrap().e2e_acks > 0, "the bridge acknowledged");
-    for r in &reports {
-        assert!(r.stats.puback_fallback, "{:?}", r.stats);
-        assert_eq!(r.stats.frames_e2e_acked, 0, "{:?}", r.stats);
-        assert_eq!(r.stats.undelivered, 0, "{:?}", r.stats);
-        assert_eq!(r.stats.pubacks_out_of_order, 0, "{:?}", r.stats);
-    }
-    let cmp = harness::compare(&run.pg().await, &reports).await;
-    println!("compared (agents without acks, acking bridge): {cmp}");
-    assert!(cmp.exact(), "{cmp}");
-    let mut clients = agent_client_ids(&reports);
-    clients.push(run.bridge_client_id("a"));
-    run.cleanup(&clients).await;
+    bridge.expect("the bridge stopped with its stats").e2e_acks
 }
 
 /// TESTING.md 17: two bridges on a shared subscription split the stream; each result reaches
