@@ -1825,35 +1825,22 @@ async fn crash_and_restart_everything_exactly_once() {
     sink_b.restart();
     note("sink-a and sink-b restarted", run.count_rows().await);
 
-    at(10).await;
-    note("stopping Mosquitto", run.count_rows().await);
-    let took = stage::restart_service(Service::Mosquitto, Duration::from_secs(1))
-        .await
-        .unwrap();
-    note(
-        &format!("Mosquitto up again ({took:.1?})"),
-        run.count_rows().await,
-    );
-
-    at(16).await;
-    note("stopping PostgreSQL", run.count_rows().await);
-    let took = stage::restart_service(Service::Postgres, Duration::from_secs(2))
-        .await
-        .unwrap();
-    note(
-        &format!("PostgreSQL up again ({took:.1?})"),
-        run.count_rows().await,
-    );
-
-    at(22).await;
-    note("stopping Kafka", run.count_rows().await);
-    let took = stage::restart_service(Service::Kafka, Duration::from_secs(2))
-        .await
-        .unwrap();
-    note(
-        &format!("Kafka up again ({took:.1?})"),
-        run.count_rows().await,
-    );
+    // Each service down for a while, one after the other: (second, service, time down).
+    for (second, service, down, name) in [
+        (10, Service::Mosquitto, 1, "Mosquitto"),
+        (16, Service::Postgres, 2, "PostgreSQL"),
+        (22, Service::Kafka, 2, "Kafka"),
+    ] {
+        at(second).await;
+        note(&format!("stopping {name}"), run.count_rows().await);
+        let took = stage::restart_service(service, Duration::from_secs(down))
+            .await
+            .unwrap();
+        note(
+            &format!("{name} up again ({took:.1?})"),
+            run.count_rows().await,
+        );
+    }
 
     // The backlog from the Kafka outage is draining: kill the other bridge now.
     tokio::time::sleep(Duration::from_secs(2)).await;
