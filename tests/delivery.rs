@@ -149,6 +149,7 @@ fn batch(boot_id: u64, seqs: &[u64], gaps: &[Gap]) -> Batch {
         boot_id,
         results: heapless::Vec::new(),
         gaps: heapless::Vec::new(),
+        clock: None,
     };
     // A repeated sequence number is a replay of the same result (same probe time and values),
     // which is what the natural key (agent, boot_id, seq, started_at) absorbs.

@@ -919,6 +919,7 @@ fn frame_of(boot: u64, results: &[(u64, i32, i64)]) -> Vec<u8> {
         boot_id: boot,
         results: heapless::Vec::new(),
         gaps: heapless::Vec::new(),
+        clock: None,
     };
     for &(seq, target, at) in results {
         let mut r = synth.result();

@@ -466,6 +466,7 @@ impl Outbox {
             boot_id: boot,
             results,
             gaps: heapless::Vec::new(),
+            clock: None,
         };
         let mut frame_gaps = heapless::Vec::new();
         let mut i = 0;

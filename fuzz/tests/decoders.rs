@@ -27,6 +27,29 @@ fn result_frames() {
     });
 }
 
+/// Version 3 clocks (issue #18 item 3): random bytes rarely get past the results to the
+/// clock at a frame's end, so these start from a valid head (no results or one, no gaps) and
+/// let the input be the clock; the same properties as [`result_frames`].
+#[test]
+fn result_frame_clocks() {
+    const NO_RESULTS: &[u8] = &[3, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0];
+    // One result: Up, seq 0, target 1, started 1,000 ms, status 200, total 0, body 0; no gaps.
+    const ONE_RESULT: &[u8] = &[
+        3, 1, 2, 3, 4, 5, 6, 7, 8, 1, 16, 0, 0, 0, 1, 208, 15, 0, 0, 0,
+    ];
+    bolero::check!().for_each(|bytes: &[u8]| {
+        for head in [NO_RESULTS, ONE_RESULT] {
+            let frame = [head, bytes].concat();
+            if let Ok(batch) = decode(&frame) {
+                let mut buf = [0u8; MAX_FRAME_LEN];
+                let again = encode(&batch, &mut buf).expect("a decoded batch fits a frame");
+                assert_eq!(again, &frame[..], "canonical");
+                assert_eq!(decode(again), Ok(batch));
+            }
+        }
+    });
+}
+
 /// Target set frames, read spec by spec as the agent does: never more specs than the header's
 /// count (itself at most `MAX_TARGETS`), and nothing after the first error.
 #[test]

@@ -237,6 +237,7 @@ pub fn refused_frame(refused: &[Row]) -> Option<Vec<u8>> {
         boot_id: first.boot_id,
         results: Default::default(),
         gaps: Default::default(),
+        clock: None,
     };
     for r in refused {
         // Cannot overflow: they come from one frame, which had room for them.

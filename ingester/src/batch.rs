@@ -230,6 +230,7 @@ pub fn frame_of(boot_id: u64, results: &[ProbeResult], gaps: &[Gap]) -> Option<V
         boot_id,
         results: Default::default(),
         gaps: Default::default(),
+        clock: None,
     };
     for r in results {
         batch.results.push(*r).ok()?;

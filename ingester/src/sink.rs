@@ -870,6 +870,7 @@ mod tests {
                 boot_id: 1,
                 results: Default::default(),
                 gaps: Default::default(),
+                clock: None,
             };
             let mut r = crate::assign::tests_support::result();
             r.target_id = id;
@@ -930,6 +931,7 @@ mod tests {
             boot_id: 1,
             results: Default::default(),
             gaps: Default::default(),
+            clock: None,
         };
         batch
             .gaps

@@ -80,6 +80,7 @@ const EMPTY: Batch = Batch {
     boot_id: 0,
     results: heapless::Vec::new(),
     gaps: heapless::Vec::new(),
+    clock: None,
 };
 
 /// Fills `batch` and encodes it into `buf`. Returns the frame length and its FNV-1a hash, which

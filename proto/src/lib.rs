@@ -62,7 +62,13 @@ pub const MAX_RESULT_LEN: usize = U64 // seq
 /// Largest encoded size of one [`Gap`].
 pub const MAX_GAP_LEN: usize = U64 + U32 + U64 + U64;
 
-/// Largest frame: version byte, boot id, then both lists with their length prefixes.
+/// Largest encoded size of a batch's [`ClockHealth`] in a version 3 frame (flags, both
+/// errors, synced-from seq, boot age, seal time delta).
+pub const MAX_CLOCK_LEN: usize = 1 + U32 + U32 + U64 + U32 + U64;
+
+/// Largest frame: version byte, boot id, then both lists with their length prefixes (version
+/// 2's widest encoding, the largest of every version: a version 3 frame, clock included, is
+/// smaller; `tests/golden.rs` checks both).
 pub const MAX_FRAME_LEN: usize =
     1 + U64 + 1 + MAX_RESULTS * MAX_RESULT_LEN + 1 + MAX_GAPS * MAX_GAP_LEN;
 

@@ -1,4 +1,4 @@
-//! The current (version 2) wire types.
+//! The wire types (version 2's postcard structs, which version 3 packs).
 
 use serde::{Deserialize, Serialize};
 
@@ -311,6 +311,41 @@ pub struct Gap {
     pub last_started_at_ms: u64,
 }
 
+/// How far the agent's clock can be trusted (issue #18 item 3): the kernel's clock discipline
+/// (Linux `adjtimex`, read-only) and the time since the machine booted, read when the batch was
+/// sealed. Carried by version 3 frames only (versions 1 and 2 decode to `clock: None`).
+///
+/// Two parts: what the clock was like when the results were taken (`synced`, the errors,
+/// `synced_from_seq`; for results an agent replays from its spool after a restart, as recorded
+/// then), and the moment the frame was built (`boot_age_s`, `sealed_at_ms`, always fresh),
+/// which the ingester compares with its own clock to see how far off the agent's is.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct ClockHealth {
+    /// The kernel considers its clock synchronised (no `STA_UNSYNC`, not `TIME_ERROR`).
+    pub synced: bool,
+    /// The kernel's maximum error, milliseconds, rounded up and saturating (16 s when unsynced).
+    pub max_error_ms: u32,
+    /// The kernel's estimated error, milliseconds, rounded up and saturating.
+    pub est_error_ms: u32,
+    /// The first sequence number of this boot numbered after the clock was first seen
+    /// synchronised; None: not synchronised yet in this boot. Results before it were taken
+    /// with a clock that had not been set (a Pi without RTC in its first minute).
+    pub synced_from_seq: Option<u64>,
+    /// Seconds since the machine booted (`CLOCK_BOOTTIME`) when the frame was sealed.
+    pub boot_age_s: u32,
+    /// The agent's wall clock when the frame was sealed, unix milliseconds.
+    pub sealed_at_ms: u64,
+}
+
+impl ClockHealth {
+    /// Whether result `seq` of this batch was taken with a clock that was not synchronised:
+    /// before the first sync of its boot, or the clock is not synchronised now.
+    pub fn unsynced_at(&self, seq: u64) -> bool {
+        !self.synced || self.synced_from_seq.is_none_or(|first| seq < first)
+    }
+}
+
 /// The unit of upload: results (and gap records) of one agent boot, in sequence order.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -319,4 +354,9 @@ pub struct Batch {
     pub boot_id: u64,
     pub results: heapless::Vec<ProbeResult, MAX_RESULTS>,
     pub gaps: heapless::Vec<Gap, MAX_GAPS>,
+    /// The agent's clock when the batch was sealed; None when unknown (not Linux, frames of
+    /// versions 1 and 2). Not part of version 2's postcard struct (`serde(skip)`): only
+    /// version 3 carries it.
+    #[serde(skip)]
+    pub clock: Option<ClockHealth>,
 }

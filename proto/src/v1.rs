@@ -71,6 +71,7 @@ impl From<Batch> for crate::Batch {
                 .map(crate::ProbeResult::from)
                 .collect(),
             gaps: heapless::Vec::new(),
+            clock: None,
         }
     }
 }

@@ -20,7 +20,22 @@
 //! one value at a time; enums are postcard's variant indexes, as in version 2.
 //!
 //! Layout: `3`, boot id (8 bytes, little-endian), result count (1 byte, ≤ [`MAX_RESULTS`]),
-//! the results, gap count (1 byte, ≤ [`MAX_GAPS`]), the gaps (version 2's `Gap`). One result:
+//! the results, gap count (1 byte, ≤ [`MAX_GAPS`]), the gaps (version 2's `Gap`), then the
+//! clock (issue #18 item 3; [`ClockHealth`], typically 8–12 bytes, one byte when unknown):
+//!
+//! | field | when | encoding |
+//! |---|---|---|
+//! | clock flags | always | bit 0 clock present, bit 1 synced, bit 2 synced-from seq present, bits 3–7 reserved (0); 0 when unknown, and nothing else follows |
+//! | max error | bit 0 | varint ms |
+//! | estimated error | bit 0 | varint ms |
+//! | synced from seq | bit 2 | varint (absolute) |
+//! | boot age | bit 0 | varint s |
+//! | sealed at | bit 0 | zigzag varint, ms since the last result's start (no results: since 0), wrapping |
+//!
+//! The clock comes last so that the seal time can be a delta from the results' times: a
+//! batch is sealed seconds after its last probe started, so two or three bytes, not six.
+//!
+//! One result:
 //!
 //! | field | when | encoding |
 //! |---|---|---|
@@ -41,7 +56,7 @@
 
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::{Batch, Error, Gap, IpAddress, Outcome, Phase, ProbeResult, RegexOutcome};
+use crate::{Batch, ClockHealth, Error, Gap, IpAddress, Outcome, Phase, ProbeResult, RegexOutcome};
 use crate::{MAX_GAPS, MAX_RESULTS};
 
 /// The version byte of this format.
@@ -64,6 +79,11 @@ const ADDRESS_V6: u8 = 2;
 const ADDRESS_AS_BEFORE: u8 = 3;
 const CERT: u8 = 1 << 7;
 
+const CLOCK_PRESENT: u8 = 1 << 0;
+const CLOCK_SYNCED: u8 = 1 << 1;
+const CLOCK_SYNCED_FROM: u8 = 1 << 2;
+const CLOCK_RESERVED: u8 = !(CLOCK_PRESENT | CLOCK_SYNCED | CLOCK_SYNCED_FROM);
+
 /// Writes `batch` as a version 3 frame into `buf` and returns the used prefix.
 pub fn encode<'b>(batch: &Batch, buf: &'b mut [u8]) -> Result<&'b mut [u8], Error> {
     let mut w = Writer { buf, len: 0 };
@@ -79,6 +99,7 @@ pub fn encode<'b>(batch: &Batch, buf: &'b mut [u8]) -> Result<&'b mut [u8], Erro
     for gap in &batch.gaps {
         w.put(gap)?;
     }
+    put_clock(&mut w, batch.clock.as_ref(), last_start(&batch.results))?;
     let len = w.len;
     Ok(&mut w.buf[..len])
 }
@@ -91,6 +112,7 @@ pub(crate) fn decode_body(body: &[u8]) -> Result<Batch, Error> {
         boot_id,
         results: heapless::Vec::new(),
         gaps: heapless::Vec::new(),
+        clock: None,
     };
     let count = usize::from(r.byte()?);
     if count > MAX_RESULTS {
@@ -108,10 +130,69 @@ pub(crate) fn decode_body(body: &[u8]) -> Result<Batch, Error> {
         let gap: Gap = r.take()?;
         batch.gaps.push(gap).map_err(|_| Error::Malformed)?;
     }
+    batch.clock = take_clock(&mut r, last_start(&batch.results))?;
     if !r.bytes.is_empty() {
         return Err(Error::TrailingBytes);
     }
     Ok(batch)
+}
+
+/// What the seal time is a delta from: the last result's start (0 without results).
+fn last_start(results: &[ProbeResult]) -> u64 {
+    results.last().map_or(0, |r| r.started_at_ms)
+}
+
+fn put_clock(w: &mut Writer<'_>, clock: Option<&ClockHealth>, base_ms: u64) -> Result<(), Error> {
+    let Some(c) = clock else {
+        return w.byte(0);
+    };
+    let mut flags = CLOCK_PRESENT;
+    flags |= if c.synced { CLOCK_SYNCED } else { 0 };
+    flags |= if c.synced_from_seq.is_some() {
+        CLOCK_SYNCED_FROM
+    } else {
+        0
+    };
+    w.byte(flags)?;
+    w.put(&c.max_error_ms)?;
+    w.put(&c.est_error_ms)?;
+    if let Some(seq) = c.synced_from_seq {
+        w.put(&seq)?;
+    }
+    w.put(&c.boot_age_s)?;
+    w.put(&(c.sealed_at_ms.wrapping_sub(base_ms) as i64))
+}
+
+fn take_clock(r: &mut Reader<'_>, base_ms: u64) -> Result<Option<ClockHealth>, Error> {
+    let flags = r.byte()?;
+    if flags & CLOCK_RESERVED != 0 {
+        return Err(Error::Malformed);
+    }
+    if flags & CLOCK_PRESENT == 0 {
+        // "Unknown" is the single byte 0: other bits without the clock are not canonical.
+        return if flags == 0 {
+            Ok(None)
+        } else {
+            Err(Error::Malformed)
+        };
+    }
+    let max_error_ms: u32 = r.take()?;
+    let est_error_ms: u32 = r.take()?;
+    let synced_from_seq: Option<u64> = if flags & CLOCK_SYNCED_FROM != 0 {
+        Some(r.take()?)
+    } else {
+        None
+    };
+    let boot_age_s: u32 = r.take()?;
+    let delta: i64 = r.take()?;
+    Ok(Some(ClockHealth {
+        synced: flags & CLOCK_SYNCED != 0,
+        max_error_ms,
+        est_error_ms,
+        synced_from_seq,
+        boot_age_s,
+        sealed_at_ms: base_ms.wrapping_add(delta as u64),
+    }))
 }
 
 fn phases(r: &ProbeResult) -> [Option<u32>; 5] {

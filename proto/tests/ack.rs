@@ -83,6 +83,7 @@ fn frame_ranges_merge_results_and_gaps() {
         boot_id: 7,
         results: heapless::Vec::new(),
         gaps: heapless::Vec::new(),
+        clock: None,
     };
     assert!(frame_ranges(&batch).is_empty());
     for seq in [10, 11, 12, 20, 21] {

@@ -3,8 +3,8 @@
 //! instead (and a new golden pair), never edit an existing pair.
 
 use vantage_proto::{
-    decode, encode, v1, Batch, Error, Gap, IpAddress, Outcome, Phase, ProbeResult, RegexOutcome,
-    MAX_FRAME_LEN, MAX_GAPS, MAX_RESULTS,
+    decode, encode, v1, Batch, ClockHealth, Error, Gap, IpAddress, Outcome, Phase, ProbeResult,
+    RegexOutcome, MAX_FRAME_LEN, MAX_GAPS, MAX_RESULTS,
 };
 
 fn sample_v1() -> v1::Batch {
@@ -107,6 +107,7 @@ fn sample_v2() -> Batch {
         boot_id: 0x0123_4567_89AB_CDEF,
         results,
         gaps,
+        clock: None,
     }
 }
 
@@ -208,6 +209,7 @@ fn assert_no_response_golden(outcome: Outcome, golden: &[u8]) {
         boot_id: 1,
         results,
         gaps: heapless::Vec::new(),
+        clock: None,
     };
     assert_eq!(
         batch.results[0],
@@ -353,11 +355,25 @@ fn largest_batch_fits_max_frame_len() {
         boot_id: u64::MAX,
         results,
         gaps,
+        clock: Some(ClockHealth {
+            synced: true,
+            max_error_ms: u32::MAX,
+            est_error_ms: u32::MAX,
+            synced_from_seq: Some(u64::MAX),
+            boot_age_s: u32::MAX,
+            // As far from the last start as a delta can be (zigzag of i64::MIN: 10 bytes).
+            sealed_at_ms: u64::MAX.wrapping_add(i64::MIN as u64),
+        }),
     };
     let mut buf = [0u8; MAX_FRAME_LEN];
     let v2 = vantage_proto::encode_v2(&batch, &mut buf).unwrap().len();
+    // Version 2 does not carry the clock.
+    let batch_v2 = Batch {
+        clock: None,
+        ..batch.clone()
+    };
+    assert_eq!(decode(&buf[..v2]).unwrap(), batch_v2);
     assert!(v2 <= MAX_FRAME_LEN);
-    assert_eq!(decode(&buf[..v2]).unwrap(), batch);
     let bytes = encode(&batch, &mut buf).unwrap();
     assert!(bytes.len() <= MAX_FRAME_LEN);
     println!(
@@ -391,7 +407,7 @@ fn bad_frames_are_errors() {
 /// `fuzz/tests/decoders.rs`.
 #[test]
 fn decode_is_total_on_mutated_golden_frames() {
-    for golden in [GOLDEN_V1, GOLDEN_V2, GOLDEN_V3] {
+    for golden in [GOLDEN_V1, GOLDEN_V2, GOLDEN_V3, GOLDEN_V3_CLOCK] {
         for cut in 0..golden.len() {
             let _ = decode(&golden[..cut]);
         }
@@ -436,6 +452,7 @@ fn issue_13_outcomes_and_phases_encode_as_appended_indexes() {
         boot_id: 1,
         results,
         gaps: heapless::Vec::new(),
+        clock: None,
     };
     let mut buf = [0u8; MAX_FRAME_LEN];
     let bytes = vantage_proto::encode_v2(&batch, &mut buf).unwrap();
@@ -468,7 +485,7 @@ const GOLDEN_V3: &[u8] = &[
     0,   // body 0
     0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, // ::1
     1, // one gap, as in version 2
-    2, 5, 240, 129, 223, 180, 171, 51, 152, 200, 223, 180, 171, 51,
+    2, 5, 240, 129, 223, 180, 171, 51, 152, 200, 223, 180, 171, 51, 0, // clock unknown
 ];
 
 #[test]
@@ -585,6 +602,7 @@ fn v3_round_trips_every_field_combination() {
                 boot_id: u64::MAX - from as u64,
                 results: results[from..to].iter().copied().collect(),
                 gaps: sample_v2().gaps,
+                clock: None,
             };
             let mut buf = [0u8; MAX_FRAME_LEN];
             let bytes = encode(&batch, &mut buf).unwrap();
@@ -608,9 +626,9 @@ fn v3_bad_frames_are_errors() {
     assert_eq!(decode(&[header, &[33]].concat()), Err(Error::Malformed));
     assert_eq!(decode(&[header, &[0, 5]].concat()), Err(Error::Malformed));
     // One result (Up, seq 0, target 1, start 0), then `tail` from the total on; head and
-    // presence bytes varied.
+    // presence bytes varied; no gaps, no clock.
     let frame = |head: u8, presence: u8, tail: &[u8]| {
-        [header, &[1, head, presence, 0, 0, 1, 0], tail, &[0]].concat()
+        [header, &[1, head, presence, 0, 0, 1, 0], tail, &[0, 0]].concat()
     };
     let ok = frame(STATUS_200, 0, &[0, 0]);
     assert!(decode(&ok).is_ok());
@@ -640,8 +658,194 @@ fn v3_bad_frames_are_errors() {
         Err(Error::Malformed)
     );
     // "seq = previous + 1" on the first result.
-    let first_next = [header, &[1, STATUS_200 | 1, 0, 0, 1, 0, 0, 0], &[0]].concat();
+    let first_next = [header, &[1, STATUS_200 | 1, 0, 0, 1, 0, 0, 0], &[0, 0]].concat();
     assert_eq!(decode(&first_next), Err(Error::Malformed));
 }
 
 const STATUS_200: u8 = 1 << 4;
+
+// ---- version 3's clock (issue 18 item 3): the batch's clock health after the gaps ------------
+
+/// A synced agent: 12 ms maximum error, 1 ms estimated, synced since seq 3, up one day,
+/// sealed 2.5 s after the last result's start.
+fn synced_clock() -> ClockHealth {
+    ClockHealth {
+        synced: true,
+        max_error_ms: 12,
+        est_error_ms: 1,
+        synced_from_seq: Some(3),
+        boot_age_s: 86_400,
+        sealed_at_ms: 1_764_000_000_100 + 2_500,
+    }
+}
+
+const GOLDEN_V3_CLOCK: &[u8] = &[
+    3, // format version
+    239, 205, 171, 137, 103, 69, 35, 1, // boot id
+    0, // no results
+    0, // no gaps
+    // clock: present, synced, synced-from seq present; max error 12, estimated 1, from seq 3,
+    // boot age 86,400 s, sealed at 1,764,000,002,600 ms (zigzag, from 0: no results)
+    7, 12, 1, 3, 128, 163, 5, 208, 200, 191, 233, 214, 102,
+];
+
+#[test]
+fn v3_clock_is_golden() {
+    // Without results the seal time is a delta from 0: the longest form.
+    let batch = Batch {
+        boot_id: 0x0123_4567_89AB_CDEF,
+        results: heapless::Vec::new(),
+        gaps: heapless::Vec::new(),
+        clock: Some(synced_clock()),
+    };
+    let mut buf = [0u8; MAX_FRAME_LEN];
+    let bytes = encode(&batch, &mut buf).unwrap();
+    assert_eq!(&bytes[..], GOLDEN_V3_CLOCK, "{bytes:?}");
+    assert_eq!(decode(GOLDEN_V3_CLOCK).unwrap(), batch);
+    // With results: the seal time is 2.5 s after the last start, 2 bytes; the whole clock 9.
+    let with = Batch {
+        clock: Some(synced_clock()),
+        ..sample_v2()
+    };
+    let bytes = encode(&with, &mut buf).unwrap();
+    assert_eq!(bytes.len(), GOLDEN_V3.len() - 1 + 9);
+    assert_eq!(
+        &bytes[GOLDEN_V3.len() - 1..],
+        &[7, 12, 1, 3, 128, 163, 5, 136, 39]
+    );
+    assert_eq!(decode(bytes).unwrap(), with);
+    // Version 2 has no room for it: it decodes to None.
+    let v2 = vantage_proto::encode_v2(&with, &mut buf).unwrap();
+    assert_eq!(&v2[..], GOLDEN_V2);
+}
+
+/// A Pi without RTC in its first minute: not synced, 16 s maximum error, no sync yet, up
+/// 42 s; its results before the first sync are the ones marked.
+#[test]
+fn v3_unsynced_clock_marks_every_result() {
+    let clock = ClockHealth {
+        synced: false,
+        max_error_ms: 16_000,
+        est_error_ms: 16_000,
+        synced_from_seq: None,
+        boot_age_s: 42,
+        sealed_at_ms: 1_764_000_000_100 - 7, // seal time before the last start: negative delta
+    };
+    let batch = Batch {
+        clock: Some(clock),
+        ..sample_v2()
+    };
+    let mut buf = [0u8; MAX_FRAME_LEN];
+    let bytes = encode(&batch, &mut buf).unwrap();
+    assert_eq!(
+        &bytes[GOLDEN_V3.len() - 1..],
+        &[1, 128, 125, 128, 125, 42, 13]
+    );
+    assert_eq!(decode(bytes).unwrap(), batch);
+    assert!(batch.results.iter().all(|r| clock.unsynced_at(r.seq)));
+    let synced = synced_clock();
+    assert!(synced.unsynced_at(2) && !synced.unsynced_at(3) && !synced.unsynced_at(8));
+    let lost = ClockHealth {
+        synced: false,
+        ..synced
+    };
+    assert!(
+        lost.unsynced_at(8),
+        "a clock that lost its sync marks every result"
+    );
+}
+
+#[test]
+fn v3_round_trips_every_clock() {
+    let base = synced_clock();
+    let clocks = [
+        None,
+        Some(base),
+        Some(ClockHealth {
+            synced_from_seq: None,
+            ..base
+        }),
+        Some(ClockHealth {
+            synced: false,
+            synced_from_seq: Some(0),
+            ..base
+        }),
+        Some(ClockHealth {
+            synced: false,
+            max_error_ms: u32::MAX,
+            est_error_ms: 0,
+            synced_from_seq: Some(u64::MAX),
+            boot_age_s: u32::MAX,
+            sealed_at_ms: 0,
+        }),
+        Some(ClockHealth {
+            sealed_at_ms: u64::MAX,
+            ..base
+        }),
+    ];
+    let results = varied_results();
+    for clock in clocks {
+        for to in [0, 1, 2, results.len()] {
+            let batch = Batch {
+                boot_id: 5,
+                results: results[..to].iter().copied().collect(),
+                gaps: heapless::Vec::new(),
+                clock,
+            };
+            let mut buf = [0u8; MAX_FRAME_LEN];
+            let bytes = encode(&batch, &mut buf).unwrap();
+            assert_eq!(decode(bytes), Ok(batch), "{clock:?} {to} results");
+        }
+    }
+}
+
+#[test]
+fn v3_bad_clocks_are_errors() {
+    // The frame of GOLDEN_V3_CLOCK up to its gap count, then `clock`.
+    let head = &GOLDEN_V3_CLOCK[..11];
+    let frame = |clock: &[u8]| [head, clock].concat();
+    assert_eq!(decode(&frame(&[0])), Ok(decode(&frame(&[0])).unwrap()));
+    assert_eq!(decode(&frame(&[0])).unwrap().clock, None);
+    // Missing altogether: a version 3 frame always ends with its clock flags.
+    assert_eq!(decode(head), Err(Error::Malformed));
+    // Reserved bits, and flags without "present".
+    for flags in [1 << 3, 1 << 7, 0b1111_1001, 0b10, 0b100, 0b110] {
+        assert_eq!(
+            decode(&frame(&[flags, 0, 0, 0, 0, 0])),
+            Err(Error::Malformed),
+            "flags {flags:#b}"
+        );
+    }
+    // Cut anywhere inside the clock.
+    let clock = &GOLDEN_V3_CLOCK[11..];
+    for cut in 1..clock.len() {
+        assert_eq!(
+            decode(&frame(&clock[..cut])),
+            Err(Error::Malformed),
+            "cut {cut}"
+        );
+    }
+    // An error that does not fit a u32.
+    assert_eq!(
+        decode(&frame(&[1, 0x80, 0x80, 0x80, 0x80, 0x10, 0, 0, 0])),
+        Err(Error::Malformed)
+    );
+    // Trailing bytes after the clock.
+    assert_eq!(
+        decode(&[GOLDEN_V3_CLOCK, &[0]].concat()),
+        Err(Error::TrailingBytes)
+    );
+}
+
+/// The heads the fuzz target `result_frame_clocks` (fuzz/tests/decoders.rs) starts from are
+/// valid frames with the clock unknown.
+#[test]
+fn fuzz_clock_heads_are_valid() {
+    let one = [
+        3, 1, 2, 3, 4, 5, 6, 7, 8, 1, 16, 0, 0, 0, 1, 208, 15, 0, 0, 0, 0,
+    ];
+    let batch = decode(&one).unwrap();
+    assert_eq!(batch.results[0].started_at_ms, 1000);
+    assert_eq!(batch.clock, None);
+    assert!(decode(&[3, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0]).is_ok());
+}

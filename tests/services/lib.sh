@@ -330,6 +330,8 @@ ensure_installed() {
   dpkg -s libssl-dev >/dev/null 2>&1 || pkgs+=(libssl-dev)
   command -v pkg-config >/dev/null || pkgs+=(pkg-config)
   command -v openssl >/dev/null || pkgs+=(openssl)
+  # tests/clock.rs runs an agent under libfaketime (a clock hours ahead).
+  dpkg -s faketime >/dev/null 2>&1 || pkgs+=(faketime)
   local need_libs=0
   if [[ -n ${KAFKA_HOME:-} ]]; then
     kafka_home_ok || die "kafka: KAFKA_HOME=$KAFKA_HOME has no libs/kafka_*.jar (unset KAFKA_HOME to use the Maven jars)"

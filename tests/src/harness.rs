@@ -473,6 +473,7 @@ pub fn result_frames(boot_id: u64, frames: u64, per_frame: u64) -> Vec<Vec<u8>> 
                 boot_id,
                 results: heapless::Vec::new(),
                 gaps: heapless::Vec::new(),
+                clock: None,
             };
             for i in 0..per_frame {
                 let mut r = synth.result();

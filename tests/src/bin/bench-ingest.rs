@@ -145,6 +145,7 @@ fn bytes_per_result(r: &mut Report) -> anyhow::Result<()> {
                 boot_id: 0x1234_5678_9abc_def0,
                 results: heapless::Vec::new(),
                 gaps: heapless::Vec::new(),
+                clock: None,
             };
             for i in 0..n {
                 let mut res = synth.result();
