@@ -7,6 +7,7 @@
 
 pub mod budget;
 pub mod cert_expiry;
+pub mod clock_state;
 pub mod config;
 pub mod fleet;
 pub mod metrics;

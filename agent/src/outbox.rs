@@ -6,13 +6,21 @@
 //!
 //! PUBACKs are matched to frames by order (see `uplink.rs`, "Why the uplink keeps frames until
 //! PUBACK"); end-to-end acks by boot id and sequence ranges.
+//!
+//! Every frame carries the agent's clock state (`ClockHealth`, issue #18 item 3), read through
+//! the [`ClockSource`] it is given (the kernel's, `clock_state::read`, in the agent) at each
+//! result numbering and at each seal: the first sequence number numbered after the clock was
+//! first seen synchronised is `synced_from_seq`, so the results before it are marked. Records
+//! of an earlier boot read back from the spool carry the clock state written with them, and
+//! this moment's seal time and boot age.
 
 use std::collections::VecDeque;
 use std::time::Duration;
 
 use vantage_proto::ack::{Ack, SeqRange, MAX_FRAME_RANGES};
-use vantage_proto::{Batch, Gap, ProbeResult, MAX_FRAME_LEN, MAX_GAPS};
+use vantage_proto::{Batch, ClockHealth, Gap, ProbeResult, MAX_FRAME_LEN, MAX_GAPS};
 
+use crate::clock_state::Reading;
 use crate::spool::{Replay, Spool};
 pub use crate::uplink_stats::{SpoolState, UplinkStats};
 
@@ -120,7 +128,21 @@ pub struct Outbox {
     now_ms: u64,
     /// The frame encoder (`uplink.wire_format`): version 3 unless the ingester is older.
     encode: Encoder,
+    clock: ClockTrack,
     stats: UplinkStats,
+}
+
+/// Reads the machine's clock state: `clock_state::read` in the agent, a fake in tests.
+pub type ClockSource = Box<dyn FnMut() -> Option<Reading> + Send>;
+
+/// What the outbox knows of the clock.
+#[derive(Default)]
+struct ClockTrack {
+    /// None: no clock state at all (frames say "unknown").
+    source: Option<ClockSource>,
+    latest: Option<Reading>,
+    /// The first seq of this boot numbered after a synchronised reading.
+    synced_from_seq: Option<u64>,
 }
 
 /// Writes a batch as a frame of one format version (`vantage_proto::encode` or `encode_v2`).
@@ -157,6 +179,7 @@ impl Outbox {
             e2e: None,
             now_ms: 0,
             encode: vantage_proto::encode,
+            clock: ClockTrack::default(),
             stats: UplinkStats {
                 boot_id,
                 puback_fallback: true,
@@ -183,6 +206,55 @@ impl Outbox {
     pub fn with_encoder(mut self, encode: Encoder) -> Outbox {
         self.encode = encode;
         self
+    }
+
+    /// Frames carry the clock state `source` reads (without one they say "unknown").
+    pub fn with_clock(mut self, source: ClockSource) -> Outbox {
+        self.clock.source = Some(source);
+        self.observe_clock();
+        self
+    }
+
+    /// Reads the clock; the first synchronised reading of this boot marks the next sequence
+    /// number as the first taken with a set clock. The spool writes the state with the next
+    /// flush's results.
+    fn observe_clock(&mut self) {
+        let Some(source) = &mut self.clock.source else {
+            return;
+        };
+        let reading = source();
+        if reading.is_some_and(|r| r.synced) && self.clock.synced_from_seq.is_none() {
+            self.clock.synced_from_seq = Some(self.next_seq);
+        }
+        self.clock.latest = reading;
+        let health = self.clock_health();
+        if let Some(s) = &mut self.spool {
+            s.set_clock(health);
+        }
+    }
+
+    /// The latest reading as this boot's clock health.
+    fn clock_health(&self) -> Option<ClockHealth> {
+        self.clock.latest.map(|r| ClockHealth {
+            synced: r.synced,
+            max_error_ms: r.max_error_ms(),
+            est_error_ms: r.est_error_ms(),
+            synced_from_seq: self.clock.synced_from_seq,
+            boot_age_s: r.boot_age_s(),
+            sealed_at_ms: r.wall_ms,
+        })
+    }
+
+    /// The clock of a frame of an earlier boot's records: the state written with them (the
+    /// worst of their groups', the latest synced-from seq), sealed now (this moment's seal
+    /// time and boot age, which the ingester compares with its clock).
+    fn replayed_clock(&self, stored: Option<ClockHealth>) -> Option<ClockHealth> {
+        let mut c = stored?;
+        if let Some(now) = self.clock.latest {
+            c.sealed_at_ms = now.wall_ms;
+            c.boot_age_s = now.boot_age_s();
+        }
+        Some(c)
     }
 
     /// The drain at a stop started: waits for end-to-end acks (a re-send, or the PUBACK
@@ -225,6 +297,7 @@ impl Outbox {
     /// Numbers `result` (its `seq` is overwritten) and buffers it (and appends it to the spool,
     /// written at the next flush). Returns the sequence number given.
     pub fn push(&mut self, mut result: ProbeResult) -> u64 {
+        self.observe_clock();
         if self.results.len() == self.capacity {
             self.evict();
         }
@@ -389,7 +462,7 @@ impl Outbox {
                 .map(|(b, _)| *b)
                 .find(|b| *b != self.boot_id)
             {
-                self.push_frame(boot, heapless::Vec::new(), None, 0);
+                self.push_frame(boot, heapless::Vec::new(), None, 0, None);
                 continue;
             }
             let written = self.spool.as_ref().map_or(u64::MAX, |s| s.written());
@@ -418,7 +491,9 @@ impl Outbox {
                     self.disk_next = self.disk_next.max(end);
                 }
             }
-            self.push_frame(self.boot_id, results, end, bytes);
+            self.observe_clock();
+            let clock = self.clock_health();
+            self.push_frame(self.boot_id, results, end, bytes, clock);
         }
     }
 
@@ -435,6 +510,7 @@ impl Outbox {
         let mut results = heapless::Vec::new();
         let mut bytes = 0;
         let mut end = first.pos;
+        let mut stored = first.clock;
         while results.len() < self.batch_max {
             match s.peek(self.disk_next, limit) {
                 Some(r) if r.boot_id == boot => {
@@ -443,11 +519,20 @@ impl Outbox {
                     bytes += r.bytes;
                     end = r.pos + 1;
                     self.disk_next = end;
+                    stored = worse_clock(stored, r.clock);
                 }
                 _ => break,
             }
         }
-        self.push_frame(boot, results, Some(end), bytes);
+        let clock = if boot == self.boot_id {
+            // Evicted records of this boot: its own clock state is the current one.
+            self.observe_clock();
+            self.clock_health()
+        } else {
+            self.observe_clock();
+            self.replayed_clock(stored)
+        };
+        self.push_frame(boot, results, Some(end), bytes, clock);
         true
     }
 
@@ -459,6 +544,7 @@ impl Outbox {
         results: heapless::Vec<ProbeResult, { vantage_proto::MAX_RESULTS }>,
         end: Option<u64>,
         spool_bytes: u64,
+        clock: Option<ClockHealth>,
     ) {
         let n = results.len();
         let oldest_ms = results.iter().map(|r| r.started_at_ms).min();
@@ -466,7 +552,7 @@ impl Outbox {
             boot_id: boot,
             results,
             gaps: heapless::Vec::new(),
-            clock: None,
+            clock,
         };
         let mut frame_gaps = heapless::Vec::new();
         let mut i = 0;
@@ -777,6 +863,20 @@ impl Outbox {
     pub fn spool(&self) -> Option<&Spool> {
         self.spool.as_ref()
     }
+}
+
+/// The clock state of records from two spool groups of one boot: synchronised only if both
+/// were, the larger errors, the synced-from seq once known (it only goes from None to a
+/// value within a boot). Unknown if either is unknown.
+fn worse_clock(a: Option<ClockHealth>, b: Option<ClockHealth>) -> Option<ClockHealth> {
+    let (a, b) = (a?, b?);
+    Some(ClockHealth {
+        synced: a.synced && b.synced,
+        max_error_ms: a.max_error_ms.max(b.max_error_ms),
+        est_error_ms: a.est_error_ms.max(b.est_error_ms),
+        synced_from_seq: b.synced_from_seq.or(a.synced_from_seq),
+        ..b
+    })
 }
 
 #[cfg(test)]
@@ -1264,5 +1364,117 @@ mod tests {
         let mut o = reopen(&dir, 23, 4, 4, 64 * 1024);
         assert!(deliver_all(&mut o).is_empty(), "nothing sent twice");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A fake clock the test sets: (synced, wall ms), shared with the outbox's source.
+    fn fake_clock(state: &std::sync::Arc<std::sync::Mutex<(bool, u64)>>) -> ClockSource {
+        let state = state.clone();
+        Box::new(move || {
+            let (synced, wall_ms) = *state.lock().unwrap();
+            Some(Reading {
+                synced,
+                max_error_us: if synced { 800 } else { 16_000_000 },
+                est_error_us: if synced { 200 } else { 16_000_000 },
+                boot_age_ms: 30_000,
+                wall_ms,
+            })
+        })
+    }
+
+    #[test]
+    fn frames_carry_the_clock_and_mark_results_before_the_first_sync() {
+        let state = std::sync::Arc::new(std::sync::Mutex::new((false, 1_000)));
+        let mut o = Outbox::new(7, 4, 100).with_clock(fake_clock(&state));
+        for i in 0..3 {
+            o.push(result(i));
+        }
+        // NTP sets the clock: the next result numbered (seq 3) is the first after the sync.
+        *state.lock().unwrap() = (true, 2_000_000);
+        for i in 3..6 {
+            o.push(result(i));
+        }
+        *state.lock().unwrap() = (true, 2_000_500);
+        o.seal(true);
+        let b = hand_all(&mut o);
+        assert_eq!(b.len(), 2);
+        for batch in &b {
+            let c = batch.clock.expect("a clock on every frame");
+            assert!(c.synced);
+            assert_eq!(c.synced_from_seq, Some(3));
+            assert_eq!((c.max_error_ms, c.est_error_ms, c.boot_age_s), (1, 1, 30));
+            assert_eq!(c.sealed_at_ms, 2_000_500, "read at the seal");
+        }
+        let marked: Vec<bool> = b
+            .iter()
+            .flat_map(|batch| {
+                let c = batch.clock.unwrap();
+                batch.results.iter().map(move |r| c.unsynced_at(r.seq))
+            })
+            .collect();
+        assert_eq!(marked, [true, true, true, false, false, false]);
+        // Without a source (not Linux): unknown.
+        let mut plain = Outbox::new(7, 4, 100);
+        plain.push(result(0));
+        plain.seal(true);
+        assert_eq!(hand_all(&mut plain)[0].clock, None);
+    }
+
+    #[test]
+    fn an_earlier_boots_records_keep_their_clock_state_and_are_sealed_now() {
+        let name = "clock-replay";
+        let dir = crate::spool::tests::temp_dir(name);
+        let state = std::sync::Arc::new(std::sync::Mutex::new((false, 5_000)));
+        {
+            let (spool, replay) = Spool::open(crate::spool::tests::config(&dir, 1 << 20)).unwrap();
+            let mut o =
+                Outbox::with_spool(1, 4, 100, spool, &replay).with_clock(fake_clock(&state));
+            for i in 0..3 {
+                o.push(result(i));
+            }
+            o.flush_spool();
+            // Never sent: the agent is killed here.
+        }
+        // The next boot starts with a synchronised clock, hours later.
+        *state.lock().unwrap() = (true, 9_000_000);
+        let (spool, replay) = Spool::open(crate::spool::tests::config(&dir, 1 << 20)).unwrap();
+        let mut o = Outbox::with_spool(2, 4, 100, spool, &replay).with_clock(fake_clock(&state));
+        o.push(result(10));
+        o.seal(true);
+        let b = hand_all(&mut o);
+        assert_eq!(b[0].boot_id, 1);
+        let old = b[0].clock.expect("the clock state written with them");
+        assert!(!old.synced, "taken before any sync");
+        assert_eq!(old.synced_from_seq, None);
+        assert_eq!(old.max_error_ms, 16_000);
+        assert_eq!(old.sealed_at_ms, 9_000_000, "sealed now");
+        assert_eq!(b[1].boot_id, 2);
+        let new = b[1].clock.unwrap();
+        assert!(new.synced && new.synced_from_seq == Some(0));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_worse_of_two_clock_states() {
+        let a = ClockHealth {
+            synced: true,
+            max_error_ms: 5,
+            est_error_ms: 9,
+            synced_from_seq: None,
+            boot_age_s: 1,
+            sealed_at_ms: 1,
+        };
+        let b = ClockHealth {
+            synced: false,
+            max_error_ms: 3,
+            est_error_ms: 1,
+            synced_from_seq: Some(4),
+            boot_age_s: 2,
+            sealed_at_ms: 2,
+        };
+        let w = worse_clock(Some(a), Some(b)).unwrap();
+        assert!(!w.synced);
+        assert_eq!((w.max_error_ms, w.est_error_ms), (5, 9));
+        assert_eq!(w.synced_from_seq, Some(4));
+        assert_eq!(worse_clock(Some(a), None), None);
     }
 }

@@ -17,7 +17,11 @@
 //! [`MAGIC`]. Then entries: `len: u16 LE`, `crc32: u32 LE` (of the rest), `kind: u8`, postcard
 //! payload (`len` counts kind + payload). One flush is one `write`: a *group* header (boot id,
 //! first position, first sequence number, count, time range) followed by its `count` result
-//! entries, then the markers of that flush. The group header is what makes a torn write
+//! entries and a clock entry (the agent's clock state at that flush, `ClockHealth`, issue #18
+//! item 3: results replayed after a restart are sent with the clock state they were taken
+//! with; after the records, not in the header, so an agent that predates it skips the unknown
+//! kind and still reads every record), then the markers of that flush. The group header is
+//! what makes a torn write
 //! measurable: after a power cut, the records of a group whose header reached the disk but not
 //! all its records are known to be lost and become a gap record. A write of which not even the
 //! header reached the disk leaves no trace; its results had not been sent (the uplink seals a
@@ -46,7 +50,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use vantage_proto::{Gap, ProbeResult, MAX_RESULT_LEN};
+use vantage_proto::{ClockHealth, Gap, ProbeResult, MAX_RESULT_LEN};
 
 /// First bytes of every segment file (format version 1).
 pub const MAGIC: &[u8; 8] = b"VSPOOL1\n";
@@ -61,6 +65,7 @@ const KIND_ACK: u8 = 3;
 const KIND_DROP: u8 = 4;
 const KIND_GAP: u8 = 5;
 const KIND_GAP_DONE: u8 = 6;
+const KIND_CLOCK: u8 = 7;
 
 /// When written data is also synced to the card (`uplink.spool_fsync`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,6 +135,8 @@ pub struct DiskRecord {
     pub result: ProbeResult,
     /// Its size in the spool (entry header included).
     pub bytes: u64,
+    /// The clock state written with its group (None: unknown, or a spool from before it).
+    pub clock: Option<ClockHealth>,
 }
 
 /// What the spool found at open.
@@ -170,6 +177,7 @@ struct Segment {
 struct OpenGroup {
     index: GroupIndex,
     records: Vec<(ProbeResult, u64)>,
+    clock: Option<ClockHealth>,
 }
 
 /// Segment size: a sixteenth of the spool, within 64 KiB .. 8 MiB (deletion is per segment, so
@@ -201,6 +209,8 @@ pub struct Spool {
     /// The group being collected: its header and encoded entries.
     pending: Option<GroupHeader>,
     pending_bytes: Vec<u8>,
+    /// The latest clock state, written after the next group's results.
+    clock: Option<ClockHealth>,
     groups: VecDeque<GroupIndex>,
     /// Bytes and number of records not done (appended, not acknowledged nor dropped).
     live_bytes: u64,
@@ -274,6 +284,7 @@ impl Spool {
             gaps_open: GapMap::default(),
             pending: None,
             pending_bytes: Vec::new(),
+            clock: None,
             groups: VecDeque::new(),
             live_bytes: 0,
             live_records: 0,
@@ -364,6 +375,11 @@ impl Spool {
         self.live_bytes += bytes;
         self.live_records += 1;
         (pos, bytes)
+    }
+
+    /// The agent's clock state now: written with the results of the next flush.
+    pub fn set_clock(&mut self, clock: Option<ClockHealth>) {
+        self.clock = clock;
     }
 
     /// Positions below this are on disk.
@@ -461,6 +477,9 @@ impl Spool {
             if let Some(g) = &group {
                 put_entry(&mut buf, KIND_GROUP, g);
                 buf.extend_from_slice(&self.pending_bytes);
+                if let Some(clock) = &self.clock {
+                    put_entry(&mut buf, KIND_CLOCK, clock);
+                }
             }
             self.put_markers(&mut buf);
             let Some(file) = self.file.as_mut() else {
@@ -749,6 +768,7 @@ impl Spool {
                 }
             }
             let g = self.reader.as_ref()?;
+            let clock = g.clock;
             let at = (from - index.first_pos) as usize;
             let Some(&(result, bytes)) = g.records.get(at) else {
                 // Shorter than indexed (the file changed under us): skip the rest.
@@ -764,6 +784,7 @@ impl Spool {
                 boot_id: index.boot_id,
                 result,
                 bytes,
+                clock,
             });
         }
     }
@@ -776,6 +797,7 @@ impl Spool {
         let mut records = Vec::with_capacity(index.valid as usize);
         let mut reader = std::io::BufReader::new(file);
         let mut first = true;
+        let mut clock = None;
         while records.len() < index.valid as usize {
             let Some((kind, payload)) = read_entry(&mut reader) else {
                 break;
@@ -795,9 +817,20 @@ impl Spool {
                 Err(_) => break,
             }
         }
+        // The group's clock entry follows its last record (absent when it was torn off, or
+        // written by an agent that predates it).
+        if !first && records.len() == index.valid as usize {
+            if let Some((KIND_CLOCK, payload)) = read_entry(&mut reader) {
+                clock = postcard::from_bytes::<ClockHealth>(&payload).ok();
+            }
+        }
         let mut index = index;
         index.valid = records.len() as u32;
-        Ok(OpenGroup { index, records })
+        Ok(OpenGroup {
+            index,
+            records,
+            clock,
+        })
     }
 }
 
@@ -991,6 +1024,8 @@ impl Scan {
                         self.gaps_done.push(k);
                     }
                 }
+                // A group's clock state: read with the group's records (`load_group`).
+                KIND_CLOCK => {}
                 // An unknown kind from a newer agent: skipped (its length is known).
                 _ => {}
             }

@@ -317,6 +317,8 @@ pub async fn run(
         outbox = outbox.with_e2e_acks(config.uplink.ack_timeout);
     }
     outbox = outbox.with_encoder(config.uplink.wire_format.encoder());
+    // Every frame says how far this machine's clock can be trusted (read-only adjtimex).
+    outbox = outbox.with_clock(Box::new(crate::clock_state::read));
     outbox.tick(fleet::now_ms());
     let mut seen = Seen::default();
     let mut flush = tokio::time::interval(config.uplink.flush_interval);
