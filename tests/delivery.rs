@@ -980,6 +980,8 @@ async fn both_write_methods_skip_duplicates_inside_and_across_batches() {
                 agent: format!("w-{boot}"),
                 boot_id: boot,
                 result: *r,
+                clock_error_ms: None,
+                clock_unsynced: None,
             })
             .collect()
     };

@@ -138,6 +138,8 @@ fn row(
             cert_not_after_s: None,
             remote_ip: None,
         },
+        clock_error_ms: None,
+        clock_unsynced: None,
     }
 }
 

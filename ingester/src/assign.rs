@@ -275,6 +275,8 @@ mod tests {
                 started_at_ms,
                 ..tests_support::result()
             },
+            clock_error_ms: None,
+            clock_unsynced: None,
         }
     }
 

@@ -1,4 +1,5 @@
-//! One batch of the sink: the rows, gaps, agent statuses and clock-skew counts it writes, and
+//! One batch of the sink: the rows, gaps, agent statuses, clock-skew counts and agent clock
+//! states it writes, and
 //! the writer that keeps one record PostgreSQL refuses from stopping the stage.
 //!
 //! Each kind is written in its own transaction(s) and remembered as done, so a retry after a
@@ -11,7 +12,7 @@
 
 use rdkafka::message::Message;
 use tokio_postgres::Client;
-use vantage_proto::{Batch, Gap, ProbeResult};
+use vantage_proto::{Batch, ClockHealth, Gap, ProbeResult};
 
 use crate::clock::{self, ClockWindow, Refusal};
 use crate::db::{self, Bisect, DbError, GapRow, Inserted, Row};
@@ -56,10 +57,13 @@ pub struct Writes {
     /// The Kafka key and payload of each status, for its dead letter.
     status_sources: Vec<(Option<Vec<u8>>, Vec<u8>)>,
     skew: clock::SkewCounts,
+    /// Each agent's clock state from its latest frame (migration 0013).
+    clocks: clock::AgentClocks,
     /// Rows then gaps, as one range `0..rows + gaps` (made at the first write).
     rows_todo: Option<Bisect>,
     statuses_todo: Option<Bisect>,
     skew_done: bool,
+    clocks_done: bool,
     /// Inserted by the writes so far (the rest were already stored: replays).
     pub inserted: Inserted,
     /// Rows (not gaps) PostgreSQL refused.
@@ -69,13 +73,15 @@ pub struct Writes {
 }
 
 impl Writes {
-    /// Adds one result frame's rows, after the clock check: returns the dead letters of what
-    /// the check refused (sent by the caller; [`Writes::count_skew`] once each is durable).
+    /// Adds one result frame's rows, after the clock check (`clock`: the frame's clock state,
+    /// also kept for its agent's row): returns the dead letters of what the check refused
+    /// (sent by the caller; [`Writes::count_skew`] once each is durable).
     pub fn add_frame(
         &mut self,
         window: &ClockWindow,
         rows: Vec<Row>,
         gaps: Vec<GapRow>,
+        clock: Option<ClockHealth>,
         message: &impl Message,
     ) -> Vec<ClockLetter> {
         let now = crate::fleet::now_ms();
@@ -85,7 +91,11 @@ impl Writes {
             (None, Some(g)) => (g.boot_id, g.region.clone(), g.agent.clone()),
             (None, None) => return Vec::new(),
         };
-        let checked = window.check(rows, gaps, bridge, now);
+        if let Some(c) = &clock {
+            let at = window.agent_clock(boot_id, c, bridge.unwrap_or(now));
+            clock::keep_latest(&mut self.clocks, &region, &agent, at);
+        }
+        let checked = window.check(rows, gaps, clock.as_ref(), bridge, now);
         let whole =
             checked.rows.is_empty() && checked.gaps.is_empty() && checked.refused.len() == 1;
         let payload = message.payload().unwrap_or_default();
@@ -138,7 +148,8 @@ impl Writes {
         ));
     }
 
-    /// Writes what is not written yet: rows and gaps, then statuses, then clock-skew counts.
+    /// Writes what is not written yet: rows and gaps, then statuses, then clock-skew counts,
+    /// then the agents' clock states.
     /// Returns the first error that is not a refusal of a record (transient ones: call again
     /// after a backoff; it goes on where it stopped).
     pub async fn run(&mut self, client: &mut Client) -> Result<(), DbError> {
@@ -218,6 +229,17 @@ impl Writes {
                 Err(e) => return Err(e),
             }
             self.skew_done = true;
+        }
+        if !self.clocks_done {
+            match clock::record_clocks(client, &self.clocks).await {
+                Ok(()) => {}
+                // State, not data: a refusal must not stop the batch.
+                Err(e) if e.refusal().is_some() => {
+                    tracing::warn!(error = %e, "agent clock states refused by PostgreSQL; not recorded");
+                }
+                Err(e) => return Err(e),
+            }
+            self.clocks_done = true;
         }
         Ok(())
     }

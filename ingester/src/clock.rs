@@ -17,12 +17,25 @@
 //! and in `vantage_sink_clock_skew_results_total`. Gap records are checked against the hard
 //! limits only (not in the future, not past retention): a gap legitimately covers an outage,
 //! so it may be older than `max_clock_behind`.
+//!
+//! # Agents that say how good their clock is (issue #18 item 3)
+//! A version 3 frame carries the agent's clock state (`ClockHealth`: the kernel's synced flag
+//! and maximum error, and the agent's time when it sealed the frame). A result older than
+//! `max_clock_behind` is not a sign of a bad clock when the agent is one that can be trusted
+//! ([`ClockWindow::trusts`]: synchronised, at most [`TRUSTED_MAX_ERROR_MS`] of maximum error,
+//! and a seal time inside the window around the bridge's clock, which proves the clock is
+//! right now), and the result was not taken before the clock's first sync: it is a backlog
+//! from its spool after an outage, and it is stored (retention still applies). Results from
+//! the future are refused whatever the agent says.
+//!
+//! The same state, with the offset of the agent's clock from the bridge's (seal time minus the
+//! Kafka timestamp), goes to the agent's `agents` row ([`AgentClock`], `record_clocks`).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use tokio_postgres::Client;
-use vantage_proto::{Gap, ProbeResult};
+use vantage_proto::{ClockHealth, Gap, ProbeResult};
 
 use crate::db::{DbError, GapRow, Row};
 
@@ -70,12 +83,43 @@ fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// Largest maximum error (ms) of a clock whose old results are trusted ([`ClockWindow::trusts`]).
+pub const TRUSTED_MAX_ERROR_MS: u32 = 1000;
+
+/// An agent clock further ahead of the bridge's than this is flagged `offset` in the fleet.
+pub const OFFSET_AHEAD_FLAG_MS: i64 = 10_000;
+
 impl ClockWindow {
+    /// Whether an agent with this clock state is trusted to date its results (see the module
+    /// docs): synchronised, at most [`TRUSTED_MAX_ERROR_MS`] of maximum error, and sealed at a
+    /// time inside the window around the bridge's `bridge_ms`.
+    pub fn trusts(&self, clock: Option<&ClockHealth>, bridge_ms: i64) -> bool {
+        clock.is_some_and(|c| {
+            let sealed = i64::try_from(c.sealed_at_ms).unwrap_or(i64::MAX);
+            c.synced
+                && c.max_error_ms <= TRUSTED_MAX_ERROR_MS
+                && sealed <= bridge_ms.saturating_add(ms(self.max_ahead))
+                && sealed >= bridge_ms.saturating_sub(ms(self.max_behind))
+        })
+    }
+
     /// The verdict on one result that started at `started_ms` (all times in ms since the epoch).
     pub fn result(&self, started_ms: u64, bridge_ms: i64, now_ms: i64) -> Option<Refusal> {
+        self.result_of(started_ms, bridge_ms, now_ms, false)
+    }
+
+    /// [`ClockWindow::result`], where a `trusted` clock's result may be older than
+    /// `max_behind` (not older than retention, not from the future).
+    pub fn result_of(
+        &self,
+        started_ms: u64,
+        bridge_ms: i64,
+        now_ms: i64,
+        trusted: bool,
+    ) -> Option<Refusal> {
         let t = i64::try_from(started_ms).unwrap_or(i64::MAX);
         if t > bridge_ms.saturating_add(ms(self.max_ahead))
-            || t < bridge_ms.saturating_sub(ms(self.max_behind))
+            || (!trusted && t < bridge_ms.saturating_sub(ms(self.max_behind)))
         {
             Some(Refusal::ClockSkew)
         } else if t < now_ms.saturating_sub(ms(self.retention)) {
@@ -102,19 +146,24 @@ impl ClockWindow {
 
     /// Splits one frame's rows (all of one agent and boot) into those to store and those to
     /// refuse. `bridge_ms` is the Kafka record's timestamp; when the record has none, the
-    /// sink's clock stands in for it.
+    /// sink's clock stands in for it. `clock` is the frame's clock state: rows taken with a
+    /// set clock ([`Row::clock_unsynced`] false) of an agent it [`trusts`](Self::trusts) may
+    /// be older than `max_behind`.
     pub fn check(
         &self,
         rows: Vec<Row>,
         gaps: Vec<GapRow>,
+        clock: Option<&ClockHealth>,
         bridge_ms: Option<i64>,
         now_ms: i64,
     ) -> Checked {
         let bridge_ms = bridge_ms.filter(|&t| t > 0).unwrap_or(now_ms);
+        let trusted = self.trusts(clock, bridge_ms);
         let mut out = Checked::default();
         let mut refused: BTreeMap<Refusal, Refused> = BTreeMap::new();
         for row in rows {
-            match self.result(row.result.started_at_ms, bridge_ms, now_ms) {
+            let trusted = trusted && row.clock_unsynced == Some(false);
+            match self.result_of(row.result.started_at_ms, bridge_ms, now_ms, trusted) {
                 None => out.rows.push(row),
                 Some(r) => {
                     let skew = i64::try_from(row.result.started_at_ms)
@@ -147,6 +196,116 @@ fn slot(refused: &mut BTreeMap<Refusal, Refused>, r: Refusal) -> &mut Refused {
         gaps: Vec::new(),
         worst_skew_ms: 0,
     })
+}
+
+/// An agent's clock state for its `agents` row (migration 0013): from the latest frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentClock {
+    pub boot_id: u64,
+    pub synced: bool,
+    pub error_ms: u32,
+    pub boot_age_s: u32,
+    /// The agent's seal time minus the bridge's receive time (ms; positive: ahead). The
+    /// frame's transit time makes it read a little behind; never ahead.
+    pub offset_ms: i64,
+    /// `offset`, `unsynced`, or None when fine.
+    pub flag: Option<&'static str>,
+    /// The bridge's receive time (ms).
+    pub bridge_ms: i64,
+}
+
+impl ClockWindow {
+    /// What the fleet shows of an agent whose frame of boot `boot_id` with `clock` the
+    /// bridge received at `bridge_ms`: flagged `offset` when its clock is more than
+    /// [`OFFSET_AHEAD_FLAG_MS`] ahead or further behind than `max_behind` (its results would
+    /// be refused as clock skew), `unsynced` when the kernel says it is not synchronised.
+    pub fn agent_clock(&self, boot_id: u64, clock: &ClockHealth, bridge_ms: i64) -> AgentClock {
+        let offset_ms = i64::try_from(clock.sealed_at_ms)
+            .unwrap_or(i64::MAX)
+            .saturating_sub(bridge_ms);
+        let flag = if offset_ms > OFFSET_AHEAD_FLAG_MS || offset_ms < -ms(self.max_behind) {
+            Some("offset")
+        } else if !clock.synced {
+            Some("unsynced")
+        } else {
+            None
+        };
+        AgentClock {
+            boot_id,
+            synced: clock.synced,
+            error_ms: clock.max_error_ms,
+            boot_age_s: clock.boot_age_s,
+            offset_ms,
+            flag,
+            bridge_ms,
+        }
+    }
+}
+
+/// Per (region, agent): the clock state of its latest frame in a batch.
+pub type AgentClocks = BTreeMap<(String, String), AgentClock>;
+
+/// Keeps `clock` for `region/agent` unless `clocks` has a later reading of the same boot (a
+/// frame sent again after an ack timeout carries its old seal: it must not win).
+pub fn keep_latest(clocks: &mut AgentClocks, region: &str, agent: &str, clock: AgentClock) {
+    let key = (region.to_owned(), agent.to_owned());
+    if let Some(old) = clocks.get(&key) {
+        if old.boot_id == clock.boot_id && old.boot_age_s > clock.boot_age_s {
+            return;
+        }
+    }
+    clocks.insert(key, clock);
+}
+
+/// Writes the agents' clock states (creating rows for agents never seen), in one
+/// transaction; as in [`keep_latest`], a reading of the same boot with a smaller boot age
+/// than the stored one is left out.
+pub async fn record_clocks(client: &mut Client, clocks: &AgentClocks) -> Result<(), DbError> {
+    if clocks.is_empty() {
+        return Ok(());
+    }
+    let tx = client.transaction().await?;
+    let region = tx
+        .prepare("INSERT INTO regions (region) VALUES ($1) ON CONFLICT DO NOTHING")
+        .await?;
+    let agent = tx
+        .prepare(
+            "INSERT INTO agents AS a (agent, region, clock_boot_id, clock_synced, clock_error_ms,
+                                      clock_boot_age_s, clock_offset_ms, clock_flag, clock_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, to_timestamp($9::float8 / 1000))
+             ON CONFLICT (agent) DO UPDATE SET
+                 clock_boot_id = excluded.clock_boot_id,
+                 clock_synced = excluded.clock_synced,
+                 clock_error_ms = excluded.clock_error_ms,
+                 clock_boot_age_s = excluded.clock_boot_age_s,
+                 clock_offset_ms = excluded.clock_offset_ms,
+                 clock_flag = excluded.clock_flag,
+                 clock_at = excluded.clock_at
+             WHERE a.clock_boot_id IS DISTINCT FROM excluded.clock_boot_id
+                OR a.clock_boot_age_s IS NULL
+                OR a.clock_boot_age_s <= excluded.clock_boot_age_s",
+        )
+        .await?;
+    for ((r, a), c) in clocks {
+        tx.execute(&region, &[r]).await?;
+        tx.execute(
+            &agent,
+            &[
+                a,
+                r,
+                &(c.boot_id as i64),
+                &c.synced,
+                &i32::try_from(c.error_ms).unwrap_or(i32::MAX),
+                &i64::from(c.boot_age_s),
+                &c.offset_ms,
+                &c.flag,
+                &(c.bridge_ms as f64),
+            ],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
 }
 
 /// Clock-skew refusals of one agent within a batch, for its `agents` row.
@@ -229,12 +388,7 @@ mod tests {
     }
 
     fn row(seq: u64, started_at_ms: u64) -> Row {
-        Row {
-            region: "eu".into(),
-            agent: "pi".into(),
-            boot_id: 9,
-            result: result(seq, started_at_ms),
-        }
+        Row::new("eu", "pi", 9, result(seq, started_at_ms), None)
     }
 
     #[test]
@@ -308,7 +462,7 @@ mod tests {
                 last_started_at_ms: now - 400 * DAY,
             },
         }];
-        let c = w.check(rows, gaps, Some(NOW), NOW);
+        let c = w.check(rows, gaps, None, Some(NOW), NOW);
         assert_eq!(
             c.rows.iter().map(|r| r.result.seq).collect::<Vec<_>>(),
             [0, 3]
@@ -342,7 +496,137 @@ mod tests {
             }
         );
         // No Kafka timestamp: the sink's clock stands in.
-        let c = w.check(vec![row(0, now - 1000)], vec![], None, NOW);
+        let c = w.check(vec![row(0, now - 1000)], vec![], None, None, NOW);
         assert_eq!(c.rows.len(), 1);
+    }
+
+    fn synced(sealed_at_ms: u64) -> ClockHealth {
+        ClockHealth {
+            synced: true,
+            max_error_ms: 40,
+            est_error_ms: 2,
+            synced_from_seq: Some(0),
+            boot_age_s: 600,
+            sealed_at_ms,
+        }
+    }
+
+    #[test]
+    fn a_trusted_clock_may_send_a_backlog_older_than_max_behind() {
+        let w = ClockWindow::default();
+        let now = NOW as u64;
+        let clock = synced(now - 20);
+        assert!(w.trusts(Some(&clock), NOW));
+        // Not trusted: unknown, not synchronised, too large an error, sealed out of bounds.
+        assert!(!w.trusts(None, NOW));
+        let unsynced = ClockHealth {
+            synced: false,
+            ..clock
+        };
+        assert!(!w.trusts(Some(&unsynced), NOW));
+        let loose = ClockHealth {
+            max_error_ms: TRUSTED_MAX_ERROR_MS + 1,
+            ..clock
+        };
+        assert!(!w.trusts(Some(&loose), NOW));
+        assert!(w.trusts(
+            Some(&ClockHealth {
+                max_error_ms: TRUSTED_MAX_ERROR_MS,
+                ..clock
+            }),
+            NOW
+        ));
+        assert!(!w.trusts(Some(&synced(now + 300_001)), NOW), "sealed ahead");
+        assert!(
+            !w.trusts(Some(&synced(now - 3_600_001)), NOW),
+            "sealed behind"
+        );
+
+        // A backlog of 5 hours (spooled during an outage) from a trusted agent is stored; the
+        // same rows from an agent without clock state are refused as before.
+        let backlog = |clock: Option<&ClockHealth>| {
+            let rows = (0..3)
+                .map(|seq| Row::new("eu", "pi", 9, result(seq, now - 5 * 3_600_000), clock))
+                .collect();
+            w.check(rows, vec![], clock, Some(NOW), NOW)
+        };
+        let c = backlog(Some(&clock));
+        assert_eq!(c.rows.len(), 3);
+        assert!(c.refused.is_empty());
+        let c = backlog(None);
+        assert!(c.rows.is_empty());
+        assert_eq!(c.refused[0].refusal, Refusal::ClockSkew);
+        assert_eq!(backlog(Some(&unsynced)).rows.len(), 0);
+
+        // Results taken before the clock's first sync are not trusted, the rest are.
+        let late_sync = ClockHealth {
+            synced_from_seq: Some(2),
+            ..clock
+        };
+        let c = backlog(Some(&late_sync));
+        assert_eq!(c.rows.iter().map(|r| r.result.seq).collect::<Vec<_>>(), [2]);
+        assert_eq!(c.refused[0].results.len(), 2);
+
+        // Never from the future, never past retention, whatever the clock says.
+        assert_eq!(
+            w.result_of(now + 300_001, NOW, NOW, true),
+            Some(Refusal::ClockSkew)
+        );
+        assert_eq!(
+            w.result_of(now - 31 * DAY, NOW, NOW, true),
+            Some(Refusal::PastRetention)
+        );
+        assert_eq!(w.result_of(now - 29 * DAY, NOW, NOW, true), None);
+    }
+
+    #[test]
+    fn the_fleet_flags_offset_and_unsynced_clocks() {
+        let w = ClockWindow::default();
+        let now = NOW as u64;
+        let fine = w.agent_clock(9, &synced(now - 4), NOW);
+        assert_eq!((fine.offset_ms, fine.flag), (-4, None));
+        let ahead = w.agent_clock(9, &synced(now + 7_200_000), NOW);
+        assert_eq!((ahead.offset_ms, ahead.flag), (7_200_000, Some("offset")));
+        assert_eq!(w.agent_clock(9, &synced(now + 10_000), NOW).flag, None);
+        assert_eq!(
+            w.agent_clock(9, &synced(now + 10_001), NOW).flag,
+            Some("offset")
+        );
+        assert_eq!(w.agent_clock(9, &synced(now - 3_600_000), NOW).flag, None);
+        assert_eq!(
+            w.agent_clock(9, &synced(now - 3_600_001), NOW).flag,
+            Some("offset")
+        );
+        let unsynced = ClockHealth {
+            synced: false,
+            ..synced(now)
+        };
+        assert_eq!(w.agent_clock(9, &unsynced, NOW).flag, Some("unsynced"));
+
+        // A frame sent again (older seal, smaller boot age) does not replace a newer reading
+        // of the same boot; a new boot does.
+        let mut clocks = AgentClocks::new();
+        let newer = w.agent_clock(9, &synced(now), NOW);
+        keep_latest(&mut clocks, "eu", "pi", newer.clone());
+        let resent = w.agent_clock(
+            9,
+            &ClockHealth {
+                boot_age_s: 570,
+                ..synced(now - 30_000)
+            },
+            NOW,
+        );
+        keep_latest(&mut clocks, "eu", "pi", resent);
+        assert_eq!(clocks[&("eu".to_owned(), "pi".to_owned())], newer);
+        let reboot = w.agent_clock(
+            10,
+            &ClockHealth {
+                boot_age_s: 5,
+                ..unsynced
+            },
+            NOW,
+        );
+        keep_latest(&mut clocks, "eu", "pi", reboot.clone());
+        assert_eq!(clocks[&("eu".to_owned(), "pi".to_owned())], reboot);
     }
 }

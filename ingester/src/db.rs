@@ -73,6 +73,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0012_alert_reads.sql",
         include_str!("../../migrations/0012_alert_reads.sql"),
     ),
+    (
+        13,
+        "0013_clock_health.sql",
+        include_str!("../../migrations/0013_clock_health.sql"),
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -212,6 +217,31 @@ pub struct Row {
     pub agent: String,
     pub boot_id: u64,
     pub result: ProbeResult,
+    /// The clock's maximum error when its batch was sealed, ms (None: unknown; migration 0013).
+    pub clock_error_ms: Option<i32>,
+    /// Taken before its boot's first clock sync, or while the clock was not synchronised
+    /// (None: unknown).
+    pub clock_unsynced: Option<bool>,
+}
+
+impl Row {
+    /// A row of `result` with the clock state of its batch (`clock`, None when unknown).
+    pub fn new(
+        region: &str,
+        agent: &str,
+        boot_id: u64,
+        result: ProbeResult,
+        clock: Option<&vantage_proto::ClockHealth>,
+    ) -> Row {
+        Row {
+            region: region.to_owned(),
+            agent: agent.to_owned(),
+            boot_id,
+            result,
+            clock_error_ms: clock.map(|c| i32::try_from(c.max_error_ms).unwrap_or(i32::MAX)),
+            clock_unsynced: clock.map(|c| c.unsynced_at(result.seq)),
+        }
+    }
 }
 
 /// One gap record (results an agent dropped) with the identity the bridge attached to it.
@@ -455,16 +485,18 @@ const CREATE_STAGING: &str = "CREATE TEMP TABLE IF NOT EXISTS results_staging (
     region text, agent text, boot_id int8, seq int8, target_id int4, started_at timestamptz,
     status int2, outcome text, regex_match bool, total_us int4, dns_us int4, connect_us int4,
     tls_us int4, ttfb_us int4, body_bytes int4, failed_phase text, transfer_us int4,
-    body_truncated bool, redirects int2, cert_not_after timestamptz, remote_ip inet
+    body_truncated bool, redirects int2, cert_not_after timestamptz, remote_ip inet,
+    clock_error_ms int4, clock_unsynced bool
 ) ON COMMIT DELETE ROWS";
 
 /// The written columns of the `results` view (names, not ids), in staging order (binary COPY writers use [`COLUMN_TYPES`]).
 pub const COLUMNS: &str = "region, agent, boot_id, seq, target_id, started_at, status, outcome,
     regex_match, total_us, dns_us, connect_us, tls_us, ttfb_us, body_bytes, failed_phase,
-    transfer_us, body_truncated, redirects, cert_not_after, remote_ip";
+    transfer_us, body_truncated, redirects, cert_not_after, remote_ip, clock_error_ms,
+    clock_unsynced";
 
 /// The types of [`COLUMNS`], in order, for `BinaryCopyInWriter`.
-pub const COLUMN_TYPES: [tokio_postgres::types::Type; 21] = {
+pub const COLUMN_TYPES: [tokio_postgres::types::Type; 23] = {
     use tokio_postgres::types::Type;
     [
         Type::TEXT,
@@ -488,6 +520,8 @@ pub const COLUMN_TYPES: [tokio_postgres::types::Type; 21] = {
         Type::INT2,
         Type::TIMESTAMPTZ,
         Type::INET,
+        Type::INT4,
+        Type::BOOL,
     ]
 };
 
@@ -564,7 +598,7 @@ pub async fn prepare_row_insert(client: &Client) -> Result<tokio_postgres::State
     Ok(client
         .prepare(&format!(
             "INSERT INTO results ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
-                    $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)
+                    $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)
              ON CONFLICT DO NOTHING"
         ))
         .await?)
@@ -595,7 +629,7 @@ struct Values {
 
 impl Values {
     /// `row`'s values in [`COLUMNS`] order, as statement parameters or COPY fields.
-    fn params<'a>(&'a self, row: &'a Row) -> [&'a (dyn tokio_postgres::types::ToSql + Sync); 21] {
+    fn params<'a>(&'a self, row: &'a Row) -> [&'a (dyn tokio_postgres::types::ToSql + Sync); 23] {
         [
             &row.region,
             &row.agent,
@@ -618,6 +652,8 @@ impl Values {
             &self.redirects,
             &self.cert_not_after,
             &self.remote_ip,
+            &row.clock_error_ms,
+            &row.clock_unsynced,
         ]
     }
 
@@ -713,6 +749,8 @@ pub async fn insert_batch(
     let mut redirects = Vec::with_capacity(n);
     let mut cert_not_after = Vec::with_capacity(n);
     let mut remote_ip = Vec::with_capacity(n);
+    let mut clock_error_ms = Vec::with_capacity(n);
+    let mut clock_unsynced = Vec::with_capacity(n);
     for row in rows {
         let v = Values::of(row);
         region.push(row.region.as_str());
@@ -736,6 +774,8 @@ pub async fn insert_batch(
         redirects.push(v.redirects);
         cert_not_after.push(v.cert_not_after);
         remote_ip.push(v.remote_ip);
+        clock_error_ms.push(row.clock_error_ms);
+        clock_unsynced.push(row.clock_unsynced);
     }
     let tx = client.transaction().await?;
     let mut inserted = Inserted::default();
@@ -748,7 +788,8 @@ pub async fn insert_batch(
                             $6::timestamptz[], $7::int2[], $8::text[], $9::bool[],
                             $10::int4[], $11::int4[], $12::int4[], $13::int4[],
                             $14::int4[], $15::int4[], $16::text[], $17::int4[],
-                            $18::bool[], $19::int2[], $20::timestamptz[], $21::inet[])
+                            $18::bool[], $19::int2[], $20::timestamptz[], $21::inet[],
+                            $22::int4[], $23::bool[])
                      AS s({COLUMNS})"
                 )),
                 &[
@@ -773,6 +814,8 @@ pub async fn insert_batch(
                     &redirects,
                     &cert_not_after,
                     &remote_ip,
+                    &clock_error_ms,
+                    &clock_unsynced,
                 ],
             )
             .await?;
@@ -792,11 +835,12 @@ fn insert_raw_from(source: &str) -> String {
         "INSERT INTO results_raw (boot_id, seq, started_at, ingested_at, cert_not_after, agent_id,
                                   target_id, total_us, body_bytes, dns_us, connect_us, tls_us,
                                   ttfb_us, transfer_us, region_id, outcome_id, failed_phase_id,
-                                  status, redirects, regex_match, body_truncated, remote_ip)
+                                  status, redirects, regex_match, body_truncated, remote_ip,
+                                  clock_error_ms, clock_unsynced)
          SELECT s.boot_id, s.seq, s.started_at, t.now, s.cert_not_after, a.agent_id, s.target_id,
                 s.total_us, s.body_bytes, s.dns_us, s.connect_us, s.tls_us, s.ttfb_us,
                 s.transfer_us, g.region_id, o.outcome_id, p.phase_id, s.status, s.redirects,
-                s.regex_match, s.body_truncated, s.remote_ip
+                s.regex_match, s.body_truncated, s.remote_ip, s.clock_error_ms, s.clock_unsynced
            FROM {source}
            JOIN agents AS a ON a.agent = s.agent
            JOIN regions AS g ON g.region = s.region
@@ -986,6 +1030,8 @@ mod tests {
             agent: "pi".into(),
             boot_id: 1,
             result: ProbeResult::without_response(seq, 7, started_at_ms, outcome),
+            clock_error_ms: None,
+            clock_unsynced: None,
         };
         let hour = 3_600_000;
         let t = Touched::of(&[

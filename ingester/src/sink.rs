@@ -149,7 +149,8 @@ impl ConsumerContext for SinkContext {
 
 /// One consumed message, decoded or rejected.
 pub enum Decoded {
-    Rows(Vec<Row>, Vec<GapRow>),
+    /// A result frame's rows and gaps, and the clock state of its batch (None: unknown).
+    Rows(Vec<Row>, Vec<GapRow>, Option<vantage_proto::ClockHealth>),
     /// An agent status (the record has the `vantage-kind: status` header).
     Status(Box<crate::fleet::StatusRow>),
     Poison(&'static str),
@@ -219,12 +220,7 @@ pub fn decode_message(key: Option<&[u8]>, payload: Option<&[u8]>) -> Decoded {
     let rows = batch
         .results
         .iter()
-        .map(|r| Row {
-            region: region.to_owned(),
-            agent: agent.to_owned(),
-            boot_id: batch.boot_id,
-            result: *r,
-        })
+        .map(|r| Row::new(region, agent, batch.boot_id, *r, batch.clock.as_ref()))
         .collect();
     let gaps = batch
         .gaps
@@ -236,7 +232,7 @@ pub fn decode_message(key: Option<&[u8]>, payload: Option<&[u8]>) -> Decoded {
             gap: *g,
         })
         .collect();
-    Decoded::Rows(rows, gaps)
+    Decoded::Rows(rows, gaps, batch.clock)
 }
 
 /// Runs the sink until `shutdown` fires; the batch being collected is written and its offsets
@@ -482,7 +478,7 @@ impl Stage {
         };
         let dead_letter_topic = &self.kafka.dead_letter_topic;
         match decoded {
-            Decoded::Rows(mut r, g) => {
+            Decoded::Rows(mut r, g, clock) => {
                 let delivered = drop_unassigned(
                     &mut self.assignments,
                     &mut r,
@@ -501,7 +497,9 @@ impl Stage {
                 }
                 // Agent clocks are not trusted (clock.rs): what falls outside the window
                 // around the bridge's clock is dead-lettered here, the rest is written.
-                let letters = batch.writes.add_frame(&self.sink.clock, r, g, message);
+                let letters = batch
+                    .writes
+                    .add_frame(&self.sink.clock, r, g, clock, message);
                 for letter in letters {
                     if let Some(suppressed) = self.poison_log.allow() {
                         tracing::warn!(
@@ -850,7 +848,7 @@ mod tests {
             Decoded::Poison("unknown_version")
         ));
         match decode_message(Some(b"eu/pi"), Some(&[1, 7, 0])) {
-            Decoded::Rows(r, g) => assert!(r.is_empty() && g.is_empty()),
+            Decoded::Rows(r, g, c) => assert!(r.is_empty() && g.is_empty() && c.is_none()),
             Decoded::Status(_) => panic!("a result frame decoded as a status"),
             Decoded::Poison(p) => panic!("{p}"),
         }

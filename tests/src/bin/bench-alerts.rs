@@ -205,6 +205,8 @@ async fn evaluation_cost(args: &Args, report: &mut String) {
                             outcome,
                         )
                     },
+                    clock_error_ms: None,
+                    clock_unsynced: None,
                 }
             })
             .collect();

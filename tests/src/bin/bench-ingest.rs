@@ -200,6 +200,8 @@ fn synthetic_rows(n: usize, salt: u64) -> Vec<Row> {
                 agent: format!("bench-{}", i % 16),
                 boot_id: salt,
                 result,
+                clock_error_ms: None,
+                clock_unsynced: None,
             }
         })
         .collect()

@@ -117,6 +117,8 @@ impl Synth {
                 cert_not_after_s: Some(1_900_000_000),
                 remote_ip: Some(IpAddress::V4([192, 0, 2, 10])),
             },
+            clock_error_ms: None,
+            clock_unsynced: None,
         }
     }
 }
