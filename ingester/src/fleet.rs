@@ -190,6 +190,42 @@ pub struct AgentLine {
     pub region_set_generation: Option<i64>,
     pub agent_set_generation: Option<i64>,
     pub rejection: Option<String>,
+    /// The agent's clock state from its latest frame (migration 0013); None: none yet.
+    pub clock: Option<ClockLine>,
+}
+
+/// An agent's clock as the fleet shows it (the `fleet` view's `clock_*` columns).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClockLine {
+    pub synced: bool,
+    pub error_ms: i32,
+    pub offset_ms: i64,
+    /// `offset`, `unsynced`, or None when fine.
+    pub flag: Option<String>,
+}
+
+impl ClockLine {
+    /// One short cell: the verdict (`ok`, `unsynced`, `OFFSET`), the offset from the bridge's
+    /// clock and the kernel's maximum error, e.g. `ok +3ms ±12ms`, `OFFSET +7200s ±16s`. The
+    /// CLI's CLOCK column and the dashboard's fleet page both show this.
+    pub fn summary(&self) -> String {
+        let verdict = match self.flag.as_deref() {
+            Some("offset") => "OFFSET",
+            Some(other) => other,
+            None => "ok",
+        };
+        let offset = if self.offset_ms.unsigned_abs() < 10_000 {
+            format!("{:+}ms", self.offset_ms)
+        } else {
+            format!("{:+}s", self.offset_ms / 1000)
+        };
+        let error = if self.error_ms < 10_000 {
+            format!("±{}ms", self.error_ms)
+        } else {
+            format!("±{}s", self.error_ms / 1000)
+        };
+        format!("{verdict} {offset} {error}")
+    }
 }
 
 /// Every agent known, with `stale` set for an agent that says it is online but has not been
@@ -203,7 +239,8 @@ pub async fn list(client: &Client, stale_after: Duration) -> Result<Vec<AgentLin
                     to_char(first_seen AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS'),
                     targets, pending_results, region_set_generation, agent_set_generation,
                     CASE WHEN rejection IS NULL THEN NULL
-                         ELSE rejected_scope || ' set ' || rejected_generation || ': ' || rejection END
+                         ELSE rejected_scope || ' set ' || rejected_generation || ': ' || rejection END,
+                    clock_synced, clock_error_ms, clock_offset_ms, clock_flag
                FROM agents ORDER BY region, agent",
             &[&stale_after.as_secs_f64()],
         )
@@ -224,6 +261,15 @@ pub async fn list(client: &Client, stale_after: Duration) -> Result<Vec<AgentLin
             region_set_generation: r.get(10),
             agent_set_generation: r.get(11),
             rejection: r.get(12),
+            clock: match (r.get(13), r.get(14), r.get(15)) {
+                (Some(synced), Some(error_ms), Some(offset_ms)) => Some(ClockLine {
+                    synced,
+                    error_ms,
+                    offset_ms,
+                    flag: r.get(16),
+                }),
+                _ => None,
+            },
         })
         .collect())
 }
@@ -239,6 +285,7 @@ pub fn render(lines: &[AgentLine]) -> String {
         "TARGETS",
         "PENDING",
         "SETS",
+        "CLOCK",
         "FIRST SEEN",
         "REJECTED SET",
     ]
@@ -271,9 +318,34 @@ pub fn render(lines: &[AgentLine]) -> String {
                 l.region_set_generation.unwrap_or(0),
                 l.agent_set_generation.unwrap_or(0)
             ),
+            l.clock.as_ref().map_or("-".into(), ClockLine::summary),
             l.first_seen.clone(),
             l.rejection.clone().unwrap_or_else(|| "-".into()),
         ]);
     }
     crate::table::align(&rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_clock_cell_says_the_verdict_the_offset_and_the_error() {
+        let line = |flag: Option<&str>, offset_ms, error_ms| ClockLine {
+            synced: flag.is_none(),
+            error_ms,
+            offset_ms,
+            flag: flag.map(str::to_owned),
+        };
+        assert_eq!(line(None, 3, 12).summary(), "ok +3ms ±12ms");
+        assert_eq!(
+            line(Some("unsynced"), -4, 16_000).summary(),
+            "unsynced -4ms ±16s"
+        );
+        assert_eq!(
+            line(Some("offset"), 7_200_004, 16_000).summary(),
+            "OFFSET +7200s ±16s"
+        );
+    }
 }

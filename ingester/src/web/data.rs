@@ -897,6 +897,31 @@ pub struct Agent {
     pub rejected_scope: Option<String>,
     pub rejected_generation: Option<i64>,
     pub rejection: Option<String>,
+    /// The agent's clock from its latest frame (migration 0013; all None before one came):
+    /// synchronised, maximum error, time since boot, offset from the bridge's clock (ms,
+    /// positive: ahead), the sink's flag (`offset`, `unsynced`, None: fine), when (epoch s).
+    pub clock_synced: Option<bool>,
+    pub clock_error_ms: Option<i32>,
+    pub clock_boot_age_s: Option<i64>,
+    pub clock_offset_ms: Option<i64>,
+    pub clock_flag: Option<String>,
+    pub clock_at: Option<f64>,
+}
+
+impl Agent {
+    /// The fleet page's clock cell (the CLI's CLOCK column); empty before a clock state came.
+    pub fn clock_summary(&self) -> String {
+        match (self.clock_synced, self.clock_error_ms, self.clock_offset_ms) {
+            (Some(synced), Some(error_ms), Some(offset_ms)) => crate::fleet::ClockLine {
+                synced,
+                error_ms,
+                offset_ms,
+                flag: self.clock_flag.clone(),
+            }
+            .summary(),
+            _ => String::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -912,7 +937,9 @@ pub async fn fleet(client: &Client) -> Result<Fleet, DataError> {
                 .query(
                     "SELECT agent, region, status, version, extract(epoch FROM last_seen)::float8,
                             targets, pending_results, region_set_generation,
-                            agent_set_generation, rejected_scope, rejected_generation, rejection
+                            agent_set_generation, rejected_scope, rejected_generation, rejection,
+                            clock_synced, clock_error_ms, clock_boot_age_s, clock_offset_ms,
+                            clock_flag, extract(epoch FROM clock_at)::float8
                        FROM fleet ORDER BY region, agent LIMIT $1",
                     &[&MAX_AGENTS],
                 )
@@ -936,6 +963,12 @@ pub async fn fleet(client: &Client) -> Result<Fleet, DataError> {
                 rejected_scope: r.get(9),
                 rejected_generation: r.get(10),
                 rejection: r.get(11),
+                clock_synced: r.get(12),
+                clock_error_ms: r.get(13),
+                clock_boot_age_s: r.get(14),
+                clock_offset_ms: r.get(15),
+                clock_flag: r.get(16),
+                clock_at: r.get(17),
             })
             .collect(),
     })

@@ -511,7 +511,7 @@ pub fn regions(site: &Site, r: &Regions, metric: &str) -> Markup {
 pub fn fleet(site: &Site, f: &Fleet) -> Markup {
     let body = html! {
         table.fleet {
-            thead { tr { th { "agent" } th { "region" } th { "status" } th { "version" } th { "last seen" } th { "targets" } th { "pending results" } th { "set generation (region / agent)" } th { "refused set" } } }
+            thead { tr { th { "agent" } th { "region" } th { "status" } th { "version" } th { "last seen" } th { "targets" } th { "pending results" } th { "set generation (region / agent)" } th { "clock" } th { "refused set" } } }
             tbody {
                 @for a in &f.agents {
                     tr data-agent=(a.agent) data-status=(a.status) {
@@ -527,6 +527,7 @@ pub fn fleet(site: &Site, f: &Fleet) -> Markup {
                             " / "
                             (a.agent_set_generation.map(|n| n.to_string()).unwrap_or("–".into()))
                         }
+                        td.clock data-clock-flag=(a.clock_flag.as_deref().unwrap_or("")) { (a.clock_summary()) }
                         td {
                             @if let Some(scope) = &a.rejected_scope {
                                 (scope) " #" (a.rejected_generation.unwrap_or(0)) ": " (a.rejection.as_deref().unwrap_or(""))
