@@ -6,7 +6,7 @@
 //!
 //! Build the binaries first (`cargo build --bins`, as `make test` does).
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 use vantage_tests::now_ms;
@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use vantage_tests::agent_toml::{agent_head, target_entry};
 use vantage_tests::harness::{write_file, IngesterOptions, Run};
 use vantage_tests::in_process::{start_sink_and_bridge, wait_for};
-use vantage_tests::stage::workspace_bin;
+use vantage_tests::stage::agent_command;
 use vantage_tests::target::TargetServer;
 
 const TARGET: i32 = 1;
@@ -61,12 +61,7 @@ async fn a_stopped_agent_reports_the_periods_it_missed() {
     let config_path = run.dir.join("agent.toml");
     write_file(&config_path, &config);
     let log_path = run.dir.join("agent.log");
-    let mut agent = Command::new(workspace_bin("vantage-agent"))
-        .args(["run", "--config"])
-        .arg(&config_path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
+    let mut agent = agent_command(&config_path, &log_path)
         .spawn()
         .expect("start vantage-agent (cargo build --bins first)");
     let pid = agent.id();

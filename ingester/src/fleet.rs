@@ -217,7 +217,7 @@ impl ClockLine {
         let offset = if self.offset_ms.unsigned_abs() < 10_000 {
             format!("{:+}ms", self.offset_ms)
         } else {
-            format!("{:+}s", self.offset_ms / 1000)
+            format!("{:+}s", (self.offset_ms as f64 / 1000.0).round() as i64)
         };
         let error = if self.error_ms < 10_000 {
             format!("±{}ms", self.error_ms)
@@ -344,7 +344,7 @@ mod tests {
             "unsynced -4ms ±16s"
         );
         assert_eq!(
-            line(Some("offset"), 7_200_004, 16_000).summary(),
+            line(Some("offset"), 7_199_999, 16_000).summary(),
             "OFFSET +7200s ±16s"
         );
     }

@@ -21,16 +21,17 @@
 //!
 //! Layout: `3`, boot id (8 bytes, little-endian), result count (1 byte, ≤ [`MAX_RESULTS`]),
 //! the results, gap count (1 byte, ≤ [`MAX_GAPS`]), the gaps (version 2's `Gap`), then the
-//! clock (issue #18 item 3; [`ClockHealth`], typically 8–12 bytes, one byte when unknown):
+//! clock (issue #18 item 3; [`ClockHealth`], typically 8–12 bytes; nothing when unknown, so a
+//! version 3 frame from before the clock existed reads as "unknown"):
 //!
 //! | field | when | encoding |
 //! |---|---|---|
-//! | clock flags | always | bit 0 clock present, bit 1 synced, bit 2 synced-from seq present, bits 3–7 reserved (0); 0 when unknown, and nothing else follows |
-//! | max error | bit 0 | varint ms |
-//! | estimated error | bit 0 | varint ms |
+//! | clock flags | clock known | bit 0 set (present), bit 1 synced, bit 2 synced-from seq present, bits 3–7 reserved (0) |
+//! | max error | clock known | varint ms |
+//! | estimated error | clock known | varint ms |
 //! | synced from seq | bit 2 | varint (absolute) |
-//! | boot age | bit 0 | varint s |
-//! | sealed at | bit 0 | zigzag varint, ms since the last result's start (no results: since 0), wrapping |
+//! | boot age | clock known | varint s |
+//! | sealed at | clock known | zigzag varint, ms since the last result's start (no results: since 0), wrapping |
 //!
 //! The clock comes last so that the seal time can be a delta from the results' times: a
 //! batch is sealed seconds after its last probe started, so two or three bytes, not six.
@@ -144,7 +145,7 @@ fn last_start(results: &[ProbeResult]) -> u64 {
 
 fn put_clock(w: &mut Writer<'_>, clock: Option<&ClockHealth>, base_ms: u64) -> Result<(), Error> {
     let Some(c) = clock else {
-        return w.byte(0);
+        return Ok(());
     };
     let mut flags = CLOCK_PRESENT;
     flags |= if c.synced { CLOCK_SYNCED } else { 0 };
@@ -164,17 +165,14 @@ fn put_clock(w: &mut Writer<'_>, clock: Option<&ClockHealth>, base_ms: u64) -> R
 }
 
 fn take_clock(r: &mut Reader<'_>, base_ms: u64) -> Result<Option<ClockHealth>, Error> {
-    let flags = r.byte()?;
-    if flags & CLOCK_RESERVED != 0 {
-        return Err(Error::Malformed);
+    if r.bytes.is_empty() {
+        // Unknown (or a frame from before the clock): nothing after the gaps.
+        return Ok(None);
     }
-    if flags & CLOCK_PRESENT == 0 {
-        // "Unknown" is the single byte 0: other bits without the clock are not canonical.
-        return if flags == 0 {
-            Ok(None)
-        } else {
-            Err(Error::Malformed)
-        };
+    let flags = r.byte()?;
+    // Bit 0 is always set (so the bytes of "unknown" are unique: none); reserved bits are 0.
+    if flags & CLOCK_RESERVED != 0 || flags & CLOCK_PRESENT == 0 {
+        return Err(Error::Malformed);
     }
     let max_error_ms: u32 = r.take()?;
     let est_error_ms: u32 = r.take()?;

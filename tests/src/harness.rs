@@ -38,6 +38,8 @@ pub struct IngesterOptions {
     pub max_in_flight: usize,
     pub sink_batch_max: usize,
     pub sink_batch_timeout_ms: u64,
+    /// Extra lines for the `[sink]` section (TOML), e.g. `max_clock_ahead = "3h"`.
+    pub sink_extra: String,
     /// Extra lines for the `[kafka]` section (TOML), e.g. `stall_timeout = "5s"`.
     pub kafka_extra: String,
     /// `[kafka.properties]`: librdkafka settings passed through.
@@ -59,6 +61,7 @@ impl Default for IngesterOptions {
             end_to_end_acks: crate::loadgen::e2e_acks_from_env(),
             sink_batch_max: 200,
             sink_batch_timeout_ms: 100,
+            sink_extra: String::new(),
             kafka_extra: String::new(),
             kafka_properties: Vec::new(),
         }
@@ -143,6 +146,7 @@ schema = "{schema}"
 [sink]
 batch_max = {batch_max}
 batch_timeout = "{batch_timeout}ms"
+{sink_extra}
 
 # Stage processes of one test must not share a port: each picks a free one and logs it.
 [http]
@@ -166,6 +170,7 @@ sink_listen = "127.0.0.1:0"
             schema = self.schema(),
             batch_max = o.sink_batch_max,
             batch_timeout = o.sink_batch_timeout_ms,
+            sink_extra = o.sink_extra,
             kafka_extra = o.kafka_extra,
             kafka_properties = if o.kafka_properties.is_empty() {
                 String::new()

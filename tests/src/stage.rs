@@ -31,6 +31,18 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     );
 }
 
+/// `vantage-agent run --config <config>`, stdin closed, stdout discarded, stderr (its log)
+/// into `log`; the caller adds environment variables and spawns it.
+pub fn agent_command(config: &Path, log: &Path) -> Command {
+    let mut c = Command::new(workspace_bin("vantage-agent"));
+    c.args(["run", "--config"])
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).expect("create the agent's log file"));
+    c
+}
+
 /// `vantage-ingester <command> --config <config> <rest>`, run to its end.
 pub fn ingester_command(config: &Path, command: &[&str], rest: &[&str]) -> std::process::Output {
     Command::new(workspace_bin("vantage-ingester"))

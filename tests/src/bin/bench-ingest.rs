@@ -408,7 +408,7 @@ async fn row_per_insert(run: &Run, seconds: u64) -> anyhow::Result<(u64, Duratio
         };
         idle = 0;
         let m = m?;
-        if let Decoded::Rows(batch, _) = decode_message(m.key(), m.payload()) {
+        if let Decoded::Rows(batch, _, _) = decode_message(m.key(), m.payload()) {
             for row in &batch {
                 db::insert_row(&client, &statement, row)
                     .await
