@@ -43,7 +43,7 @@ fn result_frame_clocks() {
             if let Ok(batch) = decode(&frame) {
                 let mut buf = [0u8; MAX_FRAME_LEN];
                 let again = encode(&batch, &mut buf).expect("a decoded batch fits a frame");
-                assert_eq!(again, &frame[..], "canonical");
+                // Not byte for byte: postcard reads overlong varints too (0x80 0x00 is 0).
                 assert_eq!(decode(again), Ok(batch));
             }
         }
