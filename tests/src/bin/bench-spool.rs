@@ -69,7 +69,9 @@ fn run(args: &Args, policy: FsyncPolicy, name: &str) -> Figures {
         fsync: policy,
     })
     .expect("open the spool");
-    let mut outbox = Outbox::with_spool(1, 32, 10_000, spool, &replay);
+    // With the agent's clock readings: each flush writes the clock state after its results.
+    let mut outbox = Outbox::with_spool(1, 32, 10_000, spool, &replay)
+        .with_clock(Box::new(vantage_agent::clock_state::read));
     let mut synth = Synth::new(42);
     let start_stats = outbox.spool().unwrap().stats().clone();
     let device_before = device_bytes();
