@@ -891,6 +891,55 @@ mod tests {
         ));
     }
 
+    /// Issue #18 item 3: each row gets its batch's clock state; results before the boot's first
+    /// sync are marked, and frames without a clock give rows that say "unknown".
+    #[test]
+    fn rows_carry_the_clock_state_of_their_batch() {
+        let mut batch = vantage_proto::Batch {
+            boot_id: 1,
+            results: Default::default(),
+            gaps: Default::default(),
+            clock: Some(vantage_proto::ClockHealth {
+                synced: true,
+                max_error_ms: 42,
+                est_error_ms: 3,
+                synced_from_seq: Some(5),
+                boot_age_s: 60,
+                sealed_at_ms: 1_800_000_000_000,
+            }),
+        };
+        for seq in [4, 5, 6] {
+            let mut r = crate::assign::tests_support::result();
+            r.seq = seq;
+            batch.results.push(r).unwrap();
+        }
+        let mut buf = [0u8; vantage_proto::MAX_FRAME_LEN];
+        let frame = vantage_proto::encode(&batch, &mut buf).unwrap().to_vec();
+        let Decoded::Rows(rows, _, clock) = decode_message(Some(b"eu/pi"), Some(&frame)) else {
+            panic!("not rows");
+        };
+        assert_eq!(clock, batch.clock);
+        assert_eq!(
+            rows.iter()
+                .map(|r| (r.clock_error_ms, r.clock_unsynced))
+                .collect::<Vec<_>>(),
+            [
+                (Some(42), Some(true)),
+                (Some(42), Some(false)),
+                (Some(42), Some(false))
+            ]
+        );
+        batch.clock = None;
+        let frame = vantage_proto::encode_v2(&batch, &mut buf).unwrap().to_vec();
+        let Decoded::Rows(rows, _, clock) = decode_message(Some(b"eu/pi"), Some(&frame)) else {
+            panic!("not rows");
+        };
+        assert_eq!(clock, None);
+        assert!(rows
+            .iter()
+            .all(|r| r.clock_error_ms.is_none() && r.clock_unsynced.is_none()));
+    }
+
     /// What PostgreSQL would refuse is caught at decode time, so it is dead-lettered instead of
     /// failing the write (and stopping the sink on every restart).
     #[test]
