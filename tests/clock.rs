@@ -4,7 +4,9 @@
 //! `clock_unsynced`: whatever this machine's kernel says, read here the same way), and the
 //! fleet shows each agent's offset from the bridge's clock: about +7,200,000 ms and flagged
 //! `offset` for the first, a few ms for the second. The sink's `max_clock_ahead` is 3 h here so
-//! that the fast clock's rows are stored rather than dead-lettered as `clock_skew`.
+//! that the fast clock's rows are stored rather than dead-lettered as `clock_skew`. A second
+//! test publishes frames with chosen clock states: the skew guard stores a synchronised
+//! agent's two-hour-old backlog and dead-letters the same from agents it cannot trust.
 //!
 //! Needs libfaketime (Debian `faketime`, installed by `tests/services/up`) and the binaries
 //! (`cargo build --bins`).
@@ -206,6 +208,130 @@ async fn an_agent_two_hours_ahead_is_flagged_and_its_rows_carry_its_clock() {
         run.bridge_client_id(&options.client),
         format!("vantage-agent-{fast}"),
         format!("vantage-agent-{normal}"),
+    ])
+    .await;
+}
+
+/// The clock-skew guard uses the clock state (ingester/src/clock.rs): results two hours old
+/// (older than `sink.max_clock_behind`, 1 h) are a spool's backlog from a synchronised agent
+/// with a small error whose seal time agrees with the bridge, and are stored; the same
+/// results from an agent that says nothing of its clock, from one whose maximum error is 5 s,
+/// and those taken before an agent's first sync are dead-lettered as `clock_skew`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_synchronised_agents_backlog_is_stored_others_are_dead_lettered() {
+    use vantage_proto::{Batch, ClockHealth};
+
+    let run = Run::new("clock-trust");
+    let options = IngesterOptions::default();
+    let ingester = Arc::new(run.ingester_config(&options));
+    let stop = CancellationToken::new();
+    let stages = start_sink_and_bridge(&ingester, &stop).await;
+
+    let now = vantage_tests::now_ms();
+    let synced = ClockHealth {
+        synced: true,
+        max_error_ms: 20,
+        est_error_ms: 2,
+        synced_from_seq: Some(0),
+        boot_age_s: 86_400,
+        sealed_at_ms: now,
+    };
+    let agents: [(&str, Option<ClockHealth>, usize); 4] = [
+        ("trusted", Some(synced), 4),
+        (
+            "presync",
+            Some(ClockHealth {
+                synced_from_seq: Some(2),
+                ..synced
+            }),
+            2,
+        ),
+        ("unknown", None, 0),
+        (
+            "loose",
+            Some(ClockHealth {
+                max_error_ms: 5_000,
+                ..synced
+            }),
+            0,
+        ),
+    ];
+    let mut synth = vantage_tests::loadgen::Synth::new(7);
+    let messages: Vec<(String, Vec<u8>)> = agents
+        .iter()
+        .map(|(name, clock, _)| {
+            let mut batch = Batch {
+                boot_id: 7,
+                results: heapless::Vec::new(),
+                gaps: heapless::Vec::new(),
+                clock: *clock,
+            };
+            for seq in 0..4 {
+                let mut r = synth.result();
+                r.seq = seq;
+                r.started_at_ms = now - 2 * 3_600_000 + seq * 1000;
+                batch.results.push(r).unwrap();
+            }
+            let mut buf = [0u8; vantage_proto::MAX_FRAME_LEN];
+            let frame = vantage_proto::encode(&batch, &mut buf).unwrap().to_vec();
+            let topic = format!("{}/v1/results/eu-north/{name}-{}", run.prefix(), run.id);
+            (topic, frame)
+        })
+        .collect();
+    vantage_tests::harness::publish_as_agent(
+        &run.services,
+        &format!("trust-{}", run.id),
+        &messages,
+    )
+    .await;
+
+    // 4 + 2 stored; 2 + 4 + 4 dead-lettered.
+    assert_eq!(run.wait_rows(6, Duration::from_secs(60)).await, 6);
+    let mut refused = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while refused < 10 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        refused = run
+            .read_topic(&run.dead_letter_topic())
+            .iter()
+            .filter(|d| d.header("vantage-reason") == Some("clock_skew"))
+            .map(|d| vantage_proto::decode(&d.payload).unwrap().results.len())
+            .sum::<usize>();
+    }
+    assert_eq!(refused, 10, "dead-lettered as clock_skew");
+    let client = run.pg().await;
+    for (name, clock, stored) in agents {
+        let agent = format!("{name}-{}", run.id);
+        let rows = client
+            .query(
+                "SELECT seq, clock_error_ms, clock_unsynced FROM results WHERE agent = $1 ORDER BY seq",
+                &[&agent],
+            )
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), stored, "{agent}");
+        for r in &rows {
+            assert_eq!(r.get::<_, Option<i32>>(1), Some(20), "{agent}");
+            assert_eq!(r.get::<_, Option<bool>>(2), Some(false), "{agent}");
+        }
+        if name == "presync" {
+            let seqs: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+            assert_eq!(seqs, [2, 3], "the results after the first sync");
+        }
+        // Every agent with a clock state has it in the fleet, flagged or not.
+        let fleet = fleet_clock(&client, &agent).await;
+        assert_eq!(fleet.is_some(), clock.is_some(), "{agent}");
+        if let Some((synced, error_ms, _, offset_ms, flag)) = fleet {
+            assert!(synced, "{agent}");
+            assert_eq!(flag, None, "{agent}: a synchronised clock within 10 s");
+            assert!(offset_ms.abs() < 5_000, "{agent}: offset {offset_ms} ms");
+            assert!(error_ms == 20 || error_ms == 5_000, "{agent}");
+        }
+    }
+    stages.stop(&stop).await;
+    run.cleanup(&[
+        run.bridge_client_id(&options.client),
+        format!("trust-{}", run.id),
     ])
     .await;
 }
