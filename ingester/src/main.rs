@@ -134,7 +134,8 @@ enum Command {
     #[command(subcommand)]
     Targets(TargetsCommand),
     /// List the agents that reported status: region, version, online/offline/STALE, last seen,
-    /// target set generations and any refused set. Exit status 3 if any agent is stale.
+    /// target set generations, clock (ok/unsynced/OFFSET, offset from the bridge's clock,
+    /// maximum error) and any refused set. Exit status 3 if any agent is stale.
     ///
     /// Example: vantage-ingester agents --config ingester.toml --stale-after 2m
     Agents {
