@@ -72,8 +72,9 @@ bench-probe:
 bench-memory:
 	bench/memory
 
-# Spool benchmark (not a test, issue #18): bytes written to disk per result, write calls per
-# flush and fsyncs at 100 targets / 10 s, per uplink.spool_fsync policy (30 s each, real time).
+# Spool benchmark (not a test, issue #18): bytes written to disk per result (over the result's
+# version 3 wire size), write syscalls per flush and per second (/proc/self/io) and fsyncs at
+# 100 targets / 10 s, per uplink.spool_fsync policy (30 s each, real time).
 # Writes target/bench/spool.txt. A dev build: the figures are counts of bytes and calls, not CPU.
 .PHONY: bench-spool
 bench-spool:
