@@ -120,8 +120,9 @@ cross-build-zig:
 bench-size:
 	cross/bench-size
 
-# RSS and CPU of the agent vs blackbox_exporter at 10/100/1000 targets; writes
-# target/bench/footprint.txt. Not in `make test` (about 6 minutes).
+# RSS, CPU and writes of the agent with and without its spool vs blackbox_exporter at
+# 10/100/1000 targets, in one run; writes target/bench/footprint.txt. Not in `make test`
+# (about 6 minutes).
 bench-footprint: services
 	cross/bench-footprint
 
