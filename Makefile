@@ -72,8 +72,9 @@ bench-probe:
 bench-memory:
 	bench/memory
 
-# Spool benchmark (not a test, issue #18): bytes written to disk per result, write calls per
-# flush and fsyncs at 100 targets / 10 s, per uplink.spool_fsync policy (30 s each, real time).
+# Spool benchmark (not a test, issue #18): bytes written to disk per result (over the result's
+# version 3 wire size), write syscalls per flush and per second (/proc/self/io) and fsyncs at
+# 100 targets / 10 s, per uplink.spool_fsync policy (30 s each, real time).
 # Writes target/bench/spool.txt. A dev build: the figures are counts of bytes and calls, not CPU.
 .PHONY: bench-spool
 bench-spool:
@@ -119,8 +120,9 @@ cross-build-zig:
 bench-size:
 	cross/bench-size
 
-# RSS and CPU of the agent vs blackbox_exporter at 10/100/1000 targets; writes
-# target/bench/footprint.txt. Not in `make test` (about 6 minutes).
+# RSS, CPU and writes of the agent with and without its spool vs blackbox_exporter at
+# 10/100/1000 targets, in one run; writes target/bench/footprint.txt. Not in `make test`
+# (about 6 minutes).
 bench-footprint: services
 	cross/bench-footprint
 
