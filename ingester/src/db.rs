@@ -73,6 +73,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0012_alert_reads.sql",
         include_str!("../../migrations/0012_alert_reads.sql"),
     ),
+    (
+        13,
+        "0013_kept_windows.sql",
+        include_str!("../../migrations/0013_kept_windows.sql"),
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]
