@@ -449,6 +449,7 @@ async fn rollups_survive_replays_and_late_data() {
     assert!(r.hours > 0 && r.consumed == 5, "{r:?}");
     let after = recount(&s).await;
     assert!(exact(&after), "after the first round: {after:?}");
+    assert_eq!(kept_mismatches(&s).await, 0, "kept windows after the first round");
     s.client
         .query_one("SELECT vantage_rollup_round(interval '-1 hour')", &[])
         .await
@@ -503,6 +504,7 @@ async fn rollups_survive_replays_and_late_data() {
     assert!(r.late_hours > 0 && r.consumed == 1, "{r:?}");
     let after = recount(&s).await;
     assert!(exact(&after), "after late data: {after:?}");
+    assert_eq!(kept_mismatches(&s).await, 0, "kept windows after late data");
 
     // A write that commits after a round took its snapshot: its pending row is still there for
     // the next round.
@@ -540,6 +542,11 @@ async fn rollups_survive_replays_and_late_data() {
     assert!(
         exact(&after),
         "after a late commit and a crashed round: {after:?}"
+    );
+    assert_eq!(
+        kept_mismatches(&s).await,
+        0,
+        "kept windows after a late commit and a crashed round"
     );
     assert_eq!(s.scalar_i64("SELECT count(*) FROM results").await, 251);
     // latest_results itself (not only the view over it) is exact once the round ran.
@@ -1251,10 +1258,29 @@ async fn explain_functions_read_only_their_window() {
                     "{call}: partition {day} read without an index:\n{p}"
                 );
             }
-            assert!(
-                !p.contains("Seq Scan on rollup_1h_p") && !p.contains("Seq Scan on rollup_1d_p"),
-                "{call}:\n{p}"
-            );
+            // Rollup partitions: by index, but for scans that never ran and partitions of a few
+            // rows, where a sequential scan is the cheaper plan (the month before today holds one
+            // day of this data in the first days of a month).
+            for l in p.lines().filter(|l| !l.contains("(never executed)")) {
+                let Some(at) = l.find("Seq Scan on rollup_1") else {
+                    continue;
+                };
+                let name = l[at + "Seq Scan on ".len()..]
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default();
+                let rows: f32 = s
+                    .client
+                    .query_one(
+                        "SELECT reltuples FROM pg_class
+                          WHERE relname = $1 AND relnamespace = current_schema()::regnamespace",
+                        &[&name],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                assert!(rows < 1000.0, "{call}: {name} ({rows} rows) read without an index:\n{p}");
+            }
         }
         // Same answer as from raw rows, within the histogram bound (probes exactly).
         let probes: i64 = s
@@ -1591,8 +1617,8 @@ async fn kept_mismatches(s: &Schema) -> i64 {
     .await
 }
 
-/// Migration 0013: `region_comparison` answers exactly what 0009's did (kept as a baseline,
-/// EXCEPT ALL both ways), over windows with and without a kept window, for every target and for
+/// Migration 0013: `region_comparison` answers exactly what 0009's did and `web_daily` what
+/// 0008's did (kept as baselines, EXCEPT ALL both ways), over windows with and without a kept window, for every target and for
 /// one: on data of 35 days with errors, pending writes above the watermark, late data for hours
 /// already materialised (before and after the round that consumes it), kept windows whose start
 /// is behind or ahead of the window's (an hour or a day boundary passed since the round), and
@@ -1610,7 +1636,9 @@ async fn region_comparison_answers_as_0009_did() {
     db::migrate_to(&mut client, &config.schema, 12)
         .await
         .unwrap();
-    vantage_tests::harness::keep_function_as(&client, "region_comparison", "old_").await;
+    for f in ["region_comparison", "web_daily"] {
+        vantage_tests::harness::keep_function_as(&client, f, "old_").await;
+    }
     db::migrate(&mut client, &config.schema).await.unwrap();
     vantage_ingester::storage::migrate_v8(&client, 50_000, Duration::from_secs(60))
         .await
@@ -1681,6 +1709,26 @@ async fn region_comparison_answers_as_0009_did() {
                     let want = if target == "NULL" { 24 } else { 3 };
                     assert_eq!(n, want, "{what}: ('{since}', {target})");
                 }
+            }
+            // And the status page's daily counts (web_daily, also 0013).
+            for args in ["90, NULL", "7, 3", "1, NULL", "400, NULL"] {
+                let old = format!("SELECT * FROM old_web_daily({args})");
+                let new = format!("SELECT * FROM web_daily({args})");
+                let r = client
+                    .query_one(
+                        &format!(
+                            "SELECT (SELECT count(*) FROM ({old} EXCEPT ALL {new}) AS x),
+                                    (SELECT count(*) FROM ({new} EXCEPT ALL {old}) AS y)"
+                        ),
+                        &[],
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    (r.get::<_, i64>(0), r.get::<_, i64>(1)),
+                    (0, 0),
+                    "{what}: web_daily({args})"
+                );
             }
         }
     };

@@ -215,10 +215,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         client
             .batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", args.schema))
             .await?;
-        // Migration 0012's region_comparison (before 0013's kept windows), kept as the same-run
-        // baseline `baseline_region_comparison`.
+        // Migration 0012's region_comparison and web_daily (before 0013's kept windows), kept as
+        // the same-run baselines `baseline_*` (bench-web reads them too).
         db::migrate_to(&mut client, &args.schema, 12).await?;
-        vantage_tests::harness::keep_function_as(&client, "region_comparison", "baseline_").await;
+        for f in ["region_comparison", "web_daily"] {
+            vantage_tests::harness::keep_function_as(&client, f, "baseline_").await;
+        }
         db::migrate(&mut client, &args.schema).await?;
         vantage_ingester::storage::migrate_v8(&client, 50_000, Duration::from_secs(60)).await?;
         client
