@@ -40,6 +40,9 @@
 --     invalidates every kept window (a statement trigger; the round tells it apart by a
 --     transaction-local setting), and the next round rebuilds them. Until then the reads take
 --     the old path, so an invalid window is never read.
+--   * Partitions dropped (retention) or attached change the rows without a DML statement: the
+--     round compares each level's partitions with those the window was built on and rebuilds it
+--     when they differ (retention drops a month at a time, so about once a month).
 --   * Reads correct for the start having moved since the round (an hour or a day boundary
 --     passed) by the rows in between, so a read is never behind a round.
 
@@ -47,7 +50,8 @@ CREATE TABLE kept_window_spans (
     win     smallint    PRIMARY KEY,
     unit    text        NOT NULL CHECK (unit IN ('hour', 'day')),
     span    interval    NOT NULL UNIQUE,
-    from_ts timestamptz             -- NULL: not built (the next round builds it)
+    from_ts timestamptz,            -- NULL: not built (the next round builds it)
+    parts   text[]                  -- the level's partitions when it was built or last moved
 );
 INSERT INTO kept_window_spans (win, unit, span) VALUES
     (1, 'hour', interval '24 hours'),
@@ -145,12 +149,15 @@ DECLARE
     w record;
     start timestamptz;
     tbl text;
+    parts text[];
     moved bigint := 0;
 BEGIN
     FOR w IN SELECT * FROM kept_window_spans ORDER BY win FOR UPDATE LOOP
         start := date_trunc(w.unit, as_of - w.span, 'UTC');
         tbl := CASE WHEN w.unit = 'hour' THEN 'rollup_1h_data' ELSE 'rollup_1d_data' END;
-        IF w.from_ts IS NULL OR start < w.from_ts THEN
+        parts := ARRAY(SELECT c.relname::text FROM pg_inherits AS i JOIN pg_class AS c ON c.oid = i.inhrelid
+                        WHERE i.inhparent = to_regclass(tbl) ORDER BY 1);
+        IF w.from_ts IS NULL OR start < w.from_ts OR parts IS DISTINCT FROM w.parts THEN
             -- Build from the rows (a new or invalidated window, or a clock that went back).
             DELETE FROM kept_windows WHERE win = w.win;
             EXECUTE format('INSERT INTO kept_windows (win, target_id, region_id, probes, up,
@@ -180,7 +187,8 @@ BEGIN
         ELSE
             CONTINUE;
         END IF;
-        UPDATE kept_window_spans SET from_ts = start WHERE win = w.win;
+        UPDATE kept_window_spans AS k SET from_ts = start, parts = vantage_kept_windows_move.parts
+         WHERE k.win = w.win;
         moved := moved + 1;
     END LOOP;
     RETURN moved;

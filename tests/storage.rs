@@ -398,7 +398,8 @@ fn exact(levels: &[(&'static str, i64)]) -> bool {
 /// Issue #15, exactness: rollups equal a recount from raw rows after replays, duplicates inside
 /// a batch, data hours late (for buckets already materialised), a write that commits while a
 /// round runs (its snapshot cannot see it), and a round that dies half-way (a sink crash: its
-/// transaction never commits). Before and after each round.
+/// transaction never commits). Before and after each round. The kept windows (0013) stay the
+/// merge of their rollup rows through the same history.
 #[tokio::test]
 async fn rollups_survive_replays_and_late_data() {
     let s = Schema::new("rollup").await;
@@ -449,7 +450,11 @@ async fn rollups_survive_replays_and_late_data() {
     assert!(r.hours > 0 && r.consumed == 5, "{r:?}");
     let after = recount(&s).await;
     assert!(exact(&after), "after the first round: {after:?}");
-    assert_eq!(kept_mismatches(&s).await, 0, "kept windows after the first round");
+    assert_eq!(
+        kept_mismatches(&s).await,
+        0,
+        "kept windows after the first round"
+    );
     s.client
         .query_one("SELECT vantage_rollup_round(interval '-1 hour')", &[])
         .await
@@ -1279,7 +1284,10 @@ async fn explain_functions_read_only_their_window() {
                     .await
                     .unwrap()
                     .get(0);
-                assert!(rows < 1000.0, "{call}: {name} ({rows} rows) read without an index:\n{p}");
+                assert!(
+                    rows < 1000.0,
+                    "{call}: {name} ({rows} rows) read without an index:\n{p}"
+                );
             }
         }
         // Same answer as from raw rows, within the histogram bound (probes exactly).
@@ -1686,8 +1694,11 @@ async fn region_comparison_answers_as_0009_did() {
                 "24 hours", "1 day", "7 days", "30 days", "1 hour", "6 hours", "2 days", "3 days",
             ] {
                 for target in ["NULL", "3"] {
-                    let old = format!("SELECT * FROM old_region_comparison(interval '{since}', {target})");
-                    let new = format!("SELECT * FROM region_comparison(interval '{since}', {target})");
+                    let old = format!(
+                        "SELECT * FROM old_region_comparison(interval '{since}', {target})"
+                    );
+                    let new =
+                        format!("SELECT * FROM region_comparison(interval '{since}', {target})");
                     let r = client
                         .query_one(
                             &format!(
@@ -1769,7 +1780,10 @@ async fn region_comparison_answers_as_0009_did() {
 
     // Starts behind the window's (subtracted at read) and ahead of it (added).
     for (as_of, what) in [
-        ("now() - interval '50 hours'", "kept windows 50 hours behind"),
+        (
+            "now() - interval '50 hours'",
+            "kept windows 50 hours behind",
+        ),
         ("now() + interval '30 hours'", "kept windows 30 hours ahead"),
     ] {
         s.client
@@ -1786,6 +1800,33 @@ async fn region_comparison_answers_as_0009_did() {
     round(&s).await;
     assert_eq!(kept_mismatches(&s).await, 0, "moved back");
     compare("moved back by a round").await;
+
+    // A partition attached (or dropped, as retention does): no DML statement, so no trigger;
+    // the next round sees the partitions changed and rebuilds.
+    s.client
+        .batch_execute(
+            "CREATE TABLE kept_test_p (LIKE rollup_1h_data INCLUDING DEFAULTS);
+             INSERT INTO kept_test_p SELECT '2099-01-01 00:00+00', target_id, probes, up,
+                    region_id, outcomes, total_hist, dns_hist, connect_hist, tls_hist, ttfb_hist,
+                    transfer_hist
+               FROM rollup_1h_data WHERE bucket = date_trunc('hour', now(), 'UTC') - interval '5 hours';
+             ALTER TABLE rollup_1h_data ATTACH PARTITION kept_test_p
+                 FOR VALUES FROM ('2099-01-01 00:00+00') TO ('2099-02-01 00:00+00');",
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    round(&s).await;
+    assert_eq!(kept_mismatches(&s).await, 0, "a partition attached");
+    s.client
+        .batch_execute(
+            "ALTER TABLE rollup_1h_data DETACH PARTITION kept_test_p;
+             DROP TABLE kept_test_p;",
+        )
+        .await
+        .unwrap();
+    round(&s).await;
+    assert_eq!(kept_mismatches(&s).await, 0, "a partition dropped");
+    compare("partitions changed").await;
 
     // A write to the rollup tables that is not the round's: invalidated, read as before, rebuilt.
     s.client

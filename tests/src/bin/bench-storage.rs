@@ -393,7 +393,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             );
             let runs = 5;
             let r = time_query(&client, &rollup_sql, runs).await?;
-            let baseline_sql = rollup_sql.replace("region_comparison", "baseline_region_comparison");
+            let baseline_sql =
+                rollup_sql.replace("region_comparison", "baseline_region_comparison");
             let b = time_query(&client, &baseline_sql, runs).await?;
             // The answers must be the same rows, both ways.
             let differ = scalar(

@@ -56,7 +56,11 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
 }
 
 /// Median wall time of `runs` executions of `sql` on `client` (after one warm-up).
-async fn sql_p50(client: &tokio_postgres::Client, sql: &str, runs: usize) -> Result<f64, tokio_postgres::Error> {
+async fn sql_p50(
+    client: &tokio_postgres::Client,
+    sql: &str,
+    runs: usize,
+) -> Result<f64, tokio_postgres::Error> {
     client.simple_query(sql).await?;
     let mut times = Vec::with_capacity(runs);
     for _ in 0..runs {
@@ -241,8 +245,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "region_comparison('24 hours') (also heatmap)",
                 "SELECT * FROM region_comparison(interval '24 hours', NULL)",
             ),
-            ("region_comparison('7 days')", "SELECT * FROM region_comparison(interval '7 days', NULL)"),
-            ("region_comparison('30 days')", "SELECT * FROM region_comparison(interval '30 days', NULL)"),
+            (
+                "region_comparison('7 days')",
+                "SELECT * FROM region_comparison(interval '7 days', NULL)",
+            ),
+            (
+                "region_comparison('30 days')",
+                "SELECT * FROM region_comparison(interval '30 days', NULL)",
+            ),
             ("web_daily(90)", "SELECT * FROM web_daily(90, NULL)"),
         ] {
             let base_sql = sql.replace("FROM ", "FROM baseline_");
