@@ -235,6 +235,12 @@ BEGIN
       INTO consumed, d_t, d_h, l_t, l_r, l_s;
     d_t := coalesce(d_t, '{}');
     d_h := coalesce(d_h, '{}');
+    -- A backfill (late data for more hours than the kept windows have rows) costs less rebuilt
+    -- (step 3) than merged into them bucket by bucket.
+    IF cardinality(d_t) > (SELECT count(*) FROM kept_windows) THEN
+        UPDATE kept_window_spans SET from_ts = NULL WHERE from_ts IS NOT NULL;
+        DELETE FROM kept_windows;
+    END IF;
 
     -- 2. As 0009 (see there), plus `windows_up`: every built kept window that covers a replaced
     --    hour (hour windows: the hour; day windows: its day) gets new - old of it.
