@@ -149,15 +149,15 @@ DECLARE
     w record;
     start timestamptz;
     tbl text;
-    parts text[];
+    cur_parts text[];
     moved bigint := 0;
 BEGIN
     FOR w IN SELECT * FROM kept_window_spans ORDER BY win FOR UPDATE LOOP
         start := date_trunc(w.unit, as_of - w.span, 'UTC');
         tbl := CASE WHEN w.unit = 'hour' THEN 'rollup_1h_data' ELSE 'rollup_1d_data' END;
-        parts := ARRAY(SELECT c.relname::text FROM pg_inherits AS i JOIN pg_class AS c ON c.oid = i.inhrelid
+        cur_parts := ARRAY(SELECT c.relname::text FROM pg_inherits AS i JOIN pg_class AS c ON c.oid = i.inhrelid
                         WHERE i.inhparent = to_regclass(tbl) ORDER BY 1);
-        IF w.from_ts IS NULL OR start < w.from_ts OR parts IS DISTINCT FROM w.parts THEN
+        IF w.from_ts IS NULL OR start < w.from_ts OR cur_parts IS DISTINCT FROM w.parts THEN
             -- Build from the rows (a new or invalidated window, or a clock that went back).
             DELETE FROM kept_windows WHERE win = w.win;
             EXECUTE format('INSERT INTO kept_windows (win, target_id, region_id, probes, up,
@@ -187,8 +187,7 @@ BEGIN
         ELSE
             CONTINUE;
         END IF;
-        UPDATE kept_window_spans AS k SET from_ts = start, parts = vantage_kept_windows_move.parts
-         WHERE k.win = w.win;
+        UPDATE kept_window_spans AS k SET from_ts = start, parts = cur_parts WHERE k.win = w.win;
         moved := moved + 1;
     END LOOP;
     RETURN moved;
