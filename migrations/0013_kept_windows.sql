@@ -17,10 +17,12 @@
 -- start, added or subtracted) is small, and is combined without merging the kept histogram: for
 -- the sorted buckets t_1 < ... < t_p of that small part, with running sums CT_j, the merged
 -- cumulative count is F(b) = F_kept(b) + CT_j for t_j <= b < t_(j+1), so the smallest bucket with
--- F(b) >= rank lies in the first such interval where the kept histogram reaches rank - CT_j,
--- found by one `width_bucket` per interval and percentile. Exact: the same bucket the old walk
--- over the merged histogram picks (tests/storage.rs compares the answers with 0009's function
--- kept as a baseline, EXCEPT ALL both ways).
+-- F(b) >= rank lies in interval j = how many t_j have F(t_j) < rank (a binary search over the
+-- F(t_j)), at the first kept bucket there where the kept histogram reaches rank - CT_j (a binary
+-- search over the kept cumulative counts), or else at t_(j+1). Per series and percentile that is
+-- two binary searches, plus one per bucket of the small part. Exact: the same bucket the old
+-- walk over the merged histogram picks (tests/storage.rs region_comparison_answers_as_0009_did
+-- compares the answers with 0009's function kept as a baseline, EXCEPT ALL both ways).
 --
 -- Which windows are kept: `kept_window_spans` (24 hours over hourly rows, 7 and 30 days over
 -- daily rows: the windows of the dashboard's overview and heatmap and of `report`'s default).
