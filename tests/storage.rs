@@ -394,7 +394,8 @@ fn exact(levels: &[(&'static str, i64)]) -> bool {
 /// Issue #15, exactness: rollups equal a recount from raw rows after replays, duplicates inside
 /// a batch, data hours late (for buckets already materialised), a write that commits while a
 /// round runs (its snapshot cannot see it), and a round that dies half-way (a sink crash: its
-/// transaction never commits). Before and after each round.
+/// transaction never commits). Before and after each round. The kept windows (0014) stay the
+/// merge of their rollup rows through the same history.
 #[tokio::test]
 async fn rollups_survive_replays_and_late_data() {
     let s = Schema::new("rollup").await;
@@ -445,6 +446,11 @@ async fn rollups_survive_replays_and_late_data() {
     assert!(r.hours > 0 && r.consumed == 5, "{r:?}");
     let after = recount(&s).await;
     assert!(exact(&after), "after the first round: {after:?}");
+    assert_eq!(
+        kept_mismatches(&s).await,
+        0,
+        "kept windows after the first round"
+    );
     s.client
         .query_one("SELECT vantage_rollup_round(interval '-1 hour')", &[])
         .await
@@ -499,6 +505,7 @@ async fn rollups_survive_replays_and_late_data() {
     assert!(r.late_hours > 0 && r.consumed == 1, "{r:?}");
     let after = recount(&s).await;
     assert!(exact(&after), "after late data: {after:?}");
+    assert_eq!(kept_mismatches(&s).await, 0, "kept windows after late data");
 
     // A write that commits after a round took its snapshot: its pending row is still there for
     // the next round.
@@ -536,6 +543,11 @@ async fn rollups_survive_replays_and_late_data() {
     assert!(
         exact(&after),
         "after a late commit and a crashed round: {after:?}"
+    );
+    assert_eq!(
+        kept_mismatches(&s).await,
+        0,
+        "kept windows after a late commit and a crashed round"
     );
     assert_eq!(s.scalar_i64("SELECT count(*) FROM results").await, 251);
     // latest_results itself (not only the view over it) is exact once the round ran.
@@ -1241,6 +1253,9 @@ async fn explain_functions_read_only_their_window() {
         for (day, _) in raw_scans(&p) {
             assert!(day >= wm_day, "{call} read raw rows of {day}:\n{p}");
         }
+        // Migration 0014: these windows are kept (the round built them), so their histograms
+        // are read from kept_windows, not merged from rollup rows.
+        assert!(p.contains("on kept_windows"), "{call}:\n{p}");
         if since == "24 hours" {
             assert!(!p.contains("rollup_1d"), "{call} read daily rollups:\n{p}");
             assert!(p.contains("rollup_1h_p"), "{call}:\n{p}");
@@ -1565,5 +1580,255 @@ async fn alert_reads_answer_as_0007_did() {
         assert_eq!((only_old, only_new), (0, 0), "regions({args}): {rows} rows");
         assert!(rows > 0);
     }
+    s.drop().await;
+}
+
+/// Kept windows (migration 0014) that differ from the merge of their level's rollup rows from
+/// their start on (counts, outcomes, the histogram's buckets and cumulative counts).
+async fn kept_mismatches(s: &Schema) -> i64 {
+    s.scalar_i64(
+        "WITH w AS (SELECT * FROM kept_window_spans WHERE from_ts IS NOT NULL),
+              d AS (SELECT 'hour' AS unit, target_id, region_id, bucket, probes, up, outcomes,
+                           total_hist FROM rollup_1h_data
+                    UNION ALL
+                    SELECT 'day', target_id, region_id, bucket, probes, up, outcomes, total_hist
+                      FROM rollup_1d_data),
+              e AS (SELECT w.win, d.target_id, d.region_id, sum(d.probes)::int8 AS probes,
+                           sum(d.up)::int8 AS up, vantage_jsonb_sum_agg(d.outcomes) AS outcomes,
+                           vantage_hist_merge_agg(d.total_hist) AS total_hist
+                      FROM w JOIN d ON d.unit = w.unit AND d.bucket >= w.from_ts
+                     GROUP BY 1, 2, 3)
+         SELECT count(*) FROM e FULL JOIN kept_windows AS k USING (win, target_id, region_id)
+          WHERE e.probes IS DISTINCT FROM k.probes OR e.up IS DISTINCT FROM k.up
+             OR e.outcomes IS DISTINCT FROM k.outcomes
+             OR k.buckets IS DISTINCT FROM (SELECT array_agg(bucket ORDER BY bucket)
+                                              FROM vantage_hist_entries(e.total_hist))
+             OR k.cum IS DISTINCT FROM (SELECT array_agg(c ORDER BY bucket)
+                                          FROM (SELECT bucket, sum(n) OVER (ORDER BY bucket)::int8 AS c
+                                                  FROM vantage_hist_entries(e.total_hist)) AS x)
+             OR vantage_kept_hist(k.buckets, k.cum) IS DISTINCT FROM e.total_hist",
+    )
+    .await
+}
+
+/// Migration 0014: `region_comparison` answers exactly what 0009's did and `web_daily` what
+/// 0008's did (kept as baselines, EXCEPT ALL both ways), over windows with and without a kept window, for every target and for
+/// one: on data of 35 days with errors, pending writes above the watermark, late data for hours
+/// already materialised (before and after the round that consumes it), kept windows whose start
+/// is behind or ahead of the window's (an hour or a day boundary passed since the round), and
+/// after a write to the rollup tables that is not the round's (invalidated, rebuilt). The kept
+/// windows stay the merge of their rows (as rollups stay a recount of raw rows).
+#[tokio::test]
+async fn region_comparison_answers_as_0009_did() {
+    let config = PostgresConfig {
+        url: Services::from_env().pg_url,
+        password: None,
+        tls: vantage_ingester::config::PgTls::Disable,
+        schema: format!("st_kept_{}", unique_id()),
+    };
+    let mut client = db::connect(&config).await.unwrap();
+    db::migrate_to(&mut client, &config.schema, 12)
+        .await
+        .unwrap();
+    for f in ["region_comparison", "web_daily"] {
+        vantage_tests::harness::keep_function_as(&client, f, "old_").await;
+    }
+    db::migrate(&mut client, &config.schema).await.unwrap();
+    vantage_ingester::storage::migrate_v8(&client, 50_000, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let s = Schema { config, client };
+    let mut writer = db::connect_writer(&s.config).await.unwrap();
+    let now = now_ms();
+    let regions = ["a", "b", "c"];
+    let mut rng = fastrand::Rng::with_seed(15);
+    // 35 days, 8 targets x 3 regions, every 20 minutes; latencies over two decades, 3% errors.
+    let mut rows = Vec::new();
+    let mut seq = 0;
+    for step in 0..(35 * 72) {
+        for target in 1..=8u32 {
+            for region in regions {
+                seq += 1;
+                let outcome = match rng.u32(..100) {
+                    0 | 1 => Outcome::Timeout,
+                    2 => Outcome::ConnectRefused,
+                    _ => Outcome::Up,
+                };
+                let total = (2_000.0 * 100f64.powf(rng.f64())) as u32 + target * 300;
+                let at = now - 60_000 - step * 1_200_000 - u64::from(rng.u32(..600_000));
+                rows.push(row(seq, target, region, at, total, outcome));
+            }
+        }
+    }
+    for chunk in rows.chunks(5_000) {
+        db::write_batch(&mut writer, chunk, &[]).await.unwrap();
+    }
+    round(&s).await;
+    assert_eq!(
+        s.scalar_i64("SELECT count(*) FROM kept_window_spans WHERE from_ts IS NULL")
+            .await,
+        0,
+        "the first round builds every kept window"
+    );
+    assert!(s.scalar_i64("SELECT count(*) FROM kept_windows").await > 0);
+    assert_eq!(kept_mismatches(&s).await, 0, "after the build");
+
+    let compare = |what: &'static str| {
+        let client = &s.client;
+        async move {
+            for since in [
+                "24 hours", "1 day", "7 days", "30 days", "1 hour", "6 hours", "2 days", "3 days",
+            ] {
+                for target in ["NULL", "3"] {
+                    let old = format!(
+                        "SELECT * FROM old_region_comparison(interval '{since}', {target})"
+                    );
+                    let new =
+                        format!("SELECT * FROM region_comparison(interval '{since}', {target})");
+                    let r = client
+                        .query_one(
+                            &format!(
+                                "SELECT (SELECT count(*) FROM ({old} EXCEPT ALL {new}) AS x),
+                                        (SELECT count(*) FROM ({new} EXCEPT ALL {old}) AS y),
+                                        (SELECT count(*) FROM ({new}) AS z)"
+                            ),
+                            &[],
+                        )
+                        .await
+                        .unwrap();
+                    let (only_old, only_new, n) =
+                        (r.get::<_, i64>(0), r.get::<_, i64>(1), r.get::<_, i64>(2));
+                    assert_eq!(
+                        (only_old, only_new),
+                        (0, 0),
+                        "{what}: region_comparison('{since}', {target}), {n} rows"
+                    );
+                    let want = if target == "NULL" { 24 } else { 3 };
+                    assert_eq!(n, want, "{what}: ('{since}', {target})");
+                }
+            }
+            // And the status page's daily counts (web_daily, also 0014).
+            for args in ["90, NULL", "7, 3", "1, NULL", "400, NULL"] {
+                let old = format!("SELECT * FROM old_web_daily({args})");
+                let new = format!("SELECT * FROM web_daily({args})");
+                let r = client
+                    .query_one(
+                        &format!(
+                            "SELECT (SELECT count(*) FROM ({old} EXCEPT ALL {new}) AS x),
+                                    (SELECT count(*) FROM ({new} EXCEPT ALL {old}) AS y)"
+                        ),
+                        &[],
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    (r.get::<_, i64>(0), r.get::<_, i64>(1)),
+                    (0, 0),
+                    "{what}: web_daily({args})"
+                );
+            }
+        }
+    };
+    compare("after the first round").await;
+
+    // Pending writes: new results above the watermark, and late ones for materialised hours
+    // (2 hours, 3 days and 20 days back).
+    let mut more = Vec::new();
+    for (i, back_ms) in [0u64, 7_200_000, 3 * 86_400_000, 20 * 86_400_000]
+        .into_iter()
+        .enumerate()
+    {
+        for target in 1..=8u32 {
+            for region in regions {
+                seq += 1;
+                let outcome = if (seq + i as u64) % 5 == 0 {
+                    Outcome::Timeout
+                } else {
+                    Outcome::Up
+                };
+                more.push(row(
+                    seq,
+                    target,
+                    region,
+                    now - 30_000 - back_ms,
+                    900_000 + target * 1_000,
+                    outcome,
+                ));
+            }
+        }
+    }
+    db::write_batch(&mut writer, &more, &[]).await.unwrap();
+    compare("with pending writes").await;
+    let r = round(&s).await;
+    assert!(r.late_hours > 0, "{r:?}");
+    assert_eq!(kept_mismatches(&s).await, 0, "after late data");
+    compare("after late data").await;
+
+    // Starts behind the window's (subtracted at read) and ahead of it (added).
+    for (as_of, what) in [
+        (
+            "now() - interval '50 hours'",
+            "kept windows 50 hours behind",
+        ),
+        ("now() + interval '30 hours'", "kept windows 30 hours ahead"),
+    ] {
+        s.client
+            .batch_execute(&format!(
+                "UPDATE kept_window_spans SET from_ts = NULL;
+                 SELECT vantage_kept_windows_move({as_of});"
+            ))
+            .await
+            .unwrap();
+        assert_eq!(kept_mismatches(&s).await, 0, "{what}");
+        compare(what).await;
+    }
+    // The next round moves them back (a start that went back: rebuilt).
+    round(&s).await;
+    assert_eq!(kept_mismatches(&s).await, 0, "moved back");
+    compare("moved back by a round").await;
+
+    // A partition attached (or dropped, as retention does): no DML statement, so no trigger;
+    // the next round sees the partitions changed and rebuilds.
+    s.client
+        .batch_execute(
+            "CREATE TABLE kept_test_p (LIKE rollup_1h_data INCLUDING DEFAULTS);
+             INSERT INTO kept_test_p SELECT '2099-01-01 00:00+00', target_id, probes, up,
+                    region_id, outcomes, total_hist, dns_hist, connect_hist, tls_hist, ttfb_hist,
+                    transfer_hist
+               FROM rollup_1h_data WHERE bucket = date_trunc('hour', now(), 'UTC') - interval '5 hours';
+             ALTER TABLE rollup_1h_data ATTACH PARTITION kept_test_p
+                 FOR VALUES FROM ('2099-01-01 00:00+00') TO ('2099-02-01 00:00+00');",
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    round(&s).await;
+    assert_eq!(kept_mismatches(&s).await, 0, "a partition attached");
+    s.client
+        .batch_execute(
+            "ALTER TABLE rollup_1h_data DETACH PARTITION kept_test_p;
+             DROP TABLE kept_test_p;",
+        )
+        .await
+        .unwrap();
+    round(&s).await;
+    assert_eq!(kept_mismatches(&s).await, 0, "a partition dropped");
+    compare("partitions changed").await;
+
+    // A write to the rollup tables that is not the round's: invalidated, read as before, rebuilt.
+    s.client
+        .batch_execute("UPDATE rollup_1h_data SET probes = probes WHERE false")
+        .await
+        .unwrap();
+    assert_eq!(
+        s.scalar_i64("SELECT count(*) FROM kept_window_spans WHERE from_ts IS NOT NULL")
+            .await
+            + s.scalar_i64("SELECT count(*) FROM kept_windows").await,
+        0,
+        "invalidated"
+    );
+    compare("invalidated").await;
+    round(&s).await;
+    assert_eq!(kept_mismatches(&s).await, 0, "rebuilt");
+    compare("rebuilt").await;
     s.drop().await;
 }

@@ -78,6 +78,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0013_clock_health.sql",
         include_str!("../../migrations/0013_clock_health.sql"),
     ),
+    (
+        14,
+        "0014_kept_windows.sql",
+        include_str!("../../migrations/0014_kept_windows.sql"),
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]

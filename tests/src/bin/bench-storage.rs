@@ -217,6 +217,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         client
             .batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", args.schema))
             .await?;
+        // Migration 0012's region_comparison and web_daily (before 0014's kept windows), kept as
+        // the same-run baselines `baseline_*` (bench-web reads them too).
+        db::migrate_to(&mut client, &args.schema, 12).await?;
+        for f in ["region_comparison", "web_daily"] {
+            vantage_tests::harness::keep_function_as(&client, f, "baseline_").await;
+        }
         db::migrate(&mut client, &args.schema).await?;
         vantage_ingester::storage::migrate_v8(&client, 50_000, Duration::from_secs(60)).await?;
         client
@@ -367,8 +373,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "region comparison, JIT {jit}, median of 5 runs (ms):"
         ));
         line(format!(
-            "  {:<26} {:>10} {:>14} {:>12} {:>10} {:>10}",
-            "query", "rollups", "raw partitioned", "raw naive", "naive/rollup", "naive/raw"
+            "  {:<26} {:>10} {:>12} {:>14} {:>12} {:>10} {:>10} {:>10}",
+            "query",
+            "rollups",
+            "0012 fn",
+            "raw partitioned",
+            "raw naive",
+            "0012/now",
+            "naive/rollup",
+            "naive/raw"
         ));
         for (label, since, target) in [
             ("one target, 24 hours", "24 hours", Some(17)),
@@ -382,10 +395,26 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             );
             let runs = 5;
             let r = time_query(&client, &rollup_sql, runs).await?;
+            let baseline_sql =
+                rollup_sql.replace("region_comparison", "baseline_region_comparison");
+            let b = time_query(&client, &baseline_sql, runs).await?;
+            // The answers must be the same rows, both ways.
+            let differ = scalar(
+                &client,
+                &format!(
+                    "SELECT (SELECT count(*) FROM ({rollup_sql} EXCEPT ALL {baseline_sql}) AS x)
+                          + (SELECT count(*) FROM ({baseline_sql} EXCEPT ALL {rollup_sql}) AS y)"
+                ),
+            )
+            .await?;
+            if differ != 0 {
+                return Err(format!("{label}: {differ} rows differ from the 0012 function").into());
+            }
             let p = time_query(&client, &raw_query("results", since, target), runs).await?;
             let q = time_query(&client, &raw_query("naive_results", since, target), runs).await?;
             line(format!(
-                "  {label:<26} {r:>10.1} {p:>14.1} {q:>12.1} {:>9.0}x {:>9.1}x",
+                "  {label:<26} {r:>10.1} {b:>12.1} {p:>14.1} {q:>12.1} {:>9.1}x {:>9.0}x {:>9.1}x",
+                b / r,
                 q / r,
                 q / p
             ));

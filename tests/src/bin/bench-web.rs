@@ -55,6 +55,23 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted[i]
 }
 
+/// Median wall time of `runs` executions of `sql` on `client` (after one warm-up).
+async fn sql_p50(
+    client: &tokio_postgres::Client,
+    sql: &str,
+    runs: usize,
+) -> Result<f64, tokio_postgres::Error> {
+    client.simple_query(sql).await?;
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let start = Instant::now();
+        client.simple_query(sql).await?;
+        times.push(start.elapsed().as_secs_f64() * 1000.0);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(quantile(&times, 0.5))
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
@@ -206,6 +223,47 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     line(format!(
         "  static files of a first visit (CSS, uPlot, app.js, icon; gzipped, then cached for a year): {statics} bytes"
     ));
+
+    // The overview's two heavy reads against migration 0012's functions, when the schema keeps
+    // them (bench-storage keeps them as baseline_*): the same-run baseline of migration 0014.
+    let baselines: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_proc WHERE pronamespace = current_schema()::regnamespace
+                AND proname IN ('baseline_region_comparison', 'baseline_web_daily')",
+            &[],
+        )
+        .await?
+        .get(0);
+    if baselines == 2 {
+        line(String::new());
+        line(format!(
+            "  {:<44} {:>9} {:>12} {:>9}",
+            "the overview's SQL reads (p50 of 20, ms)", "now", "0012's", "0012/now"
+        ));
+        for (label, sql) in [
+            (
+                "region_comparison('24 hours') (also heatmap)",
+                "SELECT * FROM region_comparison(interval '24 hours', NULL)",
+            ),
+            (
+                "region_comparison('7 days')",
+                "SELECT * FROM region_comparison(interval '7 days', NULL)",
+            ),
+            (
+                "region_comparison('30 days')",
+                "SELECT * FROM region_comparison(interval '30 days', NULL)",
+            ),
+            ("web_daily(90)", "SELECT * FROM web_daily(90, NULL)"),
+        ] {
+            let base_sql = sql.replace("FROM ", "FROM baseline_");
+            let now_ms = sql_p50(&client, sql, 20).await?;
+            let base_ms = sql_p50(&client, &base_sql, 20).await?;
+            line(format!(
+                "  {label:<44} {now_ms:>9.1} {base_ms:>12.1} {:>8.1}x",
+                base_ms / now_ms
+            ));
+        }
+    }
 
     line(String::new());
     let browser = vantage_tests::browser::Browser::start(1400, 1000).await;
