@@ -22,6 +22,13 @@ struct Schema {
 
 impl Schema {
     async fn new(tag: &str) -> Schema {
+        Schema::keeping(tag, &[], 0).await
+    }
+
+    /// A schema migrated to the last version, keeping the named SQL functions as they were at
+    /// migration `version` under the prefix `old_` (same-answer tests of a migration that
+    /// replaces them; `version` is ignored when `functions` is empty).
+    async fn keeping(tag: &str, functions: &[&str], version: i32) -> Schema {
         let config = PostgresConfig {
             url: Services::from_env().pg_url,
             password: None,
@@ -31,6 +38,14 @@ impl Schema {
         let mut client = db::connect(&config)
             .await
             .expect("PostgreSQL must be running");
+        if !functions.is_empty() {
+            db::migrate_to(&mut client, &config.schema, version)
+                .await
+                .unwrap();
+            for f in functions {
+                vantage_tests::harness::keep_function_as(&client, f, "old_").await;
+            }
+        }
         db::migrate(&mut client, &config.schema).await.unwrap();
         // The (empty) pre-0009 tables are gone after the sink's first upkeep.
         vantage_ingester::storage::migrate_v8(&client, 50_000, Duration::from_secs(60))
@@ -1444,25 +1459,13 @@ async fn finishing_the_pre_0009_move_never_deadlocks_a_reader() {
 /// time, stale rows, missed periods, and rows written by a sink from before 0012 (no up flags).
 #[tokio::test]
 async fn alert_reads_answer_as_0007_did() {
-    let config = PostgresConfig {
-        url: Services::from_env().pg_url,
-        password: None,
-        tls: vantage_ingester::config::PgTls::Disable,
-        schema: format!("st_alertreads_{}", unique_id()),
-    };
-    let mut client = db::connect(&config).await.unwrap();
-    db::migrate_to(&mut client, &config.schema, 11)
-        .await
-        .unwrap();
     // 0007's functions, kept under other names.
-    for f in ["vantage_alert_down", "vantage_alert_regions"] {
-        vantage_tests::harness::keep_function_as(&client, f, "old_").await;
-    }
-    db::migrate(&mut client, &config.schema).await.unwrap();
-    vantage_ingester::storage::migrate_v8(&client, 50_000, Duration::from_secs(60))
-        .await
-        .unwrap();
-    let s = Schema { config, client };
+    let s = Schema::keeping(
+        "alertreads",
+        &["vantage_alert_down", "vantage_alert_regions"],
+        11,
+    )
+    .await;
     let mut writer = db::connect_writer(&s.config).await.unwrap();
     let regions = ["a", "b", "c", "d"];
     let now = now_ms();
@@ -1620,24 +1623,7 @@ async fn kept_mismatches(s: &Schema) -> i64 {
 /// windows stay the merge of their rows (as rollups stay a recount of raw rows).
 #[tokio::test]
 async fn region_comparison_answers_as_0009_did() {
-    let config = PostgresConfig {
-        url: Services::from_env().pg_url,
-        password: None,
-        tls: vantage_ingester::config::PgTls::Disable,
-        schema: format!("st_kept_{}", unique_id()),
-    };
-    let mut client = db::connect(&config).await.unwrap();
-    db::migrate_to(&mut client, &config.schema, 12)
-        .await
-        .unwrap();
-    for f in ["region_comparison", "web_daily"] {
-        vantage_tests::harness::keep_function_as(&client, f, "old_").await;
-    }
-    db::migrate(&mut client, &config.schema).await.unwrap();
-    vantage_ingester::storage::migrate_v8(&client, 50_000, Duration::from_secs(60))
-        .await
-        .unwrap();
-    let s = Schema { config, client };
+    let s = Schema::keeping("kept", &["region_comparison", "web_daily"], 12).await;
     let mut writer = db::connect_writer(&s.config).await.unwrap();
     let now = now_ms();
     let regions = ["a", "b", "c"];
