@@ -606,11 +606,17 @@ async fn power_cut_torn_spool_tail_is_replayed_or_reported_as_a_gap() {
     let data = std::fs::read(&segments[0]).unwrap();
     let entries = spool_entries(&data);
     // Group headers (kind 1) and the results after each: (header end, results in the write).
+    // Results are packed (kind 8: a version 3 frame of up to 32; kind 2, one result, was the
+    // format before).
     let mut groups: Vec<(usize, u64)> = Vec::new();
     for &(at, kind, len) in &entries {
         match kind {
             1 => groups.push((at + len, 0)),
             2 => groups.last_mut().unwrap().1 += 1,
+            8 => {
+                let frame = vantage_proto::decode(&data[at + 7..at + len]).unwrap();
+                groups.last_mut().unwrap().1 += frame.results.len() as u64;
+            }
             _ => {}
         }
     }

@@ -16,8 +16,10 @@
 //! Append-only segment files `<first position, 20 digits>.seg`, each starting with
 //! [`MAGIC`]. Then entries: `len: u16 LE`, `crc32: u32 LE` (of the rest), `kind: u8`, postcard
 //! payload (`len` counts kind + payload). One flush is one `write`: a *group* header (boot id,
-//! first position, first sequence number, count, time range) followed by its `count` result
-//! entries and a clock entry (the agent's clock state at that flush, `ClockHealth`, issue #18
+//! first position, first sequence number, count, time range) followed by its `count` results,
+//! packed (entries of kind 8: up to 32 results as a wire format version 3 frame, the agent's own
+//! packing, so a result costs the spool about what it costs on the wire; spools written before
+//! hold one entry of kind 2 per result, still read) and a clock entry (the agent's clock state at that flush, `ClockHealth`, issue #18
 //! item 3: results replayed after a restart are sent with the clock state they were taken
 //! with; after the records, not in the header, so an agent that predates it skips the unknown
 //! kind and still reads every record), then the markers of that flush. The group header is
@@ -56,8 +58,9 @@ use vantage_proto::{ClockHealth, Gap, ProbeResult, MAX_RESULT_LEN};
 pub const MAGIC: &[u8; 8] = b"VSPOOL1\n";
 /// Bytes before an entry's kind: length (u16) and CRC (u32).
 pub const ENTRY_HEADER: usize = 6;
-/// Largest entry payload accepted on reading (a result is far smaller).
-const MAX_ENTRY: usize = 1024;
+/// Largest entry accepted on reading (kind + payload): a packed entry is a frame of at most
+/// [`vantage_proto::MAX_RESULTS`] results.
+const MAX_ENTRY: usize = 1 + vantage_proto::MAX_FRAME_LEN;
 
 const KIND_GROUP: u8 = 1;
 const KIND_RESULT: u8 = 2;
@@ -66,6 +69,8 @@ const KIND_DROP: u8 = 4;
 const KIND_GAP: u8 = 5;
 const KIND_GAP_DONE: u8 = 6;
 const KIND_CLOCK: u8 = 7;
+/// Up to [`vantage_proto::MAX_RESULTS`] results of the group, as one version 3 frame.
+const KIND_PACKED: u8 = 8;
 
 /// When written data is also synced to the card (`uplink.spool_fsync`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -206,9 +211,9 @@ pub struct Spool {
     gaps_done: Vec<GapKey>,
     /// Gaps not yet delivered (restated at each new segment).
     gaps_open: GapMap,
-    /// The group being collected: its header and encoded entries.
+    /// The group being collected: its header and results.
     pending: Option<GroupHeader>,
-    pending_bytes: Vec<u8>,
+    pending_results: Vec<ProbeResult>,
     /// The latest clock state, written after the next group's results.
     clock: Option<ClockHealth>,
     groups: VecDeque<GroupIndex>,
@@ -283,7 +288,7 @@ impl Spool {
             gaps_done: Vec::new(),
             gaps_open: GapMap::default(),
             pending: None,
-            pending_bytes: Vec::new(),
+            pending_results: Vec::new(),
             clock: None,
             groups: VecDeque::new(),
             live_bytes: 0,
@@ -369,9 +374,8 @@ impl Spool {
         g.count += 1;
         g.min_started_at_ms = g.min_started_at_ms.min(result.started_at_ms);
         g.max_started_at_ms = g.max_started_at_ms.max(result.started_at_ms);
-        let before = self.pending_bytes.len();
-        put_entry(&mut self.pending_bytes, KIND_RESULT, result);
-        let bytes = (self.pending_bytes.len() - before) as u64;
+        self.pending_results.push(*result);
+        let bytes = record_bytes(result);
         self.live_bytes += bytes;
         self.live_records += 1;
         (pos, bytes)
@@ -472,11 +476,11 @@ impl Spool {
     /// again at the next flush (into a new segment, so a half-written one is never appended to).
     pub fn flush(&mut self) -> Result<(), SpoolError> {
         if self.dirty() {
-            let mut buf = Vec::with_capacity(self.pending_bytes.len() + 64);
+            let mut buf = Vec::with_capacity(self.pending_results.len() * 40 + 128);
             let group = self.pending;
             if let Some(g) = &group {
                 put_entry(&mut buf, KIND_GROUP, g);
-                buf.extend_from_slice(&self.pending_bytes);
+                put_packed(&mut buf, g.boot_id, &self.pending_results);
                 if let Some(clock) = &self.clock {
                     put_entry(&mut buf, KIND_CLOCK, clock);
                 }
@@ -515,7 +519,7 @@ impl Spool {
                 });
             }
             self.pending = None;
-            self.pending_bytes.clear();
+            self.pending_results.clear();
             self.written = self.tail;
             self.clear_markers();
             self.sync_wanted = true;
@@ -809,12 +813,18 @@ impl Spool {
                 }
                 continue;
             }
-            if kind != KIND_RESULT {
-                break;
-            }
-            match postcard::from_bytes::<ProbeResult>(&payload) {
-                Ok(r) => records.push((r, (ENTRY_HEADER + 1 + payload.len()) as u64)),
-                Err(_) => break,
+            match kind {
+                KIND_PACKED => match unpack(&payload) {
+                    Some(batch) if records.len() + batch.len() <= index.valid as usize => {
+                        records.extend(batch.into_iter().map(|r| (r, record_bytes(&r))))
+                    }
+                    _ => break,
+                },
+                KIND_RESULT => match postcard::from_bytes::<ProbeResult>(&payload) {
+                    Ok(r) => records.push((r, record_bytes(&r))),
+                    Err(_) => break,
+                },
+                _ => break,
             }
         }
         // The group's clock entry follows its last record (absent when it was torn off, or
@@ -902,6 +912,48 @@ fn put_entry<T: Serialize>(buf: &mut Vec<u8>, kind: u8, value: &T) {
     buf.extend_from_slice(body);
 }
 
+/// What a record counts against `spool_max_bytes` and in `live_bytes`: its size as an entry of
+/// its own (kind 2), whatever the packing on disk, so the same record always counts the same
+/// (appended, read back, acknowledged) and the bound stays on the safe side of the disk.
+fn record_bytes(result: &ProbeResult) -> u64 {
+    let mut buf = [0u8; MAX_RESULT_LEN];
+    let len = postcard::to_slice(result, &mut buf).map_or(MAX_RESULT_LEN, |b| b.len());
+    (ENTRY_HEADER + 1 + len) as u64
+}
+
+/// Appends `results` as packed entries (kind 8) of up to [`vantage_proto::MAX_RESULTS`] each:
+/// version 3 frames of boot `boot_id`, without gaps or clock (the group has its own).
+fn put_packed(buf: &mut Vec<u8>, boot_id: u64, results: &[ProbeResult]) {
+    let mut body = vec![0u8; MAX_ENTRY];
+    for chunk in results.chunks(vantage_proto::MAX_RESULTS) {
+        let batch = vantage_proto::Batch {
+            boot_id,
+            results: chunk.iter().copied().collect(),
+            gaps: heapless::Vec::new(),
+            clock: None,
+        };
+        body[0] = KIND_PACKED;
+        let Ok(frame) = vantage_proto::encode(&batch, &mut body[1..]) else {
+            // Unreachable: a batch of MAX_RESULTS always fits MAX_FRAME_LEN (proto's tests).
+            tracing::error!(
+                records = chunk.len(),
+                "spool: results do not pack, not written"
+            );
+            continue;
+        };
+        let len = 1 + frame.len();
+        buf.extend_from_slice(&(len as u16).to_le_bytes());
+        buf.extend_from_slice(&crc32fast::hash(&body[..len]).to_le_bytes());
+        buf.extend_from_slice(&body[..len]);
+    }
+}
+
+/// The results of a packed entry's payload; None if it is not a frame of results alone.
+fn unpack(payload: &[u8]) -> Option<heapless::Vec<ProbeResult, { vantage_proto::MAX_RESULTS }>> {
+    let batch = vantage_proto::decode(payload).ok()?;
+    (batch.gaps.is_empty() && !batch.results.is_empty()).then_some(batch.results)
+}
+
 /// Reads one entry; None at the end or at anything that does not check out.
 fn read_entry(r: &mut impl Read) -> Option<(u8, Vec<u8>)> {
     let mut head = [0u8; ENTRY_HEADER];
@@ -979,12 +1031,25 @@ impl Scan {
                 break;
             };
             if let Some((g, read, _)) = &mut group {
-                if kind == KIND_RESULT && *read < g.count {
-                    if postcard::from_bytes::<ProbeResult>(payload).is_err() {
+                let records = match kind {
+                    KIND_RESULT if *read < g.count => {
+                        Some(postcard::from_bytes::<ProbeResult>(payload).map_or(0, |_| 1))
+                    }
+                    KIND_PACKED if *read < g.count => Some(unpack(payload).map_or(0, |b| b.len())),
+                    _ => None,
+                };
+                if let Some(n) = records {
+                    // Unreadable, or more records than the header announced: corrupt.
+                    let Some(total) = u32::try_from(n)
+                        .ok()
+                        .filter(|&n| n > 0)
+                        .and_then(|n| read.checked_add(n))
+                        .filter(|&t| t <= g.count)
+                    else {
                         self.corrupt += 1;
                         break;
-                    }
-                    *read += 1;
+                    };
+                    *read = total;
                     at = next;
                     continue;
                 }
@@ -1172,9 +1237,9 @@ pub(crate) mod tests {
     fn acknowledged_records_are_not_replayed_and_their_segments_go() {
         let dir = temp_dir("ack");
         let (mut s, _) = Spool::open(config(&dir, 64 * 1024)).unwrap();
-        // Far more than one segment (64 KiB) of records.
+        // Far more than one segment (64 KiB) of records (packed: about 20 bytes each).
         let mut bytes = 0;
-        for seq in 0..3000 {
+        for seq in 0..9000 {
             bytes += s.append(1, &result(seq)).1;
             if seq % 100 == 99 {
                 s.flush().unwrap();
@@ -1182,7 +1247,7 @@ pub(crate) mod tests {
         }
         s.flush().unwrap();
         assert!(s.segments() > 2, "{} segments", s.segments());
-        s.ack(2500, 2500, 0);
+        s.ack(8500, 8500, 0);
         s.flush().unwrap();
         assert!(
             s.segments() <= 3,
@@ -1192,8 +1257,8 @@ pub(crate) mod tests {
         drop(s);
         let (mut s, replay) = Spool::open(config(&dir, 64 * 1024)).unwrap();
         assert_eq!(replay.records, 500);
-        assert_eq!(all(&mut s).first(), Some(&(1, 2500)));
-        s.ack(3000, 500, bytes);
+        assert_eq!(all(&mut s).first(), Some(&(1, 8500)));
+        s.ack(9000, 500, bytes);
         s.flush().unwrap();
         drop(s);
         let (_, replay) = Spool::open(config(&dir, 64 * 1024)).unwrap();
@@ -1333,7 +1398,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_corrupt_record_loses_the_rest_of_its_group_only() {
+    fn a_corrupt_entry_loses_its_records_only() {
         let dir = temp_dir("corrupt");
         let (mut s, _) = Spool::open(config(&dir, 1 << 20)).unwrap();
         for seq in 0..10 {
@@ -1351,14 +1416,17 @@ pub(crate) mod tests {
         drop(s);
         let mut data = std::fs::read(&first).unwrap();
         let n = data.len();
-        data[n - 20] ^= 0xff; // inside the last record of the first segment
+        // Inside the packed entry of the first segment's only group (its 10 records; the
+        // group's clock entry follows it only when the outbox set a clock, not here).
+        data[n - 20] ^= 0xff;
         std::fs::write(&first, &data).unwrap();
         let (mut s, replay) = Spool::open(config(&dir, 1 << 20)).unwrap();
-        assert_eq!(replay.lost, 1);
+        assert_eq!(replay.lost, 10);
         assert_eq!(replay.corrupt, 1);
-        assert_eq!(replay.gaps[0].1.first_seq, 9);
+        assert_eq!(replay.gaps[0].1.first_seq, 0);
+        assert_eq!(replay.gaps[0].1.count, 10);
         let seqs: Vec<u64> = all(&mut s).into_iter().map(|(_, q)| q).collect();
-        assert_eq!(seqs, (0..9).chain(10..15).collect::<Vec<_>>());
+        assert_eq!(seqs, (10..15).collect::<Vec<_>>());
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -1384,22 +1452,53 @@ pub(crate) mod tests {
         let (mut s, _) = Spool::open(config(&dir, 1 << 20)).unwrap();
         let writes = s.stats().writes;
         let bytes = s.stats().bytes_written;
-        let mut encoded = 0;
-        for seq in 0..10 {
-            let r = result(seq);
-            let mut buf = [0u8; MAX_RESULT_LEN];
-            encoded += postcard::to_slice(&r, &mut buf).unwrap().len();
-            s.append(1, &r);
+        let results: Vec<ProbeResult> = (0..10).map(result).collect();
+        for r in &results {
+            s.append(1, r);
         }
         s.ack(0, 0, 0);
         s.flush().unwrap();
         assert_eq!(s.stats().writes - writes, 1);
         let per_result = (s.stats().bytes_written - bytes) as f64 / 10.0;
-        let ratio = per_result / (encoded as f64 / 10.0);
+        // Against what the same results cost on the wire, as one version 3 frame.
+        let batch = vantage_proto::Batch {
+            boot_id: 1,
+            results: results.iter().copied().collect(),
+            gaps: heapless::Vec::new(),
+            clock: None,
+        };
+        let mut buf = [0u8; vantage_proto::MAX_FRAME_LEN];
+        let wire = vantage_proto::encode(&batch, &mut buf).unwrap().len() as f64 / 10.0;
+        let ratio = per_result / wire;
         assert!(
             ratio <= 1.5,
-            "{per_result} bytes per result, {ratio:.2}× the encoded size"
+            "{per_result} bytes per result, {ratio:.2}× the wire's {wire}"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A spool written before results were packed (one kind 2 entry per result) is read.
+    #[test]
+    fn a_spool_of_single_result_entries_is_still_read() {
+        let dir = temp_dir("unpacked");
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut data = MAGIC.to_vec();
+        let header = GroupHeader {
+            boot_id: 4,
+            first_pos: 0,
+            first_seq: 0,
+            count: 3,
+            min_started_at_ms: result(0).started_at_ms,
+            max_started_at_ms: result(2).started_at_ms,
+        };
+        put_entry(&mut data, KIND_GROUP, &header);
+        for seq in 0..3 {
+            put_entry(&mut data, KIND_RESULT, &result(seq));
+        }
+        std::fs::write(dir.join(format!("{:020}.seg", 0)), &data).unwrap();
+        let (mut s, replay) = Spool::open(config(&dir, 1 << 20)).unwrap();
+        assert_eq!((replay.records, replay.lost, replay.corrupt), (3, 0, 0));
+        assert_eq!(all(&mut s), vec![(4, 0), (4, 1), (4, 2)]);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
