@@ -835,7 +835,19 @@ async fn bridge_dead_letters_bad_frames_and_keeps_going() {
     let stages = InProcess::start(&run, &IngesterOptions::default(), true, true).await;
     let ok_topic = format!("{}/v1/results/eu-north/pi-{}", run.prefix(), run.id);
     let good = frame(&batch(42, &[0, 1, 2], &[]));
-    let mut trailing = good.clone();
+    // Bytes after a whole frame. In version 3 the clock state is last and optional, so a byte
+    // after a frame without one starts a clock state (malformed); after a frame with one it is
+    // trailing.
+    let mut with_clock = batch(42, &[0, 1, 2], &[]);
+    with_clock.clock = Some(vantage_proto::ClockHealth {
+        synced: true,
+        max_error_ms: 20,
+        est_error_ms: 2,
+        synced_from_seq: Some(0),
+        boot_age_s: 600,
+        sealed_at_ms: with_clock.results[2].started_at_ms + 1_000,
+    });
+    let mut trailing = frame(&with_clock);
     trailing.push(0);
     let cases: Vec<(String, Vec<u8>, &str)> = vec![
         (ok_topic.clone(), vec![], "empty_frame"),
