@@ -1615,7 +1615,7 @@ async fn kept_mismatches(s: &Schema) -> i64 {
 }
 
 /// Migration 0014: `region_comparison` answers exactly what 0009's did and `web_daily` what
-/// 0008's did (kept as baselines, EXCEPT ALL both ways), over windows with and without a kept window, for every target and for
+/// 0008's did (and 0015's `web_region_detail` what 0008's did) (kept as baselines, EXCEPT ALL both ways), over windows with and without a kept window, for every target and for
 /// one: on data of 35 days with errors, pending writes above the watermark, late data for hours
 /// already materialised (before and after the round that consumes it), kept windows whose start
 /// is behind or ahead of the window's (an hour or a day boundary passed since the round), and
@@ -1623,7 +1623,12 @@ async fn kept_mismatches(s: &Schema) -> i64 {
 /// windows stay the merge of their rows (as rollups stay a recount of raw rows).
 #[tokio::test]
 async fn region_comparison_answers_as_0009_did() {
-    let s = Schema::keeping("kept", &["region_comparison", "web_daily"], 12).await;
+    let s = Schema::keeping(
+        "kept",
+        &["region_comparison", "web_daily", "web_region_detail"],
+        12,
+    )
+    .await;
     let mut writer = db::connect_writer(&s.config).await.unwrap();
     let now = now_ms();
     let regions = ["a", "b", "c"];
@@ -1712,6 +1717,30 @@ async fn region_comparison_answers_as_0009_did() {
                     (0, 0),
                     "{what}: web_daily({args})"
                 );
+            }
+            // And the target page's region detail (0015), at every level it reads.
+            for since in ["1 hour", "24 hours", "7 days", "8 days", "30 days", "90 days"] {
+                for target in [3, 5] {
+                    let args = format!("{target}, interval '{since}'");
+                    let old = format!("SELECT * FROM old_web_region_detail({args})");
+                    let new = format!("SELECT * FROM web_region_detail({args})");
+                    let r = client
+                        .query_one(
+                            &format!(
+                                "SELECT (SELECT count(*) FROM ({old} EXCEPT ALL {new}) AS x),
+                                        (SELECT count(*) FROM ({new} EXCEPT ALL {old}) AS y),
+                                        (SELECT count(*) FROM ({new}) AS z)"
+                            ),
+                            &[],
+                        )
+                        .await
+                        .unwrap();
+                    assert_eq!(
+                        (r.get::<_, i64>(0), r.get::<_, i64>(1), r.get::<_, i64>(2)),
+                        (0, 0, 3),
+                        "{what}: web_region_detail({args})"
+                    );
+                }
             }
         }
     };

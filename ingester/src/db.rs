@@ -83,6 +83,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0014_kept_windows.sql",
         include_str!("../../migrations/0014_kept_windows.sql"),
     ),
+    (
+        15,
+        "0015_web_reads.sql",
+        include_str!("../../migrations/0015_web_reads.sql"),
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]

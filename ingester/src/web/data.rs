@@ -634,8 +634,11 @@ pub struct TargetPage {
 }
 
 /// The target page; None when the target is unknown (no definition and no result).
+/// `other` may be `client`; when it is a second connection, the latency chart (the longest read)
+/// runs there while the rest is pipelined on `client`.
 pub async fn target_page(
     client: &Client,
+    other: &Client,
     j: &Judgement,
     id: i32,
     window: Window,
@@ -656,7 +659,7 @@ pub async fn target_page(
     };
     let latency = async {
         Ok::<_, DataError>(
-            client
+            other
                 .query(
                     &format!(
                         "SELECT extract(epoch FROM bucket)::float8, region, p50_ms, p95_ms

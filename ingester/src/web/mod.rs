@@ -398,26 +398,24 @@ impl Server {
         };
         let j = &self.judgement;
         let site = self.site();
-        match page {
-            "/" => {
-                // The region comparison on a second connection when the pool has one to give.
-                let second = if self.web.connections > 1 {
-                    // Only when free: waiting for it while holding one could deadlock
-                    // requests that each hold one.
-                    match self.pool.try_get().await {
-                        Ok(c) => c,
-                        Err(e) => return self.unavailable(api, &e.to_string()),
-                    }
-                } else {
-                    None
-                };
-                let other: &tokio_postgres::Client = second.as_deref().unwrap_or(&client);
-                match data::overview(&client, other, j).await {
-                    Ok(o) if api => Reply::json(&o),
-                    Ok(o) => Reply::html(StatusCode::OK, pages::overview(&site, &o)),
-                    Err(e) => self.unavailable(api, &e.to_string()),
-                }
+        // The overview and the target page run their longest read on a second connection when
+        // the pool has one to give: only when free, since waiting for it while holding one could
+        // deadlock requests that each hold one.
+        let second = if self.web.connections > 1 && (page == "/" || page.starts_with("/targets/")) {
+            match self.pool.try_get().await {
+                Ok(c) => c,
+                Err(e) => return self.unavailable(api, &e.to_string()),
             }
+        } else {
+            None
+        };
+        let other: &tokio_postgres::Client = second.as_deref().unwrap_or(&client);
+        match page {
+            "/" => match data::overview(&client, other, j).await {
+                Ok(o) if api => Reply::json(&o),
+                Ok(o) => Reply::html(StatusCode::OK, pages::overview(&site, &o)),
+                Err(e) => self.unavailable(api, &e.to_string()),
+            },
             "/regions" => {
                 let metric = match param(query, "metric") {
                     Some("availability") => "availability",
@@ -440,7 +438,7 @@ impl Server {
                 Err(e) => self.unavailable(api, &e.to_string()),
             },
             p => match p.strip_prefix("/targets/").map(str::parse::<i32>) {
-                Some(Ok(id)) => match data::target_page(&client, j, id, window).await {
+                Some(Ok(id)) => match data::target_page(&client, other, j, id, window).await {
                     Ok(Some(t)) if api => Reply::json(&t),
                     Ok(Some(t)) => Reply::html(StatusCode::OK, pages::target(&site, &t)),
                     Ok(None) => self.not_found(api, "no such target"),
