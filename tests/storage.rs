@@ -1719,7 +1719,9 @@ async fn region_comparison_answers_as_0009_did() {
                 );
             }
             // And the target page's region detail (0015), at every level it reads.
-            for since in ["1 hour", "24 hours", "7 days", "8 days", "30 days", "90 days"] {
+            for since in [
+                "1 hour", "24 hours", "7 days", "8 days", "30 days", "90 days",
+            ] {
                 for target in [3, 5] {
                     let args = format!("{target}, interval '{since}'");
                     let old = format!("SELECT * FROM old_web_region_detail({args})");
