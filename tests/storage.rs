@@ -152,6 +152,8 @@ fn row(
             redirects: 0,
             cert_not_after_s: None,
             remote_ip: None,
+            kind: vantage_proto::ProbeKind::Http,
+            tls_version: None,
         },
         clock_error_ms: None,
         clock_unsynced: None,

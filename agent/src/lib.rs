@@ -132,11 +132,12 @@ pub async fn run(
     // the last good ones on disk, so a restart without broker still probes).
     let mut book = match config.targets_source {
         TargetsSource::Local => None,
-        TargetsSource::Central => Some(target_set::TargetBook::load(
+        TargetsSource::Central => Some(target_set::TargetBook::load_for(
             &config.state_dir,
             &config.mqtt.topic_prefix,
             &config.region,
             &config.agent_id,
+            config.uplink.wire_format,
         )),
     };
     let mut targets: Vec<Arc<target::Target>> = match &book {
@@ -253,10 +254,17 @@ pub async fn run(
                     let handle = probes.spawn(async move {
                         let (m, leftover) = prober.probe_with_leftover(&target).await;
                         metrics::probe_done(&m);
-                        tracing::debug!(target_id = m.target_id, outcome = m.outcome.as_str(), status = m.status, total = ?m.total, "probe done");
+                        tracing::debug!(
+                            target_id = m.target_id,
+                            outcome = m.outcome.as_str(),
+                            status = m.status,
+                            kind = m.kind.as_str(),
+                            total_us = m.total_us,
+                            "probe done"
+                        );
                         // The uplink receives until this sender is gone (see the drain below),
                         // so the result is numbered even after the drain deadline.
-                        let _ = tx.send(uplink::to_wire(&m)).await;
+                        let _ = tx.send(m.result).await;
                         // A body check given up at the deadline still holds the body: this
                         // probe's memory (and slot) stays counted until it ends (probe/check.rs).
                         if let Some(leftover) = leftover {
@@ -326,7 +334,7 @@ pub async fn run(
                         budget::show(config.memory_budget)
                     ));
                     metrics::probe_done(&m);
-                    hand_to_uplink(&mut probes, &tx, vec![uplink::to_wire(&m)]);
+                    hand_to_uplink(&mut probes, &tx, vec![m.result]);
                 }
             }
         }

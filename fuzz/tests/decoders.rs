@@ -50,6 +50,28 @@ fn result_frame_clocks() {
     });
 }
 
+/// Version 4's extension (issue #20): a valid head of one result whose extension byte says
+/// tcp, then the input in place of the rest of the result (outcome on), so the extension's
+/// fields, later results and the clock are reached; the same properties as [`result_frames`].
+/// A second head lets the input be the extension byte itself.
+#[test]
+fn result_frame_kinds() {
+    // Version 4, boot id, one result: head status 200 + extension, presence 0; then the
+    // extension byte tcp (or the input as the extension byte).
+    const TCP_HEAD: &[u8] = &[4, 1, 2, 3, 4, 5, 6, 7, 8, 1, 0x90, 0, 1];
+    const EXT_HEAD: &[u8] = &[4, 1, 2, 3, 4, 5, 6, 7, 8, 1, 0x90, 0];
+    bolero::check!().for_each(|bytes: &[u8]| {
+        for head in [TCP_HEAD, EXT_HEAD] {
+            let frame = [head, bytes].concat();
+            if let Ok(batch) = decode(&frame) {
+                let mut buf = [0u8; MAX_FRAME_LEN];
+                let again = encode(&batch, &mut buf).expect("a decoded batch fits a frame");
+                assert_eq!(decode(again), Ok(batch));
+            }
+        }
+    });
+}
+
 /// Target set frames, read spec by spec as the agent does: never more specs than the header's
 /// count (itself at most `MAX_TARGETS`), and nothing after the first error.
 #[test]
