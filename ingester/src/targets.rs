@@ -545,11 +545,12 @@ async fn apply_locked(
     }
     let upsert = tx
         .prepare(
-            "INSERT INTO targets (target_id, name, url, spec, regions, agents, created_at, updated_at)
-             VALUES ($1, $2, $3, $4::text::jsonb, $5, $6, now(), now())
+            "INSERT INTO targets (target_id, name, url, spec, regions, agents, kind_id, created_at,
+                                  updated_at)
+             VALUES ($1, $2, $3, $4::text::jsonb, $5, $6, $7, now(), now())
              ON CONFLICT (target_id) DO UPDATE SET
                  name = excluded.name, url = excluded.url, spec = excluded.spec,
-                 regions = excluded.regions, agents = excluded.agents,
+                 regions = excluded.regions, agents = excluded.agents, kind_id = excluded.kind_id,
                  created_at = coalesce(targets.created_at, excluded.created_at),
                  updated_at = now(), retired_at = NULL",
         )
@@ -574,6 +575,7 @@ async fn apply_locked(
                 &spec,
                 &regions,
                 &agents,
+                &i16::from(p.spec.kind.index()),
             ],
         )
         .await?;
