@@ -632,17 +632,12 @@ timeout = "400ms"
             assert_eq!(row.get::<_, Option<bool>>(5), Some(true), "expect matched");
         }
     }
-    let kinds: BTreeMap<String, String> = client
-        .query(
-            "SELECT t.name, k.kind FROM targets t JOIN probe_kinds k USING (kind_id)
-              WHERE t.name IS NOT NULL",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let kinds: BTreeMap<String, String> = vantage_tests::in_process::query_pairs(
+        client,
+        "SELECT t.name, k.kind FROM targets t JOIN probe_kinds k USING (kind_id)
+          WHERE t.name IS NOT NULL",
+    )
+    .await;
     assert_eq!(kinds["ssh"], "tcp");
     assert_eq!(kinds["cert"], "tls");
 

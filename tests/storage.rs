@@ -1065,17 +1065,11 @@ async fn kinds_are_stored_and_compared_per_kind() {
         2,
         "the http rows store no kind"
     );
-    let kinds: Vec<(i32, String)> = s
-        .client
-        .query(
-            "SELECT target_id, kind FROM targets JOIN probe_kinds USING (kind_id) ORDER BY 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let kinds: Vec<(i32, String)> = vantage_tests::in_process::query_pairs(
+        &s.client,
+        "SELECT target_id, kind FROM targets JOIN probe_kinds USING (kind_id) ORDER BY 1",
+    )
+    .await;
     assert_eq!(
         kinds,
         [(51, "http".into()), (52, "tcp".into()), (53, "tls".into())]

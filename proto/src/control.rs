@@ -150,8 +150,10 @@ impl defmt::Format for HeaderSpec {
 
 /// A setting that only some kinds have (target sets version 2), in a list rather than one field
 /// each so that later kinds append variants instead of a new frame version. Append only.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
-#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+///
+/// `Debug` (and `defmt::Format`) print a `Send` text as `<redacted>`: it may be a credential
+/// (`AUTH ...`), like a header value.
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq)]
 pub enum TargetOption {
     /// `tcp`: written after connecting.
     Send(String<MAX_PROBE_TEXT_LEN>),
@@ -159,6 +161,27 @@ pub enum TargetOption {
     Expect(String<MAX_PROBE_TEXT_LEN>),
     /// `http`: follow redirects from `https` to `http`.
     AllowDowngrade,
+}
+
+impl core::fmt::Debug for TargetOption {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            TargetOption::Send(_) => f.write_str("Send(<redacted>)"),
+            TargetOption::Expect(t) => f.debug_tuple("Expect").field(&t.as_str()).finish(),
+            TargetOption::AllowDowngrade => f.write_str("AllowDowngrade"),
+        }
+    }
+}
+
+#[cfg(feature = "defmt")]
+impl defmt::Format for TargetOption {
+    fn format(&self, f: defmt::Formatter<'_>) {
+        match self {
+            TargetOption::Send(_) => defmt::write!(f, "Send(<redacted>)"),
+            TargetOption::Expect(t) => defmt::write!(f, "Expect({=str})", t.as_str()),
+            TargetOption::AllowDowngrade => defmt::write!(f, "AllowDowngrade"),
+        }
+    }
 }
 
 /// One target with every probe setting, as the agent's `[[targets]]` table has them (see

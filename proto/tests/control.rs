@@ -272,6 +272,12 @@ fn target_set_v2_golden_bytes() {
     assert_eq!(reader.version(), TARGET_SET_VERSION);
     assert_eq!(reader.next(), Some(Ok(tcp_spec(8))));
     assert_eq!(reader.next(), None);
+    // `send` may be a credential: Debug does not show it.
+    let debug = format!("{:?}", tcp_spec(8));
+    assert!(
+        !debug.contains("PING") && debug.contains("Send(<redacted>)") && debug.contains("+PONG"),
+        "{debug}"
+    );
 }
 
 /// A set of http targets without options is still written as version 1, which agents from

@@ -75,28 +75,14 @@ fn sample_v2() -> Batch {
         .unwrap();
     results
         .push(ProbeResult {
-            seq: 8,
-            target_id: 2,
-            started_at_ms: 1_764_000_000_100,
-            status: 0,
-            outcome: Outcome::Timeout,
+            // Timed out waiting for the first byte: no status, regex, body or certificate.
             failed_phase: Some(Phase::FirstByte),
-            regex: RegexOutcome::NotConfigured,
             total_us: 1_000_000,
-            dns_us: None,
             connect_us: Some(100),
-            tls_us: None,
-            ttfb_us: None,
-            transfer_us: None,
-            body_bytes: 0,
-            body_truncated: false,
-            redirects: 0,
-            cert_not_after_s: None,
             remote_ip: Some(IpAddress::V6([
                 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1,
             ])),
-            kind: ProbeKind::Http,
-            tls_version: None,
+            ..ProbeResult::without_response(8, 2, 1_764_000_000_100, Outcome::Timeout)
         })
         .unwrap();
     let mut gaps = heapless::Vec::new();
@@ -233,19 +219,30 @@ fn v2_missed_is_golden() {
     assert_no_response_golden(Outcome::Missed, GOLDEN_V2_MISSED);
 }
 
-#[test]
-fn phase_wire_order_is_frozen() {
+/// The variant index is what travels: `all[i]` encodes as the byte `i`, and `names` (the
+/// contract) are the stable names in that order.
+fn assert_wire_order<T: serde::Serialize + core::fmt::Debug>(
+    all: &[T],
+    name: impl Fn(&T) -> &'static str,
+    names: &[&str],
+) {
     let mut buf = [0u8; 8];
-    for (i, p) in Phase::ALL.iter().enumerate() {
+    for (i, v) in all.iter().enumerate() {
         assert_eq!(
-            postcard::to_slice(p, &mut buf).unwrap(),
+            postcard::to_slice(v, &mut buf).unwrap(),
             &[i as u8],
-            "{p:?}"
+            "{v:?}"
         );
     }
-    assert_eq!(
-        Phase::ALL.map(|p| p.as_str()),
-        [
+    assert_eq!(all.iter().map(name).collect::<Vec<_>>(), names);
+}
+
+#[test]
+fn phase_wire_order_is_frozen() {
+    assert_wire_order(
+        &Phase::ALL,
+        |p| p.as_str(),
+        &[
             "dns",
             "connect",
             "tls",
@@ -254,21 +251,16 @@ fn phase_wire_order_is_frozen() {
             // issue 13 block
             "headers",
             "check",
-        ]
+        ],
     );
 }
 
 #[test]
 fn outcome_wire_order_is_frozen() {
-    // The variant index is what travels; this list is the contract.
-    let mut buf = [0u8; 8];
-    for (i, o) in Outcome::ALL.iter().enumerate() {
-        let bytes = postcard::to_slice(o, &mut buf).unwrap();
-        assert_eq!(bytes, &[i as u8], "{o:?}");
-    }
-    assert_eq!(
-        Outcome::ALL.map(|o| o.as_str()),
-        [
+    assert_wire_order(
+        &Outcome::ALL,
+        |o| o.as_str(),
+        &[
             "up",
             "status_not_accepted",
             "regex_not_matched",
@@ -298,32 +290,21 @@ fn outcome_wire_order_is_frozen() {
             "missed",
             // issue 20
             "expect_mismatch",
-        ]
+        ],
     );
 }
 
 #[test]
 fn kind_and_tls_version_wire_order_is_frozen() {
-    let mut buf = [0u8; 8];
+    assert_wire_order(&ProbeKind::ALL, |k| k.as_str(), &["http", "tcp", "tls"]);
     for (i, k) in ProbeKind::ALL.iter().enumerate() {
         assert_eq!(
-            postcard::to_slice(k, &mut buf).unwrap(),
-            &[i as u8],
-            "{k:?}"
+            (k.index(), ProbeKind::from_index(i as u8)),
+            (i as u8, Some(*k))
         );
-        assert_eq!(k.index(), i as u8);
-        assert_eq!(ProbeKind::from_index(i as u8), Some(*k));
     }
     assert_eq!(ProbeKind::from_index(3), None);
-    assert_eq!(ProbeKind::ALL.map(|k| k.as_str()), ["http", "tcp", "tls"]);
-    for (i, v) in TlsVersion::ALL.iter().enumerate() {
-        assert_eq!(
-            postcard::to_slice(v, &mut buf).unwrap(),
-            &[i as u8],
-            "{v:?}"
-        );
-    }
-    assert_eq!(TlsVersion::ALL.map(|v| v.as_str()), ["TLSv1.2", "TLSv1.3"]);
+    assert_wire_order(&TlsVersion::ALL, |v| v.as_str(), &["TLSv1.2", "TLSv1.3"]);
     assert_eq!(TlsVersion::ALL.map(|v| v.code()), [0x0303, 0x0304]);
 }
 
@@ -623,19 +604,28 @@ fn varied_results() -> heapless::Vec<ProbeResult, MAX_RESULTS> {
 
 #[test]
 fn v3_round_trips_every_field_combination() {
-    let results = varied_results();
-    // Every prefix and every suffix, so each result is seen first and after each other one.
+    assert_every_slice_round_trips(&varied_results(), None, encode_v3, 3);
+}
+
+/// Every slice of `results` (each seen first and after each other one), with the gaps of
+/// `sample_v2` and `clock`, written by `encoder` as a frame of `version`, decodes to itself.
+fn assert_every_slice_round_trips(
+    results: &[ProbeResult],
+    clock: Option<ClockHealth>,
+    encoder: for<'b> fn(&Batch, &'b mut [u8]) -> Result<&'b mut [u8], Error>,
+    version: u8,
+) {
     for from in 0..results.len() {
         for to in from + 1..=results.len() {
             let batch = Batch {
                 boot_id: u64::MAX - from as u64,
                 results: results[from..to].iter().copied().collect(),
                 gaps: sample_v2().gaps,
-                clock: None,
+                clock,
             };
             let mut buf = [0u8; MAX_FRAME_LEN];
-            let bytes = encode_v3(&batch, &mut buf).unwrap();
-            assert_eq!(bytes[0], 3);
+            let bytes = encoder(&batch, &mut buf).unwrap();
+            assert_eq!(bytes[0], version);
             assert_eq!(decode(bytes), Ok(batch), "results {from}..{to}");
         }
     }
@@ -883,50 +873,28 @@ fn fuzz_clock_heads_are_valid() {
 fn sample_v4() -> Batch {
     let http = sample_v2().results[0];
     let tcp = ProbeResult {
-        seq: 8,
-        target_id: 3,
-        started_at_ms: http.started_at_ms + 100,
-        status: 0,
-        outcome: Outcome::Up,
-        failed_phase: None,
         regex: RegexOutcome::Matched, // the expect check
         total_us: 1_200,
-        dns_us: None,
         connect_us: Some(300),
-        tls_us: None,
         ttfb_us: Some(800),
         transfer_us: Some(50),
         body_bytes: 8,
-        body_truncated: false,
-        redirects: 0,
-        cert_not_after_s: None,
         remote_ip: Some(IpAddress::V4([127, 0, 0, 1])),
         kind: ProbeKind::Tcp,
-        tls_version: None,
+        ..ProbeResult::without_response(8, 3, http.started_at_ms + 100, Outcome::Up)
     };
     let tls = ProbeResult {
-        seq: 9,
-        target_id: 4,
-        started_at_ms: http.started_at_ms + 200,
-        status: 0,
-        outcome: Outcome::Up,
-        failed_phase: None,
-        regex: RegexOutcome::NotConfigured,
         total_us: 3_800,
         dns_us: Some(500),
         connect_us: Some(200),
         tls_us: Some(3_000),
-        ttfb_us: None,
-        transfer_us: None,
-        body_bytes: 0,
-        body_truncated: false,
-        redirects: 0,
         cert_not_after_s: Some(1_800_000_000),
         remote_ip: Some(IpAddress::V6([
             0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1,
         ])),
         kind: ProbeKind::Tls,
         tls_version: Some(TlsVersion::Tls13),
+        ..ProbeResult::without_response(9, 4, http.started_at_ms + 200, Outcome::Up)
     };
     Batch {
         boot_id: 0x0123_4567_89AB_CDEF,
@@ -1113,20 +1081,7 @@ fn v4_round_trips_every_kind_and_field() {
     for (i, r) in results.iter_mut().enumerate() {
         (r.kind, r.tls_version) = kinds[i % kinds.len()];
     }
-    for from in 0..results.len() {
-        for to in from + 1..=results.len() {
-            let batch = Batch {
-                boot_id: from as u64,
-                results: results[from..to].iter().copied().collect(),
-                gaps: sample_v2().gaps,
-                clock: Some(synced_clock()),
-            };
-            let mut buf = [0u8; MAX_FRAME_LEN];
-            let bytes = encode(&batch, &mut buf).unwrap();
-            assert_eq!(bytes[0], 4);
-            assert_eq!(decode(bytes), Ok(batch), "results {from}..{to}");
-        }
-    }
+    assert_every_slice_round_trips(&results, Some(synced_clock()), encode, 4);
 }
 
 #[test]
