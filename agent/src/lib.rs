@@ -35,7 +35,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use vantage_proto::control::SetScope;
-use vantage_proto::{Outcome, ProbeResult};
+use vantage_proto::{Outcome, ProbeKind, ProbeResult};
 
 use scheduler::{Action, SkipReason};
 
@@ -300,16 +300,21 @@ pub async fn run(
                     // Silence becomes data: each period that went unmeasured is a result with
                     // outcome `missed` at its due time (no timings), so availability and SQL
                     // tell "not measured" from "measured up" (issue #18 item 4).
-                    let every = targets
+                    // The target's kind too: a missed period of a tcp target is a tcp result
+                    // (the sink takes a target's kind from its newest results).
+                    let (every, kind) = targets
                         .iter()
                         .find(|t| t.id == target)
-                        .map_or(Duration::ZERO, |t| t.interval);
+                        .map_or((Duration::ZERO, ProbeKind::Http), |t| (t.interval, t.kind));
                     let behind = Instant::now().saturating_duration_since(due_at);
                     let first_due_ms = fleet::now_ms()
                         .saturating_sub(u64::try_from(behind.as_millis()).unwrap_or(u64::MAX));
                     let missed: Vec<_> = scheduler::missed_due_times(first_due_ms, every, count)
                         .into_iter()
-                        .map(|at| ProbeResult::without_response(0, target, at, Outcome::Missed))
+                        .map(|at| ProbeResult {
+                            kind,
+                            ..ProbeResult::without_response(0, target, at, Outcome::Missed)
+                        })
                         .collect();
                     summary.missed_reported += missed.len() as u64;
                     hand_to_uplink(&mut probes, &tx, missed);
@@ -328,6 +333,9 @@ pub async fn run(
                     // A result that says so, like any other: the refusal reaches SQL.
                     let mut m = probe::Measurement::new(target, fleet::now_ms());
                     m.outcome = Outcome::MemoryRefused;
+                    if let Some(t) = targets.iter().find(|t| t.id == target) {
+                        m.kind = t.kind;
+                    }
                     m.detail = Some(format!(
                         "needs {} of body memory, more than probes.memory_budget ({})",
                         budget::show(need),
