@@ -331,6 +331,23 @@ mod tests {
         assert!(!e.reason.contains("hunter2"), "{}", e.reason);
     }
 
+    /// Issue #20: a tcp target's `send` may be a credential (`AUTH ...`): never in `Debug`.
+    #[test]
+    fn send_stays_out_of_debug() {
+        let mut r = RawTarget::with_url(1, "");
+        r.kind = ProbeKind::Tcp;
+        r.address = Some("127.0.0.1:6379".into());
+        r.send = Some("AUTH hunter2\r\n".into());
+        r.expect = Some("+OK".into());
+        let raw_debug = format!("{r:?}");
+        let spec_debug = format!("{:?}", crate::target_set::spec_from_raw(&r).unwrap());
+        let t = Target::from_raw(r).unwrap();
+        assert_eq!(t.send, b"AUTH hunter2\r\n");
+        for text in [raw_debug, spec_debug, format!("{t:?}")] {
+            assert!(!text.contains("hunter2") && text.contains("+OK"), "{text}");
+        }
+    }
+
     #[test]
     fn redact_userinfo_finds_only_the_authority() {
         assert_eq!(

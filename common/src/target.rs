@@ -50,7 +50,8 @@ pub struct RawTarget {
     /// `tcp`, `tls`: `host:port` to connect to (required); an IPv6 address as `[::1]:443`.
     pub address: Option<String>,
     /// `tcp`: text written once connected (TOML escapes such as `\r\n`; at most 256 bytes).
-    /// May be a credential (`AUTH ...`): `Debug` hides it.
+    /// May be a credential (`AUTH ...`): `Debug` hides it, but like a literal header value it
+    /// travels in a central target set and sits in `targets.spec`.
     pub send: Option<String>,
     /// `tcp`: text the first bytes the peer sends must be (a banner: `SSH-2.0-`, `+PONG`);
     /// read until they match, differ or the deadline passes (at most 256 bytes).
