@@ -3,7 +3,8 @@
 //! removes, renames and moves targets and the rows follow; a pushed set that fails validation is
 //! refused and reported while the agent keeps its old set; an agent restarted while the broker is
 //! unreachable probes from the set it persisted; agents announce themselves, send heartbeats and
-//! are marked offline by a clean stop or by their last will.
+//! are marked offline by a clean stop or by their last will; targets of kind http, tcp and tls
+//! (issue #20) reach agents in two regions and land in SQL with their kind.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -528,6 +529,163 @@ async fn agents_follow_central_targets() {
         let _ = handle.await;
     }
     f.finish(&[eu_agent, us_agent]).await;
+}
+
+/// Issue #20, end to end: one central set with an http, a tcp (banner check) and a tls target,
+/// all on loopback servers of the test, reaches the agents of both regions (a version 2 target
+/// set), their results travel as version 4 frames and land in SQL with their kind (and the tls
+/// one with its protocol version); `region_comparison` and the report compare one kind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn probe_kinds_reach_sql_by_region() {
+    let f = Fixture::start("kinds").await;
+    let (run, target, client, ingester_file) = (&f.run, &f.target, &f.client, &f.ingester_file);
+
+    // A service with a banner, and a TLS server with a certificate of a test CA.
+    let banner = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let banner_addr = banner.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = banner.accept().await {
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let _ = stream.write_all(b"SSH-2.0-vantage-test\r\n").await;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            });
+        }
+    });
+    let ca = vantage_tests::tls::TestCa::new();
+    let ca_path = run.dir.join("kinds-ca.pem");
+    ca.write_pem(&ca_path);
+    let leaf = ca.leaf(&["localhost"], (2020, 1, 1), (2099, 1, 1));
+    let tls = TargetServer::start_tls("127.0.0.1:0", leaf.server_config())
+        .await
+        .unwrap();
+
+    let file = run.dir.join("targets-kinds.toml");
+    write_file(
+        &file,
+        &format!(
+            r#"regions = {REGIONS:?}
+
+[[targets]]
+name = "web"
+url = "{web}"
+interval = "500ms"
+timeout = "400ms"
+
+[[targets]]
+name = "ssh"
+kind = "tcp"
+address = "{banner_addr}"
+expect = "SSH-2.0-"
+interval = "500ms"
+timeout = "400ms"
+
+[[targets]]
+name = "cert"
+kind = "tls"
+address = "localhost:{tls_port}"
+ca_file = "{ca}"
+ip_family = "ipv4"
+interval = "500ms"
+timeout = "400ms"
+"#,
+            web = target.url("/"),
+            tls_port = tls.addr.port(),
+            ca = ca_path.display(),
+        ),
+    );
+    let mut agents = Vec::new();
+    for region in REGIONS {
+        agents.push(spawn_agent(run, region, run.services.mqtt_port));
+    }
+    apply(ingester_file, &file);
+    for name in ["web", "ssh", "cert"] {
+        wait_rows_everywhere(client, name, 2).await;
+    }
+
+    // Every row has its target's kind; each probe was up; the tls ones say TLS 1.3.
+    let rows = client
+        .query(
+            "SELECT t.name, r.region, r.kind, r.outcome, r.tls_version, r.regex_match
+               FROM results r JOIN targets t USING (target_id)",
+            &[],
+        )
+        .await
+        .unwrap();
+    for row in &rows {
+        let (name, region, kind, outcome): (String, String, String, String) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        let tls_version: Option<String> = row.get(4);
+        let expected = match name.as_str() {
+            "web" => "http",
+            "ssh" => "tcp",
+            _ => "tls",
+        };
+        assert_eq!(kind, expected, "{name} from {region}");
+        assert_eq!(outcome, "up", "{name} from {region}");
+        assert_eq!(
+            tls_version.as_deref(),
+            (kind == "tls").then_some("TLSv1.3"),
+            "{name}"
+        );
+        if kind == "tcp" {
+            assert_eq!(row.get::<_, Option<bool>>(5), Some(true), "expect matched");
+        }
+    }
+    let kinds: BTreeMap<String, String> = vantage_tests::in_process::query_pairs(
+        client,
+        "SELECT t.name, k.kind FROM targets t JOIN probe_kinds k USING (kind_id)
+          WHERE t.name IS NOT NULL",
+    )
+    .await;
+    assert_eq!(kinds["ssh"], "tcp");
+    assert_eq!(kinds["cert"], "tls");
+
+    // region_comparison per kind: one kind's targets from both regions; all of them without.
+    let ssh_id = target_id(client, "ssh").await;
+    let per_kind = |kind: &'static str| async move {
+        client
+            .query(
+                "SELECT target_id, region, kind, probes FROM region_comparison(interval '1 hour', NULL, $1)",
+                &[&kind],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get::<_, i32>(0), r.get::<_, String>(1), r.get::<_, String>(2)))
+            .collect::<Vec<_>>()
+    };
+    let tcp = per_kind("tcp").await;
+    assert_eq!(
+        tcp,
+        REGIONS
+            .iter()
+            .map(|r| (ssh_id, r.to_string(), "tcp".to_owned()))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(per_kind("tls").await.len(), 2);
+    let all: i64 = query_scalar(
+        client,
+        "SELECT count(*) FROM region_comparison(interval '1 hour')",
+        &[],
+    )
+    .await;
+    assert_eq!(all, 6, "3 targets x 2 regions");
+    let report =
+        vantage_ingester::report::query(client, Duration::from_secs(3600), None, Some("tcp"))
+            .await
+            .unwrap();
+    assert_eq!(report.len(), 2);
+    assert!(report
+        .iter()
+        .all(|r| r.target_id == ssh_id && r.availability_pct > 99.0));
+
+    let ids: Vec<String> = REGIONS.iter().map(|r| agent_id(run, r)).collect();
+    for (token, handle) in agents {
+        token.cancel();
+        let _ = handle.await;
+    }
+    f.finish(&ids).await;
 }
 
 /// A pushed set that fails the agent's validation (here published behind `targets apply`'s back,

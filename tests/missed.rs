@@ -2,7 +2,8 @@
 //! with SIGSTOP (what a suspended board or a stalled process looks like from outside) and let go
 //! again, publishes a `missed` result for every period it did not probe; the bridge and sink
 //! (in-process) store them, the hourly view counts them as probes that were not up, and
-//! `latest_status` keeps the last real measurement.
+//! `latest_status` keeps the last real measurement. A tcp target's missed periods are tcp
+//! results (issue #20: the sink takes a target's kind from its newest results).
 //!
 //! Build the binaries first (`cargo build --bins`, as `make test` does).
 
@@ -19,6 +20,7 @@ use vantage_tests::stage::agent_command;
 use vantage_tests::target::TargetServer;
 
 const TARGET: i32 = 1;
+const TCP_TARGET: i32 = 2;
 const STOPPED: Duration = Duration::from_secs(6);
 
 /// (outcome, started_at as ms since the epoch, total_us, status) of every row of the target.
@@ -57,7 +59,12 @@ async fn a_stopped_agent_reports_the_periods_it_missed() {
     let agent_id = format!("missed-{}", run.id);
     let config = agent_head(&run, &agent_id, "eu-north")
         + "[uplink]\nbatch_max = 1\n"
-        + &target_entry(TARGET as u32, &target.url("/ok"), "1s", "500ms", "");
+        + &target_entry(TARGET as u32, &target.url("/ok"), "1s", "500ms", "")
+        + &format!(
+            "\n[[targets]]\nid = {TCP_TARGET}\nkind = \"tcp\"\naddress = \"{}\"\n\
+             interval = \"1s\"\ntimeout = \"500ms\"\n",
+            target.addr
+        );
     let config_path = run.dir.join("agent.toml");
     write_file(&config_path, &config);
     let log_path = run.dir.join("agent.log");
@@ -100,6 +107,20 @@ async fn a_stopped_agent_reports_the_periods_it_missed() {
         },
     )
     .await;
+    let tcp: Vec<(String, String)> = wait_for(
+        "missed results of the tcp target",
+        Duration::from_secs(30),
+        || async {
+            let r: Vec<(String, String)> = vantage_tests::in_process::query_pairs(
+                &client,
+                &format!("SELECT outcome, kind FROM results WHERE target_id = {TCP_TARGET}"),
+            )
+            .await;
+            r.iter().any(|(o, _)| o == "missed").then_some(r)
+        },
+    )
+    .await;
+    assert!(tcp.iter().all(|(_, kind)| kind == "tcp"), "{tcp:?}");
     let _ = Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status();

@@ -207,7 +207,7 @@ async fn two_regions_reach_postgres_exactly_once() {
     }
 
     // The report command's query answers from the same rows.
-    let report = vantage_ingester::report::query(&client, Duration::from_secs(3600), None)
+    let report = vantage_ingester::report::query(&client, Duration::from_secs(3600), None, None)
         .await
         .unwrap();
     assert_eq!(report.len(), 6);

@@ -152,6 +152,8 @@ fn row(
             redirects: 0,
             cert_not_after_s: None,
             remote_ip: None,
+            kind: vantage_proto::ProbeKind::Http,
+            tls_version: None,
         },
         clock_error_ms: None,
         clock_unsynced: None,
@@ -976,6 +978,147 @@ async fn upkeep_recovers_after_a_postgres_restart() {
     }
     assert_eq!(sink.terminate(Duration::from_secs(30)), Some(0));
     run.cleanup(&[]).await;
+}
+
+/// Migration 0016 (issue #20): each row keeps its kind and TLS version, through both of the
+/// sink's writers and the view's INSERT (which refuses a kind it does not know rather than
+/// store it as http); http rows store no kind id; `targets` takes its results' kind; and
+/// `region_comparison(since, target, of_kind)` is the two-argument answer for that kind's
+/// targets, with their kind. The rollups stay equal to a recount from raw rows.
+#[tokio::test]
+async fn kinds_are_stored_and_compared_per_kind() {
+    use vantage_proto::{ProbeKind, TlsVersion};
+    let s = Schema::new("kinds").await;
+    let now = now_ms();
+    let mut rows = Vec::new();
+    let cases = [
+        (51, ProbeKind::Http, None),
+        (52, ProbeKind::Tcp, None),
+        (53, ProbeKind::Tls, Some(TlsVersion::Tls13)),
+        (53, ProbeKind::Tls, Some(TlsVersion::Tls12)),
+    ];
+    for (i, (target, kind, tls)) in cases.into_iter().enumerate() {
+        for region in ["eu-north", "us-east"] {
+            let at = now - 60_000 + i as u64 * 1000;
+            let mut r = row(
+                rows.len() as u64,
+                target,
+                region,
+                at,
+                1000 + 100 * i as u32,
+                Outcome::Up,
+            );
+            r.result.kind = kind;
+            r.result.tls_version = tls;
+            rows.push(r);
+        }
+    }
+    let mut client = db::connect_writer(&s.config).await.unwrap();
+    let (by_unnest, by_copy) = rows.split_at(4);
+    db::insert_batch(&mut client, by_unnest, &[]).await.unwrap();
+    db::copy_batch(&mut client, by_copy, &[]).await.unwrap();
+    let insert = |kind: &str| {
+        format!(
+            "INSERT INTO results (region, agent, boot_id, seq, target_id, started_at, outcome,
+                                  total_us, body_bytes, kind)
+             VALUES ('eu-north', 'eu-north-pi', 43, 0, 52, now() - interval '1 minute', 'up',
+                     900, 0, '{kind}')"
+        )
+    };
+    s.client.batch_execute(&insert("tcp")).await.unwrap();
+    let e = s
+        .client
+        .batch_execute(&insert("carrier-pigeon"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        Some(&tokio_postgres::error::SqlState::INVALID_PARAMETER_VALUE),
+        "{e:?}"
+    );
+
+    let stored: Vec<(i32, String, Option<String>, i64)> = s
+        .client
+        .query(
+            "SELECT target_id, kind, tls_version, count(*) FROM results GROUP BY 1, 2, 3
+              ORDER BY 1, 2, 3",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    let text = |t: &str| Some(t.to_owned());
+    assert_eq!(
+        stored,
+        [
+            (51, "http".to_owned(), None, 2),
+            (52, "tcp".to_owned(), None, 3),
+            (53, "tls".to_owned(), text("TLSv1.2"), 2),
+            (53, "tls".to_owned(), text("TLSv1.3"), 2),
+        ]
+    );
+    assert_eq!(
+        s.scalar_i64("SELECT count(*) FROM results_raw WHERE kind_id IS NULL")
+            .await,
+        2,
+        "the http rows store no kind"
+    );
+    let kinds: Vec<(i32, String)> = vantage_tests::in_process::query_pairs(
+        &s.client,
+        "SELECT target_id, kind FROM targets JOIN probe_kinds USING (kind_id) ORDER BY 1",
+    )
+    .await;
+    assert_eq!(
+        kinds,
+        [(51, "http".into()), (52, "tcp".into()), (53, "tls".into())]
+    );
+
+    round(&s).await;
+    assert!(exact(&recount(&s).await), "{:?}", recount(&s).await);
+    type Line = (i32, String, i64, Option<f64>, Option<String>);
+    let compare = |sql: &'static str, kind: Option<&'static str>| {
+        let client = &s.client;
+        async move {
+            let rows = match kind {
+                None => client.query(sql, &[]).await,
+                Some(k) => client.query(sql, &[&k]).await,
+            };
+            rows.unwrap()
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+                .collect::<Vec<Line>>()
+        }
+    };
+    let all = compare(
+        "SELECT target_id, region, probes, p50_ms, top_error
+           FROM region_comparison(interval '1 hour')",
+        None,
+    )
+    .await;
+    assert_eq!(all.len(), 6);
+    for (kind, target) in [("http", 51), ("tcp", 52), ("tls", 53)] {
+        let of_kind = compare(
+            "SELECT target_id, region, probes, p50_ms, top_error
+               FROM region_comparison(interval '1 hour', NULL, $1) WHERE kind = $1",
+            Some(kind),
+        )
+        .await;
+        let expected: Vec<Line> = all.iter().filter(|l| l.0 == target).cloned().collect();
+        assert_eq!(of_kind, expected, "{kind}");
+    }
+    let unfiltered: i64 = s
+        .client
+        .query_one(
+            "SELECT count(*) FROM region_comparison(interval '1 hour', NULL, NULL)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(unfiltered, 6);
+    s.drop().await;
 }
 
 /// Issue #14 item 7: `cert_expiry` reports per region, and one region never decides alone: the

@@ -3,7 +3,7 @@
 //! exceed what the Pi has. The scheduler does the accounting (`scheduler.rs`, admission); this
 //! module says what a probe of a target needs and reads the setting.
 //!
-//! # What a probe holds (probe.rs)
+//! # What a probe holds (probe/mod.rs)
 //! - Every probe: its socket, hyper's read buffer (capped at [`READ_BUFFER`]; hyper's own
 //!   default grows to ~400 KB while a body streams in faster than it is read), TLS records
 //!   (up to 16 KiB each way), the request, its task: [`PROBE_FLOOR`]. `bench/memory` measures

@@ -140,8 +140,9 @@ pub struct RawUplink {
     /// behaviour before end-to-end acknowledgements).
     #[serde(default = "default_end_to_end_acks")]
     pub end_to_end_acks: String,
-    /// Frame format version: 3 (default, packed: about 30 bytes per result) or 2 (for an
-    /// ingester older than version 3 frames; docs/delivery.md "Upgrading").
+    /// Frame format version: 4 (default: packed, about 30 bytes per result, every probe kind),
+    /// 3 (for an ingester older than version 4; http targets only) or 2 (older than version 3;
+    /// http targets only; docs/delivery.md "Upgrading").
     #[serde(default = "default_wire_format")]
     pub wire_format: u8,
 }
@@ -332,17 +333,48 @@ pub struct UplinkConfig {
 /// `uplink.wire_format`: the frame version the agent writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WireFormat {
-    /// Version 2: plain postcard, read by every ingester since version 2.
+    /// Version 2: plain postcard, read by every ingester since version 2. http results only.
     V2,
-    /// Version 3: packed (`vantage_proto::v3`).
+    /// Version 3: packed (`vantage_proto::v3`). http results only.
     V3,
+    /// Version 4: packed, with probe kinds (`vantage_proto::v4`).
+    V4,
 }
 
 impl WireFormat {
     pub fn encoder(self) -> crate::outbox::Encoder {
         match self {
             WireFormat::V2 => vantage_proto::encode_v2,
-            WireFormat::V3 => vantage_proto::encode,
+            WireFormat::V3 => vantage_proto::encode_v3,
+            WireFormat::V4 => vantage_proto::encode,
+        }
+    }
+
+    /// Whether frames of this version carry results of `kind` (versions 2 and 3 have no
+    /// place for a kind: their encoders refuse a batch with another, so the configuration and
+    /// pushed target sets are refused instead).
+    pub fn carries(self, kind: vantage_proto::ProbeKind) -> bool {
+        self == WireFormat::V4 || kind == vantage_proto::ProbeKind::Http
+    }
+
+    /// Why a target of `kind` cannot be probed with this version, if it cannot.
+    pub fn refusal(self, kind: vantage_proto::ProbeKind) -> Option<String> {
+        (!self.carries(kind)).then(|| {
+            format!(
+                "a {} target needs uplink.wire_format = 4 (version {} frames carry http \
+                 results only; upgrade the ingesters, then the agent's wire_format)",
+                kind.as_str(),
+                self.version()
+            )
+        })
+    }
+
+    /// The version byte.
+    pub fn version(self) -> u8 {
+        match self {
+            WireFormat::V2 => 2,
+            WireFormat::V3 => 3,
+            WireFormat::V4 => 4,
         }
     }
 }
@@ -476,10 +508,11 @@ impl Config {
         let wire_format = match raw.uplink.wire_format {
             2 => WireFormat::V2,
             3 => WireFormat::V3,
+            4 => WireFormat::V4,
             other => {
                 return Err(invalid(
                     "uplink.wire_format",
-                    format!("{other} is not 2 or 3"),
+                    format!("{other} is not 2, 3 or 4"),
                 ))
             }
         };
@@ -538,6 +571,9 @@ impl Config {
                     &format!("targets[{i}].id"),
                     format!("duplicate target id {}", t.id),
                 ));
+            }
+            if let Some(reason) = wire_format.refusal(t.kind) {
+                return Err(invalid(&format!("targets[{i}].kind"), reason));
             }
             let target = Target::from_raw(t)
                 .map_err(|e| invalid(&format!("targets[{i}].{}", e.key), e.reason))?;
@@ -648,6 +684,7 @@ pub use vantage_common::config_text::{check_name, redact_toml_reason, toml_error
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::target::ProbeKind;
 
     const GOOD: &str = r#"
 agent_id = "pi-1"
@@ -732,6 +769,71 @@ regex = "ok"
         assert!(e.contains("is not http or https"), "{e}");
     }
 
+    /// Issue #20: a target's kind, its keys, and the wire format that can carry its results.
+    #[test]
+    fn probe_kinds_and_their_keys() {
+        let tcp = GOOD
+            .replace(
+                "url = \"http://127.0.0.1:8080/health\"",
+                "kind = \"tcp\"\naddress = \"127.0.0.1:5432\"\nexpect = \"+OK\"",
+            )
+            .replace("regex = \"ok\"\n", "");
+        let c = Config::parse(&tcp, Path::new("agent.toml")).unwrap();
+        let t = &c.targets[0];
+        assert_eq!(t.kind, ProbeKind::Tcp);
+        assert_eq!(t.address.as_ref().unwrap().to_string(), "127.0.0.1:5432");
+        assert_eq!(t.expect, b"+OK");
+        // A key of another kind is refused with the target's key and why.
+        let e = err(&tcp.replace("expect =", "regex = \"x\"\nexpect ="));
+        assert!(
+            e.contains("`targets[0].regex`") && e.contains("does not apply to a tcp target"),
+            "{e}"
+        );
+        let e = err(&tcp.replace("127.0.0.1:5432", "127.0.0.1"));
+        assert!(
+            e.contains("`targets[0].address`") && e.contains("host:port"),
+            "{e}"
+        );
+        let e = err(&tcp.replace("address = \"127.0.0.1:5432\"\n", ""));
+        assert!(
+            e.contains("`targets[0].address`") && e.contains("needs"),
+            "{e}"
+        );
+        let e = err(&tcp.replace("kind = \"tcp\"", "kind = \"tls\""));
+        assert!(e.contains("`targets[0].expect`"), "{e}");
+        let e = err(&tcp.replace("kind = \"tcp\"", "kind = \"udp\""));
+        assert!(
+            e.contains("line 8") && e.contains("unknown variant `udp`, expected one of `http`"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("regex = \"ok\"", "send = \"x\""));
+        assert!(
+            e.contains("`targets[0].send`") && e.contains("http target"),
+            "{e}"
+        );
+        let e = err(&tcp.replace("kind = \"tcp\"", "url = \"http://h/\"\nkind = \"tcp\""));
+        assert!(
+            e.contains("`targets[0].url`") && e.contains("address"),
+            "{e}"
+        );
+        // Versions 2 and 3 carry http results only: refused, not dropped at send time.
+        for old in [2, 3] {
+            let e = err(&tcp.replace(
+                "[[targets]]",
+                &format!("[uplink]\nwire_format = {old}\n[[targets]]"),
+            ));
+            assert!(
+                e.contains("`targets[0].kind`") && e.contains("uplink.wire_format = 4"),
+                "{e}"
+            );
+            let http = GOOD.replace(
+                "[[targets]]",
+                &format!("[uplink]\nwire_format = {old}\n[[targets]]"),
+            );
+            assert!(Config::parse(&http, Path::new("agent.toml")).is_ok());
+        }
+    }
+
     #[test]
     fn bad_regex_and_interval_are_rejected() {
         let e = err(&GOOD.replace("\"ok\"", "\"(unclosed\""));
@@ -759,9 +861,9 @@ regex = "ok"
         assert!(with("buffer_capacity = 1000001").contains("`uplink.buffer_capacity`"));
         assert!(with("batch_max = 33").contains("`uplink.batch_max`"));
         assert!(with("flush_interval = \"0s\"").contains("`uplink.flush_interval`"));
-        let e = with("wire_format = 4");
+        let e = with("wire_format = 5");
         assert!(
-            e.contains("`uplink.wire_format`") && e.contains("4 is not 2 or 3"),
+            e.contains("`uplink.wire_format`") && e.contains("5 is not 2, 3 or 4"),
             "{e}"
         );
         let e = err(&GOOD.replace(
@@ -780,7 +882,7 @@ regex = "ok"
             )
         };
         let c = Config::parse(GOOD, Path::new("agent.toml")).unwrap();
-        assert_eq!(c.uplink.wire_format, WireFormat::V3);
+        assert_eq!(c.uplink.wire_format, WireFormat::V4);
         assert_eq!(c.max_concurrency, None);
         assert_eq!(c.memory_budget, 128 << 20);
         assert_eq!(

@@ -35,7 +35,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use vantage_proto::control::SetScope;
-use vantage_proto::{Outcome, ProbeResult};
+use vantage_proto::{Outcome, ProbeKind, ProbeResult};
 
 use scheduler::{Action, SkipReason};
 
@@ -132,11 +132,12 @@ pub async fn run(
     // the last good ones on disk, so a restart without broker still probes).
     let mut book = match config.targets_source {
         TargetsSource::Local => None,
-        TargetsSource::Central => Some(target_set::TargetBook::load(
+        TargetsSource::Central => Some(target_set::TargetBook::load_for(
             &config.state_dir,
             &config.mqtt.topic_prefix,
             &config.region,
             &config.agent_id,
+            config.uplink.wire_format,
         )),
     };
     let mut targets: Vec<Arc<target::Target>> = match &book {
@@ -253,10 +254,17 @@ pub async fn run(
                     let handle = probes.spawn(async move {
                         let (m, leftover) = prober.probe_with_leftover(&target).await;
                         metrics::probe_done(&m);
-                        tracing::debug!(target_id = m.target_id, outcome = m.outcome.as_str(), status = m.status, total = ?m.total, "probe done");
+                        tracing::debug!(
+                            target_id = m.target_id,
+                            outcome = m.outcome.as_str(),
+                            status = m.status,
+                            kind = m.kind.as_str(),
+                            total_us = m.total_us,
+                            "probe done"
+                        );
                         // The uplink receives until this sender is gone (see the drain below),
                         // so the result is numbered even after the drain deadline.
-                        let _ = tx.send(uplink::to_wire(&m)).await;
+                        let _ = tx.send(m.result).await;
                         // A body check given up at the deadline still holds the body: this
                         // probe's memory (and slot) stays counted until it ends (probe/check.rs).
                         if let Some(leftover) = leftover {
@@ -292,16 +300,21 @@ pub async fn run(
                     // Silence becomes data: each period that went unmeasured is a result with
                     // outcome `missed` at its due time (no timings), so availability and SQL
                     // tell "not measured" from "measured up" (issue #18 item 4).
-                    let every = targets
+                    // The target's kind too: a missed period of a tcp target is a tcp result
+                    // (the sink takes a target's kind from its newest results).
+                    let (every, kind) = targets
                         .iter()
                         .find(|t| t.id == target)
-                        .map_or(Duration::ZERO, |t| t.interval);
+                        .map_or((Duration::ZERO, ProbeKind::Http), |t| (t.interval, t.kind));
                     let behind = Instant::now().saturating_duration_since(due_at);
                     let first_due_ms = fleet::now_ms()
                         .saturating_sub(u64::try_from(behind.as_millis()).unwrap_or(u64::MAX));
                     let missed: Vec<_> = scheduler::missed_due_times(first_due_ms, every, count)
                         .into_iter()
-                        .map(|at| ProbeResult::without_response(0, target, at, Outcome::Missed))
+                        .map(|at| ProbeResult {
+                            kind,
+                            ..ProbeResult::without_response(0, target, at, Outcome::Missed)
+                        })
                         .collect();
                     summary.missed_reported += missed.len() as u64;
                     hand_to_uplink(&mut probes, &tx, missed);
@@ -320,13 +333,16 @@ pub async fn run(
                     // A result that says so, like any other: the refusal reaches SQL.
                     let mut m = probe::Measurement::new(target, fleet::now_ms());
                     m.outcome = Outcome::MemoryRefused;
+                    if let Some(t) = targets.iter().find(|t| t.id == target) {
+                        m.kind = t.kind;
+                    }
                     m.detail = Some(format!(
                         "needs {} of body memory, more than probes.memory_budget ({})",
                         budget::show(need),
                         budget::show(config.memory_budget)
                     ));
                     metrics::probe_done(&m);
-                    hand_to_uplink(&mut probes, &tx, vec![uplink::to_wire(&m)]);
+                    hand_to_uplink(&mut probes, &tx, vec![m.result]);
                 }
             }
         }

@@ -47,18 +47,30 @@ enum Command {
         /// Path of the TOML configuration file.
         config: PathBuf,
     },
-    /// Probe one URL now, with the engine and options of a configured target, and print every
-    /// measured field. Exit status: 0 when the outcome is `up`, 3 when it is not, 2 on a bad
-    /// command line.
+    /// Probe one URL (or, with --kind tcp or tls, one host:port) now, with the engine and
+    /// options of a configured target, and print every measured field. Exit status: 0 when the
+    /// outcome is `up`, 3 when it is not, 2 on a bad command line.
     ///
     /// Example: vantage-agent probe https://example.org/ --regex 'Example Domain' --json
-    Probe(ProbeArgs),
+    ///
+    /// Example: vantage-agent probe --kind tls example.org:443
+    Probe(Box<ProbeArgs>),
 }
 
 #[derive(clap::Args)]
 struct ProbeArgs {
-    /// The http:// or https:// URL to probe.
+    /// The http:// or https:// URL to probe; host:port for --kind tcp or tls.
     url: String,
+    /// What to check: http (a request to the URL), tcp (a connection to host:port), tls (a
+    /// handshake with host:port).
+    #[arg(long, default_value = "http")]
+    kind: String,
+    /// tcp: text to write once connected (e.g. "PING\r\n" written with the shell's $'...').
+    #[arg(long)]
+    send: Option<String>,
+    /// tcp: text the first bytes read must be (a banner such as "SSH-2.0-").
+    #[arg(long)]
+    expect: Option<String>,
     /// Deadline of the whole probe, redirects included.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     timeout: std::time::Duration,
@@ -101,7 +113,12 @@ struct ProbeArgs {
 impl ProbeArgs {
     /// The same validation as a target in a config file.
     fn target(&self) -> anyhow::Result<vantage_agent::target::Target> {
-        use vantage_agent::target::{IpFamily, RawTarget, StatusSpec, Target};
+        use vantage_agent::target::{IpFamily, ProbeKind, RawTarget, StatusSpec, Target};
+        let kind = ProbeKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == self.kind)
+            .with_context(|| format!("--kind {:?}: expected http, tcp or tls", self.kind))?;
+        let http = kind == ProbeKind::Http;
         let mut headers = std::collections::BTreeMap::new();
         for h in &self.headers {
             let (name, value) = h
@@ -112,7 +129,15 @@ impl ProbeArgs {
         let raw = RawTarget {
             id: 0,
             name: None,
-            url: self.url.clone(),
+            kind,
+            url: if http {
+                self.url.clone()
+            } else {
+                String::new()
+            },
+            address: (!http).then(|| self.url.clone()),
+            send: self.send.clone(),
+            expect: self.expect.clone(),
             interval: self.timeout,
             timeout: self.timeout,
             regex: self.regex.clone(),
@@ -137,6 +162,7 @@ impl ProbeArgs {
         Target::from_raw(raw).map_err(|e| {
             let flag = match e.key {
                 "url" => "URL".to_owned(),
+                "address" => "HOST:PORT".to_owned(),
                 "interval" | "timeout" => "--timeout".to_owned(),
                 "accepted_status" => "--accept".to_owned(),
                 "tls_skip_verify" => "--insecure".to_owned(),

@@ -325,7 +325,7 @@ mod imp {
                 outcome: m.outcome.as_str(),
             })
             .inc();
-        METRICS.probe_seconds.observe(m.total.as_secs_f64());
+        METRICS.probe_seconds.observe(f64::from(m.total_us) / 1e6);
     }
 
     /// The run's count of skipped probes so far.

@@ -1,6 +1,7 @@
-//! `vantage-agent probe URL`: one probe with the same engine and options as a configured
-//! target, printed for a person (aligned lines) or for a program (`--json`). Field names match
-//! the columns of the `results` table, plus `detail` (why it is not up; agent-side only).
+//! `vantage-agent probe URL` (or `--kind tcp|tls HOST:PORT`): one probe with the same engine
+//! and options as a configured target, printed for a person (aligned lines) or for a program
+//! (`--json`). Field names match the columns of the `results` table, plus `detail` (why it is
+//! not up; agent-side only).
 
 use std::fmt::Write as _;
 use std::time::{Duration, UNIX_EPOCH};
@@ -30,8 +31,8 @@ enum Value {
     Text(String),
 }
 
-fn us(d: Option<Duration>) -> Value {
-    d.map_or(Value::Null, |d| Value::Int(d.as_micros() as u64))
+fn us(micros: Option<u32>) -> Value {
+    micros.map_or(Value::Null, |us| Value::Int(us.into()))
 }
 
 /// The measurement as (column name, value) pairs, in table order.
@@ -70,12 +71,12 @@ fn fields(m: &Measurement) -> Vec<(&'static str, Value)> {
                 vantage_proto::RegexOutcome::NotMatched => Value::Bool(false),
             },
         ),
-        ("total_us", us(Some(m.total))),
-        ("dns_us", us(m.dns)),
-        ("connect_us", us(m.connect)),
-        ("tls_us", us(m.tls)),
-        ("ttfb_us", us(m.ttfb)),
-        ("transfer_us", us(m.transfer)),
+        ("total_us", us(Some(m.total_us))),
+        ("dns_us", us(m.dns_us)),
+        ("connect_us", us(m.connect_us)),
+        ("tls_us", us(m.tls_us)),
+        ("ttfb_us", us(m.ttfb_us)),
+        ("transfer_us", us(m.transfer_us)),
         ("body_bytes", Value::Int(m.body_bytes.into())),
         ("body_truncated", Value::Bool(m.body_truncated)),
         ("redirects", Value::Int(m.redirects.into())),
@@ -86,8 +87,15 @@ fn fields(m: &Measurement) -> Vec<(&'static str, Value)> {
         ),
         (
             "remote_ip",
-            m.remote_ip
-                .map_or(Value::Null, |ip| Value::Text(ip.to_string())),
+            m.remote_ip.map_or(Value::Null, |ip| {
+                Value::Text(std::net::IpAddr::from(ip).to_string())
+            }),
+        ),
+        ("kind", Value::Text(m.kind.as_str().into())),
+        (
+            "tls_version",
+            m.tls_version
+                .map_or(Value::Null, |v| Value::Text(v.as_str().into())),
         ),
     ]
 }
@@ -150,29 +158,17 @@ pub fn to_text(m: &Measurement) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vantage_proto::{Outcome, Phase, RegexOutcome};
+    use vantage_proto::{Outcome, Phase};
 
     fn sample() -> Measurement {
-        Measurement {
-            target_id: 0,
-            started_at_ms: 1_764_000_000_123,
-            status: 0,
-            outcome: Outcome::Timeout,
-            failed_phase: Some(Phase::FirstByte),
-            regex: RegexOutcome::NotConfigured,
-            total: Duration::from_micros(1_000_500),
-            dns: None,
-            connect: Some(Duration::from_micros(150)),
-            tls: None,
-            ttfb: None,
-            transfer: None,
-            body_bytes: 0,
-            body_truncated: false,
-            redirects: 0,
-            cert_not_after_s: None,
-            remote_ip: Some("127.0.0.1".parse().unwrap()),
-            detail: Some("deadline (1s) passed in phase first_byte".into()),
-        }
+        let mut m = Measurement::new(0, 1_764_000_000_123);
+        m.outcome = Outcome::Timeout;
+        m.failed_phase = Some(Phase::FirstByte);
+        m.total_us = 1_000_500;
+        m.connect_us = Some(150);
+        m.remote_ip = Some("127.0.0.1".parse::<std::net::IpAddr>().unwrap().into());
+        m.detail = Some("deadline (1s) passed in phase first_byte".into());
+        m
     }
 
     #[test]
@@ -189,15 +185,16 @@ mod tests {
             ),
             "{j}"
         );
-        let up = Measurement {
-            outcome: Outcome::Up,
-            failed_phase: None,
-            detail: None,
-            ..sample()
-        };
+        let mut up = sample();
+        up.outcome = Outcome::Up;
+        up.failed_phase = None;
+        up.detail = None;
         assert!(to_json(&up).contains("\"detail\":null"));
         assert!(j.contains("\"connect_us\":150,\"tls_us\":null"), "{j}");
-        assert!(j.ends_with("\"remote_ip\":\"127.0.0.1\"}"), "{j}");
+        assert!(
+            j.ends_with("\"remote_ip\":\"127.0.0.1\",\"kind\":\"http\",\"tls_version\":null}"),
+            "{j}"
+        );
     }
 
     #[test]

@@ -904,6 +904,8 @@ mod tests {
             redirects: 0,
             cert_not_after_s: None,
             remote_ip: None,
+            kind: vantage_proto::ProbeKind::Http,
+            tls_version: None,
         }
     }
 

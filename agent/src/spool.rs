@@ -17,7 +17,8 @@
 //! [`MAGIC`]. Then entries: `len: u16 LE`, `crc32: u32 LE` (of the rest), `kind: u8`, postcard
 //! payload (`len` counts kind + payload). One flush is one `write`: a *group* header (boot id,
 //! first position, first sequence number, count, time range) followed by its `count` results,
-//! packed (entries of kind 8: up to 32 results as a wire format version 3 frame, the agent's own
+//! packed (entries of kind 8: up to 32 results as a wire format version 3 frame, version 4 when
+//! one has a probe kind other than http (issue #20), the agent's own
 //! packing, so a result costs the spool about what it costs on the wire; spools written before
 //! hold one entry of kind 2 per result, still read) and a clock entry (the agent's clock state at that flush, `ClockHealth`, issue #18
 //! item 3: results replayed after a restart are sent with the clock state they were taken
@@ -69,7 +70,8 @@ const KIND_DROP: u8 = 4;
 const KIND_GAP: u8 = 5;
 const KIND_GAP_DONE: u8 = 6;
 const KIND_CLOCK: u8 = 7;
-/// Up to [`vantage_proto::MAX_RESULTS`] results of the group, as one version 3 frame.
+/// Up to [`vantage_proto::MAX_RESULTS`] results of the group, as one version 3 frame (version
+/// 4 when one of them needs it).
 const KIND_PACKED: u8 = 8;
 
 /// When written data is also synced to the card (`uplink.spool_fsync`).
@@ -922,7 +924,8 @@ fn record_bytes(result: &ProbeResult) -> u64 {
 }
 
 /// Appends `results` as packed entries (kind 8) of up to [`vantage_proto::MAX_RESULTS`] each:
-/// version 3 frames of boot `boot_id`, without gaps or clock (the group has its own).
+/// version 3 frames (version 4 when a result has another kind than http) of boot `boot_id`,
+/// without gaps or clock (the group has its own).
 fn put_packed(buf: &mut Vec<u8>, boot_id: u64, results: &[ProbeResult]) {
     let mut body = vec![0u8; MAX_ENTRY];
     for chunk in results.chunks(vantage_proto::MAX_RESULTS) {
@@ -933,7 +936,13 @@ fn put_packed(buf: &mut Vec<u8>, boot_id: u64, results: &[ProbeResult]) {
             clock: None,
         };
         body[0] = KIND_PACKED;
-        let Ok(frame) = vantage_proto::encode(&batch, &mut body[1..]) else {
+        // Version 3 when the results fit it (http only: what an agent from before version 4
+        // reads back after a downgrade), else version 4 (issue #20's kinds).
+        let packed = match vantage_proto::encode_v3(&batch, &mut body[1..]) {
+            Ok(frame) => Ok(frame.len()),
+            Err(_) => vantage_proto::encode(&batch, &mut body[1..]).map(|f| f.len()),
+        };
+        let Ok(frame_len) = packed else {
             // Unreachable: a batch of MAX_RESULTS always fits MAX_FRAME_LEN (proto's tests).
             tracing::error!(
                 records = chunk.len(),
@@ -941,7 +950,7 @@ fn put_packed(buf: &mut Vec<u8>, boot_id: u64, results: &[ProbeResult]) {
             );
             continue;
         };
-        let len = 1 + frame.len();
+        let len = 1 + frame_len;
         buf.extend_from_slice(&(len as u16).to_le_bytes());
         buf.extend_from_slice(&crc32fast::hash(&body[..len]).to_le_bytes());
         buf.extend_from_slice(&body[..len]);
@@ -1166,6 +1175,8 @@ pub(crate) mod tests {
             redirects: 0,
             cert_not_after_s: Some(1_800_000_000),
             remote_ip: None,
+            kind: vantage_proto::ProbeKind::Http,
+            tls_version: None,
         }
     }
 

@@ -9,17 +9,27 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use vantage_common::target::{
-    check, parse_status, redact_userinfo, Checked, HeaderValues, IpFamily, RawTarget,
-    RedactedHeaders, StatusSpec, TargetError, DEFAULT_BODY_CAP, DEFAULT_INTERVAL,
+    check, parse_status, redact_userinfo, Address, Checked, HeaderValues, IpFamily, ProbeKind,
+    RawTarget, RedactedHeaders, StatusSpec, TargetError, DEFAULT_BODY_CAP, DEFAULT_INTERVAL,
     DEFAULT_MAX_REDIRECTS, DEFAULT_TIMEOUT, MAX_BODY_CAP, MIN_INTERVAL,
 };
 
-/// A validated target.
+/// A validated target. The HTTP settings of a `tcp` or `tls` target are their defaults and
+/// unused; `address`, `send` and `expect` are those of a tcp or tls target.
 #[derive(Clone)]
 pub struct Target {
     pub id: u32,
     pub name: Option<String>,
+    /// What the probe checks.
+    pub kind: ProbeKind,
+    /// `http`: the URL; `tcp`, `tls`: `<kind>://<address>`, for logs.
     pub url: url::Url,
+    /// `tcp`, `tls`: where to connect.
+    pub address: Option<Address>,
+    /// `tcp`: written once connected (empty: nothing). May be a credential: never printed.
+    pub send: Vec<u8>,
+    /// `tcp`: what the first bytes read must be (empty: not checked).
+    pub expect: Vec<u8>,
     pub interval: Duration,
     pub timeout: Duration,
     pub regex: Option<regex_lite::Regex>,
@@ -43,7 +53,10 @@ impl std::fmt::Debug for Target {
         f.debug_struct("Target")
             .field("id", &self.id)
             .field("name", &self.name)
+            .field("kind", &self.kind)
             .field("url", &self.url.as_str())
+            .field("send_bytes", &self.send.len())
+            .field("expect", &String::from_utf8_lossy(&self.expect))
             .field("interval", &self.interval)
             .field("timeout", &self.timeout)
             .field("regex", &self.regex.as_ref().map(|r| r.as_str()))
@@ -82,7 +95,11 @@ impl Target {
         Ok(Target {
             id: raw.id,
             name: raw.name,
+            kind: raw.kind,
             url: checked.url,
+            address: checked.address,
+            send: checked.send,
+            expect: checked.expect,
             interval: raw.interval,
             timeout: raw.timeout,
             regex: checked.regex,
@@ -312,6 +329,23 @@ mod tests {
         let e = Target::from_raw(raw("http://user:hunter2@h:99999/")).unwrap_err();
         assert!(e.reason.contains("<redacted>@h:99999"), "{}", e.reason);
         assert!(!e.reason.contains("hunter2"), "{}", e.reason);
+    }
+
+    /// Issue #20: a tcp target's `send` may be a credential (`AUTH ...`): never in `Debug`.
+    #[test]
+    fn send_stays_out_of_debug() {
+        let mut r = RawTarget::with_url(1, "");
+        r.kind = ProbeKind::Tcp;
+        r.address = Some("127.0.0.1:6379".into());
+        r.send = Some("AUTH hunter2\r\n".into());
+        r.expect = Some("+OK".into());
+        let raw_debug = format!("{r:?}");
+        let spec_debug = format!("{:?}", crate::target_set::spec_from_raw(&r).unwrap());
+        let t = Target::from_raw(r).unwrap();
+        assert_eq!(t.send, b"AUTH hunter2\r\n");
+        for text in [raw_debug, spec_debug, format!("{t:?}")] {
+            assert!(!text.contains("hunter2") && text.contains("+OK"), "{text}");
+        }
     }
 
     #[test]

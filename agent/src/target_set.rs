@@ -16,6 +16,7 @@ use vantage_proto::control::{Rejection, SetScope, TargetSetReader, MAX_REASON_LE
 
 pub use vantage_common::target_spec::{check_portable, raw_from_spec, spec_from_raw};
 
+use crate::config::WireFormat;
 use crate::target::Target;
 
 /// A decoded, validated set.
@@ -25,8 +26,15 @@ pub struct ReceivedSet {
     pub targets: Vec<Arc<Target>>,
 }
 
-/// Decodes and validates a set frame. The error says what is wrong, for the log and the status.
+/// Decodes and validates a set frame for an agent that sends version 4 frames (any kind).
+/// The error says what is wrong, for the log and the status.
 pub fn validate_frame(frame: &[u8]) -> Result<ReceivedSet, String> {
+    validate_frame_for(frame, WireFormat::V4)
+}
+
+/// [`validate_frame`] for an agent that sends `wire` frames: a target whose results they
+/// cannot carry refuses the set (`uplink.wire_format` below 4 carries http results only).
+pub fn validate_frame_for(frame: &[u8], wire: WireFormat) -> Result<ReceivedSet, String> {
     let reader = TargetSetReader::new(frame).map_err(|e| format!("cannot decode: {e}"))?;
     let generation = reader.header().generation;
     let mut targets: Vec<Arc<Target>> = Vec::new();
@@ -41,6 +49,9 @@ pub fn validate_frame(frame: &[u8]) -> Result<ReceivedSet, String> {
                 spec.id,
                 vantage_proto::MAX_TARGET_ID
             ));
+        }
+        if let Some(reason) = wire.refusal(spec.kind) {
+            return Err(format!("target {} ({}): {reason}", spec.id, spec.name));
         }
         let target = Target::from_raw(raw_from_spec(&spec)).map_err(|e| {
             format!(
@@ -85,6 +96,8 @@ pub struct TargetBook {
     region: Option<Held>,
     agent: Option<Held>,
     rejection: Option<Rejection>,
+    /// The frames this agent sends: which kinds it can probe.
+    wire: WireFormat,
 }
 
 /// What [`TargetBook::offer`] did.
@@ -102,6 +115,18 @@ impl TargetBook {
     /// A book that persists into `dir`, starting from whatever valid sets are there for this
     /// topic prefix, region and agent.
     pub fn load(dir: &Path, prefix: &str, region: &str, agent: &str) -> TargetBook {
+        TargetBook::load_for(dir, prefix, region, agent, WireFormat::V4)
+    }
+
+    /// [`TargetBook::load`] for an agent that sends `wire` frames: sets with targets of kinds
+    /// those frames cannot carry are refused ([`validate_frame_for`]), persisted ones too.
+    pub fn load_for(
+        dir: &Path,
+        prefix: &str,
+        region: &str,
+        agent: &str,
+        wire: WireFormat,
+    ) -> TargetBook {
         let unambiguous = ![prefix, region, agent].iter().any(|n| n.contains('-'));
         let mut book = TargetBook {
             dir: dir.to_owned(),
@@ -116,6 +141,7 @@ impl TargetBook {
             region: None,
             agent: None,
             rejection: None,
+            wire,
         };
         for scope in [SetScope::Region, SetScope::Agent] {
             let mut path = book.path(scope);
@@ -133,7 +159,7 @@ impl TargetBook {
                     continue;
                 }
             };
-            match validate_frame(&frame) {
+            match validate_frame_for(&frame, wire) {
                 Ok(set) => {
                     tracing::info!(path = %path.display(), generation = set.generation, targets = set.targets.len(), "loaded persisted target set");
                     *book.slot(scope) = Some(Held { set, frame });
@@ -196,7 +222,7 @@ impl TargetBook {
             return Offered::Unchanged;
         }
         let held_generation = self.slot(scope).as_ref().map(|h| h.set.generation);
-        let result = validate_frame(payload).and_then(|set| match held_generation {
+        let result = validate_frame_for(payload, self.wire).and_then(|set| match held_generation {
             // Generations only grow (every apply that changes something takes the next one): an
             // older one is a broker restored from a backup, or a stale publisher, and would roll
             // this agent back.
@@ -321,7 +347,7 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    use crate::target::{IpFamily, RawTarget, StatusSpec};
+    use crate::target::{IpFamily, ProbeKind, RawTarget, StatusSpec};
     use vantage_proto::control::{
         encode_target_set, TargetSetHeader, TargetSpec, MAX_TARGET_SET_LEN,
     };
@@ -428,13 +454,56 @@ mod tests {
             .contains("set twice"));
     }
 
+    /// Target sets version 2 (issue #20) carry `allow_downgrade` (refused by version 1, which
+    /// had no field for it) and the tcp settings; the kinds reach the agent intact.
     #[test]
-    fn allow_downgrade_is_refused_in_central_sets_not_dropped() {
+    fn kinds_and_options_travel_in_central_sets() {
         let mut r = raw(1, "https://example.org/");
         r.allow_downgrade = true;
-        assert!(Target::from_raw(r.clone()).unwrap().allow_downgrade);
-        let e = check_portable(&r).unwrap_err();
-        assert_eq!(e.key, "allow_downgrade", "{e:?}");
+        let spec = check_portable(&r).unwrap();
+        assert!(!spec.fits_v1());
+        assert!(
+            Target::from_raw(raw_from_spec(&spec))
+                .unwrap()
+                .allow_downgrade
+        );
+        let mut tcp = raw(2, "");
+        tcp.kind = ProbeKind::Tcp;
+        tcp.url.clear();
+        tcp.address = Some("db.example:5432".into());
+        tcp.send = Some("PING\r\n".into());
+        tcp.expect = Some("+PONG".into());
+        let mut tls = raw(3, "");
+        tls.kind = ProbeKind::Tls;
+        tls.url.clear();
+        tls.address = Some("[::1]:443".into());
+        let f = frame(4, &[r, tcp, tls]);
+        let set = validate_frame(&f).unwrap();
+        let kinds: Vec<ProbeKind> = set.targets.iter().map(|t| t.kind).collect();
+        assert_eq!(kinds, [ProbeKind::Http, ProbeKind::Tcp, ProbeKind::Tls]);
+        assert_eq!(set.targets[1].send, b"PING\r\n");
+        assert_eq!(set.targets[1].expect, b"+PONG");
+        assert_eq!(
+            set.targets[2].address.as_ref().unwrap().to_string(),
+            "[::1]:443"
+        );
+        // An agent that sends version 3 frames cannot carry them: the set is refused (and the
+        // previous one kept), naming the target.
+        let e = validate_frame_for(&f, WireFormat::V3).unwrap_err();
+        assert!(
+            e.contains("target 2 (t2)") && e.contains("wire_format = 4"),
+            "{e}"
+        );
+        let dir = temp_dir("kinds-v3");
+        let mut book = TargetBook::load_for(&dir, "v", "eu", "pi", WireFormat::V3);
+        let http_only = frame(1, &[raw(1, "http://a/")]);
+        assert_eq!(book.offer(SetScope::Region, &http_only), Offered::Accepted);
+        assert!(matches!(
+            book.offer(SetScope::Region, &f),
+            Offered::Rejected(_)
+        ));
+        assert_eq!(ids(&book), [1]);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -54,7 +54,6 @@ use vantage_proto::{ProbeResult, MAX_FRAME_LEN};
 use crate::config::Config;
 use crate::fleet::{self, StatusBoard};
 pub use crate::outbox::{Outbox, MAX_FRAMES, MAX_IN_FLIGHT};
-use crate::probe::Measurement;
 use crate::spool::Spool;
 pub use crate::uplink_stats::{SpoolState, UplinkStats};
 
@@ -131,32 +130,6 @@ impl PubackOrder {
     /// A new connection: rumqttc sends what was in flight again, as new `Outgoing` events.
     fn reset(&mut self) {
         self.sent.clear();
-    }
-}
-
-/// Converts a probe measurement into a wire result. `seq` is left 0: the uplink numbers results
-/// in the order it receives them.
-pub fn to_wire(m: &Measurement) -> ProbeResult {
-    let us = |d: std::time::Duration| u32::try_from(d.as_micros()).unwrap_or(u32::MAX);
-    ProbeResult {
-        seq: 0,
-        target_id: m.target_id,
-        started_at_ms: m.started_at_ms,
-        status: m.status,
-        outcome: m.outcome,
-        regex: m.regex,
-        total_us: us(m.total),
-        dns_us: m.dns.map(us),
-        connect_us: m.connect.map(us),
-        tls_us: m.tls.map(us),
-        ttfb_us: m.ttfb.map(us),
-        transfer_us: m.transfer.map(us),
-        body_bytes: m.body_bytes,
-        body_truncated: m.body_truncated,
-        failed_phase: m.failed_phase,
-        redirects: m.redirects,
-        cert_not_after_s: m.cert_not_after_s,
-        remote_ip: m.remote_ip.map(Into::into),
     }
 }
 

@@ -168,6 +168,32 @@ fn probe_rejects_bad_options_by_flag_name() {
     assert!(stderr.contains("URL: scheme \"ftp\""), "{stderr}");
 }
 
+/// Issue #20: `probe --kind tcp HOST:PORT`, and the keys that do not apply to a kind refused
+/// by their flag's name (exit 2).
+#[test]
+fn probe_kind_tcp_and_its_refusals() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (code, stdout, stderr) = run_code(&["probe", "--json", "--kind", "tcp", &addr]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stdout.contains("\"outcome\":\"up\"") && stdout.contains("\"kind\":\"tcp\""),
+        "{stdout}"
+    );
+    let (code, _, stderr) = run_code(&["probe", "--kind", "tcp", "--regex", "x", &addr]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--regex: does not apply to a tcp target"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = run_code(&["probe", "--kind", "tls", "127.0.0.1"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("HOST:PORT:"), "{stderr}");
+    let (code, _, stderr) = run_code(&["probe", "--kind", "udp", &addr]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("--kind"), "{stderr}");
+}
+
 #[test]
 fn every_subcommand_has_help_with_an_example() {
     let (code, stdout, _) = run_code(&["--version"]);

@@ -1,6 +1,7 @@
 //! One target's probe settings as written (TOML, a central target set): the raw serde shape
 //! ([`RawTarget`]) and the checks every reader runs on it ([`check`]), without reading any file
-//! or environment variable. The agent turns the result into the target it probes with (TLS
+//! or environment variable. A target's `kind` (issue #20: `http`, `tcp`, `tls`) decides which
+//! keys apply; a key that does not apply to its kind is refused, naming the key. The agent turns the result into the target it probes with (TLS
 //! settings, header values kept on the agent); `vantage-ingester targets apply` runs the same
 //! checks before it publishes a set.
 
@@ -10,6 +11,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
+
+pub use vantage_proto::ProbeKind;
 
 /// Shortest probe interval accepted: faster than this is a load test, not monitoring.
 pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
@@ -35,9 +38,24 @@ pub struct RawTarget {
     pub id: u32,
     /// Optional human name (shown in logs).
     pub name: Option<String>,
-    /// `http://` or `https://` URL. A `user:password@` in it is sent as HTTP basic
-    /// authentication (percent-decoded, as curl does) and removed from the URL the probe uses.
+    /// What the probe checks: `http` (default), `tcp` (a connection to `address`, optionally
+    /// `send` / `expect`) or `tls` (a handshake with `address`).
+    #[serde(default)]
+    pub kind: ProbeKind,
+    /// `http`: an `http://` or `https://` URL (required). A `user:password@` in it is sent as
+    /// HTTP basic authentication (percent-decoded, as curl does) and removed from the URL the
+    /// probe uses. Empty for other kinds.
+    #[serde(default)]
     pub url: String,
+    /// `tcp`, `tls`: `host:port` to connect to (required); an IPv6 address as `[::1]:443`.
+    pub address: Option<String>,
+    /// `tcp`: text written once connected (TOML escapes such as `\r\n`; at most 256 bytes).
+    /// May be a credential (`AUTH ...`): `Debug` hides it, but like a literal header value it
+    /// travels in a central target set and sits in `targets.spec`.
+    pub send: Option<String>,
+    /// `tcp`: text the first bytes the peer sends must be (a banner: `SSH-2.0-`, `+PONG`);
+    /// read until they match, differ or the deadline passes (at most 256 bytes).
+    pub expect: Option<String>,
     /// Time between two probes (default 30s, at least 100ms).
     #[serde(default = "default_interval", with = "humantime_serde")]
     pub interval: Duration,
@@ -104,7 +122,11 @@ impl std::fmt::Debug for RawTarget {
         f.debug_struct("RawTarget")
             .field("id", &self.id)
             .field("name", &self.name)
+            .field("kind", &self.kind)
             .field("url", &redact_userinfo(&self.url))
+            .field("address", &self.address)
+            .field("send", &self.send.as_ref().map(|_| "<redacted>"))
+            .field("expect", &self.expect)
             .field("interval", &self.interval)
             .field("timeout", &self.timeout)
             .field("regex", &self.regex)
@@ -207,6 +229,45 @@ fn default_body_cap() -> usize {
     DEFAULT_BODY_CAP
 }
 
+/// Longest `send` and `expect` (the capacity of a central target set's field).
+pub const MAX_PROBE_TEXT_LEN: usize = vantage_proto::control::MAX_PROBE_TEXT_LEN;
+
+/// Where a `tcp` or `tls` target connects (`address`): a host name or IP address and a port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Address {
+    pub host: url::Host<String>,
+    pub port: u16,
+}
+
+impl Address {
+    /// Reads `host:port` (`[v6]:port` for an IPv6 address). The host is parsed as in an
+    /// `https` URL (IPv4, IPv6, or a domain name, lowercased).
+    pub fn parse(text: &str) -> Result<Address, String> {
+        let bad = |why: &str| format!("{text:?} is not host:port ({why})");
+        let (host, port) = text.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+        let port = port
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| bad("the port is not 1-65535"))?;
+        if host.is_empty() {
+            return Err(bad("no host"));
+        }
+        if host.contains(':') && !host.starts_with('[') {
+            return Err(bad("write an IPv6 address in brackets, [::1]:443"));
+        }
+        let host = url::Host::parse(host).map_err(|e| bad(&e.to_string()))?;
+        Ok(Address { host, port })
+    }
+}
+
+impl std::fmt::Display for Address {
+    /// `host:port`, an IPv6 address in brackets (as `url::Host` prints it).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
 /// A target setting that cannot be used: which key (relative to the target) and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TargetError {
@@ -220,7 +281,11 @@ impl RawTarget {
         RawTarget {
             id,
             name: None,
+            kind: ProbeKind::Http,
             url: url.to_owned(),
+            address: None,
+            send: None,
+            expect: None,
             interval: DEFAULT_INTERVAL,
             timeout: DEFAULT_TIMEOUT,
             regex: None,
@@ -241,11 +306,19 @@ impl RawTarget {
 
 /// What [`check`] found usable in a [`RawTarget`]: the parts every reader of targets validates
 /// the same way, with no file or environment read (the agent adds its TLS settings and the
-/// header values that live on it; `targets apply` stops here).
+/// header values that live on it; `targets apply` stops here). The HTTP parts of a `tcp` or
+/// `tls` target are their defaults, unused.
 #[derive(Clone)]
 pub struct Checked {
-    /// The URL without its `user:password@` (moved into an `Authorization: Basic` header).
+    /// `http`: the URL without its `user:password@` (moved into an `Authorization: Basic`
+    /// header). `tcp`, `tls`: `<kind>://<address>`, for logs (the probe connects to `address`).
     pub url: url::Url,
+    /// `tcp`, `tls`: where to connect.
+    pub address: Option<Address>,
+    /// `tcp`: written once connected (empty: nothing).
+    pub send: Vec<u8>,
+    /// `tcp`: what the first bytes read must be (empty: not checked).
+    pub expect: Vec<u8>,
     pub regex: Option<regex_lite::Regex>,
     pub method: http::Method,
     /// The literal headers, then the ones `refs` returned, then `Authorization: Basic` from the
@@ -264,7 +337,137 @@ pub fn check(
     raw: &RawTarget,
     refs: impl FnOnce(&RawTarget) -> Result<HeaderRefs, TargetError>,
 ) -> Result<Checked, TargetError> {
+    check_applicable(raw)?;
+    if raw.tls_skip_verify && raw.ca_file.is_some() {
+        return Err(TargetError {
+            key: "tls_skip_verify",
+            reason: "set either ca_file or tls_skip_verify, not both".into(),
+        });
+    }
+    match raw.kind {
+        ProbeKind::Http => check_http(raw, refs),
+        ProbeKind::Tcp | ProbeKind::Tls => check_endpoint(raw),
+    }
+}
+
+/// The keys that have no meaning for `raw`'s kind, set anyway: refused rather than ignored
+/// (a `regex` on a tcp target would look like a check that never runs). HTTP keys with a
+/// default count as set when they differ from it.
+fn check_applicable(raw: &RawTarget) -> Result<(), TargetError> {
+    let kind = raw.kind;
+    let http = kind == ProbeKind::Http;
+    let set: [(&'static str, bool, bool); 15] = [
+        // (key, set, applies)
+        ("url", !raw.url.is_empty(), http),
+        ("address", raw.address.is_some(), !http),
+        ("send", raw.send.is_some(), kind == ProbeKind::Tcp),
+        ("expect", raw.expect.is_some(), kind == ProbeKind::Tcp),
+        ("regex", raw.regex.is_some(), http),
+        ("method", !raw.method.eq_ignore_ascii_case("GET"), http),
+        ("headers", !raw.headers.is_empty(), http),
+        ("headers_from_env", !raw.headers_from_env.is_empty(), http),
+        ("header_files", !raw.header_files.is_empty(), http),
+        ("accepted_status", !raw.accepted_status.is_empty(), http),
+        (
+            "max_redirects",
+            raw.max_redirects != DEFAULT_MAX_REDIRECTS,
+            http,
+        ),
+        ("body_cap", raw.body_cap != DEFAULT_BODY_CAP, http),
+        ("allow_downgrade", raw.allow_downgrade, http),
+        ("ca_file", raw.ca_file.is_some(), kind != ProbeKind::Tcp),
+        (
+            "tls_skip_verify",
+            raw.tls_skip_verify,
+            kind != ProbeKind::Tcp,
+        ),
+    ];
+    match set.iter().find(|(_, set, applies)| *set && !applies) {
+        Some(("url", ..)) => Err(TargetError {
+            key: "url",
+            reason: format!(
+                "a {} target has no URL: it connects to `address = \"host:port\"`",
+                kind.as_str()
+            ),
+        }),
+        Some((key, ..)) => Err(TargetError {
+            key,
+            reason: format!("does not apply to a {} target", kind.as_str()),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The checks of every kind: interval and timeout.
+fn check_schedule(raw: &RawTarget) -> Result<(), TargetError> {
     let err = |key: &'static str, reason: String| TargetError { key, reason };
+    if raw.interval < MIN_INTERVAL {
+        return Err(err(
+            "interval",
+            format!("must be at least {MIN_INTERVAL:?}"),
+        ));
+    }
+    if raw.timeout.is_zero() || raw.timeout > raw.interval {
+        return Err(err(
+            "timeout",
+            "must be greater than zero and not longer than the interval".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// A `tcp` or `tls` target: `address`, and `send` / `expect` of a tcp target.
+fn check_endpoint(raw: &RawTarget) -> Result<Checked, TargetError> {
+    let err = |key: &'static str, reason: String| TargetError { key, reason };
+    let kind = raw.kind.as_str();
+    let text = raw.address.as_deref().ok_or_else(|| {
+        err(
+            "address",
+            format!("a {kind} target needs `address = \"host:port\"`"),
+        )
+    })?;
+    let address = Address::parse(text).map_err(|r| err("address", r))?;
+    check_schedule(raw)?;
+    let bytes = |key: &'static str, text: &Option<String>| -> Result<Vec<u8>, TargetError> {
+        match text {
+            None => Ok(Vec::new()),
+            Some(t) if t.is_empty() => Err(err(key, "is empty (leave it out instead)".into())),
+            Some(t) if t.len() > MAX_PROBE_TEXT_LEN => {
+                Err(err(key, format!("longer than {MAX_PROBE_TEXT_LEN} bytes")))
+            }
+            Some(t) => Ok(t.as_bytes().to_vec()),
+        }
+    };
+    let send = bytes("send", &raw.send)?;
+    let expect = bytes("expect", &raw.expect)?;
+    // For logs and `Debug` only; a URL of a scheme without special rules keeps the host as
+    // written. The address is what the probe connects to.
+    let url = url::Url::parse(&format!("{kind}://{address}"))
+        .map_err(|e| err("address", format!("{text:?}: {e}")))?;
+    Ok(Checked {
+        url,
+        address: Some(address),
+        send,
+        expect,
+        regex: None,
+        method: http::Method::GET,
+        headers: Vec::new(),
+        accepted_status: vec![200..=299],
+    })
+}
+
+/// An `http` target.
+fn check_http(
+    raw: &RawTarget,
+    refs: impl FnOnce(&RawTarget) -> Result<HeaderRefs, TargetError>,
+) -> Result<Checked, TargetError> {
+    let err = |key: &'static str, reason: String| TargetError { key, reason };
+    if raw.url.is_empty() {
+        return Err(err(
+            "url",
+            "an http target needs `url` (or set `kind` to \"tcp\" or \"tls\" and `address`)".into(),
+        ));
+    }
     let mut url = url::Url::parse(&raw.url).map_err(|e| {
         err(
             "url",
@@ -280,18 +483,7 @@ pub fn check(
     if url.host_str().is_none_or(str::is_empty) {
         return Err(err("url", "URL has no host".into()));
     }
-    if raw.interval < MIN_INTERVAL {
-        return Err(err(
-            "interval",
-            format!("must be at least {MIN_INTERVAL:?}"),
-        ));
-    }
-    if raw.timeout.is_zero() || raw.timeout > raw.interval {
-        return Err(err(
-            "timeout",
-            "must be greater than zero and not longer than the interval".into(),
-        ));
-    }
+    check_schedule(raw)?;
     let regex = raw
         .regex
         .as_deref()
@@ -337,14 +529,11 @@ pub fn check(
     if raw.body_cap == 0 || raw.body_cap > MAX_BODY_CAP {
         return Err(err("body_cap", format!("must be 1..={MAX_BODY_CAP} bytes")));
     }
-    if raw.tls_skip_verify && raw.ca_file.is_some() {
-        return Err(err(
-            "tls_skip_verify",
-            "set either ca_file or tls_skip_verify, not both".into(),
-        ));
-    }
     Ok(Checked {
         url,
+        address: None,
+        send: Vec::new(),
+        expect: Vec::new(),
         regex,
         method,
         headers,

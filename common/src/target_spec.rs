@@ -7,8 +7,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use vantage_proto::control::{
-    HeaderSpec, IpFamilySpec, TargetSpec, HEADER_FROM_ENV, HEADER_FROM_FILE,
+    HeaderSpec, IpFamilySpec, TargetOption, TargetSpec, HEADER_FROM_ENV, HEADER_FROM_FILE,
 };
+use vantage_proto::ProbeKind;
 
 use crate::target::{check, IpFamily, RawTarget, StatusSpec, TargetError};
 
@@ -78,20 +79,32 @@ pub fn spec_from_raw(raw: &RawTarget) -> Result<TargetSpec, TargetError> {
                 ),
             })?;
     }
-    if raw.allow_downgrade {
-        // Target set format 1 has no field for it (postcard has no field tags: a new field is
-        // a new format version, see docs/targets.md); refused rather than silently dropped.
-        return Err(TargetError {
-            key: "allow_downgrade",
-            reason: "not carried by central target sets yet; set it in the agent's own \
-                     [[targets]] table"
-                .into(),
-        });
+    // Settings of some kinds only (target sets version 2; a set that needs none of them is
+    // still written as version 1, which older agents read).
+    let mut options = heapless::Vec::new();
+    let texts = [("send", &raw.send), ("expect", &raw.expect)];
+    for (key, text) in texts {
+        let Some(text) = text else { continue };
+        let text = fit(key, text)?;
+        let option = match key {
+            "send" => TargetOption::Send(text),
+            _ => TargetOption::Expect(text),
+        };
+        // Capacity: at most three options exist.
+        let _ = options.push(option);
     }
+    if raw.allow_downgrade {
+        let _ = options.push(TargetOption::AllowDowngrade);
+    }
+    // `url` carries the address of a tcp or tls target (the field is "what is probed").
+    let (key, target) = match raw.kind {
+        ProbeKind::Http => ("url", raw.url.as_str()),
+        ProbeKind::Tcp | ProbeKind::Tls => ("address", raw.address.as_deref().unwrap_or_default()),
+    };
     Ok(TargetSpec {
         id: raw.id,
         name: fit("name", raw.name.as_deref().unwrap_or_default())?,
-        url: fit("url", &raw.url)?,
+        url: fit(key, target)?,
         interval_ms: millis("interval", raw.interval)?,
         timeout_ms: millis("timeout", raw.timeout)?,
         regex: raw.regex.as_deref().map(|r| fit("regex", r)).transpose()?,
@@ -114,15 +127,35 @@ pub fn spec_from_raw(raw: &RawTarget) -> Result<TargetSpec, TargetError> {
             IpFamily::Ipv4 => IpFamilySpec::Ipv4,
             IpFamily::Ipv6 => IpFamilySpec::Ipv6,
         },
+        kind: raw.kind,
+        options,
     })
 }
 
 /// The config-file form of a received spec (then validated by [`check`] and, on the agent, made a probe target).
 pub fn raw_from_spec(spec: &TargetSpec) -> RawTarget {
+    let http = spec.kind == ProbeKind::Http;
+    let text = |want: fn(&TargetOption) -> Option<&str>| {
+        spec.options.iter().find_map(want).map(str::to_owned)
+    };
     RawTarget {
         id: spec.id,
         name: (!spec.name.is_empty()).then(|| spec.name.to_string()),
-        url: spec.url.to_string(),
+        kind: spec.kind,
+        url: if http {
+            spec.url.to_string()
+        } else {
+            String::new()
+        },
+        address: (!http).then(|| spec.url.to_string()),
+        send: text(|o| match o {
+            TargetOption::Send(t) => Some(t.as_str()),
+            _ => None,
+        }),
+        expect: text(|o| match o {
+            TargetOption::Expect(t) => Some(t.as_str()),
+            _ => None,
+        }),
         interval: Duration::from_millis(spec.interval_ms.into()),
         timeout: Duration::from_millis(spec.timeout_ms.into()),
         regex: spec.regex.as_ref().map(|r| r.to_string()),
@@ -164,7 +197,7 @@ pub fn raw_from_spec(spec: &TargetSpec) -> RawTarget {
             IpFamilySpec::Ipv4 => IpFamily::Ipv4,
             IpFamilySpec::Ipv6 => IpFamily::Ipv6,
         },
-        allow_downgrade: false,
+        allow_downgrade: spec.options.contains(&TargetOption::AllowDowngrade),
     }
 }
 

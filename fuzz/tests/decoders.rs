@@ -18,13 +18,17 @@ use vantage_proto::{decode, encode, MAX_FRAME_LEN};
 /// Result frames of every version: decode is total, and canonical after one round trip.
 #[test]
 fn result_frames() {
-    bolero::check!().for_each(|bytes: &[u8]| {
-        if let Ok(batch) = decode(bytes) {
-            let mut buf = [0u8; MAX_FRAME_LEN];
-            let again = encode(&batch, &mut buf).expect("a decoded batch fits a frame");
-            assert_eq!(decode(again), Ok(batch));
-        }
-    });
+    bolero::check!().for_each(|bytes: &[u8]| round_trips(bytes));
+}
+
+/// Whatever of `frame` decodes re-encodes (current version) to bytes that decode to the same
+/// batch. Not byte for byte: postcard reads overlong varints too (0x80 0x00 is 0).
+fn round_trips(frame: &[u8]) {
+    if let Ok(batch) = decode(frame) {
+        let mut buf = [0u8; MAX_FRAME_LEN];
+        let again = encode(&batch, &mut buf).expect("a decoded batch fits a frame");
+        assert_eq!(decode(again), Ok(batch));
+    }
 }
 
 /// Version 3 clocks (issue #18 item 3): random bytes rarely get past the results to the
@@ -39,13 +43,24 @@ fn result_frame_clocks() {
     ];
     bolero::check!().for_each(|bytes: &[u8]| {
         for head in [NO_RESULTS, ONE_RESULT] {
-            let frame = [head, bytes].concat();
-            if let Ok(batch) = decode(&frame) {
-                let mut buf = [0u8; MAX_FRAME_LEN];
-                let again = encode(&batch, &mut buf).expect("a decoded batch fits a frame");
-                // Not byte for byte: postcard reads overlong varints too (0x80 0x00 is 0).
-                assert_eq!(decode(again), Ok(batch));
-            }
+            round_trips(&[head, bytes].concat());
+        }
+    });
+}
+
+/// Version 4's extension (issue #20): a valid head of one result whose extension byte says
+/// tcp, then the input in place of the rest of the result (outcome on), so the extension's
+/// fields, later results and the clock are reached; the same properties as [`result_frames`].
+/// A second head lets the input be the extension byte itself.
+#[test]
+fn result_frame_kinds() {
+    // Version 4, boot id, one result: head status 200 + extension, presence 0; then the
+    // extension byte tcp (or the input as the extension byte).
+    const TCP_HEAD: &[u8] = &[4, 1, 2, 3, 4, 5, 6, 7, 8, 1, 0x90, 0, 1];
+    const EXT_HEAD: &[u8] = &[4, 1, 2, 3, 4, 5, 6, 7, 8, 1, 0x90, 0];
+    bolero::check!().for_each(|bytes: &[u8]| {
+        for head in [TCP_HEAD, EXT_HEAD] {
+            round_trips(&[head, bytes].concat());
         }
     });
 }

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime};
 
 use tokio_postgres::{Client, NoTls};
-use vantage_proto::{Gap, ProbeResult};
+use vantage_proto::{Gap, ProbeKind, ProbeResult};
 
 use crate::config::{PgTls, PostgresConfig};
 
@@ -87,6 +87,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         15,
         "0015_web_reads.sql",
         include_str!("../../migrations/0015_web_reads.sql"),
+    ),
+    (
+        16,
+        "0016_probe_kinds.sql",
+        include_str!("../../migrations/0016_probe_kinds.sql"),
     ),
 ];
 
@@ -496,17 +501,17 @@ const CREATE_STAGING: &str = "CREATE TEMP TABLE IF NOT EXISTS results_staging (
     status int2, outcome text, regex_match bool, total_us int4, dns_us int4, connect_us int4,
     tls_us int4, ttfb_us int4, body_bytes int4, failed_phase text, transfer_us int4,
     body_truncated bool, redirects int2, cert_not_after timestamptz, remote_ip inet,
-    clock_error_ms int4, clock_unsynced bool
+    clock_error_ms int4, clock_unsynced bool, kind text, tls_version text
 ) ON COMMIT DELETE ROWS";
 
 /// The written columns of the `results` view (names, not ids), in staging order (binary COPY writers use [`COLUMN_TYPES`]).
 pub const COLUMNS: &str = "region, agent, boot_id, seq, target_id, started_at, status, outcome,
     regex_match, total_us, dns_us, connect_us, tls_us, ttfb_us, body_bytes, failed_phase,
     transfer_us, body_truncated, redirects, cert_not_after, remote_ip, clock_error_ms,
-    clock_unsynced";
+    clock_unsynced, kind, tls_version";
 
 /// The types of [`COLUMNS`], in order, for `BinaryCopyInWriter`.
-pub const COLUMN_TYPES: [tokio_postgres::types::Type; 23] = {
+pub const COLUMN_TYPES: [tokio_postgres::types::Type; 25] = {
     use tokio_postgres::types::Type;
     [
         Type::TEXT,
@@ -532,6 +537,8 @@ pub const COLUMN_TYPES: [tokio_postgres::types::Type; 23] = {
         Type::INET,
         Type::INT4,
         Type::BOOL,
+        Type::TEXT,
+        Type::TEXT,
     ]
 };
 
@@ -608,7 +615,7 @@ pub async fn prepare_row_insert(client: &Client) -> Result<tokio_postgres::State
     Ok(client
         .prepare(&format!(
             "INSERT INTO results ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
-                    $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)
+                    $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25)
              ON CONFLICT DO NOTHING"
         ))
         .await?)
@@ -635,11 +642,14 @@ struct Values {
     redirects: i16,
     cert_not_after: Option<SystemTime>,
     remote_ip: Option<std::net::IpAddr>,
+    /// None for http: the sink sends (and stores) nothing for the common kind (0016).
+    kind: Option<&'static str>,
+    tls_version: Option<&'static str>,
 }
 
 impl Values {
     /// `row`'s values in [`COLUMNS`] order, as statement parameters or COPY fields.
-    fn params<'a>(&'a self, row: &'a Row) -> [&'a (dyn tokio_postgres::types::ToSql + Sync); 23] {
+    fn params<'a>(&'a self, row: &'a Row) -> [&'a (dyn tokio_postgres::types::ToSql + Sync); 25] {
         [
             &row.region,
             &row.agent,
@@ -664,6 +674,8 @@ impl Values {
             &self.remote_ip,
             &row.clock_error_ms,
             &row.clock_unsynced,
+            &self.kind,
+            &self.tls_version,
         ]
     }
 
@@ -697,6 +709,8 @@ impl Values {
                 .cert_not_after_s
                 .map(|s| unix_ms(s.saturating_mul(1000).min(MAX_TIME_MS))),
             remote_ip: r.remote_ip.map(std::net::IpAddr::from),
+            kind: (r.kind != ProbeKind::Http).then(|| r.kind.as_str()),
+            tls_version: r.tls_version.map(|v| v.as_str()),
         }
     }
 }
@@ -761,6 +775,8 @@ pub async fn insert_batch(
     let mut remote_ip = Vec::with_capacity(n);
     let mut clock_error_ms = Vec::with_capacity(n);
     let mut clock_unsynced = Vec::with_capacity(n);
+    let mut kind = Vec::with_capacity(n);
+    let mut tls_version = Vec::with_capacity(n);
     for row in rows {
         let v = Values::of(row);
         region.push(row.region.as_str());
@@ -786,6 +802,8 @@ pub async fn insert_batch(
         remote_ip.push(v.remote_ip);
         clock_error_ms.push(row.clock_error_ms);
         clock_unsynced.push(row.clock_unsynced);
+        kind.push(v.kind);
+        tls_version.push(v.tls_version);
     }
     let tx = client.transaction().await?;
     let mut inserted = Inserted::default();
@@ -799,7 +817,7 @@ pub async fn insert_batch(
                             $10::int4[], $11::int4[], $12::int4[], $13::int4[],
                             $14::int4[], $15::int4[], $16::text[], $17::int4[],
                             $18::bool[], $19::int2[], $20::timestamptz[], $21::inet[],
-                            $22::int4[], $23::bool[])
+                            $22::int4[], $23::bool[], $24::text[], $25::text[])
                      AS s({COLUMNS})"
                 )),
                 &[
@@ -826,6 +844,8 @@ pub async fn insert_batch(
                     &remote_ip,
                     &clock_error_ms,
                     &clock_unsynced,
+                    &kind,
+                    &tls_version,
                 ],
             )
             .await?;
@@ -846,16 +866,18 @@ fn insert_raw_from(source: &str) -> String {
                                   target_id, total_us, body_bytes, dns_us, connect_us, tls_us,
                                   ttfb_us, transfer_us, region_id, outcome_id, failed_phase_id,
                                   status, redirects, regex_match, body_truncated, remote_ip,
-                                  clock_error_ms, clock_unsynced)
+                                  clock_error_ms, clock_unsynced, kind_id, tls_version)
          SELECT s.boot_id, s.seq, s.started_at, t.now, s.cert_not_after, a.agent_id, s.target_id,
                 s.total_us, s.body_bytes, s.dns_us, s.connect_us, s.tls_us, s.ttfb_us,
                 s.transfer_us, g.region_id, o.outcome_id, p.phase_id, s.status, s.redirects,
-                s.regex_match, s.body_truncated, s.remote_ip, s.clock_error_ms, s.clock_unsynced
+                s.regex_match, s.body_truncated, s.remote_ip, s.clock_error_ms, s.clock_unsynced,
+                nullif(k.kind_id, 0), vantage_tls_version_code(s.tls_version)
            FROM {source}
            JOIN agents AS a ON a.agent = s.agent
            JOIN regions AS g ON g.region = s.region
            JOIN outcomes AS o ON o.outcome = s.outcome
            LEFT JOIN phases AS p ON p.phase = s.failed_phase
+           LEFT JOIN probe_kinds AS k ON k.kind = s.kind
           CROSS JOIN (SELECT clock_timestamp() AS now) AS t
          ON CONFLICT DO NOTHING"
     )
@@ -887,15 +909,16 @@ async fn ensure_dims(tx: &tokio_postgres::Transaction<'_>, rows: &[Row]) -> Resu
     let phases: Vec<&str> = phases.into_iter().collect();
     // Target ids seen in results get a `targets` row (migration 0010): alert rules and the
     // dashboard select targets there, also standalone agents' local ones.
-    let targets: Vec<i32> = rows
+    // With their kind (0016): the newest result of each says it.
+    let kinds: BTreeMap<i32, i16> = rows
         .iter()
-        .map(|r| r.result.target_id as i32)
-        .collect::<BTreeSet<i32>>()
-        .into_iter()
+        .map(|r| (r.result.target_id as i32, i16::from(r.result.kind.index())))
         .collect();
+    let targets: Vec<i32> = kinds.keys().copied().collect();
+    let kinds: Vec<i16> = kinds.into_values().collect();
     tx.execute(
-        "SELECT vantage_ensure_dims($1, $2, $3, $4), vantage_ensure_targets($5)",
-        &[&regions, &names, &outcomes, &phases, &targets],
+        "SELECT vantage_ensure_dims($1, $2, $3, $4), vantage_ensure_targets($5, $6)",
+        &[&regions, &names, &outcomes, &phases, &targets, &kinds],
     )
     .await?;
     Ok(())
@@ -992,6 +1015,17 @@ fn clamp_i32(v: u32) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The sink stores a kind by its name's `probe_kinds` row: every kind it can decode must
+    /// have one, at the kind's wire index (0016 and the migrations of later kinds).
+    #[test]
+    fn every_kind_has_a_probe_kinds_row() {
+        let sql: String = MIGRATIONS.iter().map(|m| m.2).collect();
+        for k in ProbeKind::ALL {
+            let row = format!("({}, '{}')", k.index(), k.as_str());
+            assert!(sql.contains(&row), "no probe_kinds row {row}");
+        }
+    }
 
     /// The bisecting writer against a fake "PostgreSQL" that refuses any range holding a bad
     /// record: exactly the bad records are given up, every other record is written once, in

@@ -87,6 +87,11 @@ enum Command {
         /// Only this target id.
         #[arg(long)]
         target: Option<i32>,
+        /// Only targets of this probe kind.
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(
+            vantage_proto::ProbeKind::ALL.map(|k| k.as_str())
+        ))]
+        kind: Option<String>,
         #[arg(long, value_enum, default_value_t = report::Format::Table)]
         format: report::Format,
     },
@@ -242,11 +247,12 @@ async fn dispatch(command: Command) -> anyhow::Result<Outcome> {
             config,
             since,
             target,
+            kind,
             format,
         } => {
             let config = Config::load(&config)?;
             let client = db::connect(config.postgres()?).await?;
-            let rows = report::query(&client, since, target).await?;
+            let rows = report::query(&client, since, target, kind.as_deref()).await?;
             print!("{}", report::render(&rows, format));
         }
         Command::Targets(TargetsCommand::Check { file }) => {

@@ -33,19 +33,29 @@ pub enum Format {
 }
 
 /// Targets × regions over the last `since` (whole minute buckets below 6 hours, whole hour
-/// buckets from 6 hours on).
+/// buckets from 6 hours on); with `kind`, only the targets of that probe kind (`http`, `tcp`,
+/// `tls`; migration 0016's `region_comparison(since, target, of_kind)`).
 pub async fn query(
     client: &Client,
     since: Duration,
     target: Option<i32>,
+    kind: Option<&str>,
 ) -> Result<Vec<ReportRow>, DbError> {
-    let rows = client
-        .query(
-            "SELECT target_id, region, probes, availability_pct, p50_ms, p95_ms, p99_ms, top_error
-               FROM region_comparison(make_interval(secs => $1), $2)",
-            &[&since.as_secs_f64(), &target],
-        )
-        .await?;
+    let columns = "target_id, region, probes, availability_pct, p50_ms, p95_ms, p99_ms, top_error";
+    let secs = since.as_secs_f64();
+    let rows = match kind {
+        None => {
+            let sql =
+                format!("SELECT {columns} FROM region_comparison(make_interval(secs => $1), $2)");
+            client.query(&sql, &[&secs, &target]).await?
+        }
+        Some(kind) => {
+            let sql = format!(
+                "SELECT {columns} FROM region_comparison(make_interval(secs => $1), $2, $3)"
+            );
+            client.query(&sql, &[&secs, &target, &kind]).await?
+        }
+    };
     Ok(rows
         .iter()
         .map(|r| ReportRow {

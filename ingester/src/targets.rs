@@ -456,6 +456,24 @@ fn encode_set(plan: &Plan, scope: &Scope, generation: u64) -> Result<Vec<u8>, St
     encode_specs(specs, generation)
 }
 
+/// A spec as `targets.spec` stores it and `plan` compares it: the fields of its postcard
+/// struct, plus `kind` and `options` (target sets version 2) only when they are not `http` and
+/// none, so the stored form of a target from before them is unchanged and the upgrade makes no
+/// target look changed.
+pub(crate) fn spec_json(spec: &TargetSpec) -> serde_json::Value {
+    let mut json = serde_json::to_value(spec).unwrap_or_default();
+    if let Some(fields) = json.as_object_mut() {
+        if spec.kind != vantage_proto::ProbeKind::Http {
+            fields.insert("kind".into(), spec.kind.as_str().into());
+        }
+        if !spec.options.is_empty() {
+            let options = serde_json::to_value(&spec.options).unwrap_or_default();
+            fields.insert("options".into(), options);
+        }
+    }
+    json
+}
+
 /// A set frame of `specs` with `generation`; an error if it exceeds [`MAX_TARGET_SET_LEN`].
 fn encode_specs(specs: Vec<&TargetSpec>, generation: u64) -> Result<Vec<u8>, String> {
     let header = TargetSetHeader {
@@ -527,11 +545,12 @@ async fn apply_locked(
     }
     let upsert = tx
         .prepare(
-            "INSERT INTO targets (target_id, name, url, spec, regions, agents, created_at, updated_at)
-             VALUES ($1, $2, $3, $4::text::jsonb, $5, $6, now(), now())
+            "INSERT INTO targets (target_id, name, url, spec, regions, agents, kind_id, created_at,
+                                  updated_at)
+             VALUES ($1, $2, $3, $4::text::jsonb, $5, $6, $7, now(), now())
              ON CONFLICT (target_id) DO UPDATE SET
                  name = excluded.name, url = excluded.url, spec = excluded.spec,
-                 regions = excluded.regions, agents = excluded.agents,
+                 regions = excluded.regions, agents = excluded.agents, kind_id = excluded.kind_id,
                  created_at = coalesce(targets.created_at, excluded.created_at),
                  updated_at = now(), retired_at = NULL",
         )
@@ -546,7 +565,7 @@ async fn apply_locked(
     }
     for p in plan.added.iter().chain(plan.changed.iter().map(|(p, _)| p)) {
         let (regions, agents) = placement_columns(&p.placement);
-        let spec = serde_json::to_string(&p.spec).unwrap_or_default();
+        let spec = spec_json(&p.spec).to_string();
         tx.execute(
             &upsert,
             &[
@@ -556,6 +575,7 @@ async fn apply_locked(
                 &spec,
                 &regions,
                 &agents,
+                &i16::from(p.spec.kind.index()),
             ],
         )
         .await?;
@@ -896,6 +916,33 @@ agents = ["eu-north/pi-lab"]
                 "{to}:\n  got      {err}\n  expected {expected}"
             );
         }
+    }
+
+    /// Issue #20: probe kinds in a targets file, checked as the agents check them and located;
+    /// the stored form of an http target is what it was before kinds (no target looks changed).
+    #[test]
+    fn probe_kinds_in_the_file() {
+        let text = "regions = [\"eu\"]\n[[targets]]\nname = \"ssh\"\nkind = \"tcp\"\n\
+                    address = \"10.0.0.2:22\"\nexpect = \"SSH-2.0-\"\n";
+        let f = parse(text).unwrap();
+        let spec = &f.targets[0].spec;
+        assert_eq!(spec.kind, vantage_proto::ProbeKind::Tcp);
+        assert_eq!(spec.url.as_str(), "10.0.0.2:22");
+        let json = spec_json(spec);
+        assert_eq!(json["kind"], "tcp");
+        assert_eq!(json["options"][0]["Expect"], "SSH-2.0-");
+        let http = spec_json(&parse(GOOD).unwrap().targets[0].spec);
+        assert!(
+            http.get("kind").is_none() && http.get("options").is_none(),
+            "{http}"
+        );
+        let err = parse(&text.replace("expect", "regex")).unwrap_err();
+        assert!(
+            err.contains("targets[0] (\"ssh\").regex: does not apply to a tcp target"),
+            "{err}"
+        );
+        let err = parse(&text.replace("10.0.0.2:22", "10.0.0.2")).unwrap_err();
+        assert!(err.contains("targets[0] (\"ssh\").address:"), "{err}");
     }
 
     /// Issue #14 item 13: `targets check` (which is `TargetsFile::load`) refuses what `apply`

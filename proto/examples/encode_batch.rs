@@ -48,6 +48,8 @@ fn fill(batch: &mut Batch) {
         redirects: 0,
         cert_not_after_s: Some(1_798_761_600),
         remote_ip: Some(IpAddress::V4([192, 0, 2, 10])),
+        kind: vantage_proto::ProbeKind::Http,
+        tls_version: None,
     };
     let timed_out = ProbeResult {
         seq: 42,

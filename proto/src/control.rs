@@ -5,7 +5,14 @@
 //! heapless capacities, decoding total.
 //!
 //! # Target set frame
-//! `[TARGET_SET_VERSION] postcard(TargetSetHeader) postcard(TargetSpec) × header.count`.
+//! `[TARGET_SET_VERSION] postcard(TargetSetHeader) spec × header.count`, where a spec is, in
+//! version 2, `postcard(TargetSpec) postcard(ProbeKind) postcard(options)` (the fields of
+//! [`TargetSpec`] in order: the ones of version 1, then `kind` and `options`) and, in version 1,
+//! `postcard(TargetSpec)` without the last two (every target `http`, no options). Both versions
+//! are read; [`encode_target_set`] writes version 1 whenever a set needs nothing of version 2,
+//! so agents that predate it keep following sets of HTTP targets. Later kinds and their
+//! settings append variants to [`crate::ProbeKind`] and [`TargetOption`] within version 2: an
+//! agent older than a variant refuses the set (malformed) and keeps its previous one.
 //! The specs follow the header one after another instead of sitting in one list so that neither
 //! side ever holds a whole set in a fixed-size array: a [`TargetSetReader`] hands them out one at
 //! a time, and the encoder writes them from any iterator. A set is published *retained* on
@@ -20,10 +27,12 @@
 use heapless::{String, Vec};
 use serde::{Deserialize, Serialize};
 
-use crate::Error;
+use crate::{Error, ProbeKind};
 
-/// Version byte of target set frames.
-pub const TARGET_SET_VERSION: u8 = 1;
+/// Version byte of target set frames with kinds and options (issue #20).
+pub const TARGET_SET_VERSION: u8 = 2;
+/// Version byte of the first target set frames (every target `http`, no options).
+pub const TARGET_SET_V1: u8 = 1;
 /// Version byte of status frames.
 pub const STATUS_VERSION: u8 = 1;
 
@@ -52,6 +61,10 @@ pub const MAX_HEADER_VALUE_LEN: usize = 256;
 pub const MAX_STATUS_RANGES: usize = 8;
 /// Capacity of a CA file path (a path on the agent).
 pub const MAX_PATH_LEN: usize = 256;
+/// Capacity of a `tcp` target's `send` and `expect` text.
+pub const MAX_PROBE_TEXT_LEN: usize = 256;
+/// Most [`TargetOption`]s per target.
+pub const MAX_OPTIONS: usize = 8;
 /// Capacity of a version string in a status.
 pub const MAX_VERSION_LEN: usize = 32;
 /// Capacity of a rejection reason in a status.
@@ -135,14 +148,54 @@ impl defmt::Format for HeaderSpec {
     }
 }
 
-/// One target with every probe setting, as the agent's `[[targets]]` table has them (see the
-/// agent's `target.rs` for meanings and defaults; the agent validates a spec exactly like a
-/// target from its own file).
+/// A setting that only some kinds have (target sets version 2), in a list rather than one field
+/// each so that later kinds append variants instead of a new frame version. Append only.
+///
+/// `Debug` (and `defmt::Format`) print a `Send` text as `<redacted>`: it may be a credential
+/// (`AUTH ...`), like a header value.
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq)]
+pub enum TargetOption {
+    /// `tcp`: written after connecting.
+    Send(String<MAX_PROBE_TEXT_LEN>),
+    /// `tcp`: what the first bytes read must be.
+    Expect(String<MAX_PROBE_TEXT_LEN>),
+    /// `http`: follow redirects from `https` to `http`.
+    AllowDowngrade,
+}
+
+impl core::fmt::Debug for TargetOption {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            TargetOption::Send(_) => f.write_str("Send(<redacted>)"),
+            TargetOption::Expect(t) => f.debug_tuple("Expect").field(&t.as_str()).finish(),
+            TargetOption::AllowDowngrade => f.write_str("AllowDowngrade"),
+        }
+    }
+}
+
+#[cfg(feature = "defmt")]
+impl defmt::Format for TargetOption {
+    fn format(&self, f: defmt::Formatter<'_>) {
+        match self {
+            TargetOption::Send(_) => defmt::write!(f, "Send(<redacted>)"),
+            TargetOption::Expect(t) => defmt::write!(f, "Expect({=str})", t.as_str()),
+            TargetOption::AllowDowngrade => defmt::write!(f, "AllowDowngrade"),
+        }
+    }
+}
+
+/// One target with every probe setting, as the agent's `[[targets]]` table has them (see
+/// `vantage_common::target` for meanings and defaults; the agent validates a spec exactly
+/// like a target from its own file).
+///
+/// `kind` and `options` are not part of the postcard struct (`serde(skip)`): version 2 frames
+/// write them after it, version 1 frames do not have them (see the module docs).
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct TargetSpec {
     pub id: u32,
     pub name: String<MAX_NAME_LEN>,
+    /// `http`: the URL; `tcp` and `tls`: `host:port`.
     pub url: String<MAX_URL_LEN>,
     pub interval_ms: u32,
     pub timeout_ms: u32,
@@ -156,30 +209,58 @@ pub struct TargetSpec {
     pub ca_file: Option<String<MAX_PATH_LEN>>,
     pub tls_skip_verify: bool,
     pub ip_family: IpFamilySpec,
+    /// What the probe checks (version 2; version 1: `http`).
+    #[serde(skip)]
+    pub kind: ProbeKind,
+    /// Settings of some kinds only (version 2; version 1: none).
+    #[serde(skip)]
+    pub options: Vec<TargetOption, MAX_OPTIONS>,
+}
+
+impl TargetSpec {
+    /// Whether a version 1 frame carries this spec: an `http` target without options.
+    pub fn fits_v1(&self) -> bool {
+        self.kind == ProbeKind::Http && self.options.is_empty()
+    }
+}
+
+/// Appends postcard of `value` to `buf[*used..]`.
+fn put<T: Serialize>(value: &T, buf: &mut [u8], used: &mut usize) -> Result<(), Error> {
+    let rest = buf.get_mut(*used..).ok_or(Error::BufferTooSmall)?;
+    *used += postcard::to_slice(value, rest)
+        .map_err(|_| Error::BufferTooSmall)?
+        .len();
+    Ok(())
 }
 
 /// Writes a target set frame into `buf` and returns the used prefix. `specs` must yield exactly
-/// `header.count` items.
-pub fn encode_target_set<'b, 's>(
+/// `header.count` items. The frame is version 1 when every spec fits it
+/// ([`TargetSpec::fits_v1`]), else version 2.
+pub fn encode_target_set<'b, 's, I>(
     header: &TargetSetHeader,
-    specs: impl IntoIterator<Item = &'s TargetSpec>,
+    specs: I,
     buf: &'b mut [u8],
-) -> Result<&'b mut [u8], Error> {
-    let (first, mut rest) = buf.split_first_mut().ok_or(Error::BufferTooSmall)?;
-    *first = TARGET_SET_VERSION;
+) -> Result<&'b mut [u8], Error>
+where
+    I: IntoIterator<Item = &'s TargetSpec>,
+    I::IntoIter: Clone,
+{
+    let specs = specs.into_iter();
+    let version = if specs.clone().all(TargetSpec::fits_v1) {
+        TARGET_SET_V1
+    } else {
+        TARGET_SET_VERSION
+    };
+    *buf.first_mut().ok_or(Error::BufferTooSmall)? = version;
     let mut used = 1;
-    let n = postcard::to_slice(header, rest)
-        .map_err(|_| Error::BufferTooSmall)?
-        .len();
-    used += n;
-    rest = &mut rest[n..];
+    put(header, buf, &mut used)?;
     let mut count = 0usize;
     for spec in specs {
-        let n = postcard::to_slice(spec, rest)
-            .map_err(|_| Error::BufferTooSmall)?
-            .len();
-        used += n;
-        rest = &mut rest[n..];
+        put(spec, buf, &mut used)?;
+        if version == TARGET_SET_VERSION {
+            put(&spec.kind, buf, &mut used)?;
+            put(&spec.options, buf, &mut used)?;
+        }
         count += 1;
     }
     if count != usize::from(header.count) {
@@ -192,6 +273,7 @@ pub fn encode_target_set<'b, 's>(
 /// the header; iterating yields each spec or the first error, and checks that nothing follows
 /// the last one. Total: any bytes give specs or an error, never a panic.
 pub struct TargetSetReader<'a> {
+    version: u8,
     header: TargetSetHeader,
     rest: &'a [u8],
     left: u16,
@@ -201,7 +283,7 @@ pub struct TargetSetReader<'a> {
 impl<'a> TargetSetReader<'a> {
     pub fn new(frame: &'a [u8]) -> Result<TargetSetReader<'a>, Error> {
         let (&version, body) = frame.split_first().ok_or(Error::Empty)?;
-        if version != TARGET_SET_VERSION {
+        if version != TARGET_SET_VERSION && version != TARGET_SET_V1 {
             return Err(Error::UnknownVersion(version));
         }
         if frame.len() > MAX_TARGET_SET_LEN {
@@ -213,6 +295,7 @@ impl<'a> TargetSetReader<'a> {
             return Err(Error::Malformed);
         }
         Ok(TargetSetReader {
+            version,
             left: header.count,
             header,
             rest,
@@ -222,6 +305,28 @@ impl<'a> TargetSetReader<'a> {
 
     pub fn header(&self) -> &TargetSetHeader {
         &self.header
+    }
+
+    /// The frame's version byte ([`TARGET_SET_V1`] or [`TARGET_SET_VERSION`]).
+    pub fn version(&self) -> u8 {
+        self.version
+    }
+
+    /// Takes one `T` off the front of the rest.
+    fn take<T: serde::de::DeserializeOwned>(&mut self) -> Result<T, Error> {
+        let (value, rest) =
+            postcard::take_from_bytes::<T>(self.rest).map_err(|_| Error::Malformed)?;
+        self.rest = rest;
+        Ok(value)
+    }
+
+    fn take_spec(&mut self) -> Result<TargetSpec, Error> {
+        let mut spec: TargetSpec = self.take()?;
+        if self.version == TARGET_SET_VERSION {
+            spec.kind = self.take()?;
+            spec.options = self.take()?;
+        }
+        Ok(spec)
     }
 }
 
@@ -239,15 +344,14 @@ impl Iterator for TargetSetReader<'_> {
             self.failed = true;
             return Some(Err(Error::TrailingBytes));
         }
-        match postcard::take_from_bytes::<TargetSpec>(self.rest) {
-            Ok((spec, rest)) => {
-                self.rest = rest;
+        match self.take_spec() {
+            Ok(spec) => {
                 self.left -= 1;
                 Some(Ok(spec))
             }
-            Err(_) => {
+            Err(e) => {
                 self.failed = true;
-                Some(Err(Error::Malformed))
+                Some(Err(e))
             }
         }
     }

@@ -1,6 +1,7 @@
 //! The wire format between agents and the ingester.
 //!
-//! A *frame* is one MQTT payload: a format-version byte followed by a postcard-encoded [`Batch`].
+//! A *frame* is one MQTT payload: a format-version byte followed by a [`Batch`] (version 2: its
+//! plain postcard struct; versions 3 and 4: packed, see [`v3`] and [`v4`]).
 //! Everything here is `no_std` and allocation-free so the same code runs on a Raspberry Pi, on a
 //! microcontroller and in the ingester.
 //!
@@ -9,6 +10,8 @@
 //! field tags, so a new field means a new [`FORMAT_VERSION`]; the decoder keeps reading every
 //! version ever shipped ([`v1`] frames come out as the current [`Batch`] with the fields v1 did
 //! not have left empty). The golden-byte tests in `tests/golden.rs` freeze every version.
+//! Version 4 leaves room for the fields of the probe kinds still to come (issue #20): reserved
+//! bits of its extension byte, which a decoder older than the field refuses (see [`v4`]).
 //!
 //! # Sizes
 //! A batch holds at most [`MAX_RESULTS`] results and [`MAX_GAPS`] gap records; a frame is at
@@ -23,12 +26,14 @@ pub mod topic;
 mod types;
 pub mod v1;
 pub mod v3;
+pub mod v4;
 
 pub use types::*;
 
-/// The version byte of frames [`encode`] writes ([`v3`], packed). Versions 1 and 2 are still
-/// read, and [`encode_v2`] still writes version 2 for ingesters that predate version 3.
-pub const FORMAT_VERSION: u8 = v3::VERSION;
+/// The version byte of frames [`encode`] writes ([`v4`]: version 3 with probe kinds). Versions
+/// 1 to 3 are still read, and [`encode_v3`] and [`encode_v2`] still write versions 3 and 2 for
+/// ingesters that predate version 4 (results of kind `http` only).
+pub const FORMAT_VERSION: u8 = v4::VERSION;
 
 /// Most results in one batch (the capacity of [`Batch::results`]).
 pub const MAX_RESULTS: usize = 32;
@@ -67,8 +72,8 @@ pub const MAX_GAP_LEN: usize = U64 + U32 + U64 + U64;
 pub const MAX_CLOCK_LEN: usize = 1 + U32 + U32 + U64 + U32 + U64;
 
 /// Largest frame: version byte, boot id, then both lists with their length prefixes (version
-/// 2's widest encoding, the largest of every version: a version 3 frame, clock included, is
-/// smaller; `tests/golden.rs` checks both).
+/// 2's widest encoding, the largest of every version: a version 3 or 4 frame, clock and kind
+/// fields included, is smaller; `tests/golden.rs` checks them).
 pub const MAX_FRAME_LEN: usize =
     1 + U64 + 1 + MAX_RESULTS * MAX_RESULT_LEN + 1 + MAX_GAPS * MAX_GAP_LEN;
 
@@ -87,6 +92,9 @@ pub enum Error {
     TrailingBytes,
     /// The output buffer is too small for the frame.
     BufferTooSmall,
+    /// The batch has a result this format version has no place for (a kind other than `http`,
+    /// or a field of version 4, in a version 2 or 3 frame). Nothing is dropped silently.
+    Unrepresentable,
 }
 
 impl Error {
@@ -98,6 +106,7 @@ impl Error {
             Error::Malformed => "malformed",
             Error::TrailingBytes => "trailing_bytes",
             Error::BufferTooSmall => "buffer_too_small",
+            Error::Unrepresentable => "unrepresentable",
         }
     }
 }
@@ -110,6 +119,9 @@ impl core::fmt::Display for Error {
             Error::Malformed => f.write_str("malformed batch"),
             Error::TrailingBytes => f.write_str("trailing bytes after batch"),
             Error::BufferTooSmall => f.write_str("output buffer too small"),
+            Error::Unrepresentable => f.write_str(
+                "a result this format version cannot carry (kind other than http: version 4)",
+            ),
         }
     }
 }
@@ -140,12 +152,24 @@ pub fn is_valid_target_id(id: u32) -> bool {
 
 /// Writes `batch` as a current-version frame into `buf` and returns the used prefix.
 pub fn encode<'b>(batch: &Batch, buf: &'b mut [u8]) -> Result<&'b mut [u8], Error> {
+    v4::encode(batch, buf)
+}
+
+/// Writes `batch` as a version 3 frame, which every ingester since version 3 reads: what an
+/// agent sends while its ingester is older than version 4. [`Error::Unrepresentable`] when a
+/// result does not fit version 3 ([`ProbeResult::fits_v3`]).
+pub fn encode_v3<'b>(batch: &Batch, buf: &'b mut [u8]) -> Result<&'b mut [u8], Error> {
     v3::encode(batch, buf)
 }
 
 /// Writes `batch` as a version 2 frame (plain postcard of [`Batch`]), which every ingester since
 /// version 2 reads: what an agent sends while its ingester is older than version 3.
+/// [`Error::Unrepresentable`] when a result does not fit ([`ProbeResult::fits_v3`]): its
+/// postcard struct would silently leave out the kind.
 pub fn encode_v2<'b>(batch: &Batch, buf: &'b mut [u8]) -> Result<&'b mut [u8], Error> {
+    if !batch.results.iter().all(ProbeResult::fits_v3) {
+        return Err(Error::Unrepresentable);
+    }
     encode_versioned(2, batch, buf)
 }
 
@@ -179,7 +203,8 @@ pub fn decode(frame: &[u8]) -> Result<Batch, Error> {
     match version {
         1 => decode_body::<v1::Batch>(body).map(Batch::from),
         2 => decode_body::<Batch>(body),
-        v3::VERSION => v3::decode_body(body),
+        v3::VERSION => v3::decode_body(v3::VERSION, body),
+        v4::VERSION => v3::decode_body(v4::VERSION, body),
         v => Err(Error::UnknownVersion(v)),
     }
 }

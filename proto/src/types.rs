@@ -10,7 +10,7 @@ use crate::{MAX_GAPS, MAX_RESULTS};
 /// version 1; 11–17 since version 2; 18 (`AddressRefused`) was appended within version 2: a
 /// version 2 decoder older than it rejects a frame carrying it as malformed (dead-lettered by
 /// an old bridge), so upgrade the ingester before the agents. The same holds for the kinds
-/// 19–23 (the "issue 13" block below).
+/// 19–23 (the "issue 13" block below), 24 (`Missed`) and 25 (`ExpectMismatch`, issue 20).
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum Outcome {
@@ -75,11 +75,16 @@ pub enum Outcome {
     /// body memory freed within the probe's timeout. Nothing was sent; no timings, no phase.
     /// Not measured, as opposed to measured up: an agent-side fact, not the target's failure.
     Missed,
+    // ---- appended for issue 20 (probe kinds) ----
+    /// A `tcp` probe's `expect` check failed: the first bytes the peer sent are not the
+    /// expected ones (a banner of another service, an error line). No phase: an answer arrived
+    /// and was checked, as for [`Outcome::RegexNotMatched`].
+    ExpectMismatch,
 }
 
 impl Outcome {
     /// Every variant, in wire order.
-    pub const ALL: [Outcome; 25] = [
+    pub const ALL: [Outcome; 26] = [
         Outcome::Up,
         Outcome::StatusNotAccepted,
         Outcome::RegexNotMatched,
@@ -107,6 +112,8 @@ impl Outcome {
         Outcome::MemoryRefused,
         // issue 18
         Outcome::Missed,
+        // issue 20
+        Outcome::ExpectMismatch,
     ];
 
     /// The stable snake_case name used in logs and in PostgreSQL.
@@ -139,6 +146,8 @@ impl Outcome {
             Outcome::MemoryRefused => "memory_refused",
             // issue 18
             Outcome::Missed => "missed",
+            // issue 20
+            Outcome::ExpectMismatch => "expect_mismatch",
         }
     }
 }
@@ -199,6 +208,78 @@ pub enum RegexOutcome {
     NotMatched,
 }
 
+/// What a probe checks (a target's `kind`, issue #20). Append only: the variant index is on
+/// the wire (result frames from version 4 on, target sets from version 2 on) and is the
+/// `kind_id` of PostgreSQL (table `probe_kinds`). The serde names (`http`, `tcp`, `tls`) are
+/// what configuration files say; postcard ignores them.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[serde(rename_all = "lowercase")]
+pub enum ProbeKind {
+    /// An HTTP(S) request (every result before version 4).
+    #[default]
+    Http,
+    /// A TCP connection to host:port, optionally writing `send` and checking `expect`.
+    Tcp,
+    /// A TLS handshake to host:port: protocol version, certificate expiry, verification.
+    Tls,
+}
+
+impl ProbeKind {
+    /// Every variant, in wire order.
+    pub const ALL: [ProbeKind; 3] = [ProbeKind::Http, ProbeKind::Tcp, ProbeKind::Tls];
+
+    /// The stable name used in configuration, logs and PostgreSQL.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ProbeKind::Http => "http",
+            ProbeKind::Tcp => "tcp",
+            ProbeKind::Tls => "tls",
+        }
+    }
+
+    /// The variant index (the wire value).
+    pub const fn index(self) -> u8 {
+        self as u8
+    }
+
+    /// The kind of wire value `index`, if there is one.
+    pub fn from_index(index: u8) -> Option<ProbeKind> {
+        ProbeKind::ALL.get(usize::from(index)).copied()
+    }
+}
+
+/// The TLS protocol version a handshake negotiated. Append only (the variant index is on the
+/// wire, version 4).
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum TlsVersion {
+    Tls12,
+    Tls13,
+}
+
+impl TlsVersion {
+    /// Every variant, in wire order.
+    pub const ALL: [TlsVersion; 2] = [TlsVersion::Tls12, TlsVersion::Tls13];
+
+    /// The name OpenSSL and rustls print (`TLSv1.3`), what the `results` view shows.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            TlsVersion::Tls12 => "TLSv1.2",
+            TlsVersion::Tls13 => "TLSv1.3",
+        }
+    }
+
+    /// The protocol's own number (RFC 8446 `ProtocolVersion`: 0x0303, 0x0304), what
+    /// PostgreSQL stores.
+    pub const fn code(self) -> u16 {
+        match self {
+            TlsVersion::Tls12 => 0x0303,
+            TlsVersion::Tls13 => 0x0304,
+        }
+    }
+}
+
 /// An IP address without std (`core::net` types have no serde support in no_std serde).
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -230,6 +311,12 @@ impl From<IpAddress> for core::net::IpAddr {
 /// Times are microseconds measured with a monotonic clock on the agent. A phase that did not
 /// happen (no TLS on `http://`, no connect after a DNS failure) is `None`. With redirects, the
 /// phase times are those of the final hop and `total_us` covers all hops.
+///
+/// The fields after `remote_ip` came with version 4 and are not part of version 2's postcard
+/// struct (`serde(skip)`, like [`Batch::clock`]): versions 1 to 3 decode to their defaults
+/// (kind `http`, nothing else), and their encoders refuse a result that has other values
+/// ([`crate::Error::Unrepresentable`]) rather than drop them. [`ProbeResult::fits_v3`] says
+/// which results they can carry.
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct ProbeResult {
@@ -264,6 +351,12 @@ pub struct ProbeResult {
     pub cert_not_after_s: Option<u64>,
     /// The address actually connected to (final hop).
     pub remote_ip: Option<IpAddress>,
+    /// What the probe checked (version 4; before: always `http`).
+    #[serde(skip)]
+    pub kind: ProbeKind,
+    /// The TLS protocol version negotiated (kind `tls`; version 4).
+    #[serde(skip)]
+    pub tls_version: Option<TlsVersion>,
 }
 
 impl ProbeResult {
@@ -295,7 +388,15 @@ impl ProbeResult {
             redirects: 0,
             cert_not_after_s: None,
             remote_ip: None,
+            kind: ProbeKind::Http,
+            tls_version: None,
         }
+    }
+
+    /// Whether frame versions 1 to 3 can carry this result: an `http` result without the
+    /// fields version 4 added.
+    pub fn fits_v3(&self) -> bool {
+        self.kind == ProbeKind::Http && self.tls_version.is_none()
     }
 }
 

@@ -38,24 +38,16 @@ pub fn encode<'b>(batch: &Batch, buf: &'b mut [u8]) -> Result<&'b mut [u8], Erro
 impl From<ProbeResult> for crate::ProbeResult {
     fn from(r: ProbeResult) -> Self {
         crate::ProbeResult {
-            seq: r.seq,
-            target_id: r.target_id,
-            started_at_ms: r.started_at_ms,
             status: r.status,
-            outcome: r.outcome,
-            failed_phase: None,
             regex: r.regex,
             total_us: r.total_us,
             dns_us: r.dns_us,
             connect_us: r.connect_us,
             tls_us: r.tls_us,
             ttfb_us: r.ttfb_us,
-            transfer_us: None,
             body_bytes: r.body_bytes,
-            body_truncated: false,
-            redirects: 0,
-            cert_not_after_s: None,
-            remote_ip: None,
+            // What version 1 did not have is left as a result without a response has it.
+            ..crate::ProbeResult::without_response(r.seq, r.target_id, r.started_at_ms, r.outcome)
         }
     }
 }

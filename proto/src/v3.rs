@@ -40,7 +40,7 @@
 //!
 //! | field | when | encoding |
 //! |---|---|---|
-//! | head | always | bit 0 seq = previous + 1, bits 1–2 regex, bit 3 body truncated, bit 4 status 200, bit 5 redirects ≠ 0, bit 6 failed phase present, bit 7 reserved (0) |
+//! | head | always | bit 0 seq = previous + 1, bits 1–2 regex, bit 3 body truncated, bit 4 status 200, bit 5 redirects ≠ 0, bit 6 failed phase present, bit 7 reserved (0; version 4: extension byte follows, see [`crate::v4`]) |
 //! | presence | always | bits 0–4 dns, connect, tls, ttfb, transfer present; bits 5–6 address: 0 none, 1 IPv4, 2 IPv6, 3 as this target's previous result in the batch; bit 7 certificate expiry present |
 //! | outcome | always | variant index |
 //! | failed phase | head bit 6 | variant index |
@@ -58,7 +58,7 @@
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::{Batch, ClockHealth, Error, Gap, IpAddress, Outcome, Phase, ProbeResult, RegexOutcome};
-use crate::{MAX_GAPS, MAX_RESULTS};
+use crate::{ProbeKind, TlsVersion, MAX_GAPS, MAX_RESULTS};
 
 /// The version byte of this format.
 pub const VERSION: u8 = 3;
@@ -70,7 +70,13 @@ const TRUNCATED: u8 = 1 << 3;
 const STATUS_200: u8 = 1 << 4;
 const REDIRECTS: u8 = 1 << 5;
 const FAILED_PHASE: u8 = 1 << 6;
-const HEAD_RESERVED: u8 = 1 << 7;
+/// Reserved in version 3; in version 4 "an extension byte follows the presence byte".
+const HEAD_EXT: u8 = 1 << 7;
+
+// Version 4's extension byte (crate::v4 has the table).
+const EXT_KIND_MASK: u8 = 0x0F;
+const EXT_TLS_VERSION: u8 = 1 << 4;
+const EXT_RESERVED: u8 = !(EXT_KIND_MASK | EXT_TLS_VERSION);
 
 const ADDRESS_SHIFT: u8 = 5;
 const ADDRESS_MASK: u8 = 0b11 << ADDRESS_SHIFT;
@@ -85,16 +91,27 @@ const CLOCK_SYNCED: u8 = 1 << 1;
 const CLOCK_SYNCED_FROM: u8 = 1 << 2;
 const CLOCK_RESERVED: u8 = !(CLOCK_PRESENT | CLOCK_SYNCED | CLOCK_SYNCED_FROM);
 
-/// Writes `batch` as a version 3 frame into `buf` and returns the used prefix.
+/// Writes `batch` as a version 3 frame into `buf` and returns the used prefix;
+/// [`Error::Unrepresentable`] if a result does not fit version 3 ([`ProbeResult::fits_v3`]).
 pub fn encode<'b>(batch: &Batch, buf: &'b mut [u8]) -> Result<&'b mut [u8], Error> {
+    encode_packed(VERSION, batch, buf)
+}
+
+/// Writes `batch` packed, as a frame of `version` (3 or 4, which differ only in the
+/// extension byte of version 4).
+pub(crate) fn encode_packed<'b>(
+    version: u8,
+    batch: &Batch,
+    buf: &'b mut [u8],
+) -> Result<&'b mut [u8], Error> {
     let mut w = Writer { buf, len: 0 };
-    w.byte(VERSION)?;
+    w.byte(version)?;
     w.raw(&batch.boot_id.to_le_bytes())?;
     // heapless capacities keep both counts within one byte.
     w.byte(batch.results.len() as u8)?;
     for (i, r) in batch.results.iter().enumerate() {
         let before = &batch.results[..i];
-        put_result(&mut w, r, before)?;
+        put_result(&mut w, r, before, version)?;
     }
     w.byte(batch.gaps.len() as u8)?;
     for gap in &batch.gaps {
@@ -105,8 +122,8 @@ pub fn encode<'b>(batch: &Batch, buf: &'b mut [u8]) -> Result<&'b mut [u8], Erro
     Ok(&mut w.buf[..len])
 }
 
-/// Reads the body of a version 3 frame (the bytes after the version byte).
-pub(crate) fn decode_body(body: &[u8]) -> Result<Batch, Error> {
+/// Reads the body of a version 3 or 4 frame (the bytes after the version byte `version`).
+pub(crate) fn decode_body(version: u8, body: &[u8]) -> Result<Batch, Error> {
     let mut r = Reader { bytes: body };
     let boot_id = u64::from_le_bytes(r.array()?);
     let mut batch = Batch {
@@ -120,7 +137,7 @@ pub(crate) fn decode_body(body: &[u8]) -> Result<Batch, Error> {
         return Err(Error::Malformed);
     }
     for _ in 0..count {
-        let result = take_result(&mut r, &batch.results)?;
+        let result = take_result(&mut r, &batch.results, version)?;
         batch.results.push(result).map_err(|_| Error::Malformed)?;
     }
     let gaps = usize::from(r.byte()?);
@@ -210,7 +227,17 @@ fn cert_base(before: &[ProbeResult], r: &ProbeResult) -> u64 {
         .unwrap_or(r.started_at_ms / 1000)
 }
 
-fn put_result(w: &mut Writer<'_>, r: &ProbeResult, before: &[ProbeResult]) -> Result<(), Error> {
+fn put_result(
+    w: &mut Writer<'_>,
+    r: &ProbeResult,
+    before: &[ProbeResult],
+    version: u8,
+) -> Result<(), Error> {
+    // Version 3 has no place for a kind: refused, never dropped.
+    let ext = (!r.fits_v3()).then(|| ext_byte(r));
+    if ext.is_some() && version == VERSION {
+        return Err(Error::Unrepresentable);
+    }
     let previous = before.last();
     let seq_next = previous.is_some_and(|p| p.seq.wrapping_add(1) == r.seq);
     let mut head = (regex_bits(r.regex) << REGEX_SHIFT) & REGEX_MASK;
@@ -223,6 +250,7 @@ fn put_result(w: &mut Writer<'_>, r: &ProbeResult, before: &[ProbeResult]) -> Re
     } else {
         0
     };
+    head |= if ext.is_some() { HEAD_EXT } else { 0 };
 
     let mut presence = 0u8;
     for (bit, phase) in phases(r).iter().enumerate() {
@@ -246,6 +274,9 @@ fn put_result(w: &mut Writer<'_>, r: &ProbeResult, before: &[ProbeResult]) -> Re
 
     w.byte(head)?;
     w.byte(presence)?;
+    if let Some(ext) = ext {
+        w.byte(ext)?;
+    }
     w.put(&r.outcome)?;
     if let Some(phase) = r.failed_phase {
         w.put(&phase)?;
@@ -277,15 +308,45 @@ fn put_result(w: &mut Writer<'_>, r: &ProbeResult, before: &[ProbeResult]) -> Re
         Some(IpAddress::V6(o)) if !as_before => w.raw(&o)?,
         _ => {}
     }
+    if let Some(v) = r.tls_version {
+        w.put(&v)?;
+    }
     Ok(())
 }
 
-fn take_result(r: &mut Reader<'_>, before: &[ProbeResult]) -> Result<ProbeResult, Error> {
+/// Version 4's extension byte of `r`: its kind and which of its fields follow.
+fn ext_byte(r: &ProbeResult) -> u8 {
+    let mut ext = r.kind.index() & EXT_KIND_MASK;
+    ext |= if r.tls_version.is_some() {
+        EXT_TLS_VERSION
+    } else {
+        0
+    };
+    ext
+}
+
+fn take_result(
+    r: &mut Reader<'_>,
+    before: &[ProbeResult],
+    version: u8,
+) -> Result<ProbeResult, Error> {
     let head = r.byte()?;
     let presence = r.byte()?;
-    if head & HEAD_RESERVED != 0 {
+    let ext = if head & HEAD_EXT == 0 {
+        None
+    } else if version == VERSION {
+        // Reserved in version 3.
         return Err(Error::Malformed);
-    }
+    } else {
+        Some(r.byte()?)
+    };
+    let kind = match ext {
+        None => ProbeKind::Http,
+        // Reserved bits are later fields: a decoder older than them refuses the frame. A byte
+        // that says nothing (http, no field) is not canonical: the bit would be clear.
+        Some(e) if e & EXT_RESERVED != 0 || e == 0 => return Err(Error::Malformed),
+        Some(e) => ProbeKind::from_index(e & EXT_KIND_MASK).ok_or(Error::Malformed)?,
+    };
     let regex = match (head & REGEX_MASK) >> REGEX_SHIFT {
         0 => RegexOutcome::NotConfigured,
         1 => RegexOutcome::Matched,
@@ -357,6 +418,8 @@ fn take_result(r: &mut Reader<'_>, before: &[ProbeResult]) -> Result<ProbeResult
         redirects,
         cert_not_after_s: None,
         remote_ip: None,
+        kind,
+        tls_version: None,
     };
     if presence & CERT != 0 {
         let delta: i64 = r.take()?;
@@ -372,6 +435,9 @@ fn take_result(r: &mut Reader<'_>, before: &[ProbeResult]) -> Result<ProbeResult
                 .ok_or(Error::Malformed)?,
         ),
     };
+    if ext.is_some_and(|e| e & EXT_TLS_VERSION != 0) {
+        result.tls_version = Some(r.take::<TlsVersion>()?);
+    }
     Ok(result)
 }
 

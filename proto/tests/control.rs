@@ -2,10 +2,10 @@
 
 use vantage_proto::control::{
     decode_status, encode_status, encode_target_set, AgentState, AgentStatus, HeaderSpec,
-    IpFamilySpec, Rejection, SetScope, TargetSetHeader, TargetSetReader, TargetSpec,
-    MAX_STATUS_LEN, MAX_TARGET_SET_LEN,
+    IpFamilySpec, Rejection, SetScope, TargetOption, TargetSetHeader, TargetSetReader, TargetSpec,
+    MAX_STATUS_LEN, MAX_TARGET_SET_LEN, TARGET_SET_V1, TARGET_SET_VERSION,
 };
-use vantage_proto::Error;
+use vantage_proto::{Error, ProbeKind};
 
 fn spec(id: u32) -> TargetSpec {
     let mut headers = heapless::Vec::new();
@@ -33,6 +33,8 @@ fn spec(id: u32) -> TargetSpec {
         ca_file: None,
         tls_skip_verify: false,
         ip_family: IpFamilySpec::Ipv4,
+        kind: ProbeKind::Http,
+        options: heapless::Vec::new(),
     }
 }
 
@@ -171,9 +173,10 @@ fn decoding_is_total() {
     // Random and coverage-guided inputs: the fuzz targets in fuzz/tests/decoders.rs.
     assert_eq!(decode_status(&[]), Err(Error::Empty));
     assert_eq!(decode_status(&[9]), Err(Error::UnknownVersion(9)));
+    // Version 2 exists since issue #20; 3 does not.
     assert!(matches!(
-        TargetSetReader::new(&[2, 0, 0]),
-        Err(Error::UnknownVersion(2))
+        TargetSetReader::new(&[3, 0, 0]),
+        Err(Error::UnknownVersion(3))
     ));
 }
 
@@ -212,4 +215,121 @@ fn header_reference_golden_bytes() {
         "{debug}"
     );
     assert!(s.headers[1].is_reference() && !s.headers[0].is_reference());
+}
+
+// ---- target sets version 2 (issue 20): kinds and options ------------------------------------
+
+/// A tcp target with a banner check, as `targets apply` publishes it.
+fn tcp_spec(id: u32) -> TargetSpec {
+    let mut options = heapless::Vec::new();
+    options
+        .push(TargetOption::Send("PING\r\n".try_into().unwrap()))
+        .unwrap();
+    options
+        .push(TargetOption::Expect("+PONG".try_into().unwrap()))
+        .unwrap();
+    TargetSpec {
+        id,
+        name: "cache".try_into().unwrap(),
+        url: "cache.example:6379".try_into().unwrap(),
+        interval_ms: 10_000,
+        timeout_ms: 2_000,
+        regex: None,
+        method: "GET".try_into().unwrap(),
+        headers: heapless::Vec::new(),
+        accepted_status: heapless::Vec::new(),
+        max_redirects: 5,
+        body_cap: 1_048_576,
+        ca_file: None,
+        tls_skip_verify: false,
+        ip_family: IpFamilySpec::Auto,
+        kind: ProbeKind::Tcp,
+        options,
+    }
+}
+
+const GOLDEN_TARGET_SET_V2: &[u8] = &[
+    2, 10, 1, // version 2, generation 10, one spec
+    // the version 1 fields: id 8, "cache", "cache.example:6379", 10 s, 2 s, no regex, "GET",
+    // no headers, no status ranges, 5 redirects, 1 MiB body cap, no CA file, verify, auto
+    8, 5, 99, 97, 99, 104, 101, 18, 99, 97, 99, 104, 101, 46, 101, 120, 97, 109, 112, 108, 101, 58,
+    54, 51, 55, 57, 144, 78, 208, 15, 0, 3, 71, 69, 84, 0, 0, 5, 128, 128, 64, 0, 0, 0,
+    1, // kind tcp
+    2, // two options: Send "PING\r\n", Expect "+PONG"
+    0, 6, 80, 73, 78, 71, 13, 10, 1, 5, 43, 80, 79, 78, 71,
+];
+
+#[test]
+fn target_set_v2_golden_bytes() {
+    let header = TargetSetHeader {
+        generation: 10,
+        count: 1,
+    };
+    let mut buf = [0u8; 4096];
+    let frame = encode_target_set(&header, [&tcp_spec(8)], &mut buf).unwrap();
+    assert_eq!(frame, GOLDEN_TARGET_SET_V2, "{frame:?}");
+    let mut reader = TargetSetReader::new(GOLDEN_TARGET_SET_V2).unwrap();
+    assert_eq!(reader.version(), TARGET_SET_VERSION);
+    assert_eq!(reader.next(), Some(Ok(tcp_spec(8))));
+    assert_eq!(reader.next(), None);
+    // `send` may be a credential: Debug does not show it.
+    let debug = format!("{:?}", tcp_spec(8));
+    assert!(
+        !debug.contains("PING") && debug.contains("Send(<redacted>)") && debug.contains("+PONG"),
+        "{debug}"
+    );
+}
+
+/// A set of http targets without options is still written as version 1, which agents from
+/// before version 2 read; one target that needs version 2 makes the whole frame version 2,
+/// and both kinds of spec read back the same.
+#[test]
+fn target_sets_use_version_1_when_they_can() {
+    let mut buf = [0u8; 8192];
+    let header = TargetSetHeader {
+        generation: 9,
+        count: 1,
+    };
+    let v1 = encode_target_set(&header, [&spec(7)], &mut buf).unwrap();
+    assert_eq!(v1[0], TARGET_SET_V1);
+    assert_eq!(TargetSetReader::new(v1).unwrap().version(), TARGET_SET_V1);
+    let mut downgrade = spec(7);
+    downgrade
+        .options
+        .push(TargetOption::AllowDowngrade)
+        .unwrap();
+    assert!(!downgrade.fits_v1() && spec(7).fits_v1());
+    let specs = [spec(1), tcp_spec(2), downgrade];
+    let header = TargetSetHeader {
+        generation: 11,
+        count: 3,
+    };
+    let frame = encode_target_set(&header, &specs, &mut buf)
+        .unwrap()
+        .to_vec();
+    assert_eq!(frame[0], TARGET_SET_VERSION);
+    let back: Result<Vec<_>, _> = TargetSetReader::new(&frame).unwrap().collect();
+    assert_eq!(back.unwrap(), specs);
+    // Cut anywhere: an error, never a panic or a short set read as whole.
+    for cut in 1..frame.len() {
+        if let Ok(reader) = TargetSetReader::new(&frame[..cut]) {
+            assert!(reader.collect::<Result<Vec<_>, _>>().is_err(), "cut {cut}");
+        }
+    }
+    // A kind or an option this agent does not know: the set is malformed.
+    let mut unknown_kind = GOLDEN_TARGET_SET_V2.to_vec();
+    let kind_at = GOLDEN_TARGET_SET_V2.len() - 17;
+    assert_eq!(unknown_kind[kind_at], 1);
+    unknown_kind[kind_at] = 9;
+    let mut reader = TargetSetReader::new(&unknown_kind).unwrap();
+    assert_eq!(reader.next(), Some(Err(Error::Malformed)));
+    let mut unknown_option = GOLDEN_TARGET_SET_V2.to_vec();
+    unknown_option[kind_at + 2] = 7;
+    let mut reader = TargetSetReader::new(&unknown_option).unwrap();
+    assert_eq!(reader.next(), Some(Err(Error::Malformed)));
+    // A version 3 does not exist.
+    assert_eq!(
+        TargetSetReader::new(&[3, 1, 0]).err(),
+        Some(Error::UnknownVersion(3))
+    );
 }

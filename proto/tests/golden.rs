@@ -3,8 +3,8 @@
 //! instead (and a new golden pair), never edit an existing pair.
 
 use vantage_proto::{
-    decode, encode, v1, Batch, ClockHealth, Error, Gap, IpAddress, Outcome, Phase, ProbeResult,
-    RegexOutcome, MAX_FRAME_LEN, MAX_GAPS, MAX_RESULTS,
+    decode, encode, encode_v3, v1, Batch, ClockHealth, Error, Gap, IpAddress, Outcome, Phase,
+    ProbeKind, ProbeResult, RegexOutcome, TlsVersion, MAX_FRAME_LEN, MAX_GAPS, MAX_RESULTS,
 };
 
 fn sample_v1() -> v1::Batch {
@@ -69,30 +69,20 @@ fn sample_v2() -> Batch {
             redirects: 1,
             cert_not_after_s: Some(1_800_000_000),
             remote_ip: Some(IpAddress::V4([127, 0, 0, 1])),
+            kind: ProbeKind::Http,
+            tls_version: None,
         })
         .unwrap();
     results
         .push(ProbeResult {
-            seq: 8,
-            target_id: 2,
-            started_at_ms: 1_764_000_000_100,
-            status: 0,
-            outcome: Outcome::Timeout,
+            // Timed out waiting for the first byte: no status, regex, body or certificate.
             failed_phase: Some(Phase::FirstByte),
-            regex: RegexOutcome::NotConfigured,
             total_us: 1_000_000,
-            dns_us: None,
             connect_us: Some(100),
-            tls_us: None,
-            ttfb_us: None,
-            transfer_us: None,
-            body_bytes: 0,
-            body_truncated: false,
-            redirects: 0,
-            cert_not_after_s: None,
             remote_ip: Some(IpAddress::V6([
                 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1,
             ])),
+            ..ProbeResult::without_response(8, 2, 1_764_000_000_100, Outcome::Timeout)
         })
         .unwrap();
     let mut gaps = heapless::Vec::new();
@@ -178,32 +168,17 @@ const GOLDEN_V2_MEMORY_REFUSED: &[u8] = &[
 ];
 
 /// One result without a response (no status, phase, timings, body), as the agent sends for
-/// `memory_refused` and `missed`, in a batch of its own; its bytes must be `golden`. The struct
-/// is spelled out field by field here on purpose (not `ProbeResult::without_response`): this
-/// is the contract.
+/// `memory_refused` and `missed`, in a batch of its own; its bytes must be `golden` (the
+/// bytes are the contract: they spell out every field).
 fn assert_no_response_golden(outcome: Outcome, golden: &[u8]) {
     let mut results = heapless::Vec::new();
     results
-        .push(ProbeResult {
-            seq: 0,
-            target_id: 42,
-            started_at_ms: 1_764_000_000_000,
-            status: 0,
+        .push(ProbeResult::without_response(
+            0,
+            42,
+            1_764_000_000_000,
             outcome,
-            failed_phase: None,
-            regex: RegexOutcome::NotConfigured,
-            total_us: 0,
-            dns_us: None,
-            connect_us: None,
-            tls_us: None,
-            ttfb_us: None,
-            transfer_us: None,
-            body_bytes: 0,
-            body_truncated: false,
-            redirects: 0,
-            cert_not_after_s: None,
-            remote_ip: None,
-        })
+        ))
         .unwrap();
     let batch = Batch {
         boot_id: 1,
@@ -211,10 +186,6 @@ fn assert_no_response_golden(outcome: Outcome, golden: &[u8]) {
         gaps: heapless::Vec::new(),
         clock: None,
     };
-    assert_eq!(
-        batch.results[0],
-        ProbeResult::without_response(0, 42, 1_764_000_000_000, outcome)
-    );
     let mut buf = [0u8; MAX_FRAME_LEN];
     let bytes = vantage_proto::encode_v2(&batch, &mut buf).unwrap();
     assert_eq!(&bytes[..], golden, "{bytes:?}");
@@ -248,19 +219,30 @@ fn v2_missed_is_golden() {
     assert_no_response_golden(Outcome::Missed, GOLDEN_V2_MISSED);
 }
 
-#[test]
-fn phase_wire_order_is_frozen() {
+/// The variant index is what travels: `all[i]` encodes as the byte `i`, and `names` (the
+/// contract) are the stable names in that order.
+fn assert_wire_order<T: serde::Serialize + core::fmt::Debug>(
+    all: &[T],
+    name: impl Fn(&T) -> &'static str,
+    names: &[&str],
+) {
     let mut buf = [0u8; 8];
-    for (i, p) in Phase::ALL.iter().enumerate() {
+    for (i, v) in all.iter().enumerate() {
         assert_eq!(
-            postcard::to_slice(p, &mut buf).unwrap(),
+            postcard::to_slice(v, &mut buf).unwrap(),
             &[i as u8],
-            "{p:?}"
+            "{v:?}"
         );
     }
-    assert_eq!(
-        Phase::ALL.map(|p| p.as_str()),
-        [
+    assert_eq!(all.iter().map(name).collect::<Vec<_>>(), names);
+}
+
+#[test]
+fn phase_wire_order_is_frozen() {
+    assert_wire_order(
+        &Phase::ALL,
+        |p| p.as_str(),
+        &[
             "dns",
             "connect",
             "tls",
@@ -269,21 +251,16 @@ fn phase_wire_order_is_frozen() {
             // issue 13 block
             "headers",
             "check",
-        ]
+        ],
     );
 }
 
 #[test]
 fn outcome_wire_order_is_frozen() {
-    // The variant index is what travels; this list is the contract.
-    let mut buf = [0u8; 8];
-    for (i, o) in Outcome::ALL.iter().enumerate() {
-        let bytes = postcard::to_slice(o, &mut buf).unwrap();
-        assert_eq!(bytes, &[i as u8], "{o:?}");
-    }
-    assert_eq!(
-        Outcome::ALL.map(|o| o.as_str()),
-        [
+    assert_wire_order(
+        &Outcome::ALL,
+        |o| o.as_str(),
+        &[
             "up",
             "status_not_accepted",
             "regex_not_matched",
@@ -311,8 +288,24 @@ fn outcome_wire_order_is_frozen() {
             "memory_refused",
             // issue 18
             "missed",
-        ]
+            // issue 20
+            "expect_mismatch",
+        ],
     );
+}
+
+#[test]
+fn kind_and_tls_version_wire_order_is_frozen() {
+    assert_wire_order(&ProbeKind::ALL, |k| k.as_str(), &["http", "tcp", "tls"]);
+    for (i, k) in ProbeKind::ALL.iter().enumerate() {
+        assert_eq!(
+            (k.index(), ProbeKind::from_index(i as u8)),
+            (i as u8, Some(*k))
+        );
+    }
+    assert_eq!(ProbeKind::from_index(3), None);
+    assert_wire_order(&TlsVersion::ALL, |v| v.as_str(), &["TLSv1.2", "TLSv1.3"]);
+    assert_eq!(TlsVersion::ALL.map(|v| v.code()), [0x0303, 0x0304]);
 }
 
 #[test]
@@ -336,6 +329,8 @@ fn largest_batch_fits_max_frame_len() {
         redirects: u8::MAX,
         cert_not_after_s: Some(u64::MAX),
         remote_ip: Some(IpAddress::V6([0xFF; 16])),
+        kind: ProbeKind::Http,
+        tls_version: None,
     };
     let mut results = heapless::Vec::new();
     for _ in 0..MAX_RESULTS {
@@ -374,13 +369,24 @@ fn largest_batch_fits_max_frame_len() {
     };
     assert_eq!(decode(&buf[..v2]).unwrap(), batch_v2);
     assert!(v2 <= MAX_FRAME_LEN);
-    let bytes = encode(&batch, &mut buf).unwrap();
+    let bytes = encode_v3(&batch, &mut buf).unwrap();
+    assert!(bytes.len() <= MAX_FRAME_LEN);
+    let v3 = bytes.len();
+    assert_eq!(decode(bytes).unwrap(), batch);
+    // Version 4: the widest kind fields on every result (an extension byte and a TLS version).
+    let mut widest_v4 = batch.clone();
+    for r in widest_v4.results.iter_mut() {
+        r.kind = ProbeKind::Tls;
+        r.tls_version = Some(TlsVersion::Tls13);
+    }
+    let bytes = encode(&widest_v4, &mut buf).unwrap();
     assert!(bytes.len() <= MAX_FRAME_LEN);
     println!(
-        "largest frame: version 3 {} bytes, version 2 {v2} (MAX_FRAME_LEN {MAX_FRAME_LEN})",
+        "largest frame: version 4 {} bytes, version 3 {v3}, version 2 {v2} (MAX_FRAME_LEN \
+         {MAX_FRAME_LEN})",
         bytes.len()
     );
-    assert_eq!(decode(bytes).unwrap(), batch);
+    assert_eq!(decode(bytes).unwrap(), widest_v4);
 }
 
 #[test]
@@ -400,6 +406,10 @@ fn bad_frames_are_errors() {
     assert_eq!(decode(&[2, 0, 0, 5]), Err(Error::Malformed));
     let mut tiny = [0u8; 4];
     assert_eq!(encode(&sample_v2(), &mut tiny), Err(Error::BufferTooSmall));
+    assert_eq!(
+        encode_v3(&sample_v2(), &mut tiny),
+        Err(Error::BufferTooSmall)
+    );
 }
 
 /// Every truncation of the golden frames and every byte of them set to a few telling values
@@ -407,7 +417,7 @@ fn bad_frames_are_errors() {
 /// `fuzz/tests/decoders.rs`.
 #[test]
 fn decode_is_total_on_mutated_golden_frames() {
-    for golden in [GOLDEN_V1, GOLDEN_V2, GOLDEN_V3, GOLDEN_V3_CLOCK] {
+    for golden in [GOLDEN_V1, GOLDEN_V2, GOLDEN_V3, GOLDEN_V3_CLOCK, GOLDEN_V4] {
         for cut in 0..golden.len() {
             let _ = decode(&golden[..cut]);
         }
@@ -491,7 +501,7 @@ const GOLDEN_V3: &[u8] = &[
 #[test]
 fn v3_encodes_to_golden_bytes() {
     let mut buf = [0u8; MAX_FRAME_LEN];
-    let bytes = encode(&sample_v2(), &mut buf).unwrap();
+    let bytes = encode_v3(&sample_v2(), &mut buf).unwrap();
     assert_eq!(&bytes[..], GOLDEN_V3, "{bytes:?}");
     assert!(GOLDEN_V3.len() < GOLDEN_V2.len());
 }
@@ -594,19 +604,28 @@ fn varied_results() -> heapless::Vec<ProbeResult, MAX_RESULTS> {
 
 #[test]
 fn v3_round_trips_every_field_combination() {
-    let results = varied_results();
-    // Every prefix and every suffix, so each result is seen first and after each other one.
+    assert_every_slice_round_trips(&varied_results(), None, encode_v3, 3);
+}
+
+/// Every slice of `results` (each seen first and after each other one), with the gaps of
+/// `sample_v2` and `clock`, written by `encoder` as a frame of `version`, decodes to itself.
+fn assert_every_slice_round_trips(
+    results: &[ProbeResult],
+    clock: Option<ClockHealth>,
+    encoder: for<'b> fn(&Batch, &'b mut [u8]) -> Result<&'b mut [u8], Error>,
+    version: u8,
+) {
     for from in 0..results.len() {
         for to in from + 1..=results.len() {
             let batch = Batch {
                 boot_id: u64::MAX - from as u64,
                 results: results[from..to].iter().copied().collect(),
                 gaps: sample_v2().gaps,
-                clock: None,
+                clock,
             };
             let mut buf = [0u8; MAX_FRAME_LEN];
-            let bytes = encode(&batch, &mut buf).unwrap();
-            assert_eq!(bytes[0], 3);
+            let bytes = encoder(&batch, &mut buf).unwrap();
+            assert_eq!(bytes[0], version);
             assert_eq!(decode(bytes), Ok(batch), "results {from}..{to}");
         }
     }
@@ -701,7 +720,7 @@ fn v3_clock_is_golden() {
         clock: Some(synced_clock()),
     };
     let mut buf = [0u8; MAX_FRAME_LEN];
-    let bytes = encode(&batch, &mut buf).unwrap();
+    let bytes = encode_v3(&batch, &mut buf).unwrap();
     assert_eq!(&bytes[..], GOLDEN_V3_CLOCK, "{bytes:?}");
     assert_eq!(decode(GOLDEN_V3_CLOCK).unwrap(), batch);
     // With results: the seal time is 2.5 s after the last start, 2 bytes; the whole clock 9.
@@ -709,7 +728,7 @@ fn v3_clock_is_golden() {
         clock: Some(synced_clock()),
         ..sample_v2()
     };
-    let bytes = encode(&with, &mut buf).unwrap();
+    let bytes = encode_v3(&with, &mut buf).unwrap();
     assert_eq!(bytes.len(), GOLDEN_V3.len() + 9);
     assert_eq!(
         &bytes[GOLDEN_V3.len()..],
@@ -738,7 +757,7 @@ fn v3_unsynced_clock_marks_every_result() {
         ..sample_v2()
     };
     let mut buf = [0u8; MAX_FRAME_LEN];
-    let bytes = encode(&batch, &mut buf).unwrap();
+    let bytes = encode_v3(&batch, &mut buf).unwrap();
     assert_eq!(&bytes[GOLDEN_V3.len()..], &[1, 128, 125, 128, 125, 42, 13]);
     assert_eq!(decode(bytes).unwrap(), batch);
     assert!(batch.results.iter().all(|r| clock.unsynced_at(r.seq)));
@@ -792,7 +811,7 @@ fn v3_round_trips_every_clock() {
                 clock,
             };
             let mut buf = [0u8; MAX_FRAME_LEN];
-            let bytes = encode(&batch, &mut buf).unwrap();
+            let bytes = encode_v3(&batch, &mut buf).unwrap();
             assert_eq!(decode(bytes), Ok(batch), "{clock:?} {to} results");
         }
     }
@@ -845,4 +864,281 @@ fn fuzz_clock_heads_are_valid() {
     assert_eq!(batch.results[0].started_at_ms, 1000);
     assert_eq!(batch.clock, None);
     assert!(decode(&[3, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0]).is_ok());
+}
+
+// ---- version 4 (issue 20): probe kinds ---------------------------------------------------------
+
+/// An http result, then a tcp and a tls result: the http one in exactly version 3's bytes, the
+/// others with an extension byte.
+fn sample_v4() -> Batch {
+    let http = sample_v2().results[0];
+    let tcp = ProbeResult {
+        regex: RegexOutcome::Matched, // the expect check
+        total_us: 1_200,
+        connect_us: Some(300),
+        ttfb_us: Some(800),
+        transfer_us: Some(50),
+        body_bytes: 8,
+        remote_ip: Some(IpAddress::V4([127, 0, 0, 1])),
+        kind: ProbeKind::Tcp,
+        ..ProbeResult::without_response(8, 3, http.started_at_ms + 100, Outcome::Up)
+    };
+    let tls = ProbeResult {
+        total_us: 3_800,
+        dns_us: Some(500),
+        connect_us: Some(200),
+        tls_us: Some(3_000),
+        cert_not_after_s: Some(1_800_000_000),
+        remote_ip: Some(IpAddress::V6([
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1,
+        ])),
+        kind: ProbeKind::Tls,
+        tls_version: Some(TlsVersion::Tls13),
+        ..ProbeResult::without_response(9, 4, http.started_at_ms + 200, Outcome::Up)
+    };
+    Batch {
+        boot_id: 0x0123_4567_89AB_CDEF,
+        results: [http, tcp, tls].into_iter().collect(),
+        gaps: heapless::Vec::new(),
+        clock: None,
+    }
+}
+
+const GOLDEN_V4: &[u8] = &[
+    4, // format version
+    239,
+    205,
+    171,
+    137,
+    103,
+    69,
+    35,
+    1, // boot id, 8 bytes little-endian
+    3, // three results
+    // the http result: version 3's bytes (GOLDEN_V3's first result), no extension
+    50,
+    191,
+    0,
+    7,
+    1,
+    128,
+    160,
+    191,
+    233,
+    214,
+    102,
+    132,
+    7,
+    150,
+    1,
+    160,
+    31,
+    168,
+    70,
+    172,
+    2,
+    164,
+    204,
+    4,
+    128,
+    4,
+    1,
+    128,
+    196,
+    170,
+    34,
+    127,
+    0,
+    0,
+    1,
+    // tcp: head seq + 1, regex Matched, extension; presence connect, ttfb, transfer, IPv4
+    0b1000_0011,
+    0b0011_1010, //
+    1,           // extension: kind 1 (tcp), no field
+    0,
+    3, // Up, target 3
+    200,
+    1, // start: 100 ms after the previous result's (zigzag)
+    0, // status 0
+    172,
+    2,
+    160,
+    6,
+    50,  // connect 300, ttfb 800, transfer 50
+    100, // total 1,200 = the phases' 1,150 + 50 (zigzag)
+    8,   // body 8
+    127,
+    0,
+    0,
+    1, // address
+    // tls: head seq + 1, extension; presence dns, connect, tls, IPv6, certificate
+    0b1000_0001,
+    0b1100_0111, //
+    0b0001_0010, // extension: kind 2 (tls), TLS version present
+    0,
+    4, // Up, target 4
+    200,
+    1, // start: 100 ms later
+    0, // status 0
+    244,
+    3,
+    200,
+    1,
+    184,
+    23, // dns 500, connect 200, tls 3000
+    200,
+    1, // total 3,800 = 3,700 + 100 (zigzag)
+    0, // body 0
+    128,
+    196,
+    170,
+    34, // certificate: 36,000,000 s after the start (zigzag)
+    0,
+    0,
+    0,
+    0,
+    0,
+    0,
+    0,
+    0,
+    0,
+    0,
+    0,
+    0,
+    0,
+    0,
+    0,
+    1, // ::1
+    1, // TLSv1.3
+    0, // no gaps; clock unknown
+];
+
+#[test]
+fn v4_encodes_to_golden_bytes() {
+    let mut buf = [0u8; MAX_FRAME_LEN];
+    let bytes = encode(&sample_v4(), &mut buf).unwrap();
+    assert_eq!(&bytes[..], GOLDEN_V4, "{bytes:?}");
+    assert_eq!(decode(GOLDEN_V4).unwrap(), sample_v4());
+}
+
+/// What an http result costs does not change with version 4 (issue #20's bytes-per-result
+/// figure): the frame of a batch of http results is version 3's, but for the version byte.
+#[test]
+fn v4_http_results_are_version_3_bytes() {
+    let mut results = varied_results();
+    results.truncate(MAX_RESULTS);
+    for clock in [None, Some(synced_clock())] {
+        for batch in [
+            sample_v2(),
+            Batch {
+                boot_id: 3,
+                results: results.clone(),
+                gaps: heapless::Vec::new(),
+                clock,
+            },
+        ] {
+            let mut b3 = [0u8; MAX_FRAME_LEN];
+            let mut b4 = [0u8; MAX_FRAME_LEN];
+            let v3 = encode_v3(&batch, &mut b3).unwrap();
+            let v4 = encode(&batch, &mut b4).unwrap();
+            assert_eq!((v3[0], v4[0]), (3, 4));
+            assert_eq!(v3[1..], v4[1..]);
+            assert_eq!(decode(v4).unwrap(), batch);
+        }
+    }
+}
+
+/// Versions 2 and 3 have no place for a kind: a batch with one is refused, never sent without it.
+#[test]
+fn v3_and_v2_refuse_other_kinds() {
+    let mut buf = [0u8; MAX_FRAME_LEN];
+    let batch = sample_v4();
+    assert_eq!(encode_v3(&batch, &mut buf), Err(Error::Unrepresentable));
+    assert_eq!(
+        vantage_proto::encode_v2(&batch, &mut buf),
+        Err(Error::Unrepresentable)
+    );
+    assert_eq!(Error::Unrepresentable.reason(), "unrepresentable");
+    // An http result with a version 4 field is refused too.
+    let mut http = sample_v2();
+    http.results[0].tls_version = Some(TlsVersion::Tls12);
+    assert!(!http.results[0].fits_v3());
+    assert_eq!(encode_v3(&http, &mut buf), Err(Error::Unrepresentable));
+    assert!(sample_v2().results.iter().all(ProbeResult::fits_v3));
+}
+
+#[test]
+fn v4_round_trips_every_kind_and_field() {
+    let mut results = varied_results();
+    let kinds = [
+        (ProbeKind::Http, None),
+        (ProbeKind::Tcp, None),
+        (ProbeKind::Tls, Some(TlsVersion::Tls12)),
+        (ProbeKind::Tls, Some(TlsVersion::Tls13)),
+        (ProbeKind::Tls, None),
+        (ProbeKind::Http, Some(TlsVersion::Tls13)),
+    ];
+    for (i, r) in results.iter_mut().enumerate() {
+        (r.kind, r.tls_version) = kinds[i % kinds.len()];
+    }
+    assert_every_slice_round_trips(&results, Some(synced_clock()), encode, 4);
+}
+
+#[test]
+fn v4_bad_extensions_are_errors() {
+    let header = &GOLDEN_V4[..9];
+    // One result (Up, seq 0, target 1, start 0, status 200, total 0, body 0) with extension
+    // byte `ext` and `tail` after the body; no gaps, clock unknown.
+    let frame = |ext: u8, tail: &[u8]| {
+        [
+            header,
+            &[1, STATUS_200 | 0x80, 0, ext, 0, 0, 1, 0, 0, 0],
+            tail,
+            &[0],
+        ]
+        .concat()
+    };
+    assert_eq!(
+        decode(&frame(1, &[])).unwrap().results[0].kind,
+        ProbeKind::Tcp
+    );
+    let tls = decode(&frame(0x12, &[0])).unwrap().results[0];
+    assert_eq!(
+        (tls.kind, tls.tls_version),
+        (ProbeKind::Tls, Some(TlsVersion::Tls12))
+    );
+    // "http, nothing": the bit would be clear.
+    assert_eq!(decode(&frame(0, &[])), Err(Error::Malformed));
+    // A kind that does not exist (yet).
+    assert_eq!(decode(&frame(3, &[])), Err(Error::Malformed));
+    assert_eq!(decode(&frame(15, &[])), Err(Error::Malformed));
+    // Reserved bits: fields of later kinds.
+    for bit in 5..8 {
+        assert_eq!(
+            decode(&frame(1 | 1 << bit, &[])),
+            Err(Error::Malformed),
+            "bit {bit}"
+        );
+    }
+    // A TLS version that does not exist, or none where one was announced.
+    assert_eq!(decode(&frame(0x12, &[2])), Err(Error::Malformed));
+    assert_eq!(
+        decode(&[header, &[1, STATUS_200 | 0x80, 0, 0x12, 0, 0, 1, 0, 0, 0]].concat()),
+        Err(Error::Malformed)
+    );
+    // The same result as version 3: head bit 7 is reserved there.
+    let mut v3 = frame(1, &[]);
+    v3[0] = 3;
+    assert_eq!(decode(&v3), Err(Error::Malformed));
+}
+
+/// The heads the fuzz target `result_frame_kinds` (fuzz/tests/decoders.rs) starts from are
+/// valid version 4 frames.
+#[test]
+fn fuzz_kind_heads_are_valid() {
+    // One tcp result (seq 0, target 1, start 0, status 200, total 0, body 0), no gaps.
+    let tcp = [
+        4, 1, 2, 3, 4, 5, 6, 7, 8, 1, 0x90, 0, 1, 0, 0, 1, 0, 0, 0, 0,
+    ];
+    assert_eq!(decode(&tcp).unwrap().results[0].kind, ProbeKind::Tcp);
 }

@@ -146,6 +146,20 @@ pub fn ingester_base(run: &Run, options: &IngesterOptions) -> (PathBuf, String, 
     (file, text, config)
 }
 
+/// The (first, second) columns of every row `sql` returns, collected (a `Vec`, a map).
+pub async fn query_pairs<A, B, T>(client: &tokio_postgres::Client, sql: &str) -> T
+where
+    A: for<'a> tokio_postgres::types::FromSql<'a>,
+    B: for<'a> tokio_postgres::types::FromSql<'a>,
+    T: FromIterator<(A, B)>,
+{
+    let rows = client
+        .query(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+}
+
 /// The rows of `sql` (no parameters) as triples of its first three columns.
 pub async fn query_triples<A, B, C>(client: &tokio_postgres::Client, sql: &str) -> Vec<(A, B, C)>
 where

@@ -53,15 +53,16 @@ pub struct LoadSpec {
     /// `uplink.ack_timeout` (default 5 s here, shorter than the agent's 30 s so that tests
     /// see re-sends within their time).
     pub ack_timeout: Duration,
-    /// `uplink.wire_format`: version 3 unless the environment says `VANTAGE_WIRE_FORMAT=2`.
+    /// `uplink.wire_format`: version 4 unless the environment says `VANTAGE_WIRE_FORMAT=2` or 3.
     pub wire_format: vantage_agent::config::WireFormat,
 }
 
-/// The frame version the environment asks for (`VANTAGE_WIRE_FORMAT=2`: version 2, else 3).
+/// The frame version the environment asks for (`VANTAGE_WIRE_FORMAT=2` or `3`, else 4).
 pub fn wire_format_from_env() -> vantage_agent::config::WireFormat {
     match std::env::var("VANTAGE_WIRE_FORMAT").as_deref() {
         Ok("2") => vantage_agent::config::WireFormat::V2,
-        _ => vantage_agent::config::WireFormat::V3,
+        Ok("3") => vantage_agent::config::WireFormat::V3,
+        _ => vantage_agent::config::WireFormat::V4,
     }
 }
 
@@ -345,6 +346,8 @@ impl Synth {
                 (target_id >> 8) as u8,
                 target_id as u8,
             ])),
+            kind: vantage_proto::ProbeKind::Http,
+            tls_version: None,
         }
     }
 }

@@ -25,7 +25,17 @@ pub struct Leaf {
 
 impl TestCa {
     pub fn new() -> TestCa {
+        Self::with_params(CertificateParams::new(Vec::<String>::new()).expect("no names"))
+    }
+
+    /// A CA valid until `not_after` (year, month, day): a chain that expires before its leaf.
+    pub fn until(not_after: (i32, u8, u8)) -> TestCa {
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("no names");
+        params.not_after = rcgen::date_time_ymd(not_after.0, not_after.1, not_after.2);
+        Self::with_params(params)
+    }
+
+    fn with_params(mut params: CertificateParams) -> TestCa {
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params
             .distinguished_name
@@ -33,6 +43,11 @@ impl TestCa {
         let key = KeyPair::generate().expect("key");
         let cert = params.self_signed(&key).expect("self-signed CA");
         TestCa { cert, key }
+    }
+
+    /// The CA certificate (DER), for a server that sends it after its leaf.
+    pub fn cert_der(&self) -> CertificateDer<'static> {
+        self.cert.der().clone()
     }
 
     /// The CA certificate as PEM, written to `path` (a target's `ca_file`).
@@ -102,15 +117,27 @@ fn self_signed_with(names: &[&str], is_ca: IsCa) -> Leaf {
 impl Leaf {
     /// A rustls server configuration presenting this certificate.
     pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
+        self.server_config_with(&[], rustls::DEFAULT_VERSIONS)
+    }
+
+    /// A rustls server configuration presenting this certificate followed by `chain`, and
+    /// speaking only the protocol `versions` (`&[&rustls::version::TLS12]`: a TLS 1.2 server).
+    pub fn server_config_with(
+        &self,
+        chain: &[CertificateDer<'static>],
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> Arc<rustls::ServerConfig> {
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()));
+        let mut certs = vec![self.cert_der.clone()];
+        certs.extend_from_slice(chain);
         Arc::new(
             rustls::ServerConfig::builder_with_provider(Arc::new(
                 rustls::crypto::ring::default_provider(),
             ))
-            .with_safe_default_protocol_versions()
+            .with_protocol_versions(versions)
             .expect("versions")
             .with_no_client_auth()
-            .with_single_cert(vec![self.cert_der.clone()], key)
+            .with_single_cert(certs, key)
             .expect("server config"),
         )
     }

@@ -329,24 +329,28 @@ pub fn plan_from(file: &TargetsFile, state: &State) -> Result<Plan, TargetsError
                         s.name.as_deref().unwrap_or("")
                     ));
                 }
-                let new_spec = serde_json::to_value(&planned.spec).unwrap_or_default();
+                let new_spec = super::spec_json(&planned.spec);
                 if let (Some(old), Some(new)) = (
                     s.spec.as_ref().and_then(|v| v.as_object()),
                     new_spec.as_object(),
                 ) {
-                    for (k, v) in new {
-                        if k == "name" || old.get(k) == Some(v) {
+                    // Keys of both: `kind` and `options` are only there when not the default.
+                    let keys: std::collections::BTreeSet<&String> =
+                        new.keys().chain(old.keys()).collect();
+                    for k in keys {
+                        let (o, v) = (old.get(k), new.get(k));
+                        if k == "name" || o == v {
                             continue;
                         }
-                        // Header values are often credentials: say that they changed, not to what.
-                        if k == "headers" {
-                            what.push("headers changed".to_owned());
+                        // Header values and `send` texts are often credentials: say that they
+                        // changed, not to what.
+                        if k == "headers" || k == "options" {
+                            what.push(format!("{k} changed"));
                         } else {
-                            what.push(format!(
-                                "{k}: {} → {}",
-                                old.get(k).map_or("-".into(), |o| o.to_string()),
-                                v
-                            ));
+                            let shown = |x: Option<&serde_json::Value>| {
+                                x.map_or("-".into(), |x| x.to_string())
+                            };
+                            what.push(format!("{k}: {} → {}", shown(o), shown(v)));
                         }
                     }
                 } else if s.spec.as_ref() != Some(&new_spec) {
@@ -463,7 +467,7 @@ mod tests {
         stored.extend(plan.all().map(|p| Stored {
             id: p.id,
             name: Some(p.name.clone()),
-            spec: Some(serde_json::to_value(&p.spec).unwrap()),
+            spec: Some(crate::targets::spec_json(&p.spec)),
             placement: Some(p.placement.clone()),
             retired_at: None,
         }));

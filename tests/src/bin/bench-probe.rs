@@ -276,8 +276,8 @@ fn main() {
             let mut v = Vec::new();
             for _ in 0..args.samples {
                 let m = prober.probe(&target).await;
-                if let Some(ttfb) = m.ttfb {
-                    v.push(ttfb.as_secs_f64() * 1000.0 - delay as f64);
+                if let Some(ttfb) = m.ttfb_us {
+                    v.push(f64::from(ttfb) / 1000.0 - delay as f64);
                 }
             }
             v

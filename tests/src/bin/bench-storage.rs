@@ -116,6 +116,8 @@ impl Synth {
                 redirects: 0,
                 cert_not_after_s: Some(1_900_000_000),
                 remote_ip: Some(IpAddress::V4([192, 0, 2, 10])),
+                kind: vantage_proto::ProbeKind::Http,
+                tls_version: None,
             },
             clock_error_ms: None,
             clock_unsynced: None,

@@ -1,4 +1,8 @@
-//! The probe engine: one HTTP(S) check of one target, measured phase by phase.
+//! The probe engine: one check of one target, measured phase by phase. The target's kind
+//! (issue #20) says which: an HTTP(S) request (this file), a TCP connection with an optional
+//! banner check (`tcp.rs`) or a TLS handshake (`tls.rs`). All three share the DNS, TCP and TLS
+//! phases below ([`resolve`], [`Prober::connect`], [`Prober::handshake`]), the fixed outcomes
+//! and one deadline.
 //!
 //! Each hop's connection is built by hand (DNS, TCP, TLS, then hyper's HTTP/1.1 connection API)
 //! rather than through a pooled client, so every probe pays for and measures each phase, the
@@ -13,6 +17,8 @@
 //! (`check.rs`), still under the deadline.
 
 mod check;
+mod tcp;
+mod tls;
 
 pub use check::Leftover;
 
@@ -33,9 +39,9 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::timeout_at;
-use vantage_proto::{Outcome, Phase, RegexOutcome};
+use vantage_proto::{Outcome, Phase, ProbeKind, ProbeResult, RegexOutcome};
 
-use crate::probe_tls as tls;
+use crate::probe_tls;
 use crate::target::{IpFamily, Target};
 
 /// Sent with every request so target owners can recognise (and allow-list) the monitor.
@@ -44,39 +50,33 @@ pub const USER_AGENT_VALUE: &str = concat!("vantage-agent/", env!("CARGO_PKG_VER
 /// Longest [`Measurement::detail`], in bytes.
 pub const MAX_DETAIL_LEN: usize = 200;
 
-/// What one probe measured. The uplink turns it into a wire [`vantage_proto::ProbeResult`] and
-/// assigns its sequence number.
+/// What one probe measured: the wire result as it will be sent (its `seq` is 0 until the
+/// uplink numbers it) and, for a person, why it is not up. It reads and writes as the
+/// [`ProbeResult`] it holds (`Deref`): the wire fields exist once.
 ///
-/// Phase times (`dns` … `transfer`), `status`, `remote_ip` and `cert_not_after_s` describe the
-/// final hop; `total` covers every hop.
+/// Phase times, `status`, `remote_ip` and `cert_not_after_s` describe the final hop;
+/// `total_us` covers every hop: probe start to the last body byte (the network's part), or to
+/// the moment a failed probe failed. The body check is not network time and is not in it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Measurement {
-    pub target_id: u32,
-    pub started_at_ms: u64,
-    pub status: u16,
-    pub outcome: Outcome,
-    /// Where a failed probe stopped; None when a response was received and checked.
-    pub failed_phase: Option<Phase>,
-    pub regex: RegexOutcome,
-    /// Probe start to the last body byte (the network's part); for a probe that failed, to the
-    /// moment it failed. The body check is not network time and is not in it.
-    pub total: Duration,
-    pub dns: Option<Duration>,
-    pub connect: Option<Duration>,
-    pub tls: Option<Duration>,
-    pub ttfb: Option<Duration>,
-    pub transfer: Option<Duration>,
-    /// Body bytes that arrived (at most the cap), also when the body phase failed.
-    pub body_bytes: u32,
-    pub body_truncated: bool,
-    pub redirects: u8,
-    /// Leaf certificate notAfter, unix seconds.
-    pub cert_not_after_s: Option<u64>,
-    pub remote_ip: Option<std::net::IpAddr>,
+    pub result: ProbeResult,
     /// Why the outcome is not `up`, for a person (at most [`MAX_DETAIL_LEN`] bytes): shown by
     /// `vantage-agent probe` and logged at debug level. It does not travel on the wire (see
     /// docs/probe-engine.md); None when the outcome is `up`.
     pub detail: Option<String>,
+}
+
+impl std::ops::Deref for Measurement {
+    type Target = ProbeResult;
+    fn deref(&self) -> &ProbeResult {
+        &self.result
+    }
+}
+
+impl std::ops::DerefMut for Measurement {
+    fn deref_mut(&mut self) -> &mut ProbeResult {
+        &mut self.result
+    }
 }
 
 impl Measurement {
@@ -84,23 +84,7 @@ impl Measurement {
     /// the caller, the result of a probe that could not run (`memory_refused`, lib.rs).
     pub fn new(target_id: u32, started_at_ms: u64) -> Measurement {
         Measurement {
-            target_id,
-            started_at_ms,
-            status: 0,
-            outcome: Outcome::Other,
-            failed_phase: None,
-            regex: RegexOutcome::NotConfigured,
-            total: Duration::ZERO,
-            dns: None,
-            connect: None,
-            tls: None,
-            ttfb: None,
-            transfer: None,
-            body_bytes: 0,
-            body_truncated: false,
-            redirects: 0,
-            cert_not_after_s: None,
-            remote_ip: None,
+            result: ProbeResult::without_response(0, target_id, started_at_ms, Outcome::Other),
             detail: None,
         }
     }
@@ -118,6 +102,11 @@ impl Measurement {
         self.failed_phase = phase;
         self.detail = Some(bounded(detail));
     }
+}
+
+/// A duration in the wire's microseconds (saturating: 71 minutes and more are `u32::MAX`).
+pub fn us(d: Duration) -> u32 {
+    u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
 }
 
 /// A failure: its kind, the phase it happened in, and a short detail for people.
@@ -169,7 +158,7 @@ impl Default for Prober {
 impl Prober {
     pub fn new() -> Prober {
         Prober {
-            default_tls: tls::default_config(),
+            default_tls: probe_tls::default_config(),
             address_policy: Default::default(),
         }
     }
@@ -210,6 +199,30 @@ impl Prober {
         let start = Instant::now();
         let deadline = tokio::time::Instant::from_std(start + target.timeout);
         let mut m = Measurement::new(target.id, started_at_ms);
+        let (mut m, leftover) = match target.kind {
+            ProbeKind::Http => self.measure_http(target, start, deadline, m).await,
+            ProbeKind::Tcp => {
+                self.measure_tcp(target, start, deadline, &mut m).await;
+                (m, None)
+            }
+            ProbeKind::Tls => {
+                self.measure_tls(target, start, deadline, &mut m).await;
+                (m, None)
+            }
+        };
+        // Set last: a redirect's next hop starts from a new measurement.
+        m.kind = target.kind;
+        (m, leftover)
+    }
+
+    /// An HTTP(S) request, its redirects and its body check.
+    async fn measure_http(
+        &self,
+        target: &Target,
+        start: Instant,
+        deadline: tokio::time::Instant,
+        mut m: Measurement,
+    ) -> (Measurement, Option<Leftover>) {
         let mut url = target.url.clone();
         let mut method = target.method.clone();
         // Every (method, URL) requested, to tell a loop from a long chain (at most
@@ -221,13 +234,17 @@ impl Prober {
         let job = loop {
             m.start_hop();
             requested.push((method.clone(), url.clone()));
-            match self
-                .hop(target, &url, &method, left_origin, deadline, &mut m)
-                .await
-            {
+            let hop = Hop {
+                target,
+                url: &url,
+                method: &method,
+                left_origin,
+                deadline,
+            };
+            match self.hop(&hop, &mut m).await {
                 Err(f) => {
                     m.end(f.outcome, Some(f.phase), f.detail);
-                    m.total = start.elapsed();
+                    m.total_us = us(start.elapsed());
                     return (m, None);
                 }
                 Ok(HopEnd::Redirect(next)) => {
@@ -253,7 +270,7 @@ impl Prober {
                                 redact(&next)
                             ),
                         );
-                        m.total = start.elapsed();
+                        m.total_us = us(start.elapsed());
                         return (m, None);
                     }
                     if url.scheme() == "https" && next.scheme() == "http" && !target.allow_downgrade
@@ -266,7 +283,7 @@ impl Prober {
                                 redact(&next)
                             ),
                         );
-                        m.total = start.elapsed();
+                        m.total_us = us(start.elapsed());
                         return (m, None);
                     }
                     left_origin |= url.origin() != next.origin();
@@ -278,7 +295,7 @@ impl Prober {
             }
         };
         // The network's part ends here; the check below runs under the same deadline.
-        m.total = start.elapsed();
+        m.total_us = us(start.elapsed());
         if let Some(job) = job {
             let read = job.body.len();
             let (verdict, leftover) = check::run(job, deadline).await;
@@ -301,7 +318,7 @@ impl Prober {
                         check::CheckError::Agent(d) => (Outcome::Other, d),
                     };
                     m.end(outcome, Some(Phase::Check), detail);
-                    m.total = start.elapsed();
+                    m.total_us = us(start.elapsed());
                     return (m, leftover);
                 }
             }
@@ -332,25 +349,44 @@ impl Prober {
         (m, None)
     }
 
-    /// One request/response on a new connection to `url`. `left_origin`: the chain left the
-    /// target's origin, so its credentials are not sent.
-    async fn hop(
-        &self,
-        target: &Target,
-        url: &url::Url,
-        method: &hyper::Method,
-        left_origin: bool,
-        deadline: tokio::time::Instant,
-        m: &mut Measurement,
-    ) -> Result<HopEnd, Failure> {
+    /// One request/response on a new connection to the hop's URL.
+    async fn hop(&self, hop: &Hop<'_>, m: &mut Measurement) -> Result<HopEnd, Failure> {
+        let url = hop.url;
         let host = url
-            .host_str()
+            .host()
             .ok_or_else(|| fail(Outcome::Other, Phase::Dns, "URL has no host"))?;
         let port = url
             .port_or_known_default()
             .ok_or_else(|| fail(Outcome::Other, Phase::Dns, "URL has no port"))?;
-        let addr = resolve(url, port, target, deadline, m).await?;
-        m.remote_ip = Some(addr.ip());
+        let tcp = self.open(hop.target, &host, port, hop.deadline, m).await?;
+        if url.scheme() == "https" {
+            let stream = self
+                .handshake(hop.target, &host, tcp, hop.deadline, m)
+                .await?;
+            m.cert_not_after_s = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(|leaf| probe_tls::not_after_unix(leaf));
+            exchange(Box::new(stream), hop, m).await
+        } else {
+            exchange(Box::new(tcp), hop, m).await
+        }
+    }
+
+    /// The DNS and connect phases of every kind: `host` resolved (unless it is an address) to
+    /// one address of the target's family, checked against the address policy, connected.
+    async fn open(
+        &self,
+        target: &Target,
+        host: &url::Host<&str>,
+        port: u16,
+        deadline: tokio::time::Instant,
+        m: &mut Measurement,
+    ) -> Result<TcpStream, Failure> {
+        let addr = resolve(host, port, target, deadline, m).await?;
+        m.remote_ip = Some(addr.ip().into());
         // After DNS and before connecting, on every hop: redirects and rebinding are covered.
         if !self.address_policy.permits(addr.ip()) {
             return Err(fail(
@@ -359,7 +395,6 @@ impl Prober {
                 format!("{} refused by probes.private_addresses", addr.ip()),
             ));
         }
-
         let t = Instant::now();
         let tcp = match timeout_at(deadline, TcpStream::connect(addr)).await {
             Err(_) => {
@@ -378,66 +413,64 @@ impl Prober {
             }
             Ok(Ok(tcp)) => tcp,
         };
-        m.connect = Some(t.elapsed());
+        m.connect_us = Some(us(t.elapsed()));
         // Requests are small; don't let Nagle hold them back and inflate the first-byte time.
         let _ = tcp.set_nodelay(true);
-
-        if url.scheme() == "https" {
-            let config = target
-                .tls
-                .clone()
-                .unwrap_or_else(|| self.default_tls.clone());
-            // An IP literal is checked against the certificate's IP addresses; `host_str`
-            // would keep the brackets of an IPv6 literal.
-            let name = match url.host() {
-                Some(url::Host::Ipv4(ip)) => {
-                    rustls::pki_types::ServerName::from(std::net::IpAddr::V4(ip))
-                }
-                Some(url::Host::Ipv6(ip)) => {
-                    rustls::pki_types::ServerName::from(std::net::IpAddr::V6(ip))
-                }
-                _ => rustls::pki_types::ServerName::try_from(host.to_owned()).map_err(|e| {
-                    fail(Outcome::TlsFailed, Phase::Tls, format!("server name: {e}"))
-                })?,
-            };
-            let t = Instant::now();
-            let stream = match timeout_at(
-                deadline,
-                tokio_rustls::TlsConnector::from(config).connect(name, tcp),
-            )
-            .await
-            {
-                Err(_) => return Err(timed_out(Phase::Tls, target.timeout)),
-                Ok(Err(e)) => {
-                    return Err(fail(
-                        tls::classify_handshake_error(&e),
-                        Phase::Tls,
-                        error_chain(&e),
-                    ))
-                }
-                Ok(Ok(stream)) => stream,
-            };
-            m.tls = Some(t.elapsed());
-            m.cert_not_after_s = stream
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|chain| chain.first())
-                .and_then(|leaf| tls::not_after_unix(leaf));
-            exchange(
-                Box::new(stream),
-                target,
-                url,
-                method,
-                left_origin,
-                deadline,
-                m,
-            )
-            .await
-        } else {
-            exchange(Box::new(tcp), target, url, method, left_origin, deadline, m).await
-        }
+        Ok(tcp)
     }
+
+    /// The TLS phase of `https` and `tls` targets: a handshake with `host` (its name for SNI
+    /// and the certificate check, or its address) under the target's TLS settings.
+    async fn handshake(
+        &self,
+        target: &Target,
+        host: &url::Host<&str>,
+        tcp: TcpStream,
+        deadline: tokio::time::Instant,
+        m: &mut Measurement,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, Failure> {
+        let config = target
+            .tls
+            .clone()
+            .unwrap_or_else(|| self.default_tls.clone());
+        // An IP literal is checked against the certificate's IP addresses.
+        let name = match host {
+            url::Host::Ipv4(ip) => rustls::pki_types::ServerName::from(std::net::IpAddr::V4(*ip)),
+            url::Host::Ipv6(ip) => rustls::pki_types::ServerName::from(std::net::IpAddr::V6(*ip)),
+            url::Host::Domain(d) => rustls::pki_types::ServerName::try_from(d.to_string())
+                .map_err(|e| fail(Outcome::TlsFailed, Phase::Tls, format!("server name: {e}")))?,
+        };
+        let t = Instant::now();
+        let stream = match timeout_at(
+            deadline,
+            tokio_rustls::TlsConnector::from(config).connect(name, tcp),
+        )
+        .await
+        {
+            Err(_) => return Err(timed_out(Phase::Tls, target.timeout)),
+            Ok(Err(e)) => {
+                return Err(fail(
+                    probe_tls::classify_handshake_error(&e),
+                    Phase::Tls,
+                    error_chain(&e),
+                ))
+            }
+            Ok(Ok(stream)) => stream,
+        };
+        m.tls_us = Some(us(t.elapsed()));
+        Ok(stream)
+    }
+}
+
+/// One hop of an HTTP probe: what it requests, for whom, until when.
+#[derive(Clone, Copy)]
+struct Hop<'a> {
+    target: &'a Target,
+    url: &'a url::Url,
+    method: &'a hyper::Method,
+    /// The chain left the target's origin, so its credentials are not sent.
+    left_origin: bool,
+    deadline: tokio::time::Instant,
 }
 
 /// A URL for a detail: a user name and password in it are never shown.
@@ -478,7 +511,7 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 /// Resolves the URL's host to one address of the wanted family; records the DNS phase unless
 /// the host is an IP literal.
 async fn resolve(
-    url: &url::Url,
+    host: &url::Host<&str>,
     port: u16,
     target: &Target,
     deadline: tokio::time::Instant,
@@ -498,28 +531,42 @@ async fn resolve(
         };
         fail(Outcome::DnsNoSuchName, Phase::Dns, which)
     };
-    let literal: Option<SocketAddr> = match url.host() {
-        Some(url::Host::Ipv4(ip)) => Some((ip, port).into()),
-        Some(url::Host::Ipv6(ip)) => Some((ip, port).into()),
-        _ => None,
+    let host = match host {
+        url::Host::Ipv4(ip) => return ok_if((*ip, port).into(), wanted, no_address),
+        url::Host::Ipv6(ip) => return ok_if((*ip, port).into(), wanted, no_address),
+        url::Host::Domain(d) => *d,
     };
-    if let Some(addr) = literal {
-        return if wanted(&addr) {
-            Ok(addr)
-        } else {
-            Err(no_address())
-        };
-    }
-    let host = url.host_str().unwrap_or_default();
     let t = Instant::now();
     let addrs = match timeout_at(deadline, tokio::net::lookup_host((host, port))).await {
         Err(_) => return Err(timed_out(Phase::Dns, target.timeout)),
         Ok(Err(e)) => return Err(fail(classify_dns(&e), Phase::Dns, format!("{host}: {e}"))),
         Ok(Ok(addrs)) => addrs,
     };
-    m.dns = Some(t.elapsed());
+    m.dns_us = Some(us(t.elapsed()));
     let mut addrs = addrs.filter(wanted);
     addrs.next().ok_or_else(no_address)
+}
+
+/// An address literal: itself if it is of the wanted family.
+fn ok_if(
+    addr: SocketAddr,
+    wanted: impl Fn(&SocketAddr) -> bool,
+    no_address: impl Fn() -> Failure,
+) -> Result<SocketAddr, Failure> {
+    if wanted(&addr) {
+        Ok(addr)
+    } else {
+        Err(no_address())
+    }
+}
+
+/// `host` borrowed, as [`url::Url::host`] gives it.
+fn borrowed(host: &url::Host<String>) -> url::Host<&str> {
+    match host {
+        url::Host::Domain(d) => url::Host::Domain(d.as_str()),
+        url::Host::Ipv4(ip) => url::Host::Ipv4(*ip),
+        url::Host::Ipv6(ip) => url::Host::Ipv6(*ip),
+    }
 }
 
 /// A hop's open connection: TCP, or TLS over TCP.
@@ -535,13 +582,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Stream for S {}
 /// HTTP/1.1 request and response (and, for the final hop, the body) over an open stream.
 async fn exchange(
     stream: Box<dyn Stream>,
-    target: &Target,
-    url: &url::Url,
-    method: &hyper::Method,
-    left_origin: bool,
-    deadline: tokio::time::Instant,
+    hop: &Hop<'_>,
     m: &mut Measurement,
 ) -> Result<HopEnd, Failure> {
+    let Hop {
+        target,
+        url,
+        method,
+        left_origin,
+        deadline,
+    } = *hop;
     let marks = Arc::new(ReadMarks::default());
     let io = FirstByteIo {
         inner: stream,
@@ -572,9 +622,9 @@ async fn exchange(
     // (and the byte that arrived is the first byte).
     let in_head = |m: &mut Measurement| match marks.first.get() {
         Some(_) => {
-            m.ttfb = marks
+            m.ttfb_us = marks
                 .response_start()
-                .map(|t| t.saturating_duration_since(sent));
+                .map(|t| us(t.saturating_duration_since(sent)));
             Phase::Headers
         }
         None => Phase::FirstByte,
@@ -585,7 +635,7 @@ async fn exchange(
         Ok(Ok(r)) => r,
     };
     let first = marks.response_start().unwrap_or_else(Instant::now);
-    m.ttfb = Some(first.saturating_duration_since(sent));
+    m.ttfb_us = Some(us(first.saturating_duration_since(sent)));
     m.status = response.status().as_u16();
 
     // max_redirects = 0: don't follow, the 3xx itself is the result.
@@ -634,7 +684,7 @@ async fn exchange(
             }
         }
     }
-    m.transfer = Some(first.elapsed());
+    m.transfer_us = Some(us(first.elapsed()));
     Ok(HopEnd::Final(target.regex.as_ref().map(|regex| {
         check::Job {
             body: kept,
@@ -700,6 +750,17 @@ fn classify_connect(e: &std::io::Error) -> Outcome {
     }
 }
 
+/// The kind of a read or write error on an open connection.
+fn classify_io(e: &std::io::Error) -> Outcome {
+    use std::io::ErrorKind as K;
+    match e.kind() {
+        K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe | K::UnexpectedEof => {
+            Outcome::ConnectionReset
+        }
+        _ => Outcome::Other,
+    }
+}
+
 /// getaddrinfo reports "no such name" only as text (std wraps EAI_* codes in a message);
 /// the glibc and musl wordings are matched, anything else is a generic DNS failure.
 fn classify_dns(e: &std::io::Error) -> Outcome {
@@ -730,13 +791,10 @@ fn classify_hyper(e: &hyper::Error) -> Outcome {
         if let Some(io) = s.downcast_ref::<std::io::Error>() {
             use std::io::ErrorKind as K;
             return match io.kind() {
-                K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe | K::UnexpectedEof => {
-                    Outcome::ConnectionReset
-                }
                 // hyper's body decoders (chunked framing, lengths) report a malformed body as
                 // InvalidData / InvalidInput: the server's fault, not the agent's.
                 K::InvalidData | K::InvalidInput => Outcome::ProtocolError,
-                _ => Outcome::Other,
+                _ => classify_io(io),
             };
         }
         source = s.source();
