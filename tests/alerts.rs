@@ -13,9 +13,7 @@ use vantage_tests::alerting::{
     am_alerts, region_agent, silence, AgentTask, AmReceiver, Notified, WebhookReceiver, SERIAL,
 };
 use vantage_tests::harness::{write_file, IngesterOptions, Run};
-use vantage_tests::in_process::{
-    ingester_base, start_sink_and_bridge, two_partitions, wait_for, SinkAndBridge,
-};
+use vantage_tests::in_process::{migrated, two_partitions, wait_for, SinkAndBridge};
 use vantage_tests::proxy::CuttableProxy;
 use vantage_tests::stage::{ingester_stdout, StageProcess};
 use vantage_tests::target::TargetServer;
@@ -44,12 +42,10 @@ impl Fixture {
     /// `path` of the local target, through the region's proxy), every region reporting.
     async fn start(kind: &str, path: impl Fn(&str) -> String) -> Fixture {
         init_tracing();
-        let run = Run::new(kind);
-        let target = TargetServer::start("127.0.0.1:0").await.unwrap();
         let options = two_partitions(100, 50);
-        let (_, base, config) = ingester_base(&run, &options);
-        let stop = CancellationToken::new();
-        let stages = start_sink_and_bridge(&config, &stop).await;
+        let started = vantage_tests::in_process::start(kind, &options).await;
+        let (run, target, base) = (started.run, started.target, started.base);
+        let (stop, stages) = (started.stop, started.stages);
         let mut proxies = BTreeMap::new();
         let mut agents = BTreeMap::new();
         for region in REGIONS {
@@ -284,14 +280,11 @@ async fn down_from_two_of_three_regions_fires_once_and_resolves_once() {
     // Resends go on (every 2 s) and Alertmanager flushes every second: give a duplicate time.
     f.restore_and_expect_resolved(["ap-south", "eu-north"], Duration::from_secs(6))
         .await;
-    let events: Vec<String> = f
-        .client
-        .query("SELECT event FROM alert_events ORDER BY event_id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let events: Vec<String> = vantage_tests::in_process::query_column(
+        &f.client,
+        "SELECT event FROM alert_events ORDER BY event_id",
+    )
+    .await;
     assert_eq!(events.first().map(String::as_str), Some("firing"));
     assert_eq!(events.last().map(String::as_str), Some("resolved"));
     f.stop.cancel();
@@ -600,11 +593,7 @@ async fn slow_cert_expiry_and_gaps_reach_every_receiver() {
     let run = Run::new("alerts-rules");
     let base = std::fs::read_to_string(run.ingester_file(&IngesterOptions::default())).unwrap();
     let live = WebhookReceiver::start_new().await;
-    let dead_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let dead_port = vantage_tests::cli::closed_port();
     let text = format!(
         "{base}alert_listen = \"off\"\n\n[alerts]\nevaluation_interval = \"500ms\"\n\
          resend_interval = \"2s\"\nstale_after = \"5m\"\nlabels = {{ {LABEL} = \"{id}\" }}\n\
@@ -621,12 +610,7 @@ async fn slow_cert_expiry_and_gaps_reach_every_receiver() {
     let file = run.dir.join("alert.toml");
     write_file(&file, &text);
     let config = vantage_ingester::Config::load(&file).unwrap();
-    let mut client = vantage_ingester::db::connect(config.postgres().unwrap())
-        .await
-        .unwrap();
-    vantage_ingester::db::migrate(&mut client, &run.schema())
-        .await
-        .unwrap();
+    let client = migrated(&config).await;
     // Target 7: 900 ms and a certificate expiring in 3 days from ap-south and eu-north; 20 ms and
     // 60 days from us-east.
     for (i, (region, total_us, days)) in [
@@ -697,28 +681,18 @@ async fn slow_cert_expiry_and_gaps_reach_every_receiver() {
     let slow = by_rule("slow");
     assert_eq!(slow["event"], "firing");
     assert_eq!(slow["labels"]["regions"], "ap-south,eu-north", "{slow:#}");
+    let summary =
+        |event: &serde_json::Value| event["summary"].as_str().unwrap_or_default().to_owned();
     assert!(
-        slow["summary"]
-            .as_str()
-            .unwrap()
-            .starts_with("slow from ap-south (p95 "),
+        summary(&slow).starts_with("slow from ap-south (p95 "),
         "{slow:#}"
     );
     let cert = by_rule("cert-expiry");
     assert_eq!(cert["labels"]["regions"], "ap-south,eu-north", "{cert:#}");
-    assert!(
-        cert["summary"].as_str().unwrap().contains("days left"),
-        "{cert:#}"
-    );
+    assert!(summary(&cert).contains("days left"), "{cert:#}");
     let gaps = by_rule("results-dropped");
     assert_eq!(gaps["labels"]["agent"], "eu-north-a", "{gaps:#}");
-    assert!(
-        gaps["summary"]
-            .as_str()
-            .unwrap()
-            .contains("dropped 5 results"),
-        "{gaps:#}"
-    );
+    assert!(summary(&gaps).contains("dropped 5 results"), "{gaps:#}");
     // Alertmanager has the three as well.
     let am = AmReceiver::shared()
         .wait(

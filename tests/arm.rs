@@ -20,7 +20,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::ClientConfig;
 use tokio_util::sync::CancellationToken;
 use vantage_tests::deb::{
-    add_system_units, exposure, run, stdout, verify_complaints, DpkgRoot, Scratch,
+    add_system_units, exposure, lacking, run, stdout, verify_complaints, DpkgRoot, Scratch,
 };
 use vantage_tests::in_process::{count_results, start_sink_and_bridge, wait_results_then_settle};
 use vantage_tests::target::TargetServer;
@@ -223,24 +223,23 @@ fn systemd_unit_is_valid_and_hardened() {
     let root = &files.0;
     let unit = root.join("lib/systemd/system/vantage-agent.service");
     let text = std::fs::read_to_string(&unit).unwrap();
-    for line in [
-        "ExecStart=/usr/bin/vantage-agent run --config /etc/vantage/agent.toml",
-        "Restart=on-failure",
-        "DynamicUser=yes",
-        "StateDirectory=vantage",
-        "CapabilityBoundingSet=",
-        "AmbientCapabilities=",
-        "NoNewPrivileges=yes",
-        "ProtectSystem=strict",
-        "PrivateTmp=yes",
-        "LoadCredential=mqtt.pw:/etc/vantage/mqtt.pw",
-        "WantedBy=multi-user.target",
-    ] {
-        assert!(
-            text.lines().any(|l| l.trim() == line),
-            "unit lacks `{line}`"
-        );
-    }
+    let missing = lacking(
+        &text,
+        &[
+            "ExecStart=/usr/bin/vantage-agent run --config /etc/vantage/agent.toml",
+            "Restart=on-failure",
+            "DynamicUser=yes",
+            "StateDirectory=vantage",
+            "CapabilityBoundingSet=",
+            "AmbientCapabilities=",
+            "NoNewPrivileges=yes",
+            "ProtectSystem=strict",
+            "PrivateTmp=yes",
+            "LoadCredential=mqtt.pw:/etc/vantage/mqtt.pw",
+            "WantedBy=multi-user.target",
+        ],
+    );
+    assert!(missing.is_empty(), "unit lacks {missing:?}");
 
     add_system_units(root);
     let complaints = verify_complaints(root, "/lib/systemd/system/vantage-agent.service");
@@ -503,15 +502,7 @@ ip_family = "ipv4"
 }
 
 async fn pg(p: &Pipeline) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(&p.services.pg_url, tokio_postgres::NoTls)
-        .await
-        .expect("PostgreSQL must be running: tests/services/up");
-    tokio::spawn(conn);
-    client
-        .batch_execute(&format!("SET search_path TO {}", p.schema()))
-        .await
-        .unwrap();
-    client
+    p.services.pg(&p.schema()).await
 }
 
 async fn cleanup(p: &Pipeline) {

@@ -185,13 +185,7 @@ async fn an_agent_two_hours_ahead_is_flagged_and_its_rows_carry_its_clock() {
         .unwrap();
     let table = vantage_ingester::fleet::render(&lines);
     println!("{table}");
-    let line_of = |agent: &str| {
-        table
-            .lines()
-            .find(|l| l.starts_with(agent))
-            .unwrap_or_default()
-            .to_owned()
-    };
+    let line_of = |agent: &str| vantage_tests::line_starting(&table, agent);
     assert!(line_of(&fast).contains("OFFSET +7"), "{table}");
     assert!(!line_of(&normal).contains("OFFSET"), "{table}");
 

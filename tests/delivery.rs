@@ -14,6 +14,7 @@ use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use vantage_tests::in_process::query_scalar;
 use vantage_tests::now_ms;
 
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -1091,36 +1092,28 @@ async fn results_from_broken_clocks_are_dead_lettered_not_stored() {
         "results from broken clocks were stored"
     );
     let client = run.pg().await;
-    let latest: bool = client
-        .query_one(
-            "SELECT coalesce(max(started_at) <= now() + interval '5 minutes', true) FROM latest_results",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let latest: bool = query_scalar(
+        &client,
+        "SELECT coalesce(max(started_at) <= now() + interval '5 minutes', true) FROM latest_results",
+        &[],
+    )
+    .await;
     assert!(latest, "latest_results holds a result from the future");
+    let gaps: i64 = query_scalar(&client, "SELECT count(*) FROM gaps", &[]).await;
     assert_eq!(
-        client
-            .query_one("SELECT count(*) FROM gaps", &[])
-            .await
-            .unwrap()
-            .get::<_, i64>(0),
-        0,
+        gaps, 0,
         "a gap dated past retention was stored (the next retention deletes it silently)"
     );
     // No partition for an invented day.
-    let stray: i64 = client
-        .query_one(
-            "SELECT count(*) FROM pg_class WHERE relnamespace = current_schema()::regnamespace
-                AND relname ~ '^results_p[0-9]{8}$'
-                AND (to_date(substr(relname, 10), 'YYYYMMDD') < current_date - 30
-                     OR to_date(substr(relname, 10), 'YYYYMMDD') > current_date + 30)",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let stray: i64 = query_scalar(
+        &client,
+        "SELECT count(*) FROM pg_class WHERE relnamespace = current_schema()::regnamespace
+            AND relname ~ '^results_p[0-9]{8}$'
+            AND (to_date(substr(relname, 10), 'YYYYMMDD') < current_date - 30
+                 OR to_date(substr(relname, 10), 'YYYYMMDD') > current_date + 30)",
+        &[],
+    )
+    .await;
     assert_eq!(stray, 0, "partitions were created for invented days");
 
     // Dead letters: the raw frames when every result of a frame is refused, else a frame of the
@@ -1188,11 +1181,7 @@ async fn sink_dead_letters_what_postgres_refuses_and_moves_on() {
         ..IngesterOptions::default()
     };
     let config = run.ingester_config(&options);
-    let pg = config.postgres().unwrap().clone();
-    let mut client = vantage_ingester::db::connect(&pg).await.unwrap();
-    vantage_ingester::db::migrate(&mut client, &pg.schema)
-        .await
-        .unwrap();
+    let client = vantage_tests::in_process::migrated(&config).await;
     client
         .batch_execute(
             "ALTER TABLE results_raw ADD CONSTRAINT test_poison CHECK (target_id <> 666);
@@ -2014,15 +2003,7 @@ async fn kill9_during_load(service: Service, lagging_bridge: bool) -> Kill9 {
         .output()
         .unwrap();
     assert!(migrate.status.success(), "{migrate:?}");
-    let mut sink = StageProcess::start("sink", "sink", &file, &run.dir);
-    let mut bridge = StageProcess::start("bridge", "bridge", &file, &run.dir);
-    assert!(
-        bridge
-            .wait_log("subscribed", 1, Duration::from_secs(60))
-            .await,
-        "bridge did not subscribe:\n{}",
-        bridge.log_text()
-    );
+    let (mut sink, mut bridge) = stage::sink_and_bridge(&file, &run.dir).await;
     if service == Service::Mosquitto {
         // The bridge's session (and its subscription) in Mosquitto's saved database, as the
         // periodic autosave has it on any broker up for longer than `autosave_interval`.
@@ -2265,16 +2246,8 @@ async fn bridge_recovers_from_a_wedged_producer() {
         .output()
         .unwrap();
     assert!(migrate.status.success(), "{migrate:?}");
-    let mut sink = StageProcess::start("sink", "sink", &file, &run.dir);
-    let mut bridge = StageProcess::start("bridge", "bridge", &file, &run.dir);
+    let (mut sink, mut bridge) = stage::sink_and_bridge(&file, &run.dir).await;
     let addr = bridge.http_addr().await;
-    assert!(
-        bridge
-            .wait_log("subscribed", 1, Duration::from_secs(60))
-            .await,
-        "bridge did not subscribe:\n{}",
-        bridge.log_text()
-    );
     // What /readyz said about the producer, every 250 ms, until the end.
     let watching = CancellationToken::new();
     let readyz = tokio::spawn({

@@ -9,7 +9,7 @@
 //! Build the binaries first (`cargo build --bins`, as `make test` does).
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -52,14 +52,7 @@ fn healthy_server() -> (std::net::SocketAddr, Arc<Mutex<Vec<Instant>>>) {
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut s) = stream else { continue };
-            let mut request = Vec::new();
-            let mut buf = [0u8; 2048];
-            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                match s.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => request.extend_from_slice(&buf[..n]),
-                }
-            }
+            vantage_tests::cli::read_request_head(&mut s);
             log.lock().unwrap().push(Instant::now());
             let _ =
                 s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok");

@@ -17,8 +17,7 @@ use vantage_agent::target_set::TargetBook;
 use vantage_proto::control::SetScope;
 use vantage_tests::harness::{publish_as_agent, write_file, IngesterOptions, Run};
 use vantage_tests::in_process::{
-    ingester_base, query_scalar, query_triples, start_sink_and_bridge, two_partitions, wait_for,
-    SinkAndBridge,
+    query_scalar, query_triples, two_partitions, wait_for, SinkAndBridge,
 };
 use vantage_tests::proxy::CuttableProxy;
 use vantage_tests::stage::ingester_command as ingester;
@@ -191,22 +190,18 @@ struct Fixture {
 impl Fixture {
     async fn start(kind: &str) -> Fixture {
         init_tracing();
-        let run = Run::new(kind);
-        let target = TargetServer::start("127.0.0.1:0").await.unwrap();
         let options = two_partitions(100, 100);
-        let (ingester_file, _, ingester_config) = ingester_base(&run, &options);
-        let stop = CancellationToken::new();
-        let stages = start_sink_and_bridge(&ingester_config, &stop).await;
-        let client = run.pg().await;
+        let started = vantage_tests::in_process::start(kind, &options).await;
+        let client = started.run.pg().await;
         Fixture {
-            run,
-            target,
+            run: started.run,
+            target: started.target,
             options,
-            ingester_file,
-            ingester_config,
+            ingester_file: started.file,
+            ingester_config: started.config,
             client,
-            stop,
-            stages: Some(stages),
+            stop: started.stop,
+            stages: Some(started.stages),
         }
     }
 
@@ -507,13 +502,7 @@ async fn agents_follow_central_targets() {
     let listing = text(&out.stdout);
     assert!(out.status.success(), "{listing}{}", text(&out.stderr));
     let eu_agent = agent_id(run, "eu-north");
-    let line = |agent: &str| {
-        listing
-            .lines()
-            .find(|l| l.starts_with(agent))
-            .unwrap_or_default()
-            .to_owned()
-    };
+    let line = |agent: &str| vantage_tests::line_starting(&listing, agent);
     assert!(line(&eu_agent).contains("online"), "{listing}");
     assert!(line(&us_agent).contains("offline (lost)"), "{listing}");
     // An online agent not heard of for longer than the bound is flagged, with exit status 3.

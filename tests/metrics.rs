@@ -8,7 +8,7 @@ use std::time::Duration;
 use vantage_ingester::metrics::sample;
 use vantage_tests::agent_toml::{agent_head, load_agent_config, target_entry};
 use vantage_tests::harness::{publish_as_agent, result_frames, IngesterOptions, Run};
-use vantage_tests::stage::{self, http_get, StageProcess};
+use vantage_tests::stage::{self, http_get};
 
 /// The value of one sample, 0 when absent (a labelled counter appears on first use).
 async fn value(addr: SocketAddr, name: &str) -> f64 {
@@ -29,6 +29,14 @@ async fn wait_metrics(addr: SocketAddr, timeout: Duration, cond: impl Fn(&str) -
     }
 }
 
+/// Each `(sample, value)` of `want` has that value in the OpenMetrics `text`.
+#[track_caller]
+fn assert_samples(text: &str, want: &[(&str, f64)]) {
+    for &(name, value) in want {
+        assert_eq!(sample(text, name), Some(value), "{name}\n{text}");
+    }
+}
+
 async fn publish(run: &Run, agent: &str, messages: &[(String, Vec<u8>)]) {
     publish_as_agent(
         &run.services,
@@ -45,16 +53,8 @@ async fn publish(run: &Run, agent: &str, messages: &[(String, Vec<u8>)]) {
 async fn stage_metrics_move_by_what_flows_through() {
     let run = Run::new("metrics");
     let file = run.ingester_file(&IngesterOptions::default());
-    let mut sink = StageProcess::start("sink", "sink", &file, &run.dir);
-    let mut bridge = StageProcess::start("bridge", "bridge", &file, &run.dir);
+    let (mut sink, mut bridge) = vantage_tests::stage::sink_and_bridge(&file, &run.dir).await;
     let (b, s) = (bridge.http_addr().await, sink.http_addr().await);
-    assert!(
-        bridge
-            .wait_log("subscribed", 1, Duration::from_secs(60))
-            .await,
-        "{}",
-        bridge.log_text()
-    );
 
     // Alive at once; ready once connected to what each stage needs.
     assert_eq!(http_get(b, "/healthz").await, (200, "ok\n".to_owned()));
@@ -104,14 +104,12 @@ async fn stage_metrics_move_by_what_flows_through() {
         sample(t, "vantage_sink_results_written_total") >= Some(30.0)
     })
     .await;
-    assert_eq!(
-        sample(&text, "vantage_sink_results_written_total"),
-        Some(30.0),
-        "{text}"
-    );
-    assert_eq!(
-        sample(&text, "vantage_sink_messages_consumed_total"),
-        Some(10.0)
+    assert_samples(
+        &text,
+        &[
+            ("vantage_sink_results_written_total", 30.0),
+            ("vantage_sink_messages_consumed_total", 10.0),
+        ],
     );
     let unix_now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -122,11 +120,13 @@ async fn stage_metrics_move_by_what_flows_through() {
         durable_at > unix_now - 3600.0 && durable_at <= unix_now + 1.0,
         "last durable batch at {durable_at}, now {unix_now}"
     );
-    assert_eq!(
-        sample(&text, "vantage_sink_results_duplicate_total"),
-        Some(0.0)
+    assert_samples(
+        &text,
+        &[
+            ("vantage_sink_results_duplicate_total", 0.0),
+            ("vantage_sink_batch_results_sum", 30.0),
+        ],
     );
-    assert_eq!(sample(&text, "vantage_sink_batch_results_sum"), Some(30.0));
     let batches = sample(&text, "vantage_sink_batch_results_count").unwrap();
     assert!((1.0..=10.0).contains(&batches), "{batches}");
     assert_eq!(
@@ -139,24 +139,25 @@ async fn stage_metrics_move_by_what_flows_through() {
         sample(t, "vantage_bridge_messages_acked_total") >= Some(12.0)
     })
     .await;
-    for (name, want) in [
-        ("vantage_bridge_messages_received_total", 12.0),
-        ("vantage_bridge_messages_produced_total", 10.0),
-        ("vantage_bridge_results_produced_total", 30.0),
-        ("vantage_bridge_messages_acked_total", 12.0),
-        ("vantage_bridge_kafka_delivery_seconds_count", 10.0),
-        (
-            "vantage_bridge_dead_letters_total{reason=\"unknown_version\"}",
-            1.0,
-        ),
-        (
-            "vantage_bridge_dead_letters_total{reason=\"malformed\"}",
-            1.0,
-        ),
-        ("vantage_bridge_messages_skipped_total", 0.0),
-    ] {
-        assert_eq!(sample(&text, name), Some(want), "{name}\n{text}");
-    }
+    assert_samples(
+        &text,
+        &[
+            ("vantage_bridge_messages_received_total", 12.0),
+            ("vantage_bridge_messages_produced_total", 10.0),
+            ("vantage_bridge_results_produced_total", 30.0),
+            ("vantage_bridge_messages_acked_total", 12.0),
+            ("vantage_bridge_kafka_delivery_seconds_count", 10.0),
+            (
+                "vantage_bridge_dead_letters_total{reason=\"unknown_version\"}",
+                1.0,
+            ),
+            (
+                "vantage_bridge_dead_letters_total{reason=\"malformed\"}",
+                1.0,
+            ),
+            ("vantage_bridge_messages_skipped_total", 0.0),
+        ],
+    );
 
     // The same frames again: the bridge produces them again, the sink stores nothing new.
     publish(&run, "pi-m", &messages[..10]).await;
@@ -164,18 +165,13 @@ async fn stage_metrics_move_by_what_flows_through() {
         sample(t, "vantage_sink_results_duplicate_total") >= Some(30.0)
     })
     .await;
-    assert_eq!(
-        sample(&text, "vantage_sink_results_duplicate_total"),
-        Some(30.0),
-        "{text}"
-    );
-    assert_eq!(
-        sample(&text, "vantage_sink_results_written_total"),
-        Some(30.0)
-    );
-    assert_eq!(
-        sample(&text, "vantage_sink_messages_consumed_total"),
-        Some(20.0)
+    assert_samples(
+        &text,
+        &[
+            ("vantage_sink_results_duplicate_total", 30.0),
+            ("vantage_sink_results_written_total", 30.0),
+            ("vantage_sink_messages_consumed_total", 20.0),
+        ],
     );
     assert_eq!(
         value(b, "vantage_bridge_results_produced_total").await,

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use vantage_tests::deb::{
-    exposure, run, stdout, unpack_with_system_units, verify_complaints, DpkgRoot, Scratch,
+    exposure, lacking, run, stdout, unpack_with_system_units, verify_complaints, DpkgRoot, Scratch,
 };
 
 const STAGES: [&str; 4] = ["bridge", "sink", "alert", "web"];
@@ -112,19 +112,18 @@ fn every_stage_unit_is_valid_hardened_and_gets_its_credentials() {
     unpack_with_system_units(deb, &root);
     let units = root.join("lib/systemd/system");
     let template = std::fs::read_to_string(units.join("vantage-ingester@.service")).unwrap();
-    for line in [
-        "ExecStart=/usr/bin/vantage-ingester %i --config /etc/vantage/ingester.toml",
-        "DynamicUser=yes",
-        "CapabilityBoundingSet=",
-        "NoNewPrivileges=yes",
-        "ProtectSystem=strict",
-        "WantedBy=multi-user.target",
-    ] {
-        assert!(
-            template.lines().any(|l| l.trim() == line),
-            "template lacks `{line}`"
-        );
-    }
+    let missing = lacking(
+        &template,
+        &[
+            "ExecStart=/usr/bin/vantage-ingester %i --config /etc/vantage/ingester.toml",
+            "DynamicUser=yes",
+            "CapabilityBoundingSet=",
+            "NoNewPrivileges=yes",
+            "ProtectSystem=strict",
+            "WantedBy=multi-user.target",
+        ],
+    );
+    assert!(missing.is_empty(), "template lacks {missing:?}");
     // No secret path in the shared template: each stage's drop-in loads only what it reads.
     assert!(!template.contains("LoadCredential"));
     let drop_ins = |stage: &str| -> String {

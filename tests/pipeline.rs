@@ -4,15 +4,12 @@
 //! Every run uses its own MQTT topic prefix, Kafka topics and group, and PostgreSQL schema, and
 //! removes them at the end, so runs can overlap and leave nothing behind.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use vantage_tests::agent_toml::{agent_head, load_agent_config, target_entry};
 use vantage_tests::harness::{publish_as_agent, Run};
-use vantage_tests::in_process::{
-    count_results, start_sink_and_bridge, two_partitions, wait_results_then_settle,
-};
+use vantage_tests::in_process::{count_results, two_partitions, wait_results_then_settle};
 use vantage_tests::target::TargetServer;
 
 /// (region, target, status, outcome, regex match, count): one group of result rows.
@@ -68,15 +65,12 @@ fn init_tracing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_regions_reach_postgres_exactly_once() {
     init_tracing();
-    let run = Run::new("pipeline");
-    let target = TargetServer::start("127.0.0.1:0").await.unwrap();
-    let options = two_partitions(50, 100);
-    let ingester = Arc::new(run.ingester_config(&options));
-
     // Sink first (it applies the migrations), then the bridge; agents start once the bridge's
     // subscription exists, because MQTT keeps nothing for a subscriber that never subscribed.
-    let stop = CancellationToken::new();
-    let stages = start_sink_and_bridge(&ingester, &stop).await;
+    let options = two_partitions(50, 100);
+    let started = vantage_tests::in_process::start("pipeline", &options).await;
+    let (run, target) = (started.run, started.target);
+    let (stop, stages) = (started.stop, started.stages);
 
     publish_garbage(&run).await;
 

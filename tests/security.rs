@@ -716,30 +716,28 @@ regex = "target: ok"
     let (bridge_stats, _) = stages.stop(&stop).await;
     assert_eq!(bridge_stats.dead_lettered, 0, "{bridge_stats:?}");
 
-    // Bad secrets: the errors name the variable or file, never a value.
-    let bad = ingester_toml.replace(
-        "[kafka.secret_files]",
-        &format!("\"sasl.password\" = \"{kafka_password}\"\n[kafka.secret_files]"),
-    );
-    let e = vantage_ingester::Config::parse(&bad, Path::new("bad.toml"))
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("kafka.properties.sasl.password") && !e.contains(&kafka_password),
-        "{e}"
-    );
-    let bad = ingester_toml.replace(
-        &format!("user={pg_role} "),
-        &format!("user={pg_role} password={pg_password} "),
-    );
-    let e = vantage_ingester::Config::parse(&bad, Path::new("bad.toml"))
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("postgres.url") && !e.contains(&pg_password),
-        "{e}"
-    );
-    tracing::error!(error = %e, "config error (logged, as main would)");
+    // Bad secrets: the errors name the key, never the value.
+    for (from, to, key, secret) in [
+        (
+            "[kafka.secret_files]".to_owned(),
+            format!("\"sasl.password\" = \"{kafka_password}\"\n[kafka.secret_files]"),
+            "kafka.properties.sasl.password",
+            &kafka_password,
+        ),
+        (
+            format!("user={pg_role} "),
+            format!("user={pg_role} password={pg_password} "),
+            "postgres.url",
+            &pg_password,
+        ),
+    ] {
+        let bad = ingester_toml.replace(&from, &to);
+        let e = vantage_ingester::Config::parse(&bad, Path::new("bad.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(key) && !e.contains(secret.as_str()), "{e}");
+        tracing::error!(error = %e, "config error (logged, as main would)");
+    }
 
     let _ = admin
         .batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", run.schema()))

@@ -91,13 +91,11 @@ async fn sink_stops_cleanly_while_reconnecting_to_postgres() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let code = stop_timed(
+    let log = stop_cleanly(
         &mut t.sink,
         Duration::from_secs(15),
         "while its writer reconnected",
     );
-    let log = t.sink.log_text();
-    assert_eq!(code, Some(0), "exit while the writer reconnects:\n{log}");
     assert!(log.contains("batch left for replay"), "{log}");
 
     // 2. A sink started while PostgreSQL is still down waits at its first connect.
@@ -136,13 +134,11 @@ async fn bridge_stops_cleanly_while_kafka_is_down() {
     // 1. Kafka goes away; the next messages wait in the bridge for a delivery report.
     let mut t = half_delivered_then_down(("kdown", "pi-k", 0x7d), Service::Kafka).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let code = stop_timed(
+    let log = stop_cleanly(
         &mut t.bridge,
         Duration::from_secs(30),
         "with deliveries waiting for Kafka",
     );
-    let log = t.bridge.log_text();
-    assert_eq!(code, Some(0), "{log}");
     let stopped = log
         .lines()
         .find(|l| l.contains("bridge stopped"))
@@ -197,12 +193,7 @@ struct Started {
 async fn first_32_rows_stored(name: &str, agent: &str, seed: u64, frames: u64) -> Started {
     let run = Run::new(name);
     let file = run.ingester_file(&IngesterOptions::default());
-    let sink = StageProcess::start("sink", "sink", &file, &run.dir);
-    let bridge = StageProcess::start("bridge", "bridge", &file, &run.dir);
-    let subscribed = bridge
-        .wait_log("subscribed", 1, Duration::from_secs(60))
-        .await;
-    assert!(subscribed, "{}", bridge.log_text());
+    let (sink, bridge) = vantage_tests::stage::sink_and_bridge(&file, &run.dir).await;
     let client = format!("{}-{agent}", run.prefix());
     let topic = format!("{}/v1/results/eu-north/{agent}", run.prefix());
     let frames: Vec<(String, Vec<u8>)> = result_frames(seed, frames, 4)
@@ -233,8 +224,7 @@ async fn start_and_stop_early(
     let seen = early.wait_log(line, times, within).await;
     assert!(seen, "{}", early.log_text());
     tokio::time::sleep(pause).await;
-    let code = stop_timed(&mut early, limit, while_);
-    assert_eq!(code, Some(0), "exit {while_}:\n{}", early.log_text());
+    stop_cleanly(&mut early, limit, while_);
     early
 }
 
@@ -270,8 +260,8 @@ async fn recovered_each_once(t: Started, kind: &str) {
 }
 
 /// SIGTERM to `stage`, waiting `limit` at most; prints how long it took (`while`: in what
-/// state); its exit code.
-fn stop_timed(stage: &mut StageProcess, limit: Duration, while_: &str) -> Option<i32> {
+/// state) and checks that it exited 0; its log.
+fn stop_cleanly(stage: &mut StageProcess, limit: Duration, while_: &str) -> String {
     let asked = Instant::now();
     let code = stage.terminate(limit);
     println!(
@@ -279,7 +269,9 @@ fn stop_timed(stage: &mut StageProcess, limit: Duration, while_: &str) -> Option
         stage.stage,
         asked.elapsed()
     );
-    code
+    let log = stage.log_text();
+    assert_eq!(code, Some(0), "exit {while_}:\n{log}");
+    log
 }
 
 /// Waits (`limit` at most) until the run's group has committed every partition to its end

@@ -1141,14 +1141,11 @@ async fn targets_seen_in_results_are_recorded() {
     db::write_batch(&mut client, &rows, &[]).await.unwrap();
     // Written again: no error, no second row.
     db::write_batch(&mut client, &rows, &[]).await.unwrap();
-    let ids: Vec<i32> = s
-        .client
-        .query("SELECT target_id FROM targets ORDER BY 1", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let ids: Vec<i32> = vantage_tests::in_process::query_column(
+        &s.client,
+        "SELECT target_id FROM targets ORDER BY 1",
+    )
+    .await;
     assert_eq!(ids, [41, 42]);
 }
 #[tokio::test]

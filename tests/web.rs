@@ -13,7 +13,9 @@ use tokio_util::sync::CancellationToken;
 use vantage_tests::alerting::{http_with, region_agent_probing, AgentTask};
 use vantage_tests::browser::Browser;
 use vantage_tests::harness::{write_file, Run};
-use vantage_tests::in_process::{ingester_base, start_sink_and_bridge, two_partitions, wait_for};
+use vantage_tests::in_process::{
+    ingester_base, migrated, start_sink_and_bridge, two_partitions, wait_for,
+};
 use vantage_tests::target::TargetServer;
 
 const REGIONS: [&str; 3] = ["ap-south", "eu-north", "us-east"];
@@ -67,6 +69,11 @@ async fn web(file: &std::path::Path, stop: &CancellationToken) -> String {
     format!("http://{addr}")
 }
 
+/// A GET of `url` with `headers`: (status, response head, body).
+async fn get(url: &str, headers: &[(&str, &str)]) -> (u16, String, String) {
+    http_with("GET", url, headers, None).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dashboard_in_a_real_browser() {
     init_tracing();
@@ -76,12 +83,7 @@ async fn dashboard_in_a_real_browser() {
     let (_, base, config) = ingester_base(&run, &options);
     // The schema first, then the targets' names as `targets apply` records them (name, url):
     // the agents below probe local targets 1 and 2, so no set is published.
-    let mut pg = vantage_ingester::db::connect(config.postgres().unwrap())
-        .await
-        .unwrap();
-    vantage_ingester::db::migrate(&mut pg, &run.schema())
-        .await
-        .unwrap();
+    let pg = migrated(&config).await;
     pg.execute(
         "INSERT INTO targets (target_id, name, url, created_at) VALUES
             (1, 'shop', $1, now()), (2, $2, $3, now())",
@@ -187,7 +189,7 @@ async fn dashboard_in_a_real_browser() {
     assert!(console.is_empty(), "console on the overview: {console:?}");
 
     // Its JSON twin says the same.
-    let (status, _, body) = http_with("GET", &format!("{url}/api/overview"), &[], None).await;
+    let (status, _, body) = get(&format!("{url}/api/overview"), &[]).await;
     assert_eq!(status, 200, "{body}");
     let o: Value = serde_json::from_str(&body).unwrap();
     let t1 = o["targets"]
@@ -265,8 +267,7 @@ async fn dashboard_in_a_real_browser() {
         "console on the target page: {console:?}"
     );
     // The JSON twin has the same series.
-    let (status, _, body) =
-        http_with("GET", &format!("{url}/api/targets/1?window=1h"), &[], None).await;
+    let (status, _, body) = get(&format!("{url}/api/targets/1?window=1h"), &[]).await;
     assert_eq!(status, 200, "{body}");
     let t: Value = serde_json::from_str(&body).unwrap();
     let regions: Vec<&str> = t["latency"]["series"]
@@ -285,13 +286,7 @@ async fn dashboard_in_a_real_browser() {
 
     // The same from the rollups (hourly for 24 h, daily for 30 d): the delay is in first byte.
     for window in ["24h", "30d"] {
-        let (status, _, body) = http_with(
-            "GET",
-            &format!("{url}/api/targets/1?window={window}"),
-            &[],
-            None,
-        )
-        .await;
+        let (status, _, body) = get(&format!("{url}/api/targets/1?window={window}"), &[]).await;
         assert_eq!(status, 200, "{body}");
         let t: Value = serde_json::from_str(&body).unwrap();
         let ttfb = |region: &str| {
@@ -383,27 +378,23 @@ async fn dashboard_in_a_real_browser() {
         "/api/targets/1",
         "/fleet",
     ] {
-        let (status, head, body) = http_with("GET", &format!("{locked}{path}"), &[], None).await;
+        let (status, head, body) = get(&format!("{locked}{path}"), &[]).await;
         assert_eq!(status, 401, "{path} without a token: {head}");
         assert!(
             !body.contains("shop") && !body.contains("eu-north"),
             "{path}: {body}"
         );
-        let (status, _, _) = http_with(
-            "GET",
+        let (status, _, _) = get(
             &format!("{locked}{path}"),
             &[("Authorization", "Bearer wrong-token-0123456789")],
-            None,
         )
         .await;
         assert_eq!(status, 401, "{path} with a wrong token");
     }
     let bearer = format!("Bearer {token}");
-    let (status, _, body) = http_with(
-        "GET",
+    let (status, _, body) = get(
         &format!("{locked}/api/overview"),
         &[("Authorization", &bearer)],
-        None,
     )
     .await;
     assert_eq!(status, 200);
@@ -416,7 +407,7 @@ async fn dashboard_in_a_real_browser() {
         &format!("{base}\n[web]\nlisten = \"127.0.0.1:0\"\npublic = true\n"),
     );
     let public = web(&public_file, &stop).await;
-    let (status, _, body) = http_with("GET", &format!("{public}/"), &[], None).await;
+    let (status, _, body) = get(&format!("{public}/"), &[]).await;
     assert_eq!(status, 200);
     assert!(
         body.contains("shop")
@@ -425,18 +416,12 @@ async fn dashboard_in_a_real_browser() {
         "public overview shows names, no URL, no fleet link"
     );
     for path in ["/fleet", "/api/fleet"] {
-        let (status, _, _) = http_with("GET", &format!("{public}{path}"), &[], None).await;
+        let (status, _, _) = get(&format!("{public}{path}"), &[]).await;
         assert_eq!(status, 404, "{path} in public mode");
     }
     let (status, _, _) = http_with("POST", &format!("{public}/"), &[], None).await;
     assert_eq!(status, 405, "POST");
-    let (_, head, _) = http_with(
-        "GET",
-        &format!("{public}/"),
-        &[("Accept-Encoding", "gzip")],
-        None,
-    )
-    .await;
+    let (_, head, _) = get(&format!("{public}/"), &[("Accept-Encoding", "gzip")]).await;
     let head = head.to_ascii_lowercase();
     assert!(
         head.contains("content-encoding: gzip")

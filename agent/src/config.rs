@@ -761,12 +761,19 @@ regex = "ok"
         assert!(e.contains("colour"), "{e}");
     }
 
+    /// `GOOD` with `from` replaced by `to`: refused, and the refusal contains `needle` (the
+    /// key, or the reason).
+    #[track_caller]
+    fn refused_naming(from: &str, to: &str, needle: &str) {
+        let e = err(&GOOD.replace(from, to));
+        assert!(e.contains(needle), "{from} -> {to}: {e}");
+    }
+
     #[test]
     fn bad_url_names_the_target_key() {
-        let e = err(&GOOD.replace("http://127.0.0.1:8080/health", "not a url"));
-        assert!(e.contains("agent.toml: key `targets[0].url`"), "{e}");
-        let e = err(&GOOD.replace("http://127.0.0.1:8080/health", "ftp://x/"));
-        assert!(e.contains("is not http or https"), "{e}");
+        let url = "http://127.0.0.1:8080/health";
+        refused_naming(url, "not a url", "agent.toml: key `targets[0].url`");
+        refused_naming(url, "ftp://x/", "is not http or https");
     }
 
     /// Issue #20: a target's kind, its keys, and the wire format that can carry its results.
@@ -836,20 +843,15 @@ regex = "ok"
 
     #[test]
     fn bad_regex_and_interval_are_rejected() {
-        let e = err(&GOOD.replace("\"ok\"", "\"(unclosed\""));
-        assert!(e.contains("`targets[0].regex`"), "{e}");
-        let e = err(&GOOD.replace("\"5s\"", "\"10ms\""));
-        assert!(e.contains("`targets[0].interval`"), "{e}");
-        let e = err(&GOOD.replace("\"2s\"", "\"9s\""));
-        assert!(e.contains("`targets[0].timeout`"), "{e}");
+        refused_naming("\"ok\"", "\"(unclosed\"", "`targets[0].regex`");
+        refused_naming("\"5s\"", "\"10ms\"", "`targets[0].interval`");
+        refused_naming("\"2s\"", "\"9s\"", "`targets[0].timeout`");
     }
 
     #[test]
     fn bad_names_are_rejected() {
-        let e = err(&GOOD.replace("pi-1", "Pi/1"));
-        assert!(e.contains("`agent_id`"), "{e}");
-        let e = err(&GOOD.replace("eu-north", "eu+north"));
-        assert!(e.contains("`region`"), "{e}");
+        refused_naming("pi-1", "Pi/1", "`agent_id`");
+        refused_naming("eu-north", "eu+north", "`region`");
     }
 
     #[test]
@@ -866,11 +868,11 @@ regex = "ok"
             e.contains("`uplink.wire_format`") && e.contains("5 is not 2, 3 or 4"),
             "{e}"
         );
-        let e = err(&GOOD.replace(
+        refused_naming(
             "host = \"127.0.0.1\"",
             "host = \"127.0.0.1\"\nkeep_alive = \"500ms\"",
-        ));
-        assert!(e.contains("`mqtt.keep_alive`"), "{e}");
+            "`mqtt.keep_alive`",
+        );
     }
 
     #[test]
@@ -939,11 +941,11 @@ regex = "ok"
 
     #[test]
     fn missing_password_env_is_reported() {
-        let e = err(&GOOD.replace(
+        refused_naming(
             "host = \"127.0.0.1\"",
             "host = \"127.0.0.1\"\npassword_env = \"VANTAGE_TEST_SURELY_UNSET\"",
-        ));
-        assert!(e.contains("VANTAGE_TEST_SURELY_UNSET is not set"), "{e}");
+            "VANTAGE_TEST_SURELY_UNSET is not set",
+        );
     }
 
     #[test]

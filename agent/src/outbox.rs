@@ -1045,10 +1045,11 @@ mod tests {
         ack
     }
 
-    #[test]
-    fn with_e2e_acks_puback_does_not_free_and_the_ack_does() {
+    /// An outbox with end-to-end acknowledgements (30 s timeout) that sent results 0..4 at
+    /// `now_ms` as two frames, both PUBACKed: the outbox and the frames.
+    fn two_frames_pubacked(now_ms: u64) -> (Outbox, Vec<Batch>) {
         let mut o = Outbox::new(1, 2, 100).with_e2e_acks(Duration::from_secs(30));
-        o.tick(1_000);
+        o.tick(now_ms);
         for i in 0..4 {
             o.push(result(i));
         }
@@ -1056,6 +1057,12 @@ mod tests {
         let sent = hand_all(&mut o);
         assert_eq!(sent.len(), 2);
         o.acked(2);
+        (o, sent)
+    }
+
+    #[test]
+    fn with_e2e_acks_puback_does_not_free_and_the_ack_does() {
+        let (mut o, sent) = two_frames_pubacked(1_000);
         assert!(!o.is_empty(), "PUBACK alone frees nothing");
         assert_eq!(o.stats().unacked_frames, 2);
         assert_eq!(o.pending_results(), 4);
@@ -1089,14 +1096,7 @@ mod tests {
 
     #[test]
     fn a_frame_whose_ack_is_lost_is_sent_again_with_backoff() {
-        let mut o = Outbox::new(1, 2, 100).with_e2e_acks(Duration::from_secs(30));
-        o.tick(1);
-        for i in 0..4 {
-            o.push(result(i));
-        }
-        o.seal(false);
-        let sent = hand_all(&mut o);
-        o.acked(2);
+        let (mut o, sent) = two_frames_pubacked(1);
         // An ack proves the ingester sends them: from now on timeouts re-send.
         o.e2e_ack(&ack_of(&sent[1..]));
         o.tick(29_000);
@@ -1118,14 +1118,7 @@ mod tests {
 
     #[test]
     fn without_any_ack_it_falls_back_to_puback_after_the_timeout() {
-        let mut o = Outbox::new(1, 2, 100).with_e2e_acks(Duration::from_secs(30));
-        o.tick(1);
-        for i in 0..4 {
-            o.push(result(i));
-        }
-        o.seal(false);
-        let _ = hand_all(&mut o);
-        o.acked(2);
+        let (mut o, _) = two_frames_pubacked(1);
         assert!(!o.stats().puback_fallback);
         o.tick(30_001);
         assert!(o.is_empty(), "an old ingester: PUBACK frees");

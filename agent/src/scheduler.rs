@@ -532,6 +532,48 @@ mod tests {
         }
     }
 
+    /// A scheduler of target `id` alone, made now: (now, the scheduler, its first due time).
+    fn one_target(id: u32, interval: Duration) -> (Instant, Scheduler, Instant) {
+        let t0 = Instant::now();
+        let s = Scheduler::new(&[entry(id, interval)], roomy(), t0, None);
+        let first = s.next_wake().unwrap();
+        (t0, s, first)
+    }
+
+    /// Room for everything but memory: `bytes` of it.
+    fn memory_budget(bytes: u64) -> Capacity {
+        Capacity {
+            memory_budget: bytes,
+            ..roomy()
+        }
+    }
+
+    /// A target every 10 s that reserves 40 MiB, with `timeout`.
+    fn big(id: u32, timeout: Duration) -> Entry {
+        Entry {
+            id,
+            interval: Duration::from_secs(10),
+            timeout,
+            memory: 40 * MIB,
+        }
+    }
+
+    /// Targets 1, 2 and 3 of 40 MiB each (`timeout`) under a 100 MiB budget (two fit), all
+    /// due at `t0`.
+    fn three_big_due(t0: Instant, timeout: Duration, rounds: Option<u64>) -> Scheduler {
+        let targets = [big(1, timeout), big(2, timeout), big(3, timeout)];
+        let mut s = Scheduler::new(&targets, memory_budget(100 * MIB), t0, rounds);
+        all_due(&mut s, t0);
+        s
+    }
+
+    /// Every target of `s` due at `at`.
+    fn all_due(s: &mut Scheduler, at: Instant) {
+        for slot in &mut s.slots {
+            slot.next_due = at;
+        }
+    }
+
     /// Starts every due probe and reports it finished at once (answered): the due times alone.
     fn run_instant(s: &mut Scheduler, now: Instant) -> Vec<Action> {
         let actions = s.poll(now);
@@ -555,10 +597,8 @@ mod tests {
 
     #[test]
     fn keeps_period_without_drift() {
-        let t0 = Instant::now();
         let interval = Duration::from_millis(1000);
-        let mut s = Scheduler::new(&[entry(7, interval)], roomy(), t0, None);
-        let first = s.next_wake().unwrap();
+        let (t0, mut s, first) = one_target(7, interval);
         assert!(first >= t0 && first < t0 + interval);
         // Poll a little late every time; due times must stay on the grid.
         let mut now = first;
@@ -573,10 +613,8 @@ mod tests {
 
     #[test]
     fn late_poll_counts_skipped_periods() {
-        let t0 = Instant::now();
         let interval = Duration::from_secs(1);
-        let mut s = Scheduler::new(&[entry(1, interval)], roomy(), t0, None);
-        let first = s.next_wake().unwrap();
+        let (_, mut s, first) = one_target(1, interval);
         let a = run_instant(&mut s, first + Duration::from_millis(3500));
         assert!(a.contains(&Action::Skipped {
             target: 1,
@@ -851,25 +889,14 @@ mod tests {
     fn memory_waits_then_skips_and_refuses_what_never_fits() {
         let t0 = Instant::now();
         let sec = Duration::from_secs(1);
-        let big = |id| Entry {
-            id,
-            interval: sec * 10,
-            timeout: sec * 2,
-            memory: 40 * MIB,
-        };
-        let capacity = Capacity {
-            memory_budget: 100 * MIB,
-            ..roomy()
-        };
         let huge = Entry {
             memory: 101 * MIB,
-            ..big(9)
+            ..big(9, sec * 2)
         };
-        let mut s = Scheduler::new(&[big(1), big(2), big(3), huge], capacity, t0, None);
+        let targets = [big(1, sec * 2), big(2, sec * 2), big(3, sec * 2), huge];
+        let mut s = Scheduler::new(&targets, memory_budget(100 * MIB), t0, None);
         // Make all four due at once.
-        for slot in &mut s.slots {
-            slot.next_due = t0;
-        }
+        all_due(&mut s, t0);
         let a = s.poll(t0);
         assert_eq!(started(&a).len(), 2, "{a:?}"); // 2 × 40 MiB fit in 100, the third waits
         assert!(a.contains(&Action::Refused {
@@ -885,10 +912,7 @@ mod tests {
         let a = s.poll(t0 + sec);
         assert_eq!(started(&a), vec![(3, t0)], "{a:?}");
         // Again, and this time nothing frees: skipped when its timeout has passed.
-        let mut s = Scheduler::new(&[big(1), big(2), big(3)], capacity, t0, None);
-        for slot in &mut s.slots {
-            slot.next_due = t0;
-        }
+        let mut s = three_big_due(t0, sec * 2, None);
         s.poll(t0);
         assert_eq!(s.next_wake(), Some(t0 + sec * 2));
         assert_eq!(s.poll(t0 + sec), vec![]);
@@ -907,20 +931,7 @@ mod tests {
     fn a_last_round_waiting_for_memory_still_runs() {
         let t0 = Instant::now();
         let sec = Duration::from_secs(1);
-        let big = |id| Entry {
-            id,
-            interval: sec * 10,
-            timeout: sec * 5,
-            memory: 40 * MIB,
-        };
-        let capacity = Capacity {
-            memory_budget: 100 * MIB,
-            ..roomy()
-        };
-        let mut s = Scheduler::new(&[big(1), big(2), big(3)], capacity, t0, Some(1));
-        for slot in &mut s.slots {
-            slot.next_due = t0;
-        }
+        let mut s = three_big_due(t0, sec * 5, Some(1));
         let first = started(&s.poll(t0));
         assert_eq!(first.len(), 2);
         // The third target's only round waits: the run is not over.
@@ -996,9 +1007,7 @@ mod tests {
         let t0 = Instant::now();
         let sec = Duration::from_secs(1);
         let mut s = Scheduler::new(&[entry(1, sec), entry(2, sec)], roomy(), t0, None);
-        for slot in &mut s.slots {
-            slot.next_due = t0;
-        }
+        all_due(&mut s, t0);
         assert_eq!(started(&s.poll(t0)).len(), 2);
         s.update(&[entry(2, sec)], t0);
         assert_eq!(s.in_flight(), 2);

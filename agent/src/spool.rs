@@ -1209,6 +1209,14 @@ pub(crate) mod tests {
         assert_eq!(r, vec![(0, 15), (20, 21)]);
     }
 
+    /// Appends the results `seqs` of boot `boot` and flushes them (one write).
+    fn write(s: &mut Spool, boot: u64, seqs: std::ops::Range<u64>) {
+        for seq in seqs {
+            s.append(boot, &result(seq));
+        }
+        s.flush().unwrap();
+    }
+
     #[test]
     fn records_survive_a_reopen_in_order_with_their_boot_and_seq() {
         let dir = temp_dir("reopen");
@@ -1220,14 +1228,8 @@ pub(crate) mod tests {
                 ..Replay::default()
             }
         );
-        for seq in 0..10 {
-            s.append(7, &result(seq));
-        }
-        s.flush().unwrap();
-        for seq in 10..15 {
-            s.append(7, &result(seq));
-        }
-        s.flush().unwrap();
+        write(&mut s, 7, 0..10);
+        write(&mut s, 7, 10..15);
         // Never written: a kill -9 before the flush loses it (it was never sent either).
         s.append(7, &result(15));
         let live = s.live_bytes();
@@ -1353,16 +1355,10 @@ pub(crate) mod tests {
     fn a_torn_last_write_at_any_offset_is_replayed_or_reported_lost() {
         let dir = temp_dir("torn");
         let (mut s, _) = Spool::open(config(&dir, 1 << 20)).unwrap();
-        for seq in 0..20 {
-            s.append(5, &result(seq));
-        }
-        s.flush().unwrap();
+        write(&mut s, 5, 0..20);
         let path = s.segments.back().unwrap().path.clone();
         let before_last = std::fs::metadata(&path).unwrap().len();
-        for seq in 20..32 {
-            s.append(5, &result(seq));
-        }
-        s.flush().unwrap();
+        write(&mut s, 5, 20..32);
         drop(s);
         let full = std::fs::read(&path).unwrap();
         // The group header of the last write: its length is in the first two bytes.
@@ -1412,17 +1408,11 @@ pub(crate) mod tests {
     fn a_corrupt_entry_loses_its_records_only() {
         let dir = temp_dir("corrupt");
         let (mut s, _) = Spool::open(config(&dir, 1 << 20)).unwrap();
-        for seq in 0..10 {
-            s.append(9, &result(seq));
-        }
-        s.flush().unwrap();
+        write(&mut s, 9, 0..10);
         drop(s);
         // The next start writes a new segment.
         let (mut s, _) = Spool::open(config(&dir, 1 << 20)).unwrap();
-        for seq in 10..15 {
-            s.append(9, &result(seq));
-        }
-        s.flush().unwrap();
+        write(&mut s, 9, 10..15);
         let first = s.segments.front().unwrap().path.clone();
         drop(s);
         let mut data = std::fs::read(&first).unwrap();

@@ -48,6 +48,7 @@ use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS}
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use vantage_common::backoff::Backoff;
+use vantage_common::signal::sleep_unless_stopped;
 use vantage_proto::control::{AgentState, MAX_TARGET_SET_LEN};
 use vantage_proto::{ProbeResult, MAX_FRAME_LEN};
 
@@ -588,9 +589,8 @@ async fn poll_events(
                 order.reset();
                 let wait = backoff.next_jittered_pause(&mut rng);
                 tracing::warn!(error = %e, retry_in = ?wait, "MQTT connection error");
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(wait) => {}
+                if !sleep_unless_stopped(&stop, wait).await {
+                    return;
                 }
             }
         }

@@ -6,7 +6,7 @@ mod cli;
 
 const BIN: &str = env!("CARGO_BIN_EXE_vantage-agent");
 
-fn write(name: &str, text: &str) -> std::path::PathBuf {
+fn write(name: &str, text: &str) -> String {
     cli::scratch_file("vantage-agent", name, text)
 }
 
@@ -37,7 +37,7 @@ fn run(args: &[&str]) -> (bool, String, String) {
 #[test]
 fn check_config_accepts_a_good_file() {
     let path = write("good.toml", GOOD);
-    let (ok, stdout, _) = run(&["check-config", path.to_str().unwrap()]);
+    let (ok, stdout, _) = run(&["check-config", &path]);
     assert!(ok);
     assert!(
         stdout.contains("ok (agent pi-1, region eu-north, 1 local targets)"),
@@ -47,27 +47,25 @@ fn check_config_accepts_a_good_file() {
 
 #[test]
 fn run_refuses_unknown_key_and_bad_url() {
-    let path = write(
-        "unknown.toml",
-        &GOOD.replace("[mqtt]", "[mqtt]\nhots = \"x\""),
-    );
-    let (ok, _, stderr) = run(&["run", "--config", path.to_str().unwrap()]);
-    assert!(!ok);
-    assert!(
-        stderr.contains("unknown.toml") && stderr.contains("hots"),
-        "{stderr}"
-    );
-
-    let path = write(
-        "badurl.toml",
-        &GOOD.replace("http://127.0.0.1:9/", "http//nope"),
-    );
-    let (ok, _, stderr) = run(&["run", "--config", path.to_str().unwrap()]);
-    assert!(!ok);
-    assert!(
-        stderr.contains("badurl.toml: key `targets[0].url`: invalid URL"),
-        "{stderr}"
-    );
+    for (name, from, to, needles) in [
+        (
+            "unknown.toml",
+            "[mqtt]",
+            "[mqtt]\nhots = \"x\"",
+            &["unknown.toml", "hots"][..],
+        ),
+        (
+            "badurl.toml",
+            "http://127.0.0.1:9/",
+            "http//nope",
+            &["badurl.toml: key `targets[0].url`: invalid URL"],
+        ),
+    ] {
+        let path = write(name, &GOOD.replace(from, to));
+        let (ok, _, stderr) = run(&["run", "--config", &path]);
+        assert!(!ok);
+        assert!(needles.iter().all(|n| stderr.contains(n)), "{stderr}");
+    }
 }
 
 #[test]
@@ -111,11 +109,7 @@ fn probe_prints_json_with_column_names() {
 
 #[test]
 fn probe_exits_3_when_the_target_is_down() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = cli::closed_port();
     let (code, text, _) = run_code(&["probe", &format!("http://127.0.0.1:{port}/")]);
     // 3, not 2: 2 is a bad command line (issue #13 item 13).
     assert_eq!(code, Some(3));
@@ -126,11 +120,7 @@ fn probe_exits_3_when_the_target_is_down() {
 /// connection names the address and the OS error; broken chunked framing says so.
 #[test]
 fn probe_prints_the_error_detail() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = cli::closed_port();
     let refused = format!("http://127.0.0.1:{port}/");
     let (code, stdout, stderr) = run_code(&["probe", &refused]);
     assert_eq!(code, Some(3), "{stderr}");
@@ -196,12 +186,7 @@ fn probe_kind_tcp_and_its_refusals() {
 
 #[test]
 fn every_subcommand_has_help_with_an_example() {
-    let (code, stdout, _) = run_code(&["--version"]);
-    assert_eq!(code, Some(0));
-    assert!(stdout.starts_with("vantage-agent "), "{stdout}");
-    let (code, stdout, _) = run_code(&["--help"]);
-    assert_eq!(code, Some(0));
-    assert!(stdout.contains("Exit codes"), "{stdout}");
+    cli::checked_help(BIN, "vantage-agent");
     for sub in ["run", "check-config", "probe"] {
         let (code, stdout, stderr) = run_code(&[sub, "--help"]);
         assert_eq!(code, Some(0), "{sub}: {stderr}");
@@ -221,10 +206,10 @@ fn check_config_validates_the_metrics_section() {
         "[metrics]\nlisten = \"127.0.0.1:0\"\n[[targets]]",
     );
     let path = write("metrics-good.toml", &with_metrics);
-    let (code, stdout, stderr) = run_code(&["check-config", path.to_str().unwrap()]);
+    let (code, stdout, stderr) = run_code(&["check-config", &path]);
     assert_eq!(code, Some(0), "{stderr}");
     assert!(stdout.contains(": ok"), "{stdout}");
-    for (name, text, needle) in [
+    let cases = &[
         (
             "metrics-listen.toml",
             with_metrics.replace("127.0.0.1:0", "localhost:9464"),
@@ -235,15 +220,9 @@ fn check_config_validates_the_metrics_section() {
             with_metrics.replace("[metrics]", "[metrics]\npath = \"/m\""),
             "path",
         ),
-    ] {
-        let path = write(name, &text);
-        let (code, _, stderr) = run_code(&["check-config", path.to_str().unwrap()]);
-        assert_eq!(code, Some(1), "{name}: {stderr}");
-        assert!(
-            stderr.contains(name) && stderr.contains(needle),
-            "{name}: {stderr}"
-        );
-    }
+    ];
+    let unrefused = cli::unrefused_files(BIN, write, cases);
+    assert!(unrefused.is_empty(), "{}", unrefused.join("\n"));
 }
 
 /// Every class of command-line mistake exits 2, whatever clap or the target checks found;
@@ -252,15 +231,12 @@ fn check_config_validates_the_metrics_section() {
 /// usage error used to exit 2 like "probed, not up".
 #[test]
 fn exit_codes_of_every_class() {
-    let good = write("codes-good.toml", GOOD);
-    let good = good.to_str().unwrap();
-    let broken = write("codes-broken.toml", "agent_id = [");
-    let broken = broken.to_str().unwrap();
-    let central = write(
+    let good = &write("codes-good.toml", GOOD);
+    let broken = &write("codes-broken.toml", "agent_id = [");
+    let central = &write(
         "codes-central.toml",
         &GOOD[..GOOD.find("[[targets]]").unwrap()],
     );
-    let central = central.to_str().unwrap();
     let url = "http://127.0.0.1:9/";
     let cases: &[(&str, &[&str], i32)] = &[
         ("no arguments", &[], 2),
@@ -324,7 +300,7 @@ fn capturing_server(
     response: &'static str,
     n: usize,
 ) -> (std::net::SocketAddr, std::sync::mpsc::Receiver<String>) {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -333,14 +309,7 @@ fn capturing_server(
             let Ok((mut s, _)) = listener.accept() else {
                 return;
             };
-            let mut request = Vec::new();
-            let mut buf = [0u8; 4096];
-            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                match s.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(k) => request.extend_from_slice(&buf[..k]),
-                }
-            }
+            let request = cli::read_request_head(&mut s);
             let _ = tx.send(String::from_utf8_lossy(&request).into_owned());
             let _ = s.write_all(response.as_bytes());
         }
@@ -435,7 +404,7 @@ fn url_credentials_are_basic_auth_and_never_printed() {
 
     // A configured target: check-config, and a `run` at TRACE (no broker here: the result
     // stays undelivered, which is a failed --rounds run, exit 1; the logs are what matters).
-    let config = write(
+    let config = &write(
         "basic-auth.toml",
         &format!(
             "{}\n[uplink]\ndrain_timeout = \"500ms\"\n[[targets]]\nid = 1\nurl = \"{url}\"\n\
@@ -444,7 +413,6 @@ fn url_credentials_are_basic_auth_and_never_printed() {
                 .replace("127.0.0.1\"", "127.0.0.1\"\nport = 1")
         ),
     );
-    let config = config.to_str().unwrap();
     let (code, stdout, stderr) = cli::run_with_env(BIN, &["check-config", config], TRACE);
     assert_eq!(code, Some(0), "{stdout}{stderr}");
     leaks("check-config", &stdout);
@@ -473,13 +441,10 @@ fn run_refuses_a_spool_it_cannot_create() {
         "spool-blocked.toml",
         &GOOD.replace(
             "region = \"eu-north\"",
-            &format!(
-                "region = \"eu-north\"\nstate_dir = \"{}\"",
-                blocker.display()
-            ),
+            &format!("region = \"eu-north\"\nstate_dir = \"{}\"", blocker),
         ),
     );
-    let (code, _, stderr) = run_code(&["run", "--config", config.to_str().unwrap()]);
+    let (code, _, stderr) = run_code(&["run", "--config", &config]);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("spool"), "{stderr}");
     assert!(stderr.contains("not-a-dir"), "{stderr}");

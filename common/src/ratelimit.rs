@@ -105,12 +105,17 @@ impl RateLimit {
 mod tests {
     use super::*;
 
+    /// A state that let its first line through at `t0`, with the interval `i` (1 s).
+    fn after_a_first_line() -> (State, Instant, Duration) {
+        let mut s = State::default();
+        let (t0, i) = (Instant::now(), Duration::from_secs(1));
+        assert_eq!(s.allow_at(t0, i), Some(0));
+        (s, t0, i)
+    }
+
     #[test]
     fn one_line_per_interval_with_the_count_suppressed() {
-        let mut s = State::default();
-        let i = Duration::from_secs(1);
-        let t0 = Instant::now();
-        assert_eq!(s.allow_at(t0, i), Some(0));
+        let (mut s, t0, i) = after_a_first_line();
         for k in 1..=5 {
             assert_eq!(s.allow_at(t0 + Duration::from_millis(100 * k), i), None);
         }
@@ -121,10 +126,7 @@ mod tests {
 
     #[test]
     fn a_summary_only_after_the_interval_and_only_of_what_is_left() {
-        let mut s = State::default();
-        let i = Duration::from_secs(1);
-        let t0 = Instant::now();
-        assert_eq!(s.allow_at(t0, i), Some(0));
+        let (mut s, t0, i) = after_a_first_line();
         assert_eq!(s.allow_at(t0 + Duration::from_millis(10), i), None);
         assert_eq!(s.summary_at(t0 + Duration::from_millis(500), i), None);
         assert_eq!(s.summary_at(t0 + i, i), Some(1));

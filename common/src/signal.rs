@@ -1,5 +1,7 @@
 //! Shutdown on SIGINT or SIGTERM, the same way for every long-running command of both binaries.
 
+use std::time::Duration;
+
 use tokio_util::sync::CancellationToken;
 
 /// Cancels `token` on SIGINT or SIGTERM (logged as "shutdown requested").
@@ -24,4 +26,13 @@ pub fn shutdown_on_signal() -> CancellationToken {
     let token = CancellationToken::new();
     tokio::spawn(cancel_on_signal(token.clone()));
     token
+}
+
+/// Sleeps `pause` unless `stop` is cancelled first (tokio-util's `run_until_cancelled`): true
+/// when the pause passed, false when it is time to stop. How every retry and polling loop of
+/// both binaries waits.
+pub async fn sleep_unless_stopped(stop: &CancellationToken, pause: Duration) -> bool {
+    stop.run_until_cancelled(tokio::time::sleep(pause))
+        .await
+        .is_some()
 }

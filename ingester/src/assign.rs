@@ -26,6 +26,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 use vantage_common::backoff::Backoff;
+use vantage_common::signal::sleep_unless_stopped;
 
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
@@ -147,9 +148,8 @@ impl Assignments {
                     if self.client.as_ref().is_some_and(Client::is_closed) {
                         self.client = None;
                     }
-                    tokio::select! {
-                        _ = tokio::time::sleep(pause) => {}
-                        _ = shutdown.cancelled() => return Err(AssignError::Stopped),
+                    if !sleep_unless_stopped(shutdown, pause).await {
+                        return Err(AssignError::Stopped);
                     }
                 }
                 Err(e) => return Err(e.into()),

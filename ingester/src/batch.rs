@@ -219,29 +219,32 @@ impl Writes {
             }
         }
         if !self.skew_done {
-            match clock::record(client, &self.skew).await {
-                Ok(()) => {}
-                // Counts, not data (the dead letters hold the results): a refusal must not
-                // stop the batch.
-                Err(e) if e.refusal().is_some() => {
-                    tracing::warn!(error = %e, "clock-skew counts refused by PostgreSQL; not recorded");
-                }
-                Err(e) => return Err(e),
-            }
+            // Counts, not data (the dead letters hold the results).
+            unless_refused(clock::record(client, &self.skew).await, "clock-skew counts")?;
             self.skew_done = true;
         }
         if !self.clocks_done {
-            match clock::record_clocks(client, &self.clocks).await {
-                Ok(()) => {}
-                // State, not data: a refusal must not stop the batch.
-                Err(e) if e.refusal().is_some() => {
-                    tracing::warn!(error = %e, "agent clock states refused by PostgreSQL; not recorded");
-                }
-                Err(e) => return Err(e),
-            }
+            // State, not data.
+            unless_refused(
+                clock::record_clocks(client, &self.clocks).await,
+                "agent clock states",
+            )?;
             self.clocks_done = true;
         }
         Ok(())
+    }
+}
+
+/// The result of writing what a batch keeps beside its rows (counts, state): PostgreSQL
+/// refusing it must not stop the batch, so a refusal is logged and passes; any other error
+/// (a lost connection) stops the write, to be retried.
+fn unless_refused(written: Result<(), DbError>, what: &str) -> Result<(), DbError> {
+    match written {
+        Err(e) if e.refusal().is_some() => {
+            tracing::warn!(error = %e, "{what} refused by PostgreSQL; not recorded");
+            Ok(())
+        }
+        other => other,
     }
 }
 

@@ -34,6 +34,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use vantage_common::backoff::Backoff;
+use vantage_common::signal::sleep_unless_stopped;
 use vantage_proto::topic::{Channel, Topic};
 
 use futures::stream::{FuturesOrdered, StreamExt};
@@ -596,9 +597,8 @@ async fn poll_events(
                 // Jittered, so that bridges do not reconnect in lockstep.
                 let wait = backoff.next_jittered_pause(&mut rng);
                 tracing::warn!(error = %e, retry_in = ?wait, "MQTT connection error");
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(wait) => {}
+                if !sleep_unless_stopped(&stop, wait).await {
+                    return;
                 }
             }
         }

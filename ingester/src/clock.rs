@@ -34,6 +34,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use tokio_postgres::types::ToSql;
 use tokio_postgres::Client;
 use vantage_proto::{ClockHealth, Gap, ProbeResult};
 
@@ -261,48 +262,61 @@ pub fn keep_latest(clocks: &mut AgentClocks, region: &str, agent: &str, clock: A
 /// transaction; as in [`keep_latest`], a reading of the same boot with a smaller boot age
 /// than the stored one is left out.
 pub async fn record_clocks(client: &mut Client, clocks: &AgentClocks) -> Result<(), DbError> {
-    if clocks.is_empty() {
+    upsert_agents(
+        client,
+        clocks,
+        "INSERT INTO agents AS a (agent, region, clock_boot_id, clock_synced, clock_error_ms,
+                                  clock_boot_age_s, clock_offset_ms, clock_flag, clock_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, to_timestamp($9::float8 / 1000))
+         ON CONFLICT (agent) DO UPDATE SET
+             clock_boot_id = excluded.clock_boot_id,
+             clock_synced = excluded.clock_synced,
+             clock_error_ms = excluded.clock_error_ms,
+             clock_boot_age_s = excluded.clock_boot_age_s,
+             clock_offset_ms = excluded.clock_offset_ms,
+             clock_flag = excluded.clock_flag,
+             clock_at = excluded.clock_at
+         WHERE a.clock_boot_id IS DISTINCT FROM excluded.clock_boot_id
+            OR a.clock_boot_age_s IS NULL
+            OR a.clock_boot_age_s <= excluded.clock_boot_age_s",
+        |c| {
+            vec![
+                Box::new(c.boot_id as i64),
+                Box::new(c.synced),
+                Box::new(i32::try_from(c.error_ms).unwrap_or(i32::MAX)),
+                Box::new(i64::from(c.boot_age_s)),
+                Box::new(c.offset_ms),
+                Box::new(c.flag),
+                Box::new(c.bridge_ms as f64),
+            ]
+        },
+    )
+    .await
+}
+
+/// One `agents` row per (region, agent) of `rows`, by `upsert` (`$1` the agent, `$2` the
+/// region, then the row's `values`), each region created first if it is new; in one
+/// transaction.
+async fn upsert_agents<V>(
+    client: &mut Client,
+    rows: &BTreeMap<(String, String), V>,
+    upsert: &str,
+    values: impl Fn(&V) -> Vec<Box<dyn ToSql + Send + Sync>>,
+) -> Result<(), DbError> {
+    if rows.is_empty() {
         return Ok(());
     }
     let tx = client.transaction().await?;
-    let region = tx
-        .prepare("INSERT INTO regions (region) VALUES ($1) ON CONFLICT DO NOTHING")
-        .await?;
-    let agent = tx
-        .prepare(
-            "INSERT INTO agents AS a (agent, region, clock_boot_id, clock_synced, clock_error_ms,
-                                      clock_boot_age_s, clock_offset_ms, clock_flag, clock_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, to_timestamp($9::float8 / 1000))
-             ON CONFLICT (agent) DO UPDATE SET
-                 clock_boot_id = excluded.clock_boot_id,
-                 clock_synced = excluded.clock_synced,
-                 clock_error_ms = excluded.clock_error_ms,
-                 clock_boot_age_s = excluded.clock_boot_age_s,
-                 clock_offset_ms = excluded.clock_offset_ms,
-                 clock_flag = excluded.clock_flag,
-                 clock_at = excluded.clock_at
-             WHERE a.clock_boot_id IS DISTINCT FROM excluded.clock_boot_id
-                OR a.clock_boot_age_s IS NULL
-                OR a.clock_boot_age_s <= excluded.clock_boot_age_s",
-        )
-        .await?;
-    for ((r, a), c) in clocks {
+    let region = tx.prepare(crate::fleet::INSERT_REGION).await?;
+    let agent = tx.prepare(upsert).await?;
+    for ((r, a), v) in rows {
         tx.execute(&region, &[r]).await?;
-        tx.execute(
-            &agent,
-            &[
-                a,
-                r,
-                &(c.boot_id as i64),
-                &c.synced,
-                &i32::try_from(c.error_ms).unwrap_or(i32::MAX),
-                &i64::from(c.boot_age_s),
-                &c.offset_ms,
-                &c.flag,
-                &(c.bridge_ms as f64),
-            ],
-        )
-        .await?;
+        let values = values(v);
+        let params: Vec<&(dyn ToSql + Sync)> = [a as &(dyn ToSql + Sync), r]
+            .into_iter()
+            .chain(values.iter().map(|b| b.as_ref() as &(dyn ToSql + Sync)))
+            .collect();
+        tx.execute(&agent, &params).await?;
     }
     tx.commit().await?;
     Ok(())
@@ -341,34 +355,24 @@ pub fn count(
 /// Adds the counts to the agents' rows (creating rows for agents never seen), in one
 /// transaction.
 pub async fn record(client: &mut Client, counts: &SkewCounts) -> Result<(), DbError> {
-    if counts.is_empty() {
-        return Ok(());
-    }
-    let tx = client.transaction().await?;
-    let region = tx
-        .prepare("INSERT INTO regions (region) VALUES ($1) ON CONFLICT DO NOTHING")
-        .await?;
-    let agent = tx
-        .prepare(
-            "INSERT INTO agents AS a (agent, region, clock_skew_results, clock_skew_ms, clock_skew_at)
-             VALUES ($1, $2, $3, $4, to_timestamp($5::float8 / 1000))
-             ON CONFLICT (agent) DO UPDATE SET
-                 clock_skew_results = a.clock_skew_results + excluded.clock_skew_results,
-                 clock_skew_ms = excluded.clock_skew_ms,
-                 clock_skew_at = excluded.clock_skew_at",
-        )
-        .await?;
-    for ((r, a), c) in counts {
-        tx.execute(&region, &[r]).await?;
-        let n = i64::try_from(c.results).unwrap_or(i64::MAX);
-        tx.execute(
-            &agent,
-            &[a, r, &n, &c.last_skew_ms, &(c.last_bridge_ms as f64)],
-        )
-        .await?;
-    }
-    tx.commit().await?;
-    Ok(())
+    upsert_agents(
+        client,
+        counts,
+        "INSERT INTO agents AS a (agent, region, clock_skew_results, clock_skew_ms, clock_skew_at)
+         VALUES ($1, $2, $3, $4, to_timestamp($5::float8 / 1000))
+         ON CONFLICT (agent) DO UPDATE SET
+             clock_skew_results = a.clock_skew_results + excluded.clock_skew_results,
+             clock_skew_ms = excluded.clock_skew_ms,
+             clock_skew_at = excluded.clock_skew_at",
+        |c| {
+            vec![
+                Box::new(i64::try_from(c.results).unwrap_or(i64::MAX)),
+                Box::new(c.last_skew_ms),
+                Box::new(c.last_bridge_ms as f64),
+            ]
+        },
+    )
+    .await
 }
 
 #[cfg(test)]

@@ -369,13 +369,7 @@ pub async fn migrate_to(client: &mut Client, schema: &str, last: i32) -> Result<
     check_checksums(client).await?;
     let mut applied = 0;
     for &(version, name, sql) in MIGRATIONS.iter().filter(|m| m.0 <= last) {
-        let tx = client.transaction().await?;
-        // Lock key: the schema name, so tests in separate schemas do not wait on each other.
-        tx.execute(
-            "SELECT pg_advisory_xact_lock(hashtext(current_schema()))",
-            &[],
-        )
-        .await?;
+        let tx = migration_transaction(client).await?;
         let done = tx
             .query_opt(
                 "SELECT 1 FROM schema_migrations WHERE version = $1",
@@ -401,15 +395,24 @@ pub async fn migrate_to(client: &mut Client, schema: &str, last: i32) -> Result<
     Ok(applied)
 }
 
-/// Refuses a migration applied with other contents than this binary's; records the checksum
-/// of those applied before checksums existed.
-async fn check_checksums(client: &mut Client) -> Result<(), DbError> {
+/// A transaction holding the migrations' lock of this schema (the lock key is the schema name,
+/// so tests in separate schemas do not wait on each other), released at its end.
+async fn migration_transaction(
+    client: &mut Client,
+) -> Result<tokio_postgres::Transaction<'_>, DbError> {
     let tx = client.transaction().await?;
     tx.execute(
         "SELECT pg_advisory_xact_lock(hashtext(current_schema()))",
         &[],
     )
     .await?;
+    Ok(tx)
+}
+
+/// Refuses a migration applied with other contents than this binary's; records the checksum
+/// of those applied before checksums existed.
+async fn check_checksums(client: &mut Client) -> Result<(), DbError> {
+    let tx = migration_transaction(client).await?;
     let rows = tx
         .query("SELECT version, checksum FROM schema_migrations", &[])
         .await?;

@@ -75,15 +75,17 @@ fn state_name(s: AgentState) -> &'static str {
     }
 }
 
+/// Creates a region the first time an agent row names it (`agents.region` references it).
+pub(crate) const INSERT_REGION: &str =
+    "INSERT INTO regions (region) VALUES ($1) ON CONFLICT DO NOTHING";
+
 /// Applies statuses in order, in one transaction.
 pub async fn write_statuses(client: &mut Client, statuses: &[StatusRow]) -> Result<(), DbError> {
     if statuses.is_empty() {
         return Ok(());
     }
     let tx = client.transaction().await?;
-    let region_insert = tx
-        .prepare("INSERT INTO regions (region) VALUES ($1) ON CONFLICT DO NOTHING")
-        .await?;
+    let region_insert = tx.prepare(INSERT_REGION).await?;
     // Online, heartbeat, offline: the agent speaks for itself. Statuses of one agent arrive in
     // Kafka order (one key, one partition), so each simply replaces the previous state.
     let alive = tx

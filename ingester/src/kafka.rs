@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 use vantage_common::backoff::Backoff;
+use vantage_common::signal::sleep_unless_stopped;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -529,9 +530,8 @@ pub async fn produce_until_delivered_at(
                 producer.recover(generation, &instance);
                 let pause = backoff.next_pause();
                 tracing::warn!(topic, error = %e, retry_in = ?pause, "Kafka delivery failed");
-                tokio::select! {
-                    _ = tokio::time::sleep(pause) => {}
-                    _ = stop.cancelled() => return false,
+                if !sleep_unless_stopped(stop, pause).await {
+                    return false;
                 }
             }
         }

@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use vantage_common::backoff::Backoff;
+use vantage_common::signal::sleep_unless_stopped;
 
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
@@ -776,26 +777,11 @@ async fn connect_with_retry(
     config: &PostgresConfig,
     shutdown: &CancellationToken,
 ) -> Result<Option<Client>, DbError> {
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-    loop {
-        // The attempt itself may take up to the connect timeout (a host that drops packets).
-        let attempt = tokio::select! {
-            r = db::connect_writer(config) => r,
-            _ = shutdown.cancelled() => return Ok(None),
-        };
-        match attempt {
-            Ok(c) => return Ok(Some(c)),
-            Err(e) if e.is_transient() => {
-                let pause = backoff.next_pause();
-                tracing::warn!(error = %e, retry_in = ?pause, "cannot connect to PostgreSQL, retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(pause) => {}
-                    _ = shutdown.cancelled() => return Ok(None),
-                }
-            }
-            Err(e) => return Err(e),
-        }
-    }
+    // The attempt itself may take up to the connect timeout (a host that drops packets).
+    retry_transient(shutdown, "cannot connect to PostgreSQL", || {
+        db::connect_writer(config)
+    })
+    .await
 }
 
 /// Applies the migrations on a connection of its own, retrying (on a new connection) while
@@ -805,23 +791,40 @@ async fn migrate_with_retry(
     config: &PostgresConfig,
     shutdown: &CancellationToken,
 ) -> Result<bool, DbError> {
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-    loop {
+    let migrated = retry_transient(shutdown, "migrations interrupted", || async {
         let Some(mut client) = connect_with_retry(config, shutdown).await? else {
             return Ok(false);
         };
-        let migrated = tokio::select! {
-            r = db::migrate(&mut client, &config.schema) => r,
-            _ = shutdown.cancelled() => return Ok(false),
+        db::migrate(&mut client, &config.schema).await.map(|_| true)
+    })
+    .await?;
+    Ok(migrated == Some(true))
+}
+
+/// Runs `attempt` until it succeeds or fails for good, pausing with backoff (200 ms doubling
+/// to 10 s) after each transient failure, logged as "`what`, retrying". `Ok(None)`: shutdown
+/// came first, during an attempt or a pause.
+async fn retry_transient<T, F, Fut>(
+    shutdown: &CancellationToken,
+    what: &str,
+    mut attempt: F,
+) -> Result<Option<T>, DbError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, DbError>>,
+{
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    loop {
+        let Some(attempted) = shutdown.run_until_cancelled(attempt()).await else {
+            return Ok(None);
         };
-        match migrated {
-            Ok(_) => return Ok(true),
+        match attempted {
+            Ok(done) => return Ok(Some(done)),
             Err(e) if e.is_transient() => {
                 let pause = backoff.next_pause();
-                tracing::warn!(error = %e, retry_in = ?pause, "migrations interrupted, retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(pause) => {}
-                    _ = shutdown.cancelled() => return Ok(false),
+                tracing::warn!(error = %e, retry_in = ?pause, "{what}, retrying");
+                if !sleep_unless_stopped(shutdown, pause).await {
+                    return Ok(None);
                 }
             }
             Err(e) => return Err(e),

@@ -14,6 +14,7 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use vantage_common::backoff::Backoff;
+use vantage_common::signal::sleep_unless_stopped;
 
 use crate::config::PostgresConfig;
 use crate::db::{self, DbError};
@@ -243,15 +244,13 @@ pub async fn run(pg: PostgresConfig, config: StorageConfig, shutdown: Cancellati
     let mut client: Option<Client> = None;
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
     loop {
-        if client.as_ref().is_none_or(Client::is_closed) {
-            client = match db::connect(&pg).await {
-                Ok(c) => Some(c),
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff.peek().min(config.interval), "storage upkeep cannot connect to PostgreSQL");
-                    None
-                }
-            };
-        }
+        reopen(
+            &mut client,
+            &pg,
+            "storage upkeep",
+            backoff.peek().min(config.interval),
+        )
+        .await;
         let outcome = match &client {
             Some(c) => maintain(c, &config, false).await.map_err(Some),
             None => Err(None),
@@ -289,10 +288,24 @@ pub async fn run(pg: PostgresConfig, config: StorageConfig, shutdown: Cancellati
                 }
             }
         };
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(wait) => {}
+        if !sleep_unless_stopped(&shutdown, wait).await {
+            return;
         }
+    }
+}
+
+/// Opens `client` again when it is missing or closed (a PostgreSQL restart closes it); leaves
+/// it None when PostgreSQL cannot be reached, logged for `what` with the pause until the next
+/// try (`retry_in`).
+async fn reopen(client: &mut Option<Client>, pg: &PostgresConfig, what: &str, retry_in: Duration) {
+    if client.as_ref().is_none_or(Client::is_closed) {
+        *client = match db::connect(pg).await {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(error = %e, ?retry_in, "{what} cannot connect to PostgreSQL");
+                None
+            }
+        };
     }
 }
 
@@ -303,15 +316,7 @@ pub async fn run_rollups(pg: PostgresConfig, config: StorageConfig, shutdown: Ca
     let mut client: Option<Client> = None;
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
     loop {
-        if client.as_ref().is_none_or(Client::is_closed) {
-            client = match db::connect(&pg).await {
-                Ok(c) => Some(c),
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff.peek(), "rollup round cannot connect to PostgreSQL");
-                    None
-                }
-            };
-        }
+        reopen(&mut client, &pg, "rollup round", backoff.peek()).await;
         let wait = match &client {
             Some(c) => match rollup_round(c).await {
                 Ok(round) => {
@@ -330,9 +335,8 @@ pub async fn run_rollups(pg: PostgresConfig, config: StorageConfig, shutdown: Ca
             },
             None => backoff.next_pause(),
         };
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(wait) => {}
+        if !sleep_unless_stopped(&shutdown, wait).await {
+            return;
         }
     }
 }

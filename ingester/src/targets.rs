@@ -963,22 +963,27 @@ agents = ["eu-north/pi-lab"]
             Ok(_) => panic!("accepted a file apply would refuse"),
             Err(e) => e,
         };
-        let err = refused(many(1025, 1, "regions = [\"us\"]"));
-        assert!(
-            err.starts_with(
-                "targets.toml:1: targets: region us would get 1025 targets; at most 1024"
+        // (targets, URL path length, placement, refusal past the limit, targets within it)
+        for (n, url_len, placement, refusal, within) in [
+            (
+                1025,
+                1,
+                "regions = [\"us\"]",
+                "targets.toml:1: targets: region us would get 1025 targets; at most 1024",
+                1024,
             ),
-            "{err}"
-        );
-        many(1024, 1, "regions = [\"us\"]").unwrap();
-        let err = refused(many(500, 480, "agents = [\"eu/pi\"]"));
-        assert!(
-            err.starts_with(
-                "targets.toml:1: targets: agent eu/pi: the set is larger than 245760 bytes"
+            (
+                500,
+                480,
+                "agents = [\"eu/pi\"]",
+                "targets.toml:1: targets: agent eu/pi: the set is larger than 245760 bytes",
+                400,
             ),
-            "{err}"
-        );
-        many(400, 480, "agents = [\"eu/pi\"]").unwrap();
+        ] {
+            let err = refused(many(n, url_len, placement));
+            assert!(err.starts_with(refusal), "{err}");
+            many(within, url_len, placement).unwrap();
+        }
     }
 
     #[test]

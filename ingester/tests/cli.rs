@@ -10,7 +10,7 @@ mod cli;
 
 const BIN: &str = env!("CARGO_BIN_EXE_vantage-ingester");
 
-fn write(name: &str, text: &str) -> std::path::PathBuf {
+fn write(name: &str, text: &str) -> String {
     cli::scratch_file("vantage-ingester", name, text)
 }
 
@@ -36,10 +36,10 @@ fn run(args: &[&str]) -> (Option<i32>, String, String) {
 #[test]
 fn check_config_accepts_good_files() {
     let path = write("good.toml", GOOD);
-    let (code, stdout, stderr) = run(&["check-config", path.to_str().unwrap()]);
+    let (code, stdout, stderr) = run(&["check-config", &path]);
     assert_eq!(code, Some(0), "{stderr}");
     let first = stdout.lines().next().unwrap_or_default();
-    assert_eq!(first, format!("{}: valid", path.display()));
+    assert_eq!(first, format!("{path}: valid"));
     assert!(stdout.contains("  sink           can run\n"), "{stdout}");
     // The shipped example too (with its password variables set).
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/ingester.example.toml");
@@ -59,7 +59,7 @@ fn check_config_says_which_commands_the_file_can_run() {
             "",
         ),
     );
-    let (code, stdout, stderr) = run(&["check-config", path.to_str().unwrap()]);
+    let (code, stdout, stderr) = run(&["check-config", &path]);
     assert_eq!(code, Some(0), "{stderr}");
     assert!(!stdout.contains(": ok"), "{stdout}");
     assert!(stdout.contains("  bridge         can run\n"), "{stdout}");
@@ -67,7 +67,7 @@ fn check_config_says_which_commands_the_file_can_run() {
         stdout.contains("  sink           cannot run: no [postgres] section\n"),
         "{stdout}"
     );
-    let (code, _, _) = run(&["check-config", "--stage", "bridge", path.to_str().unwrap()]);
+    let (code, _, _) = run(&["check-config", "--stage", "bridge", &path]);
     assert_eq!(code, Some(0));
     let (code, _, stderr) = run(&[
         "check-config",
@@ -75,7 +75,7 @@ fn check_config_says_which_commands_the_file_can_run() {
         "bridge",
         "--stage",
         "sink",
-        path.to_str().unwrap(),
+        &path,
     ]);
     assert_eq!(code, Some(1));
     assert!(stderr.contains("cannot run sink"), "{stderr}");
@@ -83,7 +83,7 @@ fn check_config_says_which_commands_the_file_can_run() {
 
 #[test]
 fn check_config_refuses_bad_files_naming_file_and_key() {
-    for (name, text, needle) in [
+    let cases = &[
         (
             "unknown.toml",
             GOOD.replace("[kafka]", "[kafka]\nbrokerz = \"x\""),
@@ -103,15 +103,9 @@ fn check_config_refuses_bad_files_naming_file_and_key() {
             "key `mqtt.partition`",
         ),
         ("syntax.toml", "[mqtt\nhost=".to_owned(), "syntax.toml"),
-    ] {
-        let path = write(name, &text);
-        let (code, _, stderr) = run(&["check-config", path.to_str().unwrap()]);
-        assert_eq!(code, Some(1), "{name}: {stderr}");
-        assert!(
-            stderr.contains(name) && stderr.contains(needle),
-            "{name}: {stderr}"
-        );
-    }
+    ];
+    let unrefused = cli::unrefused_files(BIN, write, cases);
+    assert!(unrefused.is_empty(), "{}", unrefused.join("\n"));
     let (code, _, stderr) = run(&["check-config", "/nonexistent/ingester.toml"]);
     assert_eq!(code, Some(1));
     assert!(
@@ -122,12 +116,7 @@ fn check_config_refuses_bad_files_naming_file_and_key() {
 
 #[test]
 fn every_subcommand_explains_itself() {
-    let (code, stdout, _) = run(&["--version"]);
-    assert_eq!(code, Some(0));
-    assert!(stdout.starts_with("vantage-ingester "), "{stdout}");
-    let (code, stdout, _) = run(&["--help"]);
-    assert_eq!(code, Some(0));
-    assert!(stdout.contains("Exit codes"), "{stdout}");
+    let stdout = cli::checked_help(BIN, "vantage-ingester");
     let subcommands: Vec<String> = stdout
         .split("Commands:")
         .nth(1)
@@ -154,7 +143,7 @@ fn every_subcommand_explains_itself() {
     assert_eq!(run(&["no-such-command"]).0, Some(2));
     // A stage that cannot start (its http port cannot be bound) is exit code 1.
     let path = write("bind.toml", &GOOD.replace("0.0.0.0:9464", "192.0.2.1:9464"));
-    let (code, _, stderr) = run(&["bridge", "--config", path.to_str().unwrap()]);
+    let (code, _, stderr) = run(&["bridge", "--config", &path]);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains("cannot listen on 192.0.2.1:9464"),
@@ -213,12 +202,9 @@ fn json_logs_are_one_object_per_line() {
 /// docs/agent.md, "Exit codes" (issue #13 item 13).
 #[test]
 fn exit_codes_of_every_class() {
-    let good = write("codes-good.toml", GOOD);
-    let good = good.to_str().unwrap();
-    let broken = write("codes-broken.toml", "[mqtt\nhost=");
-    let broken = broken.to_str().unwrap();
-    let targets = write("codes-targets.toml", "[[targets]]\nid = 1\n");
-    let targets = targets.to_str().unwrap();
+    let good = &write("codes-good.toml", GOOD);
+    let broken = &write("codes-broken.toml", "[mqtt\nhost=");
+    let targets = &write("codes-targets.toml", "[[targets]]\nid = 1\n");
     let cases: &[(&str, &[&str], i32)] = &[
         ("no arguments", &[], 2),
         ("unknown subcommand", &["no-such-command"], 2),

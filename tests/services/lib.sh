@@ -130,6 +130,56 @@ wait_gone() {
   return 1
 }
 
+# stop_pid PIDFILE PID: SIGTERM to one of our services, SIGKILL if it is still there after
+# 15 s; forgets PIDFILE (nothing to do without a PID: it was not running)
+stop_pid() {
+  local pidfile=$1 pid=$2
+  [[ -n $pid ]] || return 0
+  kill -TERM "$pid" 2>/dev/null || true
+  wait_gone "$pid" 15 || { kill -KILL "$pid" 2>/dev/null || true; wait_gone "$pid" 5 || true; }
+  rm -f "$pidfile"
+}
+
+# stop_logged NAME RUNNING STOP: runs the command STOP if the command RUNNING succeeds, and
+# logs which it was
+stop_logged() {
+  if $2 >/dev/null; then
+    $3
+    log "$1 stopped"
+  else
+    log "$1 was not running"
+  fi
+}
+
+# show_status NAME ADDRESS DETAIL: NAME's line of `status`: up at ADDRESS (with DETAIL) when
+# DETAIL is not empty, else down (and 1)
+show_status() {
+  if [[ -n $3 ]]; then
+    printf '%-9s up    %s  %s\n' "$1" "$2" "$3"
+    return 0
+  fi
+  printf '%-9s down  %s\n' "$1" "$2"
+  return 1
+}
+
+# port_taken NAME PORT HINT: fails NAME's start, naming the process that holds PORT (HINT: the
+# setting that picks another port)
+port_taken() {
+  printf 'services: port %s is held by:\n%s\n' "$2" "$(port_owner "$2")" >&2
+  fail "$1" "" "port $HOST:$2 is already in use by a process that is not ours ($3)"
+}
+
+# wait_port_free NAME PORT HINT: waits up to 5 s for PORT to be free (a system service that was
+# just stopped), else port_taken
+wait_port_free() {
+  local i
+  for ((i = 0; i < 50; i++)); do
+    port_open "$2" || return 0
+    sleep 0.1
+  done
+  port_taken "$@"
+}
+
 # install_if_changed SRC DEST: move SRC over DEST when they differ; 0 if DEST changed
 install_if_changed() {
   if [[ -f $2 ]] && cmp -s "$1" "$2"; then
@@ -388,13 +438,7 @@ pg_free_port() {
       fi
     done < <(pg_lsclusters -h 2>/dev/null)
   fi
-  local i
-  for ((i = 0; i < 50; i++)); do
-    port_open "$PG_PORT" || return 0
-    sleep 0.1
-  done
-  printf 'services: port %s is held by:\n%s\n' "$PG_PORT" "$(port_owner "$PG_PORT")" >&2
-  fail postgres "" "port $HOST:$PG_PORT is already in use by a process that is not ours (set VANTAGE_PG_PORT to use another port)"
+  wait_port_free postgres "$PG_PORT" "set VANTAGE_PG_PORT to use another port"
 }
 
 pg_write_config() {
@@ -516,27 +560,27 @@ up_postgres() {
   log "postgres up on $HOST:$PG_PORT (PostgreSQL $ver, data $PG_DATA)"
 }
 
-down_postgres() {
+# the binaries of the cluster's version (of the newest installed when it has none yet)
+pg_bin_of_data() {
   PG_BIN=$(pg_bin_dir "$(cat "$PG_DATA/PG_VERSION" 2>/dev/null || true)")
   [[ -n $PG_BIN ]] || PG_BIN=$(pg_bin_dir)
-  if pg_running; then
-    as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" -m fast -w -t 60 -s stop >>"$PG_LOG" 2>&1 ||
-      die "postgres: pg_ctl stop failed (log: $PG_LOG)"
-    log "postgres stopped"
-  else
-    log "postgres was not running"
-  fi
+}
+
+pg_stop() {
+  as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" -m fast -w -t 60 -s stop >>"$PG_LOG" 2>&1 ||
+    die "postgres: pg_ctl stop failed (log: $PG_LOG)"
+}
+
+down_postgres() {
+  pg_bin_of_data
+  stop_logged postgres pg_running pg_stop
 }
 
 status_postgres() {
-  PG_BIN=$(pg_bin_dir "$(cat "$PG_DATA/PG_VERSION" 2>/dev/null || true)")
-  [[ -n $PG_BIN ]] || PG_BIN=$(pg_bin_dir)
-  if [[ -n $PG_BIN ]] && pg_running && pg_answers; then
-    echo "postgres  up    $HOST:$PG_PORT  $PG_URL"
-    return 0
-  fi
-  echo "postgres  down  $HOST:$PG_PORT"
-  return 1
+  local up=
+  pg_bin_of_data
+  [[ -n $PG_BIN ]] && pg_running && pg_answers && up=$PG_URL
+  show_status postgres "$HOST:$PG_PORT" "$up"
 }
 
 # ---------------------------------------------------------------- Mosquitto
@@ -567,13 +611,7 @@ mq_write_passwd() {
   printf '%s\n' "$spec" >"$MQ_PASSWD.spec"
 }
 
-mq_stop() {
-  local pid
-  pid=$(mq_pid) || return 0
-  kill -TERM "$pid" 2>/dev/null || true
-  wait_gone "$pid" 15 || { kill -KILL "$pid" 2>/dev/null || true; wait_gone "$pid" 5 || true; }
-  rm -f "$MQ_PID"
-}
+mq_stop() { stop_pid "$MQ_PID" "$(mq_pid)"; }
 
 # If Debian's own mosquitto service holds our port, stop it.
 mq_free_port() {
@@ -586,13 +624,7 @@ mq_free_port() {
       wait_gone "$pid" 10 || kill -KILL "$pid" 2>/dev/null || true
     fi
   done
-  local i
-  for ((i = 0; i < 50; i++)); do
-    port_open "$MQTT_PORT" || return 0
-    sleep 0.1
-  done
-  printf 'services: port %s is held by:\n%s\n' "$MQTT_PORT" "$(port_owner "$MQTT_PORT")" >&2
-  fail mosquitto "" "port $HOST:$MQTT_PORT is already in use by a process that is not ours (set VANTAGE_MQTT_PORT to use another port)"
+  wait_port_free mosquitto "$MQTT_PORT" "set VANTAGE_MQTT_PORT to use another port"
 }
 
 up_mosquitto() {
@@ -637,23 +669,12 @@ up_mosquitto() {
   log "mosquitto up on $HOST:$MQTT_PORT (pid $pid, $(/usr/sbin/mosquitto -h 2>/dev/null | head -n1 | sed 's/ is an MQTT.*//'))"
 }
 
-down_mosquitto() {
-  if mq_pid >/dev/null; then
-    mq_stop
-    log "mosquitto stopped"
-  else
-    log "mosquitto was not running"
-  fi
-}
+down_mosquitto() { stop_logged mosquitto mq_pid mq_stop; }
 
 status_mosquitto() {
-  local pid
-  if pid=$(mq_pid) && command -v mosquitto_sub >/dev/null && mq_answers; then
-    echo "mosquitto up    $HOST:$MQTT_PORT  pid $pid"
-    return 0
-  fi
-  echo "mosquitto down  $HOST:$MQTT_PORT"
-  return 1
+  local pid up=
+  pid=$(mq_pid) && command -v mosquitto_sub >/dev/null && mq_answers && up="pid $pid"
+  show_status mosquitto "$HOST:$MQTT_PORT" "$up"
 }
 
 # ---------------------------------------------------------------- Kafka
@@ -730,8 +751,7 @@ kafka_free_port() {
   local port
   for port in "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT" "$KAFKA_SASL_PORT"; do
     if port_open "$port"; then
-      printf 'services: port %s is held by:\n%s\n' "$port" "$(port_owner "$port")" >&2
-      fail kafka "" "port $HOST:$port is already in use by a process that is not ours (set VANTAGE_KAFKA_PORT / VANTAGE_KAFKA_CONTROLLER_PORT)"
+      port_taken kafka "$port" "set VANTAGE_KAFKA_PORT / VANTAGE_KAFKA_CONTROLLER_PORT"
     fi
   done
 }
@@ -831,24 +851,27 @@ kafka_version() {
   done
 }
 
-down_kafka() {
-  local pid
-  if pid=$(kafka_stop_begin); then
-    kafka_stop_finish "$pid"
+# kafka_stopped PID: logs the end of a stop that kafka_stop_begin began (PID empty: it was not
+# running)
+kafka_stopped() {
+  if [[ -n $1 ]]; then
+    kafka_stop_finish "$1"
     log "kafka stopped"
   else
     log "kafka was not running"
   fi
 }
 
+down_kafka() {
+  local pid=
+  pid=$(kafka_stop_begin) || pid=
+  kafka_stopped "$pid"
+}
+
 status_kafka() {
-  local pid
-  if pid=$(kafka_pid) && kafka_api_ok; then
-    echo "kafka     up    $HOST:$KAFKA_PORT  pid $pid (controller $HOST:$KAFKA_CONTROLLER_PORT)"
-    return 0
-  fi
-  echo "kafka     down  $HOST:$KAFKA_PORT"
-  return 1
+  local pid up=
+  pid=$(kafka_pid) && kafka_api_ok && up="pid $pid (controller $HOST:$KAFKA_CONTROLLER_PORT)"
+  show_status kafka "$HOST:$KAFKA_PORT" "$up"
 }
 
 # ---------------------------------------------------------------- Alertmanager
@@ -867,13 +890,7 @@ am_answers() {
   [[ $line == "HTTP/1."?" 200"* ]]
 }
 
-am_stop() {
-  local pid
-  pid=$(am_pid) || return 0
-  kill -TERM "$pid" 2>/dev/null || true
-  wait_gone "$pid" 15 || { kill -KILL "$pid" 2>/dev/null || true; wait_gone "$pid" 5 || true; }
-  rm -f "$AM_PID"
-}
+am_stop() { stop_pid "$AM_PID" "$(am_pid)"; }
 
 up_alertmanager() {
   mkdir -p "$AM_DIR/data"
@@ -891,8 +908,7 @@ up_alertmanager() {
     am_stop
   fi
   if port_open "$AM_PORT"; then
-    printf 'services: port %s is held by:\n%s\n' "$AM_PORT" "$(port_owner "$AM_PORT")" >&2
-    fail alertmanager "" "port $HOST:$AM_PORT is already in use by a process that is not ours (set VANTAGE_ALERTMANAGER_PORT)"
+    port_taken alertmanager "$AM_PORT" "set VANTAGE_ALERTMANAGER_PORT"
   fi
   # --cluster.listen-address= : no gossip (clustering off); setsid: outlive this shell.
   # shellcheck disable=SC2016 # $$ is the inner shell's
@@ -909,23 +925,12 @@ up_alertmanager() {
   log "alertmanager up on $HOST:$AM_PORT (pid $(am_pid), receiver http://$HOST:$AM_WEBHOOK_PORT/alertmanager)"
 }
 
-down_alertmanager() {
-  if am_pid >/dev/null; then
-    am_stop
-    log "alertmanager stopped"
-  else
-    log "alertmanager was not running"
-  fi
-}
+down_alertmanager() { stop_logged alertmanager am_pid am_stop; }
 
 status_alertmanager() {
-  local pid
-  if pid=$(am_pid) && am_answers; then
-    echo "alertmanager up  $HOST:$AM_PORT  pid $pid"
-    return 0
-  fi
-  echo "alertmanager down  $HOST:$AM_PORT"
-  return 1
+  local pid up=
+  pid=$(am_pid) && am_answers && up="pid $pid"
+  show_status alertmanager "$HOST:$AM_PORT" "$up"
 }
 
 # ---------------------------------------------------------------- commands
@@ -1007,12 +1012,7 @@ down_all() {
   down_alertmanager
   down_mosquitto
   down_postgres
-  if [[ -n $kpid ]]; then
-    kafka_stop_finish "$kpid"
-    log "kafka stopped"
-  else
-    log "kafka was not running"
-  fi
+  kafka_stopped "$kpid"
 }
 
 cmd_down() {

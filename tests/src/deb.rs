@@ -62,6 +62,16 @@ pub fn add_system_units(root: &Path) {
     }
 }
 
+/// The lines of `lines` that the unit file `text` lacks (each compared with a unit line
+/// trimmed of white space).
+pub fn lacking<'a>(text: &str, lines: &[&'a str]) -> Vec<&'a str> {
+    lines
+        .iter()
+        .copied()
+        .filter(|line| !text.lines().any(|l| l.trim() == *line))
+        .collect()
+}
+
 /// What `systemd-analyze verify` says about `unit` (a name, instances of templates included)
 /// under `root`: its complaints, empty when it has none.
 pub fn verify_complaints(root: &Path, unit: &str) -> String {

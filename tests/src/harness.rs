@@ -195,15 +195,7 @@ sink_listen = "127.0.0.1:0"
 
     /// A PostgreSQL client with this run's schema on the search path.
     pub async fn pg(&self) -> tokio_postgres::Client {
-        let (client, conn) = tokio_postgres::connect(&self.services.pg_url, tokio_postgres::NoTls)
-            .await
-            .expect("PostgreSQL must be running: tests/services/up");
-        tokio::spawn(conn);
-        client
-            .batch_execute(&format!("SET search_path TO {}", self.schema()))
-            .await
-            .unwrap();
-        client
+        self.services.pg(&self.schema()).await
     }
 
     /// Rows in `results`, or 0 while the table does not exist (or PostgreSQL is restarting).

@@ -14,6 +14,7 @@ use vantage_ingester::sink::{SinkError, SinkStats};
 use vantage_ingester::Config;
 
 use crate::harness::{IngesterOptions, Run};
+use crate::target::TargetServer;
 
 /// Test output through the test writer, filtered by `RUST_LOG` or else by `default_filter`
 /// (e.g. `"warn,vantage_ingester=info"`). Once per process; later calls change nothing.
@@ -126,6 +127,39 @@ pub async fn start_sink_and_bridge(
     SinkAndBridge { sink, bridge }
 }
 
+/// How most end-to-end tests start: a run named after `kind`, a local target, the run's
+/// ingester file for `options` and the sink and bridge in-process on it.
+pub struct Started {
+    pub run: Run,
+    pub target: TargetServer,
+    /// The ingester file's path, its text (a base other files append sections to) and its
+    /// configuration.
+    pub file: PathBuf,
+    pub base: String,
+    pub config: Arc<Config>,
+    /// Stops the stages.
+    pub stop: CancellationToken,
+    pub stages: SinkAndBridge,
+}
+
+/// See [`Started`].
+pub async fn start(kind: &str, options: &IngesterOptions) -> Started {
+    let run = Run::new(kind);
+    let target = TargetServer::start("127.0.0.1:0").await.unwrap();
+    let (file, base, config) = ingester_base(&run, options);
+    let stop = CancellationToken::new();
+    let stages = start_sink_and_bridge(&config, &stop).await;
+    Started {
+        run,
+        target,
+        file,
+        base,
+        config,
+        stop,
+        stages,
+    }
+}
+
 /// The options these tests run the stages with: two partitions, sink batches of at most
 /// `batch_max` rows closed after `batch_timeout_ms`.
 pub fn two_partitions(batch_max: usize, batch_timeout_ms: u64) -> IngesterOptions {
@@ -144,6 +178,29 @@ pub fn ingester_base(run: &Run, options: &IngesterOptions) -> (PathBuf, String, 
     let text = std::fs::read_to_string(&file).unwrap();
     let config = Arc::new(Config::load(&file).unwrap());
     (file, text, config)
+}
+
+/// A client of `config`'s PostgreSQL (`db::connect`, TLS as configured) whose schema is
+/// migrated to the latest version.
+pub async fn migrated(config: &Config) -> tokio_postgres::Client {
+    let pg = config.postgres().unwrap();
+    let mut client = vantage_ingester::db::connect(pg).await.unwrap();
+    vantage_ingester::db::migrate(&mut client, &pg.schema)
+        .await
+        .unwrap();
+    client
+}
+
+/// The first column of every row of `sql` (no parameters).
+pub async fn query_column<T>(client: &tokio_postgres::Client, sql: &str) -> Vec<T>
+where
+    T: for<'a> tokio_postgres::types::FromSql<'a>,
+{
+    let rows = client
+        .query(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    rows.iter().map(|r| r.get(0)).collect()
 }
 
 /// The (first, second) columns of every row `sql` returns, collected (a `Vec`, a map).

@@ -3,6 +3,7 @@
 
 pub mod agent_toml;
 pub mod alerting;
+pub mod bench;
 pub mod browser;
 pub mod cli;
 pub mod deb;
@@ -44,6 +45,20 @@ impl Services {
 }
 
 impl Services {
+    /// A client of the test PostgreSQL with `schema` on the search path (its connection runs
+    /// on a task of the current runtime).
+    pub async fn pg(&self, schema: &str) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(&self.pg_url, tokio_postgres::NoTls)
+            .await
+            .expect("PostgreSQL must be running: tests/services/up");
+        tokio::spawn(conn);
+        client
+            .batch_execute(&format!("SET search_path TO {schema}"))
+            .await
+            .unwrap();
+        client
+    }
+
     /// The `[postgres]` lines of an ingester configuration for the test PostgreSQL, without
     /// TLS: `url` without the password (a configuration file may not hold one), the password in
     /// a file written into `dir`, and an explicit `tls = "disable"`.
@@ -74,4 +89,13 @@ pub fn unique_id() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
     format!("{}{:x}", std::process::id(), nanos)
+}
+
+/// The first line of `text` that starts with `prefix` (empty when none does): an agent's row of
+/// a table the ingester prints.
+pub fn line_starting(text: &str, prefix: &str) -> String {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_default()
+        .to_owned()
 }

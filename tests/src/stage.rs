@@ -76,6 +76,22 @@ pub struct StageProcess {
     pub starts: u32,
 }
 
+/// The sink and the bridge of `config` as processes (named `sink` and `bridge`, logs in
+/// `dir`), once the bridge has subscribed (within 60 s): MQTT keeps nothing for a subscriber
+/// that never subscribed.
+pub async fn sink_and_bridge(config: &Path, dir: &Path) -> (StageProcess, StageProcess) {
+    let sink = StageProcess::start("sink", "sink", config, dir);
+    let bridge = StageProcess::start("bridge", "bridge", config, dir);
+    assert!(
+        bridge
+            .wait_log("subscribed", 1, Duration::from_secs(60))
+            .await,
+        "bridge did not subscribe:\n{}",
+        bridge.log_text()
+    );
+    (sink, bridge)
+}
+
 impl StageProcess {
     /// Starts `vantage-ingester <stage> --config <config>`; logs go to `<dir>/<name>.log`.
     pub fn start(name: &str, stage: &str, config: &Path, dir: &Path) -> StageProcess {

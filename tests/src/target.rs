@@ -63,11 +63,16 @@ pub struct SeenRequest {
 impl SeenRequest {
     /// The value of header `name` (lowercase), if it arrived.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
+        header_value(&self.headers, name)
     }
+}
+
+/// The value of the first header named `name` in `headers` (names and values in arrival order).
+pub fn header_value<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
 }
 
 /// The requests a target has received, the first [`MAX_SEEN`] of them.

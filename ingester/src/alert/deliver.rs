@@ -20,6 +20,7 @@
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 use vantage_common::backoff::Backoff;
+use vantage_common::signal::sleep_unless_stopped;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -346,9 +347,8 @@ pub async fn webhook_task(
                                "webhook delivery: PostgreSQL failed, retrying");
             }
             metrics.delivered(&hook.name, "db_error");
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(pause.next_pause()) => {}
+            if !sleep_unless_stopped(&stop, pause.next_pause()).await {
+                return;
             }
         }
     }
@@ -412,9 +412,8 @@ async fn webhook_session(
                         tracing::warn!(receiver = %hook.name, event_id = e.event_id,
                                        error = %err, retry_in = ?backoff.peek(),
                                        "webhook delivery failed");
-                        tokio::select! {
-                            _ = stop.cancelled() => return Ok(()),
-                            _ = tokio::time::sleep(backoff.next_pause()) => {}
+                        if !sleep_unless_stopped(stop, backoff.next_pause()).await {
+                            return Ok(());
                         }
                     }
                 }

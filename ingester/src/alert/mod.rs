@@ -22,6 +22,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use vantage_common::backoff::Backoff;
+use vantage_common::signal::sleep_unless_stopped;
 
 use tokio::sync::watch;
 use tokio_postgres::Client;
@@ -312,9 +313,8 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<AlertSu
                     tracing::warn!(error = %e, suppressed, retry_in = ?pause.peek(),
                                    "alert evaluator: PostgreSQL failed, starting over");
                 }
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(pause.next_pause()) => {}
+                if !sleep_unless_stopped(&shutdown, pause.next_pause()).await {
+                    break;
                 }
             }
         }
@@ -350,9 +350,8 @@ async fn session(
             tracing::info!("another alert evaluator is active; standing by");
             waiting_logged = true;
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            _ = tokio::time::sleep(poll) => {}
+        if !sleep_unless_stopped(shutdown, poll).await {
+            return Ok(());
         }
     }
     summary.takeovers += 1;

@@ -236,6 +236,10 @@ brokers = "127.0.0.1:9092"
 url = "host=127.0.0.1 user=vantage dbname=vantage"
 "#;
 
+    fn ok(text: &str) -> Config {
+        Config::parse(text, Path::new("i.toml")).unwrap()
+    }
+
     fn err(text: &str) -> String {
         Config::parse(text, Path::new("ingester.toml"))
             .unwrap_err()
@@ -244,7 +248,7 @@ url = "host=127.0.0.1 user=vantage dbname=vantage"
 
     #[test]
     fn good_config_has_defaults() {
-        let c = Config::parse(GOOD, Path::new("ingester.toml")).unwrap();
+        let c = ok(GOOD);
         assert_eq!(c.kafka().unwrap().topic, "vantage.results");
         assert_eq!(c.mqtt().unwrap().results_filter(), "vantage/v1/results/+/+");
         assert_eq!(c.postgres().unwrap().schema, "vantage");
@@ -272,17 +276,13 @@ url = "host=127.0.0.1 user=vantage dbname=vantage"
 
     #[test]
     fn http_endpoints_default_on_loopback_and_can_be_off() {
-        let c = Config::parse(GOOD, Path::new("i.toml")).unwrap();
+        let c = ok(GOOD);
         assert_eq!(
             c.http.bridge_listen,
             Some("127.0.0.1:9464".parse().unwrap())
         );
         assert_eq!(c.http.sink_listen, Some("127.0.0.1:9465".parse().unwrap()));
-        let c = Config::parse(
-            &format!("{GOOD}[http]\nbridge_listen = \"off\"\n"),
-            Path::new("i.toml"),
-        )
-        .unwrap();
+        let c = ok(&format!("{GOOD}[http]\nbridge_listen = \"off\"\n"));
         assert_eq!(c.http.bridge_listen, None);
     }
 
@@ -306,21 +306,15 @@ url = "host=127.0.0.1 user=vantage dbname=vantage"
                 "{e}"
             );
         }
-        Config::parse(
-            &format!("{GOOD}[kafka.properties]\n\"debug\" = \"broker\"\n\"linger.ms\" = \"10\"\n"),
-            Path::new("i.toml"),
-        )
-        .unwrap();
+        ok(&format!(
+            "{GOOD}[kafka.properties]\n\"debug\" = \"broker\"\n\"linger.ms\" = \"10\"\n"
+        ));
     }
 
     /// Issue #14 item 13: which commands a file can run, and what the others lack.
     #[test]
     fn stages_say_which_commands_can_run() {
-        let c = Config::parse(
-            "[kafka]\nbrokers = \"127.0.0.1:9092\"\n",
-            Path::new("i.toml"),
-        )
-        .unwrap();
+        let c = ok("[kafka]\nbrokers = \"127.0.0.1:9092\"\n");
         let by = |cmd: &str| c.stages().into_iter().find(|s| s.command == cmd).unwrap();
         assert_eq!(by("bridge").missing, ["mqtt"]);
         assert_eq!(by("sink").missing, ["postgres"]);
@@ -336,13 +330,13 @@ url = "host=127.0.0.1 user=vantage dbname=vantage"
             "{text}"
         );
         assert!(text.contains("  status         can run\n"), "{text}");
-        let full = Config::parse(GOOD, Path::new("i.toml")).unwrap();
+        let full = ok(GOOD);
         assert!(full.stages().iter().all(|s| s.missing.is_empty()));
     }
 
     #[test]
     fn missing_section_is_named() {
-        let c = Config::parse("[kafka]\nbrokers = \"127.0.0.1:1\"\n", Path::new("i.toml")).unwrap();
+        let c = ok("[kafka]\nbrokers = \"127.0.0.1:1\"\n");
         let e = c.postgres().unwrap_err().to_string();
         assert_eq!(
             e,
@@ -352,14 +346,10 @@ url = "host=127.0.0.1 user=vantage dbname=vantage"
 
     #[test]
     fn shared_subscription_filter() {
-        let c = Config::parse(
-            &GOOD.replace(
-                "host = \"127.0.0.1\"",
-                "host = \"127.0.0.1\"\nshared_group = \"bridges\"",
-            ),
-            Path::new("i.toml"),
-        )
-        .unwrap();
+        let c = ok(&GOOD.replace(
+            "host = \"127.0.0.1\"",
+            "host = \"127.0.0.1\"\nshared_group = \"bridges\"",
+        ));
         assert_eq!(
             c.mqtt().unwrap().results_filter(),
             "$share/bridges/vantage/v1/results/+/+"
@@ -469,28 +459,20 @@ url = "host=127.0.0.1 user=vantage dbname=vantage"
             );
         }
         // Other librdkafka settings still pass through.
-        let c = Config::parse(
-            &GOOD.replace(
+        let c = ok(&GOOD.replace(
                 "[postgres]",
                 "[kafka.properties]\n\"isolation.level\" = \"read_committed\"\n\"linger.ms\" = \"20\"\n[postgres]",
-            ),
-            Path::new("i.toml"),
-        )
-        .unwrap();
+            ));
         assert_eq!(c.kafka().unwrap().properties.len(), 2);
     }
 
     #[test]
     fn replication_defaults_to_production_and_is_checked() {
-        let c = Config::parse(GOOD, Path::new("i.toml")).unwrap();
+        let c = ok(GOOD);
         let k = c.kafka().unwrap();
         assert_eq!((k.replication_factor, k.min_insync_replicas), (3, 2));
         let with = |lines: &str| GOOD.replace("[kafka]", &format!("[kafka]\n{lines}"));
-        let c = Config::parse(
-            &with("replication_factor = 1\nmin_insync_replicas = 1"),
-            Path::new("i.toml"),
-        )
-        .unwrap();
+        let c = ok(&with("replication_factor = 1\nmin_insync_replicas = 1"));
         assert_eq!(c.kafka().unwrap().replication_factor, 1);
         let e = err(&with("replication_factor = 0"));
         assert!(e.contains("key `kafka.replication_factor`"), "{e}");
@@ -506,7 +488,7 @@ url = "host=127.0.0.1 user=vantage dbname=vantage"
     /// Issue #14, item 3: the clock window is bounded by retention.
     #[test]
     fn clock_window_is_checked() {
-        let c = Config::parse(GOOD, Path::new("i.toml")).unwrap();
+        let c = ok(GOOD);
         assert_eq!(c.sink.clock, ClockWindow::default());
         let e = err(&format!("{GOOD}[sink]\nmax_clock_behind = \"31d\"\n"));
         assert!(
@@ -515,13 +497,9 @@ url = "host=127.0.0.1 user=vantage dbname=vantage"
         );
         let e = err(&format!("{GOOD}[sink]\nmax_clock_ahead = \"2d\"\n"));
         assert!(e.contains("key `sink.max_clock_ahead`"), "{e}");
-        let c = Config::parse(
-            &format!(
-                "{GOOD}[sink]\nmax_clock_behind = \"60d\"\n[storage]\nraw_retention = \"90d\"\n"
-            ),
-            Path::new("i.toml"),
-        )
-        .unwrap();
+        let c = ok(&format!(
+            "{GOOD}[sink]\nmax_clock_behind = \"60d\"\n[storage]\nraw_retention = \"90d\"\n"
+        ));
         assert_eq!(c.sink.clock.max_behind, Duration::from_secs(60 * 86_400));
         assert_eq!(c.sink.clock.retention, Duration::from_secs(90 * 86_400));
     }

@@ -450,16 +450,7 @@ impl Server {
     }
 
     fn not_found(&self, api: bool, what: &'static str) -> Reply {
-        if api {
-            let mut r = Reply::json(&serde_json::json!({ "error": what }));
-            r.status = StatusCode::NOT_FOUND;
-            r
-        } else {
-            Reply::html(
-                StatusCode::NOT_FOUND,
-                pages::message(&self.site(), "Not found", what),
-            )
-        }
+        self.error(api, StatusCode::NOT_FOUND, "Not found", what)
     }
 
     /// PostgreSQL failed or is unreachable: 503, the cause logged (not shown: it may name
@@ -467,15 +458,17 @@ impl Server {
     fn unavailable(&self, api: bool, error: &str) -> Reply {
         tracing::warn!(error, "web: page query failed");
         let what = "the database did not answer; try again shortly";
+        self.error(api, StatusCode::SERVICE_UNAVAILABLE, "Unavailable", what)
+    }
+
+    /// An error reply with `status`: `{"error": what}` for the API, else a page titled `title`.
+    fn error(&self, api: bool, status: StatusCode, title: &str, what: &str) -> Reply {
         if api {
             let mut r = Reply::json(&serde_json::json!({ "error": what }));
-            r.status = StatusCode::SERVICE_UNAVAILABLE;
+            r.status = status;
             r
         } else {
-            Reply::html(
-                StatusCode::SERVICE_UNAVAILABLE,
-                pages::message(&self.site(), "Unavailable", what),
-            )
+            Reply::html(status, pages::message(&self.site(), title, what))
         }
     }
 }

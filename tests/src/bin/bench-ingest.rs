@@ -447,15 +447,20 @@ async fn psql_copy(run: &Run) -> anyhow::Result<(u64, f64)> {
     // The table the sink writes (migration 0009: ids, not names), without triggers: the
     // physical limit of the write path.
     let cols = "boot_id, seq, started_at, ingested_at, cert_not_after, agent_id, target_id, total_us, body_bytes, dns_us, connect_us, tls_us, ttfb_us, transfer_us, region_id, outcome_id, failed_phase_id, status, redirects, regex_match, body_truncated, remote_ip";
-    let export = Command::new(&psql)
-        .arg(&run.services.pg_url)
-        .args(["-qAtX", "-v", "ON_ERROR_STOP=1", "-c"])
-        .arg(format!(
-            "\\copy (SELECT {cols} FROM {}.results_raw) TO '{}' (FORMAT csv)",
-            run.schema(),
-            file.display()
-        ))
-        .output()?;
+    // psql running one command, stopping at its first error.
+    let psql_c = |command: String| {
+        let mut c = Command::new(&psql);
+        c.arg(&run.services.pg_url)
+            .args(["-qAtX", "-v", "ON_ERROR_STOP=1", "-c"])
+            .arg(command);
+        c
+    };
+    let export = psql_c(format!(
+        "\\copy (SELECT {cols} FROM {}.results_raw) TO '{}' (FORMAT csv)",
+        run.schema(),
+        file.display()
+    ))
+    .output()?;
     anyhow::ensure!(export.status.success(), "export failed: {export:?}");
     let target = Run::new("bench-copy");
     let config = target.ingester_config(&IngesterOptions::default());
@@ -463,17 +468,14 @@ async fn psql_copy(run: &Run) -> anyhow::Result<(u64, f64)> {
     let mut client = db::connect(&pg).await?;
     db::migrate(&mut client, &pg.schema).await?;
     let t0 = Instant::now();
-    let out = Command::new(&psql)
-        // The schema's triggers name its functions without a schema.
-        .env("PGOPTIONS", format!("-c search_path={}", target.schema()))
-        .arg(&run.services.pg_url)
-        .args(["-qAtX", "-v", "ON_ERROR_STOP=1", "-c"])
-        .arg(format!(
-            "\\copy {}.results_raw ({cols}) FROM '{}' (FORMAT csv)",
-            target.schema(),
-            file.display()
-        ))
-        .output()?;
+    let out = psql_c(format!(
+        "\\copy {}.results_raw ({cols}) FROM '{}' (FORMAT csv)",
+        target.schema(),
+        file.display()
+    ))
+    // The schema's triggers name its functions without a schema.
+    .env("PGOPTIONS", format!("-c search_path={}", target.schema()))
+    .output()?;
     let secs = t0.elapsed().as_secs_f64();
     anyhow::ensure!(out.status.success(), "psql \\copy failed: {out:?}");
     // results_raw itself: the `results` view joins dimension rows this schema does not have.

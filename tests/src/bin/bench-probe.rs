@@ -102,12 +102,32 @@ struct Level {
 }
 
 impl Level {
+    /// A level that ran from `start` until now: `counts` is (up, failed) probes.
+    fn measured(concurrency: usize, (up, failures): (u64, u64), start: Instant, cpu: f64) -> Level {
+        Level {
+            concurrency,
+            probes: up + failures,
+            failures,
+            seconds: start.elapsed().as_secs_f64(),
+            cpu,
+        }
+    }
     fn rate(&self) -> f64 {
         self.probes as f64 / self.seconds
     }
     fn cpu_per_1000(&self) -> f64 {
         self.cpu / self.probes.max(1) as f64 * 1000.0
     }
+}
+
+/// The (up, failed) counts of every task of `set`, added.
+async fn join_counts(mut set: JoinSet<(u64, u64)>) -> (u64, u64) {
+    let (mut ok, mut bad) = (0, 0);
+    while let Some(Ok((o, b))) = set.join_next().await {
+        ok += o;
+        bad += b;
+    }
+    (ok, bad)
 }
 
 fn vantage_level(url: &str, concurrency: usize, duration: Duration) -> Level {
@@ -118,7 +138,7 @@ fn vantage_level(url: &str, concurrency: usize, duration: Duration) -> Level {
     let target = Target::for_url(1, url).expect("target");
     let cpu0 = cpu_seconds("self");
     let start = Instant::now();
-    let (probes, failures) = runtime.block_on(async {
+    let counts = runtime.block_on(async {
         let prober = Prober::new();
         let end = start + duration;
         let mut set = JoinSet::new();
@@ -136,20 +156,9 @@ fn vantage_level(url: &str, concurrency: usize, duration: Duration) -> Level {
                 (ok, bad)
             });
         }
-        let (mut ok, mut bad) = (0, 0);
-        while let Some(Ok((o, b))) = set.join_next().await {
-            ok += o;
-            bad += b;
-        }
-        (ok, bad)
+        join_counts(set).await
     });
-    Level {
-        concurrency,
-        probes: probes + failures,
-        failures,
-        seconds: start.elapsed().as_secs_f64(),
-        cpu: cpu_seconds("self") - cpu0,
-    }
+    Level::measured(concurrency, counts, start, cpu_seconds("self") - cpu0)
 }
 
 /// Drives blackbox_exporter's /probe with `concurrency` keep-alive client connections.
@@ -169,7 +178,7 @@ fn blackbox_level(
     let pid = bb_pid.to_string();
     let cpu0 = cpu_seconds(&pid);
     let start = Instant::now();
-    let (probes, failures) = runtime.block_on(async {
+    let counts = runtime.block_on(async {
         let end = start + duration;
         let mut set = JoinSet::new();
         for _ in 0..concurrency {
@@ -212,20 +221,9 @@ fn blackbox_level(
                 (ok, bad)
             });
         }
-        let (mut ok, mut bad) = (0, 0);
-        while let Some(Ok((o, b))) = set.join_next().await {
-            ok += o;
-            bad += b;
-        }
-        (ok, bad)
+        join_counts(set).await
     });
-    Level {
-        concurrency,
-        probes: probes + failures,
-        failures,
-        seconds: start.elapsed().as_secs_f64(),
-        cpu: cpu_seconds(&pid) - cpu0,
-    }
+    Level::measured(concurrency, counts, start, cpu_seconds(&pid) - cpu0)
 }
 
 fn main() {

@@ -190,14 +190,7 @@ async fn standard_round(
 
 /// Median wall time of `runs` executions of `sql` (after one warm-up).
 async fn time_query(client: &Client, sql: &str, runs: usize) -> Result<f64, tokio_postgres::Error> {
-    client.simple_query(sql).await?;
-    let mut times = Vec::with_capacity(runs);
-    for _ in 0..runs {
-        let t = Instant::now();
-        client.simple_query(sql).await?;
-        times.push(t.elapsed().as_secs_f64() * 1000.0);
-    }
-    times.sort_by(f64::total_cmp);
+    let times = vantage_tests::bench::query_times(client, sql, runs).await?;
     Ok(times[times.len() / 2])
 }
 

@@ -61,14 +61,7 @@ async fn sql_p50(
     sql: &str,
     runs: usize,
 ) -> Result<f64, tokio_postgres::Error> {
-    client.simple_query(sql).await?;
-    let mut times = Vec::with_capacity(runs);
-    for _ in 0..runs {
-        let start = Instant::now();
-        client.simple_query(sql).await?;
-        times.push(start.elapsed().as_secs_f64() * 1000.0);
-    }
-    times.sort_by(f64::total_cmp);
+    let times = vantage_tests::bench::query_times(client, sql, runs).await?;
     Ok(quantile(&times, 0.5))
 }
 
