@@ -54,6 +54,18 @@ impl Schema {
         Schema { config, client }
     }
 
+    /// How two queries' answers differ: (rows only in `old`, rows only in `new`, rows of `new`),
+    /// by EXCEPT ALL both ways (the same-answer tests of redefined functions).
+    async fn differ(&self, old: &str, new: &str) -> (i64, i64, i64) {
+        let q = format!(
+            "SELECT (SELECT count(*) FROM ({old} EXCEPT ALL {new}) AS x),
+                    (SELECT count(*) FROM ({new} EXCEPT ALL {old}) AS y),
+                    (SELECT count(*) FROM ({new}) AS z)"
+        );
+        let r = self.client.query_one(&q, &[]).await.unwrap();
+        (r.get(0), r.get(1), r.get(2))
+    }
+
     /// ANALYZE of this schema's tables only: a bare ANALYZE walks every schema of the database
     /// and so deadlocked with tests dropping theirs at the same time.
     async fn analyze(&self) {
@@ -1682,16 +1694,8 @@ async fn alert_reads_answer_as_0007_did() {
     );
 
     let differ = |sql_old: String, sql_new: String| {
-        let client = &s.client;
-        async move {
-            let q = format!(
-                "SELECT (SELECT count(*) FROM ({sql_old} EXCEPT ALL {sql_new}) AS x),
-                        (SELECT count(*) FROM ({sql_new} EXCEPT ALL {sql_old}) AS y),
-                        (SELECT count(*) FROM ({sql_new}) AS z)"
-            );
-            let r = client.query_one(&q, &[]).await.unwrap();
-            (r.get::<_, i64>(0), r.get::<_, i64>(1), r.get::<_, i64>(2))
-        }
+        let s = &s;
+        async move { s.differ(&sql_old, &sql_new).await }
     };
     for args in [
         "'5 minutes', NULL, NULL, NULL, '{}'",
@@ -1805,7 +1809,7 @@ async fn region_comparison_answers_as_0009_did() {
     assert_eq!(kept_mismatches(&s).await, 0, "after the build");
 
     let compare = |what: &'static str| {
-        let client = &s.client;
+        let s = &s;
         async move {
             for since in [
                 "24 hours", "1 day", "7 days", "30 days", "1 hour", "6 hours", "2 days", "3 days",
@@ -1816,19 +1820,7 @@ async fn region_comparison_answers_as_0009_did() {
                     );
                     let new =
                         format!("SELECT * FROM region_comparison(interval '{since}', {target})");
-                    let r = client
-                        .query_one(
-                            &format!(
-                                "SELECT (SELECT count(*) FROM ({old} EXCEPT ALL {new}) AS x),
-                                        (SELECT count(*) FROM ({new} EXCEPT ALL {old}) AS y),
-                                        (SELECT count(*) FROM ({new}) AS z)"
-                            ),
-                            &[],
-                        )
-                        .await
-                        .unwrap();
-                    let (only_old, only_new, n) =
-                        (r.get::<_, i64>(0), r.get::<_, i64>(1), r.get::<_, i64>(2));
+                    let (only_old, only_new, n) = s.differ(&old, &new).await;
                     assert_eq!(
                         (only_old, only_new),
                         (0, 0),
@@ -1842,21 +1834,8 @@ async fn region_comparison_answers_as_0009_did() {
             for args in ["90, NULL", "7, 3", "1, NULL", "400, NULL"] {
                 let old = format!("SELECT * FROM old_web_daily({args})");
                 let new = format!("SELECT * FROM web_daily({args})");
-                let r = client
-                    .query_one(
-                        &format!(
-                            "SELECT (SELECT count(*) FROM ({old} EXCEPT ALL {new}) AS x),
-                                    (SELECT count(*) FROM ({new} EXCEPT ALL {old}) AS y)"
-                        ),
-                        &[],
-                    )
-                    .await
-                    .unwrap();
-                assert_eq!(
-                    (r.get::<_, i64>(0), r.get::<_, i64>(1)),
-                    (0, 0),
-                    "{what}: web_daily({args})"
-                );
+                let (only_old, only_new, _) = s.differ(&old, &new).await;
+                assert_eq!((only_old, only_new), (0, 0), "{what}: web_daily({args})");
             }
             // And the target page's region detail (0015), at every level it reads.
             for since in [
@@ -1866,19 +1845,8 @@ async fn region_comparison_answers_as_0009_did() {
                     let args = format!("{target}, interval '{since}'");
                     let old = format!("SELECT * FROM old_web_region_detail({args})");
                     let new = format!("SELECT * FROM web_region_detail({args})");
-                    let r = client
-                        .query_one(
-                            &format!(
-                                "SELECT (SELECT count(*) FROM ({old} EXCEPT ALL {new}) AS x),
-                                        (SELECT count(*) FROM ({new} EXCEPT ALL {old}) AS y),
-                                        (SELECT count(*) FROM ({new}) AS z)"
-                            ),
-                            &[],
-                        )
-                        .await
-                        .unwrap();
                     assert_eq!(
-                        (r.get::<_, i64>(0), r.get::<_, i64>(1), r.get::<_, i64>(2)),
+                        s.differ(&old, &new).await,
                         (0, 0, 3),
                         "{what}: web_region_detail({args})"
                     );
