@@ -479,8 +479,6 @@ fn pump(client: &AsyncClient, topic: &str, link: &Link, seen: &mut Seen, outbox:
     }
 }
 
-/// The only task that touches the MQTT socket. Reconnects with capped exponential backoff and
-/// jitter (so a fleet does not reconnect in lockstep after a broker restart).
 /// End-to-end acknowledgements waiting for the uplink loop, at most.
 const ACK_QUEUE: usize = 256;
 
@@ -497,6 +495,8 @@ struct Subscriptions {
     senders: SetSenders,
 }
 
+/// The only task that touches the MQTT socket. Reconnects with capped exponential backoff and
+/// jitter (so a fleet does not reconnect in lockstep after a broker restart).
 async fn poll_events(
     mut eventloop: EventLoop,
     link: Arc<Link>,
@@ -507,16 +507,87 @@ async fn poll_events(
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(100), MAX_BACKOFF);
     let mut rng = fastrand::Rng::with_seed(seed);
-    let mut order = PubackOrder::default();
+    let mut events = Events {
+        link,
+        order: PubackOrder::default(),
+        subscriptions,
+        acks,
+    };
     loop {
         let event = tokio::select! {
             _ = stop.cancelled() => return,
             event = eventloop.poll() => event,
         };
         match event {
-            Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => order.sent(pkid),
-            Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                if !order.acked(ack.pkid) {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                // rumqttc returns a CONNACK straight from its connect, ahead of events the
+                // previous connection left in its queue: packets taken in by a read that then
+                // failed (a PUBACK among them), a publish whose write failed. They belong to
+                // that connection, so they are handled first; otherwise the order check would
+                // hold such a PUBACK against this connection (found in CI: see the test
+                // `a_puback_read_just_before_a_connection_error_belongs_to_that_connection`),
+                // and the pump could count it after this session's re-send.
+                let left: Vec<Event> = eventloop.state.events.drain(..).collect();
+                for event in left {
+                    if !events.handle(event) {
+                        return;
+                    }
+                }
+                tracing::info!(
+                    session_present = ack.session_present,
+                    "connected to MQTT broker"
+                );
+                events.connected(ack.session_present);
+                backoff.reset();
+            }
+            Ok(event) => {
+                if !events.handle(event) {
+                    return;
+                }
+            }
+            Err(e) => {
+                // No reset of the order check here: what this connection left queued is
+                // handled at the next CONNACK, against its publishes.
+                events.link.connected.store(false, Ordering::Release);
+                let wait = backoff.next_jittered_pause(&mut rng);
+                tracing::warn!(error = %e, retry_in = ?wait, "MQTT connection error");
+                if !sleep_unless_stopped(&stop, wait).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// What the event-loop task does with each event rumqttc reports, CONNACKs and errors aside.
+struct Events {
+    link: Arc<Link>,
+    order: PubackOrder,
+    subscriptions: Option<Subscriptions>,
+    acks: Option<AckRoute>,
+}
+
+impl Events {
+    /// A new connection is up: the order check starts over (rumqttc sends what was in flight
+    /// again, as new `Outgoing` events), and the uplink loop is told.
+    fn connected(&mut self, session_present: bool) {
+        let link = &self.link;
+        self.order.reset();
+        if !session_present {
+            link.fresh_sessions.fetch_add(1, Ordering::AcqRel);
+        }
+        link.connects.fetch_add(1, Ordering::AcqRel);
+        link.connected.store(true, Ordering::Release);
+        link.wake.notify_one();
+    }
+
+    /// Handles one event; false once the DISCONNECT of a shutdown went out.
+    fn handle(&mut self, event: Event) -> bool {
+        let link = &self.link;
+        match event {
+            Event::Outgoing(rumqttc::Outgoing::Publish(pkid)) => self.order.sent(pkid),
+            Event::Incoming(Packet::PubAck(ack)) => {
+                if !self.order.acked(ack.pkid) {
                     link.pubacks_out_of_order.fetch_add(1, Ordering::AcqRel);
                     tracing::error!(
                         pkid = ack.pkid,
@@ -527,31 +598,17 @@ async fn poll_events(
                 link.acks.fetch_add(1, Ordering::AcqRel);
                 link.wake.notify_one();
             }
-            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                tracing::info!(
-                    session_present = ack.session_present,
-                    "connected to MQTT broker"
-                );
-                order.reset();
-                if !ack.session_present {
-                    link.fresh_sessions.fetch_add(1, Ordering::AcqRel);
-                }
-                link.connects.fetch_add(1, Ordering::AcqRel);
-                link.connected.store(true, Ordering::Release);
-                link.wake.notify_one();
-                backoff.reset();
-            }
-            Ok(Event::Incoming(Packet::Publish(p))) => {
-                if let Some(route) = acks.as_ref().filter(|r| p.topic == r.topic) {
+            Event::Incoming(Packet::Publish(p)) => {
+                if let Some(route) = self.acks.as_ref().filter(|r| p.topic == r.topic) {
                     if route.tx.try_send(p.payload.to_vec()).is_err() {
                         tracing::debug!("end-to-end acknowledgement dropped: uplink busy");
                     } else {
                         link.wake.notify_one();
                     }
-                    continue;
+                    return true;
                 }
                 // Otherwise only the two target set topics are subscribed to.
-                if let Some(s) = &subscriptions {
+                if let Some(s) = &self.subscriptions {
                     let sender = if p.topic == s.agent_topic {
                         Some(&s.senders.agent)
                     } else if p.topic == s.region_topic {
@@ -568,38 +625,39 @@ async fn poll_events(
                     }
                 }
             }
-            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+            Event::Incoming(Packet::SubAck(ack))
                 if ack
                     .return_codes
                     .iter()
-                    .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
-                {
-                    // Retrying cannot help: the broker's ACL does not let this identity read its
-                    // target sets. Loud, because the agent keeps probing its last set forever.
-                    tracing::error!(codes = ?ack.return_codes, "broker refused a subscription of this agent (its target sets or its end-to-end acknowledgements: check the ACL)");
-                }
+                    .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) =>
+            {
+                // Retrying cannot help: the broker's ACL does not let this identity read its
+                // target sets. Loud, because the agent keeps probing its last set forever.
+                tracing::error!(codes = ?ack.return_codes, "broker refused a subscription of this agent (its target sets or its end-to-end acknowledgements: check the ACL)");
             }
-            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
+            Event::Outgoing(rumqttc::Outgoing::Disconnect) => {
                 tracing::debug!("MQTT disconnect sent");
-                return;
+                return false;
             }
-            Ok(_) => {}
-            Err(e) => {
-                link.connected.store(false, Ordering::Release);
-                order.reset();
-                let wait = backoff.next_jittered_pause(&mut rng);
-                tracing::warn!(error = %e, retry_in = ?wait, "MQTT connection error");
-                if !sleep_unless_stopped(&stop, wait).await {
-                    return;
-                }
-            }
+            _ => {}
         }
+        true
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::PubackOrder;
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use bytes::BytesMut;
+    use rumqttc::{AsyncClient, ConnAck, ConnectReturnCode, MqttOptions, Packet, PubAck, QoS};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio_util::sync::CancellationToken;
+
+    use super::{poll_events, Link, PubackOrder};
 
     #[test]
     fn pubacks_in_send_order_keep_the_invariant() {
@@ -632,5 +690,101 @@ mod tests {
         o.sent(7);
         o.sent(8);
         assert!(o.acked(7) && o.acked(8));
+    }
+
+    /// Reads one MQTT packet from a scripted peer's socket.
+    async fn read_packet(sock: &mut TcpStream, buf: &mut BytesMut) -> Packet {
+        loop {
+            match Packet::read(buf, 1 << 16) {
+                Ok(p) => return p,
+                Err(rumqttc::Error::InsufficientBytes(_)) => {
+                    assert!(sock.read_buf(buf).await.unwrap() > 0, "peer closed");
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
+    async fn read_publish(sock: &mut TcpStream, buf: &mut BytesMut) -> u16 {
+        match read_packet(sock, buf).await {
+            Packet::Publish(p) => p.pkid,
+            other => panic!("expected a publish, got {other:?}"),
+        }
+    }
+
+    async fn accept_session(listener: &TcpListener, session_present: bool) -> TcpStream {
+        let (mut sock, _) = listener.accept().await.unwrap();
+        let mut buf = BytesMut::new();
+        assert!(matches!(
+            read_packet(&mut sock, &mut buf).await,
+            Packet::Connect(_)
+        ));
+        buf.clear();
+        ConnAck::new(ConnectReturnCode::Success, session_present)
+            .write(&mut buf)
+            .unwrap();
+        sock.write_all(&buf).await.unwrap();
+        sock
+    }
+
+    /// Found in CI (the spooled network-cut test counted one breach): rumqttc's read takes in
+    /// several packets at once, so a PUBACK can be queued as an event when the same read then
+    /// fails; the CONNACK of the next connection is returned ahead of it. The event-loop task
+    /// must count that PUBACK against the connection it arrived on, not the new one. Scripted
+    /// peer, because the timing cannot be forced through a real broker.
+    #[tokio::test]
+    async fn a_puback_read_just_before_a_connection_error_belongs_to_that_connection() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut options = MqttOptions::new("order-test", "127.0.0.1", port);
+        options.set_clean_session(false);
+        let (client, eventloop) = AsyncClient::new(options, 8);
+        let link = Arc::new(Link::default());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(poll_events(
+            eventloop,
+            link.clone(),
+            stop.clone(),
+            1,
+            None,
+            None,
+        ));
+        client
+            .publish("r", QoS::AtLeastOnce, false, vec![1])
+            .await
+            .unwrap();
+        client
+            .publish("r", QoS::AtLeastOnce, false, vec![2])
+            .await
+            .unwrap();
+
+        // First connection: PUBACK 1 and a malformed packet in one segment, so that one read
+        // queues the PUBACK and then fails.
+        let mut sock = accept_session(&listener, false).await;
+        let mut buf = BytesMut::new();
+        assert_eq!(read_publish(&mut sock, &mut buf).await, 1);
+        assert_eq!(read_publish(&mut sock, &mut buf).await, 2);
+        let mut out = BytesMut::new();
+        PubAck::new(1).write(&mut out).unwrap();
+        out.extend_from_slice(&[0x00, 0x00]);
+        sock.write_all(&out).await.unwrap();
+
+        // Second connection, session kept: rumqttc sends 2 again; the peer acknowledges it.
+        let mut sock = accept_session(&listener, true).await;
+        let mut buf = BytesMut::new();
+        assert_eq!(read_publish(&mut sock, &mut buf).await, 2);
+        let mut out = BytesMut::new();
+        PubAck::new(2).write(&mut out).unwrap();
+        sock.write_all(&out).await.unwrap();
+
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while link.acks.load(Ordering::Acquire) < 2 {
+            assert!(tokio::time::Instant::now() < deadline, "PUBACKs not seen");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(link.connects.load(Ordering::Acquire), 2);
+        assert_eq!(link.pubacks_out_of_order.load(Ordering::Acquire), 0);
+        stop.cancel();
+        task.await.unwrap();
     }
 }
