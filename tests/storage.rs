@@ -166,6 +166,7 @@ fn row(
             remote_ip: None,
             kind: vantage_proto::ProbeKind::Http,
             tls_version: None,
+            dns: None,
         },
         clock_error_ms: None,
         clock_unsynced: None,

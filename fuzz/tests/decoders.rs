@@ -66,11 +66,13 @@ fn result_frame_clocks() {
 #[test]
 fn result_frame_kinds() {
     // Version 4, boot id, one result: head status 200 + extension, presence 0; then the
-    // extension byte tcp (or the input as the extension byte).
+    // extension byte tcp (or the input as the extension byte, or dns with a reply).
     const TCP_HEAD: &[u8] = &[4, 1, 2, 3, 4, 5, 6, 7, 8, 1, 0x90, 0, 1];
     const EXT_HEAD: &[u8] = &[4, 1, 2, 3, 4, 5, 6, 7, 8, 1, 0x90, 0];
+    // The dns kind (issue #20): extension dns + second byte, second byte "DNS reply".
+    const DNS_HEAD: &[u8] = &[4, 1, 2, 3, 4, 5, 6, 7, 8, 1, 0x90, 0, 0x83, 1];
     bolero::check!().for_each(|bytes: &[u8]| {
-        for head in [TCP_HEAD, EXT_HEAD] {
+        for head in [TCP_HEAD, EXT_HEAD, DNS_HEAD] {
             round_trips(&[head, bytes].concat());
         }
     });
