@@ -593,3 +593,20 @@ async fn dns_silent_resolver_times_out_and_closed_port_is_refused() {
     );
     assert!(m.total_us < 1_000_000, "{m:?}");
 }
+
+/// `probes.private_addresses = "refuse"` covers a configured resolver: nothing is sent to it.
+#[tokio::test]
+async fn dns_refused_resolver_gets_nothing() {
+    let resolver = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let t = dns_target(resolver.local_addr().unwrap(), "up.test", "A", DNS_TIMEOUT);
+    let prober = Prober::new().with_address_policy(vantage_agent::netpolicy::AddressPolicy::Refuse);
+    let m = prober.probe(&t).await;
+    assert_eq!(
+        (m.outcome, m.failed_phase),
+        (Outcome::AddressRefused, Some(Phase::Dns)),
+        "{m:?}"
+    );
+    let mut buf = [0u8; 512];
+    let got = tokio::time::timeout(Duration::from_millis(200), resolver.recv(&mut buf)).await;
+    assert!(got.is_err(), "the resolver received a query");
+}

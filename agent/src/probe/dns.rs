@@ -185,10 +185,10 @@ pub fn parse_reply(msg: &[u8], name: &str, qtype: u16) -> Result<Reply, ParseErr
     }
     let truncated = flags & 0x0200 != 0;
     let rcode = flags & 0x000F;
-    // A truncated reply may end anywhere after its header: only the header counts then, and
-    // a question cut off is taken for the one asked (the id matched; the worst a forged one
-    // can do is make the probe ask again over TCP).
-    if truncated && msg.len() <= 512 {
+    // A truncated reply may end anywhere after its header: only the header counts then (it
+    // is asked again over TCP), and a question cut off is taken for the one asked (the id
+    // matched; the worst a forged one can do is make the probe ask again over TCP).
+    if truncated {
         let same_question = question(&mut c, qdcount, name, qtype).unwrap_or(true);
         return Ok(Reply {
             id,
@@ -311,7 +311,9 @@ impl Prober {
             )
         })?;
         m.remote_ip = Some(resolver.ip().into());
-        if !self.address_policy.permits(resolver.ip()) {
+        // The policy is about what targets make the agent reach: a configured resolver is
+        // one; the agent's own (often 127.0.0.53) is not, as for the other kinds' lookups.
+        if query.resolver.is_some() && !self.address_policy.permits(resolver.ip()) {
             return Err(fail(
                 Outcome::AddressRefused,
                 Phase::Dns,
