@@ -18,7 +18,7 @@
 //! (`check.rs`), still under the deadline.
 
 mod check;
-pub mod dns;
+mod dns;
 mod tcp;
 mod tls;
 
