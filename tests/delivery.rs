@@ -1809,27 +1809,29 @@ async fn crash_and_restart_everything_exactly_once() {
     // Kafka frozen (SIGSTOP): the sinks can still COMMIT rows they had fetched, but no offset
     // commit can reach the coordinator. Kill both sinks right after such rows landed: their
     // messages must be replayed, and the key must absorb the replay (TESTING.md 18).
+    //
+    // That needs a sink holding fetched rows it has not written when Kafka stops, and a sink
+    // drains what it fetched within a batch timeout (100 ms here), so a freeze at a chosen
+    // moment mostly found none (full runs at 112a86b and 88397b4: no row in 3 and 6 one-second
+    // freezes). So the test holds the sinks' writes first: a SHARE lock on results_raw makes
+    // their INSERTs wait (each then holds a batch in hand), Kafka is frozen, and releasing the
+    // lock lets those batches commit while no offset commit can reach Kafka.
     at(6).await;
     let kafka = stage::kafka_pid().expect("no Kafka pid file");
-    let mut frozen_rows = 0;
-    // A freeze only tests the case when a sink holds fetched rows it has not written yet; a
-    // sink that has written all it fetched (it writes every 200 ms at most) holds none, so try
-    // again a second later. Three tries were not always enough in a full run (CI at 112a86b:
-    // the sinks 172 rows behind, none written in any of the three seconds).
-    for _attempt in 0..6 {
-        let frozen = stage::Frozen::freeze(kafka);
-        let before = run.count_rows().await;
-        let after = run.wait_rows(before + 1, Duration::from_secs(1)).await;
-        if after > before {
-            sink_a.kill9();
-            sink_b.kill9();
-            frozen_rows = after - before;
-            drop(frozen);
-            break;
-        }
-        drop(frozen);
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
+    let hold = run.pg().await;
+    hold.batch_execute("BEGIN; LOCK TABLE results_raw IN SHARE MODE")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let frozen = stage::Frozen::freeze(kafka);
+    let before = run.count_rows().await;
+    hold.batch_execute("COMMIT").await.unwrap();
+    let after = run.wait_rows(before + 1, Duration::from_secs(10)).await;
+    sink_a.kill9();
+    sink_b.kill9();
+    let frozen_rows = after - before;
+    drop(frozen);
+    drop(hold);
     note(
         &format!("Kafka frozen (SIGSTOP); sinks committed {frozen_rows} rows whose offsets Kafka could not take; kill -9 sink-a and sink-b; Kafka resumed"),
         run.count_rows().await,
@@ -1958,7 +1960,7 @@ async fn crash_and_restart_everything_exactly_once() {
     assert!(produced_total >= 50_000, "only {produced_total} results");
     assert!(
         frozen_rows > 0,
-        "no rows were committed while Kafka was frozen (6 attempts)"
+        "no rows were committed while Kafka was frozen (the sinks' writes held by a lock)"
     );
     assert!(cmp.exact(), "{cmp}\n{}", logs_on_failure());
     assert_eq!(cmp.rows as i64, expected);

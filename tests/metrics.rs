@@ -264,14 +264,14 @@ async fn status_reports_unreachable_services() {
 }
 
 /// The agent's optional endpoint (`[metrics] listen`, in-process here): probes by outcome and
-/// the uplink's counters move by exactly what the run did, as its own summary reports.
+/// the uplink's counters move by exactly what the run did, as its own summary reports; with a
+/// bridge sending end-to-end acknowledgements, their counters and latency too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_metrics_match_the_run() {
-    let run = Run::new("agentmetrics");
-    let target = vantage_tests::target::TargetServer::start("127.0.0.1:0")
-        .await
-        .unwrap();
-    let mut text = agent_head(&run, &format!("metrics-{}", run.id), "eu-north");
+    let started =
+        vantage_tests::in_process::start("agentmetrics", &IngesterOptions::default()).await;
+    let (run, target) = (&started.run, &started.target);
+    let mut text = agent_head(run, &format!("metrics-{}", run.id), "eu-north");
     text.push_str(
         "[uplink]\nflush_interval = \"100ms\"\nbuffer_capacity = 500\n\
          [metrics]\nlisten = \"127.0.0.1:0\"\n",
@@ -279,7 +279,7 @@ async fn agent_metrics_match_the_run() {
     text.push_str(&target_entry(1, &target.url("/"), "200ms", "200ms", ""));
     let missing = target.url("/missing?status=404");
     text.push_str(&target_entry(2, &missing, "200ms", "200ms", ""));
-    let config = load_agent_config(&run, "agent.toml", &text);
+    let config = load_agent_config(run, "agent.toml", &text);
     let listen = config.metrics_listen.expect("[metrics] listen");
     let http_stop = tokio_util::sync::CancellationToken::new();
     let addr = vantage_agent::metrics::serve(listen, http_stop.clone())
@@ -300,6 +300,7 @@ async fn agent_metrics_match_the_run() {
             "vantage_agent_probes_total{outcome=\"status_not_accepted\"}",
         ) >= Some(3.0)
             && sample(t, "vantage_agent_frames_acked_total") >= Some(2.0)
+            && sample(t, "vantage_agent_frames_e2e_acked_total") >= Some(2.0)
     })
     .await;
     assert!(
@@ -374,7 +375,33 @@ async fn agent_metrics_match_the_run() {
         Some(0.0),
         "{text}"
     );
+    // End-to-end acknowledgements: every frame freed by one, none re-sent, the latency
+    // histogram holds one observation per acknowledged frame, no PUBACK fallback.
+    assert!(u.frames_e2e_acked >= 2, "{u:?}");
+    assert_eq!(u.frames_e2e_acked, u.frames_acked, "{u:?}");
+    for (name, want) in [
+        ("vantage_agent_frames_e2e_acked_total", u.frames_e2e_acked),
+        (
+            "vantage_agent_e2e_ack_latency_seconds_count",
+            u.frames_e2e_acked,
+        ),
+        ("vantage_agent_frames_resent_total", u.resends),
+        ("vantage_agent_frames_unacked", 0),
+        ("vantage_agent_puback_fallback", 0),
+    ] {
+        assert_eq!(
+            sample(&text, name),
+            Some(want as f64),
+            "{name}\n{text}\n{summary:?}"
+        );
+    }
+    let latency = sample(&text, "vantage_agent_e2e_ack_latency_seconds_sum");
+    assert!(
+        latency.is_some_and(|s| s > 0.0 && s < 60.0 * u.frames_e2e_acked as f64),
+        "{latency:?}"
+    );
     http_stop.cancel();
+    started.stages.stop(&started.stop).await;
     run.cleanup(&[format!("vantage-agent-metrics-{}", run.id)])
         .await;
 }

@@ -268,6 +268,126 @@ async fn an_agent_cannot_publish_as_another_agent() {
     let _ = std::fs::remove_dir_all(&run.dir);
 }
 
+/// MQTT 5 options for `who` on the password-and-TLS listener.
+fn secure_v5(sec: &Secure, who: &Identity, client_id: String) -> rumqttc::v5::MqttOptions {
+    let mut options = rumqttc::v5::MqttOptions::new(client_id, &sec.host, sec.tls_port);
+    options.set_credentials(&who.user, &who.password);
+    options.set_transport(tls_transport(&sec.ca, None));
+    options.set_keep_alive(Duration::from_secs(10));
+    options
+}
+
+/// A subscriber in a task: the broker's verdict on the subscription, then each payload received.
+struct Subscriber {
+    granted: bool,
+    payloads: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    _client: rumqttc::v5::AsyncClient,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn subscribe_v5(options: rumqttc::v5::MqttOptions, topic: &str) -> Subscriber {
+    use rumqttc::v5::mqttbytes::v5::{Packet, SubscribeReasonCode};
+    use rumqttc::v5::{AsyncClient, Event};
+    let (client, mut eventloop) = AsyncClient::new(options, 10);
+    client
+        .subscribe(topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let (verdict_tx, verdict_rx) = tokio::sync::oneshot::channel();
+    let (tx, payloads) = tokio::sync::mpsc::channel(16);
+    let task = tokio::spawn(async move {
+        let mut verdict_tx = Some(verdict_tx);
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    let granted = matches!(ack.return_codes[..], [SubscribeReasonCode::Success(_)]);
+                    if let Some(v) = verdict_tx.take() {
+                        let _ = v.send(granted);
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let _ = tx.send(p.payload.to_vec()).await;
+                }
+                Ok(_) => {}
+                Err(e) => panic!("subscriber's MQTT 5 connection failed: {e}"),
+            }
+        }
+    });
+    let granted = tokio::time::timeout(Duration::from_secs(20), verdict_rx)
+        .await
+        .expect("SUBACK within 20 s")
+        .unwrap();
+    Subscriber {
+        granted,
+        payloads,
+        _client: client,
+        task,
+    }
+}
+
+/// End-to-end acknowledgements free an agent's spool, so who writes and reads them matters
+/// (SECURITY.md): only an ingester publishes them, and each agent reads only its own. Were the
+/// read refused, the agent would quietly fall back to the broker's PUBACK and every delivery test
+/// would still pass; were the write allowed, one agent could free another's unsent results.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_are_written_only_by_the_ingester_and_read_only_by_their_agent() {
+    let sec = Secure::from_env();
+    let (run, prefix, (a, id_a), (b, id_b)) = two_agents("acl-acks", "us-east");
+    let ingester = Identity::ingester(&prefix, &format!("ing-{}", run.id));
+    let acks_a = format!("{prefix}/v1/acks/eu-north/{a}");
+    let acks_b = format!("{prefix}/v1/acks/us-east/{b}");
+
+    // An agent cannot publish acknowledgements: neither its own nor another's.
+    let reasons = publish_v5(
+        secure_v5(&sec, &id_a, format!("acks-a-pub-{}", run.id)),
+        &[acks_a.clone(), acks_b.clone()],
+    )
+    .await;
+    assert_eq!(
+        verdicts(&reasons),
+        ["refused", "refused"],
+        "A publishing its own acks, B's acks: {reasons:?}"
+    );
+
+    // A reads its own; B, subscribing to A's, is refused or at least never sent them.
+    let mut own = subscribe_v5(
+        secure_v5(&sec, &id_a, format!("acks-a-sub-{}", run.id)),
+        &acks_a,
+    )
+    .await;
+    assert!(own.granted, "agent A may not read its own ack topic");
+    let mut other = subscribe_v5(
+        secure_v5(&sec, &id_b, format!("acks-b-sub-{}", run.id)),
+        &acks_a,
+    )
+    .await;
+
+    let reasons = publish_v5(
+        secure_v5(&sec, &ingester, format!("acks-ing-{}", run.id)),
+        std::slice::from_ref(&acks_a),
+    )
+    .await;
+    assert_eq!(
+        verdicts(&reasons),
+        ["accepted"],
+        "the ingester writing A's acks: {reasons:?}"
+    );
+    let got = tokio::time::timeout(Duration::from_secs(10), own.payloads.recv())
+        .await
+        .expect("agent A received its ack within 10 s");
+    assert_eq!(got, Some(vec![1u8]));
+    // The broker delivers to both subscribers in the same pass; two more seconds for B to be sure.
+    let leaked = tokio::time::timeout(Duration::from_secs(2), other.payloads.recv()).await;
+    assert!(
+        leaked.is_err(),
+        "agent B (subscription granted: {}) received agent A's ack: {leaked:?}",
+        other.granted
+    );
+    own.task.abort();
+    other.task.abort();
+    let _ = std::fs::remove_dir_all(&run.dir);
+}
+
 /// Watches one MQTT 3.1.1 connection in a task: (connections acknowledged, errors seen).
 fn watch_connection(
     options: rumqttc::MqttOptions,
