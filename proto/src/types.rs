@@ -21,7 +21,9 @@ pub enum Outcome {
     StatusNotAccepted,
     /// The body was read to its end but the configured regex did not match it.
     RegexNotMatched,
-    /// Name resolution failed for another reason than "no such name" (server failure, ...).
+    /// Name resolution failed for another reason than "no such name" (server failure, ...;
+    /// kind `dns`: a response code without its own kind, REFUSED or NOTIMP, in
+    /// [`DnsReply::rcode`]).
     DnsFailed,
     /// The TCP connection was actively refused.
     ConnectRefused,
@@ -33,11 +35,13 @@ pub enum Outcome {
     Timeout,
     /// The peer reset or closed the connection mid-exchange.
     ConnectionReset,
-    /// The server spoke something that is not valid HTTP/1.1.
+    /// The server spoke something that is not valid HTTP/1.1 (kind `dns`: a reply that is not
+    /// a DNS message).
     ProtocolError,
     /// Any other failure on the agent side.
     Other,
-    /// The name does not exist (NXDOMAIN) or has no address.
+    /// The name does not exist (NXDOMAIN) or has no address (kind `dns`: NXDOMAIN, or NOERROR
+    /// without a record of the type asked; [`DnsReply::rcode`] tells them apart).
     DnsNoSuchName,
     /// The deadline passed while connecting.
     ConnectTimeout,
