@@ -520,10 +520,11 @@ async fn agents_follow_central_targets() {
     f.finish(&[eu_agent, us_agent]).await;
 }
 
-/// Issue #20, end to end: one central set with an http, a tcp (banner check) and a tls target,
-/// all on loopback servers of the test, reaches the agents of both regions (a version 2 target
-/// set), their results travel as version 4 frames and land in SQL with their kind (and the tls
-/// one with its protocol version); `region_comparison` and the report compare one kind.
+/// Issue #20, end to end: one central set with an http, a tcp (banner check), a tls and a dns
+/// target (a query to a dnsmasq of the test), all on loopback servers of the test, reaches the
+/// agents of both regions (a version 2 target set), their results travel as version 4 frames
+/// and land in SQL with their kind (the tls one with its protocol version, the dns one with its
+/// reply's RCODE and answer count); `region_comparison` and the report compare one kind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn probe_kinds_reach_sql_by_region() {
     let f = Fixture::start("kinds").await;
@@ -548,6 +549,8 @@ async fn probe_kinds_reach_sql_by_region() {
     let tls = TargetServer::start_tls("127.0.0.1:0", leaf.server_config())
         .await
         .unwrap();
+    // A DNS server answering the test zone (issue #20's dns kind).
+    let dns = vantage_tests::dns::Dnsmasq::start(&["--address=/up.test/127.0.0.1".to_owned()]);
 
     let file = run.dir.join("targets-kinds.toml");
     write_file(
@@ -577,10 +580,20 @@ ca_file = "{ca}"
 ip_family = "ipv4"
 interval = "500ms"
 timeout = "400ms"
+
+[[targets]]
+name = "zone"
+kind = "dns"
+query = "up.test"
+query_type = "A"
+resolver = "{resolver}"
+interval = "500ms"
+timeout = "400ms"
 "#,
             web = target.url("/"),
             tls_port = tls.addr.port(),
             ca = ca_path.display(),
+            resolver = dns.addr,
         ),
     );
     let mut agents = Vec::new();
@@ -588,14 +601,15 @@ timeout = "400ms"
         agents.push(spawn_agent(run, region, run.services.mqtt_port));
     }
     apply(ingester_file, &file);
-    for name in ["web", "ssh", "cert"] {
+    for name in ["web", "ssh", "cert", "zone"] {
         wait_rows_everywhere(client, name, 2).await;
     }
 
     // Every row has its target's kind; each probe was up; the tls ones say TLS 1.3.
     let rows = client
         .query(
-            "SELECT t.name, r.region, r.kind, r.outcome, r.tls_version, r.regex_match
+            "SELECT t.name, r.region, r.kind, r.outcome, r.tls_version, r.regex_match,
+                    r.dns_rcode, r.dns_answers, r.dns_us
                FROM results r JOIN targets t USING (target_id)",
             &[],
         )
@@ -608,6 +622,7 @@ timeout = "400ms"
         let expected = match name.as_str() {
             "web" => "http",
             "ssh" => "tcp",
+            "zone" => "dns",
             _ => "tls",
         };
         assert_eq!(kind, expected, "{name} from {region}");
@@ -620,6 +635,18 @@ timeout = "400ms"
         if kind == "tcp" {
             assert_eq!(row.get::<_, Option<bool>>(5), Some(true), "expect matched");
         }
+        // The dns rows carry the reply (NOERROR, one A record) and the query time; the
+        // others no reply.
+        let reply: (Option<i16>, Option<i32>) = (row.get(6), row.get(7));
+        if kind == "dns" {
+            assert_eq!(reply, (Some(0), Some(1)), "{name} from {region}");
+            assert!(
+                row.get::<_, Option<i32>>(8).is_some_and(|q| q > 0),
+                "query time"
+            );
+        } else {
+            assert_eq!(reply, (None, None), "{name} from {region}");
+        }
     }
     let kinds: BTreeMap<String, String> = vantage_tests::in_process::query_pairs(
         client,
@@ -629,6 +656,7 @@ timeout = "400ms"
     .await;
     assert_eq!(kinds["ssh"], "tcp");
     assert_eq!(kinds["cert"], "tls");
+    assert_eq!(kinds["zone"], "dns");
 
     // region_comparison per kind: one kind's targets from both regions; all of them without.
     let ssh_id = target_id(client, "ssh").await;
@@ -653,13 +681,21 @@ timeout = "400ms"
             .collect::<Vec<_>>()
     );
     assert_eq!(per_kind("tls").await.len(), 2);
+    let zone_id = target_id(client, "zone").await;
+    assert_eq!(
+        per_kind("dns").await,
+        REGIONS
+            .iter()
+            .map(|r| (zone_id, r.to_string(), "dns".to_owned()))
+            .collect::<Vec<_>>()
+    );
     let all: i64 = query_scalar(
         client,
         "SELECT count(*) FROM region_comparison(interval '1 hour')",
         &[],
     )
     .await;
-    assert_eq!(all, 6, "3 targets x 2 regions");
+    assert_eq!(all, 8, "4 targets x 2 regions");
     let report =
         vantage_ingester::report::query(client, Duration::from_secs(3600), None, Some("tcp"))
             .await

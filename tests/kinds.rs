@@ -2,7 +2,11 @@
 //! a closed one, a peer that never speaks with `expect`, banner match and mismatch, `send`
 //! then `expect`, a peer that hangs up early, a name that resolves) and `tls` (a chain of a
 //! test CA and its earliest expiry, an expired certificate, a wrong name, an untrusted one,
-//! TLS 1.2 against 1.3). No services needed; never an address outside loopback.
+//! TLS 1.2 against 1.3) and `dns` (queries to a dnsmasq the test starts: an answer, NXDOMAIN,
+//! a name without a record of the type, REFUSED, SERVFAIL and a slow name from upstreams of
+//! the test's own, a large answer that falls back to TCP, a resolver that never answers and a
+//! closed port). No services needed (dnsmasq is installed by `tests/services/up`); never an
+//! address outside loopback.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -11,7 +15,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use vantage_agent::probe::{Measurement, Prober};
 use vantage_agent::target::{ProbeKind, RawTarget, Target};
-use vantage_proto::{IpAddress, Outcome, Phase, RegexOutcome, TlsVersion};
+use vantage_proto::{DnsReply, IpAddress, Outcome, Phase, RegexOutcome, TlsVersion};
+use vantage_tests::dns::{upstream, Dnsmasq, Upstream};
 use vantage_tests::target::TargetServer;
 use vantage_tests::tls::TestCa;
 
@@ -359,4 +364,249 @@ async fn tls_skip_verify_accepts_and_still_records() {
     assert_eq!(m.outcome, Outcome::Up, "{m:?}");
     assert_eq!(m.cert_not_after_s, Some(leaf.not_after_unix));
     assert!(m.tls_version.is_some());
+}
+
+// ---- dns ---------------------------------------------------------------------------------
+
+/// A dns target asking `resolver` for `name` of `query_type`.
+fn dns_target(resolver: SocketAddr, name: &str, query_type: &str, timeout: Duration) -> Target {
+    let mut raw = RawTarget::with_url(1, "");
+    raw.kind = ProbeKind::Dns;
+    raw.query = Some(name.to_owned());
+    raw.query_type = Some(query_type.to_owned());
+    raw.resolver = Some(resolver.to_string());
+    raw.timeout = timeout;
+    Target::from_raw(raw).unwrap()
+}
+
+/// A TXT string of 200 bytes: four of them make an answer over UDP's 512 bytes.
+fn long_text(c: char) -> String {
+    std::iter::repeat_n(c, 200).collect()
+}
+
+/// The test zone: `up.test` (A), `two.test` (two A records), `v4.nx.test` (an A, no AAAA),
+/// other names under `nx.test` NXDOMAIN, `big.test` (four long TXT records), `broken.test` and
+/// `slow.test` forwarded to the given upstreams; anything else REFUSED (no upstream).
+fn zone(broken: SocketAddr, slow: SocketAddr) -> Vec<String> {
+    let mut args = vec![
+        "--address=/up.test/127.0.0.1".to_owned(),
+        "--host-record=two.test,127.0.0.2".to_owned(),
+        "--host-record=two.test,127.0.0.3".to_owned(),
+        "--local=/nx.test/".to_owned(),
+        "--host-record=v4.nx.test,127.0.0.4".to_owned(),
+        format!("--server=/broken.test/127.0.0.1#{}", broken.port()),
+        format!("--server=/slow.test/127.0.0.1#{}", slow.port()),
+    ];
+    for c in ['a', 'b', 'c', 'd'] {
+        args.push(format!("--txt-record=big.test,{}", long_text(c)));
+    }
+    args
+}
+
+/// A dnsmasq with [`zone`]; the slow upstream forwards after 300 ms to a second dnsmasq that
+/// knows `slow.test`.
+async fn dns_server() -> (Dnsmasq, Dnsmasq) {
+    let back = Dnsmasq::start(&["--address=/slow.test/127.0.0.9".to_owned()]);
+    let slow = upstream(Upstream::Delay(Duration::from_millis(300), back.addr)).await;
+    let broken = upstream(Upstream::Rcode(2)).await;
+    (Dnsmasq::start(&zone(broken, slow)), back)
+}
+
+const DNS_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[tokio::test]
+async fn dns_answer_is_up_with_its_code_count_and_query_time() {
+    let (dns, _back) = dns_server().await;
+    let m = probe(&dns_target(dns.addr, "up.test", "A", DNS_TIMEOUT)).await;
+    assert_eq!((m.outcome, m.failed_phase), (Outcome::Up, None), "{m:?}");
+    assert_eq!(m.kind, ProbeKind::Dns);
+    assert_eq!(
+        m.dns,
+        Some(DnsReply {
+            rcode: 0,
+            answers: 1
+        })
+    );
+    assert!(m.dns_us.is_some_and(|q| q > 0 && q <= m.total_us), "{m:?}");
+    assert_eq!(
+        (m.connect_us, m.tls_us, m.ttfb_us, m.status),
+        (None, None, None, 0)
+    );
+    assert_eq!(m.remote_ip, loopback());
+    assert_eq!(m.detail, None);
+    // Two records, and the name in other case (RFC 4343): the same answer.
+    let two = probe(&dns_target(dns.addr, "TWO.test", "a", DNS_TIMEOUT)).await;
+    assert_eq!(two.outcome, Outcome::Up, "{two:?}");
+    assert_eq!(
+        two.dns,
+        Some(DnsReply {
+            rcode: 0,
+            answers: 2
+        })
+    );
+}
+
+#[tokio::test]
+async fn dns_nxdomain_and_no_record_are_no_such_name() {
+    let (dns, _back) = dns_server().await;
+    let nx = probe(&dns_target(dns.addr, "gone.nx.test", "A", DNS_TIMEOUT)).await;
+    assert_eq!(
+        (nx.outcome, nx.failed_phase),
+        (Outcome::DnsNoSuchName, Some(Phase::Dns)),
+        "{nx:?}"
+    );
+    assert_eq!(
+        nx.dns,
+        Some(DnsReply {
+            rcode: 3,
+            answers: 0
+        })
+    );
+    assert!(nx.dns_us.is_some(), "{nx:?}");
+    // The name exists, without a record of the type asked: NOERROR, no answer.
+    let nodata = probe(&dns_target(dns.addr, "v4.nx.test", "AAAA", DNS_TIMEOUT)).await;
+    assert_eq!(
+        (nodata.outcome, nodata.failed_phase),
+        (Outcome::DnsNoSuchName, Some(Phase::Dns)),
+        "{nodata:?}"
+    );
+    assert_eq!(
+        nodata.dns,
+        Some(DnsReply {
+            rcode: 0,
+            answers: 0
+        })
+    );
+    assert!(
+        nodata.detail.as_deref().is_some_and(|d| d.contains("AAAA")),
+        "{nodata:?}"
+    );
+}
+
+#[tokio::test]
+async fn dns_servfail_and_refused_are_their_kinds() {
+    let (dns, _back) = dns_server().await;
+    // dnsmasq passes on its upstream's SERVFAIL.
+    let servfail = probe(&dns_target(dns.addr, "x.broken.test", "A", DNS_TIMEOUT)).await;
+    assert_eq!(
+        (servfail.outcome, servfail.failed_phase),
+        (Outcome::DnsServerFailure, Some(Phase::Dns)),
+        "{servfail:?}"
+    );
+    assert_eq!(
+        servfail.dns,
+        Some(DnsReply {
+            rcode: 2,
+            answers: 0
+        })
+    );
+    // A name dnsmasq has no upstream for: REFUSED, a DNS failure with its code.
+    let refused = probe(&dns_target(dns.addr, "elsewhere.example", "A", DNS_TIMEOUT)).await;
+    assert_eq!(
+        (refused.outcome, refused.failed_phase),
+        (Outcome::DnsFailed, Some(Phase::Dns)),
+        "{refused:?}"
+    );
+    assert_eq!(
+        refused.dns,
+        Some(DnsReply {
+            rcode: 5,
+            answers: 0
+        })
+    );
+}
+
+/// An answer over 512 bytes comes truncated over UDP (TC); the probe asks again over TCP and
+/// counts the whole answer.
+#[tokio::test]
+async fn dns_large_answer_falls_back_to_tcp() {
+    let (dns, _back) = dns_server().await;
+    let m = probe(&dns_target(dns.addr, "big.test", "TXT", DNS_TIMEOUT)).await;
+    assert_eq!((m.outcome, m.failed_phase), (Outcome::Up, None), "{m:?}");
+    assert_eq!(
+        m.dns,
+        Some(DnsReply {
+            rcode: 0,
+            answers: 4
+        })
+    );
+    let connect = m
+        .connect_us
+        .expect("a TCP connection after the truncated reply");
+    assert!(
+        m.dns_us.is_some_and(|q| q > connect && q <= m.total_us),
+        "{m:?}"
+    );
+}
+
+/// dnsmasq forwards `slow.test` to an upstream that answers 300 ms late: the query time says so.
+#[tokio::test]
+async fn dns_slow_name_is_measured() {
+    let (dns, _back) = dns_server().await;
+    let m = probe(&dns_target(dns.addr, "slow.test", "A", DNS_TIMEOUT)).await;
+    assert_eq!((m.outcome, m.failed_phase), (Outcome::Up, None), "{m:?}");
+    let q = m.dns_us.unwrap();
+    assert!(
+        (300_000..2_000_000).contains(&q),
+        "query time {q} µs: {m:?}"
+    );
+    // Faster than the deadline: the same name with a deadline of 100 ms times out in dns.
+    let late = probe(&dns_target(
+        dns.addr,
+        "slow.test",
+        "A",
+        Duration::from_millis(100),
+    ))
+    .await;
+    assert_eq!(
+        (late.outcome, late.failed_phase),
+        (Outcome::Timeout, Some(Phase::Dns)),
+        "{late:?}"
+    );
+    assert!((100_000..600_000).contains(&late.total_us), "{late:?}");
+    assert_eq!((late.dns, late.dns_us), (None, None));
+}
+
+#[tokio::test]
+async fn dns_silent_resolver_times_out_and_closed_port_is_refused() {
+    // A UDP socket that reads queries and never answers.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let t = Duration::from_millis(300);
+    let m = probe(&dns_target(silent.local_addr().unwrap(), "up.test", "A", t)).await;
+    assert_eq!(
+        (m.outcome, m.failed_phase),
+        (Outcome::Timeout, Some(Phase::Dns)),
+        "{m:?}"
+    );
+    assert!((300_000..800_000).contains(&m.total_us), "{m:?}");
+    assert_eq!(m.remote_ip, loopback());
+    // Nothing bound: the kernel answers with ICMP port unreachable.
+    let closed = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let m = probe(&dns_target(closed, "up.test", "A", DNS_TIMEOUT)).await;
+    assert_eq!(
+        (m.outcome, m.failed_phase),
+        (Outcome::ConnectRefused, Some(Phase::Dns)),
+        "{m:?}"
+    );
+    assert!(m.total_us < 1_000_000, "{m:?}");
+}
+
+/// `probes.private_addresses = "refuse"` covers a configured resolver: nothing is sent to it.
+#[tokio::test]
+async fn dns_refused_resolver_gets_nothing() {
+    let resolver = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let t = dns_target(resolver.local_addr().unwrap(), "up.test", "A", DNS_TIMEOUT);
+    let prober = Prober::new().with_address_policy(vantage_agent::netpolicy::AddressPolicy::Refuse);
+    let m = prober.probe(&t).await;
+    assert_eq!(
+        (m.outcome, m.failed_phase),
+        (Outcome::AddressRefused, Some(Phase::Dns)),
+        "{m:?}"
+    );
+    let mut buf = [0u8; 512];
+    let got = tokio::time::timeout(Duration::from_millis(200), resolver.recv(&mut buf)).await;
+    assert!(got.is_err(), "the resolver received a query");
 }

@@ -166,6 +166,7 @@ fn row(
             remote_ip: None,
             kind: vantage_proto::ProbeKind::Http,
             tls_version: None,
+            dns: None,
         },
         clock_error_ms: None,
         clock_unsynced: None,
@@ -1130,6 +1131,94 @@ async fn kinds_are_stored_and_compared_per_kind() {
         .unwrap()
         .get(0);
     assert_eq!(unfiltered, 6);
+    s.drop().await;
+}
+
+/// Issue #20's dns kind (0017): a reply's RCODE and answer count stored by both writers and
+/// the view's INSERT, NULL for other kinds and for a dns probe without a reply; the target is a
+/// dns target and region_comparison compares it per kind.
+#[tokio::test]
+async fn dns_replies_are_stored() {
+    use vantage_proto::{DnsReply, ProbeKind};
+    let s = Schema::new("dnskind").await;
+    let now = now_ms();
+    let mut rows = Vec::new();
+    let replies = [
+        (Outcome::Up, Some((0, 2))),
+        (Outcome::DnsNoSuchName, Some((3, 0))),
+        (Outcome::DnsServerFailure, Some((2, 0))),
+        (Outcome::Timeout, None),
+    ];
+    for (i, (outcome, reply)) in replies.into_iter().enumerate() {
+        for region in ["eu-north", "us-east"] {
+            let at = now - 60_000 + i as u64 * 1000;
+            let mut r = row(rows.len() as u64, 61, region, at, 900, outcome);
+            r.result.kind = ProbeKind::Dns;
+            r.result.dns = reply.map(|(rcode, answers)| DnsReply { rcode, answers });
+            rows.push(r);
+        }
+    }
+    let mut http = row(
+        rows.len() as u64,
+        62,
+        "eu-north",
+        now - 1000,
+        900,
+        Outcome::Up,
+    );
+    http.result.kind = ProbeKind::Http;
+    rows.push(http);
+    let mut client = db::connect_writer(&s.config).await.unwrap();
+    let (by_unnest, by_copy) = rows.split_at(4);
+    db::insert_batch(&mut client, by_unnest, &[]).await.unwrap();
+    db::copy_batch(&mut client, by_copy, &[]).await.unwrap();
+    s.client
+        .batch_execute(
+            "INSERT INTO results (region, agent, boot_id, seq, target_id, started_at, outcome,
+                                  total_us, body_bytes, kind, dns_rcode, dns_answers)
+             VALUES ('eu-north', 'eu-north-pi', 44, 0, 61, now() - interval '1 minute',
+                     'dns_failed', 900, 0, 'dns', 5, 0)",
+        )
+        .await
+        .unwrap();
+    type Stored = (i32, String, String, Option<i16>, Option<i32>, i64);
+    let stored: Vec<Stored> = s
+        .client
+        .query(
+            "SELECT target_id, kind, outcome, dns_rcode, dns_answers, count(*) FROM results
+              GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 4, 3",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
+        .collect();
+    let line = |t, k: &str, o: &str, rc, an, n| (t, k.to_owned(), o.to_owned(), rc, an, n);
+    assert_eq!(
+        stored,
+        [
+            line(61, "dns", "up", Some(0), Some(2), 2),
+            line(61, "dns", "dns_server_failure", Some(2), Some(0), 2),
+            line(61, "dns", "dns_no_such_name", Some(3), Some(0), 2),
+            line(61, "dns", "dns_failed", Some(5), Some(0), 1),
+            line(61, "dns", "timeout", None, None, 2),
+            line(62, "http", "up", None, None, 1),
+        ]
+    );
+    let kinds: Vec<(i32, String)> = vantage_tests::in_process::query_pairs(
+        &s.client,
+        "SELECT target_id, kind FROM targets JOIN probe_kinds USING (kind_id) ORDER BY 1",
+    )
+    .await;
+    assert_eq!(kinds, [(61, "dns".into()), (62, "http".into())]);
+    let compared: Vec<(i32, String)> = vantage_tests::in_process::query_pairs(
+        &s.client,
+        "SELECT target_id, region FROM region_comparison(interval '1 hour', NULL, 'dns')
+          ORDER BY 1, 2",
+    )
+    .await;
+    assert_eq!(compared, [(61, "eu-north".into()), (61, "us-east".into())]);
     s.drop().await;
 }
 

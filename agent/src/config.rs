@@ -839,6 +839,29 @@ regex = "ok"
             );
             assert!(Config::parse(&http, Path::new("agent.toml")).is_ok());
         }
+        // The dns kind: its keys from a file, a bad one located, and version 4 needed too.
+        let dns = GOOD
+            .replace(
+                "url = \"http://127.0.0.1:8080/health\"",
+                "kind = \"dns\"\nquery = \"example.org\"\nquery_type = \"MX\"\n\
+                 resolver = \"[::1]:5353\"",
+            )
+            .replace("regex = \"ok\"\n", "");
+        let c = Config::parse(&dns, Path::new("agent.toml")).unwrap();
+        let q = c.targets[0].dns.clone().unwrap();
+        assert_eq!(
+            (q.name.as_str(), q.qtype, q.resolver),
+            ("example.org", 15, Some("[::1]:5353".parse().unwrap()))
+        );
+        let e = err(&dns.replace("\"MX\"", "\"MAIL\""));
+        assert!(e.contains("`targets[0].query_type`"), "{e}");
+        let e = err(&dns.replace("kind = \"dns\"\n", "kind = \"dns\"\naddress = \"h:53\"\n"));
+        assert!(
+            e.contains("`targets[0].address`") && e.contains("dns target"),
+            "{e}"
+        );
+        let e = err(&dns.replace("[[targets]]", "[uplink]\nwire_format = 3\n[[targets]]"));
+        assert!(e.contains("`targets[0].kind`"), "{e}");
     }
 
     #[test]

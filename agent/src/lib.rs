@@ -9,6 +9,7 @@ pub mod budget;
 pub mod cert_expiry;
 pub mod clock_state;
 pub mod config;
+pub mod dns_wire;
 pub mod fleet;
 pub mod metrics;
 pub mod mqtt_tls;

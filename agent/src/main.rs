@@ -47,24 +47,33 @@ enum Command {
         /// Path of the TOML configuration file.
         config: PathBuf,
     },
-    /// Probe one URL (or, with --kind tcp or tls, one host:port) now, with the engine and
+    /// Probe one URL (or, with --kind tcp or tls, one host:port; with --kind dns, one name) now, with the engine and
     /// options of a configured target, and print every measured field. Exit status: 0 when the
     /// outcome is `up`, 3 when it is not, 2 on a bad command line.
     ///
     /// Example: vantage-agent probe https://example.org/ --regex 'Example Domain' --json
     ///
     /// Example: vantage-agent probe --kind tls example.org:443
+    ///
+    /// Example: vantage-agent probe --kind dns example.org --type AAAA --resolver 192.0.2.53
     Probe(Box<ProbeArgs>),
 }
 
 #[derive(clap::Args)]
 struct ProbeArgs {
-    /// The http:// or https:// URL to probe; host:port for --kind tcp or tls.
+    /// The http:// or https:// URL to probe; host:port for --kind tcp or tls; the name to ask
+    /// for with --kind dns.
     url: String,
     /// What to check: http (a request to the URL), tcp (a connection to host:port), tls (a
-    /// handshake with host:port).
+    /// handshake with host:port), dns (a query for the name).
     #[arg(long, default_value = "http")]
     kind: String,
+    /// dns: the record type (A, AAAA, TXT, MX, ... or TYPE<n>; default A).
+    #[arg(long = "type")]
+    query_type: Option<String>,
+    /// dns: the resolver, ip or ip:port (default: the first nameserver of /etc/resolv.conf).
+    #[arg(long)]
+    resolver: Option<String>,
     /// tcp: text to write once connected (e.g. "PING\r\n" written with the shell's $'...').
     #[arg(long)]
     send: Option<String>,
@@ -117,8 +126,9 @@ impl ProbeArgs {
         let kind = ProbeKind::ALL
             .into_iter()
             .find(|k| k.as_str() == self.kind)
-            .with_context(|| format!("--kind {:?}: expected http, tcp or tls", self.kind))?;
+            .with_context(|| format!("--kind {:?}: expected http, tcp, tls or dns", self.kind))?;
         let http = kind == ProbeKind::Http;
+        let dns = kind == ProbeKind::Dns;
         let mut headers = std::collections::BTreeMap::new();
         for h in &self.headers {
             let (name, value) = h
@@ -135,9 +145,12 @@ impl ProbeArgs {
             } else {
                 String::new()
             },
-            address: (!http).then(|| self.url.clone()),
+            address: (!http && !dns).then(|| self.url.clone()),
             send: self.send.clone(),
             expect: self.expect.clone(),
+            query: dns.then(|| self.url.clone()),
+            query_type: self.query_type.clone(),
+            resolver: self.resolver.clone(),
             interval: self.timeout,
             timeout: self.timeout,
             regex: self.regex.clone(),
@@ -163,6 +176,8 @@ impl ProbeArgs {
             let flag = match e.key {
                 "url" => "URL".to_owned(),
                 "address" => "HOST:PORT".to_owned(),
+                "query" => "NAME".to_owned(),
+                "query_type" => "--type".to_owned(),
                 "interval" | "timeout" => "--timeout".to_owned(),
                 "accepted_status" => "--accept".to_owned(),
                 "tls_skip_verify" => "--insecure".to_owned(),

@@ -1,4 +1,4 @@
-//! `vantage-agent probe URL` (or `--kind tcp|tls HOST:PORT`): one probe with the same engine
+//! `vantage-agent probe URL` (or `--kind tcp|tls HOST:PORT`, `--kind dns NAME`): one probe with the same engine
 //! and options as a configured target, printed for a person (aligned lines) or for a program
 //! (`--json`). Field names match the columns of the `results` table, plus `detail` (why it is
 //! not up; agent-side only).
@@ -97,6 +97,14 @@ fn fields(m: &Measurement) -> Vec<(&'static str, Value)> {
             m.tls_version
                 .map_or(Value::Null, |v| Value::Text(v.as_str().into())),
         ),
+        (
+            "dns_rcode",
+            m.dns.map_or(Value::Null, |d| Value::Int(d.rcode.into())),
+        ),
+        (
+            "dns_answers",
+            m.dns.map_or(Value::Null, |d| Value::Int(d.answers.into())),
+        ),
     ]
 }
 
@@ -192,7 +200,10 @@ mod tests {
         assert!(to_json(&up).contains("\"detail\":null"));
         assert!(j.contains("\"connect_us\":150,\"tls_us\":null"), "{j}");
         assert!(
-            j.ends_with("\"remote_ip\":\"127.0.0.1\",\"kind\":\"http\",\"tls_version\":null}"),
+            j.ends_with(
+                "\"remote_ip\":\"127.0.0.1\",\"kind\":\"http\",\"tls_version\":null,\
+                 \"dns_rcode\":null,\"dns_answers\":null}"
+            ),
             "{j}"
         );
     }

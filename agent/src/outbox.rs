@@ -906,6 +906,7 @@ mod tests {
             remote_ip: None,
             kind: vantage_proto::ProbeKind::Http,
             tls_version: None,
+            dns: None,
         }
     }
 

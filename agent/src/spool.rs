@@ -1177,6 +1177,7 @@ pub(crate) mod tests {
             remote_ip: None,
             kind: vantage_proto::ProbeKind::Http,
             tls_version: None,
+            dns: None,
         }
     }
 

@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use vantage_common::target::{
-    check, parse_status, redact_userinfo, Address, Checked, HeaderValues, IpFamily, ProbeKind,
-    RawTarget, RedactedHeaders, StatusSpec, TargetError, DEFAULT_BODY_CAP, DEFAULT_INTERVAL,
-    DEFAULT_MAX_REDIRECTS, DEFAULT_TIMEOUT, MAX_BODY_CAP, MIN_INTERVAL,
+    check, parse_status, redact_userinfo, Address, Checked, DnsQuery, HeaderValues, IpFamily,
+    ProbeKind, RawTarget, RedactedHeaders, StatusSpec, TargetError, DEFAULT_BODY_CAP,
+    DEFAULT_INTERVAL, DEFAULT_MAX_REDIRECTS, DEFAULT_TIMEOUT, MAX_BODY_CAP, MIN_INTERVAL,
 };
 
 /// A validated target. The HTTP settings of a `tcp` or `tls` target are their defaults and
@@ -30,6 +30,8 @@ pub struct Target {
     pub send: Vec<u8>,
     /// `tcp`: what the first bytes read must be (empty: not checked).
     pub expect: Vec<u8>,
+    /// `dns`: the name, record type and resolver.
+    pub dns: Option<DnsQuery>,
     pub interval: Duration,
     pub timeout: Duration,
     pub regex: Option<regex_lite::Regex>,
@@ -57,6 +59,7 @@ impl std::fmt::Debug for Target {
             .field("url", &self.url.as_str())
             .field("send_bytes", &self.send.len())
             .field("expect", &String::from_utf8_lossy(&self.expect))
+            .field("dns", &self.dns)
             .field("interval", &self.interval)
             .field("timeout", &self.timeout)
             .field("regex", &self.regex.as_ref().map(|r| r.as_str()))
@@ -100,6 +103,7 @@ impl Target {
             address: checked.address,
             send: checked.send,
             expect: checked.expect,
+            dns: checked.dns,
             interval: raw.interval,
             timeout: raw.timeout,
             regex: checked.regex,
@@ -346,6 +350,73 @@ mod tests {
         for text in [raw_debug, spec_debug, format!("{t:?}")] {
             assert!(!text.contains("hunter2") && text.contains("+OK"), "{text}");
         }
+    }
+
+    /// Issue #20's dns kind: `query`, `query_type`, `resolver`, checked and named in errors;
+    /// through a central target set's spec and back unchanged.
+    #[test]
+    fn dns_targets_are_checked_and_travel_in_specs() {
+        let dns = |edit: &dyn Fn(&mut RawTarget)| {
+            let mut r: RawTarget = toml::from_str(
+                "id = 4\nkind = \"dns\"\nquery = \"Up.Test.\"\nquery_type = \"txt\"\n\
+                 resolver = \"127.0.0.1:5353\"\n",
+            )
+            .unwrap();
+            edit(&mut r);
+            r
+        };
+        let t = Target::from_raw(dns(&|_| {})).unwrap();
+        assert_eq!(
+            t.dns,
+            Some(DnsQuery {
+                name: "Up.Test".into(),
+                qtype: 16,
+                resolver: Some("127.0.0.1:5353".parse().unwrap()),
+            })
+        );
+        let plain = Target::from_raw(dns(&|r| {
+            r.query_type = None;
+            r.resolver = None;
+        }))
+        .unwrap();
+        let q = plain.dns.unwrap();
+        assert_eq!((q.qtype, q.resolver), (1, None));
+        let v6 = Target::from_raw(dns(&|r| r.resolver = Some("::1".into()))).unwrap();
+        assert_eq!(v6.dns.unwrap().resolver, Some("[::1]:53".parse().unwrap()));
+        let rfc3597 = Target::from_raw(dns(&|r| r.query_type = Some("TYPE65".into()))).unwrap();
+        assert_eq!(rfc3597.dns.unwrap().qtype, 65);
+        let key = |edit: &dyn Fn(&mut RawTarget)| Target::from_raw(dns(edit)).unwrap_err().key;
+        assert_eq!(key(&|r| r.query = None), "query");
+        assert_eq!(key(&|r| r.query = Some("a..b".into())), "query");
+        assert_eq!(key(&|r| r.query = Some("bücher.example".into())), "query");
+        assert_eq!(
+            key(&|r| r.query = Some(format!("{}.x", "a".repeat(64)))),
+            "query"
+        );
+        assert_eq!(key(&|r| r.query_type = Some("AXFR2".into())), "query_type");
+        assert_eq!(
+            key(&|r| r.resolver = Some("dns.example".into())),
+            "resolver"
+        );
+        assert_eq!(key(&|r| r.address = Some("h:53".into())), "address");
+        assert_eq!(key(&|r| r.regex = Some("x".into())), "regex");
+        assert_eq!(key(&|r| r.url = "http://h/".into()), "url");
+        // The dns keys on another kind: refused.
+        let mut http = raw("http://h/");
+        http.query = Some("up.test".into());
+        assert_eq!(Target::from_raw(http).unwrap_err().key, "query");
+        let spec = crate::target_set::spec_from_raw(&dns(&|_| {})).unwrap();
+        assert_eq!(spec.url.as_str(), "Up.Test.");
+        let back = vantage_common::target_spec::raw_from_spec(&spec);
+        assert_eq!(
+            (
+                back.query.as_deref(),
+                back.query_type.as_deref(),
+                back.resolver.as_deref()
+            ),
+            (Some("Up.Test."), Some("TXT"), Some("127.0.0.1:5353"))
+        );
+        assert_eq!(Target::from_raw(back).unwrap().dns, t.dns);
     }
 
     #[test]

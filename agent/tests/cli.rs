@@ -184,6 +184,48 @@ fn probe_kind_tcp_and_its_refusals() {
     assert!(stderr.contains("--kind"), "{stderr}");
 }
 
+/// Issue #20: `probe --kind dns NAME --type --resolver`; a closed UDP port answers with ICMP
+/// port unreachable (exit 3, connect_refused), a resolver given by name is refused (exit 2).
+#[test]
+fn probe_kind_dns_and_its_refusals() {
+    let closed = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let (code, stdout, stderr) = run_code(&[
+        "probe",
+        "--json",
+        "--kind",
+        "dns",
+        "up.test",
+        "--type",
+        "TXT",
+        "--resolver",
+        &closed,
+    ]);
+    assert_eq!(code, Some(3), "{stderr}");
+    assert!(
+        stdout.contains("\"outcome\":\"connect_refused\"")
+            && stdout.contains("\"kind\":\"dns\"")
+            && stdout.contains("\"dns_rcode\":null"),
+        "{stdout}"
+    );
+    let (code, _, stderr) = run_code(&[
+        "probe",
+        "--kind",
+        "dns",
+        "up.test",
+        "--resolver",
+        "ns.example",
+    ]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("--resolver:"), "{stderr}");
+    let (code, _, stderr) = run_code(&["probe", "--kind", "dns", "up.test", "--type", "NOPE"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("--type:"), "{stderr}");
+}
+
 #[test]
 fn every_subcommand_has_help_with_an_example() {
     cli::checked_help(BIN, "vantage-agent");

@@ -1,6 +1,6 @@
 //! One target's probe settings as written (TOML, a central target set): the raw serde shape
 //! ([`RawTarget`]) and the checks every reader runs on it ([`check`]), without reading any file
-//! or environment variable. A target's `kind` (issue #20: `http`, `tcp`, `tls`) decides which
+//! or environment variable. A target's `kind` (issue #20: `http`, `tcp`, `tls`, `dns`) decides which
 //! keys apply; a key that does not apply to its kind is refused, naming the key. The agent turns the result into the target it probes with (TLS
 //! settings, header values kept on the agent); `vantage-ingester targets apply` runs the same
 //! checks before it publishes a set.
@@ -56,6 +56,14 @@ pub struct RawTarget {
     /// `tcp`: text the first bytes the peer sends must be (a banner: `SSH-2.0-`, `+PONG`);
     /// read until they match, differ or the deadline passes (at most 256 bytes).
     pub expect: Option<String>,
+    /// `dns`: the name asked for (required), e.g. `example.org`.
+    pub query: Option<String>,
+    /// `dns`: the record type asked for: `A` (default), `AAAA`, `TXT`, `MX`, `NS`, `CNAME`,
+    /// `SOA`, `PTR`, `SRV`, `CAA`, `HTTPS`, ... or `TYPE<n>` (RFC 3597).
+    pub query_type: Option<String>,
+    /// `dns`: the resolver to ask, `ip` or `ip:port` (`[v6]:port`; port 53 by default). Absent:
+    /// the first `nameserver` of the agent's `/etc/resolv.conf`.
+    pub resolver: Option<String>,
     /// Time between two probes (default 30s, at least 100ms).
     #[serde(default = "default_interval", with = "humantime_serde")]
     pub interval: Duration,
@@ -127,6 +135,9 @@ impl std::fmt::Debug for RawTarget {
             .field("address", &self.address)
             .field("send", &self.send.as_ref().map(|_| "<redacted>"))
             .field("expect", &self.expect)
+            .field("query", &self.query)
+            .field("query_type", &self.query_type)
+            .field("resolver", &self.resolver)
             .field("interval", &self.interval)
             .field("timeout", &self.timeout)
             .field("regex", &self.regex)
@@ -286,6 +297,9 @@ impl RawTarget {
             address: None,
             send: None,
             expect: None,
+            query: None,
+            query_type: None,
+            resolver: None,
             interval: DEFAULT_INTERVAL,
             timeout: DEFAULT_TIMEOUT,
             regex: None,
@@ -319,6 +333,8 @@ pub struct Checked {
     pub send: Vec<u8>,
     /// `tcp`: what the first bytes read must be (empty: not checked).
     pub expect: Vec<u8>,
+    /// `dns`: what to ask and whom.
+    pub dns: Option<DnsQuery>,
     pub regex: Option<regex_lite::Regex>,
     pub method: http::Method,
     /// The literal headers, then the ones `refs` returned, then `Authorization: Basic` from the
@@ -347,7 +363,141 @@ pub fn check(
     match raw.kind {
         ProbeKind::Http => check_http(raw, refs),
         ProbeKind::Tcp | ProbeKind::Tls => check_endpoint(raw),
+        ProbeKind::Dns => check_dns(raw),
     }
+}
+
+/// A `dns` target's query: the name, the record type, the resolver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsQuery {
+    /// The name asked for, without a final dot (every label 1-63 bytes, at most 253 in all).
+    pub name: String,
+    /// The record type (RFC 1035 TYPE number).
+    pub qtype: u16,
+    /// Whom to ask; None: the agent's resolver from `/etc/resolv.conf`.
+    pub resolver: Option<std::net::SocketAddr>,
+}
+
+/// Record types by name (IANA "Resource Record (RR) TYPEs"), for `query_type`.
+const QUERY_TYPES: [(&str, u16); 16] = [
+    ("A", 1),
+    ("NS", 2),
+    ("CNAME", 5),
+    ("SOA", 6),
+    ("PTR", 12),
+    ("MX", 15),
+    ("TXT", 16),
+    ("AAAA", 28),
+    ("SRV", 33),
+    ("NAPTR", 35),
+    ("DS", 43),
+    ("DNSKEY", 48),
+    ("SVCB", 64),
+    ("HTTPS", 65),
+    ("ANY", 255),
+    ("CAA", 257),
+];
+
+/// The TYPE number of `text`: a name of [`QUERY_TYPES`] (any case) or `TYPE<n>` (RFC 3597).
+pub fn parse_query_type(text: &str) -> Result<u16, String> {
+    let upper = text.to_ascii_uppercase();
+    if let Some(&(_, n)) = QUERY_TYPES.iter().find(|(name, _)| *name == upper) {
+        return Ok(n);
+    }
+    upper
+        .strip_prefix("TYPE")
+        .and_then(|n| n.parse::<u16>().ok())
+        .filter(|n| *n != 0)
+        .ok_or_else(|| {
+            format!("{text:?} is not a record type (A, AAAA, TXT, MX, ... or TYPE<number>)")
+        })
+}
+
+/// The name `query_type` writes for TYPE number `n` (`TYPE<n>` when it has none here).
+pub fn query_type_name(n: u16) -> String {
+    QUERY_TYPES
+        .iter()
+        .find(|(_, t)| *t == n)
+        .map_or_else(|| format!("TYPE{n}"), |(name, _)| (*name).to_owned())
+}
+
+/// Port of a resolver given without one.
+pub const DNS_PORT: u16 = 53;
+
+/// A resolver address: `ip`, `ip:port` or `[v6]:port` (no name: it would need a resolver).
+pub fn parse_resolver(text: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(addr) = text.parse::<std::net::SocketAddr>() {
+        return Ok(addr);
+    }
+    text.parse::<std::net::IpAddr>()
+        .map(|ip| std::net::SocketAddr::new(ip, DNS_PORT))
+        .map_err(|_| format!("{text:?} is not an IP address or ip:port ([v6]:port)"))
+}
+
+/// Checks a name to ask for: ASCII letters, digits, `-`, `_` and dots, labels of 1-63 bytes,
+/// at most 253 bytes (RFC 1035 2.3.4); a final dot is dropped.
+fn check_query_name(text: &str) -> Result<String, String> {
+    let name = text.strip_suffix('.').unwrap_or(text);
+    if name.is_empty() || name.len() > 253 {
+        return Err(format!("{text:?} is not a name of 1-253 bytes"));
+    }
+    for label in name.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err(format!(
+                "{text:?} has a label that is empty or over 63 bytes"
+            ));
+        }
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'*')
+        {
+            return Err(format!(
+                "{text:?} is not an ASCII name (write an internationalised name in its xn-- form)"
+            ));
+        }
+    }
+    Ok(name.to_owned())
+}
+
+/// A `dns` target: `query` (required), `query_type`, `resolver`.
+fn check_dns(raw: &RawTarget) -> Result<Checked, TargetError> {
+    let err = |key: &'static str, reason: String| TargetError { key, reason };
+    let text = raw.query.as_deref().ok_or_else(|| {
+        err(
+            "query",
+            "a dns target needs `query = \"name\"`, the name to ask for".into(),
+        )
+    })?;
+    let name = check_query_name(text).map_err(|r| err("query", r))?;
+    let qtype = match raw.query_type.as_deref() {
+        None => 1,
+        Some(t) => parse_query_type(t).map_err(|r| err("query_type", r))?,
+    };
+    let resolver = raw
+        .resolver
+        .as_deref()
+        .map(parse_resolver)
+        .transpose()
+        .map_err(|r| err("resolver", r))?;
+    check_schedule(raw)?;
+    // For logs and `Debug` only.
+    let url = url::Url::parse(&format!("dns:{name}?type={}", query_type_name(qtype)))
+        .map_err(|e| err("query", format!("{text:?}: {e}")))?;
+    Ok(Checked {
+        url,
+        address: None,
+        send: Vec::new(),
+        expect: Vec::new(),
+        dns: Some(DnsQuery {
+            name,
+            qtype,
+            resolver,
+        }),
+        regex: None,
+        method: http::Method::GET,
+        headers: Vec::new(),
+        accepted_status: vec![200..=299],
+    })
 }
 
 /// The keys that have no meaning for `raw`'s kind, set anyway: refused rather than ignored
@@ -356,10 +506,14 @@ pub fn check(
 fn check_applicable(raw: &RawTarget) -> Result<(), TargetError> {
     let kind = raw.kind;
     let http = kind == ProbeKind::Http;
-    let set: [(&'static str, bool, bool); 15] = [
+    let dns = kind == ProbeKind::Dns;
+    let set: [(&'static str, bool, bool); 18] = [
         // (key, set, applies)
         ("url", !raw.url.is_empty(), http),
-        ("address", raw.address.is_some(), !http),
+        ("address", raw.address.is_some(), !http && !dns),
+        ("query", raw.query.is_some(), dns),
+        ("query_type", raw.query_type.is_some(), dns),
+        ("resolver", raw.resolver.is_some(), dns),
         ("send", raw.send.is_some(), kind == ProbeKind::Tcp),
         ("expect", raw.expect.is_some(), kind == ProbeKind::Tcp),
         ("regex", raw.regex.is_some(), http),
@@ -375,14 +529,22 @@ fn check_applicable(raw: &RawTarget) -> Result<(), TargetError> {
         ),
         ("body_cap", raw.body_cap != DEFAULT_BODY_CAP, http),
         ("allow_downgrade", raw.allow_downgrade, http),
-        ("ca_file", raw.ca_file.is_some(), kind != ProbeKind::Tcp),
+        (
+            "ca_file",
+            raw.ca_file.is_some(),
+            !matches!(kind, ProbeKind::Tcp | ProbeKind::Dns),
+        ),
         (
             "tls_skip_verify",
             raw.tls_skip_verify,
-            kind != ProbeKind::Tcp,
+            !matches!(kind, ProbeKind::Tcp | ProbeKind::Dns),
         ),
     ];
     match set.iter().find(|(_, set, applies)| *set && !applies) {
+        Some(("url", ..)) if dns => Err(TargetError {
+            key: "url",
+            reason: "a dns target has no URL: it asks for `query = \"name\"`".into(),
+        }),
         Some(("url", ..)) => Err(TargetError {
             key: "url",
             reason: format!(
@@ -449,6 +611,7 @@ fn check_endpoint(raw: &RawTarget) -> Result<Checked, TargetError> {
         address: Some(address),
         send,
         expect,
+        dns: None,
         regex: None,
         method: http::Method::GET,
         headers: Vec::new(),
@@ -534,6 +697,7 @@ fn check_http(
         address: None,
         send: Vec::new(),
         expect: Vec::new(),
+        dns: None,
         regex,
         method,
         headers,

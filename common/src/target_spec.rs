@@ -11,7 +11,9 @@ use vantage_proto::control::{
 };
 use vantage_proto::ProbeKind;
 
-use crate::target::{check, IpFamily, RawTarget, StatusSpec, TargetError};
+use crate::target::{
+    check, parse_query_type, query_type_name, IpFamily, RawTarget, StatusSpec, TargetError,
+};
 
 /// A [`RawTarget`] in wire form. Fails (naming the key) when a value does not fit the wire
 /// format's capacities.
@@ -90,16 +92,29 @@ pub fn spec_from_raw(raw: &RawTarget) -> Result<TargetSpec, TargetError> {
             "send" => TargetOption::Send(text),
             _ => TargetOption::Expect(text),
         };
-        // Capacity: at most three options exist.
+        // Capacity: a target has at most three options (send, expect, allow_downgrade; or
+        // query_type and resolver), MAX_OPTIONS is 8.
         let _ = options.push(option);
     }
     if raw.allow_downgrade {
         let _ = options.push(TargetOption::AllowDowngrade);
     }
+    if let Some(t) = &raw.query_type {
+        let qtype = parse_query_type(t).map_err(|reason| TargetError {
+            key: "query_type",
+            reason,
+        })?;
+        let _ = options.push(TargetOption::QueryType(qtype));
+    }
+    if let Some(r) = &raw.resolver {
+        let _ = options.push(TargetOption::Resolver(fit("resolver", r)?));
+    }
     // `url` carries the address of a tcp or tls target (the field is "what is probed").
     let (key, target) = match raw.kind {
         ProbeKind::Http => ("url", raw.url.as_str()),
         ProbeKind::Tcp | ProbeKind::Tls => ("address", raw.address.as_deref().unwrap_or_default()),
+        // and the name a dns target asks for.
+        ProbeKind::Dns => ("query", raw.query.as_deref().unwrap_or_default()),
     };
     Ok(TargetSpec {
         id: raw.id,
@@ -135,6 +150,7 @@ pub fn spec_from_raw(raw: &RawTarget) -> Result<TargetSpec, TargetError> {
 /// The config-file form of a received spec (then validated by [`check`] and, on the agent, made a probe target).
 pub fn raw_from_spec(spec: &TargetSpec) -> RawTarget {
     let http = spec.kind == ProbeKind::Http;
+    let dns = spec.kind == ProbeKind::Dns;
     let text = |want: fn(&TargetOption) -> Option<&str>| {
         spec.options.iter().find_map(want).map(str::to_owned)
     };
@@ -147,7 +163,16 @@ pub fn raw_from_spec(spec: &TargetSpec) -> RawTarget {
         } else {
             String::new()
         },
-        address: (!http).then(|| spec.url.to_string()),
+        address: (!http && !dns).then(|| spec.url.to_string()),
+        query: dns.then(|| spec.url.to_string()),
+        query_type: spec.options.iter().find_map(|o| match o {
+            TargetOption::QueryType(t) => Some(query_type_name(*t)),
+            _ => None,
+        }),
+        resolver: text(|o| match o {
+            TargetOption::Resolver(r) => Some(r.as_str()),
+            _ => None,
+        }),
         send: text(|o| match o {
             TargetOption::Send(t) => Some(t.as_str()),
             _ => None,

@@ -66,11 +66,13 @@ fn result_frame_clocks() {
 #[test]
 fn result_frame_kinds() {
     // Version 4, boot id, one result: head status 200 + extension, presence 0; then the
-    // extension byte tcp (or the input as the extension byte).
+    // extension byte tcp (or the input as the extension byte, or dns with a reply).
     const TCP_HEAD: &[u8] = &[4, 1, 2, 3, 4, 5, 6, 7, 8, 1, 0x90, 0, 1];
     const EXT_HEAD: &[u8] = &[4, 1, 2, 3, 4, 5, 6, 7, 8, 1, 0x90, 0];
+    // The dns kind (issue #20): extension dns + second byte, second byte "DNS reply".
+    const DNS_HEAD: &[u8] = &[4, 1, 2, 3, 4, 5, 6, 7, 8, 1, 0x90, 0, 0x83, 1];
     bolero::check!().for_each(|bytes: &[u8]| {
-        for head in [TCP_HEAD, EXT_HEAD] {
+        for head in [TCP_HEAD, EXT_HEAD, DNS_HEAD] {
             round_trips(&[head, bytes].concat());
         }
     });
@@ -183,6 +185,48 @@ fn ack_frames() {
         if let Some(ack) = round_trip::<_, MAX_ACK_LEN>(bytes, decode_ack, encode_ack) {
             assert!(ack.ranges.len() <= MAX_ACK_RANGES);
             assert!(ack.ranges.iter().all(|r| r.first <= r.last));
+        }
+    });
+}
+
+/// The `dns` probe's reply parser (a reply is input from anyone on the path): total over any
+/// bytes; what it reads agrees with the header's bytes; a truncated reply is read by its
+/// header; every record it accepted fits in the reply.
+#[test]
+fn dns_replies() {
+    use vantage_fuzz::dns_wire::{encode_query, parse_reply, ParseError};
+    // A reply head to start from: id 0x1234, QR RD RA, one question (up.test A), one answer.
+    let head = [
+        &encode_query(0x1234, "up.test", 1)[..],
+        &[0xC0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4],
+    ]
+    .concat();
+    bolero::check!().for_each(|bytes: &[u8]| {
+        for input in [bytes.to_vec(), [&head[..], bytes].concat()] {
+            let mut input = input;
+            if input.len() >= 4 && input.len() > bytes.len() {
+                input[2] |= 0x80; // make the started-from head a response
+                input[6..8].copy_from_slice(&1u16.to_be_bytes());
+            }
+            match parse_reply(&input, "up.test", 1) {
+                Ok(reply) => {
+                    assert!(input.len() >= 12);
+                    assert_eq!(reply.id, u16::from_be_bytes([input[0], input[1]]));
+                    assert_eq!(reply.answers, u16::from_be_bytes([input[6], input[7]]));
+                    assert_eq!(reply.rcode, u16::from(input[3] & 0x0F));
+                    assert_eq!(reply.truncated, input[2] & 0x02 != 0);
+                    // Not truncated: every record was walked, so each took at least 11 bytes.
+                    if !reply.truncated {
+                        let records: usize = [6, 8, 10]
+                            .iter()
+                            .map(|&i| usize::from(u16::from_be_bytes([input[i], input[i + 1]])))
+                            .sum();
+                        assert!(12 + records * 11 <= input.len());
+                    }
+                }
+                Err(ParseError::NotResponse) => assert!(input[2] & 0x80 == 0),
+                Err(_) => {}
+            }
         }
     });
 }

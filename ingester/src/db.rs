@@ -93,6 +93,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0016_probe_kinds.sql",
         include_str!("../../migrations/0016_probe_kinds.sql"),
     ),
+    (
+        17,
+        "0017_dns.sql",
+        include_str!("../../migrations/0017_dns.sql"),
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -504,17 +509,18 @@ const CREATE_STAGING: &str = "CREATE TEMP TABLE IF NOT EXISTS results_staging (
     status int2, outcome text, regex_match bool, total_us int4, dns_us int4, connect_us int4,
     tls_us int4, ttfb_us int4, body_bytes int4, failed_phase text, transfer_us int4,
     body_truncated bool, redirects int2, cert_not_after timestamptz, remote_ip inet,
-    clock_error_ms int4, clock_unsynced bool, kind text, tls_version text
+    clock_error_ms int4, clock_unsynced bool, kind text, tls_version text, dns_rcode int2,
+    dns_answers int4
 ) ON COMMIT DELETE ROWS";
 
 /// The written columns of the `results` view (names, not ids), in staging order (binary COPY writers use [`COLUMN_TYPES`]).
 pub const COLUMNS: &str = "region, agent, boot_id, seq, target_id, started_at, status, outcome,
     regex_match, total_us, dns_us, connect_us, tls_us, ttfb_us, body_bytes, failed_phase,
     transfer_us, body_truncated, redirects, cert_not_after, remote_ip, clock_error_ms,
-    clock_unsynced, kind, tls_version";
+    clock_unsynced, kind, tls_version, dns_rcode, dns_answers";
 
 /// The types of [`COLUMNS`], in order, for `BinaryCopyInWriter`.
-pub const COLUMN_TYPES: [tokio_postgres::types::Type; 25] = {
+pub const COLUMN_TYPES: [tokio_postgres::types::Type; 27] = {
     use tokio_postgres::types::Type;
     [
         Type::TEXT,
@@ -542,6 +548,8 @@ pub const COLUMN_TYPES: [tokio_postgres::types::Type; 25] = {
         Type::BOOL,
         Type::TEXT,
         Type::TEXT,
+        Type::INT2,
+        Type::INT4,
     ]
 };
 
@@ -618,7 +626,8 @@ pub async fn prepare_row_insert(client: &Client) -> Result<tokio_postgres::State
     Ok(client
         .prepare(&format!(
             "INSERT INTO results ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
-                    $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25)
+                    $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25,
+                    $26, $27)
              ON CONFLICT DO NOTHING"
         ))
         .await?)
@@ -648,11 +657,14 @@ struct Values {
     /// None for http: the sink sends (and stores) nothing for the common kind (0016).
     kind: Option<&'static str>,
     tls_version: Option<&'static str>,
+    /// A dns reply's RCODE and answer count (0017).
+    dns_rcode: Option<i16>,
+    dns_answers: Option<i32>,
 }
 
 impl Values {
     /// `row`'s values in [`COLUMNS`] order, as statement parameters or COPY fields.
-    fn params<'a>(&'a self, row: &'a Row) -> [&'a (dyn tokio_postgres::types::ToSql + Sync); 25] {
+    fn params<'a>(&'a self, row: &'a Row) -> [&'a (dyn tokio_postgres::types::ToSql + Sync); 27] {
         [
             &row.region,
             &row.agent,
@@ -679,6 +691,8 @@ impl Values {
             &row.clock_unsynced,
             &self.kind,
             &self.tls_version,
+            &self.dns_rcode,
+            &self.dns_answers,
         ]
     }
 
@@ -714,6 +728,9 @@ impl Values {
             remote_ip: r.remote_ip.map(std::net::IpAddr::from),
             kind: (r.kind != ProbeKind::Http).then(|| r.kind.as_str()),
             tls_version: r.tls_version.map(|v| v.as_str()),
+            // RCODEs are at most 12 bits (4095) even with EDNS: they fit.
+            dns_rcode: r.dns.map(|d| d.rcode.min(i16::MAX as u16) as i16),
+            dns_answers: r.dns.map(|d| i32::from(d.answers)),
         }
     }
 }
@@ -780,6 +797,8 @@ pub async fn insert_batch(
     let mut clock_unsynced = Vec::with_capacity(n);
     let mut kind = Vec::with_capacity(n);
     let mut tls_version = Vec::with_capacity(n);
+    let mut dns_rcode = Vec::with_capacity(n);
+    let mut dns_answers = Vec::with_capacity(n);
     for row in rows {
         let v = Values::of(row);
         region.push(row.region.as_str());
@@ -807,6 +826,8 @@ pub async fn insert_batch(
         clock_unsynced.push(row.clock_unsynced);
         kind.push(v.kind);
         tls_version.push(v.tls_version);
+        dns_rcode.push(v.dns_rcode);
+        dns_answers.push(v.dns_answers);
     }
     let tx = client.transaction().await?;
     let mut inserted = Inserted::default();
@@ -820,7 +841,8 @@ pub async fn insert_batch(
                             $10::int4[], $11::int4[], $12::int4[], $13::int4[],
                             $14::int4[], $15::int4[], $16::text[], $17::int4[],
                             $18::bool[], $19::int2[], $20::timestamptz[], $21::inet[],
-                            $22::int4[], $23::bool[], $24::text[], $25::text[])
+                            $22::int4[], $23::bool[], $24::text[], $25::text[],
+                            $26::int2[], $27::int4[])
                      AS s({COLUMNS})"
                 )),
                 &[
@@ -849,6 +871,8 @@ pub async fn insert_batch(
                     &clock_unsynced,
                     &kind,
                     &tls_version,
+                    &dns_rcode,
+                    &dns_answers,
                 ],
             )
             .await?;
@@ -869,12 +893,14 @@ fn insert_raw_from(source: &str) -> String {
                                   target_id, total_us, body_bytes, dns_us, connect_us, tls_us,
                                   ttfb_us, transfer_us, region_id, outcome_id, failed_phase_id,
                                   status, redirects, regex_match, body_truncated, remote_ip,
-                                  clock_error_ms, clock_unsynced, kind_id, tls_version)
+                                  clock_error_ms, clock_unsynced, kind_id, tls_version, dns_rcode,
+                                  dns_answers)
          SELECT s.boot_id, s.seq, s.started_at, t.now, s.cert_not_after, a.agent_id, s.target_id,
                 s.total_us, s.body_bytes, s.dns_us, s.connect_us, s.tls_us, s.ttfb_us,
                 s.transfer_us, g.region_id, o.outcome_id, p.phase_id, s.status, s.redirects,
                 s.regex_match, s.body_truncated, s.remote_ip, s.clock_error_ms, s.clock_unsynced,
-                nullif(k.kind_id, 0), vantage_tls_version_code(s.tls_version)
+                nullif(k.kind_id, 0), vantage_tls_version_code(s.tls_version), s.dns_rcode,
+                s.dns_answers
            FROM {source}
            JOIN agents AS a ON a.agent = s.agent
            JOIN regions AS g ON g.region = s.region

@@ -34,7 +34,7 @@ pub enum Format {
 
 /// Targets × regions over the last `since` (whole minute buckets below 6 hours, whole hour
 /// buckets from 6 hours on); with `kind`, only the targets of that probe kind (`http`, `tcp`,
-/// `tls`; migration 0016's `region_comparison(since, target, of_kind)`).
+/// `tls`, `dns`; migration 0016's `region_comparison(since, target, of_kind)`).
 pub async fn query(
     client: &Client,
     since: Duration,

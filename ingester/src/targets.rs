@@ -943,6 +943,23 @@ agents = ["eu-north/pi-lab"]
         );
         let err = parse(&text.replace("10.0.0.2:22", "10.0.0.2")).unwrap_err();
         assert!(err.contains("targets[0] (\"ssh\").address:"), "{err}");
+        // The dns kind: the name in the spec's url, its type and resolver as options; a
+        // resolver given by name is refused where the file says it.
+        let dns = "regions = [\"eu\"]\n[[targets]]\nname = \"zone\"\nkind = \"dns\"\n\
+                   query = \"example.org\"\nquery_type = \"AAAA\"\nresolver = \"192.0.2.53\"\n";
+        let spec = &parse(dns).unwrap().targets[0].spec;
+        assert_eq!(
+            (spec.kind, spec.url.as_str()),
+            (vantage_proto::ProbeKind::Dns, "example.org")
+        );
+        let json = spec_json(spec);
+        assert_eq!(json["kind"], "dns");
+        assert_eq!(json["options"][0]["QueryType"], 28);
+        assert_eq!(json["options"][1]["Resolver"], "192.0.2.53");
+        let err = parse(&dns.replace("192.0.2.53", "ns.example")).unwrap_err();
+        assert!(err.contains("targets[0] (\"zone\").resolver:"), "{err}");
+        let err = parse(&dns.replace("query = \"example.org\"\n", "")).unwrap_err();
+        assert!(err.contains("targets[0] (\"zone\").query:"), "{err}");
     }
 
     /// Issue #14 item 13: `targets check` (which is `TargetsFile::load`) refuses what `apply`

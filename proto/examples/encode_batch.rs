@@ -50,6 +50,7 @@ fn fill(batch: &mut Batch) {
         remote_ip: Some(IpAddress::V4([192, 0, 2, 10])),
         kind: vantage_proto::ProbeKind::Http,
         tls_version: None,
+        dns: None,
     };
     let timed_out = ProbeResult {
         seq: 42,

@@ -63,6 +63,8 @@ pub const MAX_STATUS_RANGES: usize = 8;
 pub const MAX_PATH_LEN: usize = 256;
 /// Capacity of a `tcp` target's `send` and `expect` text.
 pub const MAX_PROBE_TEXT_LEN: usize = 256;
+/// Capacity of a `dns` target's resolver address (`ip:port`, `[v6]:port`).
+pub const MAX_RESOLVER_LEN: usize = 64;
 /// Most [`TargetOption`]s per target.
 pub const MAX_OPTIONS: usize = 8;
 /// Capacity of a version string in a status.
@@ -161,6 +163,12 @@ pub enum TargetOption {
     Expect(String<MAX_PROBE_TEXT_LEN>),
     /// `http`: follow redirects from `https` to `http`.
     AllowDowngrade,
+    // ---- appended for the `dns` kind (issue #20) ----
+    /// `dns`: the record type asked for (its RFC 1035 TYPE number: 1 A, 28 AAAA, 16 TXT...);
+    /// absent: A.
+    QueryType(u16),
+    /// `dns`: the resolver asked (`ip:port`); absent: the agent's own (`/etc/resolv.conf`).
+    Resolver(String<MAX_RESOLVER_LEN>),
 }
 
 impl core::fmt::Debug for TargetOption {
@@ -169,6 +177,8 @@ impl core::fmt::Debug for TargetOption {
             TargetOption::Send(_) => f.write_str("Send(<redacted>)"),
             TargetOption::Expect(t) => f.debug_tuple("Expect").field(&t.as_str()).finish(),
             TargetOption::AllowDowngrade => f.write_str("AllowDowngrade"),
+            TargetOption::QueryType(t) => f.debug_tuple("QueryType").field(t).finish(),
+            TargetOption::Resolver(r) => f.debug_tuple("Resolver").field(&r.as_str()).finish(),
         }
     }
 }
@@ -180,6 +190,8 @@ impl defmt::Format for TargetOption {
             TargetOption::Send(_) => defmt::write!(f, "Send(<redacted>)"),
             TargetOption::Expect(t) => defmt::write!(f, "Expect({=str})", t.as_str()),
             TargetOption::AllowDowngrade => defmt::write!(f, "AllowDowngrade"),
+            TargetOption::QueryType(t) => defmt::write!(f, "QueryType({=u16})", t),
+            TargetOption::Resolver(r) => defmt::write!(f, "Resolver({=str})", r.as_str()),
         }
     }
 }
@@ -195,7 +207,7 @@ impl defmt::Format for TargetOption {
 pub struct TargetSpec {
     pub id: u32,
     pub name: String<MAX_NAME_LEN>,
-    /// `http`: the URL; `tcp` and `tls`: `host:port`.
+    /// `http`: the URL; `tcp` and `tls`: `host:port`; `dns`: the name asked for.
     pub url: String<MAX_URL_LEN>,
     pub interval_ms: u32,
     pub timeout_ms: u32,

@@ -10,7 +10,8 @@ use crate::{MAX_GAPS, MAX_RESULTS};
 /// version 1; 11–17 since version 2; 18 (`AddressRefused`) was appended within version 2: a
 /// version 2 decoder older than it rejects a frame carrying it as malformed (dead-lettered by
 /// an old bridge), so upgrade the ingester before the agents. The same holds for the kinds
-/// 19–23 (the "issue 13" block below), 24 (`Missed`) and 25 (`ExpectMismatch`, issue 20).
+/// 19–23 (the "issue 13" block below), 24 (`Missed`), 25 (`ExpectMismatch`, issue 20) and 26
+/// (`DnsServerFailure`, issue 20's `dns` kind).
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum Outcome {
@@ -20,7 +21,9 @@ pub enum Outcome {
     StatusNotAccepted,
     /// The body was read to its end but the configured regex did not match it.
     RegexNotMatched,
-    /// Name resolution failed for another reason than "no such name" (server failure, ...).
+    /// Name resolution failed for another reason than "no such name" (server failure, ...;
+    /// kind `dns`: a response code without its own kind, REFUSED or NOTIMP, in
+    /// [`DnsReply::rcode`]).
     DnsFailed,
     /// The TCP connection was actively refused.
     ConnectRefused,
@@ -32,11 +35,13 @@ pub enum Outcome {
     Timeout,
     /// The peer reset or closed the connection mid-exchange.
     ConnectionReset,
-    /// The server spoke something that is not valid HTTP/1.1.
+    /// The server spoke something that is not valid HTTP/1.1 (kind `dns`: a reply that is not
+    /// a DNS message).
     ProtocolError,
     /// Any other failure on the agent side.
     Other,
-    /// The name does not exist (NXDOMAIN) or has no address.
+    /// The name does not exist (NXDOMAIN) or has no address (kind `dns`: NXDOMAIN, or NOERROR
+    /// without a record of the type asked; [`DnsReply::rcode`] tells them apart).
     DnsNoSuchName,
     /// The deadline passed while connecting.
     ConnectTimeout,
@@ -80,11 +85,16 @@ pub enum Outcome {
     /// expected ones (a banner of another service, an error line). No phase: an answer arrived
     /// and was checked, as for [`Outcome::RegexNotMatched`].
     ExpectMismatch,
+    /// A `dns` probe's resolver answered SERVFAIL (RCODE 2): it could not resolve the name
+    /// (an upstream failed or refused, a broken DNSSEC chain). Phase `dns`. (An NXDOMAIN answer
+    /// is [`Outcome::DnsNoSuchName`]; other error codes, REFUSED or NOTIMP, are
+    /// [`Outcome::DnsFailed`] with the code in [`DnsReply::rcode`].)
+    DnsServerFailure,
 }
 
 impl Outcome {
     /// Every variant, in wire order.
-    pub const ALL: [Outcome; 26] = [
+    pub const ALL: [Outcome; 27] = [
         Outcome::Up,
         Outcome::StatusNotAccepted,
         Outcome::RegexNotMatched,
@@ -114,6 +124,7 @@ impl Outcome {
         Outcome::Missed,
         // issue 20
         Outcome::ExpectMismatch,
+        Outcome::DnsServerFailure,
     ];
 
     /// The stable snake_case name used in logs and in PostgreSQL.
@@ -148,6 +159,7 @@ impl Outcome {
             Outcome::Missed => "missed",
             // issue 20
             Outcome::ExpectMismatch => "expect_mismatch",
+            Outcome::DnsServerFailure => "dns_server_failure",
         }
     }
 }
@@ -223,11 +235,19 @@ pub enum ProbeKind {
     Tcp,
     /// A TLS handshake to host:port: protocol version, certificate expiry, verification.
     Tls,
+    /// A DNS query (a name and a record type) to a resolver: response code, answer count,
+    /// query time.
+    Dns,
 }
 
 impl ProbeKind {
     /// Every variant, in wire order.
-    pub const ALL: [ProbeKind; 3] = [ProbeKind::Http, ProbeKind::Tcp, ProbeKind::Tls];
+    pub const ALL: [ProbeKind; 4] = [
+        ProbeKind::Http,
+        ProbeKind::Tcp,
+        ProbeKind::Tls,
+        ProbeKind::Dns,
+    ];
 
     /// The stable name used in configuration, logs and PostgreSQL.
     pub const fn as_str(self) -> &'static str {
@@ -235,6 +255,7 @@ impl ProbeKind {
             ProbeKind::Http => "http",
             ProbeKind::Tcp => "tcp",
             ProbeKind::Tls => "tls",
+            ProbeKind::Dns => "dns",
         }
     }
 
@@ -278,6 +299,17 @@ impl TlsVersion {
             TlsVersion::Tls13 => 0x0304,
         }
     }
+}
+
+/// What a DNS resolver answered (kind `dns`; version 4): the response code and how many
+/// records the answer section holds.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct DnsReply {
+    /// RCODE (RFC 1035 4.1.1; 0 NOERROR, 2 SERVFAIL, 3 NXDOMAIN, 5 REFUSED, ...).
+    pub rcode: u16,
+    /// ANCOUNT: the records of the answer section (CNAMEs on the way included).
+    pub answers: u16,
 }
 
 /// An IP address without std (`core::net` types have no serde support in no_std serde).
@@ -357,6 +389,9 @@ pub struct ProbeResult {
     /// The TLS protocol version negotiated (kind `tls`; version 4).
     #[serde(skip)]
     pub tls_version: Option<TlsVersion>,
+    /// What the resolver answered (kind `dns`, when an answer arrived; version 4).
+    #[serde(skip)]
+    pub dns: Option<DnsReply>,
 }
 
 impl ProbeResult {
@@ -390,13 +425,14 @@ impl ProbeResult {
             remote_ip: None,
             kind: ProbeKind::Http,
             tls_version: None,
+            dns: None,
         }
     }
 
     /// Whether frame versions 1 to 3 can carry this result: an `http` result without the
     /// fields version 4 added.
     pub fn fits_v3(&self) -> bool {
-        self.kind == ProbeKind::Http && self.tls_version.is_none()
+        self.kind == ProbeKind::Http && self.tls_version.is_none() && self.dns.is_none()
     }
 }
 

@@ -58,7 +58,7 @@
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::{Batch, ClockHealth, Error, Gap, IpAddress, Outcome, Phase, ProbeResult, RegexOutcome};
-use crate::{ProbeKind, TlsVersion, MAX_GAPS, MAX_RESULTS};
+use crate::{DnsReply, ProbeKind, TlsVersion, MAX_GAPS, MAX_RESULTS};
 
 /// The version byte of this format.
 pub const VERSION: u8 = 3;
@@ -76,7 +76,12 @@ const HEAD_EXT: u8 = 1 << 7;
 // Version 4's extension byte (crate::v4 has the table).
 const EXT_KIND_MASK: u8 = 0x0F;
 const EXT_TLS_VERSION: u8 = 1 << 4;
-const EXT_RESERVED: u8 = !(EXT_KIND_MASK | EXT_TLS_VERSION);
+/// A second extension byte follows the first.
+const EXT_SECOND: u8 = 1 << 7;
+const EXT_RESERVED: u8 = !(EXT_KIND_MASK | EXT_TLS_VERSION | EXT_SECOND);
+// The second extension byte.
+const EXT2_DNS: u8 = 1 << 0;
+const EXT2_RESERVED: u8 = !EXT2_DNS;
 
 const ADDRESS_SHIFT: u8 = 5;
 const ADDRESS_MASK: u8 = 0b11 << ADDRESS_SHIFT;
@@ -235,6 +240,7 @@ fn put_result(
 ) -> Result<(), Error> {
     // Version 3 has no place for a kind: refused, never dropped.
     let ext = (!r.fits_v3()).then(|| ext_byte(r));
+    let ext2 = second_ext_byte(r);
     if ext.is_some() && version == VERSION {
         return Err(Error::Unrepresentable);
     }
@@ -276,6 +282,9 @@ fn put_result(
     w.byte(presence)?;
     if let Some(ext) = ext {
         w.byte(ext)?;
+        if ext2 != 0 {
+            w.byte(ext2)?;
+        }
     }
     w.put(&r.outcome)?;
     if let Some(phase) = r.failed_phase {
@@ -311,6 +320,10 @@ fn put_result(
     if let Some(v) = r.tls_version {
         w.put(&v)?;
     }
+    if let Some(d) = r.dns {
+        w.put(&d.rcode)?;
+        w.put(&d.answers)?;
+    }
     Ok(())
 }
 
@@ -322,7 +335,21 @@ fn ext_byte(r: &ProbeResult) -> u8 {
     } else {
         0
     };
+    ext |= if second_ext_byte(r) != 0 {
+        EXT_SECOND
+    } else {
+        0
+    };
     ext
+}
+
+/// Version 4's second extension byte of `r` (0: none).
+fn second_ext_byte(r: &ProbeResult) -> u8 {
+    if r.dns.is_some() {
+        EXT2_DNS
+    } else {
+        0
+    }
 }
 
 fn take_result(
@@ -339,6 +366,14 @@ fn take_result(
         return Err(Error::Malformed);
     } else {
         Some(r.byte()?)
+    };
+    let ext2 = match ext {
+        Some(e) if e & EXT_SECOND != 0 => match r.byte()? {
+            // Reserved bits as in the first byte; a byte of 0 would not be there.
+            e2 if e2 & EXT2_RESERVED != 0 || e2 == 0 => return Err(Error::Malformed),
+            e2 => e2,
+        },
+        _ => 0,
     };
     let kind = match ext {
         None => ProbeKind::Http,
@@ -420,6 +455,7 @@ fn take_result(
         remote_ip: None,
         kind,
         tls_version: None,
+        dns: None,
     };
     if presence & CERT != 0 {
         let delta: i64 = r.take()?;
@@ -437,6 +473,12 @@ fn take_result(
     };
     if ext.is_some_and(|e| e & EXT_TLS_VERSION != 0) {
         result.tls_version = Some(r.take::<TlsVersion>()?);
+    }
+    if ext2 & EXT2_DNS != 0 {
+        result.dns = Some(DnsReply {
+            rcode: r.take()?,
+            answers: r.take()?,
+        });
     }
     Ok(result)
 }

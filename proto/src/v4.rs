@@ -11,16 +11,27 @@
 //! | head | always | as version 3; bit 7: an extension byte follows the presence byte |
 //! | presence | always | as version 3 |
 //! | extension | head bit 7 | see below |
+//! | second extension | extension bit 7 | see below |
 //! | outcome … address | | as version 3 |
 //! | TLS version | extension bit 4 | variant index of [`crate::TlsVersion`] |
+//! | DNS reply | second extension byte, bit 0 | varint RCODE, varint answer count ([`crate::DnsReply`]) |
 //!
 //! The extension byte:
 //!
 //! | bits | meaning |
 //! |---|---|
-//! | 0–3 | the kind: variant index of [`crate::ProbeKind`] (0 http, 1 tcp, 2 tls; up to 15 kinds) |
+//! | 0–3 | the kind: variant index of [`crate::ProbeKind`] (0 http, 1 tcp, 2 tls, 3 dns; up to 15 kinds) |
 //! | 4 | TLS version present (kind `tls`) |
-//! | 5–7 | reserved (0), for the fields of the kinds still to come, each appended at the end of the result in bit order: planned are 5 = address family of `ip_family = "both"`, 6 = negotiated HTTP version, 7 = a second extension byte (ping rtt min/avg/max and loss, DNS rcode and answer count, ...) |
+//! | 5–6 | reserved (0), for the fields of the kinds still to come, each appended at the end of the result in bit order: planned are 5 = address family of `ip_family = "both"`, 6 = negotiated HTTP version |
+//! | 7 | a second extension byte follows this one (its fields come after those of bits 4–6) |
+//!
+//! The second extension byte (issue #20's `dns` kind; present only when one of its bits is set,
+//! so a byte of 0 is refused as not canonical):
+//!
+//! | bits | meaning |
+//! |---|---|
+//! | 0 | DNS reply present (kind `dns`, an answer arrived): RCODE and answer count |
+//! | 1–7 | reserved (0): planned are the ping fields (rtt min/avg/max, loss) |
 //!
 //! A result has an extension byte exactly when its kind is not `http` or it has a version 4
 //! field; a byte of 0 (http, nothing) is refused as not canonical. A decoder refuses a set

@@ -280,6 +280,45 @@ fn target_set_v2_golden_bytes() {
     );
 }
 
+/// A dns target (issue #20): the name asked for in `url`, its type and resolver as options.
+fn dns_spec(id: u32) -> TargetSpec {
+    let mut options = heapless::Vec::new();
+    options.push(TargetOption::QueryType(16)).unwrap();
+    options
+        .push(TargetOption::Resolver("127.0.0.1:5353".try_into().unwrap()))
+        .unwrap();
+    TargetSpec {
+        name: "zone".try_into().unwrap(),
+        url: "up.test".try_into().unwrap(),
+        kind: ProbeKind::Dns,
+        options,
+        ..tcp_spec(id)
+    }
+}
+
+const GOLDEN_TARGET_SET_V2_DNS: &[u8] = &[
+    2, 12, 1, // version 2, generation 12, one spec
+    // id 9, "zone", "up.test", then as GOLDEN_TARGET_SET_V2's version 1 fields
+    9, 4, 122, 111, 110, 101, 7, 117, 112, 46, 116, 101, 115, 116, 144, 78, 208, 15, 0, 3, 71, 69,
+    84, 0, 0, 5, 128, 128, 64, 0, 0, 0, 3, // kind dns
+    2, // two options: QueryType 16 (TXT), Resolver "127.0.0.1:5353"
+    3, 16, 4, 14, 49, 50, 55, 46, 48, 46, 48, 46, 49, 58, 53, 51, 53, 51,
+];
+
+#[test]
+fn target_set_v2_dns_golden_bytes() {
+    let header = TargetSetHeader {
+        generation: 12,
+        count: 1,
+    };
+    let mut buf = [0u8; 4096];
+    let frame = encode_target_set(&header, [&dns_spec(9)], &mut buf).unwrap();
+    assert_eq!(frame, GOLDEN_TARGET_SET_V2_DNS, "{frame:?}");
+    let mut reader = TargetSetReader::new(GOLDEN_TARGET_SET_V2_DNS).unwrap();
+    assert_eq!(reader.next(), Some(Ok(dns_spec(9))));
+    assert_eq!(reader.next(), None);
+}
+
 /// A set of http targets without options is still written as version 1, which agents from
 /// before version 2 read; one target that needs version 2 makes the whole frame version 2,
 /// and both kinds of spec read back the same.

@@ -3,8 +3,8 @@
 //! instead (and a new golden pair), never edit an existing pair.
 
 use vantage_proto::{
-    decode, encode, encode_v3, v1, Batch, ClockHealth, Error, Gap, IpAddress, Outcome, Phase,
-    ProbeKind, ProbeResult, RegexOutcome, TlsVersion, MAX_FRAME_LEN, MAX_GAPS, MAX_RESULTS,
+    decode, encode, encode_v3, v1, Batch, ClockHealth, DnsReply, Error, Gap, IpAddress, Outcome,
+    Phase, ProbeKind, ProbeResult, RegexOutcome, TlsVersion, MAX_FRAME_LEN, MAX_GAPS, MAX_RESULTS,
 };
 
 fn sample_v1() -> v1::Batch {
@@ -71,6 +71,7 @@ fn sample_v2() -> Batch {
             remote_ip: Some(IpAddress::V4([127, 0, 0, 1])),
             kind: ProbeKind::Http,
             tls_version: None,
+            dns: None,
         })
         .unwrap();
     results
@@ -290,20 +291,25 @@ fn outcome_wire_order_is_frozen() {
             "missed",
             // issue 20
             "expect_mismatch",
+            "dns_server_failure",
         ],
     );
 }
 
 #[test]
 fn kind_and_tls_version_wire_order_is_frozen() {
-    assert_wire_order(&ProbeKind::ALL, |k| k.as_str(), &["http", "tcp", "tls"]);
+    assert_wire_order(
+        &ProbeKind::ALL,
+        |k| k.as_str(),
+        &["http", "tcp", "tls", "dns"],
+    );
     for (i, k) in ProbeKind::ALL.iter().enumerate() {
         assert_eq!(
             (k.index(), ProbeKind::from_index(i as u8)),
             (i as u8, Some(*k))
         );
     }
-    assert_eq!(ProbeKind::from_index(3), None);
+    assert_eq!(ProbeKind::from_index(4), None);
     assert_wire_order(&TlsVersion::ALL, |v| v.as_str(), &["TLSv1.2", "TLSv1.3"]);
     assert_eq!(TlsVersion::ALL.map(|v| v.code()), [0x0303, 0x0304]);
 }
@@ -331,6 +337,7 @@ fn largest_batch_fits_max_frame_len() {
         remote_ip: Some(IpAddress::V6([0xFF; 16])),
         kind: ProbeKind::Http,
         tls_version: None,
+        dns: None,
     };
     let mut results = heapless::Vec::new();
     for _ in 0..MAX_RESULTS {
@@ -378,6 +385,11 @@ fn largest_batch_fits_max_frame_len() {
     for r in widest_v4.results.iter_mut() {
         r.kind = ProbeKind::Tls;
         r.tls_version = Some(TlsVersion::Tls13);
+        // Not a result a probe makes (a tls probe has no DNS reply), but the most bytes.
+        r.dns = Some(DnsReply {
+            rcode: u16::MAX,
+            answers: u16::MAX,
+        });
     }
     let bytes = encode(&widest_v4, &mut buf).unwrap();
     assert!(bytes.len() <= MAX_FRAME_LEN);
@@ -417,7 +429,14 @@ fn bad_frames_are_errors() {
 /// `fuzz/tests/decoders.rs`.
 #[test]
 fn decode_is_total_on_mutated_golden_frames() {
-    for golden in [GOLDEN_V1, GOLDEN_V2, GOLDEN_V3, GOLDEN_V3_CLOCK, GOLDEN_V4] {
+    for golden in [
+        GOLDEN_V1,
+        GOLDEN_V2,
+        GOLDEN_V3,
+        GOLDEN_V3_CLOCK,
+        GOLDEN_V4,
+        GOLDEN_V4_DNS,
+    ] {
         for cut in 0..golden.len() {
             let _ = decode(&golden[..cut]);
         }
@@ -1077,9 +1096,27 @@ fn v4_round_trips_every_kind_and_field() {
         (ProbeKind::Tls, Some(TlsVersion::Tls13)),
         (ProbeKind::Tls, None),
         (ProbeKind::Http, Some(TlsVersion::Tls13)),
+        (ProbeKind::Dns, None),
+        (ProbeKind::Dns, None),
+    ];
+    let replies = [
+        None,
+        Some(DnsReply {
+            rcode: 0,
+            answers: 3,
+        }),
+        Some(DnsReply {
+            rcode: 3,
+            answers: 0,
+        }),
+        Some(DnsReply {
+            rcode: 4095,
+            answers: u16::MAX,
+        }),
     ];
     for (i, r) in results.iter_mut().enumerate() {
         (r.kind, r.tls_version) = kinds[i % kinds.len()];
+        r.dns = replies[i % replies.len()];
     }
     assert_every_slice_round_trips(&results, Some(synced_clock()), encode, 4);
 }
@@ -1110,10 +1147,13 @@ fn v4_bad_extensions_are_errors() {
     // "http, nothing": the bit would be clear.
     assert_eq!(decode(&frame(0, &[])), Err(Error::Malformed));
     // A kind that does not exist (yet).
-    assert_eq!(decode(&frame(3, &[])), Err(Error::Malformed));
+    assert_eq!(decode(&frame(4, &[])), Err(Error::Malformed));
+    // Kind 3 (dns) without a reply: a query that timed out.
+    let timed_out = decode(&frame(3, &[])).unwrap().results[0];
+    assert_eq!((timed_out.kind, timed_out.dns), (ProbeKind::Dns, None));
     assert_eq!(decode(&frame(15, &[])), Err(Error::Malformed));
     // Reserved bits: fields of later kinds.
-    for bit in 5..8 {
+    for bit in 5..7 {
         assert_eq!(
             decode(&frame(1 | 1 << bit, &[])),
             Err(Error::Malformed),
@@ -1124,6 +1164,44 @@ fn v4_bad_extensions_are_errors() {
     assert_eq!(decode(&frame(0x12, &[2])), Err(Error::Malformed));
     assert_eq!(
         decode(&[header, &[1, STATUS_200 | 0x80, 0, 0x12, 0, 0, 1, 0, 0, 0]].concat()),
+        Err(Error::Malformed)
+    );
+    // A second extension byte: bit 0 the DNS reply (RCODE, answers), the rest reserved, and
+    // never a byte of 0.
+    let second = |ext2: u8, tail: &[u8]| {
+        [
+            header,
+            &[1, STATUS_200 | 0x80, 0, 0x83, ext2, 0, 0, 1, 0, 0, 0],
+            tail,
+            &[0],
+        ]
+        .concat()
+    };
+    let dns = decode(&second(1, &[3, 0])).unwrap().results[0];
+    assert_eq!(
+        (dns.kind, dns.dns),
+        (
+            ProbeKind::Dns,
+            Some(DnsReply {
+                rcode: 3,
+                answers: 0
+            })
+        )
+    );
+    assert_eq!(decode(&second(0, &[3, 0])), Err(Error::Malformed));
+    for bit in 1..8 {
+        assert_eq!(
+            decode(&second(1 | 1 << bit, &[3, 0])),
+            Err(Error::Malformed),
+            "bit {bit}"
+        );
+    }
+    // Announced, missing: the answer count, or both (the gap count's 0 is read as the RCODE).
+    assert_eq!(decode(&second(1, &[3])), Err(Error::Malformed));
+    assert_eq!(decode(&second(1, &[])), Err(Error::Malformed));
+    // An RCODE beyond u16 is not one.
+    assert_eq!(
+        decode(&second(1, &[0xff, 0xff, 0x04, 0])),
         Err(Error::Malformed)
     );
     // The same result as version 3: head bit 7 is reserved there.
@@ -1141,4 +1219,124 @@ fn fuzz_kind_heads_are_valid() {
         4, 1, 2, 3, 4, 5, 6, 7, 8, 1, 0x90, 0, 1, 0, 0, 1, 0, 0, 0, 0,
     ];
     assert_eq!(decode(&tcp).unwrap().results[0].kind, ProbeKind::Tcp);
+    // One dns result with a reply (RCODE 0, 1 answer).
+    let dns = [
+        4, 1, 2, 3, 4, 5, 6, 7, 8, 1, 0x90, 0, 0x83, 1, 0, 0, 1, 0, 0, 0, 0, 1, 0,
+    ];
+    assert_eq!(
+        decode(&dns).unwrap().results[0].dns,
+        Some(DnsReply {
+            rcode: 0,
+            answers: 1
+        })
+    );
+}
+
+// ---- issue 20's dns kind: appended within version 4 (a second extension byte) ------------
+
+/// Two dns results: an answer (NOERROR, 2 records, over UDP) and NXDOMAIN (over TCP, after a
+/// truncated UDP reply: its connect time is the TCP connection's).
+fn sample_v4_dns() -> Batch {
+    let up = ProbeResult {
+        total_us: 1_600,
+        dns_us: Some(1_500), // the query time
+        remote_ip: Some(IpAddress::V4([127, 0, 0, 1])),
+        kind: ProbeKind::Dns,
+        dns: Some(DnsReply {
+            rcode: 0,
+            answers: 2,
+        }),
+        ..ProbeResult::without_response(0, 5, 1_764_000_000_000, Outcome::Up)
+    };
+    let nxdomain = ProbeResult {
+        failed_phase: Some(Phase::Dns),
+        total_us: 900,
+        dns_us: Some(800),
+        connect_us: Some(100),
+        remote_ip: Some(IpAddress::V4([127, 0, 0, 1])),
+        kind: ProbeKind::Dns,
+        dns: Some(DnsReply {
+            rcode: 3,
+            answers: 0,
+        }),
+        ..ProbeResult::without_response(1, 5, 1_764_000_000_250, Outcome::DnsNoSuchName)
+    };
+    Batch {
+        boot_id: 1,
+        results: [up, nxdomain].into_iter().collect(),
+        gaps: heapless::Vec::new(),
+        clock: None,
+    }
+}
+
+const GOLDEN_V4_DNS: &[u8] = &[
+    4, // format version
+    1,
+    0,
+    0,
+    0,
+    0,
+    0,
+    0,
+    0, // boot id
+    2, // two results
+    // up: head extension; presence dns, IPv4; extension kind 3 (dns) + second byte; second
+    // byte: DNS reply
+    0b1000_0000,
+    0b0010_0001,
+    0b1000_0011,
+    0b0000_0001,
+    0, // Up
+    0, // seq 0
+    5, // target 5
+    128,
+    160,
+    191,
+    233,
+    214,
+    102, // start (zigzag)
+    0,   // status 0
+    220,
+    11, // dns (query time) 1,500
+    200,
+    1, // total 1,600 = 1,500 + 100 (zigzag)
+    0, // body 0
+    127,
+    0,
+    0,
+    1, // address
+    0,
+    2, // RCODE 0 (NOERROR), 2 answers
+    // nxdomain: head seq + 1, failed phase, extension; presence dns, connect, address as before
+    0b1100_0001,
+    0b0110_0011,
+    0b1000_0011,
+    0b0000_0001,
+    11, // DnsNoSuchName
+    0,  // in phase dns
+    5,  // target 5
+    244,
+    3, // start: 250 ms later (zigzag)
+    0, // status 0
+    160,
+    6,   // dns 800
+    100, // connect 100
+    0,   // total 900 = the phases' 900
+    0,   // body 0
+    3,
+    0, // RCODE 3 (NXDOMAIN), 0 answers
+    0, // no gaps; clock unknown
+];
+
+#[test]
+fn v4_dns_encodes_to_golden_bytes() {
+    let mut buf = [0u8; MAX_FRAME_LEN];
+    let bytes = encode(&sample_v4_dns(), &mut buf).unwrap();
+    assert_eq!(&bytes[..], GOLDEN_V4_DNS, "{bytes:?}");
+    assert_eq!(decode(GOLDEN_V4_DNS).unwrap(), sample_v4_dns());
+    // Neither version 3 nor 2 can carry them.
+    assert_eq!(
+        encode_v3(&sample_v4_dns(), &mut buf),
+        Err(Error::Unrepresentable)
+    );
 }

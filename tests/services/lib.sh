@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Test services for vantage: PostgreSQL, Mosquitto 2.x, a single-node KRaft Kafka 4.x and
 # Alertmanager, all on 127.0.0.1, all owned by this script (never the system services); it also
-# installs Debian's chromium and chromium-driver for the dashboard's browser tests (tests/web.rs).
+# installs Debian's chromium and chromium-driver for the dashboard's browser tests (tests/web.rs)
+# and dnsmasq for the dns probe's tests (tests/kinds.rs).
 #
 #   tests/services/up [--fresh]   install what is missing, start, wait until each answers
 #   tests/services/down [--wipe]  stop our three processes (data is kept unless --wipe)
@@ -382,6 +383,9 @@ ensure_installed() {
   command -v openssl >/dev/null || pkgs+=(openssl)
   # tests/clock.rs runs an agent under libfaketime (a clock hours ahead).
   dpkg -s faketime >/dev/null 2>&1 || pkgs+=(faketime)
+  # tests/kinds.rs's dns probes ask a dnsmasq the test starts on loopback (dnsmasq-base: the
+  # program without the system service the `dnsmasq` package would enable).
+  [[ -x /usr/sbin/dnsmasq ]] || pkgs+=(dnsmasq-base)
   local need_libs=0
   if [[ -n ${KAFKA_HOME:-} ]]; then
     kafka_home_ok || die "kafka: KAFKA_HOME=$KAFKA_HOME has no libs/kafka_*.jar (unset KAFKA_HOME to use the Maven jars)"

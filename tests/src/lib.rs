@@ -7,6 +7,7 @@ pub mod bench;
 pub mod browser;
 pub mod cli;
 pub mod deb;
+pub mod dns;
 pub mod harness;
 pub mod in_process;
 pub mod loadgen;

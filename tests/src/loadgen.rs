@@ -348,6 +348,7 @@ impl Synth {
             ])),
             kind: vantage_proto::ProbeKind::Http,
             tls_version: None,
+            dns: None,
         }
     }
 }

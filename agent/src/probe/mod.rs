@@ -1,6 +1,7 @@
 //! The probe engine: one check of one target, measured phase by phase. The target's kind
 //! (issue #20) says which: an HTTP(S) request (this file), a TCP connection with an optional
-//! banner check (`tcp.rs`) or a TLS handshake (`tls.rs`). All three share the DNS, TCP and TLS
+//! banner check (`tcp.rs`), a TLS handshake (`tls.rs`) or a DNS query (`dns.rs`, its own UDP
+//! and TCP exchange with a resolver). The first three share the DNS, TCP and TLS
 //! phases below ([`resolve`], [`Prober::connect`], [`Prober::handshake`]), the fixed outcomes
 //! and one deadline.
 //!
@@ -17,6 +18,7 @@
 //! (`check.rs`), still under the deadline.
 
 mod check;
+mod dns;
 mod tcp;
 mod tls;
 
@@ -207,6 +209,10 @@ impl Prober {
             }
             ProbeKind::Tls => {
                 self.measure_tls(target, start, deadline, &mut m).await;
+                (m, None)
+            }
+            ProbeKind::Dns => {
+                self.measure_dns(target, start, deadline, &mut m).await;
                 (m, None)
             }
         };

@@ -118,6 +118,7 @@ impl Synth {
                 remote_ip: Some(IpAddress::V4([192, 0, 2, 10])),
                 kind: vantage_proto::ProbeKind::Http,
                 tls_version: None,
+                dns: None,
             },
             clock_error_ms: None,
             clock_unsynced: None,
