@@ -55,7 +55,11 @@ pub struct Reply {
     /// TC: the reply was cut to fit its UDP datagram.
     pub truncated: bool,
     pub rcode: u16,
+    /// ANCOUNT: the records of the answer section, CNAMEs on the way included.
     pub answers: u16,
+    /// The answer section's records of the asked type and class IN: what makes a NOERROR
+    /// reply an answer (a CNAME alone is not one). 0 for a truncated reply (not read).
+    pub matching: u16,
     /// The reply's question is the one asked (name, case-insensitive, type and class).
     pub same_question: bool,
 }
@@ -77,6 +81,10 @@ pub fn encode_query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
     q.extend_from_slice(&CLASS_IN.to_be_bytes());
     q
 }
+
+/// Compression pointers followed in one name, at most: a name has at most 127 labels
+/// (255 bytes), and a real reply points once per name.
+const MAX_JUMPS: u32 = 127;
 
 /// A bounded reader of a message.
 struct Cursor<'a> {
@@ -111,6 +119,7 @@ impl<'a> Cursor<'a> {
         let mut run_start = at;
         let mut resume: Option<usize> = None;
         let mut length = 0usize;
+        let mut jumps = 0u32;
         loop {
             let len = *self.msg.get(at).ok_or(ParseError::Truncated("a name"))?;
             match len & 0xC0 {
@@ -139,7 +148,10 @@ impl<'a> Cursor<'a> {
                         .get(at + 1)
                         .ok_or(ParseError::Truncated("a name"))?;
                     let target = usize::from(u16::from_be_bytes([len & 0x3F, low]));
-                    if target >= run_start {
+                    // Backwards only, so a walk ends; and at most MAX_JUMPS of them, so that a
+                    // reply of pointer chains cannot cost a walk per byte for every record.
+                    jumps += 1;
+                    if target >= run_start || jumps > MAX_JUMPS {
                         return Err(ParseError::BadPointer);
                     }
                     resume.get_or_insert(at + 2);
@@ -176,20 +188,27 @@ pub fn parse_reply(msg: &[u8], name: &str, qtype: u16) -> Result<Reply, ParseErr
     // is asked again over TCP), and a question cut off is taken for the one asked (the id
     // matched; the worst a forged one can do is make the probe ask again over TCP).
     if truncated {
-        let same_question = question(&mut c, qdcount, name, qtype).unwrap_or(true);
+        let same_question = question(&mut c, qdcount, rcode, name, qtype).unwrap_or(true);
         return Ok(Reply {
             id,
             truncated,
             rcode,
             answers: counts[0],
+            matching: 0,
             same_question,
         });
     }
-    let same_question = question(&mut c, qdcount, name, qtype)?;
-    for _ in 0..counts.iter().map(|&n| u32::from(n)).sum::<u32>() {
+    let same_question = question(&mut c, qdcount, rcode, name, qtype)?;
+    let mut matching = 0u16;
+    for record in 0..counts.iter().map(|&n| u32::from(n)).sum::<u32>() {
         c.name(None)?;
         // TYPE, CLASS, TTL, RDLENGTH (RFC 1035 4.1.3).
         let fixed = c.take(10, "a record")?;
+        let rtype = u16::from_be_bytes([fixed[0], fixed[1]]);
+        let class = u16::from_be_bytes([fixed[2], fixed[3]]);
+        if record < u32::from(counts[0]) && rtype == qtype && class == CLASS_IN {
+            matching += 1;
+        }
         let rdlength = u16::from_be_bytes([fixed[8], fixed[9]]);
         c.take(usize::from(rdlength), "a record's data")?;
     }
@@ -201,15 +220,23 @@ pub fn parse_reply(msg: &[u8], name: &str, qtype: u16) -> Result<Reply, ParseErr
         truncated,
         rcode,
         answers: counts[0],
+        matching,
         same_question,
     })
 }
 
 /// Reads the question section (one question, as in every reply to one; none is allowed for
-/// some error replies) and says whether it is `name`, `qtype`, IN.
-fn question(c: &mut Cursor<'_>, qdcount: u16, name: &str, qtype: u16) -> Result<bool, ParseError> {
+/// some error replies) and says whether it is `name`, `qtype`, IN. A NOERROR reply without
+/// its question is not taken for the answer: only its 16-bit id would then match it.
+fn question(
+    c: &mut Cursor<'_>,
+    qdcount: u16,
+    rcode: u16,
+    name: &str,
+    qtype: u16,
+) -> Result<bool, ParseError> {
     match qdcount {
-        0 => Ok(true),
+        0 => Ok(rcode != 0),
         1 => {
             let mut got = Vec::with_capacity(name.len());
             c.name(Some(&mut got))?;
@@ -258,6 +285,7 @@ mod tests {
                 truncated: false,
                 rcode: 0,
                 answers: 2,
+                matching: 2,
                 same_question: true
             }
         );
@@ -286,6 +314,76 @@ mod tests {
         let tc = &reply(0x8380, 3)[..12];
         let tc = parse_reply(tc, "up.test", 1).unwrap();
         assert!(tc.truncated && tc.same_question);
+    }
+
+    /// Found in review: the answer count included CNAMEs, so a NOERROR reply holding only a
+    /// CNAME (the alias exists, its target has no record of the type) was judged `up`.
+    #[test]
+    fn only_records_of_the_asked_type_answer() {
+        // up.test A -> CNAME to "x" (a one-label name), and nothing else.
+        let mut cname_only = reply(0x8180, 0);
+        cname_only[6..8].copy_from_slice(&1u16.to_be_bytes());
+        cname_only.extend_from_slice(&[0xC0, 12, 0, 5, 0, 1, 0, 0, 0, 60, 0, 3, 1, b'x', 0]);
+        let r = parse_reply(&cname_only, "up.test", 1).unwrap();
+        assert_eq!((r.answers, r.matching), (1, 0));
+        // The CNAME, then an A record of its target: one answer of the type.
+        let mut chain = cname_only.clone();
+        chain[7] = 2;
+        let target = (cname_only.len() - 3) as u8;
+        chain.extend_from_slice(&[0xC0, target, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 127, 0, 0, 1]);
+        let r = parse_reply(&chain, "up.test", 1).unwrap();
+        assert_eq!((r.answers, r.matching), (2, 1));
+        // An A record in the additional section answers nothing.
+        let mut extra = reply(0x8180, 0);
+        extra[11] = 1;
+        extra.extend_from_slice(&[0xC0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 127, 0, 0, 1]);
+        assert_eq!(parse_reply(&extra, "up.test", 1).unwrap().matching, 0);
+    }
+
+    /// Found in review: a reply without its question was taken for any query with its id.
+    /// Error replies may leave the question out (so a SERVFAIL still counts); NOERROR may not.
+    #[test]
+    fn a_noerror_reply_without_its_question_is_not_the_answer() {
+        let header_only = |flags: u16| {
+            let mut r = reply(flags, 0)[..12].to_vec();
+            r[4..6].copy_from_slice(&0u16.to_be_bytes());
+            r
+        };
+        assert!(
+            !parse_reply(&header_only(0x8180), "up.test", 1)
+                .unwrap()
+                .same_question
+        );
+        assert!(
+            parse_reply(&header_only(0x8182), "up.test", 1)
+                .unwrap()
+                .same_question
+        );
+    }
+
+    /// Found in review: pointers only go backwards, so a walk ends, but a reply of pointer
+    /// chains could make every name walk the whole chain. More than MAX_JUMPS is an error.
+    #[test]
+    fn long_pointer_chains_are_refused() {
+        // An answer whose data is a chain of pointers, each to the one before it (the first to
+        // the question's name), then a second answer whose name is the chain's last pointer.
+        let chain = |links: usize| {
+            let mut r = reply(0x8180, 0);
+            r[7] = 2;
+            r.extend_from_slice(&[0xC0, 12, 0, 1, 0, 1, 0, 0, 0, 60]);
+            r.extend_from_slice(&((links * 2) as u16).to_be_bytes());
+            let mut previous = 12usize;
+            for _ in 0..links {
+                let here = r.len();
+                r.extend_from_slice(&[0xC0 | (previous >> 8) as u8, previous as u8]);
+                previous = here;
+            }
+            r.extend_from_slice(&[0xC0 | (previous >> 8) as u8, previous as u8]);
+            r.extend_from_slice(&[0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 127, 0, 0, 1]);
+            parse_reply(&r, "up.test", 1)
+        };
+        assert_eq!(chain(MAX_JUMPS as usize - 1).map(|r| r.matching), Ok(2));
+        assert_eq!(chain(MAX_JUMPS as usize), Err(ParseError::BadPointer));
     }
 
     /// Hostile and broken replies: each one an error, none a panic.
@@ -398,14 +496,15 @@ mod tests {
         // goes backwards, and the name's 255-byte bound ends it.
         let chain = |runs: usize| {
             let mut m = vec![0, 7, 0x81, 0x80, 0, 0, 0, 2, 0, 0, 0, 0];
-            let rdlength = (3 + 4 * runs) as u16;
+            let rdlength = (3 + 6 * runs) as u16;
             m.extend_from_slice(&[0, 0, 16, 0, 1, 0, 0, 0, 0]);
             m.extend_from_slice(&rdlength.to_be_bytes());
             let mut previous = m.len() as u16;
             m.extend_from_slice(&[1, b'x', 0]);
             for _ in 0..runs {
                 let here = m.len() as u16;
-                m.extend_from_slice(&[1, b'x']);
+                // Three-byte labels: the 255-byte bound comes before the bound on jumps.
+                m.extend_from_slice(&[3, b'x', b'y', b'z']);
                 m.extend_from_slice(&(0xC000 | previous).to_be_bytes());
                 previous = here;
             }

@@ -213,6 +213,7 @@ fn dns_replies() {
                     assert!(input.len() >= 12);
                     assert_eq!(reply.id, u16::from_be_bytes([input[0], input[1]]));
                     assert_eq!(reply.answers, u16::from_be_bytes([input[6], input[7]]));
+                    assert!(reply.matching <= reply.answers);
                     assert_eq!(reply.rcode, u16::from(input[3] & 0x0F));
                     assert_eq!(reply.truncated, input[2] & 0x02 != 0);
                     // Not truncated: every record was walked, so each took at least 11 bytes.

@@ -11,8 +11,8 @@
 //!
 //! Recorded: `dns_us` is the query time, from the first query sent to the reply read (the TCP
 //! fallback included, whose connection time is also `connect_us`); `remote_ip` the resolver;
-//! `dns` the reply's RCODE and ANCOUNT. Outcomes: NOERROR with answers `up`; NOERROR without
-//! any (no record of that type) and NXDOMAIN `dns_no_such_name`; SERVFAIL
+//! `dns` the reply's RCODE and ANCOUNT. Outcomes: NOERROR with a record of the asked type `up`;
+//! NOERROR without one (a CNAME alone is none) and NXDOMAIN `dns_no_such_name`; SERVFAIL
 //! `dns_server_failure`; any other RCODE `dns_failed`; a reply that is not DNS
 //! `protocol_error`; the deadline `timeout` (all in phase `dns`; a TCP connection that fails
 //! in phase `connect`).
@@ -58,7 +58,8 @@ fn query_id() -> u16 {
 fn judge(reply: &Reply, qtype: u16) -> Option<(Outcome, String)> {
     let type_name = || vantage_common::target::query_type_name(qtype);
     match reply.rcode {
-        NOERROR if reply.answers > 0 => None,
+        // The records of the asked type, not ANCOUNT: a CNAME alone is no answer.
+        NOERROR if reply.matching > 0 => None,
         NOERROR => Some((
             Outcome::DnsNoSuchName,
             format!("NOERROR without a {} record", type_name()),
@@ -262,6 +263,11 @@ async fn tcp_exchange(
             "the TCP reply answers another query (id or question)".into(),
         ));
     }
+    // Over TCP nothing is cut to fit a datagram: a TC reply there was read by its header
+    // alone (the UDP rule), so it is not taken for an answer.
+    if parsed.truncated {
+        return Err(malformed("the TCP reply is marked truncated".into()));
+    }
     Ok(parsed)
 }
 
@@ -271,11 +277,12 @@ mod tests {
 
     #[test]
     fn replies_are_judged_by_their_code() {
-        let r = |rcode, answers| Reply {
+        let r = |rcode, matching| Reply {
             id: 0,
             truncated: false,
             rcode,
-            answers,
+            answers: matching,
+            matching,
             same_question: true,
         };
         let outcome = |rcode, answers| judge(&r(rcode, answers), 1).map(|(o, _)| o);
@@ -284,5 +291,14 @@ mod tests {
         assert_eq!(outcome(3, 0), Some(Outcome::DnsNoSuchName));
         assert_eq!(outcome(2, 0), Some(Outcome::DnsServerFailure));
         assert_eq!(outcome(5, 0), Some(Outcome::DnsFailed));
+        // A CNAME without a record of the type: ANCOUNT 1, nothing matching.
+        let cname_only = Reply {
+            matching: 0,
+            ..r(0, 1)
+        };
+        assert_eq!(
+            judge(&cname_only, 1).map(|(o, _)| o),
+            Some(Outcome::DnsNoSuchName)
+        );
     }
 }
