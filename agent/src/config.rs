@@ -862,6 +862,12 @@ regex = "ok"
         );
         let e = err(&dns.replace("[[targets]]", "[uplink]\nwire_format = 3\n[[targets]]"));
         assert!(e.contains("`targets[0].kind`"), "{e}");
+        // Found in review: ip_family was accepted on a dns target and ignored.
+        let e = err(&dns.replace("kind = \"dns\"\n", "kind = \"dns\"\nip_family = \"ipv6\"\n"));
+        assert!(
+            e.contains("`targets[0].ip_family`") && e.contains("does not apply to a dns target"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -439,6 +439,11 @@ mod tests {
             ),
             // A pointer to itself, forwards, and to the header's start loop or read junk.
             (
+                "the answer's name a pointer to itself",
+                with(&|r| r[25..27].copy_from_slice(&[0xC0, 25])),
+                ParseError::BadPointer,
+            ),
+            (
                 "pointer to itself",
                 with(&|r| r[25..27].copy_from_slice(&[0xC0, 29])),
                 ParseError::BadPointer,

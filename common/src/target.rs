@@ -507,9 +507,12 @@ fn check_applicable(raw: &RawTarget) -> Result<(), TargetError> {
     let kind = raw.kind;
     let http = kind == ProbeKind::Http;
     let dns = kind == ProbeKind::Dns;
-    let set: [(&'static str, bool, bool); 18] = [
+    let set: [(&'static str, bool, bool); 19] = [
         // (key, set, applies)
         ("url", !raw.url.is_empty(), http),
+        // A dns target asks a resolver given by its IP address (or the system's): no name of
+        // its own to resolve, so no family to choose.
+        ("ip_family", raw.ip_family != IpFamily::Auto, !dns),
         ("address", raw.address.is_some(), !http && !dns),
         ("query", raw.query.is_some(), dns),
         ("query_type", raw.query_type.is_some(), dns),
